@@ -1,0 +1,127 @@
+"""Typed errors for everything custodes refuses to do.
+
+Every message names what went wrong and, for input, the line and field; none ever
+carries a personal value. The CLI turns each into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class CustodesError(Exception):
+    """Base of every error the library raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigurationError(CustodesError):
+    """The vault, keyring or schema is missing, malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class SchemaError(ConfigurationError):
+    """A schema file does not describe a usable set of record types."""
+
+
+class KeyringError(CustodesError):
+    """The keyring cannot be opened: wrong passphrase, wrong vault, or damaged file."""
+
+    exit_code = 3
+
+
+class TamperDetected(CustodesError):
+    """Stored data failed its integrity check.
+
+    One opaque error for every kind of failure (bad tag, wrong record, wrong field,
+    truncated frame) so that nothing can be learned by probing which check failed.
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str = "stored data failed its integrity check") -> None:
+        super().__init__(message)
+
+
+class InvalidRecord(CustodesError):
+    """One input record was refused. Carries line, field and reason; never the value."""
+
+    exit_code = 5
+
+    def __init__(self, reason: str, *, field: str | None = None, line: int | None = None) -> None:
+        self.reason = reason
+        self.field = field
+        self.line = line
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        where = []
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        prefix = ", ".join(where)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+    def at_line(self, line: int) -> InvalidRecord:
+        """The same refusal, placed at an input line."""
+        return InvalidRecord(self.reason, field=self.field, line=line)
+
+
+class InvalidInput(CustodesError):
+    """A whole input cannot be read (missing CSV column, broken JSON array, unknown format)."""
+
+    exit_code = 5
+
+    def __init__(self, reason: str, *, line: int | None = None) -> None:
+        self.reason = reason
+        self.line = line
+        super().__init__(f"line {line}: {reason}" if line is not None else reason)
+
+
+class InvalidQuery(CustodesError):
+    """A search or reveal request is malformed (unknown index, unknown field, bad value)."""
+
+    exit_code = 5
+
+
+class AuthenticationFailed(CustodesError):
+    """Unknown account, wrong password, or disabled account: deliberately indistinguishable."""
+
+    exit_code = 6
+
+    def __init__(self, message: str = "authentication failed") -> None:
+        super().__init__(message)
+
+
+class WeakPassword(CustodesError):
+    """A new password is too short, too common or too easy to guess."""
+
+    exit_code = 6
+
+
+class AccessDenied(CustodesError):
+    """The account may not do this, or not for this purpose."""
+
+    exit_code = 7
+
+
+class PurposeRequired(AccessDenied):
+    """A read of personal data was attempted without a stated purpose."""
+
+
+class RecordNotFound(CustodesError):
+    """No record with that id (or not one this account may know exists)."""
+
+    exit_code = 8
+
+
+class AuditUnavailable(CustodesError):
+    """The access log could not durably record an access, so the access was refused."""
+
+    exit_code = 9
+
+
+class StorageError(CustodesError):
+    """The storage backend failed; the batch in flight did not land."""
+
+    exit_code = 10

@@ -1,0 +1,63 @@
+"""Chinese resident identity numbers (GB 11643-1999).
+
+18 characters: a 6-digit administrative division code, the birth date as YYYYMMDD,
+a 3-digit sequence whose parity gives the sex (odd: male), and a MOD 11-2 check
+character (0-9 or X).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_CHECK = "10X98765432"
+
+# First two digits of the division code: provinces, autonomous regions, municipalities,
+# Taiwan (71), Hong Kong (81), Macao (82).
+PROVINCE_CODES = frozenset(
+    {
+        "11", "12", "13", "14", "15", "21", "22", "23", "31", "32", "33", "34", "35",
+        "36", "37", "41", "42", "43", "44", "45", "46", "50", "51", "52", "53", "54",
+        "61", "62", "63", "64", "65", "71", "81", "82",
+    }
+)  # fmt: skip
+
+
+def check_char(first17: str) -> str:
+    """The MOD 11-2 check character for the first 17 digits."""
+    total = sum(int(d) * w for d, w in zip(first17, _WEIGHTS, strict=True))
+    return _CHECK[total % 11]
+
+
+def birth_date_of(number: str) -> dt.date:
+    """The birth date encoded in a (structurally valid) 18-character number."""
+    return dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
+
+
+def sex_of(number: str) -> str:
+    """'male' or 'female', from the parity of the sequence code."""
+    return "male" if int(number[16]) % 2 else "female"
+
+
+def problem_with(number: str) -> str | None:
+    """Why an upper-cased, 18-character candidate is not a valid number, or None.
+
+    The reason never repeats the number.
+    """
+    if len(number) != 18:
+        return "must be 18 characters"
+    if not number[:17].isdigit() or not number[:17].isascii():
+        return "the first 17 characters must be digits"
+    if not (number[17].isdigit() and number[17].isascii()) and number[17] != "X":
+        return "the last character must be a digit or X"
+    if number[:2] not in PROVINCE_CODES:
+        return "the region code names no province"
+    try:
+        born = birth_date_of(number)
+    except ValueError:
+        return "the encoded birth date is not a calendar date"
+    if born.year < 1880:
+        return "the encoded birth date is before 1880"
+    if number[17] != check_char(number[:17]):
+        return "the check digit does not match"
+    return None
