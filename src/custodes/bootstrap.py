@@ -1,0 +1,165 @@
+"""The composition root: builds a Vault from a directory, a keyring and a passphrase.
+
+Nothing else wires storage, keys, schema, journal and accounts together, so every
+entry point (CLI, tests, later the web app) gets the same, complete vault.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import orjson
+
+from custodes.accounts import AccountBook, HashCost
+from custodes.audit import AccessJournal
+from custodes.codec import RecordCodec
+from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
+from custodes.errors import ConfigurationError
+from custodes.schema import Schema, load_schema, parse_schema
+from custodes.settings import VaultLayout, default_keyring_path, is_within
+from custodes.storage import MemoryStorage, SQLiteStorage, Storage
+from custodes.vault import Vault
+
+DEFAULT_POPULATION = 10**9
+STORE_FORMAT = b"1"
+
+
+def create_vault(
+    directory: Path,
+    *,
+    passphrase: str,
+    keyring_path: Path | None = None,
+    schema_path: Path | None = None,
+    expected_population: int = DEFAULT_POPULATION,
+    kdf: KdfParams | None = None,
+    hash_cost: HashCost | None = None,
+) -> Vault:
+    """Create a new vault in an empty or new directory, and its keyring elsewhere."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise ConfigurationError("the vault directory exists and is not empty")
+    vault_id = os.urandom(16)
+    keyring_path = Path(keyring_path) if keyring_path else default_keyring_path(vault_id)
+    if is_within(keyring_path, directory):
+        raise ConfigurationError(
+            "the keyring must live outside the vault directory: keys are never kept "
+            "beside the data they protect"
+        )
+    if expected_population < 1:
+        raise ConfigurationError("the expected population must be positive")
+    schema_text = _schema_text(schema_path)
+    schema = parse_schema(schema_text)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    keyring = Keyring.create(
+        keyring_path, vault_id=vault_id, passphrase=passphrase, kdf=kdf or KdfParams()
+    )
+    layout = VaultLayout(directory)
+    storage = SQLiteStorage(layout.database)
+    bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
+    _write_meta(storage, vault_id, schema_text, bits, expected_population)
+    layout.write(vault_id, keyring_path)
+    return _assemble(storage, schema, schema_text, keyring.material, bits, hash_cost, directory)
+
+
+def open_vault(
+    directory: Path,
+    *,
+    passphrase: str,
+    keyring_path: Path | None = None,
+    hash_cost: HashCost | None = None,
+) -> Vault:
+    """Open an existing vault with its keyring."""
+    layout = VaultLayout(Path(directory))
+    vault_id, recorded_keyring = layout.read()
+    if not layout.database.exists():
+        raise ConfigurationError("the vault database is missing")
+    keyring = Keyring.open(
+        Path(keyring_path) if keyring_path else recorded_keyring,
+        passphrase=passphrase,
+        vault_id=vault_id,
+    )
+    storage = SQLiteStorage(layout.database)
+    try:
+        schema_text, bits = _read_meta(storage, vault_id)
+        schema = parse_schema(schema_text)
+    except Exception:
+        storage.close()
+        raise
+    return _assemble(
+        storage, schema, schema_text, keyring.material, bits, hash_cost, layout.directory
+    )
+
+
+def memory_vault(
+    material: KeyMaterial,
+    *,
+    schema_path: Path | None = None,
+    expected_population: int = DEFAULT_POPULATION,
+    hash_cost: HashCost | None = None,
+    storage: Storage | None = None,
+) -> Vault:
+    """A vault on in-memory storage (or a given backend): for tests and experiments."""
+    schema_text = _schema_text(schema_path)
+    schema = parse_schema(schema_text)
+    storage = storage if storage is not None else MemoryStorage()
+    bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
+    _write_meta(storage, material.vault_id, schema_text, bits, expected_population)
+    return _assemble(storage, schema, schema_text, material, bits, hash_cost, None)
+
+
+def _assemble(
+    storage: Storage,
+    schema: Schema,
+    schema_text: str,
+    material: KeyMaterial,
+    bits: dict[int, int],
+    hash_cost: HashCost | None,
+    directory: Path | None,
+) -> Vault:
+    vault = Vault(
+        schema=schema,
+        storage=storage,
+        codec=RecordCodec(schema, material, bits),
+        material=material,
+        token_bits=bits,
+        journal=AccessJournal(storage),
+        accounts=AccountBook(storage, hash_cost or HashCost()),
+        directory=directory,
+        schema_text=schema_text,
+    )
+    return vault
+
+
+def _schema_text(schema_path: Path | None) -> str:
+    if schema_path is None:
+        from importlib import resources
+
+        return resources.files("custodes").joinpath("schemas/population.toml").read_text("utf-8")
+    load_schema(schema_path)  # raises SchemaError with a clear message
+    return Path(schema_path).read_text("utf-8")
+
+
+def _write_meta(
+    storage: Storage, vault_id: bytes, schema_text: str, bits: dict[int, int], population: int
+) -> None:
+    storage.set_meta("format", STORE_FORMAT)
+    storage.set_meta("vault_id", vault_id)
+    storage.set_meta("schema", schema_text.encode("utf-8"))
+    storage.set_meta("token_bits", orjson.dumps({str(k): v for k, v in bits.items()}))
+    storage.set_meta("expected_population", str(population).encode())
+    storage.set_meta("created_at", str(time.time()).encode())
+
+
+def _read_meta(storage: Storage, vault_id: bytes) -> tuple[str, dict[int, int]]:
+    if storage.get_meta("format") != STORE_FORMAT:
+        raise ConfigurationError("the vault database has an unknown format")
+    if storage.get_meta("vault_id") != vault_id:
+        raise ConfigurationError("the vault database belongs to another vault")
+    schema = storage.get_meta("schema")
+    bits = storage.get_meta("token_bits")
+    if schema is None or bits is None:
+        raise ConfigurationError("the vault database is missing its schema")
+    return schema.decode("utf-8"), {int(k): int(v) for k, v in orjson.loads(bits).items()}

@@ -1,0 +1,460 @@
+"""The safe API: log in, search, read masked records, reveal a field, ingest.
+
+Every read of personal data passes through one access function, `Vault._access`: it
+checks the session, the purpose and the role, runs the read in memory, writes the
+access-log entry durably, and only then returns. If the entry cannot be written, the
+read fails and nothing is returned.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from custodes.accounts import Account, AccountBook
+from custodes.audit import AccessEntry, AccessJournal, Outcome
+from custodes.codec import RecordCodec, Values
+from custodes.crypto import KeyMaterial
+from custodes.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    CustodesError,
+    InvalidQuery,
+    RecordNotFound,
+    SchemaError,
+)
+from custodes.policy import AccessPurpose, Action, Role, authorise
+from custodes.records import index_parts, is_han, mask_value, query_parts
+from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
+from custodes.storage.base import Storage, StoredRecord
+
+if TYPE_CHECKING:
+    from custodes.ingest import IngestReport
+
+T = TypeVar("T")
+
+MAX_RESULTS = 100
+SYSTEM_ACTOR = "operator"  # the holder of the keyring passphrase, acting on the host
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Proof of a successful login. Only the vault that issued it accepts it."""
+
+    token: str
+    username: str
+    role: Role
+    issued_at: float
+
+    def __repr__(self) -> str:  # the token is a bearer secret
+        return f"Session(username={self.username!r}, role={self.role.value!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    record_id: str
+    record_type: str
+    role: str  # suspect / victim / ... for case links; "recipient" for deliveries
+    label: str  # a masked name or a case number, enough to tell links apart
+
+
+@dataclass(frozen=True, slots=True)
+class RecordView:
+    """A record as an official first sees it: every field masked."""
+
+    record_id: str
+    record_type: str
+    fields: dict[str, str]
+    links: list[LinkView] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "record_id": self.record_id,
+            "type": self.record_type,
+            "fields": self.fields,
+            "links": [
+                {
+                    "record_id": ln.record_id,
+                    "type": ln.record_type,
+                    "role": ln.role,
+                    "label": ln.label,
+                }
+                for ln in self.links
+            ],
+        }
+
+
+class Vault:
+    def __init__(
+        self,
+        *,
+        schema: Schema,
+        storage: Storage,
+        codec: RecordCodec,
+        material: KeyMaterial,
+        token_bits: Mapping[int, int],
+        journal: AccessJournal,
+        accounts: AccountBook,
+        directory: Path | None = None,
+        schema_text: str = "",
+        session_ttl: float = 8 * 3600,
+    ) -> None:
+        self.schema = schema
+        self.schema_text = schema_text
+        self.storage = storage
+        self.codec = codec
+        self.journal = journal
+        self.accounts = accounts
+        self.directory = directory
+        self._material = material
+        self._token_bits = dict(token_bits)
+        self._sessions: dict[str, Session] = {}
+        self._session_ttl = session_ttl
+
+    # -- sessions -----------------------------------------------------------------
+
+    def login(self, username: str, password: str) -> Session:
+        now = self.journal.clock()
+        try:
+            account = self.accounts.authenticate(username, password)
+        except AuthenticationFailed:
+            self.journal.append(AccessEntry(username, "", Action.LOGIN, Outcome.DENIED, now))
+            raise
+        self.journal.append(AccessEntry(username, account.role, Action.LOGIN, Outcome.GRANTED, now))
+        session = Session(secrets.token_urlsafe(16), username, account.role, now)
+        self._sessions[session.token] = session
+        return session
+
+    def logout(self, session: Session) -> None:
+        self._sessions.pop(session.token, None)
+
+    def _live(self, session: Session) -> Session:
+        live = self._sessions.get(session.token) if isinstance(session, Session) else None
+        if live is None or live != session:
+            raise AuthenticationFailed("no valid session: log in first")
+        if self.journal.clock() - live.issued_at > self._session_ttl:
+            self._sessions.pop(live.token, None)
+            raise AuthenticationFailed("the session has expired: log in again")
+        return live
+
+    # -- the single access function --------------------------------------------------
+
+    def _access(
+        self,
+        session: Session,
+        purpose: AccessPurpose,
+        action: Action,
+        run: Callable[[], tuple[T, Sequence[str]]],
+        *,
+        record_type: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> T:
+        """Decide, read, log durably, then return. Nothing leaves before the entry exists."""
+        live = self._live(session)
+        if not isinstance(purpose, AccessPurpose):
+            raise AccessDenied("a stated purpose is required to read personal data")
+
+        def entry(outcome: Outcome, records: Sequence[str] = (), **extra: Any) -> AccessEntry:
+            return AccessEntry(
+                actor=live.username,
+                role=live.role.value,
+                action=action.value,
+                outcome=outcome,
+                time=self.journal.clock(),
+                purpose=purpose.reason,
+                case_ref=purpose.case_ref,
+                record_type=record_type,
+                records=tuple(records),
+                result_count=len(records),
+                detail={**(detail or {}), **extra},
+            )
+
+        try:
+            authorise(live.role, action)
+        except AccessDenied:
+            self.journal.append(entry(Outcome.DENIED))
+            raise
+        try:
+            result, touched = run()
+        except AccessDenied:
+            self.journal.append(entry(Outcome.DENIED))
+            raise
+        except CustodesError as exc:
+            self.journal.append(entry(Outcome.ERROR, error=type(exc).__name__))
+            raise
+        self.journal.append(entry(Outcome.GRANTED, touched))
+        return result
+
+    # -- reads ------------------------------------------------------------------------
+
+    def search(
+        self,
+        session: Session,
+        purpose: AccessPurpose,
+        *,
+        record_type: str,
+        index: str,
+        values: Mapping[str, str],
+        limit: int = 20,
+    ) -> list[RecordView]:
+        """Records whose indexed fields equal the given values, masked."""
+        rt = self._type(record_type)
+        spec = self._index(rt, index, values)
+        limit = max(1, min(limit, MAX_RESULTS))
+        detail = {"index": spec.name}
+
+        def run() -> tuple[list[RecordView], list[str]]:
+            try:
+                parts = query_parts(rt, spec, values)
+            except SchemaError as exc:
+                raise InvalidQuery(str(exc)) from None
+            token = self.codec.token(spec, parts)
+            # Tokens are truncated on purpose, so a bucket may hold other records: read a
+            # few more than asked and keep only true matches, decided after decryption.
+            candidates = self.storage.find(spec.index_id, token, limit * 4 + 16)
+            views: list[RecordView] = []
+            touched: list[str] = []
+            for stored in self._load(candidates):
+                opened = self.codec.open(stored)
+                if parts in index_parts(rt, spec, opened):
+                    views.append(self._view(rt, stored.record_id, opened))
+                    touched.append(stored.record_id)
+                    if len(views) >= limit:
+                        break
+            return views, touched
+
+        return self._access(
+            session, purpose, Action.SEARCH, run, record_type=record_type, detail=detail
+        )
+
+    def record(self, session: Session, purpose: AccessPurpose, record_id: str) -> RecordView:
+        """One record, masked, with the records it links to and that link to it."""
+
+        def run() -> tuple[RecordView, list[str]]:
+            stored = self._one(record_id)
+            rt = self.schema.types[stored.record_type]
+            opened = self.codec.open(stored)
+            view = self._view(rt, record_id, opened)
+            touched = [record_id]
+            for link in self._links(rt, stored.record_id, opened):
+                view.links.append(link)
+                touched.append(link.record_id)
+            return view, touched
+
+        return self._access(
+            session,
+            purpose,
+            Action.READ,
+            run,
+            record_type=self._type_of(record_id),
+            detail={"target": record_id},
+        )
+
+    def reveal(
+        self, session: Session, purpose: AccessPurpose, record_id: str, field_name: str
+    ) -> str | None:
+        """One field of one record in the clear, or None if the record lacks it."""
+        live = self._live(session)
+
+        def run() -> tuple[str | None, list[str]]:
+            stored = self._one(record_id)
+            spec = self.schema.types[stored.record_type].fields.get(field_name)
+            if spec is None:
+                raise InvalidQuery(
+                    f"record type {stored.record_type!r} has no field {field_name!r}"
+                )
+            # Clearance depends on the field, known only once the record's type is.
+            authorise(live.role, Action.REVEAL, field=spec)
+            opened = self.codec.open(stored, (field_name,))
+            value = opened.get(field_name)
+            return (None if value is None else _plain(value)), [record_id]
+
+        return self._access(
+            session,
+            purpose,
+            Action.REVEAL,
+            run,
+            record_type=self._type_of(record_id),
+            detail={"target": record_id, "field": field_name},
+        )
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _type(self, name: str) -> RecordType:
+        try:
+            return self.schema.record_type(name)
+        except SchemaError as exc:
+            raise InvalidQuery(str(exc)) from None
+
+    def _index(self, rt: RecordType, name: str, values: Mapping[str, str]) -> IndexSpec:
+        try:
+            spec = rt.index(name)
+        except SchemaError as exc:
+            raise InvalidQuery(str(exc)) from None
+        missing = [f for f in spec.field_names if not values.get(f)]
+        if missing:
+            raise InvalidQuery(f"index {name!r} needs a value for {', '.join(missing)}")
+        extra = set(values) - set(spec.field_names)
+        if extra:
+            raise InvalidQuery(f"index {name!r} does not use {', '.join(sorted(extra))}")
+        # A name typed in Latin letters is looked up in the pinyin twin of a name index.
+        for comp in spec.components:
+            named = comp.transform == "" and rt.fields[comp.field].kind == "name"
+            if named and not is_han(values[comp.field]):
+                twin = _pinyin_twin(rt, spec)
+                if twin is None:
+                    raise InvalidQuery(f"index {name!r} needs the name in Han characters")
+                return twin
+        return spec
+
+    def _type_of(self, record_id: str) -> str | None:
+        found = self.storage.get_records([record_id]).get(record_id)
+        return found.record_type if found else None
+
+    def _one(self, record_id: str) -> StoredRecord:
+        stored = self.storage.get_records([record_id]).get(record_id)
+        if stored is None:
+            raise RecordNotFound("no such record")
+        return stored
+
+    def _load(self, record_ids: Sequence[str]) -> list[StoredRecord]:
+        found = self.storage.get_records(record_ids)
+        return [found[r] for r in record_ids if r in found]
+
+    def _view(self, rt: RecordType, record_id: str, values: Values) -> RecordView:
+        masked = {
+            name: mask_value(spec, values[name])
+            for name, spec in rt.fields.items()
+            if name in values
+        }
+        return RecordView(record_id, rt.name, masked)
+
+    def _label(self, rt: RecordType, values: Values) -> str:
+        for spec in rt.fields.values():
+            if spec.kind in ("name", "case_no") and spec.name in values:
+                return mask_value(spec, values[spec.name])
+        return mask_value(rt.fields[rt.source_key[0]], values.get(rt.source_key[0], ""))
+
+    def _links(self, rt: RecordType, record_id: str, values: Values) -> list[LinkView]:
+        links: list[LinkView] = []
+        # Outgoing: the people a case or a delivery names.
+        outgoing: list[tuple[str, str, str]] = []
+        for spec in rt.fields.values():
+            if spec.kind == "person_links" and spec.name in values:
+                for rid, role in values[spec.name]:  # type: ignore[attr-defined]
+                    outgoing.append((str(rid), str(spec.ref), str(role)))
+            elif spec.kind == "person_ref" and spec.name in values:
+                outgoing.append((str(values[spec.name]), str(spec.ref), spec.name))
+        found = self.storage.get_records([rid for rid, _, _ in outgoing])
+        for rid, ref_type, role in outgoing:
+            target = found.get(rid)
+            if target is None or target.record_type != ref_type:
+                continue
+            target_rt = self.schema.types[ref_type]
+            label = self._label(target_rt, self.codec.open(target))
+            links.append(LinkView(rid, ref_type, role, label))
+        # Incoming: records that name this one, found through their link indexes.
+        if len(rt.source_key) == 1 and rt.source_key[0] in values:
+            source_value = str(values[rt.source_key[0]])
+            for other_rt, index, token in self.codec.link_tokens(rt.name, source_value):
+                link_field = other_rt.fields[index.components[0].field]
+                for stored in self._load(self.storage.find(index.index_id, token, MAX_RESULTS)):
+                    opened = self.codec.open(stored)
+                    role = _role_of(link_field, opened.get(link_field.name), record_id)
+                    if role is not None:
+                        label = self._label(other_rt, opened)
+                        links.append(LinkView(stored.record_id, other_rt.name, role, label))
+        return links
+
+    # -- administration -------------------------------------------------------------
+
+    def add_account(
+        self,
+        username: str,
+        password: str,
+        role: Role,
+        attributes: dict[str, Any] | None = None,
+        *,
+        by: str = SYSTEM_ACTOR,
+    ) -> Account:
+        account = self.accounts.add(username, password, role, attributes)
+        self.journal.append(
+            AccessEntry(
+                by,
+                Role.ADMIN.value if by == SYSTEM_ACTOR else "",
+                Action.ACCOUNT_ADD,
+                Outcome.GRANTED,
+                self.journal.clock(),
+                detail={"account": username, "account_role": role.value},
+            )
+        )
+        return account
+
+    def count(self, record_type: str | None = None) -> int:
+        return self.storage.count_records(record_type)
+
+    def ingest(self, source: Path | str, **options: Any) -> IngestReport:
+        """Ingest a file; see custodes.ingest.run_ingest for the options."""
+        from custodes.ingest import run_ingest
+
+        started = time.time()
+        report = run_ingest(self, source, **options)
+        self.journal.append(
+            AccessEntry(
+                SYSTEM_ACTOR,
+                Role.ADMIN.value,
+                Action.INGEST,
+                Outcome.GRANTED,
+                started,
+                detail={
+                    "accepted": report.accepted,
+                    "already_present": report.already_present,
+                    "rejected": report.rejected,
+                },
+            )
+        )
+        return report
+
+    @property
+    def key_material(self) -> KeyMaterial:
+        return self._material
+
+    @property
+    def token_bits(self) -> dict[int, int]:
+        return dict(self._token_bits)
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self.storage.close()
+
+
+def _pinyin_twin(rt: RecordType, spec: IndexSpec) -> IndexSpec | None:
+    wanted = tuple(
+        (c.field, "pinyin" if rt.fields[c.field].kind == "name" else c.transform)
+        for c in spec.components
+    )
+    for other in rt.indexes.values():
+        if tuple((c.field, c.transform) for c in other.components) == wanted:
+            return other
+    return None
+
+
+def _role_of(spec: FieldSpec, value: object, record_id: str) -> str | None:
+    if value is None:
+        return None
+    if spec.kind == "person_ref":
+        return spec.name if value == record_id else None
+    for rid, role in value:  # type: ignore[attr-defined]
+        if rid == record_id:
+            return str(role)
+    return None
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, tuple):
+        return "; ".join(f"{role}:{rid}" for rid, role in value)
+    return str(value)
