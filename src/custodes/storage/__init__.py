@@ -1,0 +1,18 @@
+"""Storage backends: the Protocol every backend implements, and the backends.
+
+Backends hold only ciphertext, wrapped keys, keyed tokens and non-personal metadata.
+"""
+
+from custodes.storage.base import AccountRow, BatchOutcome, SealedRecord, Storage, StoredRecord
+from custodes.storage.memory import MemoryStorage
+from custodes.storage.sqlite import SQLiteStorage
+
+__all__ = [
+    "AccountRow",
+    "BatchOutcome",
+    "MemoryStorage",
+    "SQLiteStorage",
+    "SealedRecord",
+    "Storage",
+    "StoredRecord",
+]

@@ -1,0 +1,529 @@
+"""SQLiteStorage: the single-file durable backend, on the standard sqlite3 module.
+
+Owns the database file, its schema and migrations, and the one connection through
+which every read and write goes. Holds only ciphertext, wrapped keys, keyed tokens
+and non-personal metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
+from custodes.storage.base import AccountRow, BatchOutcome, SealedRecord, StoredRecord
+
+_T = TypeVar("_T")
+
+SCHEMA_VERSION_KEY = "storage.schema_version"
+
+# Each step takes the schema from version i to i + 1; a later migration is appended
+# here and runs, inside one write transaction, on the next open of an older file.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB);
+    -- A rowid table, not WITHOUT ROWID: rows of several hundred bytes under random ids
+    -- would split a clustered b-tree on nearly every insert. Here rows are appended and
+    -- only the narrow id index takes random inserts (about twice the ingest rate).
+    CREATE TABLE records(
+        seq INTEGER PRIMARY KEY,
+        record_id TEXT NOT NULL UNIQUE,
+        record_type TEXT NOT NULL,
+        payload BLOB NOT NULL
+    );
+    -- Apart from records so that deleting one row crypto-shreds its record.
+    CREATE TABLE data_keys(
+        record_id TEXT PRIMARY KEY,
+        kek_version INTEGER NOT NULL,
+        wrapped BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE tokens(
+        index_id INTEGER,
+        token INTEGER,
+        record_id TEXT,
+        PRIMARY KEY(index_id, token, record_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE accounts(
+        username TEXT PRIMARY KEY,
+        role TEXT,
+        password_hash TEXT,
+        attributes BLOB,
+        created_at REAL,
+        disabled INTEGER
+    );
+    CREATE TABLE access_log(seq INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+    -- Not a defence against someone holding the file, who can drop the triggers (the
+    -- signed Merkle checkpoints catch that); it stops a stray or injected statement
+    -- through this connection from rewriting history.
+    CREATE TRIGGER access_log_no_update BEFORE UPDATE ON access_log
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER access_log_no_delete BEFORE DELETE ON access_log
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# SQLite's default limit on bound parameters is 999 on older builds; stay well below.
+_IN_CHUNK = 500
+_ACCESS_PAGE = 1000
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+_PRAGMAS = (
+    # An acknowledged batch or access-log entry must survive power loss: WAL with
+    # synchronous=FULL syncs the log on every commit.
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    # Sorts and temporary indexes could hold tokens or ciphertext; keep them off disk.
+    "PRAGMA temp_store=MEMORY",
+    # Freed pages are zeroed, so a deleted wrapped key does not linger in the file and
+    # crypto-shredding really destroys it.
+    "PRAGMA secure_delete=ON",
+    "PRAGMA busy_timeout=10000",
+    # 64 MiB of page cache: the token index takes random inserts during ingest.
+    "PRAGMA cache_size=-65536",
+    "PRAGMA mmap_size=0",
+)
+
+_Row = tuple[str, str, bytes]
+_KeyRow = tuple[str, int, bytes]
+_TokenRow = tuple[int, int, str]
+
+
+class SQLiteStorage:
+    """A vault database in one SQLite file (plus its WAL while open).
+
+    One connection, guarded by a lock, serves every call: writes are serialised inside
+    BEGIN IMMEDIATE, and reads take the same lock for now. A pool of read-only
+    connections can be added later without changing the interface, since WAL lets
+    readers run beside the writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._closed = False
+        _create_private_file(self._path)
+        try:
+            # isolation_level=None: no implicit transactions; every one is explicit here.
+            self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the database: {exc}") from exc
+        try:
+            for pragma in _PRAGMAS:
+                self._conn.execute(pragma).fetchall()
+            mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ConfigurationError("the database cannot be put in WAL mode")
+            self._migrate()
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"cannot open the database: {exc}") from exc
+            raise
+
+    # -- metadata -----------------------------------------------------------------
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        if not isinstance(key, str) or not isinstance(value, bytes):
+            raise StorageError("meta key must be str and value bytes")
+        self._write(
+            lambda c: c.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            ),
+            "metadata was not stored",
+        )
+
+    # -- records ------------------------------------------------------------------
+
+    def write_batch(self, records: Sequence[SealedRecord]) -> BatchOutcome:
+        rows, keys, tokens = _prepare_batch(records)
+
+        def apply(conn: sqlite3.Connection) -> int:
+            ids = list(rows)
+            present: set[str] = set()
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                query = _in_list("SELECT record_id FROM records WHERE record_id IN", len(chunk))
+                present.update(rid for (rid,) in conn.execute(query, chunk))
+            if present:
+                new_rows = [row for rid, row in rows.items() if rid not in present]
+                new_keys = [key for key in keys if key[0] not in present]
+                new_tokens = [tok for tok in tokens if tok[2] not in present]
+            else:
+                new_rows, new_keys, new_tokens = list(rows.values()), keys, tokens
+            # Inserting in key order fills each b-tree page in one visit; it cuts the
+            # pages written per batch and more than pays for the sort.
+            new_rows.sort()
+            new_keys.sort()
+            new_tokens.sort()
+            conn.executemany(
+                "INSERT INTO records(record_id, record_type, payload) VALUES (?, ?, ?)",
+                new_rows,
+            )
+            conn.executemany(
+                "INSERT INTO data_keys(record_id, kek_version, wrapped) VALUES (?, ?, ?)",
+                new_keys,
+            )
+            # OR IGNORE: a record may carry the same (index, token) pair twice.
+            conn.executemany(
+                "INSERT OR IGNORE INTO tokens(index_id, token, record_id) VALUES (?, ?, ?)",
+                new_tokens,
+            )
+            return len(new_rows)
+
+        if not rows:
+            return BatchOutcome(inserted=0, already_present=len(records))
+        inserted = self._write(apply, "the batch was not stored")
+        return BatchOutcome(inserted=inserted, already_present=len(records) - inserted)
+
+    def get_records(self, record_ids: Sequence[str]) -> dict[str, StoredRecord]:
+        ids = list(dict.fromkeys(record_ids))
+
+        def fetch(conn: sqlite3.Connection) -> dict[str, StoredRecord]:
+            found: dict[str, StoredRecord] = {}
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                query = _in_list(
+                    "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
+                    " FROM records AS r JOIN data_keys AS k ON k.record_id = r.record_id"
+                    " WHERE r.record_id IN",
+                    len(chunk),
+                )
+                for rid, rtype, payload, kek_version, wrapped in conn.execute(query, chunk):
+                    found[rid] = StoredRecord(rid, rtype, bytes(payload), kek_version, wrapped)
+            return found
+
+        if not ids:
+            return {}
+        # One read transaction, so every chunk sees the same snapshot.
+        return self._run(fetch, snapshot=len(ids) > _IN_CHUNK)
+
+    def find(self, index_id: int, token: int, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        return self._run(
+            lambda c: [
+                rid
+                for (rid,) in c.execute(
+                    "SELECT record_id FROM tokens WHERE index_id = ? AND token = ?"
+                    " ORDER BY record_id LIMIT ?",
+                    (index_id, token, limit),
+                )
+            ]
+        )
+
+    def count_records(self, record_type: str | None = None) -> int:
+        if record_type is None:
+            row = self._one("SELECT count(*) FROM records")
+        else:
+            row = self._one("SELECT count(*) FROM records WHERE record_type = ?", (record_type,))
+        return int(row[0])
+
+    # -- accounts -----------------------------------------------------------------
+
+    def add_account(self, account: AccountRow) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            taken = conn.execute(
+                "SELECT 1 FROM accounts WHERE username = ?", (account.username,)
+            ).fetchone()
+            if taken is not None:
+                raise ConfigurationError("an account with that username already exists")
+            conn.execute(
+                "INSERT INTO accounts(username, role, password_hash, attributes, created_at,"
+                " disabled) VALUES (?, ?, ?, ?, ?, ?)",
+                _account_params(account),
+            )
+
+        self._write(insert, "the account was not stored")
+
+    def update_account(self, account: AccountRow) -> None:
+        def update(conn: sqlite3.Connection) -> None:
+            username, *rest = _account_params(account)
+            cur = conn.execute(
+                "UPDATE accounts SET role = ?, password_hash = ?, attributes = ?,"
+                " created_at = ?, disabled = ? WHERE username = ?",
+                (*rest, username),
+            )
+            if cur.rowcount == 0:
+                raise RecordNotFound("no account with that username")
+
+        self._write(update, "the account was not stored")
+
+    def get_account(self, username: str) -> AccountRow | None:
+        row = self._one(
+            "SELECT username, role, password_hash, attributes, created_at, disabled"
+            " FROM accounts WHERE username = ?",
+            (username,),
+        )
+        return None if row is None else _account_from_row(row)
+
+    def list_accounts(self) -> list[AccountRow]:
+        return self._run(
+            lambda c: [
+                _account_from_row(row)
+                for row in c.execute(
+                    "SELECT username, role, password_hash, attributes, created_at, disabled"
+                    " FROM accounts ORDER BY username"
+                )
+            ]
+        )
+
+    # -- access log ---------------------------------------------------------------
+
+    def append_access(self, entry: bytes) -> int:
+        # Every failure, whatever its cause, must refuse the access it was recording.
+        try:
+            if not isinstance(entry, bytes):
+                raise TypeError("an access-log entry must be bytes")
+            seq = self._write(
+                lambda c: c.execute("INSERT INTO access_log(entry) VALUES (?)", (entry,)).lastrowid,
+                "the access-log entry was not stored",
+            )
+        except Exception as exc:
+            raise AuditUnavailable(f"the access log cannot record this access: {exc}") from exc
+        if seq is None:
+            raise AuditUnavailable("the access log did not return a sequence number")
+        return seq
+
+    def iter_access(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        # Page by sequence number and yield outside the lock: a slow consumer must not
+        # hold up writers, and may itself append while iterating.
+        last = after
+        while True:
+            page = self._access_page(last)
+            for seq, entry in page:
+                yield seq, bytes(entry)
+            if len(page) < _ACCESS_PAGE:
+                return
+            last = page[-1][0]
+
+    def _access_page(self, after: int) -> list[Any]:
+        return self._run(
+            lambda c: c.execute(
+                "SELECT seq, entry FROM access_log WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, _ACCESS_PAGE),
+            ).fetchall()
+        )
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                # Fold the WAL back into the file and truncate it, so the vault is one
+                # file again at rest.
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error:
+                # The WAL is itself durable; a checkpoint that cannot run now (another
+                # reader, a read-only file) will run on a later open.
+                pass
+            finally:
+                self._conn.close()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        if _schema_version(conn) == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have migrated since.
+            version = _schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"the database schema is version {version}; this software knows only"
+                    f" up to {SCHEMA_VERSION}"
+                )
+            for script in _MIGRATIONS[version:]:
+                for statement in _split_script(script):
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION).encode("ascii")),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _run(self, action: Callable[[sqlite3.Connection], _T], *, snapshot: bool = False) -> _T:
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed")
+            try:
+                if not snapshot:
+                    return action(self._conn)
+                self._conn.execute("BEGIN")
+                try:
+                    return action(self._conn)
+                finally:
+                    self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"database read failed: {exc}") from exc
+
+    def _one(self, sql: str, params: tuple[object, ...] = ()) -> Any:
+        """The first row of a query, or None."""
+        return self._run(lambda c: c.execute(sql, params).fetchone())
+
+    def _write(self, action: Callable[[sqlite3.Connection], _T], failure: str) -> _T:
+        """Run action in one BEGIN IMMEDIATE transaction; on any error, roll back."""
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"{failure}: storage is closed")
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"{failure}: {exc}") from exc
+            try:
+                result = action(conn)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    # sqlite3 messages name the failure, never a bound value.
+                    raise StorageError(f"{failure}: {exc}") from exc
+                raise
+            return result
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file owner-only before SQLite opens it; the WAL and shared
+    memory files take their mode from it."""
+    if not path.parent.is_dir():
+        raise ConfigurationError("the database directory does not exist")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot create the database file: {exc.strerror}") from exc
+    os.close(fd)
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if has_meta is None:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (SCHEMA_VERSION_KEY,)).fetchone()
+    if row is None:
+        raise ConfigurationError("the database has no schema version: not a custodes vault")
+    try:
+        return int(bytes(row[0]).decode("ascii"))
+    except (TypeError, ValueError):
+        raise ConfigurationError("the database schema version is unreadable") from None
+
+
+def _split_script(script: str) -> list[str]:
+    """Statements of a migration script; executescript would commit on its own."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ConfigurationError("a schema migration ends with an incomplete statement")
+    return statements
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (a full disk, an I/O error); there
+    # is then no transaction left to end.
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _in_list(head: str, count: int) -> str:
+    """A query ending in a list of count placeholders; only placeholders are spliced in."""
+    return f"{head} ({','.join('?' * count)})"
+
+
+def _prepare_batch(
+    records: Sequence[SealedRecord],
+) -> tuple[dict[str, _Row], list[_KeyRow], list[_TokenRow]]:
+    """Validate the whole batch and turn it into rows, dropping repeated ids (the first
+    wins). Raises StorageError naming the position and field, never a value."""
+    rows: dict[str, _Row] = {}
+    keys: list[_KeyRow] = []
+    tokens: list[_TokenRow] = []
+    for position, record in enumerate(records):
+        try:
+            record_id, record_type, payload, kek_version, wrapped_key, pairs = record
+        except (TypeError, ValueError):
+            raise _refuse(position, "not a SealedRecord") from None
+        if type(record_id) is not str or not record_id:
+            raise _refuse(position, "record_id is not a non-empty str")
+        if type(record_type) is not str or not record_type:
+            raise _refuse(position, "record_type is not a non-empty str")
+        if type(payload) is not bytes:
+            raise _refuse(position, "payload is not bytes")
+        if type(kek_version) is not int or not _INT64_MIN <= kek_version <= _INT64_MAX:
+            raise _refuse(position, "kek_version is not a 64-bit int")
+        if type(wrapped_key) is not bytes:
+            raise _refuse(position, "wrapped_key is not bytes")
+        try:
+            record_tokens = [(index_id, token, record_id) for index_id, token in pairs]
+        except (TypeError, ValueError):
+            raise _refuse(position, "tokens are not (index_id, token) pairs") from None
+        for index_id, token, _ in record_tokens:
+            if type(index_id) is not int or type(token) is not int:
+                raise _refuse(position, "a token or index id is not an int")
+            if not (_INT64_MIN <= index_id <= _INT64_MAX and _INT64_MIN <= token <= _INT64_MAX):
+                raise _refuse(position, "a token or index id is outside the 64-bit range")
+        if record_id in rows:
+            continue
+        rows[record_id] = (record_id, record_type, payload)
+        keys.append((record_id, kek_version, wrapped_key))
+        tokens.extend(record_tokens)
+    return rows, keys, tokens
+
+
+def _refuse(position: int, what: str) -> StorageError:
+    return StorageError(f"batch refused: record {position}: {what}")
+
+
+def _account_params(account: AccountRow) -> tuple[str, str, str, bytes, float, int]:
+    return (
+        account.username,
+        account.role,
+        account.password_hash,
+        bytes(account.attributes),
+        float(account.created_at),
+        1 if account.disabled else 0,
+    )
+
+
+def _account_from_row(row: Any) -> AccountRow:
+    username, role, password_hash, attributes, created_at, disabled = row
+    return AccountRow(
+        username=str(username),
+        role=str(role),
+        password_hash=str(password_hash),
+        attributes=bytes(attributes),
+        created_at=float(created_at),
+        disabled=bool(disabled),
+    )
