@@ -220,7 +220,7 @@ class Vault:
             touched: list[str] = []
             for stored in self._load(candidates):
                 opened = self.codec.open(stored)
-                if parts in index_parts(rt, spec, opened):
+                if self._matches(rt, spec, parts, stored.record_id, opened):
                     views.append(self._view(rt, stored.record_id, opened))
                     touched.append(stored.record_id)
                     if len(views) >= limit:
@@ -310,6 +310,22 @@ class Vault:
                     raise InvalidQuery(f"index {name!r} needs the name in Han characters")
                 return twin
         return spec
+
+    def _matches(
+        self,
+        rt: RecordType,
+        spec: IndexSpec,
+        parts: tuple[str, ...],
+        record_id: str,
+        opened: Values,
+    ) -> bool:
+        """Whether a decrypted candidate truly carries the searched values."""
+        link = rt.fields[spec.components[0].field]
+        if link.ref is not None:
+            # Links are stored as the target's record id, not its source key.
+            target = self.codec.record_id(link.ref, parts)
+            return _role_of(link, opened.get(link.name), target) is not None
+        return parts in index_parts(rt, spec, opened)
 
     def _type_of(self, record_id: str) -> str | None:
         found = self.storage.get_records([record_id]).get(record_id)

@@ -1,0 +1,5 @@
+"""`python -m custodes` runs the command line."""
+
+from custodes.cli import main
+
+main()
