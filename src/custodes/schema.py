@@ -79,16 +79,17 @@ class IndexSpec:
     record_type: str
     name: str
     components: tuple[IndexComponent, ...]
+    # A stable small integer naming this index in storage (not secret). Computed once:
+    # ingest asks for it for every token it writes.
+    index_id: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.qualified_name.encode()).digest()
+        object.__setattr__(self, "index_id", int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
 
     @property
     def qualified_name(self) -> str:
         return f"{self.record_type}.{self.name}"
-
-    @property
-    def index_id(self) -> int:
-        """A stable small integer naming this index in storage (not secret)."""
-        digest = hashlib.sha256(self.qualified_name.encode()).digest()
-        return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
     @property
     def field_names(self) -> tuple[str, ...]:

@@ -266,7 +266,15 @@ def name_pinyin(canonical_name: str) -> str:
     """
     if not is_han(canonical_name):
         return _letters_key(canonical_name)
+    return "".join(_char_pinyin(ch) for ch in canonical_name)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _char_pinyin(ch: str) -> str:
+    # Character by character: a population has millions of distinct names but only a few
+    # thousand distinct name characters, so this cache almost always hits, where a cache
+    # of whole names misses on most new people. Names are not dictionary phrases, so
+    # converting them character by character loses nothing that pypinyin would use.
     from pypinyin import Style, lazy_pinyin  # imported on first use: its tables are large
 
-    syllables = lazy_pinyin(canonical_name, style=Style.NORMAL)
-    return "".join(_letters_key(s) for s in syllables)
+    return "".join(_letters_key(s) for s in lazy_pinyin(ch, style=Style.NORMAL))
