@@ -1,0 +1,166 @@
+"""Ingest throughput: custodes (encrypted) against a plaintext SQLite baseline, in one run.
+
+Both read the same synthetic JSON Lines file, parse and validate every record the same
+way, and store it durably in SQLite (WAL, synchronous=FULL, batches of 2,000) with the
+same indexes: custodes as ciphertext with keyed blind-index tokens, the baseline as
+plaintext columns. Each phase runs in its own process so its peak RSS is its own.
+
+    python bench/ingest.py --records 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_input(path: Path, records: int, seed: int) -> int:
+    from custodes.synth import write_jsonl
+
+    # The default rates give 1.7 records per person (0.2 cases, 0.5 deliveries).
+    people = max(1, round(records / 1.7))
+    with path.open("wb") as f:
+        return write_jsonl(f, people, seed=seed)
+
+
+def phase_custodes(source: Path, workdir: Path, workers: int) -> dict[str, float]:
+    from custodes.bootstrap import create_vault
+
+    vault = create_vault(
+        workdir / "vault", passphrase="bench passphrase", keyring_path=workdir / "keys" / "k"
+    )
+    try:
+        started = time.perf_counter()
+        report = vault.ingest(source, workers=workers)
+        seconds = time.perf_counter() - started
+    finally:
+        vault.close()
+    handled = report.accepted + report.already_present + report.rejected
+    return {"records": handled, "seconds": seconds, "rejected": report.rejected}
+
+
+def phase_plaintext(source: Path, workdir: Path) -> dict[str, float]:
+    import orjson
+
+    from custodes.records import RecordValidator, index_parts
+    from custodes.schema import load_schema
+
+    schema = load_schema()
+    validator = RecordValidator(schema)
+    db = sqlite3.connect(workdir / "plain.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(
+        "CREATE TABLE records (record_id TEXT PRIMARY KEY, type TEXT, doc BLOB) WITHOUT ROWID"
+    )
+    db.execute(
+        "CREATE TABLE idx (index_id INTEGER, value TEXT, record_id TEXT, "
+        "PRIMARY KEY (index_id, value, record_id)) WITHOUT ROWID"
+    )
+    plan = {rt.name: (rt, list(rt.indexes.values()), rt.source_key) for rt in schema.types.values()}
+    started = time.perf_counter()
+    handled = rejected = 0
+    rows: list[tuple[str, str, bytes]] = []
+    idx_rows: list[tuple[int, str, str]] = []
+
+    def flush() -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?)", rows)
+        db.executemany("INSERT OR IGNORE INTO idx VALUES (?, ?, ?)", idx_rows)
+        db.execute("COMMIT")
+        rows.clear()
+        idx_rows.clear()
+
+    with source.open("rb") as f:
+        for line_no, line in enumerate(f, 1):
+            handled += 1
+            try:
+                record = validator.validate(orjson.loads(line), line=line_no)
+            except Exception:
+                rejected += 1
+                continue
+            rt, indexes, source_key = plan[record.record_type]
+            rid = record.record_type + ":" + "|".join(str(record.values[k]) for k in source_key)
+            rows.append((rid, record.record_type, orjson.dumps(record.values)))
+            for ix in indexes:
+                for parts in index_parts(rt, ix, record.values):
+                    idx_rows.append((ix.index_id, "\x1f".join(parts), rid))
+            if len(rows) >= 2000:
+                flush()
+    if rows:
+        flush()
+    seconds = time.perf_counter() - started
+    db.close()
+    return {"records": handled, "seconds": seconds, "rejected": rejected}
+
+
+def run_phase(args: argparse.Namespace) -> None:
+    source = Path(args.source)
+    workdir = Path(tempfile.mkdtemp(prefix="custodes-bench-"))
+    if args.phase == "plaintext":
+        result = phase_plaintext(source, workdir)
+    else:
+        result = phase_custodes(source, workdir, args.workers[0])
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result["peak_rss_mib"] = usage / 1024
+    result["peak_child_rss_mib"] = children / 1024
+    result["db_bytes"] = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=200_000, help="records in the input")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--phase", choices=["plaintext", "custodes"], help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        run_phase(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="custodes-bench-input-") as tmp:
+        source = Path(tmp) / "population.jsonl"
+        lines = make_input(source, args.records, args.seed)
+        size = source.stat().st_size
+        print(f"input: {lines:,} records, {size / 2**20:,.1f} MiB of JSON Lines")
+
+        def phase(name: str, workers: int = 1) -> dict[str, float]:
+            cmd = [sys.executable, __file__, "--phase", name, "--source", str(source)]
+            cmd += ["--workers", str(workers)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        plain = phase("plaintext")
+        plain_rate = plain["records"] / plain["seconds"]
+        print(
+            f"plaintext SQLite baseline : {plain_rate:>10,.0f} records/s  "
+            f"({plain['seconds']:.1f} s, peak RSS {plain['peak_rss_mib']:.0f} MiB, "
+            f"db {plain['db_bytes'] / 2**20:,.0f} MiB)"
+        )
+        for workers in args.workers:
+            enc = phase("custodes", workers)
+            rate = enc["records"] / enc["seconds"]
+            print(
+                f"custodes, {workers} worker(s)     : {rate:>10,.0f} records/s  "
+                f"({enc['seconds']:.1f} s, peak RSS {enc['peak_rss_mib']:.0f} MiB, "
+                f"workers' peak {enc['peak_child_rss_mib']:.0f} MiB, "
+                f"db {enc['db_bytes'] / 2**20:,.0f} MiB)  "
+                f"ratio encrypted/plaintext = {rate / plain_rate:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

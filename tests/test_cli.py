@@ -1,0 +1,212 @@
+"""The command line, run as a user runs it: a separate process, secrets in the environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import PASSPHRASE, PASSWORD, make_vault, read_records
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "custodes", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=None if input is None else input.decode(),
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def vault_env(tmp_path: Path) -> dict[str, str]:
+    vault = make_vault(tmp_path, "sqlite")
+    vault.close()
+    return {
+        "CUSTODES_VAULT": str(tmp_path / "vault"),
+        "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE,
+    }
+
+
+def test_ingest_search_show_reveal(vault_env: dict[str, str], population_file: Path) -> None:
+    done = run("ingest", str(population_file), env=vault_env)
+    assert done.returncode == 0, done.stderr
+    assert "stored" in done.stdout
+    done = run(
+        "account",
+        "add",
+        "wang.fang",
+        "--role",
+        "investigator",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    assert done.returncode == 0, done.stderr
+    reader = {**vault_env, "CUSTODES_USER": "wang.fang", "CUSTODES_PASSWORD": PASSWORD}
+    person = next(r for r in read_records(population_file) if r["type"] == "person")
+
+    done = run(
+        "search",
+        "--national-id",
+        str(person["national_id"]),
+        "--purpose",
+        "cli test",
+        "--json",
+        env=reader,
+    )
+    assert done.returncode == 0, done.stderr
+    [found] = orjson.loads(done.stdout)
+    assert found["type"] == "person" and "*" in found["fields"]["national_id"]
+    assert str(person["national_id"]) not in done.stdout
+
+    done = run(
+        "reveal",
+        found["record_id"],
+        "phone",
+        "--purpose",
+        "cli test",
+        "--case",
+        "C-9",
+        "--json",
+        env=reader,
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["value"] == person["phone"]
+
+    done = run("show", found["record_id"], "--purpose", "cli test", "--json", env=reader)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["record_id"] == found["record_id"]
+
+    done = run(
+        "search",
+        "--name",
+        str(person["name"]),
+        "--birth-date",
+        str(person["birth_date"]),
+        "--purpose",
+        "cli test",
+        env=reader,
+    )
+    assert done.returncode == 0, done.stderr
+    assert found["record_id"] in done.stdout
+
+
+def test_bad_query_is_one_line_without_the_value(vault_env: dict[str, str]) -> None:
+    run(
+        "account",
+        "add",
+        "wang.fang",
+        "--role",
+        "officer",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    reader = {**vault_env, "CUSTODES_USER": "wang.fang", "CUSTODES_PASSWORD": PASSWORD}
+    done = run("search", "--national-id", "11010119900307999Q", "--purpose", "cli test", env=reader)
+    assert done.returncode != 0
+    assert done.stderr.startswith("custodes: error:") and done.stderr.count("\n") == 1
+    assert "11010119900307999Q" not in done.stderr + done.stdout
+
+
+def test_wrong_password_gets_nothing(vault_env: dict[str, str], population_file: Path) -> None:
+    run("ingest", str(population_file), env=vault_env)
+    run(
+        "account",
+        "add",
+        "wang.fang",
+        "--role",
+        "officer",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    person = next(r for r in read_records(population_file) if r["type"] == "person")
+    reader = {**vault_env, "CUSTODES_USER": "wang.fang", "CUSTODES_PASSWORD": PASSWORD + "!"}
+    done = run(
+        "search", "--national-id", str(person["national_id"]), "--purpose", "cli test", env=reader
+    )
+    assert done.returncode == 6
+    assert "authentication failed" in done.stderr and done.stdout == ""
+
+
+def test_missing_password_is_refused_not_prompted_without_a_terminal(
+    vault_env: dict[str, str],
+) -> None:
+    done = run(
+        "search",
+        "--phone",
+        "13800000000",
+        "--purpose",
+        "cli test",
+        "--user",
+        "x.y.z",
+        env=vault_env,
+    )
+    assert done.returncode != 0 and "CUSTODES_PASSWORD" in done.stderr
+
+
+@pytest.mark.parametrize("weak", ["short", "password1234", "woaini1314520", "qwertyuiop123"])
+def test_account_add_refuses_weak_passwords(vault_env: dict[str, str], weak: str) -> None:
+    done = run(
+        "account",
+        "add",
+        "li.lei",
+        "--role",
+        "officer",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": weak},
+    )
+    assert done.returncode == 6
+    assert weak not in done.stderr
+
+
+def test_account_list_shows_no_hashes(vault_env: dict[str, str]) -> None:
+    run(
+        "account",
+        "add",
+        "li.lei",
+        "--role",
+        "supervisor",
+        "--district",
+        "310101",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    done = run("account", "list", "--json", env=vault_env)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == [
+        {"username": "li.lei", "role": "supervisor", "disabled": False, "district": "310101"}
+    ]
+    assert "argon2" not in done.stdout
+
+
+def test_init_refuses_a_keyring_inside_the_vault(tmp_path: Path) -> None:
+    target = tmp_path / "v"
+    done = run(
+        "init",
+        str(target),
+        "--keyring",
+        str(target / "keys" / "k"),
+        env={"CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE},
+    )
+    assert done.returncode == 2 and "outside the vault directory" in done.stderr
+    assert not (target / "keys").exists()
+
+
+def test_wrong_keyring_passphrase_opens_nothing(vault_env: dict[str, str]) -> None:
+    done = run(
+        "account", "list", env={**vault_env, "CUSTODES_KEYRING_PASSPHRASE": "not the passphrase"}
+    )
+    assert done.returncode == 3 and "passphrase" in done.stderr
+
+
+def test_synth_to_stdout_is_deterministic() -> None:
+    a = run("synth", "--count", "50", "--seed", "3")
+    b = run("synth", "--count", "50", "--seed", "3")
+    assert a.returncode == 0 and a.stdout == b.stdout
+    assert sum(1 for line in a.stdout.splitlines() if '"person"' in line) == 50
