@@ -583,6 +583,7 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
             index="national_id",
             values={"national_id": first["national_id"]},
         )
+        record_id = views[0].record_id if views else "RECORD_ID"
         for view in views:
             full = vault.record(session, stated, view.record_id)
             _print_view(full)
@@ -596,11 +597,13 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
     out.print(f"  export CUSTODES_KEYRING_PASSPHRASE={passphrase}")
     out.print("  export CUSTODES_USER=demo.investigator")
     out.print(f"  export CUSTODES_PASSWORD={password}")
-    out.print(f"  custodes search --national-id {first['national_id']} --purpose 'demo'")
+    # Show the command as it was invoked (e.g. .venv/bin/custodes) so it can be pasted.
+    me = sys.argv[0] if Path(sys.argv[0]).name == "custodes" else "custodes"
+    out.print(f"  {me} search --national-id {first['national_id']} --purpose 'demo'")
     name, born = first["name"], first["birth_date"]
-    out.print(f"  custodes search --name {name} --birth-date {born} --purpose 'demo'")
-    out.print("  custodes show RECORD_ID --purpose 'demo'")
-    out.print("  custodes reveal RECORD_ID address --purpose 'demo' --case DEMO-1")
+    out.print(f"  {me} search --name {name} --birth-date {born} --purpose 'demo'")
+    out.print(f"  {me} show {record_id} --purpose 'demo'")
+    out.print(f"  {me} reveal {record_id} address --purpose 'demo' --case DEMO-1")
     out.print(f"  grep -c '{first['name']}' {vault_path}/vault.db   # 0: no plaintext on disk")
 
 
