@@ -21,7 +21,7 @@ version = 1
 source_key = ["national_id"]
 
 [types.owner.fields]
-national_id = { kind = "national_id", required = true, sensitivity = "identifying", mask = "keep:4:4" }
+national_id = { kind = "national_id", required = true, sensitivity = "personal", mask = "none" }
 plate = { kind = "text", required = true, sensitivity = "personal", mask = "keep:2:1" }
 
 [[types.owner.indexes]]

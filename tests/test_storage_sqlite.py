@@ -19,6 +19,7 @@ import pytest
 import custodes
 from custodes.errors import AuditUnavailable, ConfigurationError, StorageError
 from custodes.storage import SQLiteStorage, Storage
+from custodes.storage import sqlite as sqlite_backend
 from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY
 from tests.contract.storage_contract import StorageContract, account, sealed, stored
 
@@ -87,6 +88,10 @@ def test_connection_is_durable_and_keeps_temp_data_in_memory(storage: SQLiteStor
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    # Ingest speed, not safety: a page size chosen for new files, and checkpoints that
+    # are rarer than SQLite's default of every 1,000 pages.
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 8192
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000
 
 
 def test_wal_mode_is_recorded_in_the_file(storage: SQLiteStorage, db_path: Path) -> None:
@@ -239,5 +244,60 @@ def test_acknowledged_batches_survive_a_killed_process(db_path: Path) -> None:
             assert len(backend.get_records(ids)) == 1000
             assert backend.find(1, batch * 10_000 + 999, 5) == [f"b{batch}-999"]
         assert [seq for seq, _ in backend.iter_access()] == list(range(1, batches + 1))
+    finally:
+        backend.close()
+
+
+def test_search_spans_generations_in_id_order(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four records per generation, so that a shared token lands in several subtrees.
+    monkeypatch.setattr(sqlite_backend, "_GENERATION_BITS", 2)
+    backend = SQLiteStorage(db_path)
+    try:
+        ns = [42, 7, 99, 3, 58, 21, 11, 64, 5, 30, 77]
+        for start in range(0, len(ns), 3):
+            backend.write_batch(
+                [sealed(n, tokens=((1, 77), (2, n))) for n in ns[start : start + 3]]
+            )
+        expected = [f"rec-{n:06d}" for n in sorted(ns)]
+        assert backend.find(1, 77, 100) == expected
+        assert backend.find(1, 77, 4) == expected[:4]
+        assert backend.find(2, 99, 10) == ["rec-000099"]
+        assert backend.find(2, 1000, 10) == []
+    finally:
+        backend.close()
+
+
+def test_version_1_file_is_migrated(db_path: Path) -> None:
+    conn = raw_connection(db_path)
+    for statement in sqlite_backend._split_script(sqlite_backend._MIGRATIONS[0]):
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES (?, ?)", (SCHEMA_VERSION_KEY, b"1"))
+    old = [sealed(n) for n in (5, 1, 3)]
+    for r in old:
+        conn.execute(
+            "INSERT INTO records(record_id, record_type, payload) VALUES (?, ?, ?)",
+            (r.record_id, r.record_type, r.payload),
+        )
+        conn.execute(
+            "INSERT INTO data_keys VALUES (?, ?, ?)", (r.record_id, r.kek_version, r.wrapped_key)
+        )
+        conn.executemany(
+            "INSERT INTO tokens VALUES (?, ?, ?)", [(*pair, r.record_id) for pair in r.tokens]
+        )
+    conn.close()
+
+    backend = SQLiteStorage(db_path)
+    try:
+        assert backend.get_meta(SCHEMA_VERSION_KEY) == str(SCHEMA_VERSION).encode()
+        assert backend.get_records([r.record_id for r in old]) == {
+            r.record_id: stored(r) for r in old
+        }
+        assert backend.find(2, 5 % 7, 10) == ["rec-000005"]
+        assert backend.find(1, 1003, 10) == ["rec-000003"]
+        assert backend.write_batch([sealed(3), sealed(9)]).inserted == 1
+        assert backend.find(1, 1009, 10) == ["rec-000009"]
+        assert backend.count_records() == 4
     finally:
         backend.close()
