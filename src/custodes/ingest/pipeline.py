@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import secrets
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -187,11 +189,12 @@ def run_ingest(
             counter = CountingReader(stream)
             total = _size(source) if not from_stdin else None
             items = _items(vault.schema, fmt, counter, record_type)
-            results = _sealed_chunks(vault, sealer, items, workers, batch_size)
             handled = 0
-            for result in results:
-                outcome = vault.storage.write_batch(result.sealed) if result.sealed else None
-                if outcome is not None:
+
+            def store(result: _Chunk) -> None:
+                nonlocal handled
+                if result.sealed:
+                    outcome = vault.storage.write_batch(result.sealed)
                     report.accepted += outcome.inserted
                     report.already_present += outcome.already_present
                 for rej in result.rejects:
@@ -199,18 +202,56 @@ def run_ingest(
                 handled += len(result.sealed) + len(result.rejects)
                 if progress is not None:
                     progress(
-                        Progress(
-                            handled,
-                            report.valid,
-                            report.rejected,
-                            counter.bytes_read,
-                            total,
-                        )
+                        Progress(handled, report.valid, report.rejected, counter.bytes_read, total)
                     )
+
+            with _InOrderWriter(store) as writer:
+                for result in _sealed_chunks(vault, sealer, items, workers, batch_size):
+                    writer.put(result)
     finally:
         report.rejects_path = rejects.close()
         report.seconds = time.perf_counter() - started
     return report
+
+
+class _InOrderWriter:
+    """Stores chunks on a thread of its own, in the order given.
+
+    SQLite releases the GIL while it works, so storing one batch overlaps sealing the
+    next. The queue is short, which keeps memory flat; a storage error stops the input
+    at the next chunk and is raised to the caller.
+    """
+
+    def __init__(self, store: Callable[[_Chunk], None]) -> None:
+        self._store = store
+        self._queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="custodes-ingest-writer")
+
+    def __enter__(self) -> _InOrderWriter:
+        self._thread.start()
+        return self
+
+    def put(self, chunk: _Chunk) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so that put() never blocks on a dead writer
+            try:
+                self._store(chunk)
+            except BaseException as exc:
+                self._error = exc
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Whatever was handed over lands (each batch is atomic) before we return or raise.
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc_info[1] is None:
+            raise self._error
 
 
 def _note_reject(report: IngestReport, rejects: _RejectsFile, rej: Reject) -> None:
