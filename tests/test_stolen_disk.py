@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import ahocorasick
 import orjson
 import pytest
 
+from custodes.bootstrap import open_vault
 from custodes.policy import Role
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
-from tests.conftest import PURPOSE, login, make_vault
+from tests.conftest import FAST_HASH, PASSPHRASE, PURPOSE, login, make_vault
 
 # A pattern shorter than this occurs in megabytes of ciphertext by chance (a 4-byte
 # string about once per 4 GB per pattern, but there are tens of thousands of patterns);
@@ -88,11 +91,29 @@ def test_stolen_vault_directory_holds_no_plaintext(tmp_path: Path) -> None:
 
     vault: Vault = make_vault(tmp_path, "sqlite")
     assert vault.directory is not None
-    rejects = vault.directory / "rejects"
-    report = vault.ingest(source, rejects_dir=rejects, workers=2)
-    assert report.accepted == len(records)
-    report = vault.ingest(bad_source, rejects_dir=rejects)
-    assert report.rejected > 0 and report.rejects_path is not None
+    directory = vault.directory
+    vault.close()
+    # Ingest as an operator would, so that the operational log and the rejects report
+    # are written where a thief would find them.
+    env = {
+        **os.environ,
+        "CUSTODES_VAULT": str(directory),
+        "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE,
+    }
+    for source_file in (source, bad_source):
+        done = subprocess.run(
+            [sys.executable, "-m", "custodes", "ingest", str(source_file), "--workers", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode in (0, 5), done.stderr
+    assert (directory / "logs" / "custodes.log").stat().st_size > 0
+    assert any((directory / "rejects").iterdir())
+    vault = open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    assert vault.count() == len(records)
     session = login(vault, Role.SUPERVISOR)
     person = next(r for r in records if r["type"] == "person")
     [view] = vault.search(
@@ -103,11 +124,20 @@ def test_stolen_vault_directory_holds_no_plaintext(tmp_path: Path) -> None:
         values={"national_id": str(person["national_id"])},
     )
     vault.reveal(session, PURPOSE, view.record_id, "address")
+    # Records stored by the open vault sit in its WAL until it is checkpointed.
+    late = tmp_path / "input" / "late.jsonl"
+    with late.open("wb") as f:
+        write_jsonl(f, 500, seed=7)
+    late_records = [orjson.loads(line) for line in late.read_bytes().splitlines()]
+    late_report = vault.ingest(late)
+    assert late_report.accepted > 0 and late_report.rejected == 0
+    values |= personal_values(late_records)
 
     # While the vault is open: the WAL and shared-memory files exist and are copied too.
     stolen_live = tmp_path / "stolen-live"
-    shutil.copytree(vault.directory, stolen_live)
-    assert any(p.name.endswith("-wal") for p in stolen_live.iterdir())
+    shutil.copytree(directory, stolen_live)
+    wal = [p for p in stolen_live.iterdir() if p.name.endswith("-wal")]
+    assert wal and wal[0].stat().st_size > 500 * 512
     vault.close()
     stolen_closed = tmp_path / "stolen-closed"
     shutil.copytree(tmp_path / "vault", stolen_closed)
