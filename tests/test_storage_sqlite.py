@@ -21,7 +21,16 @@ from custodes.errors import AuditUnavailable, ConfigurationError, StorageError
 from custodes.storage import SQLiteStorage, Storage
 from custodes.storage import sqlite as sqlite_backend
 from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY
-from tests.contract.storage_contract import StorageContract, account, sealed, stored
+from tests.contract.storage_contract import (
+    SUBJECT_A,
+    StorageContract,
+    account,
+    entry,
+    log_batch,
+    node_hash,
+    sealed,
+    stored,
+)
 
 
 class TestSQLite(StorageContract):
@@ -61,8 +70,8 @@ def test_data_survives_close_and_reopen(db_path: Path) -> None:
     first.write_batch(batch)
     first.set_meta("vault.id", b"v1")
     first.add_account(account())
-    first.append_access(b"one")
-    first.append_access(b"two")
+    first.log_append(log_batch(0, 2, subjects=((SUBJECT_A, 1),), details=((0, b"sealed"),)))
+    first.put_checkpoint(2, b"note 2")
     first.close()
 
     again = SQLiteStorage(db_path)
@@ -74,7 +83,17 @@ def test_data_survives_close_and_reopen(db_path: Path) -> None:
         assert again.find(1, 1000, 10) == ["rec-000000"]
         assert again.get_meta("vault.id") == b"v1"
         assert again.get_account("inspector.ode") == account()
-        assert again.append_access(b"three") == 3
+        # The size is read back from the file, not counted from zero.
+        assert again.log_size() == 2
+        assert list(again.log_entries()) == [(0, entry(0)), (1, entry(1))]
+        assert again.log_node(1, 0) == node_hash(1, 0)
+        assert again.log_subject_entries(SUBJECT_A) == [1]
+        assert again.log_detail(0) == b"sealed"
+        assert again.checkpoints() == [(2, b"note 2")]
+        with pytest.raises(AuditUnavailable, match="moved"):
+            again.log_append(log_batch(0, 1))
+        again.log_append(log_batch(2, 1))
+        assert again.log_size() == 3
         assert again.write_batch(batch).already_present == 50
     finally:
         again.close()
@@ -134,7 +153,7 @@ def test_database_files_are_owner_only(db_path: Path) -> None:
         os.umask(old_umask)
     try:
         backend.write_batch([sealed(1)])
-        backend.append_access(b"one")
+        backend.log_append(log_batch(0, 1))
         for suffix in ("", "-wal", "-shm"):
             path = db_path.with_name(db_path.name + suffix)
             assert path.exists(), suffix
@@ -163,10 +182,12 @@ def test_database_marked_read_only_refuses_to_audit(db_path: Path) -> None:
     backend = SQLiteStorage(db_path)
     try:
         with pytest.raises(AuditUnavailable):
-            backend.append_access(b"who looked")
+            backend.log_append(log_batch(0, 1))
         with pytest.raises(StorageError):
             backend.write_batch([sealed(1)])
         assert backend.count_records() == 0
+        assert backend.log_size() == 0
+        assert list(backend.log_entries()) == []
     finally:
         backend.close()
 
@@ -178,29 +199,98 @@ def test_read_only_database_file_refuses_to_audit(db_path: Path) -> None:
     backend = SQLiteStorage(db_path)
     try:
         with pytest.raises(AuditUnavailable):
-            backend.append_access(b"who looked")
+            backend.log_append(log_batch(0, 1))
+        assert backend.log_size() == 0
     finally:
         backend.close()
 
 
-def test_access_log_cannot_be_rewritten_through_sql(storage: SQLiteStorage, db_path: Path) -> None:
-    storage.append_access(b"who looked")
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE log_entries SET entry = x'00'",
+        "UPDATE log_entries SET idx = idx + 10",
+        "DELETE FROM log_entries",
+        "INSERT OR REPLACE INTO log_entries(idx, entry) VALUES (0, x'00')",
+        "INSERT INTO log_entries(idx, entry) VALUES (0, x'00')"
+        " ON CONFLICT(idx) DO UPDATE SET entry = excluded.entry",
+        "UPDATE log_nodes SET hash = zeroblob(32)",
+        "DELETE FROM log_nodes WHERE level = 0",
+        "INSERT OR REPLACE INTO log_nodes(level, idx, hash) VALUES (0, 0, zeroblob(32))",
+        "UPDATE log_details SET blob = x'00'",
+        "UPDATE log_details SET idx = 1",
+        "DELETE FROM log_details",
+        "INSERT OR REPLACE INTO log_details(idx, blob) VALUES (0, x'00')",
+    ],
+)
+def test_access_log_cannot_be_rewritten_through_sql(
+    storage: SQLiteStorage, db_path: Path, statement: str
+) -> None:
+    storage.log_append(log_batch(0, 2, details=((0, b"sealed"),)))
     conn = raw_connection(db_path)
     try:
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("UPDATE access_log SET entry = x'00'")
-        with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("DELETE FROM access_log")
+            conn.execute(statement)
     finally:
         conn.close()
-    assert list(storage.iter_access()) == [(1, b"who looked")]
+    assert list(storage.log_entries()) == [(0, entry(0)), (1, entry(1))]
+    assert [storage.log_node(0, 0), storage.log_node(1, 0)] == [node_hash(0, 0), node_hash(1, 0)]
+    assert storage.log_detail(0) == b"sealed"
+
+
+def test_sealed_details_can_be_erased(storage: SQLiteStorage, db_path: Path) -> None:
+    # The one change the log allows: a subject's sealed details set to NULL (erasure).
+    storage.log_append(log_batch(0, 2, details=((0, b"sealed 0"), (1, b"sealed 1"))))
+    conn = raw_connection(db_path)
+    try:
+        conn.execute("UPDATE log_details SET blob = NULL WHERE idx = 0")
+    finally:
+        conn.close()
+    assert storage.log_detail(0) is None
+    assert storage.log_detail(1) == b"sealed 1"
+
+
+def test_a_second_writer_on_the_same_file_is_detected(db_path: Path) -> None:
+    first = SQLiteStorage(db_path)
+    second = SQLiteStorage(db_path)
+    try:
+        first.log_append(log_batch(0, 2))
+        # second still believes the log is empty: its append must not land.
+        with pytest.raises(AuditUnavailable, match="moved"):
+            second.log_append(log_batch(0, 1))
+        assert second.log_size() == 2
+        second.log_append(log_batch(2, 1))
+        assert list(first.log_entries(0, 3)) == [(i, entry(i)) for i in range(3)]
+    finally:
+        second.close()
+        first.close()
+
+
+def test_sqlite_failure_refuses_the_batch_without_data(
+    storage: SQLiteStorage, db_path: Path
+) -> None:
+    storage.log_append(log_batch(0, 1))
+    # A stray node beyond the log, as a tampered file could hold: the batch that
+    # completes it must fail whole on the stored node, not overwrite it or skip it.
+    conn = raw_connection(db_path)
+    try:
+        conn.execute("INSERT INTO log_nodes VALUES (0, 1, ?)", (b"SECRET-VALUE".ljust(32),))
+    finally:
+        conn.close()
+    with pytest.raises(AuditUnavailable) as refused:
+        storage.log_append(log_batch(1, 1, details=((1, b"sealed"),)))
+    assert "SECRET-VALUE" not in str(refused.value)
+    assert storage.log_size() == 1
+    assert list(storage.log_entries()) == [(0, entry(0))]
+    assert storage.log_detail(1) is None
+    assert storage.log_node(1, 0) is None
 
 
 _WRITER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from custodes.storage import SQLiteStorage, SealedRecord
+    from custodes.storage import LogAppend, SQLiteStorage, SealedRecord
 
     storage = SQLiteStorage(Path(sys.argv[1]))
     for batch in range(int(sys.argv[2])):
@@ -212,8 +302,19 @@ _WRITER = textwrap.dedent(
             for n in range(1000)
         ]
         outcome = storage.write_batch(records)
+        # One group commit of 100 entries per batch, leaves only: storage does not
+        # check hashes, the audit layer does.
+        first = batch * 100
+        storage.log_append(
+            LogAppend(
+                first,
+                [b"batch %d entry %d" % (batch, n) for n in range(100)],
+                [(0, first + n, os.urandom(32)) for n in range(100)],
+                [(b"subject %d" % batch, first)],
+                [(first, b"sealed %d" % batch)],
+            )
+        )
         print(f"acknowledged {batch} {outcome.inserted}", flush=True)
-        storage.append_access(b"batch %d" % batch)
     # Killed with no close, no checkpoint, no cleanup of any kind.
     os.kill(os.getpid(), signal.SIGKILL)
     """
@@ -243,7 +344,16 @@ def test_acknowledged_batches_survive_a_killed_process(db_path: Path) -> None:
             ids = [f"b{batch}-{n}" for n in range(1000)]
             assert len(backend.get_records(ids)) == 1000
             assert backend.find(1, batch * 10_000 + 999, 5) == [f"b{batch}-999"]
-        assert [seq for seq, _ in backend.iter_access()] == list(range(1, batches + 1))
+        assert backend.log_size() == batches * 100
+        assert list(backend.log_entries()) == [
+            (batch * 100 + n, b"batch %d entry %d" % (batch, n))
+            for batch in range(batches)
+            for n in range(100)
+        ]
+        for batch in range(batches):
+            assert backend.log_node(0, batch * 100 + 99) is not None
+            assert backend.log_subject_entries(b"subject %d" % batch) == [batch * 100]
+            assert backend.log_detail(batch * 100) == b"sealed %d" % batch
     finally:
         backend.close()
 
@@ -299,5 +409,54 @@ def test_version_1_file_is_migrated(db_path: Path) -> None:
         assert backend.write_batch([sealed(3), sealed(9)]).inserted == 1
         assert backend.find(1, 1009, 10) == ["rec-000009"]
         assert backend.count_records() == 4
+        assert table_names(db_path) >= {"log_entries", "log_nodes", "log_details"}
+        assert "access_log" not in table_names(db_path)
+        backend.log_append(log_batch(0, 1))
     finally:
         backend.close()
+
+
+def table_names(path: Path) -> set[str]:
+    conn = raw_connection(path)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+
+
+def version_2_file(path: Path, *, old_log_entries: int) -> None:
+    conn = raw_connection(path)
+    for script in sqlite_backend._MIGRATIONS[:2]:
+        for statement in sqlite_backend._split_script(script):
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES (?, ?)", (SCHEMA_VERSION_KEY, b"2"))
+    for n in range(old_log_entries):
+        conn.execute("INSERT INTO access_log(entry) VALUES (?)", (b"old %d" % n,))
+    conn.close()
+
+
+def test_version_2_file_gets_the_merkle_log(db_path: Path) -> None:
+    version_2_file(db_path, old_log_entries=0)
+    backend = SQLiteStorage(db_path)
+    try:
+        assert backend.get_meta(SCHEMA_VERSION_KEY) == str(SCHEMA_VERSION).encode()
+        assert backend.log_size() == 0
+        backend.log_append(log_batch(0, 2))
+        assert "access_log" not in table_names(db_path)
+    finally:
+        backend.close()
+
+
+def test_migration_refuses_to_drop_old_access_log_entries(db_path: Path) -> None:
+    version_2_file(db_path, old_log_entries=3)
+    with pytest.raises(StorageError, match="old_access_log_holds_entries"):
+        SQLiteStorage(db_path)
+    # Rolled back whole: still a version 2 file with its old log.
+    conn = raw_connection(db_path)
+    try:
+        assert conn.execute("SELECT count(*) FROM access_log").fetchone() == (3,)
+        version = conn.execute("SELECT value FROM meta WHERE key = ?", (SCHEMA_VERSION_KEY,))
+        assert version.fetchone() == (b"2",)
+    finally:
+        conn.close()
+    assert "log_entries" not in table_names(db_path)

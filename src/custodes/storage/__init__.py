@@ -3,13 +3,21 @@
 Backends hold only ciphertext, wrapped keys, keyed tokens and non-personal metadata.
 """
 
-from custodes.storage.base import AccountRow, BatchOutcome, SealedRecord, Storage, StoredRecord
+from custodes.storage.base import (
+    AccountRow,
+    BatchOutcome,
+    LogAppend,
+    SealedRecord,
+    Storage,
+    StoredRecord,
+)
 from custodes.storage.memory import MemoryStorage
 from custodes.storage.sqlite import SQLiteStorage
 
 __all__ = [
     "AccountRow",
     "BatchOutcome",
+    "LogAppend",
     "MemoryStorage",
     "SQLiteStorage",
     "SealedRecord",

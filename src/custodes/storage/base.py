@@ -47,6 +47,16 @@ class BatchOutcome(NamedTuple):
     already_present: int  # records skipped because their id was stored already
 
 
+class LogAppend(NamedTuple):
+    """One group commit to the access log."""
+
+    first_index: int  # index of the first new entry: must equal the stored log size
+    entries: Sequence[bytes]  # encoded entries, the leaves' data
+    nodes: Sequence[tuple[int, int, bytes]]  # (level, index, hash) completed, leaves included
+    subjects: Sequence[tuple[bytes, int]]  # (subject commitment, entry index)
+    details: Sequence[tuple[int, bytes]]  # (entry index, sealed private details)
+
+
 @runtime_checkable
 class Storage(Protocol):
     """A backend. Every method is atomic; write_batch is all-or-nothing."""
@@ -90,13 +100,44 @@ class Storage(Protocol):
 
     def list_accounts(self) -> list[AccountRow]: ...
 
-    def append_access(self, entry: bytes) -> int:
-        """Append one access-log entry and make it durable before returning its sequence
-        number (1, 2, ...). Raises AuditUnavailable if it cannot."""
+    # -- the access log: a Merkle tree of entries (custodes.audit) -----------------
+
+    def log_append(self, batch: LogAppend) -> None:
+        """Append entries with their tree nodes, subject references and sealed details,
+        all or none, durable (synced) before returning.
+
+        Raises AuditUnavailable if it cannot, or if batch.first_index is not the number
+        of entries already stored (another writer got there first).
+        """
         ...
 
-    def iter_access(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
-        """Access-log entries with sequence number greater than after, in order."""
+    def log_size(self) -> int:
+        """How many entries the access log holds."""
+        ...
+
+    def log_entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(index, entry) for start <= index < end, in order, streamed."""
+        ...
+
+    def log_node(self, level: int, index: int) -> bytes | None:
+        """A stored perfect-subtree hash (level 0: leaf hashes), or None."""
+        ...
+
+    def log_subject_entries(self, commitment: bytes) -> list[int]:
+        """Indexes of the entries that reference a subject commitment, ascending."""
+        ...
+
+    def log_detail(self, index: int) -> bytes | None:
+        """The sealed private details of an entry, or None (none, or erased)."""
+        ...
+
+    def put_checkpoint(self, size: int, note: bytes) -> None:
+        """Store the signed checkpoint note for a tree size, durably; a later call for the
+        same size replaces it (to add cosignatures)."""
+        ...
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        """Every stored (size, note), ascending by size."""
         ...
 
     def close(self) -> None: ...

@@ -1,8 +1,9 @@
 """MemoryStorage: a complete storage backend held in dictionaries.
 
 A real backend, not a mock: it keeps every promise of the Storage Protocol (atomic
-batches, idempotent ingest, sorted lookups, a numbered access log) and runs the same
-contract suite as the durable backends. Nothing survives the process.
+batches, idempotent ingest, sorted lookups, an append-only access log) and runs the same
+contract suite as the durable backends. Nothing survives the process. Also owns the
+validation of access-log batches, which every backend applies before it writes.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
-from custodes.storage.base import AccountRow, BatchOutcome, SealedRecord, StoredRecord
+from custodes.storage.base import AccountRow, BatchOutcome, LogAppend, SealedRecord, StoredRecord
 
 # The durable backends store integers as signed 64-bit values; refusing the same range
 # here keeps a batch that one backend accepts acceptable to all of them.
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+
+# Entries are handed out in pages so that a reader never holds the lock while its
+# caller works, and a writer is never held up by a slow reader.
+LOG_PAGE = 1000
+HASH_SIZE = 32
 
 
 class MemoryStorage:
@@ -31,7 +38,11 @@ class MemoryStorage:
         self._type_counts: Counter[str] = Counter()
         self._tokens: dict[tuple[int, int], set[str]] = {}
         self._accounts: dict[str, AccountRow] = {}
-        self._access_log: list[bytes] = []
+        self._log_entries: list[bytes] = []
+        self._log_nodes: dict[tuple[int, int], bytes] = {}
+        self._log_subjects: dict[bytes, list[int]] = {}
+        self._log_details: dict[int, bytes] = {}
+        self._checkpoints: dict[int, bytes] = {}
 
     def get_meta(self, key: str) -> bytes | None:
         with self._lock:
@@ -107,23 +118,76 @@ class MemoryStorage:
             self._check_open()
             return [self._accounts[name] for name in sorted(self._accounts)]
 
-    def append_access(self, entry: bytes) -> int:
-        if not isinstance(entry, bytes):
-            raise AuditUnavailable("an access-log entry must be bytes")
+    # -- access log ---------------------------------------------------------------
+
+    def log_append(self, batch: LogAppend) -> None:
+        checked = checked_log_append(batch)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the access log is closed")
-            self._access_log.append(entry)
-            return len(self._access_log)
+            if checked.first_index != len(self._log_entries):
+                raise AuditUnavailable("the access log moved: another writer appended")
+            # Checked before anything is applied, so that a refused batch leaves no trace.
+            if any(key in self._log_nodes for key in checked.nodes):
+                raise AuditUnavailable("the access log refused the batch: a tree node is stored")
+            self._log_entries.extend(checked.entries)
+            self._log_nodes.update(checked.nodes)
+            # Every index in the batch is above every stored one, so appending the batch's
+            # references in index order keeps each subject's list ascending.
+            for commitment, index in sorted(checked.subjects, key=lambda pair: pair[1]):
+                self._log_subjects.setdefault(commitment, []).append(index)
+            self._log_details.update(checked.details)
 
-    def iter_access(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+    def log_size(self) -> int:
         with self._lock:
             self._check_open()
-            end = len(self._access_log)
-        # The log only grows, so entries up to end can be read without holding the lock,
-        # and a caller may append while iterating.
-        for seq in range(max(after, 0) + 1, end + 1):
-            yield seq, self._access_log[seq - 1]
+            return len(self._log_entries)
+
+    def log_entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        # Not a generator itself: the end of an open range is the size at the call, not
+        # at the first next(), and a closed backend is refused at once.
+        with self._lock:
+            self._check_open()
+            stop = len(self._log_entries) if end is None else end
+        return self._stream_entries(max(start, 0), stop)
+
+    def _stream_entries(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        while start < stop:
+            with self._lock:
+                self._check_open()
+                page = self._log_entries[start : min(stop, start + LOG_PAGE)]
+            if not page:
+                return
+            yield from enumerate(page, start)
+            start += len(page)
+
+    def log_node(self, level: int, index: int) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            return self._log_nodes.get((level, index))
+
+    def log_subject_entries(self, commitment: bytes) -> list[int]:
+        with self._lock:
+            self._check_open()
+            return list(self._log_subjects.get(commitment, ()))
+
+    def log_detail(self, index: int) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            return self._log_details.get(index)
+
+    def put_checkpoint(self, size: int, note: bytes) -> None:
+        checked_checkpoint(size, note)
+        with self._lock:
+            self._check_open()
+            self._checkpoints[size] = note
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        with self._lock:
+            self._check_open()
+            return sorted(self._checkpoints.items())
+
+    # -- lifecycle ----------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
@@ -171,6 +235,90 @@ def _checked_record(
         raise refuse("tokens are not (index_id, token) pairs") from None
     stored = StoredRecord(record_id, record_type, payload, kek_version, wrapped_key)
     return stored, frozenset(pairs)
+
+
+class CheckedLogAppend(NamedTuple):
+    """A log batch that passed checked_log_append, as plain lists."""
+
+    first_index: int
+    entries: list[bytes]
+    nodes: dict[tuple[int, int], bytes]  # (level, index) -> hash, in the batch's order
+    subjects: list[tuple[bytes, int]]  # distinct (commitment, entry index)
+    details: list[tuple[int, bytes]]  # (entry index, sealed details), distinct indexes
+
+
+def checked_log_append(batch: LogAppend) -> CheckedLogAppend:
+    """The batch as plain lists, or AuditUnavailable naming what is wrong (never a value).
+
+    Every backend checks a batch whole before it writes anything, so that a malformed
+    batch is refused the same way everywhere and leaves no trace. Beyond types, every
+    reference must fall inside the log as it will be once the batch is in: a subject or
+    detail must name a new entry, a node must be a subtree completed by the end of it.
+    """
+
+    def refuse(what: str) -> AuditUnavailable:
+        return AuditUnavailable(f"the access log refused the batch: {what}")
+
+    try:
+        first_index, entries, nodes, subjects, details = batch
+    except (TypeError, ValueError):
+        raise refuse("not a LogAppend") from None
+    if type(first_index) is not int or not 0 <= first_index <= _INT64_MAX:
+        raise refuse("first_index is not a non-negative 64-bit int")
+    try:
+        entry_list = list(entries)
+        node_rows = [(level, index, digest) for level, index, digest in nodes]
+        subject_rows = [(commitment, index) for commitment, index in subjects]
+        detail_rows = [(index, sealed) for index, sealed in details]
+    except (TypeError, ValueError):
+        raise refuse("entries, nodes, subjects or details are not sequences of tuples") from None
+    for position, entry in enumerate(entry_list):
+        if type(entry) is not bytes:
+            raise refuse(f"entry {position} is not bytes")
+    size = first_index + len(entry_list)
+    if size > _INT64_MAX:
+        raise refuse("the log would outgrow 64-bit indexes")
+
+    def is_new_entry(index: object) -> bool:
+        return type(index) is int and first_index <= index < size
+
+    node_map: dict[tuple[int, int], bytes] = {}
+    for position, (level, index, digest) in enumerate(node_rows):
+        # A level above 62 cannot fit under a 64-bit size; checked first so that the
+        # shift below stays small.
+        if type(level) is not int or type(index) is not int or not 0 <= level <= 62:
+            raise refuse(f"node {position}: level or index is not a valid int")
+        if index < 0 or (index + 1) << level > size:
+            raise refuse(f"node {position}: not a subtree completed by this batch")
+        if type(digest) is not bytes or len(digest) != HASH_SIZE:
+            raise refuse(f"node {position}: hash is not {HASH_SIZE} bytes")
+        if (level, index) in node_map:
+            raise refuse(f"node {position}: repeats a node of the batch")
+        node_map[level, index] = digest
+    for position, (commitment, index) in enumerate(subject_rows):
+        if type(commitment) is not bytes or not is_new_entry(index):
+            raise refuse(f"subject {position}: not (bytes, index of a new entry)")
+    seen_details: set[int] = set()
+    for position, (index, sealed) in enumerate(detail_rows):
+        if type(sealed) is not bytes or not is_new_entry(index):
+            raise refuse(f"detail {position}: not (index of a new entry, bytes)")
+        if index in seen_details:
+            raise refuse(f"detail {position}: repeats an entry of the batch")
+        seen_details.add(index)
+    return CheckedLogAppend(
+        first_index=first_index,
+        entries=entry_list,
+        nodes=node_map,
+        # An entry may name one subject twice; it still references it once.
+        subjects=list(dict.fromkeys(subject_rows)),
+        details=detail_rows,
+    )
+
+
+def checked_checkpoint(size: int, note: bytes) -> None:
+    """Refuse a checkpoint that is not (non-negative 64-bit size, bytes)."""
+    if type(size) is not int or not 0 <= size <= _INT64_MAX or type(note) is not bytes:
+        raise StorageError("a checkpoint must be a non-negative int size and a bytes note")
 
 
 def _normalised_account(account: AccountRow) -> AccountRow:

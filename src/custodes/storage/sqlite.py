@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
-from custodes.storage.base import AccountRow, BatchOutcome, SealedRecord, StoredRecord
+from custodes.storage.base import AccountRow, BatchOutcome, LogAppend, SealedRecord, StoredRecord
+from custodes.storage.memory import LOG_PAGE, checked_checkpoint, checked_log_append
 
 _T = TypeVar("_T")
 
@@ -102,12 +103,65 @@ _MIGRATIONS: tuple[str, ...] = (
     DROP TABLE tokens;
     ALTER TABLE tokens_2 RENAME TO tokens;
     """,
+    # Version 3: the access log becomes a Merkle tree (custodes.audit): entries, the
+    # hashes of completed subtrees, subject references, sealed details and signed
+    # checkpoints. The flat log of version 1 was never hashed into a tree and cannot be
+    # converted, so a file whose old log holds entries is refused (the CHECK below fails
+    # and the whole migration rolls back) rather than lose its audit history.
+    #
+    # The triggers are not a defence against someone holding the file, who can drop
+    # them (the signed checkpoints catch that); they stop a stray or injected statement
+    # from rewriting history. The BEFORE INSERT ones close INSERT OR REPLACE, which
+    # deletes the old row without firing a DELETE trigger.
+    """
+    CREATE TABLE old_access_log(
+        entries INTEGER CONSTRAINT old_access_log_holds_entries CHECK (entries = 0)
+    );
+    INSERT INTO old_access_log(entries) SELECT count(*) FROM access_log;
+    DROP TABLE old_access_log;
+    DROP TABLE access_log;
+    CREATE TABLE log_entries(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+    CREATE TABLE log_nodes(
+        level INTEGER,
+        idx INTEGER,
+        hash BLOB NOT NULL,
+        PRIMARY KEY(level, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE log_subjects(
+        commitment BLOB,
+        idx INTEGER,
+        PRIMARY KEY(commitment, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE log_details(idx INTEGER PRIMARY KEY, blob BLOB);
+    CREATE TABLE checkpoints(size INTEGER PRIMARY KEY, note BLOB NOT NULL);
+    CREATE TRIGGER log_entries_no_update BEFORE UPDATE ON log_entries
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_entries_no_delete BEFORE DELETE ON log_entries
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_entries_no_replace BEFORE INSERT ON log_entries
+    WHEN EXISTS (SELECT 1 FROM log_entries WHERE idx = NEW.idx)
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_nodes_no_update BEFORE UPDATE ON log_nodes
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_nodes_no_delete BEFORE DELETE ON log_nodes
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_nodes_no_replace BEFORE INSERT ON log_nodes
+    WHEN EXISTS (SELECT 1 FROM log_nodes WHERE level = NEW.level AND idx = NEW.idx)
+    BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+    CREATE TRIGGER log_details_erase_only BEFORE UPDATE ON log_details
+    WHEN NEW.blob IS NOT NULL OR NEW.idx IS NOT OLD.idx
+    BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+    CREATE TRIGGER log_details_no_delete BEFORE DELETE ON log_details
+    BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+    CREATE TRIGGER log_details_no_replace BEFORE INSERT ON log_details
+    WHEN EXISTS (SELECT 1 FROM log_details WHERE idx = NEW.idx)
+    BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # SQLite's default limit on bound parameters is 999 on older builds; stay well below.
 _IN_CHUNK = 500
-_ACCESS_PAGE = 1000
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -170,6 +224,9 @@ class SQLiteStorage:
             if str(mode).lower() != "wal":
                 raise ConfigurationError("the database cannot be put in WAL mode")
             self._migrate()
+            # Kept in memory so that log_size costs no query; log_append reads the
+            # stored size again inside its transaction, the only place it must be exact.
+            self._log_size = _stored_log_size(self._conn)
         except BaseException as exc:
             self._conn.close()
             if isinstance(exc, sqlite3.Error):
@@ -346,39 +403,125 @@ class SQLiteStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def append_access(self, entry: bytes) -> int:
-        # Every failure, whatever its cause, must refuse the access it was recording.
-        try:
-            if not isinstance(entry, bytes):
-                raise TypeError("an access-log entry must be bytes")
-            seq = self._write(
-                lambda c: c.execute("INSERT INTO access_log(entry) VALUES (?)", (entry,)).lastrowid,
-                "the access-log entry was not stored",
-            )
-        except Exception as exc:
-            raise AuditUnavailable(f"the access log cannot record this access: {exc}") from exc
-        if seq is None:
-            raise AuditUnavailable("the access log did not return a sequence number")
-        return seq
+    def log_append(self, batch: LogAppend) -> None:
+        # Every failure, whatever its cause, must refuse the access being recorded.
+        checked = checked_log_append(batch)
+        size = checked.first_index + len(checked.entries)
+        first = checked.first_index
+        entries = list(zip(range(first, size), checked.entries, strict=True))
+        # Sorted so that each b-tree page is filled in one visit; subjects most of all,
+        # since commitments are random and each would otherwise dirty a page of its own.
+        nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
+        subjects = sorted(checked.subjects)
+        details = sorted(checked.details)
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable("the access log is closed")
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"the access log cannot be written: {exc}") from exc
+            try:
+                # Read under the write lock, not taken from the cache: another process
+                # with the same file may have appended since.
+                self._log_size = _stored_log_size(conn)
+                if first != self._log_size:
+                    raise AuditUnavailable("the access log moved: another writer appended")
+                conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
+                # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
+                conn.executemany("INSERT INTO log_nodes(level, idx, hash) VALUES (?, ?, ?)", nodes)
+                conn.executemany(
+                    "INSERT INTO log_subjects(commitment, idx) VALUES (?, ?)", subjects
+                )
+                conn.executemany("INSERT INTO log_details(idx, blob) VALUES (?, ?)", details)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    # sqlite3 messages name the failure, never a bound value.
+                    raise AuditUnavailable(
+                        f"the access log did not record the batch: {exc}"
+                    ) from exc
+                raise
+            self._log_size = size
 
-    def iter_access(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
-        # Page by sequence number and yield outside the lock: a slow consumer must not
-        # hold up writers, and may itself append while iterating.
-        last = after
-        while True:
-            page = self._access_page(last)
-            for seq, entry in page:
-                yield seq, bytes(entry)
-            if len(page) < _ACCESS_PAGE:
+    def log_size(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed")
+            return self._log_size
+
+    def log_entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        # Not a generator itself: the end of an open range is the size at the call, not
+        # at the first next(), and a closed backend is refused at once.
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed")
+            stop = self._log_size if end is None else min(end, _INT64_MAX)
+        return self._stream_entries(max(start, 0), stop)
+
+    def _stream_entries(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        # Page by index and yield outside the lock: a slow reader (a verifier streaming
+        # the whole log) must not hold up the writer, and may append while it reads.
+        while start < stop:
+            page = self._entry_page(start, stop)
+            for index, entry in page:
+                yield index, bytes(entry)
+            if len(page) < LOG_PAGE:
                 return
-            last = page[-1][0]
+            start = page[-1][0] + 1
 
-    def _access_page(self, after: int) -> list[Any]:
+    def _entry_page(self, start: int, stop: int) -> list[Any]:
         return self._run(
             lambda c: c.execute(
-                "SELECT seq, entry FROM access_log WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, _ACCESS_PAGE),
+                "SELECT idx, entry FROM log_entries WHERE idx >= ? AND idx < ?"
+                " ORDER BY idx LIMIT ?",
+                (start, stop, LOG_PAGE),
             ).fetchall()
+        )
+
+    def log_node(self, level: int, index: int) -> bytes | None:
+        if not _fits_int64(level, index):
+            return None
+        row = self._one("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", (level, index))
+        return None if row is None else bytes(row[0])
+
+    def log_subject_entries(self, commitment: bytes) -> list[int]:
+        return self._run(
+            lambda c: [
+                int(index)
+                for (index,) in c.execute(
+                    "SELECT idx FROM log_subjects WHERE commitment = ? ORDER BY idx",
+                    (commitment,),
+                )
+            ]
+        )
+
+    def log_detail(self, index: int) -> bytes | None:
+        if not _fits_int64(index):
+            return None
+        row = self._one("SELECT blob FROM log_details WHERE idx = ?", (index,))
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def put_checkpoint(self, size: int, note: bytes) -> None:
+        checked_checkpoint(size, note)
+        # An upsert, not INSERT OR REPLACE: the row is updated in place, never deleted.
+        self._write(
+            lambda c: c.execute(
+                "INSERT INTO checkpoints(size, note) VALUES (?, ?)"
+                " ON CONFLICT(size) DO UPDATE SET note = excluded.note",
+                (size, note),
+            ),
+            "the checkpoint was not stored",
+        )
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        return self._run(
+            lambda c: [
+                (int(size), bytes(note))
+                for size, note in c.execute("SELECT size, note FROM checkpoints ORDER BY size")
+            ]
         )
 
     # -- lifecycle ----------------------------------------------------------------
@@ -495,6 +638,17 @@ def _schema_version(conn: sqlite3.Connection) -> int:
         return int(bytes(row[0]).decode("ascii"))
     except (TypeError, ValueError):
         raise ConfigurationError("the database schema version is unreadable") from None
+
+
+def _stored_log_size(conn: sqlite3.Connection) -> int:
+    # Indexes run from 0 without gaps (log_append checks first_index, the triggers
+    # refuse deletes), so the size is the last index + 1: one seek, not a count.
+    (last,) = conn.execute("SELECT max(idx) FROM log_entries").fetchone()
+    return 0 if last is None else int(last) + 1
+
+
+def _fits_int64(*values: int) -> bool:
+    return all(_INT64_MIN <= value <= _INT64_MAX for value in values)
 
 
 def _split_script(script: str) -> list[str]:
