@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from custodes.accounts import HashCost
-from custodes.bootstrap import create_vault, memory_vault
-from custodes.crypto import KdfParams, Keyring
+from custodes.audit.checkpoint import LogSigner, create_log_key
+from custodes.bootstrap import create_vault, log_origin, memory_vault
+from custodes.crypto import KdfParams, KeyMaterial, Keyring
 from custodes.policy import AccessPurpose, Role
 from custodes.vault import Session, Vault
 
@@ -34,10 +35,22 @@ def make_vault(tmp: Path, backend: str) -> Vault:
             kdf=FAST_KDF,
             hash_cost=FAST_HASH,
         )
+    return memory_vault(*memory_keys(tmp), hash_cost=FAST_HASH)
+
+
+def memory_keys(tmp: Path) -> tuple[KeyMaterial, LogSigner]:
+    """A keyring and a log signing key in files of their own, for a vault held in memory."""
+    vault_id = os.urandom(16)
     keyring = Keyring.create(
-        tmp / "keys" / "mem.keyring", vault_id=os.urandom(16), passphrase=PASSPHRASE, kdf=FAST_KDF
+        tmp / "keys" / "mem.keyring", vault_id=vault_id, passphrase=PASSPHRASE, kdf=FAST_KDF
     )
-    return memory_vault(keyring.material, hash_cost=FAST_HASH)
+    signer = create_log_key(
+        tmp / "keys" / "mem.logkey",
+        origin=log_origin(vault_id),
+        passphrase=PASSPHRASE,
+        kdf=FAST_KDF,
+    )
+    return keyring.material, signer
 
 
 @pytest.fixture(params=["memory", "sqlite"])

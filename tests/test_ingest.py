@@ -93,6 +93,6 @@ def test_type_option_applies_to_records_that_name_none(
 
 def test_ingest_is_on_the_access_log(vault: Vault, population_file: Path) -> None:
     report = vault.ingest(population_file)
-    _, entry = list(vault.journal.entries())[-1]
+    _, entry = list(vault.access_log.entries())[-1]
     assert entry.action == "vault:records:ingest"
     assert entry.detail["accepted"] == report.accepted

@@ -59,6 +59,7 @@ def test_a_users_own_schema_works_end_to_end(tmp_path: Path) -> None:
         tmp_path / "vault",
         passphrase=PASSPHRASE,
         keyring_path=tmp_path / "k",
+        log_key_path=tmp_path / "l",
         schema_path=schema_file,
         kdf=FAST_KDF,
         hash_cost=FAST_HASH,

@@ -52,7 +52,7 @@ def test_any_bit_flipped_in_a_stored_record_is_detected(
             vault.record(session, PURPOSE, record_id)
     finally:
         storage._records[record_id] = original
-    _, entry = list(vault.journal.entries())[-1]
+    _, entry = list(vault.access_log.entries())[-1]
     assert entry.outcome is Outcome.ERROR and entry.detail["error"] == "TamperDetected"
 
 

@@ -19,7 +19,7 @@ from custodes.errors import (
     RecordNotFound,
 )
 from custodes.policy import AccessPurpose, Action, Role
-from custodes.storage import MemoryStorage
+from custodes.storage import LogAppend, MemoryStorage
 from custodes.vault import Session, Vault
 from tests.conftest import PASSWORD, PURPOSE, login, read_records
 
@@ -179,7 +179,7 @@ def test_admins_and_auditors_cannot_read_records(
             index="national_id",
             values={"national_id": str(person["national_id"])},
         )
-    last = list(loaded.journal.entries())[-1][1]
+    last = list(loaded.access_log.entries())[-1][1]
     assert last.outcome is Outcome.DENIED and last.actor == session.username
 
 
@@ -213,7 +213,7 @@ def test_every_read_is_on_the_log_with_purpose_and_records(
         values={"national_id": str(person["national_id"])},
     )
     loaded.reveal(session, purpose, view.record_id, "phone")
-    entries = [e for _, e in loaded.journal.entries()]
+    entries = [e for _, e in loaded.access_log.entries()]
     search, reveal = entries[-2], entries[-1]
     assert search.action == Action.SEARCH and search.records == (view.record_id,)
     assert reveal.action == Action.REVEAL and reveal.detail["field"] == "phone"
@@ -229,7 +229,7 @@ def test_unknown_record_and_unknown_field(loaded: Vault) -> None:
         loaded.reveal(session, PURPOSE, "a" * 24, "phone")
     with pytest.raises(InvalidQuery):
         loaded.search(session, PURPOSE, record_type="person", index="nope", values={"x": "1"})
-    last = list(loaded.journal.entries())[-1][1]
+    last = list(loaded.access_log.entries())[-1][1]
     assert last.outcome is Outcome.ERROR
 
 
@@ -238,24 +238,20 @@ class RefusingLog(MemoryStorage):
 
     refuse = False
 
-    def append_access(self, entry: bytes) -> int:
+    def log_append(self, batch: LogAppend) -> None:
         if self.refuse:
             raise AuditUnavailable("the access log refused the write")
-        return super().append_access(entry)
+        super().log_append(batch)
 
 
 def test_read_fails_closed_when_the_access_log_cannot_be_written(
     tmp_path: Path, population_file: Path
 ) -> None:
     from custodes.bootstrap import memory_vault
-    from custodes.crypto import Keyring
-    from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
+    from tests.conftest import FAST_HASH, memory_keys
 
     storage = RefusingLog()
-    keyring = Keyring.create(
-        tmp_path / "k", vault_id=b"\x01" * 16, passphrase=PASSPHRASE, kdf=FAST_KDF
-    )
-    vault = memory_vault(keyring.material, hash_cost=FAST_HASH, storage=storage)
+    vault = memory_vault(*memory_keys(tmp_path), hash_cost=FAST_HASH, storage=storage)
     vault.ingest(population_file)
     person = first_person(population_file)
     session = login(vault)

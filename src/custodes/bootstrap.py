@@ -1,6 +1,6 @@
 """The composition root: builds a Vault from a directory, a keyring and a passphrase.
 
-Nothing else wires storage, keys, schema, journal and accounts together, so every
+Nothing else wires storage, keys, schema, access log and accounts together, so every
 entry point (CLI, tests, later the web app) gets the same, complete vault.
 """
 
@@ -13,12 +13,18 @@ from pathlib import Path
 import orjson
 
 from custodes.accounts import AccountBook, HashCost
-from custodes.audit import AccessJournal
+from custodes.audit import AccessLog, AuditKeys
+from custodes.audit.checkpoint import LogSigner, create_log_key, open_log_key
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
 from custodes.errors import ConfigurationError
 from custodes.schema import Schema, load_schema, parse_schema
-from custodes.settings import VaultLayout, default_keyring_path, is_within
+from custodes.settings import (
+    VaultLayout,
+    default_keyring_path,
+    default_log_key_path,
+    is_within,
+)
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
 from custodes.vault import Vault
 
@@ -31,22 +37,28 @@ def create_vault(
     *,
     passphrase: str,
     keyring_path: Path | None = None,
+    log_key_path: Path | None = None,
     schema_path: Path | None = None,
     expected_population: int = DEFAULT_POPULATION,
     kdf: KdfParams | None = None,
     hash_cost: HashCost | None = None,
+    checkpoint_every: int = 1000,
 ) -> Vault:
-    """Create a new vault in an empty or new directory, and its keyring elsewhere."""
+    """Create a new vault in an empty or new directory, and its keys elsewhere."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
     vault_id = os.urandom(16)
     keyring_path = Path(keyring_path) if keyring_path else default_keyring_path(vault_id)
-    if is_within(keyring_path, directory):
-        raise ConfigurationError(
-            "the keyring must live outside the vault directory: keys are never kept "
-            "beside the data they protect"
-        )
+    log_key_path = Path(log_key_path) if log_key_path else default_log_key_path(vault_id)
+    for key_path in (keyring_path, log_key_path):
+        if is_within(key_path, directory):
+            raise ConfigurationError(
+                "keys must live outside the vault directory: keys are never kept "
+                "beside the data they protect"
+            )
+    if log_key_path.resolve() == keyring_path.resolve():
+        raise ConfigurationError("the log signing key needs a file of its own")
     if expected_population < 1:
         raise ConfigurationError("the expected population must be positive")
     schema_text = _schema_text(schema_path)
@@ -56,12 +68,26 @@ def create_vault(
     keyring = Keyring.create(
         keyring_path, vault_id=vault_id, passphrase=passphrase, kdf=kdf or KdfParams()
     )
+    signer = create_log_key(
+        log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
+    )
     layout = VaultLayout(directory)
     storage = SQLiteStorage(layout.database)
     bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
     _write_meta(storage, vault_id, schema_text, bits, expected_population)
-    layout.write(vault_id, keyring_path)
-    return _assemble(storage, schema, schema_text, keyring.material, bits, hash_cost, directory)
+    storage.set_meta("log_verifier_key", signer.verifier_key.encode())
+    layout.write(vault_id, keyring_path, log_key_path)
+    return _assemble(
+        storage,
+        schema,
+        schema_text,
+        keyring.material,
+        signer,
+        bits,
+        hash_cost,
+        directory,
+        checkpoint_every,
+    )
 
 
 def open_vault(
@@ -69,18 +95,26 @@ def open_vault(
     *,
     passphrase: str,
     keyring_path: Path | None = None,
+    log_key_path: Path | None = None,
     hash_cost: HashCost | None = None,
+    checkpoint_every: int = 1000,
 ) -> Vault:
-    """Open an existing vault with its keyring."""
+    """Open an existing vault with its keyring and its log signing key."""
     layout = VaultLayout(Path(directory))
-    vault_id, recorded_keyring = layout.read()
+    recorded = layout.read()
+    vault_id = recorded.vault_id
     if not layout.database.exists():
         raise ConfigurationError("the vault database is missing")
     keyring = Keyring.open(
-        Path(keyring_path) if keyring_path else recorded_keyring,
+        Path(keyring_path) if keyring_path else recorded.keyring,
         passphrase=passphrase,
         vault_id=vault_id,
     )
+    signer = open_log_key(
+        Path(log_key_path) if log_key_path else recorded.log_key, passphrase=passphrase
+    )
+    if signer.origin != log_origin(vault_id):
+        raise ConfigurationError("the log signing key belongs to another vault")
     storage = SQLiteStorage(layout.database)
     try:
         schema_text, bits = _read_meta(storage, vault_id)
@@ -89,12 +123,21 @@ def open_vault(
         storage.close()
         raise
     return _assemble(
-        storage, schema, schema_text, keyring.material, bits, hash_cost, layout.directory
+        storage,
+        schema,
+        schema_text,
+        keyring.material,
+        signer,
+        bits,
+        hash_cost,
+        layout.directory,
+        checkpoint_every,
     )
 
 
 def memory_vault(
     material: KeyMaterial,
+    signer: LogSigner,
     *,
     schema_path: Path | None = None,
     expected_population: int = DEFAULT_POPULATION,
@@ -107,7 +150,8 @@ def memory_vault(
     storage = storage if storage is not None else MemoryStorage()
     bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
     _write_meta(storage, material.vault_id, schema_text, bits, expected_population)
-    return _assemble(storage, schema, schema_text, material, bits, hash_cost, None)
+    storage.set_meta("log_verifier_key", signer.verifier_key.encode())
+    return _assemble(storage, schema, schema_text, material, signer, bits, hash_cost, None, 1000)
 
 
 def _assemble(
@@ -115,22 +159,36 @@ def _assemble(
     schema: Schema,
     schema_text: str,
     material: KeyMaterial,
+    signer: LogSigner,
     bits: dict[int, int],
     hash_cost: HashCost | None,
     directory: Path | None,
+    checkpoint_every: int,
 ) -> Vault:
+    access_log = AccessLog(
+        storage,
+        AuditKeys(material),
+        signer,
+        origin=signer.origin,
+        checkpoint_every=checkpoint_every,
+    )
     vault = Vault(
         schema=schema,
         storage=storage,
         codec=RecordCodec(schema, material, bits),
         material=material,
         token_bits=bits,
-        journal=AccessJournal(storage),
+        access_log=access_log,
         accounts=AccountBook(storage, hash_cost or HashCost()),
         directory=directory,
         schema_text=schema_text,
     )
     return vault
+
+
+def log_origin(vault_id: bytes) -> str:
+    """The access log's name in its checkpoints: unique per vault, schema-less (C2SP)."""
+    return f"custodes.vault/{vault_id.hex()}"
 
 
 def _schema_text(schema_path: Path | None) -> str:

@@ -188,10 +188,11 @@ def init(directory: str, keyring: str | None, schema: str | None, population: in
         schema_path=Path(schema) if schema else None,
         expected_population=population,
     )
-    _, keyring_path = settings.VaultLayout(Path(directory)).read()
+    recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
     out.print(f"Vault created in {directory}")
-    out.print(f"Keyring: {keyring_path}  (keep it and its passphrase apart from the vault)")
+    out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
+    out.print(f"Access-log signing key: {recorded.log_key}")
 
 
 @cli.command()

@@ -17,6 +17,7 @@ from custodes.errors import ConfigurationError
 
 ENV_KEYRING_PASSPHRASE = "CUSTODES_KEYRING_PASSPHRASE"  # noqa: S105 - a variable name
 ENV_KEYRING = "CUSTODES_KEYRING"
+ENV_LOG_KEY = "CUSTODES_LOG_KEY"
 ENV_VAULT = "CUSTODES_VAULT"
 ENV_USER = "CUSTODES_USER"
 ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
@@ -42,6 +43,23 @@ def default_keyring_path(vault_id: bytes) -> Path:
     return platformdirs.user_config_path("custodes") / "keyrings" / f"{vault_id.hex()}.keyring"
 
 
+def default_log_key_path(vault_id: bytes) -> Path:
+    """The access log's signing key: a file of its own, apart from the data keys."""
+    base = env(ENV_LOG_KEY)
+    if base is not None:
+        return Path(base)
+    return platformdirs.user_config_path("custodes") / "log-keys" / f"{vault_id.hex()}.key"
+
+
+@dataclass(frozen=True, slots=True)
+class VaultFile:
+    """What vault.toml records: the vault's id and where its keys were put."""
+
+    vault_id: bytes
+    keyring: Path
+    log_key: Path
+
+
 @dataclass(frozen=True, slots=True)
 class VaultLayout:
     """The files of one vault directory."""
@@ -64,8 +82,8 @@ class VaultLayout:
     def logs(self) -> Path:
         return self.directory / LOGS_DIR
 
-    def read(self) -> tuple[bytes, Path]:
-        """The vault id and the keyring path recorded when the vault was created."""
+    def read(self) -> VaultFile:
+        """The vault id and the key paths recorded when the vault was created."""
         try:
             doc = tomllib.loads(self.vault_file.read_text("utf-8"))
         except FileNotFoundError:
@@ -77,19 +95,22 @@ class VaultLayout:
         if doc.get("format") != VAULT_FORMAT:
             raise ConfigurationError(f"{VAULT_FILE} does not describe a custodes vault")
         try:
-            return bytes.fromhex(doc["vault_id"]), Path(doc["keyring"])
+            return VaultFile(
+                bytes.fromhex(doc["vault_id"]), Path(doc["keyring"]), Path(doc["log_key"])
+            )
         except (KeyError, ValueError, TypeError):
             raise ConfigurationError(f"{VAULT_FILE} is damaged") from None
 
-    def write(self, vault_id: bytes, keyring: Path) -> None:
+    def write(self, vault_id: bytes, keyring: Path, log_key: Path) -> None:
         # json.dumps yields a valid TOML basic string for any path.
         import json
 
         text = (
-            "# A custodes vault. The keyring is kept apart from this directory on purpose.\n"
+            "# A custodes vault. Its keys are kept apart from this directory on purpose.\n"
             f'format = "{VAULT_FORMAT}"\n'
             f'vault_id = "{vault_id.hex()}"\n'
             f"keyring = {json.dumps(str(keyring))}\n"
+            f"log_key = {json.dumps(str(log_key))}\n"
         )
         fd = os.open(self.vault_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from custodes.accounts import Account, AccountBook
-from custodes.audit import AccessEntry, AccessJournal, Outcome
+from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.codec import RecordCodec, Values
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
@@ -49,6 +49,7 @@ class Session:
     username: str
     role: Role
     issued_at: float
+    client: str | None = None  # the network address the session was opened from
 
     def __repr__(self) -> str:  # the token is a bearer secret
         return f"Session(username={self.username!r}, role={self.role.value!r})"
@@ -97,7 +98,7 @@ class Vault:
         codec: RecordCodec,
         material: KeyMaterial,
         token_bits: Mapping[int, int],
-        journal: AccessJournal,
+        access_log: AccessLog,
         accounts: AccountBook,
         directory: Path | None = None,
         schema_text: str = "",
@@ -107,7 +108,7 @@ class Vault:
         self.schema_text = schema_text
         self.storage = storage
         self.codec = codec
-        self.journal = journal
+        self.access_log = access_log
         self.accounts = accounts
         self.directory = directory
         self._material = material
@@ -117,15 +118,19 @@ class Vault:
 
     # -- sessions -----------------------------------------------------------------
 
-    def login(self, username: str, password: str) -> Session:
-        now = self.journal.clock()
+    def login(self, username: str, password: str, *, client: str | None = None) -> Session:
+        now = self.access_log.clock()
         try:
             account = self.accounts.authenticate(username, password)
         except AuthenticationFailed:
-            self.journal.append(AccessEntry(username, "", Action.LOGIN, Outcome.DENIED, now))
+            self.access_log.append(
+                AccessEntry(username, "", Action.LOGIN, Outcome.DENIED, now, client=client)
+            )
             raise
-        self.journal.append(AccessEntry(username, account.role, Action.LOGIN, Outcome.GRANTED, now))
-        session = Session(secrets.token_urlsafe(16), username, account.role, now)
+        self.access_log.append(
+            AccessEntry(username, account.role, Action.LOGIN, Outcome.GRANTED, now, client=client)
+        )
+        session = Session(secrets.token_urlsafe(16), username, account.role, now, client)
         self._sessions[session.token] = session
         return session
 
@@ -136,7 +141,7 @@ class Vault:
         live = self._sessions.get(session.token) if isinstance(session, Session) else None
         if live is None or live != session:
             raise AuthenticationFailed("no valid session: log in first")
-        if self.journal.clock() - live.issued_at > self._session_ttl:
+        if self.access_log.clock() - live.issued_at > self._session_ttl:
             self._sessions.pop(live.token, None)
             raise AuthenticationFailed("the session has expired: log in again")
         return live
@@ -152,8 +157,13 @@ class Vault:
         *,
         record_type: str | None = None,
         detail: dict[str, Any] | None = None,
+        private: dict[str, Any] | None = None,
     ) -> T:
-        """Decide, read, log durably, then return. Nothing leaves before the entry exists."""
+        """Decide, read, log durably, then return. Nothing leaves before the entry exists.
+
+        `private` (such as the values searched for) is sealed beside the entry, so that
+        a subject's report can show it while the log itself names no one.
+        """
         live = self._live(session)
         if not isinstance(purpose, AccessPurpose):
             raise AccessDenied("a stated purpose is required to read personal data")
@@ -164,29 +174,31 @@ class Vault:
                 role=live.role.value,
                 action=action.value,
                 outcome=outcome,
-                time=self.journal.clock(),
+                time=self.access_log.clock(),
                 purpose=purpose.reason,
                 case_ref=purpose.case_ref,
                 record_type=record_type,
                 records=tuple(records),
                 result_count=len(records),
+                client=live.client,
                 detail={**(detail or {}), **extra},
             )
 
+        log = self.access_log.append
         try:
             authorise(live.role, action)
         except AccessDenied:
-            self.journal.append(entry(Outcome.DENIED))
+            log(entry(Outcome.DENIED), private=private)
             raise
         try:
             result, touched = run()
         except AccessDenied:
-            self.journal.append(entry(Outcome.DENIED))
+            log(entry(Outcome.DENIED), private=private)
             raise
         except CustodesError as exc:
-            self.journal.append(entry(Outcome.ERROR, error=type(exc).__name__))
+            log(entry(Outcome.ERROR, error=type(exc).__name__), private=private)
             raise
-        self.journal.append(entry(Outcome.GRANTED, touched))
+        log(entry(Outcome.GRANTED, touched), private=private)
         return result
 
     # -- reads ------------------------------------------------------------------------
@@ -228,7 +240,13 @@ class Vault:
             return views, touched
 
         return self._access(
-            session, purpose, Action.SEARCH, run, record_type=record_type, detail=detail
+            session,
+            purpose,
+            Action.SEARCH,
+            run,
+            record_type=record_type,
+            detail=detail,
+            private={"values": dict(values)},
         )
 
     def record(self, session: Session, purpose: AccessPurpose, record_id: str) -> RecordView:
@@ -386,6 +404,53 @@ class Vault:
                         links.append(LinkView(stored.record_id, other_rt.name, role, label))
         return links
 
+    # -- the access log, for auditors -----------------------------------------------
+
+    def read_log(
+        self,
+        session: Session,
+        purpose: AccessPurpose,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        purpose_contains: str | None = None,
+    ) -> Iterator[tuple[int, AccessEntry]]:
+        """Stream access-log entries matching the filters. Auditors only; the query is
+        itself logged, durably, before the first entry is returned."""
+        filters = {
+            k: v
+            for k, v in {
+                "actor": actor,
+                "action": action,
+                "since": since,
+                "until": until,
+                "purpose_contains": purpose_contains,
+            }.items()
+            if v is not None
+        }
+        self._access(
+            session, purpose, Action.LOG_READ, lambda: (None, []), detail={"filters": filters}
+        )
+        needle = purpose_contains.casefold() if purpose_contains else None
+
+        def matching() -> Iterator[tuple[int, AccessEntry]]:
+            for index, entry in self.access_log.entries():
+                if actor is not None and entry.actor != actor:
+                    continue
+                if action is not None and not entry.action.startswith(action):
+                    continue
+                if since is not None and entry.time < since:
+                    continue
+                if until is not None and entry.time >= until:
+                    continue
+                if needle is not None and needle not in (entry.purpose or "").casefold():
+                    continue
+                yield index, entry
+
+        return matching()
+
     # -- administration -------------------------------------------------------------
 
     def add_account(
@@ -398,13 +463,13 @@ class Vault:
         by: str = SYSTEM_ACTOR,
     ) -> Account:
         account = self.accounts.add(username, password, role, attributes)
-        self.journal.append(
+        self.access_log.append(
             AccessEntry(
                 by,
                 Role.ADMIN.value if by == SYSTEM_ACTOR else "",
                 Action.ACCOUNT_ADD,
                 Outcome.GRANTED,
-                self.journal.clock(),
+                self.access_log.clock(),
                 detail={"account": username, "account_role": role.value},
             )
         )
@@ -419,7 +484,7 @@ class Vault:
 
         started = time.time()
         report = run_ingest(self, source, **options)
-        self.journal.append(
+        self.access_log.append(
             AccessEntry(
                 SYSTEM_ACTOR,
                 Role.ADMIN.value,

@@ -30,6 +30,8 @@ class Action(StrEnum):
     REVEAL = "record:field:reveal"
     INGEST = "vault:records:ingest"
     LOGIN = "account:session:login"
+    LOG_READ = "audit:log:read"
+    SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
 
 
@@ -90,5 +92,7 @@ def authorise(role: Role, action: Action, *, field: FieldSpec | None = None) -> 
                 f"fields such as {field.name!r}"
             )
         return
+    if action in (Action.LOG_READ, Action.SUBJECT_REPORT) and role is not Role.AUDITOR:
+        raise AccessDenied("only an auditor reads the access log")
     if action is Action.ACCOUNT_ADD and role is not Role.ADMIN:
         raise AccessDenied("only an administrator can add accounts")

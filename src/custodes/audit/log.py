@@ -1,0 +1,255 @@
+"""The access log: an RFC 6962 Merkle tree of entries, appended durably with group commit.
+
+`append` returns only once the entry, its tree nodes and its subject references are
+synced to storage; concurrent appenders share one transaction. Signed checkpoints are
+issued every N entries or T seconds, and on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from custodes.audit.checkpoint import Checkpoint, LogSigner
+from custodes.audit.entry import AccessEntry
+from custodes.audit.merkle import CompactRange, consistency_proof, inclusion_proof, leaf_hash
+from custodes.crypto import KeyMaterial
+from custodes.errors import AuditUnavailable, CustodesError, TamperDetected
+from custodes.storage.base import LogAppend, Storage
+
+SUBJECT_INFO = b"custodes/audit-subject/v1"
+PRIVATE_INFO = b"custodes/audit-private/v1"
+COMMITMENT_BYTES = 16
+
+
+class AuditKeys:
+    """Keys of the access log, derived from the vault's index root (never stored).
+
+    The subject key makes commitments (so a person's entries can be found without the
+    log saying who they are); the private key seals side blobs.
+    """
+
+    __slots__ = ("_private", "_subject")
+
+    def __init__(self, material: KeyMaterial) -> None:
+        self._subject = _derive(material, SUBJECT_INFO)
+        self._private = AESGCM(_derive(material, PRIVATE_INFO))
+
+    def commitment(self, record_id: str) -> bytes:
+        return hmac.digest(self._subject, record_id.encode(), "sha256")[:COMMITMENT_BYTES]
+
+    def seal_private(self, details: dict[str, Any]) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._private.encrypt(nonce, orjson.dumps(details), PRIVATE_INFO)
+
+    def open_private(self, blob: bytes) -> dict[str, Any]:
+        try:
+            doc = orjson.loads(self._private.decrypt(blob[:12], blob[12:], PRIVATE_INFO))
+        except (InvalidTag, ValueError):
+            raise TamperDetected() from None
+        if not isinstance(doc, dict):
+            raise TamperDetected()
+        return doc
+
+
+def _derive(material: KeyMaterial, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=info).derive(material.index_root)
+
+
+@dataclass(eq=False)
+class _Pending:
+    entry: bytes
+    subjects: list[bytes]
+    private: bytes | None
+    done: threading.Event = field(default_factory=threading.Event)
+    index: int = -1
+    error: BaseException | None = None
+
+
+class AccessLog:
+    def __init__(
+        self,
+        storage: Storage,
+        keys: AuditKeys,
+        signer: LogSigner,
+        *,
+        origin: str,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._storage = storage
+        self._keys = keys
+        self._signer = signer
+        self.origin = origin
+        self.clock = clock
+        self._every = max(1, checkpoint_every)
+        self._interval = checkpoint_interval
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        size = storage.log_size()
+        self._range = CompactRange.from_source(size, self._node)
+        stored = storage.checkpoints()
+        self._checkpointed = stored[-1][0] if stored else 0
+        self._checkpointed_at = clock()
+
+    # -- appending ----------------------------------------------------------------------
+
+    def append(self, entry: AccessEntry, *, private: dict[str, Any] | None = None) -> int:
+        """Append an entry; return its index once it is durable. AuditUnavailable if not.
+
+        Subject commitments are made here from the entry's record ids; `private` holds
+        what must stay secret (such as the values searched for) and is sealed aside.
+        """
+        subjects = [self._keys.commitment(r) for r in dict.fromkeys(entry.records)]
+        blob = self._keys.seal_private(private) if private else None
+        entry = _with_references(entry, subjects, blob)
+        pending = _Pending(entry.encode(), subjects, blob)
+        with self._queue_lock:
+            self._pending.append(pending)
+        # Group commit: whoever holds the commit lock writes everything queued so far, so
+        # appenders that arrive during a commit share the next one (and its fsync).
+        with self._commit_lock:
+            if not pending.done.is_set():
+                self._commit_queued()
+        if pending.error is not None:
+            raise AuditUnavailable(
+                "the access log could not record this access, so it was refused"
+            ) from pending.error
+        self._maybe_checkpoint()
+        return pending.index
+
+    def _commit_queued(self) -> None:
+        with self._queue_lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        frontier = self._range.copy()
+        first = frontier.size
+        nodes: list[tuple[int, int, bytes]] = []
+        subjects: list[tuple[bytes, int]] = []
+        private: list[tuple[int, bytes]] = []
+        for offset, item in enumerate(batch):
+            index = first + offset
+            nodes.extend(frontier.append(leaf_hash(item.entry)))
+            subjects.extend((c, index) for c in item.subjects)
+            if item.private is not None:
+                private.append((index, item.private))
+        try:
+            self._storage.log_append(
+                LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
+            )
+        except (CustodesError, OSError) as exc:
+            for item in batch:
+                item.error = exc
+                item.done.set()
+            return
+        self._range = frontier
+        for offset, item in enumerate(batch):
+            item.index = first + offset
+            item.done.set()
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        size = self._range.size
+        due = size - self._checkpointed >= self._every or (
+            size > self._checkpointed and self.clock() - self._checkpointed_at >= self._interval
+        )
+        if due:
+            # The entry is durable; a checkpoint that failed is retried on the next append,
+            # and the verifier reports entries that no signature covers.
+            with contextlib.suppress(CustodesError):
+                self.checkpoint()
+
+    def checkpoint(self) -> bytes:
+        """Sign and store a checkpoint of the tree as it is now; return the signed note."""
+        with self._commit_lock:
+            frontier = self._range.copy()
+            last_size, _ = self._signer.last_signed
+            proof: list[bytes] = []
+            if 0 < last_size < frontier.size:
+                proof = consistency_proof(last_size, frontier.size, self._node)
+            note = self._signer.sign_checkpoint(
+                Checkpoint(self.origin, frontier.size, frontier.root()), proof
+            )
+            self._storage.put_checkpoint(frontier.size, note)
+            self._checkpointed = frontier.size
+            self._checkpointed_at = self.clock()
+            return note
+
+    def latest_checkpoint(self) -> tuple[int, bytes] | None:
+        stored = self._storage.checkpoints()
+        return stored[-1] if stored else None
+
+    @property
+    def verifier_key(self) -> str:
+        return self._signer.verifier_key
+
+    # -- reading ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._range.size
+
+    def root(self) -> bytes:
+        return self._range.root()
+
+    def entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, AccessEntry]]:
+        for index, data in self._storage.log_entries(start, end):
+            yield index, AccessEntry.decode(data)
+
+    def raw_entry(self, index: int) -> bytes:
+        for _, data in self._storage.log_entries(index, index + 1):
+            return data
+        raise TamperDetected(f"the access log has no entry {index}")
+
+    def entries_for(self, record_ids: Sequence[str]) -> list[tuple[int, AccessEntry]]:
+        """Every entry that touched any of these records, in log order."""
+        indexes: set[int] = set()
+        for record_id in record_ids:
+            indexes.update(self._storage.log_subject_entries(self._keys.commitment(record_id)))
+        found = []
+        for index in sorted(indexes):
+            found.append((index, AccessEntry.decode(self.raw_entry(index))))
+        return found
+
+    def private_details(self, index: int) -> dict[str, Any] | None:
+        blob = self._storage.log_detail(index)
+        return None if blob is None else self._keys.open_private(blob)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return inclusion_proof(index, size, self._node)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        return consistency_proof(size1, size2, self._node)
+
+    def _node(self, level: int, index: int) -> bytes:
+        node = self._storage.log_node(level, index)
+        if node is None:
+            raise TamperDetected(f"the access log lacks tree node {level}/{index}")
+        return node
+
+
+def _with_references(entry: AccessEntry, subjects: list[bytes], blob: bytes | None) -> AccessEntry:
+    from dataclasses import replace
+
+    return replace(
+        entry,
+        subjects=tuple(c.hex() for c in subjects),
+        private_hash=hashlib.sha256(blob).hexdigest() if blob is not None else None,
+    )

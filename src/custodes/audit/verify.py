@@ -1,0 +1,149 @@
+"""The offline verifier: recompute the tree from the stored entries and hold every signed
+checkpoint, stored or brought from outside, against it.
+
+It needs no data key, only the log's public key. The first inconsistency is reported
+with its position: an edited, deleted or reordered entry, a truncated tail, a replaced
+checkpoint, or a log that forked from a checkpoint a witness holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from custodes.audit.checkpoint import Checkpoint, NoteVerifier, SignatureInvalid
+from custodes.audit.merkle import CompactRange, leaf_hash
+from custodes.errors import TamperDetected
+from custodes.storage.base import Storage
+
+
+class LogTampered(TamperDetected):
+    """The access log does not match its own signed history."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        self.position = position
+        self.reason = reason
+        super().__init__(f"access log tampered: first bad position {position}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutsideCheckpoint:
+    """A signed checkpoint held outside the vault: by an auditor, or in a witness's store."""
+
+    source: str  # where it came from, for the report
+    note: bytes
+
+
+@dataclass
+class VerifyReport:
+    entries: int = 0
+    root: bytes = b""
+    checkpoints: int = 0  # stored checkpoints that verified
+    outside: int = 0  # outside checkpoints that verified
+    latest_signed: int = 0  # largest size covered by a verified signature
+    notes: list[str] = field(default_factory=list)
+
+
+def verify_log(
+    storage: Storage,
+    verifier_key: str,
+    *,
+    origin: str | None = None,
+    outside: Sequence[OutsideCheckpoint] = (),
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Raise LogTampered at the first inconsistency; otherwise say what was checked."""
+    verifier = NoteVerifier.from_key_string(verifier_key)
+    stored = [
+        (size, _open(verifier, note, f"the checkpoint stored for size {size}", size))
+        for size, note in storage.checkpoints()
+    ]
+    for size, cp in stored:
+        if cp.size != size:
+            raise LogTampered(size, f"the checkpoint stored for size {size} is for size {cp.size}")
+        if origin is not None and cp.origin != origin:
+            raise LogTampered(size, f"the checkpoint stored for size {size} names another log")
+    held = [
+        (o.source, _open(verifier, o.note, f"the checkpoint from {o.source}", 0)) for o in outside
+    ]
+    for source, cp in held:
+        if origin is not None and cp.origin != origin:
+            raise LogTampered(cp.size, f"the checkpoint from {source} names another log")
+
+    # Every size at which a signed root must match the recomputed one.
+    wanted: dict[int, list[tuple[str, Checkpoint]]] = {}
+    for size, cp in stored:
+        wanted.setdefault(size, []).append(("stored", cp))
+    for source, cp in held:
+        wanted.setdefault(cp.size, []).append((source, cp))
+
+    report = VerifyReport()
+    tree = CompactRange()
+    expected = 0
+    last_good = 0  # the largest size whose signed roots all matched
+    for index, data in storage.log_entries(0, None):
+        if index != expected:
+            raise LogTampered(expected, f"entry {expected} is missing: deleted or renumbered")
+        tree.append(leaf_hash(data))
+        expected += 1
+        if expected in wanted:
+            root = tree.root()
+            for source, cp in wanted[expected]:
+                if cp.root != root:
+                    raise _mismatch(storage, last_good, expected, source)
+            last_good = expected
+        if progress is not None and expected % 100_000 == 0:
+            progress(expected)
+    report.entries = expected
+    report.root = tree.root()
+
+    for size in sorted(wanted):
+        if size > expected:
+            sources = ", ".join(sorted({s for s, _ in wanted[size]}))
+            raise LogTampered(
+                expected,
+                f"the log ends after {expected} entries but a checkpoint ({sources}) signed "
+                f"{size}: truncated",
+            )
+    report.checkpoints = len(stored)
+    report.outside = len(held)
+    report.latest_signed = max((cp.size for _, cp in stored), default=0)
+    if report.latest_signed < expected:
+        report.notes.append(
+            f"{expected - report.latest_signed} entries after the latest stored checkpoint "
+            "are not yet covered by a signature"
+        )
+    return report
+
+
+def _open(verifier: NoteVerifier, note: bytes, what: str, position: int) -> Checkpoint:
+    try:
+        body = verifier.verify(note)
+        return Checkpoint.parse_body(body)
+    except SignatureInvalid:
+        raise LogTampered(
+            position, f"{what} does not carry a valid log signature: replaced or forged"
+        ) from None
+    except ValueError:
+        raise LogTampered(position, f"{what} is not a well-formed checkpoint") from None
+
+
+def _mismatch(storage: Storage, start: int, end: int, source: str) -> LogTampered:
+    """Name the first bad entry between two checkpoints, as precisely as the store allows."""
+    for index, data in storage.log_entries(start, end):
+        stored_leaf = storage.log_node(0, index)
+        if stored_leaf is not None and stored_leaf != leaf_hash(data):
+            return LogTampered(index, f"entry {index} was edited or moved")
+    where = "the checkpoint" if source == "stored" else f"the checkpoint from {source}"
+    if source == "stored":
+        reason = f"entries {start} to {end - 1} do not match {where} signed at size {end}"
+    else:
+        reason = (
+            f"entries {start} to {end - 1} do not match {where} at size {end}: the log forked "
+            "from a checkpoint held outside"
+        )
+    return LogTampered(start, reason)
+
+
+def read_notes(paths: Iterable[tuple[str, bytes]]) -> list[OutsideCheckpoint]:
+    return [OutsideCheckpoint(source, note) for source, note in paths]
