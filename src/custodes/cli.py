@@ -608,5 +608,14 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
     out.print(f"  grep -c '{first['name']}' {vault_path}/vault.db   # 0: no plaintext on disk")
 
 
+def _register_groups() -> None:
+    from custodes.cli_audit import register
+
+    register(cli)
+
+
+_register_groups()
+
+
 if __name__ == "__main__":
     main()
