@@ -43,8 +43,8 @@ from custodes.vault import RecordView, Session, Vault
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 log = logging.getLogger("custodes")
 
 

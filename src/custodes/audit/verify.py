@@ -80,7 +80,11 @@ def verify_log(
     report = VerifyReport()
     tree = CompactRange()
     expected = 0
-    last_good = 0  # the largest size whose signed roots all matched
+    # The largest sizes whose signed roots matched: any, and those held outside. A fork
+    # re-signed with the log's own key matches every stored checkpoint, so against an
+    # outside one the divergence can only be placed after the last outside match.
+    last_good = 0
+    last_good_outside = 0
     for index, data in storage.log_entries(0, None):
         if index != expected:
             raise LogTampered(expected, f"entry {expected} is missing: deleted or renumbered")
@@ -90,8 +94,11 @@ def verify_log(
             root = tree.root()
             for source, cp in wanted[expected]:
                 if cp.root != root:
-                    raise _mismatch(storage, last_good, expected, source)
+                    start = last_good if source == "stored" else last_good_outside
+                    raise _mismatch(storage, start, expected, source)
             last_good = expected
+            if any(source != "stored" for source, _ in wanted[expected]):
+                last_good_outside = expected
         if progress is not None and expected % 100_000 == 0:
             progress(expected)
     report.entries = expected

@@ -1,0 +1,224 @@
+"""Threat 16: an insider, or the operator, edits, deletes, truncates or reorders the access
+log, or replaces a checkpoint. `custodes audit verify` catches each, exits non-zero and
+names the first bad position; a fork is caught by whoever holds a witnessed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from custodes.audit import AccessEntry, Outcome
+from custodes.audit.checkpoint import Checkpoint, NoteSigner, _read_sealed_key
+from custodes.audit.merkle import CompactRange, leaf_hash
+from custodes.audit.witness import Witness
+from custodes.bootstrap import create_vault
+from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
+
+ENTRIES = 230
+EVERY = 50
+
+
+def run_verify(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    return subprocess.run(
+        [sys.executable, "-m", "custodes", "audit", "verify", "--vault", str(directory), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("audit")
+    vault = create_vault(
+        root / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=root / "keys" / "k",
+        log_key_path=root / "keys" / "log",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        checkpoint_every=EVERY,
+    )
+    for n in range(ENTRIES):
+        vault.access_log.append(
+            AccessEntry(
+                f"officer.{n % 7}",
+                "officer",
+                "record:index:search",
+                Outcome.GRANTED,
+                1_700_000_000.0 + n,
+                purpose=f"inquiry {n}",
+                records=(f"r{n:022d}",),
+                result_count=1,
+            )
+        )
+    vault.close()
+    return root
+
+
+@pytest.fixture
+def copy(pristine: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "vault"
+    shutil.copytree(pristine / "vault", target)
+    return target
+
+
+def tamper(directory: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
+    """What an insider with the database file can do: drop the guards and rewrite rows."""
+    db = sqlite3.connect(directory / "vault.db")
+    try:
+        triggers = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
+        for name in triggers:
+            db.execute(f'DROP TRIGGER "{name}"')
+        for statement in statements:
+            db.execute(statement, params if "?" in statement else ())
+        db.commit()
+    finally:
+        db.close()
+
+
+def entry_bytes(directory: Path, index: int) -> bytes:
+    db = sqlite3.connect(directory / "vault.db")
+    try:
+        return bytes(
+            db.execute("SELECT entry FROM log_entries WHERE idx = ?", (index,)).fetchone()[0]
+        )
+    finally:
+        db.close()
+
+
+def assert_caught(done: subprocess.CompletedProcess[str], position: int, words: str) -> None:
+    assert done.returncode != 0, done.stdout
+    assert f"first bad position {position}" in done.stderr, done.stderr
+    assert words in done.stderr, done.stderr
+
+
+def test_untouched_log_verifies(copy: Path) -> None:
+    done = run_verify(copy)
+    assert done.returncode == 0, done.stderr
+    assert f"{ENTRIES} entries" in done.stdout.replace(",", "")
+
+
+def test_edited_entry_is_caught(copy: Path) -> None:
+    edited = entry_bytes(copy, 123).replace(b"inquiry 123", b"inquiry 124")
+    tamper(copy, "UPDATE log_entries SET entry = ? WHERE idx = 123", params=(edited,))
+    assert_caught(run_verify(copy), 123, "edited")
+
+
+def test_edited_entry_with_its_leaf_rewritten_is_still_caught(copy: Path) -> None:
+    edited = entry_bytes(copy, 123).replace(b"inquiry 123", b"inquiry 124")
+    tamper(
+        copy,
+        "UPDATE log_entries SET entry = ? WHERE idx = 123",
+        f"UPDATE log_nodes SET hash = x'{leaf_hash(edited).hex()}' WHERE level = 0 AND idx = 123",
+        params=(edited,),
+    )
+    done = run_verify(copy)
+    assert done.returncode != 0
+    # The stored leaf no longer betrays the entry, so the checkpoint that covers it does.
+    assert "first bad position 100" in done.stderr and "signed at size 150" in done.stderr
+
+
+def test_deleted_entry_is_caught(copy: Path) -> None:
+    tamper(copy, "DELETE FROM log_entries WHERE idx = 77")
+    assert_caught(run_verify(copy), 77, "missing")
+
+
+def test_deleted_entry_with_the_rest_renumbered_is_caught(copy: Path) -> None:
+    tamper(
+        copy,
+        "DELETE FROM log_entries WHERE idx = 77",
+        "UPDATE log_entries SET idx = idx - 1 WHERE idx > 77",
+    )
+    assert_caught(run_verify(copy), 77, "edited or moved")
+
+
+def test_truncated_tail_is_caught(copy: Path) -> None:
+    tamper(copy, "DELETE FROM log_entries WHERE idx >= 160", "DELETE FROM log_nodes")
+    assert_caught(run_verify(copy), 160, "truncated")
+
+
+def test_reordered_entries_are_caught(copy: Path) -> None:
+    a, b = entry_bytes(copy, 10), entry_bytes(copy, 11)
+    tamper(copy, "UPDATE log_entries SET entry = ? WHERE idx = 10", params=(b,))
+    tamper(copy, "UPDATE log_entries SET entry = ? WHERE idx = 11", params=(a,))
+    assert_caught(run_verify(copy), 10, "edited or moved")
+
+
+def test_replaced_checkpoint_is_caught(copy: Path) -> None:
+    db = sqlite3.connect(copy / "vault.db")
+    note = bytes(db.execute("SELECT note FROM checkpoints WHERE size = 100").fetchone()[0])
+    db.close()
+    body, _, signatures = note.partition(b"\n\n")
+    forged_root = Checkpoint.parse_body(body + b"\n")
+    swapped = Checkpoint(forged_root.origin, 100, bytes(32)).body() + b"\n" + signatures
+    tamper(copy, "UPDATE checkpoints SET note = ? WHERE size = 100", params=(swapped,))
+    assert_caught(run_verify(copy), 100, "replaced or forged")
+
+
+def test_fork_after_a_witness_cosigned_is_caught(
+    copy: Path, pristine: Path, tmp_path: Path
+) -> None:
+    """The operator holds the signing key and re-signs a rewritten history: only an
+    outside holder of an earlier checkpoint can tell, and the verifier uses it."""
+    db = sqlite3.connect(copy / "vault.db")
+    witnessed = bytes(db.execute("SELECT note FROM checkpoints WHERE size = 200").fetchone()[0])
+    vkey = bytes(
+        db.execute("SELECT value FROM meta WHERE key = 'log_verifier_key'").fetchone()[0]
+    ).decode()
+    db.close()
+    witness = Witness.init(
+        tmp_path / "witness", name="dpa.test/witness", passphrase=PASSPHRASE, kdf=FAST_KDF
+    )
+    origin = vkey.split("+", 1)[0]
+    witness.add_log(origin, vkey)
+    assert witness.add_checkpoint(0, [], witnessed)
+
+    # The fork: entry 42 rewritten, every node and checkpoint recomputed and re-signed.
+    _, private_key = _read_sealed_key(
+        pristine / "keys" / "log", purpose="log", passphrase=PASSPHRASE
+    )
+    signer = NoteSigner(origin, private_key)
+    db = sqlite3.connect(copy / "vault.db")
+    entries = [bytes(r[0]) for r in db.execute("SELECT entry FROM log_entries ORDER BY idx")]
+    db.close()
+    entries[42] = entries[42].replace(b"inquiry 42", b"inquiry 43")
+    tree = CompactRange()
+    nodes: list[tuple[int, int, bytes]] = []
+    notes: list[tuple[int, bytes]] = []
+    for n, data in enumerate(entries, 1):
+        nodes.extend(tree.append(leaf_hash(data)))
+        if n % EVERY == 0:
+            notes.append((n, signer.sign(Checkpoint(origin, n, tree.root()).body())))
+    tamper(copy, "DELETE FROM log_nodes", "DELETE FROM checkpoints")
+    db = sqlite3.connect(copy / "vault.db")
+    with db:
+        db.execute("UPDATE log_entries SET entry = ? WHERE idx = 42", (entries[42],))
+        db.executemany("INSERT INTO log_nodes VALUES (?, ?, ?)", nodes)
+        db.executemany("INSERT INTO checkpoints VALUES (?, ?)", notes)
+    db.close()
+
+    # Against its own (re-signed) checkpoints the fork looks whole...
+    assert run_verify(copy).returncode == 0
+    # ...but not against what the witness holds.
+    done = run_verify(copy, "--witness-dir", str(tmp_path / "witness"))
+    assert_caught(done, 0, "forked")
+    done = run_verify(
+        copy, "--log-key", vkey, "--checkpoint", str(_write(tmp_path / "cp", witnessed))
+    )
+    assert_caught(done, 0, "forked")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
