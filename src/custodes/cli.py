@@ -591,6 +591,15 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
             phone = vault.reveal(session, stated, view.record_id, "phone")
             out.print(Text(f"   revealed phone: {phone}  (this reveal is on the access log)"))
         vault.logout(session)
+        out.print("[bold]6.[/] signing a checkpoint of the access log and verifying it:")
+        from custodes.audit.verify import verify_log
+
+        vault.access_log.checkpoint()
+        checked = verify_log(vault.storage, vault.access_log.verifier_key)
+        out.print(
+            f"   {checked.entries} access-log entries match {checked.checkpoints} signed "
+            "checkpoint(s); every search, read and reveal above is among them"
+        )
     finally:
         vault.close()
     out.print("\n[bold]Try next[/] (these secrets belong to this demo only):")
@@ -605,6 +614,7 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
     out.print(f"  {me} search --name {name} --birth-date {born} --purpose 'demo'")
     out.print(f"  {me} show {record_id} --purpose 'demo'")
     out.print(f"  {me} reveal {record_id} address --purpose 'demo' --case DEMO-1")
+    out.print(f"  {me} audit verify   # recompute the access log and check its signatures")
     out.print(f"  grep -c '{first['name']}' {vault_path}/vault.db   # 0: no plaintext on disk")
 
 
