@@ -285,3 +285,62 @@ def witness_serve(directory: str, host: str, port: int) -> None:
 
     with contextlib.suppress(KeyboardInterrupt):
         serve(Path(directory), passphrase, host, port, ready=ready)
+
+
+@audit.command("subject")
+@click.argument("record_id")
+@click.option("--vault", "vault_dir", type=click.Path(file_okay=False))
+@click.option("--user", help=f"Auditor account (default: ${settings.ENV_USER}).")
+@click.option("--purpose", default="subject access request", show_default=True)
+@click.option("--case", "case_ref", help="The request or inquiry this report answers.")
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(dir_okay=False),
+    help="Also write a bundle that verifies offline with only the log's public key.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def audit_subject(
+    record_id: str,
+    vault_dir: str | None,
+    user: str | None,
+    purpose: str,
+    case_ref: str | None,
+    bundle_path: str | None,
+    as_json: bool,
+) -> None:
+    """Every access to one person's records (RECORD_ID is the person's), with proofs."""
+    from custodes.audit.report import as_json as report_json
+    from custodes.audit.report import build_report, render_text
+    from custodes.cli import _session, out
+    from custodes.policy import Action
+
+    stated = AccessPurpose(purpose, case_ref)
+    with _session(vault_dir, None, user) as (vault, session):
+        live = vault.require(session, stated, Action.SUBJECT_REPORT)
+        report = build_report(vault, record_id, actor=live.username, purpose=stated)
+    if bundle_path:
+        Path(bundle_path).write_bytes(report.bundle())
+    if as_json:
+        sys.stdout.write(orjson.dumps(report_json(report)).decode() + "\n")
+    else:
+        out.print(Text(render_text(report)))
+        if bundle_path:
+            out.print(
+                f"bundle written to {bundle_path}; check it with 'custodes audit verify-bundle'"
+            )
+
+
+@audit.command("verify-bundle")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--log-key", required=True, help="The log's published verifier key.")
+def audit_verify_bundle(bundle: str, log_key: str) -> None:
+    """Check a subject-report bundle offline: signature, and every entry's inclusion proof."""
+    from custodes.audit.report import verify_bundle
+    from custodes.cli import out
+
+    verified = verify_bundle(Path(bundle).read_bytes(), log_key)
+    out.print(
+        f"bundle verified: {len(verified.entries)} entries about {verified.subject} are in the "
+        f"log signed at size {verified.checkpoint.size:,}"
+    )

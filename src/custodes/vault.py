@@ -158,6 +158,7 @@ class Vault:
         record_type: str | None = None,
         detail: dict[str, Any] | None = None,
         private: dict[str, Any] | None = None,
+        target: str | None = None,
     ) -> T:
         """Decide, read, log durably, then return. Nothing leaves before the entry exists.
 
@@ -167,6 +168,10 @@ class Vault:
         live = self._live(session)
         if not isinstance(purpose, AccessPurpose):
             raise AccessDenied("a stated purpose is required to read personal data")
+
+        # A refused or failed attempt on one record names it, so that it reaches that
+        # person's subject report; it returned nothing, so its count stays 0.
+        attempted = (target,) if target else ()
 
         def entry(outcome: Outcome, records: Sequence[str] = (), **extra: Any) -> AccessEntry:
             return AccessEntry(
@@ -178,7 +183,7 @@ class Vault:
                 purpose=purpose.reason,
                 case_ref=purpose.case_ref,
                 record_type=record_type,
-                records=tuple(records),
+                records=tuple(records) if outcome is Outcome.GRANTED else attempted,
                 result_count=len(records),
                 client=live.client,
                 detail={**(detail or {}), **extra},
@@ -270,6 +275,7 @@ class Vault:
             run,
             record_type=self._type_of(record_id),
             detail={"target": record_id},
+            target=record_id,
         )
 
     def reveal(
@@ -298,6 +304,7 @@ class Vault:
             run,
             record_type=self._type_of(record_id),
             detail={"target": record_id, "field": field_name},
+            target=record_id,
         )
 
     # -- helpers ----------------------------------------------------------------------
@@ -405,6 +412,28 @@ class Vault:
         return links
 
     # -- the access log, for auditors -----------------------------------------------
+
+    def require(self, session: Session, purpose: AccessPurpose, action: Action) -> Session:
+        """Check that a live session may perform an action that writes its own log entry
+        (such as a subject report); a refusal is logged here. Returns the live session."""
+        live = self._live(session)
+        try:
+            authorise(live.role, action)
+        except AccessDenied:
+            self.access_log.append(
+                AccessEntry(
+                    live.username,
+                    live.role.value,
+                    action.value,
+                    Outcome.DENIED,
+                    self.access_log.clock(),
+                    purpose=purpose.reason,
+                    case_ref=purpose.case_ref,
+                    client=live.client,
+                )
+            )
+            raise
+        return live
 
     def read_log(
         self,

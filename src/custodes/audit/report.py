@@ -1,0 +1,546 @@
+"""Subject access reports: who looked at a person's records, when, in what role and why.
+
+Built from the log's subject index, logged before it is returned, and exported as a
+bundle that verifies offline with only the log's public key.
+
+Bundle format, ``custodes subject-report v1`` (UTF-8, each line ends in one ``\\n``)::
+
+    custodes subject-report v1
+    origin <log origin>
+    subject <person record id>
+    linked <record id>                      zero or more: records that name the person
+    checkpoint <length in bytes of the note that follows>
+    <signed checkpoint note, verbatim, exactly that many bytes>
+    entry <index> <base64 of the exact leaf bytes>
+    proof <base64 hash> <base64 hash> ...   the entry's inclusion proof (may be empty)
+    ...                                     more entry/proof pairs, indexes ascending
+    end
+
+The note is framed by its length, so its blank line and signature lines need no
+escaping. Base64 is standard and padded, and only its canonical spelling is accepted.
+A verifier checks the note's signature with the log's key, every proof against the
+note's root and size, and that every entry names the subject or a linked record.
+
+What the bundle proves, and what it does not: each entry in it is in the signed log.
+It does not prove that no entry was left out (anyone may drop an entry and the rest
+still verify); completeness comes from the vault building the report from the subject
+index. The ``linked`` lines are the vault's statement of which records name the person,
+not something the log proves. Private details (such as the values an official searched
+for) live outside the tree and are left out of the bundle; they appear only in the
+report itself (`render_text`, `as_json`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from custodes.audit.checkpoint import MAX_NOTE_BYTES, Checkpoint, NoteVerifier, SignatureInvalid
+from custodes.audit.entry import AccessEntry, Outcome
+from custodes.audit.merkle import HASH_SIZE, InvalidProof, leaf_hash, verify_inclusion
+from custodes.errors import CustodesError, RecordNotFound, TamperDetected
+from custodes.policy import AccessPurpose, Action, Role
+from custodes.storage.base import StoredRecord
+
+if TYPE_CHECKING:
+    from custodes.vault import Vault
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BundleInvalid",
+    "ReportedAccess",
+    "SubjectReport",
+    "VerifiedBundle",
+    "as_json",
+    "build_report",
+    "render_text",
+    "subject_records",
+    "verify_bundle",
+]
+
+BUNDLE_FORMAT = "custodes subject-report v1"
+# Not yet a member of custodes.policy.Action; the tag keeps its subject:object:action shape.
+SUBJECT_REQUEST = AccessPurpose("subject access request")
+# Bounds the work an unauthenticated bundle can cause before anything is verified.
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+# Incoming links are looked up in pages of this size, growing until a page comes back
+# short, so a person named in many records is never cut off at a fixed limit.
+_FIRST_PAGE = 256
+
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
+_TOKEN = re.compile(r"[!-~]+")  # printable ASCII without spaces: ids and origins
+
+
+class BundleInvalid(TamperDetected):
+    """A subject-report bundle failed verification. Names the entry and the check, no data."""
+
+    def __init__(self, reason: str, *, index: int | None = None) -> None:
+        self.index = index
+        self.reason = reason
+        where = f"entry {index}: " if index is not None else ""
+        super().__init__(f"subject report bundle invalid: {where}{reason}")
+
+
+# -- finding the subject's records ---------------------------------------------------
+
+
+def subject_records(
+    vault: Vault,
+    person_record_id: str,
+    *,
+    actor: str,
+    purpose: AccessPurpose = SUBJECT_REQUEST,
+) -> list[str]:
+    """The person's record id, then every record that links to it (cases, deliveries).
+
+    Decrypts the person's source key and each candidate's link field only. The lookup
+    is itself logged (action ``audit:subject:report``, records: the person) before
+    anything is returned; if the entry cannot be written, nothing is returned.
+    """
+    return _logged_subject_records(vault, person_record_id, actor, purpose)[0]
+
+
+def _logged_subject_records(
+    vault: Vault, record_id: str, actor: str, purpose: AccessPurpose
+) -> tuple[list[str], int]:
+    """The subject's records and the index of the log entry that records the lookup."""
+    try:
+        records = [record_id, *_incoming_links(vault, record_id)]
+    except CustodesError as exc:
+        _log_report(vault, record_id, actor, purpose, Outcome.ERROR, type(exc).__name__)
+        raise
+    return records, _log_report(vault, record_id, actor, purpose, Outcome.GRANTED, None)
+
+
+def _incoming_links(vault: Vault, record_id: str) -> list[str]:
+    stored = vault.storage.get_records([record_id]).get(record_id)
+    if stored is None:
+        # Without the record its source key is unknown, so the records naming it cannot
+        # be found: refuse rather than hand out a report that looks complete and is not.
+        raise RecordNotFound("no such record")
+    rt = vault.schema.types.get(stored.record_type)
+    if rt is None:
+        raise TamperDetected()
+    if len(rt.source_key) != 1:
+        return []  # links refer to single-field source keys only
+    key_field = rt.source_key[0]
+    value = vault.codec.open(stored, (key_field,)).get(key_field)
+    if value is None:
+        return []
+    found: dict[str, None] = {}  # ordered and free of repeats
+    for other_rt, index, token in vault.codec.link_tokens(rt.name, str(value)):
+        link_field = other_rt.fields[index.components[0].field]
+        for candidate in _find_all(vault, index.index_id, token):
+            # Tokens are truncated, so a bucket may hold records naming someone else:
+            # only the decrypted link field decides.
+            opened = vault.codec.open(candidate, (link_field.name,))
+            if _names(opened.get(link_field.name), record_id):
+                found[candidate.record_id] = None
+    return list(found)
+
+
+def _find_all(vault: Vault, index_id: int, token: int) -> list[StoredRecord]:
+    limit = _FIRST_PAGE
+    while True:
+        ids = vault.storage.find(index_id, token, limit)
+        if len(ids) < limit:
+            break
+        limit *= 4
+    loaded = vault.storage.get_records(ids)
+    return [loaded[i] for i in ids if i in loaded]
+
+
+def _names(value: object, record_id: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str):  # person_ref: the target's record id
+        return value == record_id
+    return any(str(rid) == record_id for rid, _ in value)  # type: ignore[attr-defined]
+
+
+def _log_report(
+    vault: Vault,
+    record_id: str,
+    actor: str,
+    purpose: AccessPurpose,
+    outcome: Outcome,
+    error: str | None,
+) -> int:
+    log = vault.access_log
+    return log.append(
+        AccessEntry(
+            actor=actor,
+            # Reading the access log is the auditor's duty, separate from reading records.
+            role=Role.AUDITOR.value,
+            action=Action.SUBJECT_REPORT.value,
+            outcome=outcome,
+            time=log.clock(),
+            purpose=purpose.reason,
+            case_ref=purpose.case_ref,
+            records=(record_id,),
+            result_count=1,
+            detail={"error": error} if error else {},
+        )
+    )
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedAccess:
+    """One access-log entry that touched the subject's records, with its proof."""
+
+    index: int
+    time: str  # ISO 8601, UTC
+    actor: str
+    role: str
+    action: str
+    outcome: Outcome
+    purpose: str | None
+    case_ref: str | None
+    records: tuple[str, ...]  # which of the subject's records it touched
+    private: dict[str, Any] | None  # sealed details (values searched for), if still held
+    leaf: bytes  # the exact leaf bytes in the tree
+    proof: tuple[bytes, ...]  # inclusion proof against the report's checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectReport:
+    origin: str
+    subject: str
+    linked: tuple[str, ...]
+    checkpoint_note: bytes
+    checkpoint: Checkpoint
+    accesses: tuple[ReportedAccess, ...]
+    report_index: int  # the log entry recording this report
+
+    def bundle(self) -> bytes:
+        """The self-contained, offline-verifiable bundle (format in the module docstring)."""
+        head = [BUNDLE_FORMAT, f"origin {self.origin}", f"subject {self.subject}"]
+        head += [f"linked {r}" for r in self.linked]
+        head.append(f"checkpoint {len(self.checkpoint_note)}")
+        body = []
+        for access in self.accesses:
+            body.append(f"entry {access.index} {_b64(access.leaf)}")
+            body.append(" ".join(["proof", *(_b64(h) for h in access.proof)]))
+        body.append("end")
+        return _lines(head).encode("utf-8") + self.checkpoint_note + _lines(body).encode("utf-8")
+
+
+def build_report(
+    vault: Vault,
+    person_record_id: str,
+    *,
+    actor: str,
+    purpose: AccessPurpose = SUBJECT_REQUEST,
+) -> SubjectReport:
+    """Every access to the person's records, in log order, each proven in a signed checkpoint.
+
+    The report's own log entry is among them: the subject sees who asked. Raises
+    TamperDetected if the log cannot prove an entry it holds.
+    """
+    log = vault.access_log
+    records, report_index = _logged_subject_records(vault, person_record_id, actor, purpose)
+    found = log.entries_for(records)  # never empty: the report's own entry is there
+    latest = log.latest_checkpoint()
+    newest = found[-1][0]
+    note = latest[1] if latest is not None and latest[0] > newest else log.checkpoint()
+    # Check what is about to be handed out: a report the log cannot prove is not given.
+    checkpoint = _open_checkpoint(note, log.verifier_key)
+    accesses = []
+    for index, entry in found:
+        leaf = log.raw_entry(index)
+        if AccessEntry.decode(leaf) != entry:
+            raise TamperDetected(f"the access log's entry {index} changed while being read")
+        proof = tuple(log.inclusion_proof(index, checkpoint.size))
+        _check_inclusion(leaf, index, proof, checkpoint)
+        accesses.append(
+            ReportedAccess(
+                index=index,
+                time=_iso(entry.time),
+                actor=entry.actor,
+                role=entry.role,
+                action=entry.action,
+                outcome=entry.outcome,
+                purpose=entry.purpose,
+                case_ref=entry.case_ref,
+                records=tuple(r for r in records if r in entry.records),
+                private=log.private_details(index),
+                leaf=leaf,
+                proof=proof,
+            )
+        )
+    return SubjectReport(
+        origin=log.origin,
+        subject=person_record_id,
+        linked=tuple(records[1:]),
+        checkpoint_note=note,
+        checkpoint=checkpoint,
+        accesses=tuple(accesses),
+        report_index=report_index,
+    )
+
+
+# -- verifying a bundle ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBundle:
+    origin: str
+    subject: str
+    linked: tuple[str, ...]
+    checkpoint: Checkpoint
+    entries: tuple[tuple[int, AccessEntry], ...]  # every entry proven, in log order
+
+
+def verify_bundle(bundle: bytes, verifier_key: str) -> VerifiedBundle:
+    """Check a bundle offline with only the log's public key; return its proven entries.
+
+    Raises BundleInvalid naming the entry and the check that failed. Proves that each
+    entry is in the signed log and names the subject, not that none was left out.
+    """
+    if not isinstance(bundle, bytes) or len(bundle) > MAX_BUNDLE_BYTES:
+        raise BundleInvalid(f"a bundle must be bytes, at most {MAX_BUNDLE_BYTES}")
+    reader = _Reader(bundle)
+    if reader.line() != BUNDLE_FORMAT:
+        raise BundleInvalid(f"not a {BUNDLE_FORMAT!r} bundle")
+    origin = reader.field("origin")
+    subject = reader.field("subject")
+    linked: list[str] = []
+    line = reader.line()
+    while line.startswith("linked "):
+        linked.append(_token(line.removeprefix("linked "), "a linked record id"))
+        line = reader.line()
+    length = line.removeprefix("checkpoint ")
+    if length == line or not _DECIMAL.fullmatch(length) or int(length) > MAX_NOTE_BYTES:
+        raise BundleInvalid("the checkpoint line is missing or its length is not valid")
+    checkpoint = _open_checkpoint(reader.take(int(length)), verifier_key)
+    if checkpoint.origin != origin:
+        raise BundleInvalid("the checkpoint is for another log than the bundle names")
+
+    names = {subject, *linked}
+    entries: list[tuple[int, AccessEntry]] = []
+    while (line := reader.line()) != "end":
+        index, leaf = _entry_line(line, after=entries[-1][0] if entries else -1)
+        proof = _proof_line(reader.line(), index)
+        try:
+            _check_inclusion(leaf, index, proof, checkpoint)
+        except BundleInvalid as exc:
+            raise BundleInvalid(exc.reason, index=index) from None
+        try:
+            entry = AccessEntry.decode(leaf)
+        except (ValueError, KeyError, TypeError):
+            raise BundleInvalid("is in the log but is not a readable entry", index=index) from None
+        # Membership is tested element by element: a leaf is only as well-formed as the
+        # log that holds it, and a non-text record id must not crash the verifier.
+        if not any(isinstance(r, str) and r in names for r in entry.records):
+            raise BundleInvalid("does not name the subject or a linked record", index=index)
+        entries.append((index, entry))
+    if not reader.at_end():
+        raise BundleInvalid("there is data after the end line")
+    return VerifiedBundle(origin, subject, tuple(linked), checkpoint, tuple(entries))
+
+
+class _Reader:
+    """Reads a bundle line by line, and the length-framed note in one piece."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def line(self) -> str:
+        end = self._data.find(b"\n", self._pos)
+        if end < 0:
+            raise BundleInvalid("the bundle is truncated: a line or the end line is missing")
+        raw = self._data[self._pos : end]
+        self._pos = end + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleInvalid("a line is not valid UTF-8") from None
+        if any(c < " " for c in text):
+            raise BundleInvalid("a line contains a control character")
+        return text
+
+    def field(self, name: str) -> str:
+        line = self.line()
+        value = line.removeprefix(name + " ")
+        if value == line:
+            raise BundleInvalid(f"the {name} line is missing")
+        return _token(value, f"the {name}")
+
+    def take(self, length: int) -> bytes:
+        if self._pos + length > len(self._data):
+            raise BundleInvalid("the bundle is truncated inside the checkpoint note")
+        chunk = self._data[self._pos : self._pos + length]
+        self._pos += length
+        return chunk
+
+    def at_end(self) -> bool:
+        return self._pos == len(self._data)
+
+
+def _token(text: str, what: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise BundleInvalid(f"{what} is not one word of printable text")
+    return text
+
+
+def _entry_line(line: str, *, after: int) -> tuple[int, bytes]:
+    parts = line.split(" ")
+    if len(parts) != 3 or parts[0] != "entry" or not _DECIMAL.fullmatch(parts[1]):
+        raise BundleInvalid(f"expected an entry line after entry {after}")
+    index = int(parts[1])
+    if index <= after:
+        raise BundleInvalid("entries are not in ascending log order", index=index)
+    leaf = _unb64(parts[2])
+    if leaf is None:
+        raise BundleInvalid("the leaf is not canonical base64", index=index)
+    return index, leaf
+
+
+def _proof_line(line: str, index: int) -> tuple[bytes, ...]:
+    parts = line.split(" ")
+    if parts[0] != "proof":
+        raise BundleInvalid("the entry has no proof line", index=index)
+    hashes = []
+    for position, text in enumerate(parts[1:]):
+        raw = _unb64(text)
+        if raw is None or len(raw) != HASH_SIZE:
+            raise BundleInvalid(f"proof hash {position} is not a base64 hash", index=index)
+        hashes.append(raw)
+    return tuple(hashes)
+
+
+# -- shared checks ---------------------------------------------------------------------
+
+
+def _open_checkpoint(note: bytes, verifier_key: str) -> Checkpoint:
+    verifier = NoteVerifier.from_key_string(verifier_key)
+    try:
+        return Checkpoint.parse_body(verifier.verify(note))
+    except SignatureInvalid:
+        raise BundleInvalid("the checkpoint does not carry a valid signature by this log") from None
+
+
+def _check_inclusion(
+    leaf: bytes, index: int, proof: Sequence[bytes], checkpoint: Checkpoint
+) -> None:
+    try:
+        verify_inclusion(leaf_hash(leaf), index, checkpoint.size, proof, checkpoint.root)
+    except InvalidProof as exc:
+        raise BundleInvalid(str(exc), index=index) from None
+
+
+def _lines(lines: Sequence[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes | None:
+    # One spelling per value: a non-canonical one decodes to the same bytes, which would
+    # let two different bundles carry the same proof.
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+    return data if _b64(data) == text else None
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- presenting the report -------------------------------------------------------------
+
+_COLUMNS = ("when", "who", "role", "action", "purpose", "case", "outcome")
+
+
+def render_text(report: SubjectReport) -> str:
+    """A table for people: one row per access, the values searched for beneath it."""
+    rows = [
+        (
+            a.time,
+            a.actor,
+            a.role or "-",
+            a.action,
+            a.purpose or "-",
+            a.case_ref or "-",
+            a.outcome.value,
+        )
+        for a in report.accesses
+    ]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
+
+    def row(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    out = [
+        f"Subject access report for record {report.subject}",
+        f"Records: {', '.join((report.subject, *report.linked))}",
+        f"Log {report.origin}, checkpoint of {report.checkpoint.size} entries; "
+        f"{len(rows)} accesses, each proven included",
+        "",
+        row(_COLUMNS),
+        row(["-" * w for w in widths]),
+    ]
+    for cells, access in zip(rows, report.accesses, strict=True):
+        out.append(row(cells))
+        if access.private:
+            out.append(f"    details: {_describe_private(access.private)}")
+    return "\n".join(out) + "\n"
+
+
+def _describe_private(private: dict[str, Any]) -> str:
+    parts = []
+    for key, value in private.items():
+        if key == "values" and isinstance(value, dict):
+            parts.append("searched for " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts)
+
+
+def as_json(report: SubjectReport) -> dict[str, Any]:
+    """The report as JSON-ready data, proofs included (base64)."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "origin": report.origin,
+        "subject": report.subject,
+        "linked": list(report.linked),
+        "report_index": report.report_index,
+        "checkpoint": {
+            "size": report.checkpoint.size,
+            "root": _b64(report.checkpoint.root),
+            "note": report.checkpoint_note.decode("utf-8"),
+        },
+        "accesses": [
+            {
+                "index": a.index,
+                "time": a.time,
+                "actor": a.actor,
+                "role": a.role,
+                "action": a.action,
+                "outcome": a.outcome.value,
+                "purpose": a.purpose,
+                "case": a.case_ref,
+                "records": list(a.records),
+                "private": a.private,
+                "leaf": _b64(a.leaf),
+                "proof": [_b64(h) for h in a.proof],
+            }
+            for a in report.accesses
+        ],
+    }
