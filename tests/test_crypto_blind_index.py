@@ -70,8 +70,9 @@ def test_planned_tokens_are_shared_by_at_least_a_bucket_of_values(
     bits = plan_token_bits(population, bucket)
     assert 8 <= bits <= 63
     if 8 < bits < 63:
-        assert population / 2**bits >= bucket
-        assert population / 2 ** (bits + 1) < bucket
+        # Exact integers: float division rounds at these magnitudes.
+        assert population >= bucket * 2**bits
+        assert population < bucket * 2 ** (bits + 1)
 
 
 def test_token_length_plan_refuses_nonsense() -> None:
