@@ -8,6 +8,7 @@ issued every N entries or T seconds, and on demand.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -69,14 +70,26 @@ def _derive(material: KeyMaterial, info: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=info).derive(material.index_root)
 
 
+def _taken_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Pending:
     entry: bytes
     subjects: list[bytes]
     private: bytes | None
-    done: threading.Event = field(default_factory=threading.Event)
+    # Released once the entry is stored or refused, or to hand this appender the next
+    # commit. A bare lock, taken at creation: far cheaper to wait on than an Event.
+    wake: threading.Lock = field(default_factory=_taken_lock)
     index: int = -1
     error: BaseException | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.index >= 0 or self.error is not None
 
 
 class AccessLog:
@@ -101,6 +114,7 @@ class AccessLog:
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._pending: list[_Pending] = []
+        self._committing = False  # an appender is leading a commit; guarded by the queue lock
         size = storage.log_size()
         self._range = CompactRange.from_source(size, self._node)
         stored = storage.checkpoints()
@@ -121,17 +135,37 @@ class AccessLog:
         pending = _Pending(entry.encode(), subjects, blob)
         with self._queue_lock:
             self._pending.append(pending)
-        # Group commit: whoever holds the commit lock writes everything queued so far, so
-        # appenders that arrive during a commit share the next one (and its fsync).
-        with self._commit_lock:
-            if not pending.done.is_set():
-                self._commit_queued()
-        if pending.error is not None:
+            leads = not self._committing
+            self._committing = True
+        # Group commit: one appender at a time leads, writing everything queued so far in
+        # one transaction (and one fsync). The others each wait on a lock of their own,
+        # not on a shared one, so that all of a batch are released at once, and the first
+        # of those who queued meanwhile leads the next commit, taking everyone queued by then.
+        if not leads:
+            pending.wake.acquire()
+        if not pending.settled:
+            self._lead(pending)
+        if pending.error is not None or pending.index < 0:
             raise AuditUnavailable(
                 "the access log could not record this access, so it was refused"
             ) from pending.error
         self._maybe_checkpoint()
         return pending.index
+
+    def _lead(self, pending: _Pending) -> None:
+        try:
+            with self._commit_lock:
+                self._commit_queued()
+        finally:
+            with self._queue_lock:
+                if not pending.settled and pending in self._pending:
+                    # Interrupted before its commit: refuse the entry, never leave it queued.
+                    self._pending.remove(pending)
+                    pending.error = AuditUnavailable("the append was interrupted")
+                if self._pending:
+                    self._pending[0].wake.release()
+                else:
+                    self._committing = False
 
     def _commit_queued(self) -> None:
         with self._queue_lock:
@@ -140,57 +174,70 @@ class AccessLog:
             return
         frontier = self._range.copy()
         first = frontier.size
-        nodes: list[tuple[int, int, bytes]] = []
-        subjects: list[tuple[bytes, int]] = []
-        private: list[tuple[int, bytes]] = []
-        for offset, item in enumerate(batch):
-            index = first + offset
-            nodes.extend(frontier.append(leaf_hash(item.entry)))
-            subjects.extend((c, index) for c in item.subjects)
-            if item.private is not None:
-                private.append((index, item.private))
         try:
+            nodes: list[tuple[int, int, bytes]] = []
+            subjects: list[tuple[bytes, int]] = []
+            private: list[tuple[int, bytes]] = []
+            for offset, item in enumerate(batch):
+                index = first + offset
+                nodes.extend(frontier.append(leaf_hash(item.entry)))
+                subjects.extend((c, index) for c in item.subjects)
+                if item.private is not None:
+                    private.append((index, item.private))
             self._storage.log_append(
                 LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
             )
-        except (CustodesError, OSError) as exc:
+        except BaseException as exc:
+            # Whatever the fault, every appender of the batch is refused: none may return
+            # as if its entry were stored.
             for item in batch:
                 item.error = exc
-                item.done.set()
+                item.wake.release()
+            if not isinstance(exc, Exception):
+                raise
             return
         self._range = frontier
         for offset, item in enumerate(batch):
             item.index = first + offset
-            item.done.set()
+            item.wake.release()
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def _maybe_checkpoint(self) -> None:
+    def _due(self) -> bool:
         size = self._range.size
-        due = size - self._checkpointed >= self._every or (
+        return size - self._checkpointed >= self._every or (
             size > self._checkpointed and self.clock() - self._checkpointed_at >= self._interval
         )
-        if due:
-            # The entry is durable; a checkpoint that failed is retried on the next append,
-            # and the verifier reports entries that no signature covers.
-            with contextlib.suppress(CustodesError):
-                self.checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        if not self._due():
+            return
+        # The entry is durable; a checkpoint that failed is retried on the next append,
+        # and the verifier reports entries that no signature covers.
+        with contextlib.suppress(CustodesError), self._commit_lock:
+            # Asked again under the lock: every appender of the batch that crossed the
+            # mark finds a checkpoint due, and one checkpoint is enough.
+            if self._due():
+                self._checkpoint_locked()
 
     def checkpoint(self) -> bytes:
         """Sign and store a checkpoint of the tree as it is now; return the signed note."""
         with self._commit_lock:
-            frontier = self._range.copy()
-            last_size, _ = self._signer.last_signed
-            proof: list[bytes] = []
-            if 0 < last_size < frontier.size:
-                proof = consistency_proof(last_size, frontier.size, self._node)
-            note = self._signer.sign_checkpoint(
-                Checkpoint(self.origin, frontier.size, frontier.root()), proof
-            )
-            self._storage.put_checkpoint(frontier.size, note)
-            self._checkpointed = frontier.size
-            self._checkpointed_at = self.clock()
-            return note
+            return self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> bytes:
+        frontier = self._range.copy()
+        last_size, _ = self._signer.last_signed
+        proof: list[bytes] = []
+        if 0 < last_size < frontier.size:
+            proof = consistency_proof(last_size, frontier.size, self._node)
+        note = self._signer.sign_checkpoint(
+            Checkpoint(self.origin, frontier.size, frontier.root()), proof
+        )
+        self._storage.put_checkpoint(frontier.size, note)
+        self._checkpointed = frontier.size
+        self._checkpointed_at = self.clock()
+        return note
 
     def latest_checkpoint(self) -> tuple[int, bytes] | None:
         stored = self._storage.checkpoints()
@@ -233,10 +280,16 @@ class AccessLog:
         return None if blob is None else self._keys.open_private(blob)
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return inclusion_proof(index, size, self._node)
+        return inclusion_proof(index, size, self._proof_node)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
-        return consistency_proof(size1, size2, self._node)
+        return consistency_proof(size1, size2, self._proof_node)
+
+    @functools.cached_property
+    def _proof_node(self) -> Callable[[int, int], bytes]:
+        # Stored nodes never change, and every proof climbs through the same few upper
+        # levels, so a bounded cache serves most of each proof from memory.
+        return functools.lru_cache(maxsize=1 << 18)(self._node)
 
     def _node(self, level: int, index: int) -> bytes:
         node = self._storage.log_node(level, index)
