@@ -6,10 +6,12 @@ The costs are the floors the library accepts, not a switch that turns protection
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import pyotp
 import pytest
 
 from custodes.accounts import HashCost
@@ -68,9 +70,46 @@ def sqlite_vault(tmp_path: Path) -> Iterator[Vault]:
 
 
 def login(vault: Vault, role: Role = Role.INVESTIGATOR, username: str | None = None) -> Session:
+    """Add an account, enrol its second factor and log in with password and code."""
     name = username or f"t.{role.value}"
     vault.add_account(name, PASSWORD, role, {"district": "test"})
-    return vault.login(name, PASSWORD)
+    secret = enrol(vault, name)
+    return vault.login(name, PASSWORD, totp=totp_now(vault, secret))
+
+
+# The last time step used per TOTP secret: the vault refuses a code whose step is not
+# later than the last one it accepted, so tests hand out steps in increasing order.
+_USED_STEPS: dict[str, int] = {}
+TOTP_SECRETS: dict[str, str] = {}  # username -> secret of its latest enrolment in a test
+
+
+def totp_code(secret: str, now: float | None = None) -> str:
+    """The next code the vault will accept for this secret (steps now-1, now, now+1)."""
+    real = now is None
+    at = time.time() if now is None else now
+    current = int(at // 30)
+    # Close to a step boundary the previous step's code could age out before it is checked.
+    lowest = current - 1 if not real or 30 - at % 30 > 2 else current
+    step = max(lowest, _USED_STEPS.get(secret, lowest - 1) + 1)
+    if real and step > current + 1:  # this window's codes are used up: wait for the next
+        time.sleep((step - 1) * 30 - at + 0.05)
+    _USED_STEPS[secret] = step
+    return pyotp.TOTP(secret).at(step * 30)
+
+
+def totp_now(vault: Vault, secret: str) -> str:
+    """The next accepted code by the vault's clock (which a test may have moved)."""
+    clock = vault.access_log.clock
+    return totp_code(secret, None if clock is time.time else clock())
+
+
+def enrol(vault: Vault, username: str) -> str:
+    """Enrol the account's second factor as its holder would; returns the TOTP secret."""
+    code = vault.issue_enrolment(username)
+    secret = vault.enrolment(code).secret
+    vault.complete_enrolment(code, totp_now(vault, secret))
+    TOTP_SECRETS[username] = secret
+    return secret
 
 
 def write_jsonl(path: Path, records: list[dict[str, object]]) -> Path:

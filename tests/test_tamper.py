@@ -85,11 +85,12 @@ def test_ciphertext_moved_between_records_in_the_database_is_detected(
         db.execute("UPDATE records SET payload = ? WHERE record_id = ?", (a, ids[1]))
     db.close()
     from custodes.bootstrap import open_vault
-    from tests.conftest import FAST_HASH, PASSPHRASE, PASSWORD
+    from tests.conftest import FAST_HASH, PASSPHRASE, PASSWORD, TOTP_SECRETS, totp_code
 
     reopened = open_vault(tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH)
     try:
-        session = reopened.login("t.investigator", PASSWORD)
+        totp = totp_code(TOTP_SECRETS["t.investigator"])
+        session = reopened.login("t.investigator", PASSWORD, totp=totp)
         for record_id in ids:
             with pytest.raises(TamperDetected):
                 reopened.reveal(session, PURPOSE, record_id, "name")

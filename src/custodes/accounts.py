@@ -1,11 +1,18 @@
-"""Officials' accounts: argon2id password hashes, a refusal of weak passwords, login.
+"""Officials' accounts: argon2id password hashes, weak-password refusal, the second factor
+(TOTP seeds sealed at rest), one-time enrolment codes, and lockout after repeated failures.
 
-A password is never stored or logged; an unknown account, a wrong password and a
-disabled account fail the same way and take about the same time.
+A password is never stored or logged; an unknown account, a wrong password, a disabled and
+a locked account fail the same way and take about the same time.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -13,11 +20,23 @@ from importlib import resources
 from typing import Any
 
 import orjson
+import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zxcvbn import zxcvbn
 
-from custodes.errors import AuthenticationFailed, ConfigurationError, WeakPassword
+from custodes.crypto import KeyMaterial
+from custodes.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    RecordNotFound,
+    TamperDetected,
+    WeakPassword,
+)
 from custodes.policy import Role
 from custodes.storage.base import AccountRow, Storage
 
@@ -25,6 +44,12 @@ MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1024
 # zxcvbn's estimate is costly on very long inputs; its verdict is settled well before this.
 _ZXCVBN_PREFIX = 100
+
+LOCK_AFTER_FAILURES = 10
+ENROLMENT_TTL = 24 * 3600.0
+TOTP_STEP = 30
+# Security state lives in the account's attributes under this key and is never shown.
+_SECURITY = "security"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +67,7 @@ class HashCost:
 
 @cache
 def _common_passwords() -> frozenset[str]:
-    text = resources.files("custodes").joinpath("data/common_passwords_zh.txt").read_text("utf-8")
+    text = resources.files("custodes").joinpath("data/common_passwords.txt").read_text("utf-8")
     return frozenset(
         line.strip().casefold() for line in text.splitlines() if line and not line.startswith("#")
     )
@@ -64,14 +89,67 @@ def check_password_strength(password: str, *, username: str = "") -> None:
         raise WeakPassword("that password is too easy to guess; use a longer passphrase")
 
 
+class SecretBox:
+    """AES-256-GCM for small account secrets (TOTP seeds), under a key derived with HKDF
+    from the vault's index root, bound to the vault and the account by associated data."""
+
+    def __init__(self, material: KeyMaterial) -> None:
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=material.vault_id,
+            info=b"custodes/account-secrets/v1",
+        ).derive(material.index_root)
+        self._aead = AESGCM(key)
+        self._vault_id = material.vault_id
+
+    def __repr__(self) -> str:
+        return "SecretBox(<hidden>)"
+
+    def _aad(self, username: str, purpose: str) -> bytes:
+        return b"\x00".join((self._vault_id, username.encode(), purpose.encode()))
+
+    def seal(self, secret: str, *, username: str, purpose: str) -> str:
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, secret.encode(), self._aad(username, purpose))
+        return base64.b64encode(nonce + sealed).decode()
+
+    def open(self, sealed: str, *, username: str, purpose: str) -> str:
+        try:
+            raw = base64.b64decode(sealed)
+            plain = self._aead.decrypt(raw[:12], raw[12:], self._aad(username, purpose))
+        except (InvalidTag, ValueError):
+            raise TamperDetected() from None
+        return plain.decode()
+
+
 @dataclass(frozen=True, slots=True)
 class Account:
-    """An account as the rest of the system sees it: no hash."""
+    """An account as the rest of the system sees it: no hash, no secret."""
 
     username: str
     role: Role
     attributes: dict[str, Any]
     disabled: bool
+    mfa_enrolled: bool = False
+    locked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """What an official needs to add the account to an authenticator app."""
+
+    username: str
+    secret: str  # base32; shown once, to the holder of the enrolment code
+
+    def __repr__(self) -> str:
+        return f"Enrolment(username={self.username!r})"
+
+    @property
+    def uri(self) -> str:
+        return pyotp.TOTP(self.secret, interval=TOTP_STEP).provisioning_uri(
+            name=self.username, issuer_name="custodes"
+        )
 
 
 class AccountBook:
@@ -85,6 +163,13 @@ class AccountBook:
         # Verified against when the account is unknown, so that unknown and known
         # usernames cost the same.
         self._decoy_hash = self._hasher.hash("decoy password that matches nothing")
+        self._box: SecretBox | None = None
+        # Read-modify-write of an account's security state (failures, last TOTP step).
+        self._lock = threading.RLock()
+
+    def bind_secrets(self, box: SecretBox) -> None:
+        """Give the book the key that seals second-factor secrets (the vault does this)."""
+        self._box = box
 
     def add(
         self,
@@ -95,11 +180,14 @@ class AccountBook:
     ) -> Account:
         _check_username(username)
         check_password_strength(password, username=username)
+        public = dict(attributes or {})
+        if _SECURITY in public:
+            raise ConfigurationError(f"{_SECURITY!r} is not an account attribute one can set")
         row = AccountRow(
             username=username,
             role=role.value,
             password_hash=self._hasher.hash(password),
-            attributes=orjson.dumps(attributes or {}),
+            attributes=orjson.dumps(public),
             created_at=time.time(),
             disabled=False,
         )
@@ -107,28 +195,207 @@ class AccountBook:
         return _account(row)
 
     def authenticate(self, username: str, password: str) -> Account:
+        """The account, if the password is right and it is neither disabled nor locked."""
         row = self._storage.get_account(username)
         candidate = row.password_hash if row is not None else self._decoy_hash
         try:
             self._hasher.verify(candidate, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             raise AuthenticationFailed() from None
-        if row is None or row.disabled:
+        if row is None or row.disabled or _security(row).get("locked"):
             raise AuthenticationFailed()
         if self._hasher.check_needs_rehash(row.password_hash):
             self._storage.update_account(row._replace(password_hash=self._hasher.hash(password)))
         return _account(row)
 
+    def get(self, username: str) -> Account | None:
+        row = self._storage.get_account(username)
+        return None if row is None else _account(row)
+
     def list(self) -> list[Account]:
         return [_account(row) for row in self._storage.list_accounts()]
 
+    # -- failures and lockout ----------------------------------------------------------
+
+    def record_failure(self, username: str) -> bool:
+        """Count a failed login; lock the account at the limit. Whether it is now locked."""
+        with self._lock:
+            row = self._storage.get_account(username)
+            if row is None:
+                return False
+            state = _security(row)
+            state["failures"] = int(state.get("failures", 0)) + 1
+            if state["failures"] >= LOCK_AFTER_FAILURES:
+                state["locked"] = True
+            self._save(row, state)
+            return bool(state.get("locked"))
+
+    def record_success(self, username: str) -> None:
+        with self._lock:
+            row = self._storage.get_account(username)
+            if row is not None and _security(row).get("failures"):
+                state = _security(row)
+                state["failures"] = 0
+                self._save(row, state)
+
+    def unlock(self, username: str) -> None:
+        with self._lock:
+            row = self._require(username)
+            state = _security(row)
+            state.pop("locked", None)
+            state["failures"] = 0
+            self._save(row, state)
+
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        with self._lock:
+            row = self._require(username)
+            self._storage.update_account(row._replace(disabled=disabled))
+
+    def set_password(self, username: str, password: str) -> None:
+        check_password_strength(password, username=username)
+        with self._lock:
+            row = self._require(username)
+            self._storage.update_account(row._replace(password_hash=self._hasher.hash(password)))
+
+    # -- the second factor -------------------------------------------------------------
+
+    def issue_enrolment(self, username: str, *, now: float) -> str:
+        """A one-time enrolment code for the account, valid 24 h; only its hash is kept.
+        A factor already enrolled keeps working until the new one is confirmed."""
+        code = secrets.token_urlsafe(20)
+        with self._lock:
+            row = self._require(username)
+            state = _security(row)
+            state["enrolment"] = {"hash": _digest(code), "expires": now + ENROLMENT_TTL}
+            state.pop("pending", None)
+            self._save(row, state)
+        return code
+
+    def enrolment(self, code: str, *, now: float) -> Enrolment:
+        """The secret to enrol for this code (the same one until confirmed)."""
+        box = self._secret_box()
+        with self._lock:
+            row = self._by_enrolment(code, now)
+            state = _security(row)
+            sealed = state.get("pending")
+            if isinstance(sealed, str):
+                secret = box.open(sealed, username=row.username, purpose="totp")
+            else:
+                secret = pyotp.random_base32()
+                state["pending"] = box.seal(secret, username=row.username, purpose="totp")
+                self._save(row, state)
+            return Enrolment(row.username, secret)
+
+    def complete_enrolment(self, code: str, totp: str, *, now: float) -> str:
+        """Confirm the enrolment with a first valid one-time code; the account's name."""
+        box = self._secret_box()
+        with self._lock:
+            row = self._by_enrolment(code, now)
+            state = _security(row)
+            sealed = state.get("pending")
+            if not isinstance(sealed, str):
+                raise AuthenticationFailed("open the enrolment page first to get the secret")
+            secret = box.open(sealed, username=row.username, purpose="totp")
+            step = _matching_step(secret, totp, now, after=-1)
+            if step is None:
+                raise AuthenticationFailed(
+                    "that one-time code is not valid: check the device's clock and try again"
+                )
+            state["totp"] = {"secret": sealed, "last_step": step}
+            state.pop("pending", None)
+            state.pop("enrolment", None)
+            self._save(row, state)
+            return row.username
+
+    def verify_totp(self, username: str, totp: str | None, *, now: float) -> bool:
+        """Whether totp is a valid, unused code for the account; if so it is used up."""
+        if not totp:
+            return False
+        box = self._secret_box()
+        with self._lock:
+            row = self._storage.get_account(username)
+            if row is None:
+                return False
+            state = _security(row)
+            factor = state.get("totp")
+            if not isinstance(factor, dict):
+                return False
+            secret = box.open(str(factor["secret"]), username=username, purpose="totp")
+            step = _matching_step(secret, totp, now, after=int(factor["last_step"]))
+            if step is None:
+                return False
+            # Remembering the step refuses a replay of this code, or of any earlier one.
+            factor["last_step"] = step
+            self._save(row, state)
+            return True
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _secret_box(self) -> SecretBox:
+        if self._box is None:
+            raise ConfigurationError("second-factor secrets need the vault's keys")
+        return self._box
+
+    def _require(self, username: str) -> AccountRow:
+        row = self._storage.get_account(username)
+        if row is None:
+            raise RecordNotFound("no account with that name")
+        return row
+
+    def _by_enrolment(self, code: str, now: float) -> AccountRow:
+        wanted = _digest(code)
+        for row in self._storage.list_accounts():
+            pending = _security(row).get("enrolment")
+            if isinstance(pending, dict) and hmac.compare_digest(str(pending["hash"]), wanted):
+                if now <= float(pending["expires"]) and not row.disabled:
+                    return row
+                break
+        raise AuthenticationFailed(
+            "this enrolment code is unknown, used or expired: ask an administrator for a new "
+            "one ('custodes account enrol NAME')"
+        )
+
+    def _save(self, row: AccountRow, state: dict[str, Any]) -> None:
+        attributes = orjson.loads(row.attributes) if row.attributes else {}
+        attributes[_SECURITY] = state
+        self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _matching_step(secret: str, code: str, now: float, *, after: int) -> int | None:
+    """The time step (now ±1) whose code this is, if later than `after`."""
+    code = code.strip().replace(" ", "")
+    if not (code.isascii() and code.isdigit() and len(code) == 6):
+        return None
+    totp = pyotp.TOTP(secret, interval=TOTP_STEP)
+    current = int(now // TOTP_STEP)
+    found = None
+    # Every candidate is compared, so the time taken does not say which step matched.
+    for step in (current - 1, current, current + 1):
+        if hmac.compare_digest(totp.at(step * TOTP_STEP), code) and step > after:
+            found = step
+    return found
+
+
+def _security(row: AccountRow) -> dict[str, Any]:
+    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    state = attributes.get(_SECURITY)
+    return dict(state) if isinstance(state, dict) else {}
+
 
 def _account(row: AccountRow) -> Account:
+    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    state = attributes.pop(_SECURITY, None) or {}
     return Account(
         username=row.username,
         role=Role(row.role),
-        attributes=orjson.loads(row.attributes) if row.attributes else {},
+        attributes=attributes,
         disabled=row.disabled,
+        mfa_enrolled=isinstance(state.get("totp"), dict),
+        locked=bool(state.get("locked")),
     )
 
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+import pyotp
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -115,7 +117,8 @@ def _login(vault: Vault, user: str | None) -> Session:
             raise ConfigurationError(f"pass --user or set {settings.ENV_USER}")
         username = str(click.prompt("Account"))
     password = _secret(settings.ENV_PASSWORD, "Password")
-    return vault.login(username, password)
+    totp = _secret(settings.ENV_TOTP, "One-time code from your authenticator")
+    return vault.login(username, password, totp=totp)
 
 
 @contextmanager
@@ -481,10 +484,14 @@ def account_add(
         password = _secret(settings.ENV_NEW_PASSWORD, f"Password for {username}", confirm=True)
         attributes = {"district": district} if district else {}
         vault.add_account(username, password, Role(role), attributes)
+        code = vault.issue_enrolment(username)
     finally:
         vault.close()
     log.info("account added role=%s", role)
     out.print(f"account {username} ({role}) created")
+    out.print(f"enrolment code (one use, valid 24 h): {code}")
+    out.print("  the account's holder opens /enrol?code=<code> on the dashboard, or runs")
+    out.print("  'custodes account mfa' on this host, to add the second factor it needs to log in")
 
 
 @account.command("list")
@@ -573,8 +580,14 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
         _print_report(report)
         out.print("[bold]4.[/] adding an investigator account ...")
         vault.add_account("demo.investigator", password, Role.INVESTIGATOR, {"district": "demo"})
+        # The demo enrols the second factor itself; a real official scans the QR code.
+        code = vault.issue_enrolment("demo.investigator")
+        enrolment = vault.enrolment(code)
+        totp = pyotp.TOTP(enrolment.secret)
+        vault.complete_enrolment(code, totp.now())
         first = orjson.loads(population.open("rb").readline())
-        session = vault.login("demo.investigator", password)
+        # The next time step's code: the one that confirmed the enrolment is used up.
+        session = vault.login("demo.investigator", password, totp=totp.at(time.time() + 30))
         stated = AccessPurpose("demo: sample search", "DEMO-1")
         out.print("[bold]5.[/] a sample search by national ID (masked), and one reveal:")
         views = vault.search(
@@ -607,6 +620,8 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
     out.print(f"  export CUSTODES_KEYRING_PASSPHRASE={passphrase}")
     out.print("  export CUSTODES_USER=demo.investigator")
     out.print(f"  export CUSTODES_PASSWORD={password}")
+    out.print(f"  # add to an authenticator app: {enrolment.uri}")
+    out.print("  export CUSTODES_TOTP=<the app's current code>  # each code works once")
     # Show the command as it was invoked (e.g. .venv/bin/custodes) so it can be pasted.
     me = sys.argv[0] if Path(sys.argv[0]).name == "custodes" else "custodes"
     out.print(f"  {me} search --national-id {first['national_id']} --purpose 'demo'")
@@ -619,9 +634,13 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
 
 
 def _register_groups() -> None:
-    from custodes.cli_audit import register
+    from custodes.cli_audit import register as register_audit
+    from custodes.cli_doctor import register as register_doctor
+    from custodes.cli_web import register as register_web
 
-    register(cli)
+    register_audit(cli)
+    register_web(cli)
+    register_doctor(cli)
 
 
 _register_groups()

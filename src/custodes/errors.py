@@ -93,6 +93,29 @@ class AuthenticationFailed(CustodesError):
         super().__init__(message)
 
 
+class MfaEnrolmentRequired(AuthenticationFailed):
+    """The password was right but the account has no second factor yet: no session until
+    it is enrolled with a one-time enrolment code from an administrator."""
+
+    def __init__(
+        self,
+        message: str = "this account has no second factor yet: ask an administrator for an "
+        "enrolment code ('custodes account enrol NAME') and enrol at /enrol",
+    ) -> None:
+        super().__init__(message)
+
+
+class LoginThrottled(AuthenticationFailed):
+    """Too many failed logins from this account name or address: wait before trying again.
+
+    Raised alike for known and unknown account names, and before any password is checked.
+    """
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, int(retry_after + 0.999))
+        super().__init__(f"too many failed attempts: try again in {self.retry_after} seconds")
+
+
 class WeakPassword(CustodesError):
     """A new password is too short, too common or too easy to guess."""
 

@@ -22,6 +22,8 @@ ENV_VAULT = "CUSTODES_VAULT"
 ENV_USER = "CUSTODES_USER"
 ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
 ENV_NEW_PASSWORD = "CUSTODES_NEW_PASSWORD"  # noqa: S105 - a variable name
+ENV_TOTP = "CUSTODES_TOTP"  # the current one-time code from the official's authenticator
+ENV_ENROLMENT_CODE = "CUSTODES_ENROLMENT_CODE"  # for 'account mfa' without a prompt
 
 VAULT_FILE = "vault.toml"
 DATABASE_FILE = "vault.db"

@@ -4,26 +4,36 @@ Every read of personal data passes through one access function, `Vault._access`:
 checks the session, the purpose and the role, runs the read in memory, writes the
 access-log entry durably, and only then returns. If the entry cannot be written, the
 read fails and nothing is returned.
+
+Sessions live in this object's memory: one server process serves one vault, and a restart
+ends every session (API tokens, stored hashed, survive it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from custodes.accounts import Account, AccountBook
+import orjson
+
+from custodes.accounts import Account, AccountBook, Enrolment, SecretBox
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.codec import RecordCodec, Values
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
     AccessDenied,
     AuthenticationFailed,
+    ConfigurationError,
     CustodesError,
     InvalidQuery,
+    LoginThrottled,
+    MfaEnrolmentRequired,
     RecordNotFound,
     SchemaError,
 )
@@ -40,6 +50,31 @@ T = TypeVar("T")
 MAX_RESULTS = 100
 SYSTEM_ACTOR = "operator"  # the holder of the keyring passphrase, acting on the host
 
+IDLE_TIMEOUT = 30 * 60.0
+ABSOLUTE_TIMEOUT = 8 * 3600.0
+FREE_FAILURES = 3  # failed logins before backoff starts
+MAX_BACKOFF = 15 * 60.0
+API_TOKEN_PREFIX = "cst_"  # noqa: S105 - recognisable to secret scanners
+MAX_API_TOKEN_DAYS = 365
+
+# What an integration's token may do: a scope names the largest action it allows.
+API_SCOPES: dict[str, frozenset[Action]] = {
+    "search": frozenset({Action.SEARCH}),
+    "read": frozenset({Action.SEARCH, Action.READ}),
+    "reveal": frozenset({Action.SEARCH, Action.READ, Action.REVEAL}),
+    "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT}),
+}
+
+# Access-log tags for account events (subject:object:action, like custodes.policy.Action).
+LOGOUT = "account:session:logout"
+PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
+ACCOUNT_DISABLE = "account:account:disable"
+ACCOUNT_ENABLE = "account:account:enable"
+ACCOUNT_UNLOCK = "account:account:unlock"
+MFA_ENROL_ISSUE = "account:mfa:issue"
+MFA_ENROL = "account:mfa:enrol"
+API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
+
 
 @dataclass(frozen=True, slots=True)
 class Session:
@@ -50,9 +85,50 @@ class Session:
     role: Role
     issued_at: float
     client: str | None = None  # the network address the session was opened from
+    scope: str | None = None  # an integration's API token: what it may do (API_SCOPES)
 
     def __repr__(self) -> str:  # the token is a bearer secret
         return f"Session(username={self.username!r}, role={self.role.value!r})"
+
+
+@dataclass(slots=True)
+class _LiveSession:
+    session: Session
+    csrf: str
+    last_seen: float
+    expires: float  # absolute: 8 h after login, or an API token's expiry
+
+
+class _Throttle:
+    """Failure counters per key (account name or client address), in memory. After
+    FREE_FAILURES, each attempt waits 2^n seconds, up to MAX_BACKOFF."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, key: str, now: float) -> float:
+        with self._lock:
+            count, last = self._failures.get(key, (0, 0.0))
+        excess = count - FREE_FAILURES
+        if excess < 0:
+            return 0.0
+        return max(0.0, last + min(2.0 ** (excess + 1), MAX_BACKOFF) - now)
+
+    def fail(self, key: str, now: float) -> None:
+        with self._lock:
+            count, _ = self._failures.get(key, (0, 0.0))
+            self._failures[key] = (count + 1, now)
+            if len(self._failures) > 100_000:
+                # Names that stopped failing long ago are forgotten, so guessed names cannot
+                # grow this without bound; the persistent lock still counts known accounts.
+                stale = [k for k, (_, t) in self._failures.items() if now - t > MAX_BACKOFF]
+                for k in stale:
+                    del self._failures[k]
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,38 +189,229 @@ class Vault:
         self.directory = directory
         self._material = material
         self._token_bits = dict(token_bits)
-        self._sessions: dict[str, Session] = {}
-        self._session_ttl = session_ttl
+        self._sessions: dict[str, _LiveSession] = {}
+        self._sessions_lock = threading.Lock()
+        self._session_ttl = min(session_ttl, ABSOLUTE_TIMEOUT)
+        self._throttle = _Throttle()
+        accounts.bind_secrets(SecretBox(material))
 
     # -- sessions -----------------------------------------------------------------
 
-    def login(self, username: str, password: str, *, client: str | None = None) -> Session:
+    def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        totp: str | None = None,
+        client: str | None = None,
+    ) -> Session:
+        """A new session, for the right password and an unused one-time code (TOTP).
+
+        Throttled per account name and per client address before anything is checked;
+        a wrong password, a wrong code, an unknown, disabled or locked account all fail
+        with the same AuthenticationFailed.
+        """
         now = self.access_log.clock()
+        keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
+        wait = max(self._throttle.wait(key, now) for key in keys)
+        if wait > 0:
+            self._log_login(username, "", Outcome.DENIED, now, client, reason="throttled")
+            raise LoginThrottled(wait)
         try:
             account = self.accounts.authenticate(username, password)
         except AuthenticationFailed:
-            self.access_log.append(
-                AccessEntry(username, "", Action.LOGIN, Outcome.DENIED, now, client=client)
-            )
-            raise
-        self.access_log.append(
-            AccessEntry(username, account.role, Action.LOGIN, Outcome.GRANTED, now, client=client)
-        )
+            self._login_failed(username, keys, now, client, "credentials")
+            raise AuthenticationFailed() from None
+        if not account.mfa_enrolled:
+            self._log_login(username, account.role, Outcome.DENIED, now, client, "no_mfa")
+            raise MfaEnrolmentRequired()
+        if not self.accounts.verify_totp(username, totp, now=now):
+            self._login_failed(username, keys, now, client, "second_factor")
+            raise AuthenticationFailed()
+        self._throttle.clear(keys[0])
+        self.accounts.record_success(username)
+        self._log_login(username, account.role, Outcome.GRANTED, now, client)
+        # Always a fresh token: a session id planted before login is never promoted.
         session = Session(secrets.token_urlsafe(16), username, account.role, now, client)
-        self._sessions[session.token] = session
+        with self._sessions_lock:
+            self._sessions[session.token] = _LiveSession(
+                session, secrets.token_urlsafe(32), now, now + self._session_ttl
+            )
         return session
 
+    def _login_failed(
+        self, username: str, keys: Sequence[str], now: float, client: str | None, reason: str
+    ) -> None:
+        for key in keys:
+            self._throttle.fail(key, now)
+        locked = self.accounts.record_failure(username)
+        self._log_login(username, "", Outcome.DENIED, now, client, reason, locked=locked)
+
+    def _log_login(
+        self,
+        username: str,
+        role: str,
+        outcome: Outcome,
+        now: float,
+        client: str | None,
+        reason: str | None = None,
+        *,
+        locked: bool = False,
+    ) -> None:
+        detail: dict[str, Any] = {}
+        if reason:
+            detail["reason"] = reason
+        if locked:
+            detail["account_locked"] = True
+        self.access_log.append(
+            AccessEntry(username, role, Action.LOGIN, outcome, now, client=client, detail=detail)
+        )
+
+    def session_for(self, token: str) -> Session:
+        """The live session a bearer token stands for (a login's or an API token's),
+        or AuthenticationFailed. Idle and absolute timeouts apply here."""
+        if not isinstance(token, str) or not token:
+            raise AuthenticationFailed("no valid session: log in first")
+        with self._sessions_lock:
+            live = self._sessions.get(token)
+        if live is None:
+            live = self._api_session(token)
+        return self._check(live)
+
+    def csrf_token(self, session: Session) -> str:
+        """The session's own random token for forms: a cross-site form cannot know it."""
+        self._live(session)
+        with self._sessions_lock:
+            live = self._sessions.get(session.token)
+        if live is None:
+            raise AuthenticationFailed("no valid session: log in first")
+        return live.csrf
+
     def logout(self, session: Session) -> None:
-        self._sessions.pop(session.token, None)
+        with self._sessions_lock:
+            ended = self._sessions.pop(session.token, None)
+        if ended is not None and ended.session.scope is None:
+            self._account_event(LOGOUT, session.username, by=session.username)
+
+    def logout_everywhere(self, username: str) -> int:
+        """End every session of an account; how many there were."""
+        with self._sessions_lock:
+            tokens = [t for t, s in self._sessions.items() if s.session.username == username]
+            for token in tokens:
+                del self._sessions[token]
+        return len(tokens)
 
     def _live(self, session: Session) -> Session:
-        live = self._sessions.get(session.token) if isinstance(session, Session) else None
-        if live is None or live != session:
+        with self._sessions_lock:
+            live = self._sessions.get(session.token) if isinstance(session, Session) else None
+        if live is None or live.session != session:
             raise AuthenticationFailed("no valid session: log in first")
-        if self.access_log.clock() - live.issued_at > self._session_ttl:
-            self._sessions.pop(live.token, None)
-            raise AuthenticationFailed("the session has expired: log in again")
+        return self._check(live)
+
+    def _check(self, live: _LiveSession) -> Session:
+        now = self.access_log.clock()
+        session = live.session
+        ended = now >= live.expires or (
+            session.scope is None and now - live.last_seen > IDLE_TIMEOUT
+        )
+        if not ended and session.scope is not None:
+            # An integration's token is checked against its account at every use, so that
+            # disabling or locking the account stops it at once.
+            account = self.accounts.get(session.username)
+            ended = account is None or account.disabled or account.locked
+        if ended:
+            with self._sessions_lock:
+                self._sessions.pop(session.token, None)
+            raise AuthenticationFailed("the session has ended: log in again")
+        live.last_seen = now
+        return session
+
+    def _api_session(self, token: str) -> _LiveSession:
+        if not token.startswith(API_TOKEN_PREFIX):
+            raise AuthenticationFailed("no valid session: log in first")
+        stored = self.storage.get_meta(_api_token_key(token))
+        if not stored:
+            raise AuthenticationFailed("no valid session: log in first")
+        doc = orjson.loads(stored)
+        account = self.accounts.get(str(doc["username"]))
+        if account is None:
+            raise AuthenticationFailed("no valid session: log in first")
+        now = self.access_log.clock()
+        session = Session(token, account.username, account.role, now, None, str(doc["scope"]))
+        live = _LiveSession(session, secrets.token_urlsafe(32), now, float(doc["expires"]))
+        with self._sessions_lock:
+            self._sessions[token] = live
         return live
+
+    # -- the second factor, passwords, account state -------------------------------------
+
+    def issue_enrolment(self, username: str, *, by: str = SYSTEM_ACTOR) -> str:
+        """A one-time code (24 h) with which the account's holder enrols a second factor."""
+        code = self.accounts.issue_enrolment(username, now=self.access_log.clock())
+        self._account_event(MFA_ENROL_ISSUE, username, by=by)
+        return code
+
+    def enrolment(self, code: str) -> Enrolment:
+        """The TOTP secret for an enrolment code, to show once as a QR code."""
+        return self.accounts.enrolment(code, now=self.access_log.clock())
+
+    def complete_enrolment(self, code: str, totp: str) -> str:
+        """Confirm an enrolment with a first one-time code; the account's name."""
+        username = self.accounts.complete_enrolment(code, totp, now=self.access_log.clock())
+        self._account_event(MFA_ENROL, username, by=username)
+        return username
+
+    def change_password(self, username: str, password: str, *, by: str = SYSTEM_ACTOR) -> None:
+        """Set a new password and end every session of the account."""
+        self.accounts.set_password(username, password)
+        self.logout_everywhere(username)
+        self._account_event(PASSWORD_CHANGE, username, by=by)
+
+    def disable_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
+        """Disable an account: every session and API token of it stops working at once."""
+        self.accounts.set_disabled(username, True)
+        self.logout_everywhere(username)
+        self._account_event(ACCOUNT_DISABLE, username, by=by)
+
+    def enable_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
+        self.accounts.set_disabled(username, False)
+        self._account_event(ACCOUNT_ENABLE, username, by=by)
+
+    def unlock_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
+        """Lift a lock left by repeated failed logins."""
+        self.accounts.unlock(username)
+        self._throttle.clear(f"account:{username.casefold()}")
+        self._account_event(ACCOUNT_UNLOCK, username, by=by)
+
+    def issue_api_token(
+        self, username: str, scope: str, *, days: int, by: str = SYSTEM_ACTOR
+    ) -> str:
+        """A bearer token for an integration, shown once; only its SHA-256 is stored."""
+        if scope not in API_SCOPES:
+            raise ConfigurationError(f"a scope is one of: {', '.join(API_SCOPES)}")
+        if not 1 <= days <= MAX_API_TOKEN_DAYS:
+            raise ConfigurationError(f"a token lives 1 to {MAX_API_TOKEN_DAYS} days")
+        account = self.accounts.get(username)
+        if account is None:
+            raise RecordNotFound("no account with that name")
+        token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = self.access_log.clock()
+        doc = {"username": username, "scope": scope, "issued": now, "expires": now + days * 86400}
+        self.storage.set_meta(_api_token_key(token), orjson.dumps(doc))
+        self._account_event(API_TOKEN_ISSUE, username, by=by, scope=scope, days=days)
+        return token
+
+    def _account_event(self, action: str, username: str, *, by: str, **detail: Any) -> None:
+        self.access_log.append(
+            AccessEntry(
+                by,
+                Role.ADMIN.value if by == SYSTEM_ACTOR else "",
+                action,
+                Outcome.GRANTED,
+                self.access_log.clock(),
+                detail={"account": username, **detail},
+            )
+        )
 
     # -- the single access function --------------------------------------------------
 
@@ -168,6 +435,7 @@ class Vault:
         live = self._live(session)
         if not isinstance(purpose, AccessPurpose):
             raise AccessDenied("a stated purpose is required to read personal data")
+        scope_denied = _outside_scope(live, action)
 
         # A refused or failed attempt on one record names it, so that it reaches that
         # person's subject report; it returned nothing, so its count stays 0.
@@ -191,6 +459,8 @@ class Vault:
 
         log = self.access_log.append
         try:
+            if scope_denied:
+                raise AccessDenied(scope_denied)
             authorise(live.role, action)
         except AccessDenied:
             log(entry(Outcome.DENIED), private=private)
@@ -418,6 +688,9 @@ class Vault:
         (such as a subject report); a refusal is logged here. Returns the live session."""
         live = self._live(session)
         try:
+            scope_denied = _outside_scope(live, action)
+            if scope_denied:
+                raise AccessDenied(scope_denied)
             authorise(live.role, action)
         except AccessDenied:
             self.access_log.append(
@@ -540,6 +813,17 @@ class Vault:
     def close(self) -> None:
         self._sessions.clear()
         self.storage.close()
+
+
+def _outside_scope(session: Session, action: Action) -> str | None:
+    """Why an API token's scope forbids the action, or None if it allows it."""
+    if session.scope is None or action in API_SCOPES.get(session.scope, frozenset()):
+        return None
+    return f"this API token's scope ({session.scope}) does not allow {action.value}"
+
+
+def _api_token_key(token: str) -> str:
+    return "api_token:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def _pinyin_twin(rt: RecordType, spec: IndexSpec) -> IndexSpec | None:

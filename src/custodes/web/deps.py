@@ -1,0 +1,101 @@
+"""How a request becomes a session, a purpose and a checked form: the web's only gateway
+to the vault. Middleware identifies; these dependencies authorise nothing themselves —
+every decision is the vault's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+
+from fastapi import Request
+
+from custodes.errors import AuthenticationFailed, PurposeRequired
+from custodes.policy import AccessPurpose
+from custodes.vault import Session, Vault
+
+SESSION_COOKIE = "custodes_session"
+# Over TLS the cookie takes the __Host- prefix: browsers then insist on Secure, Path=/ and
+# no Domain, so a sibling host cannot plant or overwrite it.
+TLS_SESSION_COOKIE = "__Host-custodes"
+CSRF_FIELD = "csrf_token"
+
+
+class NotAuthenticated(Exception):
+    """No live session: pages redirect to the login page, the API answers 401."""
+
+
+class CsrfRejected(Exception):
+    """A state-changing request without the session's CSRF token: 403."""
+
+
+def vault_of(request: Request) -> Vault:
+    vault: Vault = request.app.state.vault
+    return vault
+
+
+def is_tls(request: Request) -> bool:
+    return bool(getattr(request.app.state, "tls", False))
+
+
+def cookie_name(request: Request) -> str:
+    """The session cookie's name for this app: __Host-custodes over TLS."""
+    return TLS_SESSION_COOKIE if is_tls(request) else SESSION_COOKIE
+
+
+def client_address(request: Request) -> str | None:
+    """The peer's address as the security middleware recorded it (never a forwarded
+    header, which the client could write itself)."""
+    address = request.scope.get("state", {}).get("client")
+    if isinstance(address, str):
+        return address
+    return request.client.host if request.client else None
+
+
+def session_token(request: Request) -> str | None:
+    """The bearer of a session: the cookie (pages) or an Authorization header (API)."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.cookies.get(cookie_name(request))
+
+
+def require_session(request: Request) -> Session:
+    """FastAPI dependency: the live session of this request, or NotAuthenticated."""
+    token = session_token(request)
+    if not token:
+        raise NotAuthenticated()
+    try:
+        return vault_of(request).session_for(token)
+    except AuthenticationFailed:
+        raise NotAuthenticated() from None
+
+
+def purpose_from(reason: str | None, case_ref: str | None) -> AccessPurpose:
+    """A stated purpose from form or query fields; PurposeRequired (422) if unusable."""
+    if reason is None:
+        raise PurposeRequired("a purpose is required")
+    return AccessPurpose(reason, case_ref or None)
+
+
+def csrf_token(request: Request) -> str:
+    """The CSRF token of the request's session, for forms (a hidden field named csrf_token)."""
+    session = require_session(request)
+    return vault_of(request).csrf_token(session)
+
+
+async def verify_csrf(request: Request) -> None:
+    """FastAPI dependency for state-changing form posts: the posted token must match."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    session = require_session(request)
+    form = await request.form()
+    sent = form.get(CSRF_FIELD)
+    if not isinstance(sent, str) or not hmac.compare_digest(
+        sent, vault_of(request).csrf_token(session)
+    ):
+        raise CsrfRejected()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(16)

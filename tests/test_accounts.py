@@ -1,0 +1,178 @@
+"""Threats 2 and 6 at the vault: no default account, common passwords refused, a second
+factor for everyone, codes that work once, throttling and lockout of guessers."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from custodes.accounts import LOCK_AFTER_FAILURES, check_password_strength
+from custodes.audit import Outcome
+from custodes.errors import (
+    AuthenticationFailed,
+    LoginThrottled,
+    MfaEnrolmentRequired,
+    WeakPassword,
+)
+from custodes.policy import Action, Role
+from custodes.vault import Vault
+from tests.conftest import PASSWORD, enrol, make_vault, totp_code
+
+
+class Clock:
+    """A clock the test moves, so that backoff and code windows need no sleeping."""
+
+    def __init__(self, now: float = 1_900_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clocked(vault: Vault) -> tuple[Vault, Clock]:
+    clock = Clock()
+    vault.access_log.clock = clock
+    return vault, clock
+
+
+def shipped_list() -> list[str]:
+    text = resources.files("custodes").joinpath("data/common_passwords.txt").read_text("utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_shipped_list_holds_ten_thousand_common_passwords_and_chinese_ones() -> None:
+    words = shipped_list()
+    assert len(words) >= 10_000
+    assert {"123456", "password", "woaini1314520", "5201314woaini"} <= set(words)
+
+
+@pytest.mark.parametrize("pick", range(5))
+def test_password_sprayer_favourites_are_refused_whatever_the_case(pick: int) -> None:
+    long_ones = [w for w in shipped_list() if len(w) >= 12]
+    word = long_ones[pick * 7]
+    for candidate in (word, word.upper()):
+        with pytest.raises(WeakPassword) as refused:
+            check_password_strength(candidate)
+        assert candidate not in str(refused.value)
+
+
+def test_fresh_vault_has_no_account_and_no_default_login(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    try:
+        assert vault.accounts.list() == []
+        for name, password in (("admin", "admin"), ("root", ""), ("custodes", "custodes")):
+            with pytest.raises(AuthenticationFailed):
+                vault.login(name, password, totp="000000")
+    finally:
+        vault.close()
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_stolen_password_alone_opens_no_session_for_any_role(vault: Vault, role: Role) -> None:
+    vault.add_account("t.victim", PASSWORD, role)
+    with pytest.raises(MfaEnrolmentRequired) as before:
+        vault.login("t.victim", PASSWORD)
+    assert "enrol" in str(before.value)
+    enrol(vault, "t.victim")
+    with pytest.raises(AuthenticationFailed) as without:
+        vault.login("t.victim", PASSWORD)
+    with pytest.raises(AuthenticationFailed) as wrong:
+        vault.login("t.victim", PASSWORD, totp="123456")
+    with pytest.raises(AuthenticationFailed) as unknown:
+        vault.login("t.nobody", PASSWORD, totp="123456")
+    # Nothing tells the guesser that the password was right.
+    assert str(without.value) == str(wrong.value) == str(unknown.value)
+
+
+def test_replayed_one_time_code_is_refused(clocked: tuple[Vault, Clock]) -> None:
+    vault, clock = clocked
+    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+    secret = enrol(vault, "t.officer")
+    clock.now += 60
+    code = pyotp.TOTP(secret).at(clock.now)
+    vault.login("t.officer", PASSWORD, totp=code)
+    with pytest.raises(AuthenticationFailed):
+        vault.login("t.officer", PASSWORD, totp=code)
+    # An older code, still inside the clock-skew window, is no better.
+    with pytest.raises(AuthenticationFailed):
+        vault.login("t.officer", PASSWORD, totp=pyotp.TOTP(secret).at(clock.now - 30))
+    clock.now += 30
+    vault.login("t.officer", PASSWORD, totp=pyotp.TOTP(secret).at(clock.now))
+
+
+def test_totp_secret_is_sealed_in_the_database(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    try:
+        vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+        secret = enrol(vault, "t.officer")
+        code = vault.issue_enrolment("t.officer")
+    finally:
+        vault.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "vault").glob("vault.db*"))
+    assert secret.encode() not in raw
+    assert code.encode() not in raw  # only its hash is kept
+
+
+def test_enrolment_code_works_once_and_expires(clocked: tuple[Vault, Clock]) -> None:
+    vault, clock = clocked
+    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+    code = vault.issue_enrolment("t.officer")
+    secret = vault.enrolment(code).secret
+    assert vault.enrolment(code).secret == secret  # a reload shows the same secret
+    vault.complete_enrolment(code, pyotp.TOTP(secret).at(clock.now))
+    with pytest.raises(AuthenticationFailed):
+        vault.enrolment(code)
+    late = vault.issue_enrolment("t.officer")
+    clock.now += 24 * 3600 + 1
+    with pytest.raises(AuthenticationFailed):
+        vault.enrolment(late)
+
+
+def test_credential_stuffer_is_slowed_then_locked_out(clocked: tuple[Vault, Clock]) -> None:
+    vault, clock = clocked
+    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+    secret = enrol(vault, "t.officer")
+    for attempt in range(LOCK_AFTER_FAILURES):
+        with pytest.raises(AuthenticationFailed):
+            vault.login("t.officer", f"guess number {attempt}", client="203.0.113.9")
+        if attempt >= 3:
+            # Backoff: an immediate retry is refused before any password is checked.
+            with pytest.raises(LoginThrottled):
+                vault.login("t.officer", PASSWORD, totp="000000", client="203.0.113.9")
+        clock.now += 901
+    # Locked: even the right password and a fresh code fail, and alike.
+    clock.now += 60
+    with pytest.raises(AuthenticationFailed) as locked:
+        vault.login("t.officer", PASSWORD, totp=totp_code(secret, clock.now))
+    assert not isinstance(locked.value, LoginThrottled)
+    assert vault.accounts.get("t.officer").locked  # type: ignore[union-attr]
+    entries = [e for _, e in vault.access_log.entries() if e.action == Action.LOGIN]
+    assert any(e.detail.get("account_locked") for e in entries)
+    assert all(e.outcome is Outcome.DENIED for e in entries[-LOCK_AFTER_FAILURES:])
+    assert not any("guess number" in str(e.encode()) for e in entries)
+
+    vault.unlock_account("t.officer")
+    clock.now += 60
+    vault.login("t.officer", PASSWORD, totp=totp_code(secret, clock.now))
+
+
+def test_password_sprayer_is_throttled_per_address_and_names_alike(
+    clocked: tuple[Vault, Clock],
+) -> None:
+    vault, _clock = clocked
+    vault.add_account("t.known", PASSWORD, Role.OFFICER)
+    for n in range(4):
+        with pytest.raises(AuthenticationFailed):
+            vault.login(f"t.sprayed{n}", "Summer2026!!", client="198.51.100.7")
+    # The address is throttled whichever name it tries next, known or not.
+    for name in ("t.known", "t.unknown"):
+        with pytest.raises(LoginThrottled) as throttled:
+            vault.login(name, PASSWORD, client="198.51.100.7")
+        assert throttled.value.retry_after >= 1
+    # Another address is not.
+    with pytest.raises(MfaEnrolmentRequired):
+        vault.login("t.known", PASSWORD, client="192.0.2.1")

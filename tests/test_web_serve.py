@@ -1,0 +1,65 @@
+"""Threats 1 and 2 at the server: loopback by default, no listening elsewhere without TLS,
+no switch that turns authentication off, self-signed keys kept apart from the vault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from custodes.errors import ConfigurationError
+from custodes.web import serve
+from tests.test_cli import run, vault_env  # noqa: F401 - a fixture, used by name
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "vault.example.org"])
+def test_public_address_without_tls_is_refused(host: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        serve.check_bind(host, None)
+    message = str(refused.value)
+    assert "without TLS" in message and "--tls-cert" in message and "127.0.0.1" in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_needs_no_tls(host: str) -> None:
+    serve.check_bind(host, None)
+
+
+def test_default_bind_is_loopback() -> None:
+    assert serve.DEFAULT_HOST == "127.0.0.1"
+
+
+def test_serve_command_refuses_public_address_before_asking_anything(
+    vault_env: dict[str, str],  # noqa: F811
+) -> None:
+    done = run("serve", "--host", "0.0.0.0", env=vault_env)
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without TLS" in done.stderr
+    assert done.stdout == ""
+
+
+def test_no_option_turns_authentication_off() -> None:
+    done = run("serve", "--help")
+    assert done.returncode == 0
+    words = done.stdout.lower()
+    for switch in ("no-auth", "insecure", "anonymous", "disable-auth", "public", "open"):
+        assert switch not in words
+
+
+def test_self_signed_certificate_names_the_host_and_prints_a_fingerprint(tmp_path: Path) -> None:
+    files = serve.self_signed("192.0.2.10", tmp_path / "tls", vault_dir=tmp_path / "vault")
+    assert files.key.stat().st_mode & 0o077 == 0
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["192.0.2.10"]
+    fingerprint = serve.fingerprint(files.cert.read_bytes())
+    assert len(fingerprint.split(":")) == 32
+    serve.check_bind("192.0.2.10", files)
+
+
+def test_self_signed_key_is_never_written_inside_the_vault(tmp_path: Path) -> None:
+    (tmp_path / "vault").mkdir()
+    with pytest.raises(ConfigurationError):
+        serve.self_signed("localhost", tmp_path / "vault" / "tls", vault_dir=tmp_path / "vault")
+    assert not (tmp_path / "vault" / "tls").exists()
