@@ -1,0 +1,578 @@
+"""The dashboard's pages: search, person and case pages, reveals, the auditor's views and the
+administrator's account list. Pages only present what the vault decides; every read of
+personal data or of the access log goes through a vault method that logs it first.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from custodes.audit import AccessEntry, Outcome
+from custodes.audit.report import BundleInvalid, build_report, verify_bundle
+from custodes.audit.verify import LogTampered, verify_log
+from custodes.errors import AccessDenied, InvalidQuery, PurposeRequired, RecordNotFound
+from custodes.policy import AccessPurpose, Action, Role, clearance_of
+from custodes.schema import REFERENCE_KINDS, FieldSpec, RecordType, Sensitivity
+from custodes.vault import LinkView, RecordView, Session, Vault
+from custodes.web import deps
+from custodes.web.templating import render
+
+router = APIRouter(include_in_schema=False)
+
+Me = Annotated[Session, Depends(deps.require_session)]
+Csrf = Depends(deps.verify_csrf)
+OptionalText = Annotated[str | None, Query()]
+FormText = Annotated[str | None, Form()]
+
+LOG_PAGE_SIZE = 50
+LOG_MAX_PAGE_SIZE = 200
+# Pages deeper than this are refused: narrow the filters instead of paging through millions.
+LOG_MAX_PAGE = 200
+ALERTS_SHOWN = 200
+ALERTS_PURPOSE = AccessPurpose("review of refused and failed accesses")
+
+# What each role is for, in the words shown on the home page.
+ROLE_DUTIES: dict[Role, str] = {
+    Role.OFFICER: (
+        "search for people and cases and open their records; reveal identifying fields "
+        "(name, ID number, phone, address) when a task needs them"
+    ),
+    Role.INVESTIGATOR: (
+        "search and open records and reveal fields up to sensitive ones, such as ethnicity"
+    ),
+    Role.SUPERVISOR: "search and open records and reveal every field, case narratives included",
+    Role.AUDITOR: (
+        "read the access log, check its signed checkpoints and answer subject access "
+        "requests; auditors never open personal records"
+    ),
+    Role.ADMIN: "manage officials' accounts; administrators never see personal records",
+}
+
+FIELD_LABELS = {
+    "national_id": "National ID",
+    "birth_date": "Date of birth",
+    "birth_place": "Place of birth",
+    "marital_status": "Marital status",
+    "case_no": "Case number",
+    "opened_on": "Opened on",
+    "waybill_no": "Waybill number",
+    "recipient_name": "Recipient's name",
+    "delivered_on": "Delivered on",
+}
+
+TYPE_LABELS = {"person": "Person", "case": "Case", "delivery": "Delivery"}
+
+
+@dataclass(frozen=True, slots=True)
+class SearchKind:
+    """One way to look someone or something up: a record type, an index and its inputs."""
+
+    key: str
+    label: str
+    record_type: str
+    index: str
+    fields: tuple[str, ...]
+
+
+SEARCH_KINDS = (
+    SearchKind("national_id", "National ID number", "person", "national_id", ("national_id",)),
+    SearchKind("phone", "Phone number", "person", "phone", ("phone",)),
+    SearchKind(
+        "name_birth", "Name and date of birth", "person", "name_birth", ("name", "birth_date")
+    ),
+    SearchKind("case_no", "Case number", "case", "case_no", ("case_no",)),
+)
+_KINDS = {k.key: k for k in SEARCH_KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRow:
+    name: str
+    label: str
+    value: str
+    sensitivity: str
+    revealable: bool
+    above_clearance: bool
+
+
+def label_of(field_name: str) -> str:
+    return FIELD_LABELS.get(field_name, field_name.replace("_", " ").capitalize())
+
+
+def purpose_query(purpose: AccessPurpose) -> str:
+    """The purpose carried from page to page, as a query string."""
+    return urlencode({"reason": purpose.reason, "case_ref": purpose.case_ref or ""})
+
+
+def stated_purpose(
+    reason: str | None, case_ref: str | None, *, case_required: bool
+) -> AccessPurpose:
+    """A purpose from form fields; reads of records also need the case they serve."""
+    purpose = deps.purpose_from((reason or "").strip() or None, (case_ref or "").strip() or None)
+    if case_required and purpose.case_ref is None:
+        raise PurposeRequired("a case reference is required: name the case this work serves")
+    return purpose
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def field_rows(rt: RecordType, view: RecordView, role: Role) -> list[FieldRow]:
+    clearance = clearance_of(role)
+    rows = []
+    for spec in rt.fields.values():
+        if spec.kind in REFERENCE_KINDS:
+            continue  # links are listed by themselves, as records to open
+        masked = view.fields.get(spec.name)
+        rows.append(
+            FieldRow(
+                name=spec.name,
+                label=label_of(spec.name),
+                value="not recorded" if masked is None else masked,
+                sensitivity=spec.sensitivity.name.lower(),
+                revealable=masked is not None and _may_reveal(spec, clearance),
+                above_clearance=clearance is None or spec.sensitivity > clearance,
+            )
+        )
+    return rows
+
+
+def _may_reveal(spec: FieldSpec, clearance: Sensitivity | None) -> bool:
+    # A field shown unmasked needs no reveal; one above the role's clearance gets none.
+    return spec.mask != "none" and clearance is not None and spec.sensitivity <= clearance
+
+
+def summary(view: RecordView, rt: RecordType, limit: int = 4) -> list[tuple[str, str]]:
+    """A few masked fields that tell one result from another."""
+    shown = [
+        (label_of(name), value)
+        for name, value in view.fields.items()
+        if name in rt.fields and rt.fields[name].kind not in REFERENCE_KINDS
+    ]
+    return shown[:limit]
+
+
+def group_links(links: Iterable[LinkView]) -> dict[str, list[LinkView]]:
+    groups: dict[str, list[LinkView]] = {}
+    for link in links:
+        groups.setdefault(link.record_type, []).append(link)
+    return groups
+
+
+# -- home and search --------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, me: Me) -> Response:
+    return render(
+        request,
+        "home.html",
+        duty=ROLE_DUTIES[me.role],
+        reads_records=clearance_of(me.role) is not None,
+        kinds=SEARCH_KINDS,
+        form={},
+    )
+
+
+@router.get("/search", response_class=HTMLResponse)
+def search_form(
+    request: Request, me: Me, reason: OptionalText = None, case_ref: OptionalText = None
+) -> Response:
+    form = {"reason": reason or "", "case_ref": case_ref or "", "by": "national_id"}
+    return render(request, "search.html", kinds=SEARCH_KINDS, form=form, results=None)
+
+
+@router.post("/search", response_class=HTMLResponse, dependencies=[Csrf])
+async def search(request: Request, me: Me) -> Response:
+    posted = await request.form()
+    form = {k: v.strip() for k, v in posted.items() if isinstance(v, str) and k != "csrf_token"}
+    kind = _KINDS.get(form.get("by", ""))
+    template = "_results.html" if is_htmx(request) else "search.html"
+    context: dict[str, Any] = {"kinds": SEARCH_KINDS, "form": form, "results": None}
+    try:
+        purpose = stated_purpose(form.get("reason"), form.get("case_ref"), case_required=True)
+        if kind is None:
+            raise InvalidQuery("choose what to search by")
+        values = {f: form.get(f, "") for f in kind.fields}
+        missing = [label_of(f) for f, v in values.items() if not v]
+        if missing:
+            raise InvalidQuery(f"fill in: {', '.join(missing)}")
+        views = deps.vault_of(request).search(
+            me, purpose, record_type=kind.record_type, index=kind.index, values=values
+        )
+    except (PurposeRequired, InvalidQuery) as exc:
+        # Said beside the form, with what was typed kept, rather than on a bare error page.
+        return render(request, template, status_code=422, error=str(exc), **context)
+    rt = deps.vault_of(request).schema.types[kind.record_type]
+    results = [
+        {"view": v, "summary": summary(v, rt), "type_label": TYPE_LABELS.get(v.record_type, "")}
+        for v in views
+    ]
+    return render(
+        request,
+        template,
+        **{**context, "results": results},
+        query=purpose_query(purpose),
+        purpose=purpose,
+    )
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+@router.get("/records/{record_id}", response_class=HTMLResponse)
+def record_page(
+    request: Request,
+    record_id: str,
+    me: Me,
+    reason: OptionalText = None,
+    case_ref: OptionalText = None,
+) -> Response:
+    try:
+        purpose = stated_purpose(reason, case_ref, case_required=True)
+    except PurposeRequired as exc:
+        return render(
+            request,
+            "purpose.html",
+            status_code=422,
+            error=str(exc) if reason or case_ref else None,
+            action=f"/records/{record_id}",
+            reason=reason or "",
+            case_ref=case_ref or "",
+            case_required=True,
+            heading="Why are you opening this record?",
+        )
+    vault = deps.vault_of(request)
+    view = vault.record(me, purpose, record_id)
+    rt = vault.schema.types[view.record_type]
+    return render(
+        request,
+        "record.html",
+        view=view,
+        type_label=TYPE_LABELS.get(view.record_type, view.record_type),
+        description=rt.description,
+        rows=field_rows(rt, view, me.role),
+        links=group_links(view.links),
+        purpose=purpose,
+        query=purpose_query(purpose),
+    )
+
+
+@router.post(
+    "/records/{record_id}/reveal/{field_name}", response_class=HTMLResponse, dependencies=[Csrf]
+)
+def reveal(
+    request: Request,
+    record_id: str,
+    field_name: str,
+    me: Me,
+    reason: FormText = None,
+    case_ref: FormText = None,
+) -> Response:
+    template = "_revealed.html" if is_htmx(request) else "revealed.html"
+    context: dict[str, Any] = {
+        "record_id": record_id,
+        "field": field_name,
+        "label": label_of(field_name),
+    }
+    try:
+        purpose = stated_purpose(reason, case_ref, case_required=True)
+        value = deps.vault_of(request).reveal(me, purpose, record_id, field_name)
+    except PurposeRequired as exc:
+        return render(request, template, status_code=422, error=str(exc), **context)
+    except AccessDenied as exc:
+        return render(request, template, status_code=403, error=str(exc), **context)
+    except InvalidQuery as exc:
+        return render(request, template, status_code=422, error=str(exc), **context)
+    return render(
+        request,
+        template,
+        value=value,
+        purpose=purpose,
+        query=purpose_query(purpose),
+        **context,
+    )
+
+
+# -- auditors ---------------------------------------------------------------------------
+
+
+@router.get("/audit/subject/{record_id}", response_class=HTMLResponse)
+def subject_report(
+    request: Request,
+    record_id: str,
+    me: Me,
+    reason: OptionalText = None,
+    case_ref: OptionalText = None,
+) -> Response:
+    try:
+        purpose = stated_purpose(reason, case_ref, case_required=False)
+    except PurposeRequired as exc:
+        return render(
+            request,
+            "purpose.html",
+            status_code=422,
+            error=str(exc) if reason else None,
+            action=f"/audit/subject/{record_id}",
+            reason=reason if reason is not None else "subject access request",
+            case_ref=case_ref or "",
+            case_required=False,
+            heading="Why do you need this subject access report?",
+        )
+    vault = deps.vault_of(request)
+    live = vault.require(me, purpose, Action.SUBJECT_REPORT)
+    report = build_report(vault, record_id, actor=live.username, purpose=purpose)
+    try:
+        verify_bundle(report.bundle(), vault.access_log.verifier_key)
+        bundle_ok: str | None = None
+    except BundleInvalid as exc:
+        bundle_ok = str(exc)
+    # The values an official searched for are personal data: the report page leaves them out.
+    rows = [
+        {
+            "index": a.index,
+            "time": a.time.replace("T", " ").removesuffix("Z"),
+            "actor": a.actor,
+            "role": a.role or "-",
+            "action": a.action,
+            "field": AccessEntry.decode(a.leaf).detail.get("field"),
+            "purpose": a.purpose or "-",
+            "case": a.case_ref or "-",
+            "outcome": a.outcome.value,
+            "this_report": a.index == report.report_index,
+        }
+        for a in report.accesses
+    ]
+    return render(
+        request,
+        "subject.html",
+        report=report,
+        rows=rows,
+        bundle_error=bundle_ok,
+        verifier_key=vault.access_log.verifier_key,
+        query=purpose_query(purpose),
+        purpose=purpose,
+    )
+
+
+@router.get("/audit/subject/{record_id}/bundle")
+def subject_bundle(
+    request: Request,
+    record_id: str,
+    me: Me,
+    reason: OptionalText = None,
+    case_ref: OptionalText = None,
+) -> Response:
+    purpose = stated_purpose(reason, case_ref, case_required=False)
+    vault = deps.vault_of(request)
+    live = vault.require(me, purpose, Action.SUBJECT_REPORT)
+    report = build_report(vault, record_id, actor=live.username, purpose=purpose)
+    name = f"subject-report-{record_id[:16]}.txt"
+    return Response(
+        report.bundle(),
+        media_type="text/plain; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def _day(text: str | None, *, end: bool = False) -> float | None:
+    """A UTC calendar day from a date input; the end of a range includes its last day."""
+    if not text:
+        return None
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise InvalidQuery("dates are written YYYY-MM-DD") from None
+    moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    if end:
+        moment += timedelta(days=1)
+    return moment.timestamp()
+
+
+def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
+    return {
+        "index": index,
+        "time": datetime.fromtimestamp(entry.time, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "actor": entry.actor,
+        "role": entry.role or "-",
+        "action": entry.action,
+        "purpose": entry.purpose or "",
+        "case": entry.case_ref or "",
+        "outcome": entry.outcome.value,
+        "records": entry.records,
+        "count": entry.result_count,
+        "field": entry.detail.get("field") if isinstance(entry.detail, dict) else None,
+    }
+
+
+def checkpoint_status(vault: Vault) -> dict[str, Any]:
+    log = vault.access_log
+    latest = log.latest_checkpoint()
+    signed = latest[0] if latest is not None else 0
+    return {"size": log.size, "signed": signed, "behind": log.size - signed}
+
+
+@router.get("/audit/log", response_class=HTMLResponse)
+def audit_log(
+    request: Request,
+    me: Me,
+    reason: OptionalText = None,
+    case_ref: OptionalText = None,
+    actor: OptionalText = None,
+    action: OptionalText = None,
+    since: OptionalText = None,
+    until: OptionalText = None,
+    purpose_contains: OptionalText = None,
+    page: Annotated[int, Query(ge=1, le=LOG_MAX_PAGE)] = 1,
+    size: Annotated[int, Query(ge=1, le=LOG_MAX_PAGE_SIZE)] = LOG_PAGE_SIZE,
+) -> Response:
+    filters = {
+        "reason": reason or "",
+        "case_ref": case_ref or "",
+        "actor": actor or "",
+        "action": action or "",
+        "since": since or "",
+        "until": until or "",
+        "purpose_contains": purpose_contains or "",
+    }
+    context: dict[str, Any] = {
+        "filters": filters,
+        "actions": [a.value for a in Action],
+        "rows": None,
+        "page": page,
+        "size": size,
+    }
+    if not reason:
+        return render(request, "audit_log.html", **context)
+    vault = deps.vault_of(request)
+    try:
+        purpose = stated_purpose(reason, case_ref, case_required=False)
+        found = vault.read_log(
+            me,
+            purpose,
+            actor=actor or None,
+            action=action or None,
+            since=_day(since),
+            until=_day(until, end=True),
+            purpose_contains=purpose_contains or None,
+        )
+    except (PurposeRequired, InvalidQuery) as exc:
+        return render(request, "audit_log.html", status_code=422, error=str(exc), **context)
+    start = (page - 1) * size
+    window = list(itertools.islice(found, start, start + size + 1))
+    rows = [entry_row(i, e) for i, e in window[:size]]
+    base = {k: v for k, v in filters.items() if v}
+    return render(
+        request,
+        "audit_log.html",
+        **{**context, "rows": rows},
+        status=checkpoint_status(vault),
+        prev_href=f"/audit/log?{urlencode({**base, 'page': page - 1, 'size': size})}"
+        if page > 1
+        else None,
+        next_href=f"/audit/log?{urlencode({**base, 'page': page + 1, 'size': size})}"
+        if len(window) > size and page < LOG_MAX_PAGE
+        else None,
+        subject_query=urlencode({"reason": "subject access request"}),
+    )
+
+
+@router.post("/audit/log/verify", response_class=HTMLResponse, dependencies=[Csrf])
+def audit_verify(
+    request: Request, me: Me, reason: FormText = None, case_ref: FormText = None
+) -> Response:
+    vault = deps.vault_of(request)
+    purpose = stated_purpose(reason, case_ref, case_required=False)
+    vault.require(me, purpose, Action.LOG_READ)
+    log = vault.access_log
+    try:
+        result = verify_log(vault.storage, log.verifier_key, origin=log.origin)
+        error = None
+    except LogTampered as exc:
+        result, error = None, str(exc)
+    template = "_verified.html" if is_htmx(request) else "verified.html"
+    return render(request, template, result=result, error=error)
+
+
+@router.get("/alerts", response_class=HTMLResponse)
+def alerts(request: Request, me: Me) -> Response:
+    vault = deps.vault_of(request)
+    found = vault.read_log(me, ALERTS_PURPOSE)
+    refused = (Outcome.DENIED, Outcome.ERROR)
+    # Newest first, and only the latest few: the full history is on the access log page.
+    latest = deque((entry_row(i, e) for i, e in found if e.outcome in refused), maxlen=ALERTS_SHOWN)
+    return render(request, "alerts.html", rows=list(reversed(latest)), shown=ALERTS_SHOWN)
+
+
+# -- administrators ---------------------------------------------------------------------
+
+
+ADMIN_PURPOSE = AccessPurpose("account administration")
+ACCOUNT_ACTIONS = ("disable", "enable", "unlock", "enrol")
+
+
+def account_rows(vault: Vault) -> list[dict[str, Any]]:
+    return [
+        {
+            "username": a.username,
+            "role": a.role.value,
+            "district": str(a.attributes.get("district", "")),
+            "mfa": a.mfa_enrolled,
+            "locked": a.locked,
+            "disabled": a.disabled,
+        }
+        for a in vault.accounts.list()
+    ]
+
+
+@router.get("/admin/accounts", response_class=HTMLResponse)
+def accounts(request: Request, me: Me) -> Response:
+    vault = deps.vault_of(request)
+    vault.require(me, ADMIN_PURPOSE, Action.ACCOUNT_ADD)
+    return render(request, "accounts.html", rows=account_rows(vault), roles=[r.value for r in Role])
+
+
+@router.post("/admin/accounts/{username}/{verb}", response_class=HTMLResponse, dependencies=[Csrf])
+def account_action(request: Request, username: str, verb: str, me: Me) -> Response:
+    vault = deps.vault_of(request)
+    live = vault.require(me, ADMIN_PURPOSE, Action.ACCOUNT_ADD)
+    if verb not in ACCOUNT_ACTIONS:
+        raise InvalidQuery(f"an account action is one of: {', '.join(ACCOUNT_ACTIONS)}")
+    if vault.accounts.get(username) is None:
+        raise RecordNotFound("no account with that name")
+    code = None
+    if verb == "disable":
+        if username == live.username:
+            raise InvalidQuery("you cannot disable your own account")
+        vault.disable_account(username, by=live.username)
+    elif verb == "enable":
+        vault.enable_account(username, by=live.username)
+    elif verb == "unlock":
+        vault.unlock_account(username, by=live.username)
+    else:
+        code = vault.issue_enrolment(username, by=live.username)
+    done = {
+        "disable": "disabled; every session it had has ended",
+        "enable": "enabled",
+        "unlock": "unlocked",
+        "enrol": "given a new enrolment code",
+    }[verb]
+    return render(
+        request,
+        "accounts.html",
+        rows=account_rows(vault),
+        roles=[r.value for r in Role],
+        done=f"Account {username} {done}.",
+        enrol_code=code,
+        enrol_for=username,
+    )

@@ -1,0 +1,220 @@
+"""The dashboard in Debian's chromium: log in with password and one-time code, search with a
+purpose, reveal a field, and find that reveal in the person's subject access report.
+Screenshots of every page go to test-output/screenshots/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from custodes.policy import Action, Role
+from custodes.vault import Vault
+from tests.conftest import PASSWORD, make_vault, read_records
+from tests.test_web_pages import enrol, web_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "screenshots"
+REASON = "identify the victim of a reported theft"
+CASE = "2026-SH-00417"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and os.environ.get("CUSTODES_REQUIRE_BROWSER") != "1",
+        reason="Debian's chromium is not installed (apt-get install chromium)",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, population_file: Path
+) -> Iterator[tuple[str, Vault, dict[str, str], list[dict[str, Any]]]]:
+    import uvicorn
+
+    vault = make_vault(tmp_path_factory.mktemp("browser"), "memory")
+    assert vault.ingest(population_file).rejected == 0
+    secrets = {
+        "b.investigator": enrol(vault, "b.investigator", Role.INVESTIGATOR),
+        "b.auditor": enrol(vault, "b.auditor", Role.AUDITOR),
+        "b.admin": enrol(vault, "b.admin", Role.ADMIN),
+    }
+    port = free_port()
+    config = uvicorn.Config(
+        web_app(vault),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    records = read_records(population_file)
+    named = {
+        str(p["national_id"])
+        for r in records
+        if r["type"] == "case"
+        for p in r.get("persons", [])  # type: ignore[attr-defined]
+    }
+    # People named in a case come first, so that the flow can open a case page too.
+    people = sorted(
+        (r for r in records if r["type"] == "person"),
+        key=lambda r: str(r["national_id"]) not in named,
+    )
+    yield f"http://127.0.0.1:{port}", vault, secrets, people
+    server.should_exit = True
+    thread.join(timeout=10)
+    vault.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail("CUSTODES_REQUIRE_BROWSER=1 but /usr/bin/chromium is missing")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield chromium
+        chromium.close()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def log_in(page: Any, base: str, username: str, secret: str, name: str) -> None:
+    """Through the login page: account name, password and the one-time code."""
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    # A code not used before: enrolment consumed the previous time step's.
+    page.fill("input[name=totp]", pyotp.TOTP(secret).now())
+    shot(page, f"{name}-login")
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    assert "/login" not in page.url, page.inner_text("main")
+
+
+def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: Any) -> None:
+    base, vault, secrets, people = server
+    person = next(p for p in people if p.get("phone"))
+    nid, phone = str(person["national_id"]), str(person["phone"])
+
+    # An investigator looks the person up, opens the record and reveals the phone number.
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    log_in(page, base, "b.investigator", secrets["b.investigator"], "investigator")
+    page.goto(f"{base}/")
+    assert "investigator" in page.inner_text("header")
+    shot(page, "home-investigator")
+    page.goto(f"{base}/search")
+    page.fill("#s-reason", REASON)
+    page.fill("#s-case_ref", CASE)
+    page.check("#by-national_id")
+    page.fill("#q-national_id", nid)
+    page.click("form.search-form button[type=submit]")
+    page.wait_for_selector(".result-open")
+    assert nid not in page.inner_text("#results")
+    shot(page, "search-results")
+
+    page.click(".result-open")
+    page.wait_for_selector("table.fields")
+    assert phone not in page.inner_text("main")
+    assert REASON in page.inner_text(".purpose-line")
+    shot(page, "person")
+    record_id = page.url.split("/records/")[1].split("?")[0]
+
+    page.click("tr:has(#value-phone) summary")
+    page.wait_for_selector("tr:has(#value-phone) form button")
+    shot(page, "person-reveal-form")
+    page.click("tr:has(#value-phone) form button")
+    page.wait_for_selector("#value-phone .revealed")
+    assert page.inner_text("#value-phone .revealed") == phone
+    shot(page, "person-revealed")
+    page.click("text=Open case")
+    page.wait_for_selector("table.fields")
+    # An investigator's clearance stops below restricted fields: no reveal for the narrative.
+    assert page.locator("tr:has(#value-narrative) summary").count() == 0
+    assert "above your clearance" in page.inner_text("tr:has(#value-narrative)")
+    shot(page, "case")
+    # No script errors and no CSP refusals (a missing page before login is not one).
+    assert not [e for e in errors if not e.startswith("Failed to load resource")], errors
+    context.close()
+
+    reveals = [e for _, e in vault.access_log.entries() if e.action == Action.REVEAL.value]
+    assert reveals[-1].purpose == REASON and reveals[-1].detail["field"] == "phone"
+
+    # An auditor opens the person's subject access report and finds the reveal.
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    log_in(page, base, "b.auditor", secrets["b.auditor"], "auditor")
+    page.goto(f"{base}/")
+    shot(page, "home-auditor")
+    page.goto(f"{base}/audit/subject/{record_id}")
+    page.fill("#reason", "subject access request from the person")
+    page.fill("#case_ref", "SAR-2026-7")
+    shot(page, "subject-purpose")
+    page.click("main form button[type=submit]")
+    page.wait_for_selector("table.log")
+    report = page.inner_text("table.log")
+    assert Action.REVEAL.value in report and "b.investigator" in report and REASON in report
+    assert phone not in page.content() and nid not in page.content()
+    shot(page, "subject-report")
+
+    page.goto(f"{base}/audit/log")
+    page.fill("#l-reason", "weekly review of reveals")
+    page.select_option("#f-action", Action.REVEAL.value)
+    page.click("form.filters button[type=submit]")
+    page.wait_for_selector("table.log")
+    page.click("text=Verify the whole log now")
+    page.wait_for_selector("#verify-result .alert")
+    assert "The log verifies" in page.inner_text("#verify-result")
+    shot(page, "audit-log")
+    page.goto(f"{base}/alerts")
+    shot(page, "alerts")
+    context.close()
+
+    # An administrator sees accounts, and nothing of the people in the vault.
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    log_in(page, base, "b.admin", secrets["b.admin"], "admin")
+    page.goto(f"{base}/admin/accounts")
+    assert "b.investigator" in page.inner_text("main")
+    assert nid not in page.content() and phone not in page.content()
+    shot(page, "admin-accounts")
+    context.close()
