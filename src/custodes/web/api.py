@@ -1,0 +1,607 @@
+"""The JSON API under /api/v1: the dashboard's rules for programs, in one JSON error shape.
+
+This module parses, calls the vault and shapes the answer; every decision and every read
+is the vault's. Lists have hard caps and opaque cursors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from custodes.audit.entry import AccessEntry
+from custodes.audit.report import SubjectReport, as_json, build_report
+from custodes.errors import (
+    AccessDenied,
+    AuditUnavailable,
+    AuthenticationFailed,
+    CustodesError,
+    InvalidQuery,
+    LoginThrottled,
+    PurposeRequired,
+    RecordNotFound,
+)
+from custodes.policy import Action
+from custodes.vault import MAX_RESULTS, RecordView, Session
+from custodes.web import deps
+
+PREFIX = "/api/v1"
+LOG_PAGE_MAX = 200
+LOG_PAGE_DEFAULT = 50
+
+router = APIRouter(prefix=PREFIX, tags=["api"])
+
+# Documents the bearer scheme in the OpenAPI document; deps.require_session does the work.
+_bearer = HTTPBearer(auto_error=False, scheme_name="session", description="POST /api/v1/session")
+
+
+# -- the one error shape ----------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, machine-readable, e.g. record_not_found.")
+    message: str = Field(description="For people; names fields and limits, never a value.")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns, whatever the status."""
+
+    error: ErrorDetail
+
+
+# The most specific class wins: PurposeRequired is an AccessDenied, but a 422.
+_STATUS: dict[type[BaseException], tuple[int, str]] = {
+    deps.NotAuthenticated: (401, "not_authenticated"),
+    LoginThrottled: (429, "login_throttled"),
+    AuthenticationFailed: (401, "authentication_failed"),
+    PurposeRequired: (422, "purpose_required"),
+    InvalidQuery: (422, "invalid_query"),
+    AccessDenied: (403, "access_denied"),
+    deps.CsrfRejected: (403, "csrf_rejected"),
+    RecordNotFound: (404, "record_not_found"),
+    AuditUnavailable: (503, "audit_unavailable"),
+}
+
+_MESSAGES = {
+    400: "the request body is not valid JSON",
+    401: "authentication required: open a session with POST /api/v1/session",
+    404: "no such resource",
+    405: "method not allowed on this resource",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, *, retry_after: int | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def api_error(exc: BaseException) -> JSONResponse:
+    """The API's answer to an exception raised while serving an /api/v1 request."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            status, code = _STATUS[cls]
+            message = str(exc) if isinstance(exc, CustodesError) and str(exc) else None
+            wait = exc.retry_after if isinstance(exc, LoginThrottled) else None
+            message = message or _MESSAGES.get(status, code)
+            return error_response(status, code, message, retry_after=wait)
+    if isinstance(exc, RequestValidationError):
+        return error_response(422, "invalid_request", _describe_validation(exc))
+    if isinstance(exc, StarletteHTTPException):
+        code = re.sub(r"[^a-z0-9]+", "_", _reason(exc.status_code).lower()).strip("_")
+        return error_response(exc.status_code, code, _MESSAGES.get(exc.status_code, code))
+    if isinstance(exc, CustodesError):
+        # A refusal the table does not know yet (a new error type): the request's fault.
+        status = int(getattr(exc, "http_status", 400))
+        code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+        return error_response(status, code, str(exc) or code)
+    return error_response(500, "internal_error", "the server failed; nothing was returned")
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    # Pydantic's own report repeats the input; a password or an ID number must not echo.
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is malformed"
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "The body is not valid JSON.",
+        401: "No live session (missing, expired, revoked or logged out).",
+        403: "The account's role or clearance does not allow this; the refusal is logged.",
+        404: "No such record, or not one this account may know exists.",
+        422: "The request is malformed, or lacks a purpose or case reference.",
+        429: "Too many failed logins from this name or address; see Retry-After.",
+        503: "The access log could not record the access, so nothing was returned.",
+    }.items()
+}
+
+
+def _errors(*statuses: int, json_route: bool = True) -> dict[int | str, dict[str, Any]]:
+    if json_route:
+        return {s: _ERRORS[s] for s in statuses}
+    # A route whose success is not JSON still fails in JSON; FastAPI would otherwise
+    # document its errors in the success's media type.
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    return {
+        s: {
+            "description": _ERRORS[s]["description"],
+            "content": {"application/json": {"schema": ref}},
+        }
+        for s in statuses
+    }
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+async def _session(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> Session:
+    # Called directly, not as a sync dependency: the lookup is a dictionary read (one
+    # indexed row for an integration's token), and a sync dependency would cost a hop
+    # to the thread pool on every request.
+    return deps.require_session(request)
+
+
+Authenticated = Annotated[Session, Depends(_session)]
+
+
+async def _no_store(response: Response) -> None:
+    response.headers["Cache-Control"] = "no-store"
+
+
+NoStore = Depends(_no_store)
+
+
+class SessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+    totp: str | None = Field(
+        default=None, pattern=r"^[0-9]{6,8}$", description="The current one-time code."
+    )
+
+
+class SessionCreated(BaseModel):
+    token: str = Field(description="Send as 'Authorization: Bearer <token>'.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the scheme, not a secret
+    username: str
+    role: str
+
+
+class Me(BaseModel):
+    username: str
+    role: str
+
+
+@router.post(
+    "/session",
+    response_model=SessionCreated,
+    status_code=201,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 422, 429),
+    summary="Open a session with a password and a one-time code",
+)
+def open_session(body: SessionRequest, request: Request) -> SessionCreated:
+    vault = deps.vault_of(request)
+    session = vault.login(
+        body.username, body.password, totp=body.totp, client=deps.client_address(request)
+    )
+    return SessionCreated(token=session.token, username=session.username, role=session.role.value)
+
+
+@router.delete(
+    "/session",
+    status_code=204,
+    dependencies=[NoStore],
+    responses=_errors(401),
+    summary="End this session; its token stops working at once",
+)
+def close_session(session: Authenticated, request: Request) -> Response:
+    deps.vault_of(request).logout(session)
+    return Response(status_code=204)
+
+
+@router.get("/me", response_model=Me, dependencies=[NoStore], responses=_errors(401))
+async def me(session: Authenticated) -> Me:
+    return Me(username=session.username, role=session.role.value)
+
+
+# -- records ------------------------------------------------------------------------
+
+
+_REASON = {"min_length": 3, "max_length": 200, "description": "Why; logged verbatim."}
+_CASE = {
+    "min_length": 1,
+    "max_length": 64,
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}$",
+    "description": "The case or inquiry this access serves.",
+}
+Reason = Annotated[str, Field(**_REASON)]
+CaseRef = Annotated[str, Field(**_CASE)]
+ReasonQuery = Annotated[str, Query(**_REASON)]
+CaseQuery = Annotated[str, Query(**_CASE)]
+OptionalCaseQuery = Annotated[str | None, Query(**_CASE)]
+RecordId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class Link(BaseModel):
+    record_id: str
+    type: str
+    role: str = Field(description="suspect, victim, reporter, recipient, ...")
+    label: str = Field(description="A masked name or a case number.")
+
+
+class RecordOut(BaseModel):
+    record_id: str
+    type: str
+    fields: dict[str, str] = Field(description="Every field masked per the schema.")
+    links: list[Link] = Field(default_factory=list)
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    record_type: str = Field(min_length=1, max_length=64, examples=["person"])
+    index: str = Field(min_length=1, max_length=64, examples=["national_id"])
+    values: dict[str, Annotated[str, Field(max_length=256)]] = Field(
+        max_length=8, description="The index's fields and the values to look for."
+    )
+    purpose: Reason
+    case_ref: CaseRef
+    limit: int = Field(default=20, ge=1, le=MAX_RESULTS)
+    cursor: str | None = Field(default=None, max_length=64)
+
+
+class SearchResults(BaseModel):
+    results: list[RecordOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null at end.")
+
+
+class RevealRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(min_length=1, max_length=64)
+    purpose: Reason
+    case_ref: CaseRef
+
+
+class Revealed(BaseModel):
+    record_id: str
+    field: str
+    value: str | None = Field(description="The field in the clear; null if the record lacks it.")
+
+
+def _record_out(view: RecordView) -> RecordOut:
+    return RecordOut(
+        record_id=view.record_id,
+        type=view.record_type,
+        fields=view.fields,
+        links=[
+            Link(record_id=ln.record_id, type=ln.record_type, role=ln.role, label=ln.label)
+            for ln in view.links
+        ],
+    )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResults,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 403, 422, 503),
+    summary="Find records by an index, masked; a purpose and a case are required",
+)
+def search(body: SearchRequest, session: Authenticated, request: Request) -> SearchResults:
+    purpose = deps.purpose_from(body.purpose, body.case_ref)
+    offset = _decode_cursor(body.cursor, "s") if body.cursor else 0
+    if offset >= MAX_RESULTS:
+        raise InvalidQuery(f"a search returns at most {MAX_RESULTS} results in all")
+    # The vault returns at most MAX_RESULTS from the start; later pages re-read from the
+    # start, and each read is logged with every record it returned.
+    wanted = min(offset + body.limit, MAX_RESULTS)
+    views = deps.vault_of(request).search(
+        session,
+        purpose,
+        record_type=body.record_type,
+        index=body.index,
+        values=body.values,
+        limit=wanted,
+    )
+    page = views[offset:wanted]
+    more = len(views) == wanted and wanted < MAX_RESULTS
+    return SearchResults(
+        results=[_record_out(v) for v in page],
+        next_cursor=_encode_cursor("s", wanted) if more else None,
+    )
+
+
+@router.get(
+    "/records/{record_id}",
+    response_model=RecordOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="One record, masked, with the records it links to",
+)
+def record(
+    record_id: RecordId,
+    purpose: ReasonQuery,
+    case_ref: CaseQuery,
+    session: Authenticated,
+    request: Request,
+) -> RecordOut:
+    stated = deps.purpose_from(purpose, case_ref)
+    return _record_out(deps.vault_of(request).record(session, stated, record_id))
+
+
+@router.post(
+    "/records/{record_id}/reveal",
+    response_model=Revealed,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 403, 404, 422, 503),
+    summary="One field in the clear; the purpose and case go on the access log",
+)
+def reveal(
+    record_id: RecordId, body: RevealRequest, session: Authenticated, request: Request
+) -> Revealed:
+    stated = deps.purpose_from(body.purpose, body.case_ref)
+    value = deps.vault_of(request).reveal(session, stated, record_id, body.field)
+    return Revealed(record_id=record_id, field=body.field, value=value)
+
+
+# -- the access log, for auditors ----------------------------------------------------
+
+
+class LogEntry(BaseModel):
+    index: int
+    time: str = Field(description="ISO 8601, UTC.")
+    actor: str
+    role: str
+    action: str
+    outcome: str
+    purpose: str | None
+    case_ref: str | None
+    record_type: str | None
+    records: list[str]
+    result_count: int
+    client: str | None
+    detail: dict[str, Any]
+
+
+class LogPage(BaseModel):
+    entries: list[LogEntry]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null at end.")
+
+
+class ReportCheckpoint(BaseModel):
+    size: int
+    root: str = Field(description="Base64.")
+    note: str = Field(description="The signed checkpoint note, verbatim.")
+
+
+class ReportedAccessOut(BaseModel):
+    index: int
+    time: str
+    actor: str
+    role: str
+    action: str
+    outcome: str
+    purpose: str | None
+    case: str | None
+    records: list[str]
+    private: dict[str, Any] | None = Field(description="Sealed details, if still held.")
+    leaf: str = Field(description="The exact leaf bytes, base64.")
+    proof: list[str] = Field(description="Inclusion proof against the checkpoint, base64.")
+
+
+class SubjectReportOut(BaseModel):
+    format: str
+    origin: str
+    subject: str
+    linked: list[str]
+    report_index: int
+    checkpoint: ReportCheckpoint
+    accesses: list[ReportedAccessOut]
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _timestamp(value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def _log_entry(index: int, entry: AccessEntry) -> LogEntry:
+    return LogEntry(
+        index=index,
+        time=_iso(entry.time),
+        actor=entry.actor,
+        role=entry.role,
+        action=entry.action,
+        outcome=entry.outcome.value,
+        purpose=entry.purpose,
+        case_ref=entry.case_ref,
+        record_type=entry.record_type,
+        records=list(entry.records),
+        result_count=entry.result_count,
+        client=entry.client,
+        detail=entry.detail,
+    )
+
+
+@router.get(
+    "/audit/log",
+    response_model=LogPage,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 422, 503),
+    summary="Access-log entries, filtered and paginated; auditors only, and logged",
+)
+def audit_log(
+    session: Authenticated,
+    request: Request,
+    purpose: ReasonQuery,
+    case_ref: OptionalCaseQuery = None,
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64, examples=["record:field"])] = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601; UTC if no zone.")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive.")] = None,
+    purpose_contains: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=LOG_PAGE_MAX)] = LOG_PAGE_DEFAULT,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> LogPage:
+    after = _decode_cursor(cursor, "l") if cursor else -1
+    stated = deps.purpose_from(purpose, case_ref)
+    entries = deps.vault_of(request).read_log(
+        session,
+        stated,
+        actor=actor,
+        action=action,
+        since=_timestamp(since),
+        until=_timestamp(until),
+        purpose_contains=purpose_contains,
+    )
+    page: list[LogEntry] = []
+    more = False
+    for index, entry in entries:
+        if index <= after:
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(_log_entry(index, entry))
+    return LogPage(
+        entries=page,
+        next_cursor=_encode_cursor("l", page[-1].index) if more and page else None,
+    )
+
+
+def _subject_report(
+    request: Request, session: Session, record_id: str, purpose: str, case: str | None
+) -> SubjectReport:
+    vault = deps.vault_of(request)
+    stated = deps.purpose_from(purpose, case)
+    live = vault.require(session, stated, Action.SUBJECT_REPORT)
+    return build_report(vault, record_id, actor=live.username, purpose=stated)
+
+
+@router.get(
+    "/audit/subject/{record_id}",
+    response_model=SubjectReportOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Every access to one person's records, with inclusion proofs; auditors only",
+)
+def audit_subject(
+    record_id: RecordId,
+    session: Authenticated,
+    request: Request,
+    purpose: ReasonQuery = "subject access request",
+    case_ref: OptionalCaseQuery = None,
+) -> SubjectReportOut:
+    report = _subject_report(request, session, record_id, purpose, case_ref)
+    return SubjectReportOut.model_validate(as_json(report))
+
+
+@router.get(
+    "/audit/subject/{record_id}/bundle",
+    response_class=PlainTextResponse,
+    dependencies=[NoStore],
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "The bundle; verifies offline with only the log's public key.",
+        },
+        **_errors(401, 403, 404, 422, 503, json_route=False),
+    },
+    summary="The subject report as an offline-verifiable bundle; auditors only",
+)
+def audit_subject_bundle(
+    record_id: RecordId,
+    session: Authenticated,
+    request: Request,
+    purpose: ReasonQuery = "subject access request",
+    case_ref: OptionalCaseQuery = None,
+) -> PlainTextResponse:
+    report = _subject_report(request, session, record_id, purpose, case_ref)
+    return PlainTextResponse(report.bundle().decode("utf-8"), headers={"Cache-Control": "no-store"})
+
+
+# -- the OpenAPI document, for callers with a session ---------------------------------
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document of the /api/v1 routes only, built once per app."""
+    cached: dict[str, Any] | None = getattr(app.state, "api_openapi", None)
+    if cached is None:
+        cached = get_openapi(
+            title="custodes API",
+            version="1",
+            description="Every read needs a session, a purpose and a case reference, and "
+            "is on the access log before it is answered. Every error has the shape "
+            '{"error": {"code": ..., "message": ...}}.',
+            routes=router.routes,
+        )
+        app.state.api_openapi = cached
+    return cached
+
+
+@router.get(
+    "/openapi.json",
+    include_in_schema=False,
+    dependencies=[Depends(_session)],
+)
+def openapi_json(request: Request) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(openapi_document(request.app)))
+
+
+# -- cursors ----------------------------------------------------------------------
+
+
+def _encode_cursor(kind: str, position: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, kind: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidQuery("the cursor is not one this API issued") from None
+    found = re.fullmatch(rf"{kind}:(0|[1-9][0-9]{{0,11}})", raw)
+    if found is None:
+        raise InvalidQuery("the cursor is not one this API issued")
+    return int(found.group(1))
