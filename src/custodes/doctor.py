@@ -1,0 +1,454 @@
+"""Checks a deployment for exposure: file modes, keys beside data, listeners, TLS, accounts.
+
+Each check returns findings (severity, what is wrong, how to fix it) and never prints or
+exits; `custodes doctor` does that. Nothing here needs the keyring or its passphrase.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from custodes.errors import ConfigurationError, CustodesError
+from custodes.policy import clearance_of
+from custodes.settings import VaultLayout, is_within
+from custodes.web.serve import DEFAULT_PORT, is_loopback
+
+CERT_WARN_DAYS = 30
+PROC_NET = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+
+
+class Severity(StrEnum):
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+_ORDER = {Severity.HIGH: 0, Severity.MEDIUM: 1, Severity.LOW: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    check: str  # a stable tag, e.g. "files:database:mode"
+    severity: Severity
+    message: str  # what is wrong, naming the file or account, never a personal value
+    fix: str  # what to do about it
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    address: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.address).is_loopback
+
+
+# A probe answers whether host:port completes a TLS handshake (None: could not connect).
+TlsProbe = Callable[[str, int], bool | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What to check. Anything left None is not checked."""
+
+    vault_dir: Path
+    port: int = DEFAULT_PORT
+    url: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    schema_path: Path | None = None
+    listeners: Callable[[], list[Listener]] | None = None  # default: this host's, from /proc
+    probe: TlsProbe | None = None  # default: a real handshake with a short timeout
+    now: float = field(default_factory=time.time)
+
+
+def examine(deployment: Deployment) -> list[Finding]:
+    """Every finding for a deployment, most severe first."""
+    found: list[Finding] = []
+    for check in (
+        check_vault_files,
+        check_keys,
+        check_listeners,
+        check_url,
+        check_certificate,
+        check_accounts,
+        check_schema,
+    ):
+        found.extend(check(deployment))
+    return sorted(found, key=lambda f: _ORDER[f.severity])
+
+
+def worst(findings: Iterable[Finding]) -> Severity | None:
+    ranked = sorted((f.severity for f in findings), key=_ORDER.__getitem__)
+    return ranked[0] if ranked else None
+
+
+# -- files -----------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def _open_to_others(mode: int) -> bool:
+    return bool(mode & 0o077)
+
+
+def check_vault_files(d: Deployment) -> Iterator[Finding]:
+    layout = VaultLayout(d.vault_dir)
+    mode = _mode(layout.directory)
+    if mode is None:
+        yield Finding(
+            "files:vault:missing",
+            Severity.HIGH,
+            f"no vault directory at {layout.directory}",
+            "pass --vault with the directory 'custodes init' created",
+        )
+        return
+    if _open_to_others(mode):
+        yield Finding(
+            "files:vault:mode",
+            Severity.HIGH,
+            f"the vault directory {layout.directory} has mode {mode:04o}: others can list "
+            "or enter it",
+            f"chmod 700 {layout.directory}",
+        )
+    db = layout.database
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        mode = _mode(path)
+        if mode is not None and _open_to_others(mode):
+            yield Finding(
+                "files:database:mode",
+                Severity.HIGH,
+                f"{path.name} has mode {mode:04o}: other accounts on this host can copy it",
+                f"chmod 600 {path}",
+            )
+    for extra in (layout.vault_file, layout.rejects, layout.logs):
+        mode = _mode(extra)
+        if mode is not None and _open_to_others(mode):
+            wanted = "700" if extra.is_dir() else "600"
+            yield Finding(
+                "files:vault:extra-mode",
+                Severity.MEDIUM,
+                f"{extra.name} in the vault directory has mode {mode:04o}",
+                f"chmod {wanted} {extra}",
+            )
+
+
+def check_keys(d: Deployment) -> Iterator[Finding]:
+    try:
+        recorded = VaultLayout(d.vault_dir).read()
+    except ConfigurationError as exc:
+        yield Finding(
+            "keys:vault-file",
+            Severity.HIGH,
+            f"cannot read where the keys are: {exc}",
+            "restore vault.toml from a backup, or re-run 'custodes init' for a new vault",
+        )
+        return
+    for what, path in (("keyring", recorded.keyring), ("log signing key", recorded.log_key)):
+        if is_within(path, d.vault_dir):
+            yield Finding(
+                f"keys:{_tag(what)}:beside-data",
+                Severity.HIGH,
+                f"the {what} {path} lies inside the vault directory: a copy of the data "
+                "carries its key",
+                "move the key file out of the vault directory (e.g. to the service "
+                "account's configuration directory) and update vault.toml",
+            )
+        mode = _mode(path)
+        if mode is None:
+            yield Finding(
+                f"keys:{_tag(what)}:missing",
+                Severity.MEDIUM,
+                f"the {what} recorded in vault.toml is not at {path}",
+                "restore it from its backup; without it the vault cannot be opened",
+            )
+            continue
+        if mode & 0o044:
+            yield Finding(
+                f"keys:{_tag(what)}:readable",
+                Severity.HIGH,
+                f"the {what} {path} has mode {mode:04o}: other accounts can read it",
+                f"chmod 600 {path}",
+            )
+        elif _open_to_others(mode):
+            yield Finding(
+                f"keys:{_tag(what)}:mode",
+                Severity.MEDIUM,
+                f"the {what} {path} has mode {mode:04o}",
+                f"chmod 600 {path}",
+            )
+        parent = _mode(path.parent)
+        if parent is not None and parent & 0o022:
+            yield Finding(
+                f"keys:{_tag(what)}:directory",
+                Severity.MEDIUM,
+                f"the directory holding the {what} has mode {parent:04o}: others can "
+                "replace the file",
+                f"chmod 700 {path.parent}",
+            )
+
+
+def _tag(what: str) -> str:
+    return what.replace(" ", "-")
+
+
+# -- the network -------------------------------------------------------------------------
+
+
+def listening_sockets(paths: Iterable[Path] = PROC_NET) -> list[Listener]:
+    """TCP sockets in LISTEN state on this host, from the kernel's tables."""
+    found = []
+    for path in paths:
+        try:
+            lines = path.read_text("ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 4 or parts[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            host_hex, port_hex = parts[1].split(":")
+            found.append(Listener(_address(host_hex), int(port_hex, 16)))
+    return found
+
+
+def _address(host_hex: str) -> str:
+    raw = bytes.fromhex(host_hex)
+    # The kernel prints each 32-bit word in host byte order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
+
+
+def speaks_tls(host: str, port: int, timeout: float = 2.0) -> bool | None:
+    """Whether host:port completes a TLS handshake; None if nothing answers."""
+    context = ssl.create_default_context()
+    # The question is only whether TLS is spoken; the certificate is checked elsewhere.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLError:
+        return False
+    except OSError:
+        return None
+
+
+def check_listeners(d: Deployment) -> Iterator[Finding]:
+    listeners = (d.listeners or listening_sockets)()
+    probe = d.probe or speaks_tls
+    for listener in listeners:
+        if listener.port != d.port or listener.loopback:
+            continue
+        addr = ipaddress.ip_address(listener.address)
+        target = listener.address
+        if addr.is_unspecified:
+            target = "127.0.0.1" if addr.version == 4 else "::1"
+        tls = probe(target, listener.port)
+        shown = f"[{listener.address}]" if addr.version == 6 else listener.address
+        if tls is False:
+            yield Finding(
+                "network:listener:plaintext",
+                Severity.HIGH,
+                f"port {listener.port} listens on {shown}, beyond this host, without TLS",
+                "serve on 127.0.0.1 behind a TLS proxy, or give 'custodes serve' a "
+                "certificate and key (--tls-cert/--tls-key)",
+            )
+        elif tls is None:
+            yield Finding(
+                "network:listener:unknown",
+                Severity.MEDIUM,
+                f"port {listener.port} listens on {shown}, beyond this host, and did not "
+                "answer a TLS handshake from here",
+                "check that this listener is custodes behind TLS, or bind it to 127.0.0.1",
+            )
+
+
+def check_url(d: Deployment) -> Iterator[Finding]:
+    if d.url is None:
+        return
+    parts = urlsplit(d.url)
+    host = parts.hostname or ""
+    if parts.scheme == "http" and not is_loopback(host):
+        yield Finding(
+            "network:url:plaintext",
+            Severity.HIGH,
+            f"{d.url} is served without TLS to a non-loopback address",
+            "serve it over https (a certificate and key, or a TLS proxy)",
+        )
+        return
+    if parts.scheme == "https":
+        port = parts.port or 443
+        try:
+            pem = ssl.get_server_certificate((host, port), timeout=5)
+        except (OSError, ssl.SSLError):
+            yield Finding(
+                "network:url:unreachable",
+                Severity.MEDIUM,
+                f"{d.url} did not complete a TLS handshake",
+                "check the address, or that the server is running",
+            )
+            return
+        yield from _expiry(pem.encode(), f"the certificate served at {d.url}", d.now)
+
+
+def check_certificate(d: Deployment) -> Iterator[Finding]:
+    if d.tls_cert is not None:
+        try:
+            pem = d.tls_cert.read_bytes()
+        except OSError:
+            yield Finding(
+                "tls:certificate:missing",
+                Severity.HIGH,
+                f"cannot read the certificate {d.tls_cert}",
+                "give the path of the PEM certificate the server uses",
+            )
+        else:
+            yield from _expiry(pem, f"the certificate {d.tls_cert}", d.now)
+    if d.tls_key is not None:
+        mode = _mode(d.tls_key)
+        if mode is not None and _open_to_others(mode):
+            yield Finding(
+                "tls:key:mode",
+                Severity.HIGH,
+                f"the TLS private key {d.tls_key} has mode {mode:04o}",
+                f"chmod 600 {d.tls_key}",
+            )
+
+
+def _expiry(pem: bytes, what: str, now: float) -> Iterator[Finding]:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        yield Finding(
+            "tls:certificate:unreadable",
+            Severity.HIGH,
+            f"{what} is not a PEM certificate",
+            "give the PEM certificate file",
+        )
+        return
+    left = (cert.not_valid_after_utc.timestamp() - now) / 86400
+    if left <= 0:
+        yield Finding(
+            "tls:certificate:expired",
+            Severity.HIGH,
+            f"{what} expired {-left:.0f} days ago: clients must refuse it, or learn to "
+            "click through warnings",
+            "renew it and restart the server",
+        )
+    elif left < CERT_WARN_DAYS:
+        yield Finding(
+            "tls:certificate:expiring",
+            Severity.MEDIUM,
+            f"{what} expires in {left:.0f} days",
+            "renew it before it expires",
+        )
+
+
+# -- accounts and schema ------------------------------------------------------------------
+
+
+def check_accounts(d: Deployment) -> Iterator[Finding]:
+    from custodes.accounts import AccountBook, HashCost
+    from custodes.storage import SQLiteStorage
+
+    database = VaultLayout(d.vault_dir).database
+    if not database.exists():
+        return
+    storage = SQLiteStorage(database)
+    try:
+        # Only listing: the hashing cost is the floor, since nothing is hashed here.
+        accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()
+    finally:
+        storage.close()
+    for account in accounts:
+        name = account.username
+        if account.disabled:
+            yield Finding(
+                "accounts:disabled",
+                Severity.LOW,
+                f"account {name!r} is disabled",
+                "nothing to do if that is intended; it keeps its place in the log",
+            )
+            continue
+        if account.locked:
+            yield Finding(
+                "accounts:locked",
+                Severity.MEDIUM,
+                f"account {name!r} is locked after repeated failed logins: someone may "
+                "be guessing its password",
+                f"check the log ('custodes audit log --actor {name}'), then "
+                f"'custodes account unlock {name}'",
+            )
+        if not account.mfa_enrolled:
+            reads = clearance_of(account.role) is not None
+            yield Finding(
+                "accounts:no-mfa",
+                Severity.HIGH if reads else Severity.MEDIUM,
+                f"account {name!r} ({account.role.value}) has no second factor enrolled"
+                + (": it can see personal data" if reads else ""),
+                f"'custodes account enrol {name}' and have its holder enrol, or disable it",
+            )
+
+
+def check_schema(d: Deployment) -> Iterator[Finding]:
+    from custodes.schema import load_schema, parse_schema
+    from custodes.storage import SQLiteStorage
+
+    database = VaultLayout(d.vault_dir).database
+    if not database.exists():
+        return
+    storage = SQLiteStorage(database)
+    try:
+        stored = storage.get_meta("schema")
+    finally:
+        storage.close()
+    if stored is None:
+        yield Finding(
+            "schema:missing",
+            Severity.HIGH,
+            "the vault database holds no schema",
+            "restore the database from a backup",
+        )
+        return
+    try:
+        digest = parse_schema(stored.decode("utf-8")).digest
+    except (CustodesError, UnicodeDecodeError):
+        yield Finding(
+            "schema:damaged",
+            Severity.HIGH,
+            "the schema stored in the vault database does not parse",
+            "restore the database from a backup",
+        )
+        return
+    if d.schema_path is not None:
+        expected = load_schema(d.schema_path).digest
+        if expected != digest:
+            yield Finding(
+                "schema:digest-mismatch",
+                Severity.MEDIUM,
+                f"the vault was created with another schema than {d.schema_path} "
+                f"(vault {digest[:12]}, file {expected[:12]})",
+                "deploy the schema the vault was created with; a schema is fixed for "
+                "the life of a vault",
+            )
