@@ -6,37 +6,32 @@ to sign a checkpoint inconsistent with the last one it signed, across restarts.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import re
-import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custodes.audit.merkle import EMPTY_ROOT, HASH_SIZE, InvalidProof, verify_consistency
-from custodes.crypto.keyring import (
+from custodes.crypto import sealed_file
+from custodes.crypto.sealed_file import (
+    DEFAULT_KDF,
     KdfParams,
-    _check_passphrase,
-    _create_private_dir,
-    _fsync_dir,
-    _sealing_key,
-    _write_atomically,
+    SealedHeader,
+    b64encode,
+    file_lock,
+    replace_file_durably,
+    strict_b64decode,
 )
 from custodes.errors import (
     ConfigurationError,
@@ -57,10 +52,13 @@ __all__ = [
     "NoteVerifier",
     "SignatureInvalid",
     "create_log_key",
+    "decode_note_text",
     "key_id",
     "open_log_key",
     "parse_note",
+    "read_signing_key",
     "verify_cosignature",
+    "write_signing_key",
 ]
 
 SIG_ED25519 = 0x01
@@ -79,10 +77,11 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _KEY_FORMAT = "custodes-signing-key"
 _STATE_FORMAT = "custodes-log-state"
 _FILE_VERSION = 1
-_SALT_BYTES = 16
-_NONCE_BYTES = 12
 _SEED_BYTES = 32
-DEFAULT_KDF = KdfParams()  # frozen: sharing one default is safe
+_TAG_BYTES = 16
+# The words these files' errors have always used, shared with the keyring's.
+_WRITE_AS = "keyring file"
+_DIRECTORY_AS = "keyring directory"
 
 
 class SignatureInvalid(TamperDetected):
@@ -118,30 +117,13 @@ def _has_control(text: str) -> bool:
     return any(c < " " and c != "\n" for c in text)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _strict_b64(text: str) -> bytes | None:
-    """Decode standard padded base64, accepting only its one canonical spelling.
-
-    Non-canonical spellings (stray trailing bits) decode to the same bytes; refusing
-    them keeps each signed note and proof byte-for-byte unique.
-    """
-    try:
-        data = base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        return None
-    return data if _b64(data) == text else None
-
-
 def _public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _vkey(name: str, sig_type: int, public: bytes) -> str:
-    return f"{name}+{key_id(name, sig_type, public).hex()}+{_b64(bytes([sig_type]) + public)}"
+    return f"{name}+{key_id(name, sig_type, public).hex()}+{b64encode(bytes([sig_type]) + public)}"
 
 
 def _parse_vkey(vkey: str, sig_type: int) -> tuple[str, bytes, Ed25519PublicKey]:
@@ -154,7 +136,7 @@ def _parse_vkey(vkey: str, sig_type: int) -> tuple[str, bytes, Ed25519PublicKey]
     name, hex_id, encoded = parts
     if not _valid_name(name) or _has_control(name):
         raise ConfigurationError("the verifier key's name is not a valid key name")
-    raw = _strict_b64(encoded)
+    raw = strict_b64decode(encoded)
     if raw is None or len(raw) != 1 + 32:
         raise ConfigurationError("the verifier key is not a base64 Ed25519 key")
     if raw[0] != sig_type:
@@ -165,7 +147,11 @@ def _parse_vkey(vkey: str, sig_type: int) -> tuple[str, bytes, Ed25519PublicKey]
     return name, key_id(name, sig_type, public), Ed25519PublicKey.from_public_bytes(public)
 
 
-def _check_text(text: bytes, *, what: str) -> str:
+def decode_note_text(text: bytes, *, what: str) -> str:
+    """Decode note-like text: at most MAX_NOTE_BYTES of UTF-8, no control but newline.
+
+    Raises MalformedNote naming `what`.
+    """
     if len(text) > MAX_NOTE_BYTES:
         raise MalformedNote(f"{what} is longer than {MAX_NOTE_BYTES} bytes")
     try:
@@ -185,7 +171,7 @@ def parse_note(note: bytes) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
     """
     if not isinstance(note, bytes):
         raise MalformedNote("a note must be bytes")
-    decoded = _check_text(note, what="note")
+    decoded = decode_note_text(note, what="note")
     split = decoded.rfind("\n\n")
     if split < 0:
         raise MalformedNote("note has no blank line before its signatures")
@@ -202,7 +188,7 @@ def parse_note(note: bytes) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
         name, space, encoded = line[len(_SIG_PREFIX) :].partition(" ")
         if not space or not _valid_name(name):
             raise MalformedNote(f"signature line {number} has no valid key name")
-        raw = _strict_b64(encoded)
+        raw = strict_b64decode(encoded)
         if raw is None or len(raw) < _KEY_ID_BYTES + 1:
             raise MalformedNote(f"signature line {number} is not a base64 signature")
         signatures.append((name, raw[:_KEY_ID_BYTES], raw[_KEY_ID_BYTES:]))
@@ -231,13 +217,13 @@ class NoteSigner:
 
     def sign(self, body: bytes) -> bytes:
         """Return the whole signed note: body, blank line, one signature line."""
-        text = _check_text(body, what="note text")
+        text = decode_note_text(body, what="note text")
         # Stricter than the note spec, as checkpoints require: a blank line inside the
         # text would make the split between text and signatures depend on the reader.
         if not text.endswith("\n") or "\n\n" in text or text.startswith("\n"):
             raise MalformedNote("note text must be non-empty lines, each ending in a newline")
         signature = self._key.sign(body)
-        return body + f"\n{_SIG_PREFIX}{self.name} {_b64(self._key_id + signature)}\n".encode()
+        return body + f"\n{_SIG_PREFIX}{self.name} {b64encode(self._key_id + signature)}\n".encode()
 
 
 class NoteVerifier:
@@ -313,13 +299,13 @@ class Checkpoint:
             raise MalformedNote("checkpoint extension lines must be non-empty lines of text")
 
     def body(self) -> bytes:
-        lines = [self.origin, str(self.size), _b64(self.root), *self.extensions]
+        lines = [self.origin, str(self.size), b64encode(self.root), *self.extensions]
         return "".join(line + "\n" for line in lines).encode("utf-8")
 
     @classmethod
     def parse_body(cls, body: bytes) -> Checkpoint:
         """Read a checkpoint note text; refuse anything but its one canonical form."""
-        text = _check_text(body, what="checkpoint")
+        text = decode_note_text(body, what="checkpoint")
         if not text.endswith("\n"):
             raise MalformedNote("checkpoint text must end in a newline")
         lines = text[:-1].split("\n")
@@ -328,7 +314,7 @@ class Checkpoint:
         origin, size, root, *extensions = lines
         if not _DECIMAL.fullmatch(size):
             raise MalformedNote("checkpoint size is not a decimal without leading zeroes")
-        raw_root = _strict_b64(root)
+        raw_root = strict_b64decode(root)
         if raw_root is None:
             raise MalformedNote("checkpoint root is not base64")
         return cls(origin, int(size), raw_root, tuple(extensions))
@@ -384,7 +370,7 @@ class Cosigner:
         Checkpoint.parse_body(checkpoint_body)
         signature = self._key.sign(_cosigned_message(checkpoint_body, timestamp))
         value = self._key_id + timestamp.to_bytes(8, "big") + signature
-        return f"{_SIG_PREFIX}{self.name} {_b64(value)}\n"
+        return f"{_SIG_PREFIX}{self.name} {b64encode(value)}\n"
 
 
 def verify_cosignature(vkey: str, checkpoint_body: bytes, line: str) -> int:
@@ -418,27 +404,16 @@ def verify_cosignature(vkey: str, checkpoint_body: bytes, line: str) -> int:
 # -- sealed signing keys ---------------------------------------------------------------
 
 
-def _key_header(purpose: str, vkey: str, salt: bytes, kdf: KdfParams) -> dict[str, Any]:
+def _key_header(purpose: str, vkey: str) -> dict[str, Any]:
     return {
         "format": _KEY_FORMAT,
         "version": _FILE_VERSION,
         "purpose": purpose,
         "verifier_key": vkey,
-        "kdf": {
-            "alg": "argon2id",
-            "salt": _b64(salt),
-            "time_cost": kdf.time_cost,
-            "memory_kib": kdf.memory_kib,
-            "parallelism": kdf.parallelism,
-        },
     }
 
 
-def _canonical(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def _write_sealed_key(
+def write_signing_key(
     path: Path,
     *,
     purpose: str,
@@ -449,36 +424,50 @@ def _write_sealed_key(
 ) -> None:
     """Seal an Ed25519 seed under a passphrase into a new 0600 file; never overwrite.
 
-    Same recipe as the keyring (argon2id, AES-256-GCM, the header as AAD) but a file of
-    its own: signing keys never sit beside the data keys.
+    The keyring's recipe (`custodes.crypto.sealed_file`) but a file of its own:
+    signing keys never sit beside the data keys. `purpose` is "log" or "witness".
     """
-    _check_passphrase(passphrase)
+    sealed_file.check_passphrase(passphrase)
     if not isinstance(kdf, KdfParams):
         raise KeyringError("kdf must be KdfParams")
     if path.exists():
         raise KeyringError(f"key file already exists, refusing to overwrite: {path}")
-    salt, nonce = os.urandom(_SALT_BYTES), os.urandom(_NONCE_BYTES)
-    header = _key_header(purpose, vkey, salt, kdf)
     seed = private_key.private_bytes_raw()
-    sealed = AESGCM(_sealing_key(passphrase, salt, kdf)).encrypt(nonce, seed, _canonical(header))
-    doc = dict(header, nonce=_b64(nonce), sealed=_b64(sealed))
-    _create_private_dir(path.parent)
-    _write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n", replace=False)
+    document = sealed_file.seal_document(_key_header(purpose, vkey), seed, passphrase, kdf)
+    sealed_file.make_private_directory(path.parent, what=_DIRECTORY_AS)
+    sealed_file.write_new_file(path, document, what=_WRITE_AS)
+
+
+def read_signing_key(
+    path: Path, *, purpose: str, sig_type: int, passphrase: str
+) -> tuple[str, str, Ed25519PrivateKey]:
+    """Unseal a signing key file; return its key name, verifier key string and private key.
+
+    `sig_type` is the signature type the verifier key in the header must have.
+    """
+    vkey, private_key = _read_sealed_key(path, purpose=purpose, passphrase=passphrase)
+    try:
+        name, _, _ = _parse_vkey(vkey, sig_type)
+    except ConfigurationError:
+        raise KeyringError("damaged key file: malformed verifier key in its header") from None
+    return name, vkey, private_key
 
 
 def _read_sealed_key(path: Path, *, purpose: str, passphrase: str) -> tuple[str, Ed25519PrivateKey]:
     """Unseal a signing key file; return its verifier key string and the private key."""
-    _check_passphrase(passphrase)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyringError(f"key file not found: {path}") from None
-    except OSError as exc:
-        raise KeyringError(f"cannot read key file {path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise KeyringError("not a custodes signing key file (not a JSON document)") from None
+    sealed_file.check_passphrase(passphrase)
+    raw = sealed_file.read_sealed_file(path, what="key file")
+    header, seed = sealed_file.unseal_document(
+        raw,
+        passphrase=passphrase,
+        check_header=lambda doc: _check_key_header(doc, purpose),
+        not_json="not a custodes signing key file (not a JSON document)",
+        unseal_failed="wrong passphrase or damaged key file",
+    )
+    return header.fields["verifier_key"], Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _check_key_header(doc: Any, purpose: str) -> SealedHeader:
     if not isinstance(doc, dict) or doc.get("format") != _KEY_FORMAT:
         raise KeyringError("not a custodes signing key file")
     if doc.get("version") != _FILE_VERSION or isinstance(doc.get("version"), bool):
@@ -495,68 +484,19 @@ def _read_sealed_key(path: Path, *, purpose: str, passphrase: str) -> tuple[str,
         raise KeyringError("damaged signing key file: unexpected or missing header fields")
     if doc["purpose"] != purpose:
         raise KeyringError(f"this key file does not hold a {purpose} signing key")
-    kdf = KdfParams(
-        time_cost=kdf_doc["time_cost"],
-        memory_kib=kdf_doc["memory_kib"],
-        parallelism=kdf_doc["parallelism"],
+    return SealedHeader.from_document(
+        _key_header(purpose, doc["verifier_key"]),
+        doc,
+        decode=_field_b64,
+        sealed_length=_SEED_BYTES + _TAG_BYTES,
     )
-    salt, nonce, sealed = (
-        _field_b64(kdf_doc["salt"], _SALT_BYTES),
-        _field_b64(doc["nonce"], _NONCE_BYTES),
-        _field_b64(doc["sealed"], _SEED_BYTES + 16),
-    )
-    aad = _canonical(_key_header(purpose, doc["verifier_key"], salt, kdf))
-    try:
-        seed = AESGCM(_sealing_key(passphrase, salt, kdf)).decrypt(nonce, sealed, aad)
-    except InvalidTag:
-        raise KeyringError("wrong passphrase or damaged key file") from None
-    return doc["verifier_key"], Ed25519PrivateKey.from_private_bytes(seed)
 
 
-def _field_b64(text: Any, length: int) -> bytes:
-    data = _strict_b64(text) if isinstance(text, str) else None
-    if data is None or len(data) != length:
+def _field_b64(text: Any, length: int | None) -> bytes:
+    data = strict_b64decode(text) if isinstance(text, str) else None
+    if data is None or (length is not None and len(data) != length):
         raise KeyringError("damaged signing key file: a field is not valid base64")
     return data
-
-
-# -- durable small files ---------------------------------------------------------------
-
-
-def _replace_durably(path: Path, data: bytes) -> None:
-    """Replace a small file so that a crash leaves the old or the new one, synced."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock held on a lock file of its own (the data files get renamed)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise StorageError(f"cannot open lock file {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- the log's signer ------------------------------------------------------------------
@@ -608,13 +548,13 @@ class LogSigner:
         if cp.origin != self.origin:
             raise ConfigurationError("the checkpoint's origin is not this log's origin")
         proof = list(consistency_proof_from_last)
-        with self._lock, _file_lock(_lock_path(self._state_path)):
+        with self._lock, file_lock(_lock_path(self._state_path)):
             # Another process may share this key: the file, not memory, is the truth.
             last = _read_state(self._state_path, NoteVerifier.from_key_string(self.verifier_key))
             _check_extends(last, cp, proof)
             note = self._signer.sign(cp.body())
             if cp.size > last.size:
-                _replace_durably(self._state_path, _state_document(note))
+                replace_file_durably(self._state_path, _state_document(note))
             self._last = Checkpoint(cp.origin, cp.size, cp.root)
             return note
 
@@ -654,7 +594,7 @@ def _state_document(note: bytes) -> bytes:
         "format": _STATE_FORMAT,
         "version": _FILE_VERSION,
         "size": cp.size,
-        "root": _b64(cp.root),
+        "root": b64encode(cp.root),
         "note": note.decode("utf-8"),
     }
     return json.dumps(doc, indent=2).encode() + b"\n"
@@ -686,7 +626,11 @@ def _read_state(path: Path, verifier: NoteVerifier) -> Checkpoint:
         cp = Checkpoint.parse_body(verifier.verify(doc["note"].encode("utf-8")))
     except SignatureInvalid:
         raise TamperDetected("the log signer's state file is not signed by this log key") from None
-    if cp.origin != verifier.name or doc.get("size") != cp.size or doc.get("root") != _b64(cp.root):
+    if (
+        cp.origin != verifier.name
+        or doc.get("size") != cp.size
+        or doc.get("root") != b64encode(cp.root)
+    ):
         raise TamperDetected("the log signer's state file does not match its signed checkpoint")
     return Checkpoint(cp.origin, cp.size, cp.root)
 
@@ -712,7 +656,7 @@ def create_log_key(
         raise KeyringError(f"a log signer state file already exists: {state_path}")
     private_key = Ed25519PrivateKey.generate()
     signer = NoteSigner(origin, private_key)
-    _write_sealed_key(
+    write_signing_key(
         path,
         purpose="log",
         vkey=signer.verifier_key,
@@ -721,25 +665,19 @@ def create_log_key(
         kdf=kdf,
     )
     empty = Checkpoint(origin, 0, EMPTY_ROOT)
-    _replace_durably(state_path, _state_document(signer.sign(empty.body())))
+    replace_file_durably(state_path, _state_document(signer.sign(empty.body())))
     return LogSigner(signer, state_path, empty)
 
 
 def open_log_key(path: Path, *, passphrase: str) -> LogSigner:
     """Unseal the log's signing key and load the last checkpoint it signed."""
     path = Path(path)
-    vkey, private_key = _read_sealed_key(path, purpose="log", passphrase=passphrase)
-    name, _, _ = _parse_sealed_vkey(vkey, SIG_ED25519)
+    name, vkey, private_key = read_signing_key(
+        path, purpose="log", sig_type=SIG_ED25519, passphrase=passphrase
+    )
     signer = NoteSigner(name, private_key)
     if signer.verifier_key != vkey:
         raise KeyringError("damaged key file: the key does not match its header")
     state_path = _state_path(path)
     last = _read_state(state_path, NoteVerifier.from_key_string(vkey))
     return LogSigner(signer, state_path, last)
-
-
-def _parse_sealed_vkey(vkey: str, sig_type: int) -> tuple[str, bytes, Ed25519PublicKey]:
-    try:
-        return _parse_vkey(vkey, sig_type)
-    except ConfigurationError:
-        raise KeyringError("damaged key file: malformed verifier key in its header") from None

@@ -22,24 +22,26 @@ from typing import Any, NoReturn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from custodes.audit.checkpoint import (
-    DEFAULT_KDF,
     SIG_COSIGNATURE_V1,
     Checkpoint,
     Cosigner,
     MalformedNote,
     NoteVerifier,
     SignatureInvalid,
-    _check_text,
-    _file_lock,
-    _parse_sealed_vkey,
-    _read_sealed_key,
-    _replace_durably,
-    _strict_b64,
-    _write_sealed_key,
+    decode_note_text,
     parse_note,
+    read_signing_key,
+    write_signing_key,
 )
 from custodes.audit.merkle import HASH_SIZE, InvalidProof, verify_consistency
-from custodes.crypto.keyring import KdfParams, _create_private_dir
+from custodes.crypto.sealed_file import (
+    DEFAULT_KDF,
+    KdfParams,
+    file_lock,
+    make_private_directory,
+    replace_file_durably,
+    strict_b64decode,
+)
 from custodes.errors import (
     ConfigurationError,
     CustodesError,
@@ -140,7 +142,7 @@ def add_log(directory: Path, *, origin: str, log_vkey: str) -> None:
     vkey = NoteVerifier.from_key_string(log_vkey).verifier_key
     if not (directory / KEY_FILE).exists():
         raise ConfigurationError(f"not a witness directory (no {KEY_FILE}): {directory}")
-    with _file_lock(directory / LOCK_FILE):
+    with file_lock(directory / LOCK_FILE):
         path = _origin_file(directory, origin)
         if path.exists():
             if _load_log(path, origin).log_key != vkey:
@@ -159,7 +161,7 @@ def _write_log(path: Path, state: _LogState) -> None:
         "root": base64.b64encode(state.latest.root).decode() if state.latest else None,
         "note": state.note.decode("utf-8") if state.note is not None else None,
     }
-    _replace_durably(path, json.dumps(doc, indent=2).encode() + b"\n")
+    replace_file_durably(path, json.dumps(doc, indent=2).encode() + b"\n")
 
 
 def _load_log(path: Path, origin: str) -> _LogState:
@@ -237,8 +239,9 @@ class Witness:
         directory = Path(directory)
         private_key = Ed25519PrivateKey.generate()
         cosigner = Cosigner(name, private_key)
-        _create_private_dir(directory)
-        _write_sealed_key(
+        # The words this directory's errors have always used, shared with the keyring's.
+        make_private_directory(directory, what="keyring directory")
+        write_signing_key(
             directory / KEY_FILE,
             purpose="witness",
             vkey=cosigner.verifier_key,
@@ -255,10 +258,12 @@ class Witness:
         cls, directory: Path, *, passphrase: str, clock: Callable[[], float] = time.time
     ) -> Witness:
         directory = Path(directory)
-        vkey, private_key = _read_sealed_key(
-            directory / KEY_FILE, purpose="witness", passphrase=passphrase
+        name, vkey, private_key = read_signing_key(
+            directory / KEY_FILE,
+            purpose="witness",
+            sig_type=SIG_COSIGNATURE_V1,
+            passphrase=passphrase,
         )
-        name, _, _ = _parse_sealed_vkey(vkey, SIG_COSIGNATURE_V1)
         cosigner = Cosigner(name, private_key)
         if cosigner.verifier_key != vkey:
             raise ConfigurationError("damaged witness key file: key and header disagree")
@@ -303,7 +308,7 @@ class Witness:
         # unsigned flood must not queue behind honest requests.
         verifier = NoteVerifier.from_key_string(_load_log(path, cp.origin).log_key)
         verifier.verify(note)
-        with _file_lock(self.directory / LOCK_FILE):
+        with file_lock(self.directory / LOCK_FILE):
             # Check-and-persist under one lock, so two requests cannot roll each other back.
             state = _load_log(path, cp.origin)
             if state.log_key != verifier.verifier_key:
@@ -371,7 +376,7 @@ class Witness:
             "note": note.decode("utf-8"),
             "cosigned_note": state.note.decode("utf-8") if state.note is not None else None,
         }
-        _replace_durably(path, json.dumps(doc, indent=2).encode() + b"\n")
+        replace_file_durably(path, json.dumps(doc, indent=2).encode() + b"\n")
 
     def evidence(self) -> list[Path]:
         """The files of refused, log-signed checkpoints kept so far."""
@@ -395,7 +400,7 @@ def parse_request(body: bytes) -> tuple[int, list[bytes], bytes]:
     if not sep:
         raise MalformedRequest("request has no blank line before the checkpoint")
     try:
-        lines = _check_text(head + b"\n", what="request").split("\n")[:-1]
+        lines = decode_note_text(head + b"\n", what="request").split("\n")[:-1]
     except MalformedNote:
         raise MalformedRequest("request header is not clean UTF-8 text") from None
     first, proof_lines = lines[0], lines[1:]
@@ -408,7 +413,7 @@ def parse_request(body: bytes) -> tuple[int, list[bytes], bytes]:
         raise MalformedRequest(f"more than {MAX_PROOF_LINES} proof lines")
     proof = []
     for number, line in enumerate(proof_lines, start=2):
-        raw = _strict_b64(line)
+        raw = strict_b64decode(line)
         if raw is None or len(raw) != HASH_SIZE:
             raise MalformedRequest(f"line {number} is not a base64 hash")
         proof.append(raw)

@@ -8,62 +8,33 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import fcntl
 import json
 import os
 import secrets
-import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from argon2.low_level import Type, hash_secret_raw
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from custodes.crypto import sealed_file
+from custodes.crypto.sealed_file import DEFAULT_KDF, KEY_BYTES, KdfParams, SealedHeader
 from custodes.errors import KeyringError
+
+__all__ = [
+    "FORMAT",
+    "KEY_BYTES",
+    "VAULT_ID_BYTES",
+    "VERSION",
+    "KdfParams",
+    "KeyMaterial",
+    "Keyring",
+]
 
 FORMAT = "custodes-keyring"
 VERSION = 1
 VAULT_ID_BYTES = 16
-KEY_BYTES = 32
-_SALT_BYTES = 16
-_NONCE_BYTES = 12
-
-# OWASP's minimum for argon2id. Below it a stolen keyring file is too cheap to attack.
-MIN_TIME_COST = 2
-MIN_MEMORY_KIB = 19_456
-# Upper bounds exist only so that an edited header cannot make opening the keyring
-# allocate unbounded memory before the seal gets a chance to reject the edit.
-MAX_TIME_COST = 64
-MAX_MEMORY_KIB = 4 * 1024 * 1024
-MAX_PARALLELISM = 64
-
+_FILE = "keyring file"
+_DIRECTORY = "keyring directory"
 _UNSEAL_FAILED = "wrong passphrase or damaged keyring"
-
-
-@dataclass(frozen=True)
-class KdfParams:
-    """Argon2id cost settings used to turn the passphrase into the sealing key."""
-
-    time_cost: int = 3
-    memory_kib: int = 262_144
-    parallelism: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("time_cost", "memory_kib", "parallelism"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise KeyringError(f"KDF setting {name} must be an integer")
-        if not MIN_TIME_COST <= self.time_cost <= MAX_TIME_COST:
-            raise KeyringError(f"KDF time_cost must be between {MIN_TIME_COST} and {MAX_TIME_COST}")
-        if not MIN_MEMORY_KIB <= self.memory_kib <= MAX_MEMORY_KIB:
-            raise KeyringError(
-                f"KDF memory_kib must be between {MIN_MEMORY_KIB} and {MAX_MEMORY_KIB}"
-            )
-        if not 1 <= self.parallelism <= MAX_PARALLELISM:
-            raise KeyringError(f"KDF parallelism must be between 1 and {MAX_PARALLELISM}")
 
 
 class KeyMaterial(NamedTuple):
@@ -111,11 +82,11 @@ class Keyring:
         *,
         vault_id: bytes,
         passphrase: str,
-        kdf: KdfParams = KdfParams(),  # frozen: sharing the default is safe
+        kdf: KdfParams = DEFAULT_KDF,
     ) -> Keyring:
         """Generate fresh keys for a vault and write them sealed to a new file."""
         path = Path(path)
-        _check_passphrase(passphrase)
+        sealed_file.check_passphrase(passphrase)
         if not isinstance(vault_id, bytes) or len(vault_id) != VAULT_ID_BYTES:
             raise KeyringError(f"vault id must be {VAULT_ID_BYTES} bytes")
         if not isinstance(kdf, KdfParams):
@@ -128,21 +99,16 @@ class Keyring:
             keks={1: os.urandom(KEY_BYTES)},
             index_root=os.urandom(KEY_BYTES),
         )
-        _create_private_dir(path.parent)
-        _write_atomically(path, _seal(material, passphrase, kdf), replace=False)
+        sealed_file.make_private_directory(path.parent, what=_DIRECTORY)
+        sealed_file.write_new_file(path, _seal(material, passphrase, kdf), what=_FILE)
         return cls(path, material, kdf)
 
     @classmethod
     def open(cls, path: Path, *, passphrase: str, vault_id: bytes | None = None) -> Keyring:
         """Read and unseal a keyring file; with vault_id, refuse another vault's keyring."""
         path = Path(path)
-        _check_passphrase(passphrase)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise KeyringError(f"keyring file not found: {path}") from None
-        except OSError as exc:
-            raise KeyringError(f"cannot read keyring file {path}: {exc.strerror}") from None
+        sealed_file.check_passphrase(passphrase)
+        raw = sealed_file.read_sealed_file(path, what=_FILE)
         material, kdf = _unseal(raw, passphrase, vault_id)
         return cls(path, material, kdf)
 
@@ -154,7 +120,7 @@ class Keyring:
         must not have changed since this keyring was opened (another process may have
         rotated already: rewriting from a stale copy would lose its new key).
         """
-        _check_passphrase(passphrase)
+        sealed_file.check_passphrase(passphrase)
         try:
             fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
@@ -177,16 +143,12 @@ class Keyring:
             keks = dict(on_disk.keks)
             keks[version] = os.urandom(KEY_BYTES)
             material = on_disk._replace(kek_version=version, keks=keks)
-            _write_atomically(self._path, _seal(material, passphrase, self._kdf), replace=True)
+            document = _seal(material, passphrase, self._kdf)
+            sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:
             os.close(fd)
         self._material = material
         return version
-
-
-def _check_passphrase(passphrase: str) -> None:
-    if not isinstance(passphrase, str) or not passphrase:
-        raise KeyringError("a non-empty passphrase is required")
 
 
 def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
@@ -198,65 +160,35 @@ def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
     return same
 
 
-def _sealing_key(passphrase: str, salt: bytes, kdf: KdfParams) -> bytes:
-    # NFC so that the same passphrase typed on systems that compose accents
-    # differently still opens the keyring.
-    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-    return hash_secret_raw(
-        secret=secret,
-        salt=salt,
-        time_cost=kdf.time_cost,
-        memory_cost=kdf.memory_kib,
-        parallelism=kdf.parallelism,
-        hash_len=KEY_BYTES,
-        type=Type.ID,
-    )
-
-
-def _header(vault_id: bytes, salt: bytes, kdf: KdfParams) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "vault_id": vault_id.hex(),
-        "kdf": {
-            "alg": "argon2id",
-            "salt": _b64(salt),
-            "time_cost": kdf.time_cost,
-            "memory_kib": kdf.memory_kib,
-            "parallelism": kdf.parallelism,
-        },
-    }
-
-
-def _canonical(header: dict[str, Any]) -> bytes:
-    # The AAD is rebuilt from the parsed values, so an edit to any header field, not
-    # only to its bytes, changes it.
-    return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+def _header(vault_id: bytes) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "vault_id": vault_id.hex()}
 
 
 def _seal(material: KeyMaterial, passphrase: str, kdf: KdfParams) -> bytes:
-    salt = os.urandom(_SALT_BYTES)
-    nonce = os.urandom(_NONCE_BYTES)
-    header = _header(material.vault_id, salt, kdf)
     secrets_doc = {
         "kek_version": material.kek_version,
-        "keks": {str(v): _b64(k) for v, k in sorted(material.keks.items())},
-        "index_root": _b64(material.index_root),
+        "keks": {str(v): sealed_file.b64encode(k) for v, k in sorted(material.keks.items())},
+        "index_root": sealed_file.b64encode(material.index_root),
     }
-    sealed = AESGCM(_sealing_key(passphrase, salt, kdf)).encrypt(
-        nonce, json.dumps(secrets_doc, sort_keys=True).encode(), _canonical(header)
-    )
-    doc = dict(header, nonce=_b64(nonce), sealed=_b64(sealed))
-    return json.dumps(doc, indent=2).encode() + b"\n"
+    plain = json.dumps(secrets_doc, sort_keys=True).encode()
+    return sealed_file.seal_document(_header(material.vault_id), plain, passphrase, kdf)
 
 
 def _unseal(
     raw: bytes, passphrase: str, expected_vault_id: bytes | None
 ) -> tuple[KeyMaterial, KdfParams]:
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise KeyringError("not a custodes keyring (not a JSON document)") from None
+    header, plain = sealed_file.unseal_document(
+        raw,
+        passphrase=passphrase,
+        check_header=lambda doc: _check_header(doc, expected_vault_id),
+        not_json="not a custodes keyring (not a JSON document)",
+        unseal_failed=_UNSEAL_FAILED,
+    )
+    vault_id = bytes.fromhex(header.fields["vault_id"])
+    return _parse_secrets(plain, vault_id), header.kdf
+
+
+def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyringError("not a custodes keyring")
     version = doc.get("version")
@@ -278,20 +210,7 @@ def _unseal(
         raise KeyringError("damaged keyring: malformed KDF settings")
     if kdf_doc["alg"] != "argon2id":
         raise KeyringError(f"unsupported keyring KDF {kdf_doc['alg']!r}")
-    kdf = KdfParams(
-        time_cost=kdf_doc["time_cost"],
-        memory_kib=kdf_doc["memory_kib"],
-        parallelism=kdf_doc["parallelism"],
-    )
-    salt = _unb64(kdf_doc["salt"], _SALT_BYTES)
-    nonce = _unb64(doc["nonce"], _NONCE_BYTES)
-    sealed = _unb64(doc["sealed"], None)
-    aad = _canonical(_header(vault_id, salt, kdf))
-    try:
-        plain = AESGCM(_sealing_key(passphrase, salt, kdf)).decrypt(nonce, sealed, aad)
-    except InvalidTag:
-        raise KeyringError(_UNSEAL_FAILED) from None
-    return _parse_secrets(plain, vault_id), kdf
+    return SealedHeader.from_document(_header(vault_id), doc, decode=_unb64, sealed_length=None)
 
 
 def _parse_secrets(plain: bytes, vault_id: bytes) -> KeyMaterial:
@@ -307,10 +226,6 @@ def _parse_secrets(plain: bytes, vault_id: bytes) -> KeyMaterial:
     if not isinstance(kek_version, int) or kek_version not in keks or min(keks) < 1:
         raise KeyringError("damaged keyring: malformed sealed contents")
     return KeyMaterial(vault_id=vault_id, kek_version=kek_version, keks=keks, index_root=index_root)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(text: Any, length: int | None) -> bytes:
@@ -335,60 +250,3 @@ def _unhex(text: Any, length: int) -> bytes:
     if len(data) != length or text != data.hex():
         raise KeyringError("damaged keyring: vault id is malformed")
     return data
-
-
-def _create_private_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyringError(f"cannot create keyring directory {directory}: {exc.strerror}") from None
-
-
-def _write_atomically(path: Path, data: bytes, *, replace: bool) -> None:
-    """Write data to path so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise KeyringError(f"cannot write keyring file {path}: {exc.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            # A hard link never replaces an existing file, so two concurrent creators
-            # cannot overwrite each other's keys.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise KeyringError(
-                    f"keyring file already exists, refusing to overwrite: {path}"
-                ) from None
-            except OSError:
-                # Some filesystems have no hard links; fall back to check-then-rename.
-                if path.exists():
-                    raise KeyringError(
-                        f"keyring file already exists, refusing to overwrite: {path}"
-                    ) from None
-                os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise KeyringError(f"cannot write keyring file {path}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
