@@ -69,10 +69,23 @@ def sqlite_vault(tmp_path: Path) -> Iterator[Vault]:
     v.close()
 
 
-def login(vault: Vault, role: Role = Role.INVESTIGATOR, username: str | None = None) -> Session:
-    """Add an account, enrol its second factor and log in with password and code."""
+def login(
+    vault: Vault,
+    role: Role = Role.INVESTIGATOR,
+    username: str | None = None,
+    *,
+    district: str = "*",
+    cases: list[str] | None = None,
+) -> Session:
+    """Add an account, enrol its second factor and log in with password and code.
+
+    The account serves the whole country ("*") unless a test names its district.
+    """
     name = username or f"t.{role.value}"
-    vault.add_account(name, PASSWORD, role, {"district": "test"})
+    attributes: dict[str, object] = {"district": district}
+    if cases is not None:
+        attributes["cases"] = cases
+    vault.add_account(name, PASSWORD, role, attributes)
     secret = enrol(vault, name)
     return vault.login(name, PASSWORD, totp=totp_now(vault, secret))
 

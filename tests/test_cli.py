@@ -42,7 +42,14 @@ def add_official(vault_env: dict[str, str], name: str, role: str) -> dict[str, s
     """Add an account with the CLI, enrol its second factor with the printed code, and
     return the environment its holder reads with."""
     done = run(
-        "account", "add", name, "--role", role, env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD}
+        "account",
+        "add",
+        name,
+        "--role",
+        role,
+        "--district",
+        "*",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
     )
     assert done.returncode == 0, done.stderr
     found = re.search(r"enrolment code \(one use, valid 24 h\): (\S+)", done.stdout)

@@ -41,7 +41,7 @@ _accounts = itertools.count()
 def new_account(vault: Vault, role: Role) -> str:
     """A fresh, enrolled account: each login spends a TOTP step, and a secret has few."""
     name = f"api.{role.value}.{next(_accounts)}"
-    vault.add_account(name, PASSWORD, role, {"district": "test"})
+    vault.add_account(name, PASSWORD, role, {"district": "*"})
     enrol(vault, name)
     return name
 

@@ -5,6 +5,7 @@ the session's CSRF token.
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 import warnings
@@ -23,7 +24,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from custodes.audit.report import verify_bundle
-from custodes.policy import AccessPurpose, Action, Role
+from custodes.policy import AccessPurpose, Action, Role, is_minor
 from custodes.vault import Vault
 from custodes.web import deps
 from custodes.web.app import create_app
@@ -39,7 +40,7 @@ def web_app(vault: Vault) -> FastAPI:
     return create_app(vault)
 
 
-def enrol(vault: Vault, username: str, role: Role, district: str = "test") -> str:
+def enrol(vault: Vault, username: str, role: Role, district: str = "*") -> str:
     """An account with a confirmed second factor; returns its TOTP secret.
 
     Enrolment uses the previous time step's code, so a login may use the current one: a
@@ -84,10 +85,16 @@ def site(tmp_path_factory: pytest.TempPathFactory, population_file: Path) -> Ite
         client = TestClient(app, base_url="https://testserver", follow_redirects=False)
         client.cookies.set(deps.SESSION_COOKIE, session.token)
         clients[role] = client
+    today = datetime.datetime.now(datetime.UTC).date()
     yield Site(
         vault,
         app,
-        [r for r in records if r["type"] == "person"],
+        # Adults only: an officer may not open a minor's record at all (tested elsewhere).
+        [
+            r
+            for r in records
+            if r["type"] == "person" and not is_minor(r.get("birth_date"), r["national_id"], today)
+        ],
         [r for r in records if r["type"] == "case"],
         clients,
     )

@@ -40,7 +40,7 @@ from custodes.bootstrap import DEFAULT_POPULATION, create_vault, open_vault
 from custodes.errors import ConfigurationError, CustodesError
 from custodes.ingest import FORMATS, IngestReport
 from custodes.ingest import Progress as IngestProgress
-from custodes.policy import AccessPurpose, Role
+from custodes.policy import AccessPurpose, Role, district_prefix
 from custodes.vault import RecordView, Session, Vault
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -465,6 +465,12 @@ def reveal(
         out.print(Text("(empty)" if value is None else value))
 
 
+def _district(value: str | None) -> str | None:
+    if value is not None and district_prefix(value) is None:
+        raise click.BadParameter("a district is * or a division code of 2, 4 or 6 digits")
+    return value
+
+
 @cli.group()
 def account() -> None:
     """Manage officials' accounts (on the host, with the keyring passphrase)."""
@@ -474,7 +480,17 @@ def account() -> None:
 @click.argument("username")
 @vault_options
 @click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
-@click.option("--district", help="The district or unit the account belongs to.")
+@click.option(
+    "--district",
+    callback=lambda _ctx, _param, value: _district(value),
+    help=(
+        "The administrative division whose records the account reads: a division-code "
+        "prefix of 2 (province), 4 (city) or 6 digits (county), e.g. 3101 for a whole "
+        "city; or * for a national unit. Records outside it stay hidden, as if absent, "
+        "unless a stated case is one the account is assigned to. Without it the account "
+        "reads no personal records."
+    ),
+)
 def account_add(
     username: str, vault_dir: str | None, keyring: str | None, role: str, district: str | None
 ) -> None:
@@ -579,7 +595,7 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
         report = _ingest_with_progress(vault, str(population), workers=workers)
         _print_report(report)
         out.print("[bold]4.[/] adding an investigator account ...")
-        vault.add_account("demo.investigator", password, Role.INVESTIGATOR, {"district": "demo"})
+        vault.add_account("demo.investigator", password, Role.INVESTIGATOR, {"district": "*"})
         # The demo enrols the second factor itself; a real official scans the QR code.
         code = vault.issue_enrolment("demo.investigator")
         enrolment = vault.enrolment(code)

@@ -11,6 +11,7 @@ ends every session (API tokens, stored hashed, survive it).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import secrets
 import threading
@@ -37,7 +38,21 @@ from custodes.errors import (
     RecordNotFound,
     SchemaError,
 )
-from custodes.policy import AccessPurpose, Action, Role, authorise
+from custodes.policy import (
+    PROTECTED_REPORTER,
+    REPORTER,
+    AccessPurpose,
+    Action,
+    RecordFacts,
+    Role,
+    assigned_cases,
+    authorise,
+    district_of_case_no,
+    district_of_national_id,
+    is_minor,
+    may_see,
+    sees_reporters,
+)
 from custodes.records import index_parts, is_han, mask_value, query_parts
 from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import Storage, StoredRecord
@@ -64,6 +79,9 @@ API_SCOPES: dict[str, frozenset[Action]] = {
     "reveal": frozenset({Action.SEARCH, Action.READ, Action.REVEAL}),
     "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT}),
 }
+
+# Reads whose log entry counts the records withheld by the record-level rules.
+_RECORD_READS = frozenset({Action.SEARCH, Action.READ})
 
 # Access-log tags for account events (subject:object:action, like custodes.policy.Action).
 LOGOUT = "account:session:logout"
@@ -163,6 +181,32 @@ class RecordView:
                 for ln in self.links
             ],
         }
+
+
+class _OutOfReach(RecordNotFound):
+    """A record that exists but lies outside the official's reach. Logged as a refusal,
+    then raised to the caller as a plain RecordNotFound: the two must look alike."""
+
+
+@dataclass(slots=True)
+class _Reach:
+    """One access's view of the record-level rules: who asks, for what, and what has
+    been withheld from them so far (a count for the log, never shown)."""
+
+    role: Role
+    district: object
+    cases: frozenset[str]
+    purpose: AccessPurpose
+    today: dt.date
+    withheld: int = 0
+    districts: dict[str, str | None] = field(default_factory=dict)  # person id -> district
+
+    def allows(self, facts: RecordFacts) -> bool:
+        return may_see(self.role, self.district, self.cases, self.purpose, facts)
+
+    @property
+    def sees_reporters(self) -> bool:
+        return sees_reporters(self.role)
 
 
 class Vault:
@@ -420,7 +464,7 @@ class Vault:
         session: Session,
         purpose: AccessPurpose,
         action: Action,
-        run: Callable[[], tuple[T, Sequence[str]]],
+        run: Callable[[_Reach], tuple[T, Sequence[str]]],
         *,
         record_type: str | None = None,
         detail: dict[str, Any] | None = None,
@@ -465,16 +509,34 @@ class Vault:
         except AccessDenied:
             log(entry(Outcome.DENIED), private=private)
             raise
+        reach = self._reach(live, purpose)
         try:
-            result, touched = run()
+            result, touched = run(reach)
+        except _OutOfReach:
+            log(entry(Outcome.DENIED, reason="out_of_reach"), private=private)
+            raise RecordNotFound("no such record") from None
         except AccessDenied:
             log(entry(Outcome.DENIED), private=private)
             raise
         except CustodesError as exc:
             log(entry(Outcome.ERROR, error=type(exc).__name__), private=private)
             raise
-        log(entry(Outcome.GRANTED, touched), private=private)
+        withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
+        log(entry(Outcome.GRANTED, touched, **withheld), private=private)
         return result
+
+    def _reach(self, live: Session, purpose: AccessPurpose) -> _Reach:
+        # Read at every access, so that a changed district or case assignment holds at once.
+        account = self.accounts.get(live.username)
+        attributes = account.attributes if account is not None else {}
+        today = dt.datetime.fromtimestamp(self.access_log.clock(), dt.UTC).date()
+        return _Reach(
+            live.role,
+            attributes.get("district"),
+            assigned_cases(attributes.get("cases")),
+            purpose,
+            today,
+        )
 
     # -- reads ------------------------------------------------------------------------
 
@@ -494,7 +556,7 @@ class Vault:
         limit = max(1, min(limit, MAX_RESULTS))
         detail = {"index": spec.name}
 
-        def run() -> tuple[list[RecordView], list[str]]:
+        def run(reach: _Reach) -> tuple[list[RecordView], list[str]]:
             try:
                 parts = query_parts(rt, spec, values)
             except SchemaError as exc:
@@ -507,11 +569,19 @@ class Vault:
             touched: list[str] = []
             for stored in self._load(candidates):
                 opened = self.codec.open(stored)
-                if self._matches(rt, spec, parts, stored.record_id, opened):
-                    views.append(self._view(rt, stored.record_id, opened))
-                    touched.append(stored.record_id)
-                    if len(views) >= limit:
-                        break
+                if not self._matches(rt, spec, parts, stored.record_id, opened):
+                    continue
+                # Out of reach is as good as absent: neither shown nor counted, only
+                # tallied for the log.
+                if self._as_hidden_reporter(rt, spec, parts, opened, reach) or not reach.allows(
+                    self._facts(rt, opened, reach)
+                ):
+                    reach.withheld += 1
+                    continue
+                views.append(self._view(rt, stored.record_id, opened, reach))
+                touched.append(stored.record_id)
+                if len(views) >= limit:
+                    break
             return views, touched
 
         return self._access(
@@ -527,15 +597,18 @@ class Vault:
     def record(self, session: Session, purpose: AccessPurpose, record_id: str) -> RecordView:
         """One record, masked, with the records it links to and that link to it."""
 
-        def run() -> tuple[RecordView, list[str]]:
+        def run(reach: _Reach) -> tuple[RecordView, list[str]]:
             stored = self._one(record_id)
             rt = self.schema.types[stored.record_type]
             opened = self.codec.open(stored)
-            view = self._view(rt, record_id, opened)
+            if not reach.allows(self._facts(rt, opened, reach)):
+                raise _OutOfReach("no such record")
+            view = self._view(rt, record_id, opened, reach)
             touched = [record_id]
-            for link in self._links(rt, stored.record_id, opened):
+            for link in self._links(rt, stored.record_id, opened, reach):
                 view.links.append(link)
-                touched.append(link.record_id)
+                if link.record_id:
+                    touched.append(link.record_id)
             return view, touched
 
         return self._access(
@@ -554,17 +627,26 @@ class Vault:
         """One field of one record in the clear, or None if the record lacks it."""
         live = self._live(session)
 
-        def run() -> tuple[str | None, list[str]]:
+        def run(reach: _Reach) -> tuple[str | None, list[str]]:
             stored = self._one(record_id)
-            spec = self.schema.types[stored.record_type].fields.get(field_name)
+            rt = self.schema.types[stored.record_type]
+            # Reach first: a record out of reach must fail exactly as a missing one does,
+            # whatever field was asked for.
+            opened = self.codec.open(stored, _fact_fields(rt))
+            if not reach.allows(self._facts(rt, opened, reach)):
+                raise _OutOfReach("no such record")
+            spec = rt.fields.get(field_name)
             if spec is None:
                 raise InvalidQuery(
                     f"record type {stored.record_type!r} has no field {field_name!r}"
                 )
             # Clearance depends on the field, known only once the record's type is.
             authorise(live.role, Action.REVEAL, field=spec)
-            opened = self.codec.open(stored, (field_name,))
+            if field_name not in opened:
+                opened = self.codec.open(stored, (field_name,))
             value = opened.get(field_name)
+            if spec.kind == "person_links" and value is not None and not reach.sees_reporters:
+                value = _without_reporters(value)
             return (None if value is None else _plain(value)), [record_id]
 
         return self._access(
@@ -576,6 +658,62 @@ class Vault:
             detail={"target": record_id, "field": field_name},
             target=record_id,
         )
+
+    # -- record-level facts -------------------------------------------------------------
+
+    def _facts(self, rt: RecordType, values: Values, reach: _Reach) -> RecordFacts:
+        """The district (and, for people, minority) of a decrypted record."""
+        for spec in rt.fields.values():
+            if spec.kind == "national_id":
+                number = values.get(spec.name)
+                return RecordFacts(
+                    district_of_national_id(number),
+                    is_minor(values.get("birth_date"), number, reach.today),
+                )
+        for spec in rt.fields.values():
+            if spec.kind == "case_no":
+                district = district_of_case_no(values.get(spec.name))
+                if district is not None:
+                    return RecordFacts(district)
+        for spec in rt.fields.values():
+            value = values.get(spec.name)
+            if spec.kind == "person_links" and value:
+                first = value[0][0]  # type: ignore[index]
+                return RecordFacts(self._person_district(str(first), reach))
+            if spec.kind == "person_ref" and value:
+                return RecordFacts(self._person_district(str(value), reach))
+        return RecordFacts(None)
+
+    def _person_district(self, record_id: str, reach: _Reach) -> str | None:
+        if record_id in reach.districts:
+            return reach.districts[record_id]
+        district: str | None = None
+        stored = self.storage.get_records([record_id]).get(record_id)
+        if stored is not None:
+            rt = self.schema.types[stored.record_type]
+            names = [s.name for s in rt.fields.values() if s.kind == "national_id"]
+            if names:
+                district = district_of_national_id(self.codec.open(stored, names).get(names[0]))
+        reach.districts[record_id] = district
+        return district
+
+    def _as_hidden_reporter(
+        self,
+        rt: RecordType,
+        spec: IndexSpec,
+        parts: tuple[str, ...],
+        values: Values,
+        reach: _Reach,
+    ) -> bool:
+        """Whether a record matched a link search only as naming the person its reporter,
+        which an official below investigator may not learn."""
+        if reach.sees_reporters:
+            return False
+        link = rt.fields[spec.components[0].field]
+        if link.ref is None or link.kind != "person_links":
+            return False
+        target = self.codec.record_id(link.ref, parts)
+        return _role_of(link, values.get(link.name), target) == REPORTER
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -636,12 +774,15 @@ class Vault:
         found = self.storage.get_records(record_ids)
         return [found[r] for r in record_ids if r in found]
 
-    def _view(self, rt: RecordType, record_id: str, values: Values) -> RecordView:
-        masked = {
-            name: mask_value(spec, values[name])
-            for name, spec in rt.fields.items()
-            if name in values
-        }
+    def _view(self, rt: RecordType, record_id: str, values: Values, reach: _Reach) -> RecordView:
+        masked: dict[str, str] = {}
+        for name, spec in rt.fields.items():
+            if name not in values:
+                continue
+            value = values[name]
+            if spec.kind == "person_links" and not reach.sees_reporters:
+                value = _without_reporters(value)
+            masked[name] = mask_value(spec, value)
         return RecordView(record_id, rt.name, masked)
 
     def _label(self, rt: RecordType, values: Values) -> str:
@@ -650,7 +791,11 @@ class Vault:
                 return mask_value(spec, values[spec.name])
         return mask_value(rt.fields[rt.source_key[0]], values.get(rt.source_key[0], ""))
 
-    def _links(self, rt: RecordType, record_id: str, values: Values) -> list[LinkView]:
+    def _links(
+        self, rt: RecordType, record_id: str, values: Values, reach: _Reach
+    ) -> list[LinkView]:
+        """The records this one names and those that name it, as far as the official may
+        see them: links out of reach are left out, reporters hidden below investigator."""
         links: list[LinkView] = []
         # Outgoing: the people a case or a delivery names.
         outgoing: list[tuple[str, str, str]] = []
@@ -665,9 +810,16 @@ class Vault:
             target = found.get(rid)
             if target is None or target.record_type != ref_type:
                 continue
+            if role == REPORTER and not reach.sees_reporters:
+                # That a case has a reporter is no secret; who it is, is.
+                links.append(LinkView("", ref_type, role, PROTECTED_REPORTER))
+                continue
             target_rt = self.schema.types[ref_type]
-            label = self._label(target_rt, self.codec.open(target))
-            links.append(LinkView(rid, ref_type, role, label))
+            opened = self.codec.open(target)
+            if not reach.allows(self._facts(target_rt, opened, reach)):
+                reach.withheld += 1
+                continue
+            links.append(LinkView(rid, ref_type, role, self._label(target_rt, opened)))
         # Incoming: records that name this one, found through their link indexes.
         if len(rt.source_key) == 1 and rt.source_key[0] in values:
             source_value = str(values[rt.source_key[0]])
@@ -676,9 +828,15 @@ class Vault:
                 for stored in self._load(self.storage.find(index.index_id, token, MAX_RESULTS)):
                     opened = self.codec.open(stored)
                     role = _role_of(link_field, opened.get(link_field.name), record_id)
-                    if role is not None:
-                        label = self._label(other_rt, opened)
-                        links.append(LinkView(stored.record_id, other_rt.name, role, label))
+                    if role is None:
+                        continue
+                    # A person's page must not tell an officer that they reported a crime.
+                    hidden = role == REPORTER and not reach.sees_reporters
+                    if hidden or not reach.allows(self._facts(other_rt, opened, reach)):
+                        reach.withheld += 1
+                        continue
+                    label = self._label(other_rt, opened)
+                    links.append(LinkView(stored.record_id, other_rt.name, role, label))
         return links
 
     # -- the access log, for auditors -----------------------------------------------
@@ -733,7 +891,7 @@ class Vault:
             if v is not None
         }
         self._access(
-            session, purpose, Action.LOG_READ, lambda: (None, []), detail={"filters": filters}
+            session, purpose, Action.LOG_READ, lambda _: (None, []), detail={"filters": filters}
         )
         needle = purpose_contains.casefold() if purpose_contains else None
 
@@ -846,6 +1004,21 @@ def _role_of(spec: FieldSpec, value: object, record_id: str) -> str | None:
         if rid == record_id:
             return str(role)
     return None
+
+
+def _fact_fields(rt: RecordType) -> tuple[str, ...]:
+    """The fields the record-level rules read (see Vault._facts)."""
+    kinds = ("national_id", "case_no", "person_links", "person_ref")
+    return tuple(
+        name for name, spec in rt.fields.items() if spec.kind in kinds or name == "birth_date"
+    )
+
+
+def _without_reporters(value: object) -> object:
+    """A person-links value without its reporters (their record ids included)."""
+    if not isinstance(value, tuple):
+        return value
+    return tuple(link for link in value if link[1] != REPORTER)
 
 
 def _plain(value: object) -> str:

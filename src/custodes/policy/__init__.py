@@ -11,5 +11,35 @@ from custodes.policy.decisions import (
     authorise,
     clearance_of,
 )
+from custodes.policy.records import (
+    NATIONAL,
+    PROTECTED_REPORTER,
+    REPORTER,
+    RecordFacts,
+    assigned_cases,
+    district_of_case_no,
+    district_of_national_id,
+    district_prefix,
+    is_minor,
+    may_see,
+    sees_reporters,
+)
 
-__all__ = ["AccessPurpose", "Action", "Role", "authorise", "clearance_of"]
+__all__ = [
+    "NATIONAL",
+    "PROTECTED_REPORTER",
+    "REPORTER",
+    "AccessPurpose",
+    "Action",
+    "RecordFacts",
+    "Role",
+    "assigned_cases",
+    "authorise",
+    "clearance_of",
+    "district_of_case_no",
+    "district_of_national_id",
+    "district_prefix",
+    "is_minor",
+    "may_see",
+    "sees_reporters",
+]

@@ -1,0 +1,285 @@
+"""Threat 8: an official of one district opens another district's record by its id.
+
+Records outside an official's reach behave as if they did not exist, on every backend
+and through the dashboard and the API alike; minors and reporters of crimes need more
+than an officer's clearance.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+with warnings.catch_warnings():
+    # Starlette's test client suggests a renamed httpx; the one installed works the same.
+    warnings.filterwarnings("ignore", message=".*httpx2")
+    from fastapi.testclient import TestClient
+
+from custodes.audit import AccessEntry, Outcome
+from custodes.errors import RecordNotFound
+from custodes.policy import PROTECTED_REPORTER, AccessPurpose, Action, Role
+from custodes.records.idnumber import check_char
+from custodes.vault import Session, Vault
+from custodes.web import deps
+from custodes.web.app import create_app
+from tests.conftest import login, make_vault, write_jsonl
+
+ROUTINE = AccessPurpose("check a resident's address", "C-1")
+CASE_NO = "A3101042025000017"
+ON_CASE = AccessPurpose("interview the victim of a robbery", CASE_NO)
+
+
+def resident_id(district: str, birth: str, sequence: str) -> str:
+    first17 = district + birth + sequence
+    return first17 + check_char(first17)
+
+
+SHANGHAI_ADULT = resident_id("310104", "19880512", "123")
+SHANGHAI_REPORTER = resident_id("310104", "19750203", "456")
+SHANGHAI_CHILD = resident_id("310104", "20150709", "782")
+BEIJING_ADULT = resident_id("110101", "19900101", "111")
+
+
+def person(number: str, name: str, phone: str) -> dict[str, object]:
+    born = number[6:10] + "-" + number[10:12] + "-" + number[12:14]
+    return {
+        "type": "person",
+        "name": name,
+        "national_id": number,
+        "phone": phone,
+        "gender": "male" if int(number[16]) % 2 else "female",
+        "birth_date": born,
+        "address": "测试市测试区测试路1号",
+    }
+
+
+RECORDS: list[dict[str, object]] = [
+    person(SHANGHAI_ADULT, "周测甲", "13912340001"),
+    person(SHANGHAI_REPORTER, "吴测乙", "13912340002"),
+    person(SHANGHAI_CHILD, "郑测丙", "13912340003"),
+    person(BEIJING_ADULT, "王测丁", "13912340004"),
+    {
+        "type": "case",
+        "case_no": CASE_NO,
+        "opened_on": "2025-06-01",
+        "category": "抢劫",
+        "narrative": "2025年6月1日，周测甲在测试路被抢走挎包，吴测乙报案。",
+        "persons": [
+            {"national_id": SHANGHAI_ADULT, "role": "victim"},
+            {"national_id": SHANGHAI_REPORTER, "role": "reporter"},
+        ],
+    },
+]
+
+
+@pytest.fixture
+def districts(vault: Vault, tmp_path: Path) -> Vault:
+    report = vault.ingest(write_jsonl(tmp_path / "districts.jsonl", RECORDS))
+    assert report.rejected == 0 and report.accepted == len(RECORDS)
+    return vault
+
+
+def record_id(vault: Vault, number: str) -> str:
+    national = login(vault, Role.SUPERVISOR, "s.national")
+    [found] = vault.search(
+        national, ROUTINE, record_type="person", index="national_id", values={"national_id": number}
+    )
+    vault.logout(national)
+    return found.record_id
+
+
+def case_id(vault: Vault) -> str:
+    national = login(vault, Role.SUPERVISOR, "s.cases")
+    [found] = vault.search(
+        national, ROUTINE, record_type="case", index="case_no", values={"case_no": CASE_NO}
+    )
+    return found.record_id
+
+
+def beijing_officer(vault: Vault, cases: list[str] | None = None) -> Session:
+    return login(vault, Role.OFFICER, "o.beijing", district="110101", cases=cases)
+
+
+def last_entry(vault: Vault) -> AccessEntry:
+    return list(vault.access_log.entries())[-1][1]
+
+
+def test_official_of_another_district_gets_404_by_record_id(districts: Vault) -> None:
+    target = record_id(districts, SHANGHAI_ADULT)
+    officer = beijing_officer(districts)
+    with pytest.raises(RecordNotFound) as raised:
+        districts.record(officer, ROUTINE, target)
+    # Word for word what a record that does not exist gives.
+    with pytest.raises(RecordNotFound) as missing:
+        districts.record(officer, ROUTINE, "0" * 26)
+    assert type(raised.value) is type(missing.value) and str(raised.value) == str(missing.value)
+    with pytest.raises(RecordNotFound):
+        districts.reveal(officer, ROUTINE, target, "phone")
+    with pytest.raises(RecordNotFound):
+        districts.reveal(officer, ROUTINE, target, "no_such_field")
+    entry = last_entry(districts)
+    assert entry.action == Action.REVEAL and entry.outcome is Outcome.DENIED
+    assert entry.records == (target,) and entry.result_count == 0
+    assert entry.detail["reason"] == "out_of_reach"
+
+
+def test_the_refused_attempt_is_logged_as_denied_naming_the_target(districts: Vault) -> None:
+    target = record_id(districts, SHANGHAI_ADULT)
+    officer = beijing_officer(districts)
+    with pytest.raises(RecordNotFound):
+        districts.record(officer, ROUTINE, target)
+    entry = last_entry(districts)
+    assert (entry.actor, entry.action, entry.outcome) == ("o.beijing", Action.READ, Outcome.DENIED)
+    assert entry.records == (target,) and entry.detail["target"] == target
+    assert entry.purpose == ROUTINE.reason and entry.case_ref == ROUTINE.case_ref
+
+
+def test_official_reads_their_own_districts_records(districts: Vault) -> None:
+    own = record_id(districts, BEIJING_ADULT)
+    officer = beijing_officer(districts)
+    assert districts.record(officer, ROUTINE, own).record_id == own
+    assert districts.reveal(officer, ROUTINE, own, "national_id") == BEIJING_ADULT
+
+
+def test_a_city_prefix_reaches_every_county_of_the_city(districts: Vault) -> None:
+    target = record_id(districts, SHANGHAI_ADULT)
+    city = login(districts, Role.INVESTIGATOR, "i.shanghai", district="3101")
+    assert districts.record(city, ROUTINE, target).record_id == target
+    other_city = login(districts, Role.INVESTIGATOR, "i.minhang", district="3102")
+    with pytest.raises(RecordNotFound):
+        districts.record(other_city, ROUTINE, target)
+
+
+def test_an_assigned_case_opens_records_of_another_district(districts: Vault) -> None:
+    target = record_id(districts, SHANGHAI_ADULT)
+    officer = beijing_officer(districts, cases=[CASE_NO])
+    view = districts.record(officer, ON_CASE, target)
+    assert view.record_id == target
+    assert districts.reveal(officer, ON_CASE, target, "phone") == "13912340001"
+    # Naming any other case does not.
+    with pytest.raises(RecordNotFound):
+        districts.record(officer, ROUTINE, target)
+
+
+def test_a_search_from_another_district_returns_nothing(districts: Vault) -> None:
+    officer = beijing_officer(districts)
+    found = districts.search(
+        officer,
+        ROUTINE,
+        record_type="person",
+        index="national_id",
+        values={"national_id": SHANGHAI_ADULT},
+    )
+    assert found == []
+    entry = last_entry(districts)
+    assert entry.outcome is Outcome.GRANTED and entry.records == () and entry.result_count == 0
+    assert entry.detail["filtered"] == 1
+    by_case = districts.search(
+        officer, ROUTINE, record_type="case", index="case_no", values={"case_no": CASE_NO}
+    )
+    assert by_case == []
+
+
+def test_a_minors_record_is_hidden_from_officers_but_not_investigators(districts: Vault) -> None:
+    child = record_id(districts, SHANGHAI_CHILD)
+    officer = login(districts, Role.OFFICER, "o.shanghai", district="310104", cases=[CASE_NO])
+    for purpose in (ROUTINE, ON_CASE):
+        with pytest.raises(RecordNotFound):
+            districts.record(officer, purpose, child)
+    assert not districts.search(
+        officer,
+        ROUTINE,
+        record_type="person",
+        index="national_id",
+        values={"national_id": SHANGHAI_CHILD},
+    )
+    investigator = login(districts, Role.INVESTIGATOR, "i.shanghai", district="310104")
+    assert districts.record(investigator, ROUTINE, child).record_id == child
+    assert districts.reveal(investigator, ROUTINE, child, "name") == "郑测丙"
+
+
+def test_a_cases_reporter_is_a_placeholder_for_officers(districts: Vault) -> None:
+    case = case_id(districts)
+    reporter = record_id(districts, SHANGHAI_REPORTER)
+    officer = login(districts, Role.OFFICER, "o.shanghai", district="310104")
+    view = districts.record(officer, ROUTINE, case)
+    roles = {link.role: link for link in view.links}
+    assert roles["reporter"].label == PROTECTED_REPORTER and roles["reporter"].record_id == ""
+    assert reporter not in str(view.as_dict())
+    assert reporter not in last_entry(districts).records
+    # Nor does the reporter's own page, or a search by their link, tell an officer.
+    own = districts.record(officer, ROUTINE, reporter)
+    assert case not in {link.record_id for link in own.links}
+    assert not districts.search(
+        officer,
+        ROUTINE,
+        record_type="case",
+        index="linked_person",
+        values={"persons": SHANGHAI_REPORTER},
+    )
+    investigator = login(districts, Role.INVESTIGATOR, "i.shanghai", district="310104")
+    shown = districts.record(investigator, ROUTINE, case)
+    assert reporter in {link.record_id for link in shown.links}
+
+
+# -- through the dashboard and the API ------------------------------------------------
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Vault, TestClient]]:
+    vault = make_vault(tmp_path, "memory")
+    assert vault.ingest(write_jsonl(tmp_path / "districts.jsonl", RECORDS)).rejected == 0
+    client = TestClient(create_app(vault), base_url="https://testserver", follow_redirects=False)
+    yield vault, client
+    client.close()
+    vault.close()
+
+
+def test_official_of_another_district_gets_404_on_the_record_page(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    target = record_id(vault, SHANGHAI_ADULT)
+    client.cookies.set(deps.SESSION_COOKIE, beijing_officer(vault).token)
+    query = {"reason": ROUTINE.reason, "case_ref": ROUTINE.case_ref}
+    response = client.get(f"/records/{target}", params=query)
+    assert response.status_code == 404
+    assert "周" not in response.text and SHANGHAI_ADULT[:4] + "*" not in response.text
+    entry = last_entry(vault)
+    assert entry.outcome is Outcome.DENIED and entry.records == (target,)
+    assert client.get(f"/records/{'0' * 26}", params=query).text == response.text
+
+
+def test_official_of_another_district_gets_404_from_the_api(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    target = record_id(vault, SHANGHAI_ADULT)
+    headers = {"Authorization": f"Bearer {beijing_officer(vault).token}"}
+    query = {"purpose": ROUTINE.reason, "case_ref": ROUTINE.case_ref}
+    response = client.get(f"/api/v1/records/{target}", headers=headers, params=query)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "record_not_found"
+    assert "周" not in response.text and SHANGHAI_ADULT[-4:] not in response.text
+    entry = last_entry(vault)
+    assert entry.outcome is Outcome.DENIED and entry.records == (target,)
+    missing = client.get(f"/api/v1/records/{'0' * 26}", headers=headers, params=query)
+    assert missing.status_code == 404 and missing.json() == response.json()
+
+
+def test_the_case_page_shows_an_officer_a_placeholder_for_the_reporter(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    case = case_id(vault)
+    reporter = record_id(vault, SHANGHAI_REPORTER)
+    client.cookies.set(
+        deps.SESSION_COOKIE, login(vault, Role.OFFICER, "o.shanghai", district="310104").token
+    )
+    query = {"reason": ROUTINE.reason, "case_ref": ROUTINE.case_ref}
+    page = client.get(f"/records/{case}", params=query)
+    assert page.status_code == 200
+    assert PROTECTED_REPORTER in page.text and reporter not in page.text and "吴" not in page.text
