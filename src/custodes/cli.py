@@ -560,8 +560,15 @@ def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> N
     default=max(1, min(4, os.cpu_count() or 1)),
     show_default=True,
 )
-def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
-    """Build a demo vault of synthetic people and run a sample search.
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="Then serve the dashboard on 127.0.0.1 until interrupted.",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: int) -> None:
+    """Build a demo vault of synthetic people, run a sample search, serve the dashboard.
 
     Creates DIR/vault and DIR/keys (apart, as in production), a random keyring
     passphrase and a random account password, both printed for you to try things with.
@@ -647,6 +654,22 @@ def demo(demo_dir: str, count: int, seed: int, workers: int) -> None:
     out.print(f"  {me} reveal {record_id} address --purpose 'demo' --case DEMO-1")
     out.print(f"  {me} audit verify   # recompute the access log and check its signatures")
     out.print(f"  grep -c '{first['name']}' {vault_path}/vault.db   # 0: no plaintext on disk")
+    if not serve:
+        return
+    from custodes.web.serve import serve as serve_dashboard
+
+    code_command = f"{sys.executable} -c \"import pyotp; print(pyotp.TOTP('{totp.secret}').now())\""
+    out.print(f"\n[bold]7.[/] the dashboard: http://127.0.0.1:{port}/  (Ctrl-C stops it)")
+    out.print(
+        "   log in as demo.investigator with the password above and the current code "
+        "(each code works once; if one is refused, wait half a minute for the next):"
+    )
+    out.print(f"   {code_command}")
+    served = open_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
+    try:
+        serve_dashboard(served, host="127.0.0.1", port=port)
+    finally:
+        served.close()
 
 
 def _register_groups() -> None:
