@@ -230,7 +230,9 @@ class AccessLog:
         last_size, _ = self._signer.last_signed
         proof: list[bytes] = []
         if 0 < last_size < frontier.size:
-            proof = consistency_proof(last_size, frontier.size, self._node)
+            # Through the node cache: each read of storage here would wait behind the
+            # searches sharing its connection, with every appender queued behind this one.
+            proof = consistency_proof(last_size, frontier.size, self._proof_node)
         note = self._signer.sign_checkpoint(
             Checkpoint(self.origin, frontier.size, frontier.root()), proof
         )

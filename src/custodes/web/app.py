@@ -49,15 +49,17 @@ def create_app(vault: Vault, *, tls: bool = False) -> FastAPI:
     app = FastAPI(title="custodes", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.vault = vault
     app.state.tls = tls
+    app.state.vault_threads = deps.vault_threads()
     app.add_middleware(SecurityHeaders, tls=tls)
-    app.include_router(auth.router)
-    for module in ("custodes.web.pages", "custodes.web.api"):
+    # The API first: its routes are the busiest, and Starlette tries routes in order.
+    for module in ("custodes.web.api", "custodes.web.pages"):
         try:
             router = importlib.import_module(module).router
         except ImportError:  # a part not built yet; the rest still serves
             log.warning("%s is not available", module)
             continue
         app.include_router(router)
+    app.include_router(auth.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     async def refused(request: Request, exc: Exception) -> Response:

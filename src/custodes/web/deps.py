@@ -5,8 +5,12 @@ every decision is the vault's.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -19,6 +23,12 @@ SESSION_COOKIE = "custodes_session"
 # no Domain, so a sibling host cannot plant or overwrite it.
 TLS_SESSION_COOKIE = "__Host-custodes"
 CSRF_FIELD = "csrf_token"
+# Threads blocked in the access log's group commit share its next fsync, so the pool must
+# be wide; but every thread also contends for the storage connection and the GIL, and on
+# two cores 24 served as many audited lookups as anyio's 40, with a shorter tail.
+VAULT_THREADS = 24
+
+_T = TypeVar("_T")
 
 
 class NotAuthenticated(Exception):
@@ -32,6 +42,18 @@ class CsrfRejected(Exception):
 def vault_of(request: Request) -> Vault:
     vault: Vault = request.app.state.vault
     return vault
+
+
+def vault_threads() -> ThreadPoolExecutor:
+    """A pool for one app's blocking vault calls (storage reads, the group commit)."""
+    return ThreadPoolExecutor(VAULT_THREADS, thread_name_prefix="custodes-vault")
+
+
+async def in_vault_thread(request: Request, call: Callable[[], _T]) -> _T:
+    """Run a blocking vault call off the event loop, on the app's own pool: a plain
+    executor costs the loop less per call than the generic thread pool of sync routes."""
+    pool: ThreadPoolExecutor = request.app.state.vault_threads
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
 
 
 def is_tls(request: Request) -> bool:
