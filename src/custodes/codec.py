@@ -13,7 +13,7 @@ import orjson
 from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
 from custodes.errors import TamperDetected
 from custodes.records import CanonicalRecord, index_parts
-from custodes.schema import IndexSpec, RecordType, Schema
+from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import SealedRecord, StoredRecord
 
 Values = dict[str, object]
@@ -114,3 +114,18 @@ class RecordCodec:
                 if spec.ref == target_type and len(index.components) == 1:
                     found.append((rt, index, self.token(index, (source_value,))))
         return found
+
+
+def role_of_link(spec: FieldSpec, value: object, record_id: str) -> str | None:
+    """The role in which a decoded link field names record_id, or None if it does not.
+
+    A person_ref names its target by the field's own name; person_links carry roles.
+    """
+    if value is None:
+        return None
+    if spec.kind == "person_ref":
+        return spec.name if value == record_id else None
+    for rid, role in value:  # type: ignore[attr-defined]
+        if rid == record_id:
+            return str(role)
+    return None

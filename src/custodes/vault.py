@@ -25,7 +25,7 @@ import orjson
 
 from custodes.accounts import Account, AccountBook, Enrolment, SecretBox
 from custodes.audit import AccessEntry, AccessLog, Outcome
-from custodes.codec import RecordCodec, Values
+from custodes.codec import RecordCodec, Values, role_of_link
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
     AccessDenied,
@@ -54,7 +54,7 @@ from custodes.policy import (
     sees_reporters,
 )
 from custodes.records import index_parts, is_han, mask_value, query_parts
-from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
+from custodes.schema import IndexSpec, RecordType, Schema
 from custodes.storage.base import Storage, StoredRecord
 
 if TYPE_CHECKING:
@@ -713,7 +713,7 @@ class Vault:
         if link.ref is None or link.kind != "person_links":
             return False
         target = self.codec.record_id(link.ref, parts)
-        return _role_of(link, values.get(link.name), target) == REPORTER
+        return role_of_link(link, values.get(link.name), target) == REPORTER
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -757,7 +757,7 @@ class Vault:
         if link.ref is not None:
             # Links are stored as the target's record id, not its source key.
             target = self.codec.record_id(link.ref, parts)
-            return _role_of(link, opened.get(link.name), target) is not None
+            return role_of_link(link, opened.get(link.name), target) is not None
         return parts in index_parts(rt, spec, opened)
 
     def _type_of(self, record_id: str) -> str | None:
@@ -827,7 +827,7 @@ class Vault:
                 link_field = other_rt.fields[index.components[0].field]
                 for stored in self._load(self.storage.find(index.index_id, token, MAX_RESULTS)):
                     opened = self.codec.open(stored)
-                    role = _role_of(link_field, opened.get(link_field.name), record_id)
+                    role = role_of_link(link_field, opened.get(link_field.name), record_id)
                     if role is None:
                         continue
                     # A person's page must not tell an officer that they reported a crime.
@@ -992,17 +992,6 @@ def _pinyin_twin(rt: RecordType, spec: IndexSpec) -> IndexSpec | None:
     for other in rt.indexes.values():
         if tuple((c.field, c.transform) for c in other.components) == wanted:
             return other
-    return None
-
-
-def _role_of(spec: FieldSpec, value: object, record_id: str) -> str | None:
-    if value is None:
-        return None
-    if spec.kind == "person_ref":
-        return spec.name if value == record_id else None
-    for rid, role in value:  # type: ignore[attr-defined]
-        if rid == record_id:
-            return str(role)
     return None
 
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from custodes.audit.checkpoint import MAX_NOTE_BYTES, Checkpoint, NoteVerifier, SignatureInvalid
 from custodes.audit.entry import AccessEntry, Outcome
 from custodes.audit.merkle import HASH_SIZE, InvalidProof, leaf_hash, verify_inclusion
+from custodes.codec import role_of_link
 from custodes.errors import CustodesError, RecordNotFound, TamperDetected
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.storage.base import StoredRecord
@@ -139,7 +140,7 @@ def _incoming_links(vault: Vault, record_id: str) -> list[str]:
             # Tokens are truncated, so a bucket may hold records naming someone else:
             # only the decrypted link field decides.
             opened = vault.codec.open(candidate, (link_field.name,))
-            if _names(opened.get(link_field.name), record_id):
+            if role_of_link(link_field, opened.get(link_field.name), record_id) is not None:
                 found[candidate.record_id] = None
     return list(found)
 
@@ -153,14 +154,6 @@ def _find_all(vault: Vault, index_id: int, token: int) -> list[StoredRecord]:
         limit *= 4
     loaded = vault.storage.get_records(ids)
     return [loaded[i] for i in ids if i in loaded]
-
-
-def _names(value: object, record_id: str) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, str):  # person_ref: the target's record id
-        return value == record_id
-    return any(str(rid) == record_id for rid, _ in value)  # type: ignore[attr-defined]
 
 
 def _log_report(
