@@ -144,6 +144,11 @@ class AuditUnavailable(CustodesError):
     exit_code = 9
 
 
+class LogMoved(AuditUnavailable):
+    """Another writer appended to the access log first; the batch must be rebuilt on the
+    tree as it now stands."""
+
+
 class StorageError(CustodesError):
     """The storage backend failed; the batch in flight did not land."""
 

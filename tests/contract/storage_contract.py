@@ -13,12 +13,19 @@ from typing import Any
 
 import pytest
 
-from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
+from custodes.errors import (
+    AuditUnavailable,
+    ConfigurationError,
+    LogMoved,
+    RecordNotFound,
+    StorageError,
+)
 from custodes.storage import (
     AccountRow,
     BatchOutcome,
     LogAppend,
     SealedRecord,
+    SessionRow,
     Storage,
     StoredRecord,
 )
@@ -55,6 +62,15 @@ def stored(record: SealedRecord) -> StoredRecord:
         record.kek_version,
         record.wrapped_key,
     )
+
+
+def session_key(name: bytes) -> bytes:
+    return hashlib.sha256(name).digest()
+
+
+def session_row(name: bytes, **changes: Any) -> SessionRow:
+    row = SessionRow(session_key(name), "inspector.ode", "officer", 1.0, 9e9, 1.0, "192.0.2.7")
+    return row._replace(**changes)
 
 
 def account(username: str = "inspector.ode", **changes: Any) -> AccountRow:
@@ -426,7 +442,7 @@ class StorageContract:
         stale = log_batch(
             first_index, 2, subjects=((SUBJECT_A, first_index),), details=((first_index, b"d"),)
         )
-        with pytest.raises(AuditUnavailable, match="moved"):
+        with pytest.raises(LogMoved, match="moved"):
             storage.log_append(stale)
         assert log_contents(storage) == before
         storage.log_append(log_batch(2, 2))
@@ -536,6 +552,67 @@ class StorageContract:
             storage.put_checkpoint(size, note)
         assert "SECRET-VALUE" not in str(refused.value)
         assert storage.checkpoints() == []
+
+    # -- sessions and login throttling ------------------------------------------------
+
+    def test_session_round_trip(self, storage: Storage) -> None:
+        row = session_row(b"a")
+        storage.put_session(row)
+        assert storage.get_session(row.key) == row
+        assert storage.get_session(session_key(b"b")) is None
+        assert storage.count_sessions() == 1
+
+    def test_a_session_key_is_stored_once(self, storage: Storage) -> None:
+        storage.put_session(session_row(b"a"))
+        with pytest.raises(ConfigurationError):
+            storage.put_session(session_row(b"a", username="inspector.other"))
+        stored = storage.get_session(session_key(b"a"))
+        assert stored is not None and stored.username == "inspector.ode"
+
+    def test_session_key_must_be_a_hash(self, storage: Storage) -> None:
+        with pytest.raises(StorageError):
+            storage.put_session(session_row(b"a")._replace(key=b"short"))
+        assert storage.count_sessions() == 0
+
+    def test_touch_moves_last_seen_forward_only(self, storage: Storage) -> None:
+        row = session_row(b"a", last_seen=100.0)
+        storage.put_session(row)
+        storage.touch_session(row.key, 160.0)
+        storage.touch_session(row.key, 130.0)
+        storage.touch_session(session_key(b"gone"), 500.0)
+        stored = storage.get_session(row.key)
+        assert stored is not None and stored.last_seen == 160.0
+
+    def test_end_one_session_or_all_of_an_account(self, storage: Storage) -> None:
+        for name, user in ((b"a", "inspector.ode"), (b"b", "inspector.ode"), (b"c", "other")):
+            storage.put_session(session_row(name, username=user))
+        assert storage.end_session(session_key(b"c")) is True
+        assert storage.end_session(session_key(b"c")) is False
+        assert storage.end_sessions("inspector.ode") == 2
+        assert storage.end_sessions("inspector.ode") == 0
+        assert storage.count_sessions() == 0
+
+    def test_purge_removes_expired_and_idle_sessions_only(self, storage: Storage) -> None:
+        storage.put_session(session_row(b"live", last_seen=950.0, expires=2000.0))
+        storage.put_session(session_row(b"expired", last_seen=990.0, expires=1000.0))
+        storage.put_session(session_row(b"idle", last_seen=100.0, expires=2000.0))
+        assert storage.purge_sessions(1000.0, idle=600.0) == 2
+        assert storage.get_session(session_key(b"live")) is not None
+        assert storage.count_sessions() == 1
+
+    def test_login_failures_count_per_key(self, storage: Storage) -> None:
+        storage.record_login_failure("account:ode", 10.0)
+        storage.record_login_failure("account:ode", 12.0)
+        storage.record_login_failure("client:192.0.2.7", 11.0)
+        assert storage.login_failures(["account:ode", "client:192.0.2.7", "none"]) == {
+            "account:ode": (2, 12.0),
+            "client:192.0.2.7": (1, 11.0),
+        }
+        storage.clear_login_failures("account:ode")
+        assert storage.login_failures(["account:ode"]) == {}
+        assert storage.purge_login_failures(before=11.5) == 1
+        assert storage.login_failures(["client:192.0.2.7"]) == {}
+        assert storage.login_failures([]) == {}
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from custodes.storage.base import (
     BatchOutcome,
     LogAppend,
     SealedRecord,
+    SessionRow,
     Storage,
     StoredRecord,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryStorage",
     "SQLiteStorage",
     "SealedRecord",
+    "SessionRow",
     "Storage",
     "StoredRecord",
 ]

@@ -42,6 +42,18 @@ class AccountRow(NamedTuple):
     disabled: bool
 
 
+class SessionRow(NamedTuple):
+    """A logged-in session, as every server process sharing the vault sees it."""
+
+    key: bytes  # SHA-256 of the bearer token: the token itself is never stored
+    username: str
+    role: str
+    issued_at: float
+    expires: float  # absolute end
+    last_seen: float  # for the idle timeout; refreshed at most once a minute
+    client: str | None  # the network address it was opened from
+
+
 class BatchOutcome(NamedTuple):
     inserted: int  # records newly stored
     already_present: int  # records skipped because their id was stored already
@@ -100,14 +112,55 @@ class Storage(Protocol):
 
     def list_accounts(self) -> list[AccountRow]: ...
 
+    # -- sessions and login throttling, shared by every process serving the vault -----
+
+    def put_session(self, session: SessionRow) -> None:
+        """Store a new session, durably."""
+        ...
+
+    def get_session(self, key: bytes) -> SessionRow | None: ...
+
+    def touch_session(self, key: bytes, last_seen: float) -> None:
+        """Move a session's last_seen forward (never back); no-op if it has ended."""
+        ...
+
+    def end_session(self, key: bytes) -> bool:
+        """Delete a session; whether it existed."""
+        ...
+
+    def end_sessions(self, username: str) -> int:
+        """Delete every session of an account; how many there were."""
+        ...
+
+    def purge_sessions(self, now: float, idle: float) -> int:
+        """Delete sessions past their end or idle longer than `idle` seconds; how many."""
+        ...
+
+    def count_sessions(self) -> int: ...
+
+    def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """(failures, time of the last) for each key that has failed since last cleared."""
+        ...
+
+    def record_login_failure(self, key: str, now: float) -> None:
+        """Count one more failed login for a key (an account name or a client address)."""
+        ...
+
+    def clear_login_failures(self, key: str) -> None: ...
+
+    def purge_login_failures(self, before: float) -> int:
+        """Forget keys whose last failure is older than `before`; how many."""
+        ...
+
     # -- the access log: a Merkle tree of entries (custodes.audit) -----------------
 
     def log_append(self, batch: LogAppend) -> None:
         """Append entries with their tree nodes, subject references and sealed details,
         all or none, durable (synced) before returning.
 
-        Raises AuditUnavailable if it cannot, or if batch.first_index is not the number
-        of entries already stored (another writer got there first).
+        Raises AuditUnavailable if it cannot, and its subclass LogMoved if
+        batch.first_index is not the number of entries already stored (another writer,
+        perhaps another process, got there first: rebuild the batch on the new tree).
         """
         ...
 

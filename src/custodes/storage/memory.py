@@ -13,8 +13,21 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
-from custodes.storage.base import AccountRow, BatchOutcome, LogAppend, SealedRecord, StoredRecord
+from custodes.errors import (
+    AuditUnavailable,
+    ConfigurationError,
+    LogMoved,
+    RecordNotFound,
+    StorageError,
+)
+from custodes.storage.base import (
+    AccountRow,
+    BatchOutcome,
+    LogAppend,
+    SealedRecord,
+    SessionRow,
+    StoredRecord,
+)
 
 # The durable backends store integers as signed 64-bit values; refusing the same range
 # here keeps a batch that one backend accepts acceptable to all of them.
@@ -38,6 +51,8 @@ class MemoryStorage:
         self._type_counts: Counter[str] = Counter()
         self._tokens: dict[tuple[int, int], set[str]] = {}
         self._accounts: dict[str, AccountRow] = {}
+        self._sessions: dict[bytes, SessionRow] = {}
+        self._login_failures: dict[str, tuple[int, float]] = {}
         self._log_entries: list[bytes] = []
         self._log_nodes: dict[tuple[int, int], bytes] = {}
         self._log_subjects: dict[bytes, list[int]] = {}
@@ -118,6 +133,82 @@ class MemoryStorage:
             self._check_open()
             return [self._accounts[name] for name in sorted(self._accounts)]
 
+    # -- sessions and login throttling ------------------------------------------------
+
+    def put_session(self, session: SessionRow) -> None:
+        row = checked_session(session)
+        with self._lock:
+            self._check_open()
+            if row.key in self._sessions:
+                raise ConfigurationError("a session with that key already exists")
+            self._sessions[row.key] = row
+
+    def get_session(self, key: bytes) -> SessionRow | None:
+        with self._lock:
+            self._check_open()
+            return self._sessions.get(key)
+
+    def touch_session(self, key: bytes, last_seen: float) -> None:
+        with self._lock:
+            self._check_open()
+            row = self._sessions.get(key)
+            if row is not None and last_seen > row.last_seen:
+                self._sessions[key] = row._replace(last_seen=float(last_seen))
+
+    def end_session(self, key: bytes) -> bool:
+        with self._lock:
+            self._check_open()
+            return self._sessions.pop(key, None) is not None
+
+    def end_sessions(self, username: str) -> int:
+        with self._lock:
+            self._check_open()
+            ended = [k for k, row in self._sessions.items() if row.username == username]
+            for key in ended:
+                del self._sessions[key]
+            return len(ended)
+
+    def purge_sessions(self, now: float, idle: float) -> int:
+        with self._lock:
+            self._check_open()
+            stale = [
+                k
+                for k, row in self._sessions.items()
+                if row.expires <= now or row.last_seen < now - idle
+            ]
+            for key in stale:
+                del self._sessions[key]
+            return len(stale)
+
+    def count_sessions(self) -> int:
+        with self._lock:
+            self._check_open()
+            return len(self._sessions)
+
+    def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
+        with self._lock:
+            self._check_open()
+            return {k: self._login_failures[k] for k in keys if k in self._login_failures}
+
+    def record_login_failure(self, key: str, now: float) -> None:
+        with self._lock:
+            self._check_open()
+            count, _ = self._login_failures.get(key, (0, 0.0))
+            self._login_failures[key] = (count + 1, float(now))
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._lock:
+            self._check_open()
+            self._login_failures.pop(key, None)
+
+    def purge_login_failures(self, before: float) -> int:
+        with self._lock:
+            self._check_open()
+            stale = [k for k, (_, last) in self._login_failures.items() if last < before]
+            for key in stale:
+                del self._login_failures[key]
+            return len(stale)
+
     # -- access log ---------------------------------------------------------------
 
     def log_append(self, batch: LogAppend) -> None:
@@ -126,7 +217,7 @@ class MemoryStorage:
             if self._closed:
                 raise AuditUnavailable("the access log is closed")
             if checked.first_index != len(self._log_entries):
-                raise AuditUnavailable("the access log moved: another writer appended")
+                raise LogMoved("the access log moved: another writer appended")
             # Checked before anything is applied, so that a refused batch leaves no trace.
             if any(key in self._log_nodes for key in checked.nodes):
                 raise AuditUnavailable("the access log refused the batch: a tree node is stored")
@@ -196,6 +287,22 @@ class MemoryStorage:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("storage is closed")
+
+
+def checked_session(session: SessionRow) -> SessionRow:
+    """A session row with its types checked, as every backend stores it."""
+    key, username, role, issued_at, expires, last_seen, client = session
+    if not isinstance(key, bytes) or len(key) != HASH_SIZE:
+        raise StorageError("a session key is a 32-byte hash")
+    if not isinstance(username, str) or not isinstance(role, str):
+        raise StorageError("a session names an account and a role")
+    if client is not None and not isinstance(client, str):
+        raise StorageError("a session's client address is text")
+    try:
+        times = (float(issued_at), float(expires), float(last_seen))
+    except (TypeError, ValueError):
+        raise StorageError("a session's times are numbers") from None
+    return SessionRow(key, username, role, *times, client)
 
 
 def _checked_record(

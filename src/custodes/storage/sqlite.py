@@ -8,6 +8,7 @@ and non-personal metadata.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
@@ -15,9 +16,27 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from custodes.errors import AuditUnavailable, ConfigurationError, RecordNotFound, StorageError
-from custodes.storage.base import AccountRow, BatchOutcome, LogAppend, SealedRecord, StoredRecord
-from custodes.storage.memory import LOG_PAGE, checked_checkpoint, checked_log_append
+from custodes.errors import (
+    AuditUnavailable,
+    ConfigurationError,
+    LogMoved,
+    RecordNotFound,
+    StorageError,
+)
+from custodes.storage.base import (
+    AccountRow,
+    BatchOutcome,
+    LogAppend,
+    SealedRecord,
+    SessionRow,
+    StoredRecord,
+)
+from custodes.storage.memory import (
+    LOG_PAGE,
+    checked_checkpoint,
+    checked_log_append,
+    checked_session,
+)
 
 _T = TypeVar("_T")
 
@@ -157,6 +176,24 @@ _MIGRATIONS: tuple[str, ...] = (
     WHEN EXISTS (SELECT 1 FROM log_details WHERE idx = NEW.idx)
     BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
     """,
+    # 4: sessions and login failures, so that every server process of a vault shares them.
+    """
+    CREATE TABLE sessions(
+        key BLOB PRIMARY KEY,
+        username TEXT NOT NULL,
+        role TEXT NOT NULL,
+        issued_at REAL NOT NULL,
+        expires REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        client TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_by_account ON sessions(username);
+    CREATE TABLE login_failures(
+        key TEXT PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        last_failure REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -212,6 +249,7 @@ class SQLiteStorage:
         self._lock = threading.Lock()
         self._closed = False
         _create_private_file(self._path)
+        self._writer = _WriterLock(self._path.with_name(self._path.name + "-writer"))
         try:
             # isolation_level=None: no implicit transactions; every one is explicit here.
             self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -229,6 +267,7 @@ class SQLiteStorage:
             self._log_size = _stored_log_size(self._conn)
         except BaseException as exc:
             self._conn.close()
+            self._writer.close()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot open the database: {exc}") from exc
             raise
@@ -401,6 +440,112 @@ class SQLiteStorage:
             ]
         )
 
+    # -- sessions and login throttling ------------------------------------------------
+
+    def put_session(self, session: SessionRow) -> None:
+        row = checked_session(session)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError:
+                raise ConfigurationError("a session with that key already exists") from None
+
+        self._write(insert, "the session was not stored")
+
+    def get_session(self, key: bytes) -> SessionRow | None:
+        row = self._one(
+            "SELECT key, username, role, issued_at, expires, last_seen, client"
+            " FROM sessions WHERE key = ?",
+            (key,),
+        )
+        return None if row is None else SessionRow(bytes(row[0]), *row[1:])
+
+    def touch_session(self, key: bytes, last_seen: float) -> None:
+        self._write(
+            lambda c: c.execute(
+                "UPDATE sessions SET last_seen = ? WHERE key = ? AND last_seen < ?",
+                (last_seen, key, last_seen),
+            ),
+            "the session was not updated",
+        )
+
+    def end_session(self, key: bytes) -> bool:
+        return bool(
+            self._write(
+                lambda c: c.execute("DELETE FROM sessions WHERE key = ?", (key,)).rowcount,
+                "the session was not ended",
+            )
+        )
+
+    def end_sessions(self, username: str) -> int:
+        return int(
+            self._write(
+                lambda c: (
+                    c.execute("DELETE FROM sessions WHERE username = ?", (username,)).rowcount
+                ),
+                "the sessions were not ended",
+            )
+        )
+
+    def purge_sessions(self, now: float, idle: float) -> int:
+        return int(
+            self._write(
+                lambda c: (
+                    c.execute(
+                        "DELETE FROM sessions WHERE expires <= ? OR last_seen < ?",
+                        (now, now - idle),
+                    ).rowcount
+                ),
+                "stale sessions were not purged",
+            )
+        )
+
+    def count_sessions(self) -> int:
+        return int(self._one("SELECT count(*) FROM sessions")[0])
+
+    def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
+        wanted = list(dict.fromkeys(keys))[:_IN_CHUNK]
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = self._run(
+            lambda c: c.execute(
+                f"SELECT key, failures, last_failure FROM login_failures WHERE key IN ({marks})",  # noqa: S608 - placeholders only
+                wanted,
+            ).fetchall()
+        )
+        return {str(key): (int(n), float(last)) for key, n, last in rows}
+
+    def record_login_failure(self, key: str, now: float) -> None:
+        self._write(
+            lambda c: c.execute(
+                "INSERT INTO login_failures(key, failures, last_failure) VALUES (?, 1, ?)"
+                " ON CONFLICT(key) DO UPDATE SET failures = failures + 1,"
+                " last_failure = excluded.last_failure",
+                (key, now),
+            ),
+            "the failed login was not counted",
+        )
+
+    def clear_login_failures(self, key: str) -> None:
+        self._write(
+            lambda c: c.execute("DELETE FROM login_failures WHERE key = ?", (key,)),
+            "the failed logins were not cleared",
+        )
+
+    def purge_login_failures(self, before: float) -> int:
+        return int(
+            self._write(
+                lambda c: (
+                    c.execute(
+                        "DELETE FROM login_failures WHERE last_failure < ?", (before,)
+                    ).rowcount
+                ),
+                "old failed logins were not purged",
+            )
+        )
+
     # -- access log ---------------------------------------------------------------
 
     def log_append(self, batch: LogAppend) -> None:
@@ -419,15 +564,17 @@ class SQLiteStorage:
                 raise AuditUnavailable("the access log is closed")
             conn = self._conn
             try:
+                self._writer.acquire()
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
+                self._writer.release()
                 raise AuditUnavailable(f"the access log cannot be written: {exc}") from exc
             try:
                 # Read under the write lock, not taken from the cache: another process
                 # with the same file may have appended since.
                 self._log_size = _stored_log_size(conn)
                 if first != self._log_size:
-                    raise AuditUnavailable("the access log moved: another writer appended")
+                    raise LogMoved("the access log moved: another writer appended")
                 conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
                 # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
                 conn.executemany("INSERT INTO log_nodes(level, idx, hash) VALUES (?, ?, ?)", nodes)
@@ -444,6 +591,8 @@ class SQLiteStorage:
                         f"the access log did not record the batch: {exc}"
                     ) from exc
                 raise
+            finally:
+                self._writer.release()
             self._log_size = size
 
     def log_size(self) -> int:
@@ -541,6 +690,7 @@ class SQLiteStorage:
                 pass
             finally:
                 self._conn.close()
+                self._writer.close()
 
     # -- internals ----------------------------------------------------------------
 
@@ -548,6 +698,10 @@ class SQLiteStorage:
         conn = self._conn
         if _schema_version(conn) == SCHEMA_VERSION:
             return
+        with self._writer.held():
+            self._migrate_locked(conn)
+
+    def _migrate_locked(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Read again under the write lock: another process may have migrated since.
@@ -596,8 +750,10 @@ class SQLiteStorage:
                 raise StorageError(f"{failure}: storage is closed")
             conn = self._conn
             try:
+                self._writer.acquire()
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
+                self._writer.release()
                 raise StorageError(f"{failure}: {exc}") from exc
             try:
                 result = action(conn)
@@ -608,7 +764,52 @@ class SQLiteStorage:
                     # sqlite3 messages name the failure, never a bound value.
                     raise StorageError(f"{failure}: {exc}") from exc
                 raise
+            finally:
+                self._writer.release()
             return result
+
+
+class _WriterLock:
+    """An flock on a file beside the database, held around every write transaction.
+
+    SQLite waits for a write lock held by another process by sleeping and polling (1, 2,
+    5, 10 ms and longer), so server processes sharing a vault would sleep past each
+    other's short commits; the kernel hands a released flock to its next waiter at once.
+    Taken only under the storage's own thread lock: an flock does not exclude threads
+    sharing its descriptor.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._held = False
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open the writer lock file: {exc.strerror}") from None
+
+    def acquire(self) -> None:
+        if self._fd is None:
+            raise OSError("the writer lock is closed")
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held and self._fd is not None:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.release()
+            os.close(self._fd)
+            self._fd = None
 
 
 def _create_private_file(path: Path) -> None:
