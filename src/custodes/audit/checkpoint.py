@@ -534,6 +534,14 @@ class LogSigner:
         """Size and root of the last checkpoint signed (size 0 and the empty root at first)."""
         return self._last.size, self._last.root
 
+    def current(self) -> tuple[int, bytes]:
+        """Size and root of the last checkpoint signed with this key by any process."""
+        with self._lock, file_lock(_lock_path(self._state_path)):
+            self._last = _read_state(
+                self._state_path, NoteVerifier.from_key_string(self.verifier_key)
+            )
+            return self._last.size, self._last.root
+
     def sign_checkpoint(
         self, cp: Checkpoint, consistency_proof_from_last: Sequence[bytes]
     ) -> bytes:

@@ -28,7 +28,7 @@ from custodes.audit.checkpoint import Checkpoint, LogSigner
 from custodes.audit.entry import AccessEntry
 from custodes.audit.merkle import CompactRange, consistency_proof, inclusion_proof, leaf_hash
 from custodes.crypto import KeyMaterial
-from custodes.errors import AuditUnavailable, CustodesError, TamperDetected
+from custodes.errors import AuditUnavailable, CustodesError, LogMoved, TamperDetected
 from custodes.storage.base import LogAppend, Storage
 
 SUBJECT_INFO = b"custodes/audit-subject/v1"
@@ -68,6 +68,11 @@ class AuditKeys:
 
 def _derive(material: KeyMaterial, info: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=info).derive(material.index_root)
+
+
+# How often a commit is rebuilt when other processes keep appending first; each attempt
+# follows a fresh read of the log, so more than a few means something is wrong.
+_MOVED_RETRIES = 16
 
 
 def _taken_lock() -> threading.Lock:
@@ -172,21 +177,17 @@ class AccessLog:
             batch, self._pending = self._pending, []
         if not batch:
             return
-        frontier = self._range.copy()
-        first = frontier.size
         try:
-            nodes: list[tuple[int, int, bytes]] = []
-            subjects: list[tuple[bytes, int]] = []
-            private: list[tuple[int, bytes]] = []
-            for offset, item in enumerate(batch):
-                index = first + offset
-                nodes.extend(frontier.append(leaf_hash(item.entry)))
-                subjects.extend((c, index) for c in item.subjects)
-                if item.private is not None:
-                    private.append((index, item.private))
-            self._storage.log_append(
-                LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
-            )
+            for _ in range(_MOVED_RETRIES):
+                try:
+                    frontier = self._write(batch)
+                    break
+                except LogMoved:
+                    # Another process sharing the log appended first: build again on
+                    # the tree as it now stands.
+                    self._catch_up()
+            else:
+                raise AuditUnavailable("the access log kept moving under this writer")
         except BaseException as exc:
             # Whatever the fault, every appender of the batch is refused: none may return
             # as if its entry were stored.
@@ -196,10 +197,35 @@ class AccessLog:
             if not isinstance(exc, Exception):
                 raise
             return
+        first = self._range.size
         self._range = frontier
         for offset, item in enumerate(batch):
             item.index = first + offset
             item.wake.release()
+
+    def _write(self, batch: list[_Pending]) -> CompactRange:
+        """Store a batch on top of the tree as this process knows it; the new frontier."""
+        frontier = self._range.copy()
+        first = frontier.size
+        nodes: list[tuple[int, int, bytes]] = []
+        subjects: list[tuple[bytes, int]] = []
+        private: list[tuple[int, bytes]] = []
+        for offset, item in enumerate(batch):
+            index = first + offset
+            nodes.extend(frontier.append(leaf_hash(item.entry)))
+            subjects.extend((c, index) for c in item.subjects)
+            if item.private is not None:
+                private.append((index, item.private))
+        self._storage.log_append(
+            LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
+        )
+        return frontier
+
+    def _catch_up(self) -> None:
+        """Take up entries appended by other processes. Only under the commit lock."""
+        size = self._storage.log_size()
+        if size != self._range.size:
+            self._range = CompactRange.from_source(size, self._node)
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -226,8 +252,11 @@ class AccessLog:
             return self._checkpoint_locked()
 
     def _checkpoint_locked(self) -> bytes:
+        # Other processes may share this log and its key: start from the tree and the
+        # last signature as they stand now, not as this process last saw them.
+        self._catch_up()
         frontier = self._range.copy()
-        last_size, _ = self._signer.last_signed
+        last_size, _ = self._signer.current()
         proof: list[bytes] = []
         if 0 < last_size < frontier.size:
             # Through the node cache: each read of storage here would wait behind the

@@ -262,9 +262,6 @@ class SQLiteStorage:
             if str(mode).lower() != "wal":
                 raise ConfigurationError("the database cannot be put in WAL mode")
             self._migrate()
-            # Kept in memory so that log_size costs no query; log_append reads the
-            # stored size again inside its transaction, the only place it must be exact.
-            self._log_size = _stored_log_size(self._conn)
         except BaseException as exc:
             self._conn.close()
             self._writer.close()
@@ -570,10 +567,9 @@ class SQLiteStorage:
                 self._writer.release()
                 raise AuditUnavailable(f"the access log cannot be written: {exc}") from exc
             try:
-                # Read under the write lock, not taken from the cache: another process
-                # with the same file may have appended since.
-                self._log_size = _stored_log_size(conn)
-                if first != self._log_size:
+                # Read under the write lock: another process with the same file may
+                # have appended since this batch was built.
+                if first != _stored_log_size(conn):
                     raise LogMoved("the access log moved: another writer appended")
                 conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
                 # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
@@ -593,13 +589,10 @@ class SQLiteStorage:
                 raise
             finally:
                 self._writer.release()
-            self._log_size = size
 
     def log_size(self) -> int:
-        with self._lock:
-            if self._closed:
-                raise StorageError("storage is closed")
-            return self._log_size
+        # Read, not cached: other processes may share this file and append to its log.
+        return self._run(_stored_log_size)
 
     def log_entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
         # Not a generator itself: the end of an open range is the size at the call, not
@@ -607,7 +600,7 @@ class SQLiteStorage:
         with self._lock:
             if self._closed:
                 raise StorageError("storage is closed")
-            stop = self._log_size if end is None else min(end, _INT64_MAX)
+            stop = _stored_log_size(self._conn) if end is None else min(end, _INT64_MAX)
         return self._stream_entries(max(start, 0), stop)
 
     def _stream_entries(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
