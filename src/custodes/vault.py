@@ -5,8 +5,8 @@ checks the session, the purpose and the role, runs the read in memory, writes th
 access-log entry durably, and only then returns. If the entry cannot be written, the
 read fails and nothing is returned.
 
-Sessions live in this object's memory: one server process serves one vault, and a restart
-ends every session (API tokens, stored hashed, survive it).
+Sessions and failed-login counts live in storage (custodes.sessions), so several server
+processes can serve one vault and a logout or lockout in one holds in all.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,13 @@ from custodes.policy import (
 )
 from custodes.records import index_parts, is_han, mask_value, query_parts
 from custodes.schema import IndexSpec, RecordType, Schema
+from custodes.sessions import (
+    ABSOLUTE_TIMEOUT,
+    IDLE_TIMEOUT,
+    Session,
+    SessionBook,
+    Throttle,
+)
 from custodes.storage.base import Storage, StoredRecord
 
 if TYPE_CHECKING:
@@ -65,10 +71,8 @@ T = TypeVar("T")
 MAX_RESULTS = 100
 SYSTEM_ACTOR = "operator"  # the holder of the keyring passphrase, acting on the host
 
-IDLE_TIMEOUT = 30 * 60.0
-ABSOLUTE_TIMEOUT = 8 * 3600.0
-FREE_FAILURES = 3  # failed logins before backoff starts
-MAX_BACKOFF = 15 * 60.0
+__all__ = ["ABSOLUTE_TIMEOUT", "IDLE_TIMEOUT", "LinkView", "RecordView", "Session", "Vault"]
+
 API_TOKEN_PREFIX = "cst_"  # noqa: S105 - recognisable to secret scanners
 MAX_API_TOKEN_DAYS = 365
 
@@ -92,61 +96,8 @@ ACCOUNT_UNLOCK = "account:account:unlock"
 MFA_ENROL_ISSUE = "account:mfa:issue"
 MFA_ENROL = "account:mfa:enrol"
 API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """Proof of a successful login. Only the vault that issued it accepts it."""
-
-    token: str
-    username: str
-    role: Role
-    issued_at: float
-    client: str | None = None  # the network address the session was opened from
-    scope: str | None = None  # an integration's API token: what it may do (API_SCOPES)
-
-    def __repr__(self) -> str:  # the token is a bearer secret
-        return f"Session(username={self.username!r}, role={self.role.value!r})"
-
-
-@dataclass(slots=True)
-class _LiveSession:
-    session: Session
-    csrf: str
-    last_seen: float
-    expires: float  # absolute: 8 h after login, or an API token's expiry
-
-
-class _Throttle:
-    """Failure counters per key (account name or client address), in memory. After
-    FREE_FAILURES, each attempt waits 2^n seconds, up to MAX_BACKOFF."""
-
-    def __init__(self) -> None:
-        self._failures: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
-
-    def wait(self, key: str, now: float) -> float:
-        with self._lock:
-            count, last = self._failures.get(key, (0, 0.0))
-        excess = count - FREE_FAILURES
-        if excess < 0:
-            return 0.0
-        return max(0.0, last + min(2.0 ** (excess + 1), MAX_BACKOFF) - now)
-
-    def fail(self, key: str, now: float) -> None:
-        with self._lock:
-            count, _ = self._failures.get(key, (0, 0.0))
-            self._failures[key] = (count + 1, now)
-            if len(self._failures) > 100_000:
-                # Names that stopped failing long ago are forgotten, so guessed names cannot
-                # grow this without bound; the persistent lock still counts known accounts.
-                stale = [k for k, (_, t) in self._failures.items() if now - t > MAX_BACKOFF]
-                for k in stale:
-                    del self._failures[k]
-
-    def clear(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+CASE_ASSIGN = "account:case:assign"
+CASE_UNASSIGN = "account:case:unassign"
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,10 +184,8 @@ class Vault:
         self.directory = directory
         self._material = material
         self._token_bits = dict(token_bits)
-        self._sessions: dict[str, _LiveSession] = {}
-        self._sessions_lock = threading.Lock()
-        self._session_ttl = min(session_ttl, ABSOLUTE_TIMEOUT)
-        self._throttle = _Throttle()
+        self.sessions = SessionBook(storage, material, session_ttl)
+        self._throttle = Throttle(storage)
         accounts.bind_secrets(SecretBox(material))
 
     # -- sessions -----------------------------------------------------------------
@@ -257,7 +206,7 @@ class Vault:
         """
         now = self.access_log.clock()
         keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
-        wait = max(self._throttle.wait(key, now) for key in keys)
+        wait = self._throttle.wait(keys, now)
         if wait > 0:
             self._log_login(username, "", Outcome.DENIED, now, client, reason="throttled")
             raise LoginThrottled(wait)
@@ -273,21 +222,16 @@ class Vault:
             self._login_failed(username, keys, now, client, "second_factor")
             raise AuthenticationFailed()
         self._throttle.clear(keys[0])
+        self._throttle.forget_quiet(now)
         self.accounts.record_success(username)
         self._log_login(username, account.role, Outcome.GRANTED, now, client)
-        # Always a fresh token: a session id planted before login is never promoted.
-        session = Session(secrets.token_urlsafe(16), username, account.role, now, client)
-        with self._sessions_lock:
-            self._sessions[session.token] = _LiveSession(
-                session, secrets.token_urlsafe(32), now, now + self._session_ttl
-            )
-        return session
+        self.sessions.purge(now)
+        return self.sessions.open(username, account.role, now, client)
 
     def _login_failed(
         self, username: str, keys: Sequence[str], now: float, client: str | None, reason: str
     ) -> None:
-        for key in keys:
-            self._throttle.fail(key, now)
+        self._throttle.fail(keys, now)
         locked = self.accounts.record_failure(username)
         self._log_login(username, "", Outcome.DENIED, now, client, reason, locked=locked)
 
@@ -316,76 +260,49 @@ class Vault:
         or AuthenticationFailed. Idle and absolute timeouts apply here."""
         if not isinstance(token, str) or not token:
             raise AuthenticationFailed("no valid session: log in first")
-        with self._sessions_lock:
-            live = self._sessions.get(token)
-        if live is None:
-            live = self._api_session(token)
-        return self._check(live)
+        if token.startswith(API_TOKEN_PREFIX):
+            return self._api_session(token)
+        session = self.sessions.live(token, self.access_log.clock())
+        if session is None:
+            raise AuthenticationFailed("the session has ended: log in again")
+        return session
 
     def csrf_token(self, session: Session) -> str:
-        """The session's own random token for forms: a cross-site form cannot know it."""
-        self._live(session)
-        with self._sessions_lock:
-            live = self._sessions.get(session.token)
-        if live is None:
-            raise AuthenticationFailed("no valid session: log in first")
-        return live.csrf
+        """The session's own token for forms: a cross-site form cannot know it."""
+        return self.sessions.csrf(self._live(session).token)
 
     def logout(self, session: Session) -> None:
-        with self._sessions_lock:
-            ended = self._sessions.pop(session.token, None)
-        if ended is not None and ended.session.scope is None:
+        if not isinstance(session, Session) or session.scope is not None:
+            return  # an integration's token ends with its expiry or its account
+        if self.sessions.end(session.token):
             self._account_event(LOGOUT, session.username, by=session.username)
 
     def logout_everywhere(self, username: str) -> int:
         """End every session of an account; how many there were."""
-        with self._sessions_lock:
-            tokens = [t for t, s in self._sessions.items() if s.session.username == username]
-            for token in tokens:
-                del self._sessions[token]
-        return len(tokens)
+        return self.sessions.end_all(username)
 
     def _live(self, session: Session) -> Session:
-        with self._sessions_lock:
-            live = self._sessions.get(session.token) if isinstance(session, Session) else None
-        if live is None or live.session != session:
+        """The session again, checked afresh: it may have ended since it was presented."""
+        if not isinstance(session, Session):
             raise AuthenticationFailed("no valid session: log in first")
-        return self._check(live)
-
-    def _check(self, live: _LiveSession) -> Session:
-        now = self.access_log.clock()
-        session = live.session
-        ended = now >= live.expires or (
-            session.scope is None and now - live.last_seen > IDLE_TIMEOUT
-        )
-        if not ended and session.scope is not None:
-            # An integration's token is checked against its account at every use, so that
-            # disabling or locking the account stops it at once.
-            account = self.accounts.get(session.username)
-            ended = account is None or account.disabled or account.locked
-        if ended:
-            with self._sessions_lock:
-                self._sessions.pop(session.token, None)
-            raise AuthenticationFailed("the session has ended: log in again")
-        live.last_seen = now
+        if self.session_for(session.token) != session:
+            raise AuthenticationFailed("no valid session: log in first")
         return session
 
-    def _api_session(self, token: str) -> _LiveSession:
-        if not token.startswith(API_TOKEN_PREFIX):
-            raise AuthenticationFailed("no valid session: log in first")
+    def _api_session(self, token: str) -> Session:
+        # Checked against its account at every use, so that disabling or locking the
+        # account stops an integration's token at once.
         stored = self.storage.get_meta(_api_token_key(token))
         if not stored:
             raise AuthenticationFailed("no valid session: log in first")
         doc = orjson.loads(stored)
-        account = self.accounts.get(str(doc["username"]))
-        if account is None:
-            raise AuthenticationFailed("no valid session: log in first")
         now = self.access_log.clock()
-        session = Session(token, account.username, account.role, now, None, str(doc["scope"]))
-        live = _LiveSession(session, secrets.token_urlsafe(32), now, float(doc["expires"]))
-        with self._sessions_lock:
-            self._sessions[token] = live
-        return live
+        account = self.accounts.get(str(doc["username"]))
+        if account is None or account.disabled or account.locked or now >= float(doc["expires"]):
+            raise AuthenticationFailed("the session has ended: log in again")
+        return Session(
+            token, account.username, account.role, float(doc["issued"]), None, str(doc["scope"])
+        )
 
     # -- the second factor, passwords, account state -------------------------------------
 
@@ -969,7 +886,6 @@ class Vault:
         return dict(self._token_bits)
 
     def close(self) -> None:
-        self._sessions.clear()
         self.storage.close()
 
 
