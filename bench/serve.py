@@ -1,10 +1,10 @@
 """Audited lookups over HTTP: exact national-ID searches against the running server.
 
-Builds a vault of synthetic people (or uses --vault), serves it with uvicorn on 127.0.0.1
-(one worker, its own process), logs in with password and one-time code, then drives
-POST /api/v1/search from keep-alive connections for --seconds and prints lookups/s and
-p50/p99 latency beside the target. Every lookup is authenticated and on the access log.
-Asserts nothing; stops the server and removes what it built when done.
+Builds a vault of synthetic people (or uses --vault), serves it on 127.0.0.1 from
+--server-workers processes (as `custodes serve --workers`), logs in with password and
+one-time code, then drives POST /api/v1/search from keep-alive connections for --seconds
+and prints lookups/s and p50/p99 latency beside the target. Every lookup is authenticated
+and on the access log. Asserts nothing; stops the server and removes what it built when done.
 
     python bench/serve.py [--people 1000000] [--seconds 20] [--concurrency 32]
     python bench/serve.py --vault DIR --source people.jsonl   (passphrase, user, password
@@ -98,15 +98,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(vault_dir: str, port: int) -> None:
-    """The server process: open the vault and serve it on loopback with one worker."""
-    import uvicorn
+def serve(vault_dir: str, port: int, workers: int) -> None:
+    """The server: `workers` processes sharing the port, as `custodes serve --workers`."""
+    from custodes.bootstrap import unlock_vault
+    from custodes.web.serve import serve as serve_vault
 
-    from custodes.bootstrap import open_vault
-    from custodes.web.app import create_app
-
-    vault = open_vault(Path(vault_dir), passphrase=os.environ[PASSPHRASE_ENV])
-    uvicorn.run(create_app(vault), host="127.0.0.1", port=port, workers=1, log_level="warning")
+    unlocked = unlock_vault(Path(vault_dir), passphrase=os.environ[PASSPHRASE_ENV])
+    serve_vault(unlocked, host="127.0.0.1", port=port, workers=workers)
 
 
 def wait_until_up(base: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -228,10 +226,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--serve", nargs=2, metavar=("VAULT", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--server-workers", type=int, default=2, help="server processes (one per core)"
+    )
+    parser.add_argument("--serve", nargs=3, metavar=("VAULT", "PORT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]))
+        serve(args.serve[0], int(args.serve[1]), int(args.serve[2]))
         return
     if not 1 <= args.concurrency <= 1024 or not 0 < args.seconds <= 3600:
         parser.error("--concurrency is 1..1024 and --seconds 0..3600")
@@ -256,7 +257,15 @@ def main() -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(vault_dir), str(port)], env=env
+            [
+                sys.executable,
+                __file__,
+                "--serve",
+                str(vault_dir),
+                str(port),
+                str(args.server_workers),
+            ],
+            env=env,
         )
         wait_until_up(base, server)
         token = login(base, username, password, secret)
@@ -275,7 +284,8 @@ def main() -> None:
     rate = len(latencies) / measured
     p50, p99 = percentile(latencies, 0.50) * 1000, percentile(latencies, 0.99) * 1000
     print(
-        f"people {args.people:,}  concurrency {args.concurrency}  measured {measured:.1f} s  "
+        f"people {args.people:,}  server workers {args.server_workers}  "
+        f"concurrency {args.concurrency}  measured {measured:.1f} s  "
         f"lookups {len(latencies):,}  errors {errors}"
     )
     print(f"audited lookups/s  {rate:,.0f}   (target >= {TARGET_RATE:,.0f})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -90,16 +91,27 @@ def create_vault(
     )
 
 
-def open_vault(
+@dataclass(frozen=True, slots=True)
+class UnlockedVault:
+    """A vault's keys, unsealed, and where the vault lives: what a server process needs to
+    open the vault itself. Held in memory and handed to forked workers, never written."""
+
+    directory: Path
+    material: KeyMaterial
+    signer: LogSigner
+
+    def __repr__(self) -> str:
+        return f"UnlockedVault(origin={self.signer.origin!r})"
+
+
+def unlock_vault(
     directory: Path,
     *,
     passphrase: str,
     keyring_path: Path | None = None,
     log_key_path: Path | None = None,
-    hash_cost: HashCost | None = None,
-    checkpoint_every: int = 1000,
-) -> Vault:
-    """Open an existing vault with its keyring and its log signing key."""
+) -> UnlockedVault:
+    """Unseal an existing vault's keyring and log signing key (the slow part of opening)."""
     layout = VaultLayout(Path(directory))
     recorded = layout.read()
     vault_id = recorded.vault_id
@@ -115,9 +127,21 @@ def open_vault(
     )
     if signer.origin != log_origin(vault_id):
         raise ConfigurationError("the log signing key belongs to another vault")
+    return UnlockedVault(layout.directory, keyring.material, signer)
+
+
+def assemble_vault(
+    unlocked: UnlockedVault,
+    *,
+    hash_cost: HashCost | None = None,
+    checkpoint_every: int = 1000,
+) -> Vault:
+    """Open an unlocked vault's database and build the Vault on it. Each process serving
+    the vault calls this for itself: storage connections are never shared across a fork."""
+    layout = VaultLayout(unlocked.directory)
     storage = SQLiteStorage(layout.database)
     try:
-        schema_text, bits = _read_meta(storage, vault_id)
+        schema_text, bits = _read_meta(storage, unlocked.material.vault_id)
         schema = parse_schema(schema_text)
     except Exception:
         storage.close()
@@ -126,13 +150,29 @@ def open_vault(
         storage,
         schema,
         schema_text,
-        keyring.material,
-        signer,
+        unlocked.material,
+        unlocked.signer,
         bits,
         hash_cost,
         layout.directory,
         checkpoint_every,
     )
+
+
+def open_vault(
+    directory: Path,
+    *,
+    passphrase: str,
+    keyring_path: Path | None = None,
+    log_key_path: Path | None = None,
+    hash_cost: HashCost | None = None,
+    checkpoint_every: int = 1000,
+) -> Vault:
+    """Open an existing vault with its keyring and its log signing key."""
+    unlocked = unlock_vault(
+        directory, passphrase=passphrase, keyring_path=keyring_path, log_key_path=log_key_path
+    )
+    return assemble_vault(unlocked, hash_cost=hash_cost, checkpoint_every=checkpoint_every)
 
 
 def memory_vault(

@@ -36,7 +36,13 @@ from rich.table import Table
 from rich.text import Text
 
 from custodes import __version__, settings
-from custodes.bootstrap import DEFAULT_POPULATION, create_vault, open_vault
+from custodes.bootstrap import (
+    DEFAULT_POPULATION,
+    UnlockedVault,
+    assemble_vault,
+    create_vault,
+    unlock_vault,
+)
 from custodes.errors import ConfigurationError, CustodesError
 from custodes.ingest import FORMATS, IngestReport
 from custodes.ingest import Progress as IngestProgress
@@ -85,14 +91,18 @@ def _vault_dir(value: str | None) -> Path:
 
 
 def _open(vault: str | None, keyring: str | None) -> Vault:
+    opened = assemble_vault(_unlock(vault, keyring))
+    _log_to(opened)
+    return opened
+
+
+def _unlock(vault: str | None, keyring: str | None) -> UnlockedVault:
     directory = _vault_dir(vault)
     settings.VaultLayout(directory).read()  # a clear error before any prompt
     passphrase = _secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
-    opened = open_vault(
+    return unlock_vault(
         directory, passphrase=passphrase, keyring_path=Path(keyring) if keyring else None
     )
-    _log_to(opened)
-    return opened
 
 
 def _log_to(vault: Vault) -> None:
@@ -665,11 +675,8 @@ def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: 
         "(each code works once; if one is refused, wait half a minute for the next):"
     )
     out.print(f"   {code_command}")
-    served = open_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
-    try:
-        serve_dashboard(served, host="127.0.0.1", port=port)
-    finally:
-        served.close()
+    unlocked = unlock_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
+    serve_dashboard(unlocked, host="127.0.0.1", port=port)
 
 
 def _register_groups() -> None:

@@ -41,6 +41,13 @@ def _vault_options(fn: F) -> F:
 @_vault_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (one per core serves the most).",
+)
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
 @click.option(
@@ -58,6 +65,7 @@ def serve(
     keyring: str | None,
     host: str,
     port: int,
+    workers: int,
     tls_cert: str | None,
     tls_key: str | None,
     tls_self_signed: bool,
@@ -65,7 +73,7 @@ def serve(
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
-    from custodes.cli import _open, _vault_dir, out
+    from custodes.cli import _unlock, _vault_dir, out
     from custodes.web import serve as web
 
     if bool(tls_cert) != bool(tls_key):
@@ -82,13 +90,11 @@ def serve(
         out.print(f"self-signed certificate: {tls.cert}")
         out.print(f"SHA-256 fingerprint: {web.fingerprint(tls.cert.read_bytes())}")
         out.print("  check this fingerprint in the browser before logging in")
-    vault = _open(vault_dir, keyring)
+    unlocked = _unlock(vault_dir, keyring)
     scheme = "https" if tls else "http"
-    out.print(f"serving on {scheme}://{host}:{port}/  (sessions live in this process)")
-    try:
-        web.serve(vault, host=host, port=port, tls=tls)
-    finally:
-        vault.close()
+    plural = "es" if workers > 1 else ""
+    out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
+    web.serve(unlocked, host=host, port=port, tls=tls, workers=workers)
 
 
 @click.command("enrol")

@@ -6,21 +6,34 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
+import multiprocessing
 import os
+import signal
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from custodes.bootstrap import UnlockedVault, assemble_vault
 from custodes.errors import ConfigurationError
 from custodes.settings import is_within
-from custodes.vault import Vault
+
+log = logging.getLogger("custodes.serve")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+MAX_WORKERS = 64
+MAX_RESTARTS = 5  # within RESTART_WINDOW seconds, before the server gives up
+RESTART_WINDOW = 60.0
+SHUTDOWN_GRACE = 30.0  # seconds a worker has to finish its requests when stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +109,36 @@ def self_signed(host: str, directory: Path, *, vault_dir: Path | None, days: int
 
 
 def serve(
-    vault: Vault, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tls: TlsFiles | None = None
+    unlocked: UnlockedVault,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls: TlsFiles | None = None,
+    workers: int = 1,
 ) -> None:
-    """Serve the dashboard and API until interrupted. One process: sessions live in it."""
-    import uvicorn
+    """Serve the dashboard and API until interrupted, from `workers` processes.
 
-    from custodes.web.app import create_app
-
+    Every worker opens the vault's database for itself and shares one listening socket;
+    sessions, failed-login counts and the access log live in the database, so any
+    worker may answer any request. Workers are forked after the keys are unsealed, so
+    the passphrase is asked for once and the keys never leave memory.
+    """
     check_bind(host, tls)
-    app = create_app(vault, tls=tls is not None)
-    uvicorn.run(
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigurationError(f"--workers is 1 to {MAX_WORKERS}")
+    config = _config(None, host, port, tls)
+    if workers == 1:
+        _run_worker(unlocked, config, None)
+        return
+    sock = config.bind_socket()
+    try:
+        _supervise(unlocked, config, sock, workers)
+    finally:
+        sock.close()
+
+
+def _config(app: Any, host: str, port: int, tls: TlsFiles | None) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -116,6 +149,76 @@ def serve(
         server_header=False,
         # The peer address is the client: X-Forwarded-For would let it pick another one.
         proxy_headers=False,
-        workers=1,
         log_level="info",
     )
+
+
+def _run_worker(
+    unlocked: UnlockedVault, template: uvicorn.Config, sock: socket.socket | None
+) -> None:
+    from custodes.web.app import create_app
+
+    vault = assemble_vault(unlocked)
+    try:
+        config = _config(
+            create_app(vault, tls=bool(template.ssl_certfile)),
+            template.host,
+            template.port,
+            TlsFiles(Path(template.ssl_certfile), Path(str(template.ssl_keyfile)))
+            if template.ssl_certfile
+            else None,
+        )
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock] if sock is not None else None)
+    finally:
+        vault.close()
+
+
+def _supervise(
+    unlocked: UnlockedVault, config: uvicorn.Config, sock: socket.socket, workers: int
+) -> None:
+    """Fork the workers and keep them running until told to stop.
+
+    A worker that dies is replaced (a crash must not shrink the service silently), unless
+    workers keep dying at once, which means something is wrong that restarting won't fix.
+    """
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_run_worker, args=(unlocked, config, sock), daemon=False)
+        process.start()
+        return process
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    running = [start() for _ in range(workers)]
+    restarts: list[float] = []
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for n, process in enumerate(running):
+                if process.is_alive() or stopping:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    raise ConfigurationError(
+                        "server workers keep exiting at start; see the messages above"
+                    )
+                log.warning("a server worker exited (code %s); starting another", process.exitcode)
+                running[n] = start()
+    finally:
+        for process in running:
+            if process.is_alive():
+                process.terminate()
+        for process in running:
+            process.join(timeout=SHUTDOWN_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

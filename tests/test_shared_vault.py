@@ -1,0 +1,299 @@
+"""Several processes serving one vault: the access log stays one unforked tree with every
+entry, and a session, a logout or a lockout holds in every process at once.
+
+`custodes serve --workers N` runs N such processes; a flaw here would let a busy server
+lose access-log entries, sign a fork, or keep a stolen session alive in one worker after
+the official logged out in another.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from custodes.audit.verify import verify_log
+from custodes.bootstrap import create_vault, open_vault
+from custodes.errors import AuthenticationFailed, LoginThrottled
+from custodes.policy import AccessPurpose, Action, Role
+from custodes.synth import write_jsonl
+from custodes.vault import Vault
+from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PASSWORD, enrol, login, totp_now
+
+SEARCHES_PER_THREAD = 25
+THREADS = 3
+CHECKPOINT_EVERY = 7  # small, so that both processes sign checkpoints many times
+
+
+def _vault_dir(tmp: Path) -> Path:
+    return tmp / "vault"
+
+
+def _open(tmp: Path) -> Vault:
+    return open_vault(
+        _vault_dir(tmp),
+        passphrase=PASSPHRASE,
+        hash_cost=FAST_HASH,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """A vault on disk with a small population, closed: each test opens it as it needs."""
+    vault = create_vault(
+        _vault_dir(tmp_path),
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "shared.keyring",
+        log_key_path=tmp_path / "keys" / "shared.logkey",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
+    try:
+        source = tmp_path / "people.jsonl"
+        with source.open("wb") as f:
+            write_jsonl(f, 60, seed=11)
+        vault.ingest(source, workers=1)
+    finally:
+        vault.close()
+    return tmp_path
+
+
+def _search_worker(tmp: str, token: str, ids: list[str], results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """One server process: searches from several threads with a session opened elsewhere."""
+    vault = _open(Path(tmp))
+    try:
+        session = vault.session_for(token)
+        purpose = AccessPurpose("test of several server processes", "T-2")
+        found: list[int] = []
+
+        def search(n: int) -> None:
+            for i in range(SEARCHES_PER_THREAD):
+                nid = ids[(n * SEARCHES_PER_THREAD + i) % len(ids)]
+                views = vault.search(
+                    session,
+                    purpose,
+                    record_type="person",
+                    index="national_id",
+                    values={"national_id": nid},
+                )
+                found.append(len(views))
+
+        threads = [threading.Thread(target=search, args=(n,)) for n in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results.put(("ok", sum(found), len(found)))
+    except BaseException as exc:  # reported to the test, which fails on it
+        results.put(("error", type(exc).__name__, str(exc)))
+    finally:
+        vault.close()
+
+
+def _national_ids(tmp: Path) -> list[str]:
+    import orjson
+
+    ids = []
+    for line in (tmp / "people.jsonl").read_bytes().splitlines():
+        doc = orjson.loads(line)
+        if doc.get("type") == "person":
+            ids.append(str(doc["national_id"]))
+    return ids
+
+
+def test_two_processes_appending_at_once_lose_no_entry_and_sign_no_fork(shared: Path) -> None:
+    vault = _open(shared)
+    try:
+        session = login(vault, Role.INVESTIGATOR, "t.shared")
+        before = vault.storage.log_size()
+    finally:
+        vault.close()
+    ids = _national_ids(shared)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [
+        context.Process(target=_search_worker, args=(str(shared), session.token, ids, results))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    assert all(o[0] == "ok" for o in outcomes), outcomes
+    searches = 2 * THREADS * SEARCHES_PER_THREAD
+    assert sum(o[2] for o in outcomes) == searches
+    assert sum(o[1] for o in outcomes) == searches  # every searched person was found
+
+    vault = _open(shared)
+    try:
+        # One entry per search, none lost and none doubled, in one tree.
+        assert vault.storage.log_size() == before + searches
+        entries = list(vault.access_log.entries(before))
+        assert [e.action for _, e in entries] == [Action.SEARCH.value] * searches
+        report = verify_log(vault.storage, vault.access_log.verifier_key)
+        assert report.entries == before + searches
+        # Both processes signed checkpoints along the way, each extending the last.
+        assert len(vault.storage.checkpoints()) >= searches // CHECKPOINT_EVERY // 2
+    finally:
+        vault.close()
+
+
+def test_logout_in_one_process_ends_the_session_in_every_other(shared: Path) -> None:
+    first, second = _open(shared), _open(shared)
+    try:
+        session = login(first, Role.INVESTIGATOR, "t.shared")
+        seen = second.session_for(session.token)
+        assert (seen.username, seen.role) == ("t.shared", Role.INVESTIGATOR)
+        assert second.csrf_token(seen) == first.csrf_token(session)
+        second.logout(seen)
+        with pytest.raises(AuthenticationFailed):
+            first.session_for(session.token)
+        with pytest.raises(AuthenticationFailed):
+            first.csrf_token(session)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_disabling_an_account_in_one_process_ends_its_sessions_in_every_other(
+    shared: Path,
+) -> None:
+    first, second = _open(shared), _open(shared)
+    try:
+        session = login(first, Role.OFFICER, "t.disabled")
+        second.disable_account("t.disabled")
+        with pytest.raises(AuthenticationFailed):
+            first.session_for(session.token)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_password_guesser_cannot_spread_attempts_over_processes(shared: Path) -> None:
+    first, second = _open(shared), _open(shared)
+    try:
+        first.add_account("t.target", PASSWORD, Role.OFFICER, {"district": "*"})
+        enrol(first, "t.target")
+        for vault in (first, second, first, second):
+            with pytest.raises(AuthenticationFailed):
+                vault.login("t.target", "a wrong guess at the password", totp="000000")
+        # The fourth failure started the backoff, counted across both processes.
+        with pytest.raises(LoginThrottled):
+            second.login("t.target", PASSWORD, totp=totp_now(second, "x" * 32))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_session_survives_a_restart_of_the_server_within_its_timeouts(shared: Path) -> None:
+    vault = _open(shared)
+    session = login(vault, Role.OFFICER, "t.restart")
+    vault.close()
+    reopened = _open(shared)
+    try:
+        assert reopened.session_for(session.token).username == "t.restart"
+    finally:
+        reopened.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_up(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError("the server exited before it answered")
+        try:
+            httpx.get(f"{base}/api/v1/me", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not answer in time")
+
+
+def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path) -> None:
+    vault = _open(shared)
+    try:
+        vault.add_account("t.web", PASSWORD, Role.INVESTIGATOR, {"district": "*"})
+        secret = enrol(vault, "t.web")
+        code = totp_now(vault, secret)
+        nid = _national_ids(shared)[0]
+    finally:
+        vault.close()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "custodes", "serve"),
+            *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_up(base, server)
+        opened = httpx.post(
+            f"{base}/api/v1/session",
+            json={"username": "t.web", "password": PASSWORD, "totp": code},
+            timeout=30,
+        )
+        assert opened.status_code == 201, opened.text
+        token = opened.json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        body = {
+            "record_type": "person",
+            "index": "national_id",
+            "values": {"national_id": nid},
+            "purpose": "test of a server with two workers",
+            "case_ref": "T-3",
+        }
+        # A new connection each time, so that both workers take some of them.
+        for _ in range(40):
+            answer = httpx.post(f"{base}/api/v1/search", json=body, headers=auth, timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["results"]) == 1
+        ended = httpx.delete(f"{base}/api/v1/session", headers=auth, timeout=30)
+        assert ended.status_code in (200, 204), ended.text
+        for _ in range(10):
+            refused = httpx.post(f"{base}/api/v1/search", json=body, headers=auth, timeout=30)
+            assert refused.status_code == 401
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err.decode()
+        assert b"2 worker processes" in out
+        pids = {
+            line.split(b"[")[1].split(b"]")[0]
+            for line in err.splitlines()
+            if b"Started server process" in line
+        }
+        assert len(pids) == 2
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    vault = _open(shared)
+    try:
+        entries = [e for _, e in vault.access_log.entries()]
+        searches = [e for e in entries if e.action == Action.SEARCH.value]
+        assert len(searches) == 40
+        verify_log(vault.storage, vault.access_log.verifier_key)
+    finally:
+        vault.close()
