@@ -45,6 +45,7 @@ _CLEARANCE: dict[Role, Sensitivity | None] = {
     Role.ADMIN: None,
 }
 
+_BREAKS = re.compile("[\r\n\t\x00]")  # a reason is logged as one line
 _CASE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
 
 
@@ -67,7 +68,7 @@ class AccessPurpose:
         reason = self.reason.strip() if isinstance(self.reason, str) else ""
         if len(reason) < 3:
             raise PurposeRequired("a purpose of at least 3 characters is required")
-        if len(reason) > 200 or any(ch in reason for ch in "\r\n\t\x00"):
+        if len(reason) > 200 or _BREAKS.search(reason):
             raise PurposeRequired("a purpose must be one line of at most 200 characters")
         object.__setattr__(self, "reason", reason)
         if self.case_ref is not None:

@@ -228,6 +228,15 @@ _PRAGMAS = (
     "PRAGMA mmap_size=0",
 )
 
+# The reading connection: the same cache and temp-store rules, and no writes at all.
+_READER_PRAGMAS = (
+    "PRAGMA temp_store=MEMORY",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA cache_size=-262144",
+    "PRAGMA mmap_size=0",
+    "PRAGMA query_only=ON",
+)
+
 _Row = tuple[int, str, str, bytes]
 _KeyRow = tuple[int, int, bytes]
 _TokenRow = tuple[int, int, int, int]
@@ -238,15 +247,16 @@ _Prepared = tuple[str, bytes, int, bytes, list[tuple[int, int]]]
 class SQLiteStorage:
     """A vault database in one SQLite file (plus its WAL while open).
 
-    One connection, guarded by a lock, serves every call: writes are serialised inside
-    BEGIN IMMEDIATE, and reads take the same lock for now. A pool of read-only
-    connections can be added later without changing the interface, since WAL lets
-    readers run beside the writer.
+    Two connections, each behind a lock of its own: one writes (every transaction
+    BEGIN IMMEDIATE, behind the cross-process writer lock), the other only reads. WAL
+    lets the reader run beside the writer, so a search never waits behind an
+    access-log commit and its fsync.
     """
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection's
+        self._read_lock = threading.Lock()
         self._closed = False
         _create_private_file(self._path)
         self._writer = _WriterLock(self._path.with_name(self._path.name + "-writer"))
@@ -262,9 +272,20 @@ class SQLiteStorage:
             if str(mode).lower() != "wal":
                 raise ConfigurationError("the database cannot be put in WAL mode")
             self._migrate()
+            self._reader = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False
+            )
         except BaseException as exc:
             self._conn.close()
             self._writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"cannot open the database: {exc}") from exc
+            raise
+        try:
+            for pragma in _READER_PRAGMAS:
+                self._reader.execute(pragma).fetchall()
+        except BaseException as exc:
+            self.close()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot open the database: {exc}") from exc
             raise
@@ -597,10 +618,7 @@ class SQLiteStorage:
     def log_entries(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
         # Not a generator itself: the end of an open range is the size at the call, not
         # at the first next(), and a closed backend is refused at once.
-        with self._lock:
-            if self._closed:
-                raise StorageError("storage is closed")
-            stop = _stored_log_size(self._conn) if end is None else min(end, _INT64_MAX)
+        stop = self._run(_stored_log_size) if end is None else min(end, _INT64_MAX)
         return self._stream_entries(max(start, 0), stop)
 
     def _stream_entries(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
@@ -669,10 +687,12 @@ class SQLiteStorage:
     # -- lifecycle ----------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             if self._closed:
                 return
             self._closed = True
+            with contextlib.suppress(AttributeError):  # opening failed before the reader
+                self._reader.close()
             try:
                 # Fold the WAL back into the file and truncate it, so the vault is one
                 # file again at rest.
@@ -718,17 +738,19 @@ class SQLiteStorage:
             raise
 
     def _run(self, action: Callable[[sqlite3.Connection], _T], *, snapshot: bool = False) -> _T:
-        with self._lock:
+        """Run a read on the reading connection (snapshot: in one read transaction)."""
+        with self._read_lock:
             if self._closed:
                 raise StorageError("storage is closed")
+            reader = self._reader
             try:
                 if not snapshot:
-                    return action(self._conn)
-                self._conn.execute("BEGIN")
+                    return action(reader)
+                reader.execute("BEGIN")
                 try:
-                    return action(self._conn)
+                    return action(reader)
                 finally:
-                    self._conn.execute("COMMIT")
+                    reader.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StorageError(f"database read failed: {exc}") from exc
 

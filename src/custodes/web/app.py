@@ -46,7 +46,16 @@ def create_app(vault: Vault, *, tls: bool = False) -> FastAPI:
     """The web app around one opened vault. There is no setting that serves anything
     personal without a session: every page and API route asks the vault."""
     # No interactive docs: they load scripts from a CDN, which the CSP forbids anyway.
-    app = FastAPI(title="custodes", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="custodes",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        # No request telemetry: spans and metrics would describe officials' requests to
+        # whatever collector the environment names, and cost every request a provider
+        # lookup. An operator who wants metrics adds them deliberately.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.vault = vault
     app.state.tls = tls
     app.state.vault_threads = deps.vault_threads()
