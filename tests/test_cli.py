@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from custodes.bootstrap import open_vault
+from custodes.vault import CASE_ASSIGN, CASE_UNASSIGN, SYSTEM_ACTOR
 from tests.conftest import FAST_HASH, PASSPHRASE, PASSWORD, make_vault, read_records, totp_code
 
 # Not an environment variable custodes reads: run() turns it into a fresh CUSTODES_TOTP,
@@ -199,6 +200,62 @@ def test_account_list_shows_no_hashes(vault_env: dict[str, str]) -> None:
         {"username": "li.lei", "role": "supervisor", "disabled": False, "district": "310101"}
     ]
     assert "argon2" not in done.stdout
+
+
+def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
+    vault_env: dict[str, str],
+) -> None:
+    added = run(
+        "account",
+        "add",
+        "li.lei",
+        "--role",
+        "officer",
+        "--district",
+        "110101",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    assert added.returncode == 0, added.stderr
+    done = run("account", "assign", "li.lei", "a3101042025000017", env=vault_env)
+    assert done.returncode == 0, done.stderr
+    assert "assigned the case" in done.stdout
+    listed = run("account", "list", "--json", env=vault_env)
+    assert orjson.loads(listed.stdout) == [
+        {
+            "username": "li.lei",
+            "role": "officer",
+            "disabled": False,
+            "district": "110101",
+            "cases": ["A3101042025000017"],
+        }
+    ]
+    table = run("account", "list", env={**vault_env, "COLUMNS": "160"})
+    assert table.returncode == 0 and "A3101042025000017" in table.stdout
+
+    for bad in ("A/1", "案件20250001"):
+        refused = run("account", "assign", "li.lei", bad, env=vault_env)
+        assert refused.returncode == 5
+        assert refused.stderr.startswith("custodes: error:") and refused.stderr.count("\n") == 1
+        assert "case number" in refused.stderr and bad not in refused.stderr
+
+    done = run("account", "unassign", "li.lei", "A3101042025000017", env=vault_env)
+    assert done.returncode == 0, done.stderr
+    listed = run("account", "list", "--json", env=vault_env)
+    assert "cases" not in orjson.loads(listed.stdout)[0]
+    again = run("account", "unassign", "li.lei", "A3101042025000017", env=vault_env)
+    assert again.returncode == 5 and "not assigned" in again.stderr
+
+    vault = open_vault(
+        Path(vault_env["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
+    )
+    try:
+        events = [e for _, e in vault.access_log.entries() if e.action.startswith("account:case")]
+    finally:
+        vault.close()
+    assert [(e.action, e.actor, e.detail) for e in events] == [
+        (CASE_ASSIGN, SYSTEM_ACTOR, {"account": "li.lei", "case": "A3101042025000017"}),
+        (CASE_UNASSIGN, SYSTEM_ACTOR, {"account": "li.lei", "case": "A3101042025000017"}),
+    ]
 
 
 def test_init_refuses_a_keyring_inside_the_vault(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Records outside an official's reach behave as if they did not exist, on every backend
 and through the dashboard and the API alike; minors and reporters of crimes need more
-than an officer's clearance.
+than an officer's clearance. Only a case assigned to an official, by an administrator and
+on the access log, opens another district's records, and only while it stays assigned.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from custodes.audit import AccessEntry, Outcome
-from custodes.errors import RecordNotFound
+from custodes.errors import InvalidAssignment, RecordNotFound
 from custodes.policy import PROTECTED_REPORTER, AccessPurpose, Action, Role
 from custodes.records.idnumber import check_char
-from custodes.vault import Session, Vault
+from custodes.vault import CASE_ASSIGN, CASE_UNASSIGN, SYSTEM_ACTOR, Session, Vault
 from custodes.web import deps
 from custodes.web.app import create_app
-from tests.conftest import login, make_vault, write_jsonl
+from tests.conftest import PASSWORD, login, make_vault, write_jsonl
 
 ROUTINE = AccessPurpose("check a resident's address", "C-1")
 CASE_NO = "A3101042025000017"
@@ -225,6 +226,100 @@ def test_a_cases_reporter_is_a_placeholder_for_officers(districts: Vault) -> Non
     assert reporter in {link.record_id for link in shown.links}
 
 
+# -- assigning cases -------------------------------------------------------------------
+
+
+def test_another_districts_case_opens_only_while_it_is_assigned(districts: Vault) -> None:
+    case = case_id(districts)
+    victim = record_id(districts, SHANGHAI_ADULT)
+    officer = beijing_officer(districts)
+    with pytest.raises(RecordNotFound):
+        districts.record(officer, ON_CASE, case)
+    refused = last_entry(districts)
+    assert (refused.action, refused.outcome) == (Action.READ, Outcome.DENIED)
+    assert refused.records == (case,) and refused.detail["reason"] == "out_of_reach"
+
+    # Typed in lower case with spaces, stored in canonical form.
+    assert districts.assign_case("o.beijing", f" {CASE_NO.lower()} ") == CASE_NO
+    assigned = last_entry(districts)
+    assert (assigned.actor, assigned.action, assigned.outcome) == (
+        SYSTEM_ACTOR,
+        CASE_ASSIGN,
+        Outcome.GRANTED,
+    )
+    assert assigned.detail == {"account": "o.beijing", "case": CASE_NO}
+    # The session already open sees the case, and the people it names, at once.
+    view = districts.record(officer, ON_CASE, case)
+    assert view.record_id == case and victim in {link.record_id for link in view.links}
+    assert districts.record(officer, ON_CASE, victim).record_id == victim
+    # A purpose naming any other case still reaches nothing.
+    with pytest.raises(RecordNotFound):
+        districts.record(officer, ROUTINE, case)
+
+    assert districts.unassign_case("o.beijing", CASE_NO, by="a.admin") == CASE_NO
+    taken = last_entry(districts)
+    assert (taken.actor, taken.action) == ("a.admin", CASE_UNASSIGN)
+    assert taken.detail == {"account": "o.beijing", "case": CASE_NO}
+    for target in (case, victim):
+        with pytest.raises(RecordNotFound):
+            districts.record(officer, ON_CASE, target)
+        entry = last_entry(districts)
+        assert entry.outcome is Outcome.DENIED and entry.records == (target,)
+    assert "cases" not in districts.accounts.get("o.beijing").attributes  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["A31", "A3101042025/17", "A3101042025_017", "案3101042025000017", "A" * 33, "", "   "],
+)
+def test_a_malformed_case_number_is_refused_without_repeating_it(
+    districts: Vault, bad: str
+) -> None:
+    beijing_officer(districts)
+    before = districts.access_log.size
+    for change in (districts.assign_case, districts.unassign_case):
+        with pytest.raises(InvalidAssignment) as refused:
+            change("o.beijing", bad)
+        assert "case number" in str(refused.value)
+        assert bad.strip() == "" or bad not in str(refused.value)
+    assert districts.access_log.size == before  # nothing happened, so nothing is logged
+    assert "cases" not in districts.accounts.get("o.beijing").attributes  # type: ignore[union-attr]
+
+
+def test_assignments_that_change_nothing_are_refused_plainly(districts: Vault) -> None:
+    beijing_officer(districts, cases=[CASE_NO])
+    login(districts, Role.ADMIN, "a.admin")
+    login(districts, Role.AUDITOR, "u.audit")
+    refusals = [
+        (lambda: districts.assign_case("o.beijing", CASE_NO), "already assigned"),
+        (lambda: districts.unassign_case("o.beijing", "A1101012025000001"), "not assigned"),
+        (lambda: districts.assign_case("a.admin", CASE_NO), "reads no records"),
+        (lambda: districts.assign_case("u.audit", CASE_NO), "reads no records"),
+    ]
+    before = districts.access_log.size
+    for change, reason in refusals:
+        with pytest.raises(InvalidAssignment, match=reason) as refused:
+            change()
+        assert CASE_NO not in str(refused.value)
+    with pytest.raises(RecordNotFound):
+        districts.assign_case("nobody", CASE_NO)
+    assert districts.access_log.size == before
+    # Nor can an account be created with a malformed case, or a case it cannot use.
+    with pytest.raises(InvalidAssignment):
+        districts.add_account("o.bad", PASSWORD, Role.OFFICER, {"cases": ["A/1"]})
+    with pytest.raises(InvalidAssignment):
+        districts.add_account("a.bad", PASSWORD, Role.ADMIN, {"cases": [CASE_NO]})
+
+
+def test_assigning_a_case_keeps_the_accounts_second_factor_and_lock(districts: Vault) -> None:
+    officer = beijing_officer(districts)
+    districts.assign_case("o.beijing", CASE_NO)
+    account = districts.accounts.get("o.beijing")
+    assert account is not None and account.mfa_enrolled and not account.locked
+    assert account.attributes == {"district": "110101", "cases": [CASE_NO]}
+    assert districts.record(officer, ON_CASE, case_id(districts)).record_type == "case"
+
+
 # -- through the dashboard and the API ------------------------------------------------
 
 
@@ -283,3 +378,90 @@ def test_the_case_page_shows_an_officer_a_placeholder_for_the_reporter(
     page = client.get(f"/records/{case}", params=query)
     assert page.status_code == 200
     assert PROTECTED_REPORTER in page.text and reporter not in page.text and "吴" not in page.text
+
+
+def as_user(client: TestClient, session: Session) -> TestClient:
+    """Another browser on the same app, signed in as the session's account."""
+    browser = TestClient(client.app, base_url="https://testserver", follow_redirects=False)
+    browser.cookies.set(deps.SESSION_COOKIE, session.token)
+    return browser
+
+
+def test_admin_assigns_a_case_on_the_accounts_page_and_it_opens_only_while_assigned(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    case = case_id(vault)
+    officer_session = beijing_officer(vault)
+    admin_session = login(vault, Role.ADMIN, "a.admin")
+    officer, admin = as_user(client, officer_session), as_user(client, admin_session)
+    query = {"reason": ON_CASE.reason, "case_ref": CASE_NO}
+    assert officer.get(f"/records/{case}", params=query).status_code == 404
+    assert last_entry(vault).outcome is Outcome.DENIED
+
+    form = {"csrf_token": vault.csrf_token(admin_session), "case_no": CASE_NO.lower()}
+    page = admin.post("/admin/accounts/o.beijing/assign", data=form)
+    assert page.status_code == 200 and "assigned the case" in page.text
+    assert CASE_NO in page.text  # the number, listed under the account to unassign it
+    # Nothing of what the case holds: no name, no ID number, no category.
+    for secret in ("周", "吴", "抢劫", SHANGHAI_ADULT[6:14], SHANGHAI_ADULT[-4:]):
+        assert secret not in page.text
+    entry = last_entry(vault)
+    assert (entry.actor, entry.action) == ("a.admin", CASE_ASSIGN)
+    assert entry.detail == {"account": "o.beijing", "case": CASE_NO}
+
+    opened = officer.get(f"/records/{case}", params=query)
+    assert opened.status_code == 200 and "周*" in opened.text
+
+    page = admin.post("/admin/accounts/o.beijing/unassign", data=form)
+    assert page.status_code == 200 and "no longer assigned the case" in page.text
+    assert last_entry(vault).action == CASE_UNASSIGN
+    assert officer.get(f"/records/{case}", params=query).status_code == 404
+    officer.close()
+    admin.close()
+
+
+def test_only_an_administrator_assigns_cases_and_never_without_the_csrf_token(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    officer_session = beijing_officer(vault)
+    admin_session = login(vault, Role.ADMIN, "a.admin")
+    supervisor_session = login(vault, Role.SUPERVISOR, "s.national")
+    # An official cannot assign a case to themselves, or to anyone, with a valid token.
+    for session in (officer_session, supervisor_session):
+        browser = as_user(client, session)
+        form = {"csrf_token": vault.csrf_token(session), "case_no": CASE_NO}
+        response = browser.post("/admin/accounts/o.beijing/assign", data=form)
+        assert response.status_code == 403
+        refused = last_entry(vault)
+        assert (refused.actor, refused.outcome) == (session.username, Outcome.DENIED)
+        browser.close()
+    # Nor can a cross-site form, though it rides on the administrator's session.
+    admin = as_user(client, admin_session)
+    before = vault.access_log.size
+    for token in (None, "not-the-token", vault.csrf_token(officer_session)):
+        form = {"case_no": CASE_NO} if token is None else {"csrf_token": token, "case_no": CASE_NO}
+        assert admin.post("/admin/accounts/o.beijing/assign", data=form).status_code == 403
+    assert vault.access_log.size == before
+    assert "cases" not in vault.accounts.get("o.beijing").attributes  # type: ignore[union-attr]
+    admin.close()
+
+
+def test_a_malformed_case_number_on_the_accounts_page_is_a_clear_422(
+    site: tuple[Vault, TestClient],
+) -> None:
+    vault, client = site
+    beijing_officer(vault)
+    admin_session = login(vault, Role.ADMIN, "a.admin")
+    admin = as_user(client, admin_session)
+    bad = "A31<b>x</b>"
+    before = vault.access_log.size
+    form = {"csrf_token": vault.csrf_token(admin_session), "case_no": bad}
+    page = admin.post("/admin/accounts/o.beijing/assign", data=form)
+    assert page.status_code == 422
+    assert "a case number must be 4 to 32 letters, digits or hyphens" in page.text
+    assert bad not in page.text and "&lt;b&gt;x" not in page.text
+    assert vault.access_log.size == before
+    assert "cases" not in vault.accounts.get("o.beijing").attributes  # type: ignore[union-attr]
+    admin.close()

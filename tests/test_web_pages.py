@@ -441,6 +441,7 @@ def test_posts_without_the_csrf_token_are_refused(site: Site) -> None:
         (Role.OFFICER, f"/records/{rid}/reveal/national_id", {}),
         (Role.AUDITOR, "/audit/log/verify", {}),
         (Role.ADMIN, "/admin/accounts/w.officer/disable", {}),
+        (Role.ADMIN, "/admin/accounts/w.officer/assign", {"case_no": CASE}),
     ]
     for role, url, data in posts:
         before = site.vault.access_log.size
@@ -451,7 +452,8 @@ def test_posts_without_the_csrf_token_are_refused(site: Site) -> None:
             assert response.status_code == 403, url
             assert nid not in response.text
         assert site.vault.access_log.size == before, url
-    assert not site.vault.accounts.get("w.officer").disabled  # type: ignore[union-attr]
+    officer = site.vault.accounts.get("w.officer")
+    assert officer is not None and not officer.disabled and "cases" not in officer.attributes
 
 
 def test_pages_without_a_session_redirect_to_login(site: Site) -> None:

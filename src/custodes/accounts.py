@@ -1,5 +1,6 @@
 """Officials' accounts: argon2id password hashes, weak-password refusal, the second factor
-(TOTP seeds sealed at rest), one-time enrolment codes, and lockout after repeated failures.
+(TOTP seeds sealed at rest), one-time enrolment codes, lockout after repeated failures, and
+the cases each official is assigned to.
 
 A password is never stored or logged; an unknown account, a wrong password, a disabled and
 a locked account fail the same way and take about the same time.
@@ -33,11 +34,14 @@ from custodes.crypto import KeyMaterial
 from custodes.errors import (
     AuthenticationFailed,
     ConfigurationError,
+    InvalidAssignment,
     RecordNotFound,
     TamperDetected,
     WeakPassword,
 )
-from custodes.policy import Role
+from custodes.policy import Role, clearance_of
+from custodes.records.normalise import Refusal
+from custodes.records.normalise import case_no as canonical_case_no
 from custodes.storage.base import AccountRow, Storage
 
 MIN_PASSWORD_LENGTH = 12
@@ -50,6 +54,10 @@ ENROLMENT_TTL = 24 * 3600.0
 TOTP_STEP = 30
 # Security state lives in the account's attributes under this key and is never shown.
 _SECURITY = "security"
+# The cases an account is assigned to: their records open to it wherever they live, when
+# the case is the stated purpose (custodes.policy.records.may_see).
+CASES = "cases"
+MAX_ASSIGNED_CASES = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +191,8 @@ class AccountBook:
         public = dict(attributes or {})
         if _SECURITY in public:
             raise ConfigurationError(f"{_SECURITY!r} is not an account attribute one can set")
+        if CASES in public:
+            public[CASES] = _case_list(role, public[CASES])
         row = AccountRow(
             username=username,
             role=role.value,
@@ -256,6 +266,47 @@ class AccountBook:
         with self._lock:
             row = self._require(username)
             self._storage.update_account(row._replace(password_hash=self._hasher.hash(password)))
+
+    # -- assigned cases ----------------------------------------------------------------
+
+    def assign_case(self, username: str, case_no: str) -> str:
+        """Assign a case to an account; returns the case number in canonical form.
+
+        Any well-formed number is accepted, stored or not: looking it up would tell the
+        administrator, who reads no records, which cases exist.
+        """
+        case = _case_number(case_no)
+        with self._lock:
+            row = self._require(username)
+            _check_takes_cases(Role(row.role))
+            attributes = _attributes(row)
+            cases = _stored_cases(attributes.get(CASES))
+            if case in cases:
+                raise InvalidAssignment("that case is already assigned to this account")
+            if len(cases) >= MAX_ASSIGNED_CASES:
+                raise InvalidAssignment(
+                    f"an account has at most {MAX_ASSIGNED_CASES} cases: unassign closed ones"
+                )
+            attributes[CASES] = [*cases, case]
+            self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+        return case
+
+    def unassign_case(self, username: str, case_no: str) -> str:
+        """Take a case from an account; returns the case number in canonical form."""
+        case = _case_number(case_no)
+        with self._lock:
+            row = self._require(username)
+            attributes = _attributes(row)
+            stored = _stored_cases(attributes.get(CASES))
+            if case not in stored:
+                raise InvalidAssignment("that case is not assigned to this account")
+            cases = [c for c in stored if c != case]
+            if cases:
+                attributes[CASES] = cases
+            else:
+                attributes.pop(CASES, None)
+            self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+        return case
 
     # -- the second factor -------------------------------------------------------------
 
@@ -378,6 +429,55 @@ def _matching_step(secret: str, code: str, now: float, *, after: int) -> int | N
         if hmac.compare_digest(totp.at(step * TOTP_STEP), code) and step > after:
             found = step
     return found
+
+
+def _attributes(row: AccountRow) -> dict[str, Any]:
+    """Every attribute of a stored account, its security state included (to write back)."""
+    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def _case_number(raw: object) -> str:
+    """A case number in canonical form, or InvalidAssignment without the value."""
+    if not isinstance(raw, str):
+        raise InvalidAssignment("a case number is text")
+    try:
+        return canonical_case_no(raw)
+    except Refusal as exc:
+        raise InvalidAssignment(f"a case number {exc}") from None
+
+
+def _stored_cases(attribute: object) -> list[str]:
+    """The case numbers already stored on an account, in order, each once."""
+    if not isinstance(attribute, list):
+        return []
+    cases: list[str] = []
+    for case in attribute:
+        if isinstance(case, str) and case.strip().upper() not in cases:
+            cases.append(case.strip().upper())
+    return cases
+
+
+def _case_list(role: Role, attribute: object) -> list[str]:
+    """A list of case numbers to store on an account of `role`, each checked."""
+    if not isinstance(attribute, list | tuple):
+        raise InvalidAssignment("an account's cases are a list of case numbers")
+    cases: list[str] = []
+    for raw in attribute:
+        case = _case_number(raw)
+        if case not in cases:
+            cases.append(case)
+    if cases:
+        _check_takes_cases(role)
+    if len(cases) > MAX_ASSIGNED_CASES:
+        raise InvalidAssignment(f"an account has at most {MAX_ASSIGNED_CASES} cases")
+    return cases
+
+
+def _check_takes_cases(role: Role) -> None:
+    """Cases open records; a role that reads none (admin, auditor) takes none."""
+    if clearance_of(role) is None:
+        raise InvalidAssignment(f"the {role.value} role reads no records, so takes no cases")
 
 
 def _security(row: AccountRow) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from custodes.bootstrap import (
 from custodes.errors import ConfigurationError, CustodesError
 from custodes.ingest import FORMATS, IngestReport
 from custodes.ingest import Progress as IngestProgress
-from custodes.policy import AccessPurpose, Role, district_prefix
+from custodes.policy import AccessPurpose, Role, assigned_cases, district_prefix
 from custodes.vault import RecordView, Session, Vault
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -524,7 +524,7 @@ def account_add(
 @vault_options
 @click.option("--json", "as_json", is_flag=True)
 def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> None:
-    """List accounts (names, roles, state; never hashes)."""
+    """List accounts (names, roles, districts, assigned cases, state; never hashes)."""
     vault = _open(vault_dir, keyring)
     try:
         accounts = vault.accounts.list()
@@ -537,12 +537,13 @@ def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> N
         ]
         sys.stdout.write(orjson.dumps(rows).decode() + "\n")
         return
-    table = Table("account", "role", "district", "state")
+    table = Table("account", "role", "district", "cases", "state")
     for a in accounts:
         table.add_row(
             a.username,
             a.role.value,
             str(a.attributes.get("district", "")),
+            ", ".join(sorted(assigned_cases(a.attributes.get("cases")))),
             "disabled" if a.disabled else "active",
         )
     out.print(table)

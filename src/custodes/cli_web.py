@@ -1,5 +1,6 @@
 """Command line for the server and for account security: serve; account enrol, mfa, passwd,
-disable, enable, unlock, token. Run on the host, with the keyring passphrase.
+disable, enable, unlock, assign, unassign, token. Run on the host, with the keyring
+passphrase.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def register(cli: click.Group) -> None:
     account = cli.commands.get("account")
     if not isinstance(account, click.Group):
         raise ConfigurationError("the account command group is missing")
-    for command in (enrol, mfa, passwd, disable, enable, unlock, token):
+    for command in (enrol, mfa, passwd, disable, enable, unlock, assign, unassign, token):
         account.add_command(command)
 
 
@@ -173,6 +174,32 @@ def enable(username: str, vault_dir: str | None, keyring: str | None) -> None:
 def unlock(username: str, vault_dir: str | None, keyring: str | None) -> None:
     """Unlock an account locked by repeated failed logins."""
     _account_change(vault_dir, keyring, lambda v: v.unlock_account(username), "unlocked")
+
+
+@click.command("assign")
+@click.argument("username")
+@click.argument("case_no")
+@_vault_options
+def assign(username: str, case_no: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Assign case CASE_NO to USERNAME: naming the case as the purpose of their work, they
+    then read its records wherever they live. Logged."""
+    _account_change(
+        vault_dir, keyring, lambda v: v.assign_case(username, case_no), "assigned the case"
+    )
+
+
+@click.command("unassign")
+@click.argument("username")
+@click.argument("case_no")
+@_vault_options
+def unassign(username: str, case_no: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Take case CASE_NO from USERNAME: it opens no records to them any more. Logged."""
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.unassign_case(username, case_no),
+        "no longer assigned the case",
+    )
 
 
 def _account_change(

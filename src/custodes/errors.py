@@ -84,6 +84,12 @@ class InvalidQuery(CustodesError):
     exit_code = 5
 
 
+class InvalidAssignment(InvalidQuery):
+    """A case cannot be assigned to an account, or taken from it: a malformed case number,
+    a case already (or not) assigned, an account that reads no records. The message says
+    which, and never repeats the case number."""
+
+
 class AuthenticationFailed(CustodesError):
     """Unknown account, wrong password, or disabled account: deliberately indistinguishable."""
 

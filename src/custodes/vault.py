@@ -852,6 +852,20 @@ class Vault:
         )
         return account
 
+    def assign_case(self, username: str, case_no: str, *, by: str = SYSTEM_ACTOR) -> str:
+        """Assign a case to an account: with the case as the stated purpose, its records
+        open to the account wherever they live. Logged; returns the canonical number.
+        Holds from the account's next access, in every session it has."""
+        case = self.accounts.assign_case(username, case_no)
+        self._account_event(CASE_ASSIGN, username, by=by, case=case)
+        return case
+
+    def unassign_case(self, username: str, case_no: str, *, by: str = SYSTEM_ACTOR) -> str:
+        """Take a case from an account; from its next access the case opens nothing."""
+        case = self.accounts.unassign_case(username, case_no)
+        self._account_event(CASE_UNASSIGN, username, by=by, case=case)
+        return case
+
     def count(self, record_type: str | None = None) -> int:
         return self.storage.count_records(record_type)
 

@@ -19,8 +19,14 @@ from fastapi.responses import HTMLResponse, Response
 from custodes.audit import AccessEntry, Outcome
 from custodes.audit.report import BundleInvalid, build_report, verify_bundle
 from custodes.audit.verify import LogTampered, verify_log
-from custodes.errors import AccessDenied, InvalidQuery, PurposeRequired, RecordNotFound
-from custodes.policy import AccessPurpose, Action, Role, clearance_of
+from custodes.errors import (
+    AccessDenied,
+    InvalidAssignment,
+    InvalidQuery,
+    PurposeRequired,
+    RecordNotFound,
+)
+from custodes.policy import AccessPurpose, Action, Role, assigned_cases, clearance_of
 from custodes.schema import REFERENCE_KINDS, FieldSpec, RecordType, Sensitivity
 from custodes.vault import LinkView, RecordView, Session, Vault
 from custodes.web import deps
@@ -518,15 +524,18 @@ def alerts(request: Request, me: Me) -> Response:
 
 
 ADMIN_PURPOSE = AccessPurpose("account administration")
-ACCOUNT_ACTIONS = ("disable", "enable", "unlock", "enrol")
+ACCOUNT_ACTIONS = ("disable", "enable", "unlock", "enrol", "assign", "unassign")
 
 
 def account_rows(vault: Vault) -> list[dict[str, Any]]:
+    # The case numbers an administrator assigned, and nothing of what the cases hold.
     return [
         {
             "username": a.username,
             "role": a.role.value,
             "district": str(a.attributes.get("district", "")),
+            "cases": sorted(assigned_cases(a.attributes.get("cases"))),
+            "takes_cases": clearance_of(a.role) is not None,
             "mfa": a.mfa_enrolled,
             "locked": a.locked,
             "disabled": a.disabled,
@@ -543,7 +552,9 @@ def accounts(request: Request, me: Me) -> Response:
 
 
 @router.post("/admin/accounts/{username}/{verb}", response_class=HTMLResponse, dependencies=[Csrf])
-def account_action(request: Request, username: str, verb: str, me: Me) -> Response:
+def account_action(
+    request: Request, username: str, verb: str, me: Me, case_no: FormText = None
+) -> Response:
     vault = deps.vault_of(request)
     live = vault.require(me, ADMIN_PURPOSE, Action.ACCOUNT_ADD)
     if verb not in ACCOUNT_ACTIONS:
@@ -551,7 +562,21 @@ def account_action(request: Request, username: str, verb: str, me: Me) -> Respon
     if vault.accounts.get(username) is None:
         raise RecordNotFound("no account with that name")
     code = None
-    if verb == "disable":
+    if verb in ("assign", "unassign"):
+        change = vault.assign_case if verb == "assign" else vault.unassign_case
+        try:
+            change(username, case_no or "", by=live.username)
+        except InvalidAssignment as exc:
+            # Said beside the forms; the number typed is not repeated.
+            return render(
+                request,
+                "accounts.html",
+                status_code=422,
+                rows=account_rows(vault),
+                roles=[r.value for r in Role],
+                error=f"Account {username}: {exc}.",
+            )
+    elif verb == "disable":
         if username == live.username:
             raise InvalidQuery("you cannot disable your own account")
         vault.disable_account(username, by=live.username)
@@ -566,6 +591,8 @@ def account_action(request: Request, username: str, verb: str, me: Me) -> Respon
         "enable": "enabled",
         "unlock": "unlocked",
         "enrol": "given a new enrolment code",
+        "assign": "assigned the case",
+        "unassign": "no longer assigned the case",
     }[verb]
     return render(
         request,
