@@ -8,6 +8,7 @@ on the access log, opens another district's records, and only while it stays ass
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,6 +321,113 @@ def test_assigning_a_case_keeps_the_accounts_second_factor_and_lock(districts: V
     assert districts.record(officer, ON_CASE, case_id(districts)).record_type == "case"
 
 
+# -- minors named by a case, or sent a delivery -----------------------------------------
+
+CHILD_CASE_NO = "A3101042025000042"
+CHILD_PHONE = "13912340003"
+CHILD_NAME = "郑测丙"
+CHILD_RECORDS: list[dict[str, object]] = [
+    {
+        "type": "case",
+        "case_no": CHILD_CASE_NO,
+        "opened_on": "2025-07-01",
+        "category": "走失",
+        "narrative": "2025年7月1日，郑测丙走失，自行报案。",
+        "persons": [
+            {"national_id": SHANGHAI_CHILD, "role": "victim"},
+            {"national_id": SHANGHAI_CHILD, "role": "reporter"},
+            {"national_id": SHANGHAI_ADULT, "role": "witness"},
+        ],
+    },
+    {
+        "type": "delivery",
+        "waybill_no": "SF0000000042",
+        "recipient_name": CHILD_NAME,
+        "phone": CHILD_PHONE,
+        "address": "测试市测试区测试路1号",
+        "delivered_on": "2025-07-02",
+        "recipient": SHANGHAI_CHILD,
+    },
+]
+ON_CHILD_CASE = AccessPurpose("find a missing child", CHILD_CASE_NO)
+
+
+@pytest.fixture
+def with_child(districts: Vault, tmp_path: Path) -> Vault:
+    report = districts.ingest(write_jsonl(tmp_path / "child.jsonl", CHILD_RECORDS))
+    assert report.rejected == 0 and report.accepted == len(CHILD_RECORDS)
+    return districts
+
+
+_FINDERS = itertools.count()
+
+
+def find_one(vault: Vault, record_type: str, index: str, values: dict[str, str]) -> str:
+    """The id of the one record found, by a national supervisor of its own each time."""
+    national = login(vault, Role.SUPERVISOR, f"s.finder{next(_FINDERS)}")
+    [found] = vault.search(national, ROUTINE, record_type=record_type, index=index, values=values)
+    vault.logout(national)
+    return found.record_id
+
+
+def child_case_id(vault: Vault) -> str:
+    return find_one(vault, "case", "case_no", {"case_no": CHILD_CASE_NO})
+
+
+def without_any_part_of(text: str, name: str) -> bool:
+    """Neither the name nor its mask nor any of its characters (a mask keeps the first)."""
+    return not any(ch in text for ch in name)
+
+
+def test_an_officer_opening_a_case_that_names_a_minor_sees_no_part_of_the_minors_name(
+    with_child: Vault,
+) -> None:
+    case = child_case_id(with_child)
+    child = find_one(with_child, "person", "national_id", {"national_id": SHANGHAI_CHILD})
+    witness = find_one(with_child, "person", "national_id", {"national_id": SHANGHAI_ADULT})
+    officer = login(with_child, Role.OFFICER, "o.shanghai", district="310104")
+    for purpose in (ROUTINE, ON_CHILD_CASE):
+        view = with_child.record(officer, purpose, case)
+        shown = str(view.as_dict())
+        assert without_any_part_of(shown, CHILD_NAME)
+        assert SHANGHAI_CHILD not in shown and SHANGHAI_CHILD[-4:] not in shown
+        labels = {link.role: link for link in view.links}
+        # The adult witness is labelled; the child is no link to open, under any role.
+        assert labels["witness"].record_id == witness and labels["witness"].label == "周**"
+        assert child not in {link.record_id for link in view.links}
+        assert "victim" not in labels
+        # That the case has a reporter is no secret: who it is, is, child or adult.
+        assert labels["reporter"].label == PROTECTED_REPORTER
+        assert labels["reporter"].record_id == ""
+        entry = last_entry(with_child)
+        assert child not in entry.records and entry.detail["filtered"] >= 1
+    # An investigator, cleared for minors, sees the child named (masked) as both.
+    investigator = login(with_child, Role.INVESTIGATOR, "i.shanghai", district="310104")
+    shown = with_child.record(investigator, ROUTINE, case)
+    named = {(link.role, link.label) for link in shown.links if link.record_id == child}
+    assert named == {("victim", "郑**"), ("reporter", "郑**")}
+
+
+def test_a_delivery_to_a_minor_is_hidden_from_officers_like_the_minors_record(
+    with_child: Vault,
+) -> None:
+    delivery = find_one(with_child, "delivery", "phone", {"phone": CHILD_PHONE})
+    officer = login(with_child, Role.OFFICER, "o.shanghai", district="310104")
+    found = with_child.search(
+        officer, ROUTINE, record_type="delivery", index="phone", values={"phone": CHILD_PHONE}
+    )
+    assert found == [] and last_entry(with_child).detail["filtered"] == 1
+    with pytest.raises(RecordNotFound):
+        with_child.record(officer, ROUTINE, delivery)
+    with pytest.raises(RecordNotFound):
+        with_child.reveal(officer, ROUTINE, delivery, "recipient_name")
+    entry = last_entry(with_child)
+    assert entry.outcome is Outcome.DENIED and entry.detail["reason"] == "out_of_reach"
+    investigator = login(with_child, Role.INVESTIGATOR, "i.shanghai", district="310104")
+    view = with_child.record(investigator, ROUTINE, delivery)
+    assert view.fields["recipient_name"] == "郑**"
+
+
 # -- through the dashboard and the API ------------------------------------------------
 
 
@@ -465,3 +573,20 @@ def test_a_malformed_case_number_on_the_accounts_page_is_a_clear_422(
     assert vault.access_log.size == before
     assert "cases" not in vault.accounts.get("o.beijing").attributes  # type: ignore[union-attr]
     admin.close()
+
+
+def test_the_case_page_shows_an_officer_no_part_of_a_minors_name(
+    site: tuple[Vault, TestClient], tmp_path: Path
+) -> None:
+    vault, client = site
+    assert vault.ingest(write_jsonl(tmp_path / "child.jsonl", CHILD_RECORDS)).rejected == 0
+    case = find_one(vault, "case", "case_no", {"case_no": CHILD_CASE_NO})
+    child = find_one(vault, "person", "national_id", {"national_id": SHANGHAI_CHILD})
+    officer = as_user(client, login(vault, Role.OFFICER, "o.shanghai", district="310104"))
+    query = {"reason": ON_CHILD_CASE.reason, "case_ref": CHILD_CASE_NO}
+    page = officer.get(f"/records/{case}", params=query)
+    assert page.status_code == 200
+    assert without_any_part_of(page.text, CHILD_NAME)
+    assert child not in page.text and SHANGHAI_CHILD[-4:] not in page.text
+    assert PROTECTED_REPORTER in page.text and "周*" in page.text  # the adult witness
+    officer.close()

@@ -598,8 +598,22 @@ class Vault:
                 first = value[0][0]  # type: ignore[index]
                 return RecordFacts(self._person_district(str(first), reach))
             if spec.kind == "person_ref" and value:
-                return RecordFacts(self._person_district(str(value), reach))
+                # A record about one person (a delivery to them: their name, phone and
+                # address) is theirs, and a minor's needs the clearance theirs does.
+                return self._person_facts(str(value), reach)
         return RecordFacts(None)
+
+    def _person_facts(self, record_id: str, reach: _Reach) -> RecordFacts:
+        """The district and minority of a stored person, opening only what decides them."""
+        stored = self.storage.get_records([record_id]).get(record_id)
+        if stored is None:
+            return RecordFacts(None)
+        rt = self.schema.types[stored.record_type]
+        if not any(spec.kind == "national_id" for spec in rt.fields.values()):
+            return RecordFacts(None)
+        facts = self._facts(rt, self.codec.open(stored, _fact_fields(rt)), reach)
+        reach.districts[record_id] = facts.district
+        return facts
 
     def _person_district(self, record_id: str, reach: _Reach) -> str | None:
         if record_id in reach.districts:
