@@ -357,7 +357,7 @@ def test_a_commit_the_database_aborts_partway_leaves_no_trace(
         log.append(entry(n, "before"), private={"values": {"n": str(n)}})
     size, root = log.size, log.root()
     # The disk fills up after the entry and its nodes are written, before its subjects.
-    with contextlib.closing(sqlite3.connect(tmp_path / "log.db")) as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "log.db-log")) as db:
         db.execute(
             "CREATE TRIGGER disk_full BEFORE INSERT ON log_subjects"
             " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
@@ -456,15 +456,17 @@ def rolled_back_vault(tmp_path: Path) -> Path:
         for n in range(12):
             vault.access_log.append(entry(n))
     database = tmp_path / "vault" / "vault.db"
-    old_copy = tmp_path / "vault.db.old"
-    shutil.copy2(database, old_copy)
+    files = ("vault.db", "vault.db-log")  # the records' file and the log's
+    for name in files:
+        shutil.copy2(database.with_name(name), tmp_path / f"{name}.old")
     with opened(lambda: reopen(tmp_path, checkpoint_every=10)) as vault:
         for n in range(12, 30):
             vault.access_log.append(entry(n))
         assert vault.access_log.checkpoint()
-    for leftover in (database.with_name("vault.db-wal"), database.with_name("vault.db-shm")):
-        leftover.unlink(missing_ok=True)
-    shutil.copy2(old_copy, database)
+    for name in files:
+        for leftover in (database.with_name(f"{name}-wal"), database.with_name(f"{name}-shm")):
+            leftover.unlink(missing_ok=True)
+        shutil.copy2(tmp_path / f"{name}.old", database.with_name(name))
     return database
 
 

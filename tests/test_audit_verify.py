@@ -75,7 +75,7 @@ def copy(pristine: Path, tmp_path: Path) -> Path:
 
 def tamper(directory: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
     """What an insider with the database file can do: drop the guards and rewrite rows."""
-    db = sqlite3.connect(directory / "vault.db")
+    db = sqlite3.connect(directory / "vault.db-log")
     try:
         triggers = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
         for name in triggers:
@@ -88,7 +88,7 @@ def tamper(directory: Path, *statements: str, params: tuple[object, ...] = ()) -
 
 
 def entry_bytes(directory: Path, index: int) -> bytes:
-    db = sqlite3.connect(directory / "vault.db")
+    db = sqlite3.connect(directory / "vault.db-log")
     try:
         return bytes(
             db.execute("SELECT entry FROM log_entries WHERE idx = ?", (index,)).fetchone()[0]
@@ -156,7 +156,7 @@ def test_reordered_entries_are_caught(copy: Path) -> None:
 
 
 def test_replaced_checkpoint_is_caught(copy: Path) -> None:
-    db = sqlite3.connect(copy / "vault.db")
+    db = sqlite3.connect(copy / "vault.db-log")
     note = bytes(db.execute("SELECT note FROM checkpoints WHERE size = 100").fetchone()[0])
     db.close()
     body, _, signatures = note.partition(b"\n\n")
@@ -171,8 +171,10 @@ def test_fork_after_a_witness_cosigned_is_caught(
 ) -> None:
     """The operator holds the signing key and re-signs a rewritten history: only an
     outside holder of an earlier checkpoint can tell, and the verifier uses it."""
-    db = sqlite3.connect(copy / "vault.db")
+    db = sqlite3.connect(copy / "vault.db-log")
     witnessed = bytes(db.execute("SELECT note FROM checkpoints WHERE size = 200").fetchone()[0])
+    db.close()
+    db = sqlite3.connect(copy / "vault.db")
     vkey = bytes(
         db.execute("SELECT value FROM meta WHERE key = 'log_verifier_key'").fetchone()[0]
     ).decode()
@@ -189,7 +191,7 @@ def test_fork_after_a_witness_cosigned_is_caught(
         pristine / "keys" / "log", purpose="log", passphrase=PASSPHRASE
     )
     signer = NoteSigner(origin, private_key)
-    db = sqlite3.connect(copy / "vault.db")
+    db = sqlite3.connect(copy / "vault.db-log")
     entries = [bytes(r[0]) for r in db.execute("SELECT entry FROM log_entries ORDER BY idx")]
     db.close()
     entries[42] = entries[42].replace(b"inquiry 42", b"inquiry 43")
@@ -201,7 +203,7 @@ def test_fork_after_a_witness_cosigned_is_caught(
         if n % EVERY == 0:
             notes.append((n, signer.sign(Checkpoint(origin, n, tree.root()).body())))
     tamper(copy, "DELETE FROM log_nodes", "DELETE FROM checkpoints")
-    db = sqlite3.connect(copy / "vault.db")
+    db = sqlite3.connect(copy / "vault.db-log")
     with db:
         db.execute("UPDATE log_entries SET entry = ? WHERE idx = 42", (entries[42],))
         db.executemany("INSERT INTO log_nodes VALUES (?, ?, ?)", nodes)

@@ -20,7 +20,7 @@ import custodes
 from custodes.errors import AuditUnavailable, ConfigurationError, StorageError
 from custodes.storage import SQLiteStorage, Storage
 from custodes.storage import sqlite as sqlite_backend
-from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY
+from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY, log_path
 from tests.contract.storage_contract import (
     SUBJECT_A,
     StorageContract,
@@ -154,7 +154,7 @@ def test_database_files_are_owner_only(db_path: Path) -> None:
     try:
         backend.write_batch([sealed(1)])
         backend.log_append(log_batch(0, 1))
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", "-log", "-log-wal", "-log-shm"):
             path = db_path.with_name(db_path.name + suffix)
             assert path.exists(), suffix
             assert path.stat().st_mode & 0o777 == 0o600, suffix
@@ -179,6 +179,7 @@ def test_close_folds_the_wal_into_the_file(db_path: Path) -> None:
 def test_database_marked_read_only_refuses_to_audit(db_path: Path) -> None:
     SQLiteStorage(db_path).close()
     mark_read_only(db_path)
+    mark_read_only(log_path(db_path))
     backend = SQLiteStorage(db_path)
     try:
         with pytest.raises(AuditUnavailable):
@@ -195,7 +196,7 @@ def test_database_marked_read_only_refuses_to_audit(db_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() == 0, reason="file modes do not bind root")
 def test_read_only_database_file_refuses_to_audit(db_path: Path) -> None:
     SQLiteStorage(db_path).close()
-    db_path.chmod(0o400)
+    log_path(db_path).chmod(0o400)
     backend = SQLiteStorage(db_path)
     try:
         with pytest.raises(AuditUnavailable):
@@ -227,7 +228,7 @@ def test_access_log_cannot_be_rewritten_through_sql(
     storage: SQLiteStorage, db_path: Path, statement: str
 ) -> None:
     storage.log_append(log_batch(0, 2, details=((0, b"sealed"),)))
-    conn = raw_connection(db_path)
+    conn = raw_connection(log_path(db_path))
     try:
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute(statement)
@@ -241,7 +242,7 @@ def test_access_log_cannot_be_rewritten_through_sql(
 def test_sealed_details_can_be_erased(storage: SQLiteStorage, db_path: Path) -> None:
     # The one change the log allows: a subject's sealed details set to NULL (erasure).
     storage.log_append(log_batch(0, 2, details=((0, b"sealed 0"), (1, b"sealed 1"))))
-    conn = raw_connection(db_path)
+    conn = raw_connection(log_path(db_path))
     try:
         conn.execute("UPDATE log_details SET blob = NULL WHERE idx = 0")
     finally:
@@ -272,7 +273,7 @@ def test_sqlite_failure_refuses_the_batch_without_data(
     storage.log_append(log_batch(0, 1))
     # A stray node beyond the log, as a tampered file could hold: the batch that
     # completes it must fail whole on the stored node, not overwrite it or skip it.
-    conn = raw_connection(db_path)
+    conn = raw_connection(log_path(db_path))
     try:
         conn.execute("INSERT INTO log_nodes VALUES (0, 1, ?)", (b"SECRET-VALUE".ljust(32),))
     finally:
@@ -409,8 +410,8 @@ def test_version_1_file_is_migrated(db_path: Path) -> None:
         assert backend.write_batch([sealed(3), sealed(9)]).inserted == 1
         assert backend.find(1, 1009, 10) == ["rec-000009"]
         assert backend.count_records() == 4
-        assert table_names(db_path) >= {"log_entries", "log_nodes", "log_details"}
-        assert "access_log" not in table_names(db_path)
+        assert table_names(log_path(db_path)) >= {"log_entries", "log_nodes", "log_details"}
+        assert not {"access_log", "log_entries"} & table_names(db_path)
         backend.log_append(log_batch(0, 1))
     finally:
         backend.close()
@@ -459,4 +460,60 @@ def test_migration_refuses_to_drop_old_access_log_entries(db_path: Path) -> None
         assert version.fetchone() == (b"2",)
     finally:
         conn.close()
+    assert "log_entries" not in table_names(db_path)
+
+
+def version_4_file(path: Path, entries: int) -> None:
+    """A vault file as the last release wrote it: the access log inside the main file."""
+    conn = raw_connection(path)
+    for script in sqlite_backend._MIGRATIONS:
+        for statement in sqlite_backend._split_script(script):
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES (?, ?)", (SCHEMA_VERSION_KEY, b"4"))
+    batch = log_batch(0, entries, subjects=((SUBJECT_A, 1),), details=((1, b"sealed"),))
+    conn.executemany("INSERT INTO log_entries VALUES (?, ?)", enumerate(batch.entries))
+    conn.executemany("INSERT INTO log_nodes VALUES (?, ?, ?)", batch.nodes)
+    conn.executemany("INSERT INTO log_subjects VALUES (?, ?)", batch.subjects)
+    conn.executemany("INSERT INTO log_details VALUES (?, ?)", batch.details)
+    conn.execute("INSERT INTO checkpoints VALUES (?, ?)", (entries, b"a signed note"))
+    conn.close()
+
+
+def test_version_4_log_moves_to_its_own_file_whole(db_path: Path) -> None:
+    version_4_file(db_path, entries=5)
+    backend = SQLiteStorage(db_path)
+    try:
+        assert backend.get_meta(SCHEMA_VERSION_KEY) == str(SCHEMA_VERSION).encode()
+        assert list(backend.log_entries()) == [(i, entry(i)) for i in range(5)]
+        assert backend.log_node(0, 3) == node_hash(0, 3)
+        assert backend.log_subject_entries(SUBJECT_A) == [1]
+        assert backend.log_detail(1) == b"sealed"
+        assert backend.checkpoints() == [(5, b"a signed note")]
+        backend.log_append(log_batch(5, 1))
+        assert backend.log_size() == 6
+    finally:
+        backend.close()
+    assert not {"log_entries", "log_nodes", "checkpoints"} & table_names(db_path)
+    assert {"log_entries", "log_nodes", "checkpoints"} <= table_names(log_path(db_path))
+
+
+def test_a_log_move_interrupted_after_the_copy_loses_and_doubles_nothing(
+    db_path: Path,
+) -> None:
+    version_4_file(db_path, entries=5)
+    # The first of the migration's two transactions landed, the second did not: the
+    # log's file holds the copy and the main file still holds the originals.
+    conn = raw_connection(db_path)
+    conn.execute("ATTACH DATABASE ? AS log", (str(log_path(db_path)),))
+    for statement in sqlite_backend._split_script(sqlite_backend._LOG_SCHEMA):
+        conn.execute(statement)
+    for table in sqlite_backend._LOG_TABLES:
+        conn.execute(f"INSERT INTO log.{table} SELECT * FROM main.{table}")
+    conn.close()
+    backend = SQLiteStorage(db_path)
+    try:
+        assert list(backend.log_entries()) == [(i, entry(i)) for i in range(5)]
+        assert backend.checkpoints() == [(5, b"a signed note")]
+    finally:
+        backend.close()
     assert "log_entries" not in table_names(db_path)

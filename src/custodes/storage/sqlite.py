@@ -195,12 +195,69 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
 )
-SCHEMA_VERSION = len(_MIGRATIONS)
+# 5: the access log moves to a file of its own (see _move_log). A server commits to
+# the log with every read, and SQLite drops a connection's whole page cache for a file
+# whenever another connection has written to that file: with the log beside the records,
+# every search would start cold. The records' file now changes only when records,
+# accounts or sessions do.
+SCHEMA_VERSION = len(_MIGRATIONS) + 1
+
+_LOG_TABLES = ("log_entries", "log_nodes", "log_subjects", "log_details", "checkpoints")
+# The log's own file, attached to every connection as schema "log": the same tables and
+# append-only triggers that migration 3 created in the main file.
+_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log.log_entries(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log.log_nodes(
+    level INTEGER,
+    idx INTEGER,
+    hash BLOB NOT NULL,
+    PRIMARY KEY(level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log.log_subjects(
+    commitment BLOB,
+    idx INTEGER,
+    PRIMARY KEY(commitment, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log.log_details(idx INTEGER PRIMARY KEY, blob BLOB);
+CREATE TABLE IF NOT EXISTS log.checkpoints(size INTEGER PRIMARY KEY, note BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS log.log_entries_no_update BEFORE UPDATE ON log_entries
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_entries_no_delete BEFORE DELETE ON log_entries
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_entries_no_replace BEFORE INSERT ON log_entries
+WHEN EXISTS (SELECT 1 FROM log_entries WHERE idx = NEW.idx)
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_nodes_no_update BEFORE UPDATE ON log_nodes
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_nodes_no_delete BEFORE DELETE ON log_nodes
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_nodes_no_replace BEFORE INSERT ON log_nodes
+WHEN EXISTS (SELECT 1 FROM log_nodes WHERE level = NEW.level AND idx = NEW.idx)
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_details_erase_only BEFORE UPDATE ON log_details
+WHEN NEW.blob IS NOT NULL OR NEW.idx IS NOT OLD.idx
+BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_details_no_delete BEFORE DELETE ON log_details
+BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_details_no_replace BEFORE INSERT ON log_details
+WHEN EXISTS (SELECT 1 FROM log_details WHERE idx = NEW.idx)
+BEGIN SELECT RAISE(ABORT, 'sealed details can only be erased'); END;
+"""
 
 # SQLite's default limit on bound parameters is 999 on older builds; stay well below.
 _IN_CHUNK = 500
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+
+# The log's file, on every connection that attaches it: synchronous and secure_delete
+# are set per schema, and an acknowledged access-log entry must survive power loss.
+_LOG_PRAGMAS = (
+    "PRAGMA log.page_size=8192",
+    "PRAGMA log.journal_mode=WAL",
+    "PRAGMA log.synchronous=FULL",
+    "PRAGMA log.secure_delete=ON",
+    "PRAGMA log.cache_size=-65536",
+)
 
 _PRAGMAS = (
     # Only takes effect on a new, empty file, so it comes before WAL mode is set. Pages
@@ -259,6 +316,8 @@ class SQLiteStorage:
         self._read_lock = threading.Lock()
         self._closed = False
         _create_private_file(self._path)
+        self._log_path = log_path(self._path)
+        _create_private_file(self._log_path)
         self._writer = _WriterLock(self._path.with_name(self._path.name + "-writer"))
         try:
             # isolation_level=None: no implicit transactions; every one is explicit here.
@@ -268,9 +327,11 @@ class SQLiteStorage:
         try:
             for pragma in _PRAGMAS:
                 self._conn.execute(pragma).fetchall()
-            mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ConfigurationError("the database cannot be put in WAL mode")
+            self._attach_log(self._conn)
+            for schema in ("main", "log"):
+                mode = self._conn.execute(f"PRAGMA {schema}.journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise ConfigurationError("the database cannot be put in WAL mode")
             self._migrate()
             self._reader = sqlite3.connect(
                 self._path, isolation_level=None, check_same_thread=False
@@ -284,6 +345,7 @@ class SQLiteStorage:
         try:
             for pragma in _READER_PRAGMAS:
                 self._reader.execute(pragma).fetchall()
+            self._attach_log(self._reader)
         except BaseException as exc:
             self.close()
             if isinstance(exc, sqlite3.Error):
@@ -694,9 +756,10 @@ class SQLiteStorage:
             with contextlib.suppress(AttributeError):  # opening failed before the reader
                 self._reader.close()
             try:
-                # Fold the WAL back into the file and truncate it, so the vault is one
-                # file again at rest.
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                # Fold each WAL back into its file and truncate it, so that at rest the
+                # vault is its two database files.
+                self._conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
+                self._conn.execute("PRAGMA log.wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.Error:
                 # The WAL is itself durable; a checkpoint that cannot run now (another
                 # reader, a read-only file) will run on a later open.
@@ -715,27 +778,22 @@ class SQLiteStorage:
             self._migrate_locked(conn)
 
     def _migrate_locked(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have migrated since.
-            version = _schema_version(conn)
-            if version > SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"the database schema is version {version}; this software knows only"
-                    f" up to {SCHEMA_VERSION}"
-                )
-            for script in _MIGRATIONS[version:]:
-                for statement in _split_script(script):
-                    conn.execute(statement)
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES (?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION).encode("ascii")),
+        # Read again under the write lock: another process may have migrated since.
+        version = _schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the database schema is version {version}; this software knows only"
+                f" up to {SCHEMA_VERSION}"
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
+        if version < len(_MIGRATIONS):
+            _in_transaction(conn, lambda: _run_scripts(conn, version))
+        if version < SCHEMA_VERSION:
+            _move_log(conn)
+
+    def _attach_log(self, conn: sqlite3.Connection) -> None:
+        conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))
+        for pragma in _LOG_PRAGMAS:
+            conn.execute(pragma).fetchall()
 
     def _run(self, action: Callable[[sqlite3.Connection], _T], *, snapshot: bool = False) -> _T:
         """Run a read on the reading connection (snapshot: in one read transaction)."""
@@ -865,6 +923,71 @@ def _stored_log_size(conn: sqlite3.Connection) -> int:
 
 def _fits_int64(*values: int) -> bool:
     return all(_INT64_MIN <= value <= _INT64_MAX for value in values)
+
+
+def log_path(database: Path) -> Path:
+    """The access log's file beside a vault database."""
+    return database.with_name(database.name + "-log")
+
+
+def _in_transaction(conn: sqlite3.Connection, action: Callable[[], object]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        action()
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _set_version(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (SCHEMA_VERSION_KEY, str(version).encode("ascii")),
+    )
+
+
+def _run_scripts(conn: sqlite3.Connection, version: int) -> None:
+    for script in _MIGRATIONS[version:]:
+        for statement in _split_script(script):
+            conn.execute(statement)
+    _set_version(conn, len(_MIGRATIONS))
+
+
+def _move_log(conn: sqlite3.Connection) -> None:
+    """Migration 5: the access log's tables move from the main file to the log's own.
+
+    Two transactions, because a transaction over two WAL files is atomic in each file,
+    not across them: first the log's file gets its tables and a copy of every row (all
+    or nothing), then the main file drops its tables. Interrupted between the two, the
+    next open finds the copy made and only drops; no entry is lost or doubled.
+    """
+
+    def copy() -> None:
+        for statement in _split_script(_LOG_SCHEMA):
+            conn.execute(statement)
+        copied = conn.execute("SELECT 1 FROM log.log_entries LIMIT 1").fetchone() is not None
+        if copied or not _has_table(conn, "main", "log_entries"):
+            return
+        for table in _LOG_TABLES:
+            conn.execute(f"INSERT INTO log.{table} SELECT * FROM main.{table}")  # noqa: S608 - fixed names
+
+    def drop() -> None:
+        for table in _LOG_TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS main.{table}")
+        _set_version(conn, SCHEMA_VERSION)
+
+    _in_transaction(conn, copy)
+    _in_transaction(conn, drop)
+
+
+def _has_table(conn: sqlite3.Connection, schema: str, name: str) -> bool:
+    row = conn.execute(
+        f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?",  # noqa: S608 - fixed names
+        (name,),
+    ).fetchone()
+    return row is not None
 
 
 def _split_script(script: str) -> list[str]:
