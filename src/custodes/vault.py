@@ -484,10 +484,16 @@ class Vault:
             candidates = self.storage.find(spec.index_id, token, limit * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
+            probe = {c.field for c in spec.components}
             for stored in self._load(candidates):
-                opened = self.codec.open(stored)
-                if not self._matches(rt, spec, parts, stored.record_id, opened):
+                # Only the indexed fields decide a match: a bucket's other records are
+                # dropped after decrypting those alone, and only a match is opened whole
+                # (every field authenticated, as any record shown must be).
+                if not self._matches(
+                    rt, spec, parts, stored.record_id, self.codec.open(stored, probe)
+                ):
                     continue
+                opened = self.codec.open(stored)
                 # Out of reach is as good as absent: neither shown nor counted, only
                 # tallied for the log.
                 if self._as_hidden_reporter(rt, spec, parts, opened, reach) or not reach.allows(
