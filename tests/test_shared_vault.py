@@ -297,3 +297,58 @@ def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path)
         verify_log(vault.storage, vault.access_log.verifier_key)
     finally:
         vault.close()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The parent pid is the second field after the parenthesised command name.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(shared: Path) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "custodes", "serve"),
+            *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_up(base, server)
+        workers = _children(server.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _children(server.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the killed worker was not replaced")
+        for _ in range(20):  # new connections, spread over both workers
+            assert httpx.get(f"{base}/api/v1/me", timeout=30).status_code == 401
+        assert server.poll() is None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0
