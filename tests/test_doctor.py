@@ -300,3 +300,28 @@ def test_findings_come_as_json_lines_most_severe_first(deployment: Path) -> None
 
 def test_no_vault_here_is_high(tmp_path: Path) -> None:
     assert tags(check(tmp_path / "nowhere"))["files:vault:missing"] is Severity.HIGH
+
+
+def test_a_session_that_outlived_its_account_is_high(deployment: Path) -> None:
+    from custodes.bootstrap import open_vault
+    from custodes.storage.base import SessionRow
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        vault.add_account("d.leaver", PASSWORD, Role.OFFICER)
+        vault.disable_account("d.leaver")
+        now = vault.access_log.clock()
+        # What a restored copy of the database, or a bug, could leave behind.
+        vault.storage.put_session(
+            SessionRow(b"k" * 32, "d.leaver", "officer", now, now + 3600, now, None)
+        )
+        vault.storage.put_session(
+            SessionRow(b"e" * 32, "d.leaver", "officer", now - 9e4, now - 5e4, now - 9e4, None)
+        )
+    finally:
+        vault.close()
+    found = {f.check: f for f in check(deployment)}
+    assert found["sessions:inactive-account"].severity is Severity.HIGH
+    assert "d.leaver" in found["sessions:inactive-account"].message
+    assert "1 live session" in found["sessions:inactive-account"].message
+    assert found["sessions:ended"].severity is Severity.LOW

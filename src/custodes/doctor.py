@@ -15,12 +15,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from custodes.errors import ConfigurationError, CustodesError
 from custodes.policy import clearance_of
+from custodes.sessions import IDLE_TIMEOUT
 from custodes.settings import VaultLayout, is_within
+from custodes.storage.base import SessionRow
 from custodes.web.serve import DEFAULT_PORT, is_loopback
+
+if TYPE_CHECKING:
+    from custodes.accounts import Account
 
 CERT_WARN_DAYS = 30
 PROC_NET = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
@@ -379,8 +385,10 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
     try:
         # Only listing: the hashing cost is the floor, since nothing is hashed here.
         accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()
+        sessions = storage.list_sessions()
     finally:
         storage.close()
+    yield from _check_sessions(sessions, {a.username: a for a in accounts}, d.now)
     for account in accounts:
         name = account.username
         if account.disabled:
@@ -408,6 +416,35 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 f"account {name!r} ({account.role.value}) has no second factor enrolled"
                 + (": it can see personal data" if reads else ""),
                 f"'custodes account enrol {name}' and have its holder enrol, or disable it",
+            )
+
+
+def _check_sessions(
+    sessions: list[SessionRow], accounts: dict[str, Account], now: float
+) -> Iterator[Finding]:
+    ended = [r for r in sessions if now >= r.expires or now - r.last_seen > IDLE_TIMEOUT]
+    if ended:
+        yield Finding(
+            "sessions:ended",
+            Severity.LOW,
+            f"{len(ended)} session(s) past their idle or absolute timeout are still stored; "
+            "they can no longer be used",
+            "nothing to do: ended sessions are removed at the next login",
+        )
+    live: dict[str, int] = {}
+    for row in sessions:
+        if row not in ended:
+            live[row.username] = live.get(row.username, 0) + 1
+    for name, count in sorted(live.items()):
+        account = accounts.get(name)
+        if account is None or account.disabled:
+            state = "no longer exists" if account is None else "is disabled"
+            yield Finding(
+                "sessions:inactive-account",
+                Severity.HIGH,
+                f"account {name!r} {state} but still has {count} live session(s)",
+                f"'custodes account disable {name}' ends them; then find out how they "
+                "outlived the account ('custodes audit log --actor NAME')",
             )
 
 

@@ -574,6 +574,14 @@ class StorageContract:
             storage.put_session(session_row(b"a")._replace(key=b"short"))
         assert storage.count_sessions() == 0
 
+    def test_list_sessions_by_account(self, storage: Storage) -> None:
+        rows = [session_row(b"b", username="zhao"), session_row(b"a"), session_row(b"c")]
+        for row in rows:
+            storage.put_session(row)
+        listed = storage.list_sessions()
+        assert [r.username for r in listed] == ["inspector.ode", "inspector.ode", "zhao"]
+        assert sorted(listed) == sorted(rows)
+
     def test_touch_moves_last_seen_forward_only(self, storage: Storage) -> None:
         row = session_row(b"a", last_seen=100.0)
         storage.put_session(row)

@@ -138,6 +138,10 @@ class Storage(Protocol):
 
     def count_sessions(self) -> int: ...
 
+    def list_sessions(self) -> list[SessionRow]:
+        """Every stored session, ended or not, by account name (for deployment checks)."""
+        ...
+
     def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
         """(failures, time of the last) for each key that has failed since last cleared."""
         ...

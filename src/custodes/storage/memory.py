@@ -185,6 +185,11 @@ class MemoryStorage:
             self._check_open()
             return len(self._sessions)
 
+    def list_sessions(self) -> list[SessionRow]:
+        with self._lock:
+            self._check_open()
+            return sorted(self._sessions.values(), key=lambda row: (row.username, row.key))
+
     def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
         with self._lock:
             self._check_open()

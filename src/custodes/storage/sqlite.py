@@ -584,6 +584,15 @@ class SQLiteStorage:
     def count_sessions(self) -> int:
         return int(self._one("SELECT count(*) FROM sessions")[0])
 
+    def list_sessions(self) -> list[SessionRow]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT key, username, role, issued_at, expires, last_seen, client"
+                " FROM sessions ORDER BY username, key"
+            ).fetchall()
+        )
+        return [SessionRow(bytes(row[0]), *row[1:]) for row in rows]
+
     def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
         wanted = list(dict.fromkeys(keys))[:_IN_CHUNK]
         if not wanted:
