@@ -25,6 +25,7 @@ from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault
 from custodes.errors import AuthenticationFailed, LoginThrottled
 from custodes.policy import AccessPurpose, Action, Role
+from custodes.sessions import token_key
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PASSWORD, enrol, login, totp_now
@@ -352,3 +353,29 @@ def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(shared: Path
             server.kill()
             server.wait()
     assert server.returncode == 0
+
+
+def test_a_session_that_outlived_its_account_opens_nothing(shared: Path) -> None:
+    from custodes.storage.base import SessionRow
+
+    vault = _open(shared)
+    try:
+        session = login(vault, Role.INVESTIGATOR, "t.leaver")
+        row = vault.storage.get_session(token_key(session.token))
+        assert row is not None
+        vault.disable_account("t.leaver")
+        # A restored copy of the database, or a fault, brings the session row back.
+        vault.storage.put_session(SessionRow(*row))
+        purpose = AccessPurpose("test of a session outliving its account", "T-4")
+        nid = _national_ids(shared)[0]
+        with pytest.raises(AuthenticationFailed):
+            vault.search(
+                session,
+                purpose,
+                record_type="person",
+                index="national_id",
+                values={"national_id": nid},
+            )
+        assert vault.storage.get_session(row.key) is None  # ended on the spot
+    finally:
+        vault.close()

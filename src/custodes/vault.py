@@ -394,6 +394,7 @@ class Vault:
         a subject's report can show it while the log itself names no one.
         """
         live = self._live(session)
+        holder = self._holder(live)
         if not isinstance(purpose, AccessPurpose):
             raise AccessDenied("a stated purpose is required to read personal data")
         scope_denied = _outside_scope(live, action)
@@ -426,7 +427,7 @@ class Vault:
         except AccessDenied:
             log(entry(Outcome.DENIED), private=private)
             raise
-        reach = self._reach(live, purpose)
+        reach = self._reach(live, purpose, holder)
         try:
             result, touched = run(reach)
         except _OutOfReach:
@@ -442,10 +443,19 @@ class Vault:
         log(entry(Outcome.GRANTED, touched, **withheld), private=private)
         return result
 
-    def _reach(self, live: Session, purpose: AccessPurpose) -> _Reach:
-        # Read at every access, so that a changed district or case assignment holds at once.
+    def _holder(self, live: Session) -> Account:
+        """The session's account, read at every access: a changed district or case
+        assignment holds at once, and a session that outlived its account (a restored
+        database, a fault) opens nothing."""
         account = self.accounts.get(live.username)
-        attributes = account.attributes if account is not None else {}
+        if account is None or account.disabled:
+            if live.scope is None:
+                self.sessions.end(live.token)
+            raise AuthenticationFailed("the session has ended: log in again")
+        return account
+
+    def _reach(self, live: Session, purpose: AccessPurpose, account: Account) -> _Reach:
+        attributes = account.attributes
         today = dt.datetime.fromtimestamp(self.access_log.clock(), dt.UTC).date()
         return _Reach(
             live.role,
@@ -782,6 +792,7 @@ class Vault:
         """Check that a live session may perform an action that writes its own log entry
         (such as a subject report); a refusal is logged here. Returns the live session."""
         live = self._live(session)
+        self._holder(live)
         try:
             scope_denied = _outside_scope(live, action)
             if scope_denied:
