@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zxcvbn import zxcvbn
 
+from custodes import passkeys
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
     AuthenticationFailed,
@@ -141,6 +142,17 @@ class Account:
     disabled: bool
     mfa_enrolled: bool = False
     locked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Passkey:
+    """A registered passkey as its holder sees it: nothing secret is ever stored."""
+
+    ref: str  # a short hash of the credential id
+    label: str
+    created: float
+    last_used: float | None
+    rp_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +392,117 @@ class AccountBook:
             self._save(row, state)
             return True
 
+    # -- passkeys (WebAuthn), a second factor beside the TOTP -----------------------------
+
+    def passkey_user_handle(self, username: str) -> bytes:
+        """The account's random WebAuthn user handle (made at first use; not secret, and
+        unlike the name it says nothing about the official)."""
+        with self._lock:
+            row = self._require(username)
+            state = _security(row)
+            handle = state.get("passkey_user")
+            if isinstance(handle, str):
+                return passkeys.unb64url(handle)
+            raw = secrets.token_bytes(32)
+            state["passkey_user"] = passkeys.b64url(raw)
+            self._save(row, state)
+            return raw
+
+    def list_passkeys(self, username: str) -> tuple[Passkey, ...]:
+        row = self._storage.get_account(username)
+        if row is None:
+            return ()
+        return tuple(
+            Passkey(
+                passkeys.credential_ref(passkeys.unb64url(str(c["id"]))),
+                str(c.get("label", "")),
+                float(c["created"]),
+                None if c.get("last_used") is None else float(c["last_used"]),
+                str(c.get("rp_id", "")),
+            )
+            for c in _stored_passkeys(_security(row))
+        )
+
+    def passkey_ids(self, username: str) -> tuple[bytes, ...]:
+        row = self._storage.get_account(username)
+        if row is None:
+            return ()
+        return tuple(passkeys.unb64url(str(c["id"])) for c in _stored_passkeys(_security(row)))
+
+    def add_passkey(
+        self, username: str, new: passkeys.NewPasskey, *, label: str, rp_id: str, now: float
+    ) -> Passkey:
+        """Store a verified passkey: credential id, public key, sign count, time, label."""
+        label = passkeys.check_label(label)
+        with self._lock:
+            row = self._require(username)
+            state = _security(row)
+            stored = _stored_passkeys(state)
+            if len(stored) >= passkeys.MAX_PASSKEYS:
+                raise passkeys.PasskeyRefused(
+                    f"an account has at most {passkeys.MAX_PASSKEYS} passkeys"
+                )
+            wanted = passkeys.b64url(new.credential_id)
+            if any(hmac.compare_digest(str(c["id"]), wanted) for c in stored):
+                raise passkeys.PasskeyRefused("that passkey is already registered")
+            stored.append(
+                {
+                    "id": wanted,
+                    "public_key": passkeys.b64url(new.public_key),
+                    "sign_count": new.sign_count,
+                    "created": now,
+                    "label": label,
+                    "rp_id": rp_id,
+                    "last_used": None,
+                }
+            )
+            state["passkeys"] = stored
+            self._save(row, state)
+        return Passkey(passkeys.credential_ref(new.credential_id), label, now, None, rp_id)
+
+    def use_passkey(
+        self,
+        username: str,
+        credential_json: str,
+        *,
+        challenge: bytes,
+        ceremony: passkeys.Ceremony,
+        now: float,
+    ) -> bool:
+        """Whether the response is a valid assertion by one of the account's passkeys for
+        this challenge; if so its sign count moves forward. Never raises for a bad one."""
+        with self._lock:
+            row = self._storage.get_account(username)
+            if row is None:
+                return False
+            state = _security(row)
+            stored = _stored_passkeys(state)
+            try:
+                wanted = passkeys.b64url(passkeys.credential_id_of(credential_json))
+            except passkeys.PasskeyRefused:
+                return False
+            found = None
+            for credential in stored:
+                if hmac.compare_digest(str(credential["id"]), wanted):
+                    found = credential
+            # A passkey registered for another host name is not one of this site's.
+            if found is None or str(found.get("rp_id", "")) != ceremony.rp_id:
+                return False
+            try:
+                found["sign_count"] = passkeys.verify_assertion(
+                    credential_json,
+                    challenge=challenge,
+                    ceremony=ceremony,
+                    public_key=passkeys.unb64url(str(found["public_key"])),
+                    sign_count=int(found["sign_count"]),
+                )
+            except passkeys.PasskeyRefused:
+                return False
+            found["last_used"] = now
+            state["passkeys"] = stored
+            self._save(row, state)
+            return True
+
     # -- plumbing ----------------------------------------------------------------------
 
     def _secret_box(self) -> SecretBox:
@@ -429,6 +552,13 @@ def _matching_step(secret: str, code: str, now: float, *, after: int) -> int | N
         if hmac.compare_digest(totp.at(step * TOTP_STEP), code) and step > after:
             found = step
     return found
+
+
+def _stored_passkeys(state: dict[str, Any]) -> list[dict[str, Any]]:
+    found = state.get("passkeys")
+    if not isinstance(found, list):
+        return []
+    return [dict(c) for c in found if isinstance(c, dict) and isinstance(c.get("id"), str)]
 
 
 def _attributes(row: AccountRow) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from custodes.accounts import Account, AccountBook, Enrolment, SecretBox
+from custodes import passkeys
+from custodes.accounts import Account, AccountBook, Enrolment, Passkey, SecretBox
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.codec import RecordCodec, Values, role_of_link
 from custodes.crypto import KeyMaterial
@@ -98,6 +99,7 @@ MFA_ENROL = "account:mfa:enrol"
 API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
 CASE_ASSIGN = "account:case:assign"
 CASE_UNASSIGN = "account:case:unassign"
+PASSKEY_REGISTER = "account:passkey:register"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,7 @@ class Vault:
         self._token_bits = dict(token_bits)
         self.sessions = SessionBook(storage, material, session_ttl)
         self._throttle = Throttle(storage)
+        self._challenges = passkeys.ChallengeMint(material)
         accounts.bind_secrets(SecretBox(material))
 
     # -- sessions -----------------------------------------------------------------
@@ -196,13 +199,15 @@ class Vault:
         password: str,
         *,
         totp: str | None = None,
+        passkey: passkeys.Assertion | None = None,
         client: str | None = None,
     ) -> Session:
-        """A new session, for the right password and an unused one-time code (TOTP).
+        """A new session, for the right password and a second factor: an unused one-time
+        code (TOTP), or instead a verified assertion by one of the account's passkeys.
 
         Throttled per account name and per client address before anything is checked;
-        a wrong password, a wrong code, an unknown, disabled or locked account all fail
-        with the same AuthenticationFailed.
+        a wrong password, a wrong code or passkey, an unknown, disabled or locked account
+        all fail with the same AuthenticationFailed.
         """
         now = self.access_log.clock()
         keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
@@ -218,13 +223,18 @@ class Vault:
         if not account.mfa_enrolled:
             self._log_login(username, account.role, Outcome.DENIED, now, client, "no_mfa")
             raise MfaEnrolmentRequired()
-        if not self.accounts.verify_totp(username, totp, now=now):
+        if passkey is not None:
+            factor_ok = self._passkey_ok(username, passkey, now)
+        else:
+            factor_ok = self.accounts.verify_totp(username, totp, now=now)
+        if not factor_ok:
             self._login_failed(username, keys, now, client, "second_factor")
             raise AuthenticationFailed()
         self._throttle.clear(keys[0])
         self._throttle.forget_quiet(now)
         self.accounts.record_success(username)
-        self._log_login(username, account.role, Outcome.GRANTED, now, client)
+        factor = "passkey" if passkey is not None else "totp"
+        self._log_login(username, account.role, Outcome.GRANTED, now, client, factor=factor)
         self.sessions.purge(now)
         return self.sessions.open(username, account.role, now, client)
 
@@ -245,12 +255,15 @@ class Vault:
         reason: str | None = None,
         *,
         locked: bool = False,
+        factor: str | None = None,
     ) -> None:
         detail: dict[str, Any] = {}
         if reason:
             detail["reason"] = reason
         if locked:
             detail["account_locked"] = True
+        if factor:
+            detail["factor"] = factor
         self.access_log.append(
             AccessEntry(username, role, Action.LOGIN, outcome, now, client=client, detail=detail)
         )
@@ -303,6 +316,97 @@ class Vault:
         return Session(
             token, account.username, account.role, float(doc["issued"]), None, str(doc["scope"])
         )
+
+    # -- passkeys (WebAuthn) ------------------------------------------------------------
+
+    def passkey_login_options(
+        self, username: str, ceremony: passkeys.Ceremony, *, binding: bytes
+    ) -> str:
+        """Options for navigator.credentials.get at login, as JSON, bound to the account
+        name and the login form's pre-session token. The same shape for every name, known
+        or not, with passkeys or without: nothing is looked up."""
+        challenge = self._challenges.issue(
+            passkeys.LOGIN, username, binding, self.access_log.clock()
+        )
+        return passkeys.login_options(ceremony, challenge=challenge)
+
+    def passkey_registration_options(self, session: Session, ceremony: passkeys.Ceremony) -> str:
+        """Options for navigator.credentials.create, as JSON, bound to this session."""
+        live = self._live(session)
+        if live.scope is not None:
+            raise AccessDenied("an integration's token registers no passkey")
+        challenge = self._challenges.issue(
+            passkeys.REGISTER, live.username, _binding(live), self.access_log.clock()
+        )
+        return passkeys.registration_options(
+            ceremony,
+            username=live.username,
+            user_handle=self.accounts.passkey_user_handle(live.username),
+            challenge=challenge,
+            existing=self.accounts.passkey_ids(live.username),
+        )
+
+    def register_passkey(
+        self,
+        session: Session,
+        ceremony: passkeys.Ceremony,
+        credential_json: str,
+        *,
+        label: str = "",
+    ) -> Passkey:
+        """Verify a navigator.credentials.create response made for a challenge of this
+        session and store the passkey; logged as account:passkey:register."""
+        live = self._live(session)
+        if live.scope is not None:
+            raise AccessDenied("an integration's token registers no passkey")
+        now = self.access_log.clock()
+        label = passkeys.check_label(label)
+        challenge = passkeys.challenge_of(credential_json)
+        nonce = self._challenges.check(
+            challenge, passkeys.REGISTER, live.username, _binding(live), now
+        )
+        if not self._spend_challenge(nonce, now):
+            raise passkeys.PasskeyRefused()
+        new = passkeys.verify_registration(credential_json, challenge=challenge, ceremony=ceremony)
+        added = self.accounts.add_passkey(
+            live.username, new, label=label, rp_id=ceremony.rp_id, now=now
+        )
+        self._account_event(
+            PASSKEY_REGISTER, live.username, by=live.username, passkey=added.ref, rp_id=added.rp_id
+        )
+        return added
+
+    def list_passkeys(self, session: Session) -> tuple[Passkey, ...]:
+        """The passkeys of the session's own account."""
+        return self.accounts.list_passkeys(self._live(session).username)
+
+    def _passkey_ok(self, username: str, answer: passkeys.Assertion, now: float) -> bool:
+        """Whether a login's passkey assertion verifies, its challenge spent here."""
+        try:
+            challenge = passkeys.challenge_of(answer.credential_json)
+            nonce = self._challenges.check(challenge, passkeys.LOGIN, username, answer.binding, now)
+        except passkeys.PasskeyRefused:
+            return False
+        if not self._spend_challenge(nonce, now):
+            return False
+        return self.accounts.use_passkey(
+            username,
+            answer.credential_json,
+            challenge=challenge,
+            ceremony=answer.ceremony,
+            now=now,
+        )
+
+    def _spend_challenge(self, nonce: bytes, now: float) -> bool:
+        """Mark a challenge used; whether this was its first use, in any process.
+
+        Storage's per-key counter (the throttle's) is incremented atomically and read
+        back: of any number of racing uses, at most one reads 1. The mark outlives the
+        challenge: storage forgets a key only after 15 quiet minutes."""
+        key = "passkey-challenge:" + hashlib.sha256(nonce).hexdigest()
+        self.storage.record_login_failure(key, now)
+        count, _ = self.storage.login_failures([key]).get(key, (0, 0.0))
+        return count == 1
 
     # -- the second factor, passwords, account state -------------------------------------
 
@@ -939,6 +1043,11 @@ def _outside_scope(session: Session, action: Action) -> str | None:
     if session.scope is None or action in API_SCOPES.get(session.scope, frozenset()):
         return None
     return f"this API token's scope ({session.scope}) does not allow {action.value}"
+
+
+def _binding(session: Session) -> bytes:
+    """What a registration challenge is bound to: the session, by its stored key."""
+    return hashlib.sha256(session.token.encode()).digest()
 
 
 def _api_token_key(token: str) -> str:

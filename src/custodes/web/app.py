@@ -23,7 +23,7 @@ from custodes.errors import (
     RecordNotFound,
 )
 from custodes.vault import Vault
-from custodes.web import auth, deps
+from custodes.web import account, auth, deps
 from custodes.web.security import SecurityHeaders
 from custodes.web.templating import STATIC, render
 
@@ -69,6 +69,7 @@ def create_app(vault: Vault, *, tls: bool = False) -> FastAPI:
             continue
         app.include_router(router)
     app.include_router(auth.router)
+    app.include_router(account.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     async def refused(request: Request, exc: Exception) -> Response:

@@ -13,10 +13,11 @@ from typing import Annotated
 
 import segno
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from markupsafe import Markup
 
 from custodes.errors import AuthenticationFailed, LoginThrottled, MfaEnrolmentRequired
+from custodes.passkeys import MAX_CREDENTIAL_JSON, Assertion
 from custodes.vault import Session
 from custodes.web import deps
 from custodes.web.templating import render
@@ -66,14 +67,21 @@ def login(
     username: Annotated[str, Form(max_length=64)] = "",
     password: Annotated[str, Form(max_length=1024)] = "",
     totp: Annotated[str, Form(max_length=16)] = "",
+    passkey: Annotated[str, Form(max_length=MAX_CREDENTIAL_JSON)] = "",
     form_token: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     if not _form_token_ok(request, form_token):
         raise deps.CsrfRejected()
     vault = deps.vault_of(request)
+    # A passkey's answer replaces the code; its challenge was bound to this form's token.
+    answer = Assertion(passkey, deps.ceremony(request), form_token.encode()) if passkey else None
     try:
         session = vault.login(
-            username, password, totp=totp or None, client=deps.client_address(request)
+            username,
+            password,
+            totp=totp or None,
+            passkey=answer,
+            client=deps.client_address(request),
         )
     except LoginThrottled as exc:
         response = _with_form_token(request, "login.html", 429, error=str(exc))
@@ -86,7 +94,7 @@ def login(
             request,
             "login.html",
             401,
-            error="Account name, password or one-time code not accepted.",
+            error="Account name, password, one-time code or passkey not accepted.",
         )
     # Whatever session the browser held before is ended: the new one has a new token.
     previous = request.cookies.get(deps.cookie_name(request))
@@ -104,6 +112,22 @@ def login(
     )
     response.delete_cookie(_prelogin_name(request), path="/")
     return response
+
+
+@router.post("/login/passkey")
+def login_passkey_options(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)] = "",
+    form_token: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """Options for logging in with a passkey, bound to the name and this login form. The
+    same answer for every name: whether the account exists or has a passkey is not said."""
+    if not _form_token_ok(request, form_token):
+        return JSONResponse({"error": "the form was stale: reload and retry"}, status_code=403)
+    options = deps.vault_of(request).passkey_login_options(
+        username, deps.ceremony(request), binding=form_token.encode()
+    )
+    return Response(options, media_type="application/json")
 
 
 @router.post("/logout", dependencies=[Csrf])

@@ -15,6 +15,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from custodes.errors import AuthenticationFailed, PurposeRequired
+from custodes.passkeys import Ceremony
 from custodes.policy import AccessPurpose
 from custodes.vault import Session, Vault
 
@@ -72,6 +73,14 @@ def client_address(request: Request) -> str | None:
     if isinstance(address, str):
         return address
     return request.client.host if request.client else None
+
+
+def ceremony(request: Request) -> Ceremony:
+    """Where a passkey ceremony runs, as this request reached the server: the origin the
+    browser will report (scheme://host[:port]) and the host name as relying party id.
+    A response made on any other origin (a look-alike site relaying the login) fails."""
+    url = request.url
+    return Ceremony(f"{url.scheme}://{url.netloc}", url.hostname or "")
 
 
 def session_token(request: Request) -> str | None:
