@@ -418,6 +418,8 @@ def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
         "records": entry.records,
         "count": entry.result_count,
         "field": entry.detail.get("field") if isinstance(entry.detail, dict) else None,
+        # How a login was made: "totp" or "passkey".
+        "factor": entry.detail.get("factor") if isinstance(entry.detail, dict) else None,
     }
 
 
