@@ -218,3 +218,86 @@ def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: An
     assert nid not in page.content() and phone not in page.content()
     shot(page, "admin-accounts")
     context.close()
+
+
+def test_register_a_passkey_then_log_in_with_it(server: Any, browser: Any) -> None:
+    base, vault, _, _ = server
+    # WebAuthn takes a host name as relying party id, never an IP address.
+    site = base.replace("127.0.0.1", "localhost")
+    name = "b.passkey"
+    secret = enrol(vault, name, Role.OFFICER)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    # Chromium's virtual authenticator: a platform passkey that verifies its user.
+    cdp = context.new_cdp_session(page)
+    cdp.send("WebAuthn.enable")
+    authenticator = cdp.send(
+        "WebAuthn.addVirtualAuthenticator",
+        {
+            "options": {
+                "protocol": "ctap2",
+                "transport": "internal",
+                "hasResidentKey": True,
+                "hasUserVerification": True,
+                "isUserVerified": True,
+                "automaticPresenceSimulation": True,
+            }
+        },
+    )["authenticatorId"]
+
+    # Password and one-time code, then a passkey added on the account's own page.
+    log_in(page, site, name, secret, "passkey-officer")
+    page.click("header nav >> text=Passkeys")
+    page.wait_for_selector("#add-passkey:not([hidden])")
+    assert "No passkey yet" in page.inner_text("main")
+    page.fill("input[name=label]", "virtual laptop")
+    shot(page, "passkeys-empty")
+    page.click("#add-passkey")
+    page.wait_for_selector(".alert.ok")
+    assert "virtual laptop" in page.inner_text("table.passkeys")
+    shot(page, "passkeys-added")
+    stored = cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator})
+    assert len(stored["credentials"]) == 1 and stored["credentials"][0]["isResidentCredential"]
+
+    page.click("header form.who button[type=submit]")
+    page.wait_for_url(f"{site}/login")
+
+    # Password and passkey, no code.
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.wait_for_selector("#use-passkey:not([hidden])")
+    shot(page, "passkey-login")
+    page.click("#use-passkey")
+    page.wait_for_url(f"{site}/")
+    assert name in page.inner_text("header")
+    shot(page, "passkey-home")
+    page.goto(f"{site}/account/passkeys")
+    assert "never" not in page.inner_text("table.passkeys")  # last used: just now
+    assert not [e for e in errors if not e.startswith("Failed to load resource")], errors
+    context.close()
+
+    logins = [e for _, e in vault.access_log.entries() if e.actor == name]
+    assert [e.detail.get("factor") for e in logins if e.action == Action.LOGIN.value] == [
+        "totp",
+        "passkey",
+    ]
+
+    # An auditor finds the registration and the passkey login on the access log.
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    # An auditor of its own: the other test's auditor may have used this time step's code.
+    log_in(page, base, "b.auditor2", enrol(vault, "b.auditor2", Role.AUDITOR), "auditor-passkeys")
+    page.goto(f"{base}/audit/log")
+    page.fill("#l-reason", "review of second factors")
+    page.fill("#f-actor", name)
+    page.click("form.filters button[type=submit]")
+    page.wait_for_selector("table.log")
+    assert "account:passkey:register" in page.inner_text("table.log")
+    actions = page.locator("table.log tbody tr td:nth-child(5)").all_inner_texts()
+    logins = [" ".join(a.split()) for a in actions if "login" in a]
+    assert logins == ["account:session:login totp", "account:session:login passkey"], logins
+    shot(page, "audit-log-passkeys")
+    context.close()
