@@ -491,6 +491,7 @@ def test_version_4_log_moves_to_its_own_file_whole(db_path: Path) -> None:
         assert backend.checkpoints() == [(5, b"a signed note")]
         backend.log_append(log_batch(5, 1))
         assert backend.log_size() == 6
+        assert backend.spend(b"m" * 32, 1.0, keep=60.0) is True  # migration 6 ran too
     finally:
         backend.close()
     assert not {"log_entries", "log_nodes", "checkpoints"} & table_names(db_path)

@@ -46,7 +46,7 @@ from custodes.errors import AuthenticationFailed
 
 REGISTER = "register"
 LOGIN = "login"
-CHALLENGE_TTL = 300.0  # seconds; well inside the 15 minutes storage keeps a spent mark
+CHALLENGE_TTL = 300.0  # seconds; storage keeps a spent mark twice as long
 MAX_PASSKEYS = 10
 MAX_LABEL = 64
 MAX_CREDENTIAL_JSON = 16_384  # a response is a few hundred bytes to a few KiB

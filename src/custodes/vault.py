@@ -398,15 +398,10 @@ class Vault:
         )
 
     def _spend_challenge(self, nonce: bytes, now: float) -> bool:
-        """Mark a challenge used; whether this was its first use, in any process.
-
-        Storage's per-key counter (the throttle's) is incremented atomically and read
-        back: of any number of racing uses, at most one reads 1. The mark outlives the
-        challenge: storage forgets a key only after 15 quiet minutes."""
-        key = "passkey-challenge:" + hashlib.sha256(nonce).hexdigest()
-        self.storage.record_login_failure(key, now)
-        count, _ = self.storage.login_failures([key]).get(key, (0, 0.0))
-        return count == 1
+        """Mark a challenge used; whether this was its first use, in any process. The
+        mark is kept twice the challenge's life, so it outlives the challenge."""
+        key = hashlib.sha256(b"custodes passkey challenge\x00" + nonce).digest()
+        return self.storage.spend(key, now, keep=2 * passkeys.CHALLENGE_TTL)
 
     # -- the second factor, passwords, account state -------------------------------------
 

@@ -608,6 +608,29 @@ class StorageContract:
         assert storage.get_session(session_key(b"live")) is not None
         assert storage.count_sessions() == 1
 
+    def test_a_one_time_mark_is_spent_once_until_it_lapses(self, storage: Storage) -> None:
+        key = session_key(b"challenge")
+        assert storage.spend(key, 100.0, keep=60.0) is True
+        assert storage.spend(key, 130.0, keep=60.0) is False
+        assert storage.spend(session_key(b"other"), 130.0, keep=60.0) is True
+        # Forgotten once its time is past, as the value it guards has lapsed by then.
+        assert storage.spend(key, 161.0, keep=60.0) is True
+        with pytest.raises(StorageError):
+            storage.spend(b"short", 1.0, keep=60.0)
+
+    def test_racing_spends_of_one_mark_let_one_through(self, storage: Storage) -> None:
+        key = session_key(b"raced")
+        results: list[bool] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(storage.spend(key, 5.0, 60.0)))
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False] * 7 + [True]
+
     def test_login_failures_count_per_key(self, storage: Storage) -> None:
         storage.record_login_failure("account:ode", 10.0)
         storage.record_login_failure("account:ode", 12.0)

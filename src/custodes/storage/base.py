@@ -156,6 +156,12 @@ class Storage(Protocol):
         """Forget keys whose last failure is older than `before`; how many."""
         ...
 
+    def spend(self, key: bytes, now: float, keep: float) -> bool:
+        """Mark a one-time value (its hash) used for `keep` seconds; True the first time,
+        False if it is marked already, whichever process marked it. Marks past their
+        time are forgotten on the way."""
+        ...
+
     # -- the access log: a Merkle tree of entries (custodes.audit) -----------------
 
     def log_append(self, batch: LogAppend) -> None:

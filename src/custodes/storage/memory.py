@@ -53,6 +53,7 @@ class MemoryStorage:
         self._accounts: dict[str, AccountRow] = {}
         self._sessions: dict[bytes, SessionRow] = {}
         self._login_failures: dict[str, tuple[int, float]] = {}
+        self._spent: dict[bytes, float] = {}
         self._log_entries: list[bytes] = []
         self._log_nodes: dict[tuple[int, int], bytes] = {}
         self._log_subjects: dict[bytes, list[int]] = {}
@@ -214,6 +215,17 @@ class MemoryStorage:
                 del self._login_failures[key]
             return len(stale)
 
+    def spend(self, key: bytes, now: float, keep: float) -> bool:
+        key = checked_spend(key, now, keep)
+        with self._lock:
+            self._check_open()
+            for old in [k for k, until in self._spent.items() if until <= now]:
+                del self._spent[old]
+            if key in self._spent:
+                return False
+            self._spent[key] = now + keep
+            return True
+
     # -- access log ---------------------------------------------------------------
 
     def log_append(self, batch: LogAppend) -> None:
@@ -292,6 +304,14 @@ class MemoryStorage:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("storage is closed")
+
+
+def checked_spend(key: bytes, now: float, keep: float) -> bytes:
+    if not isinstance(key, bytes) or len(key) != HASH_SIZE:
+        raise StorageError("a one-time mark is a 32-byte hash")
+    if not keep > 0 or now != now:  # NaN compares unequal to itself
+        raise StorageError("a one-time mark is kept for a positive time")
+    return key
 
 
 def checked_session(session: SessionRow) -> SessionRow:

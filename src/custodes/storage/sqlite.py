@@ -36,6 +36,7 @@ from custodes.storage.memory import (
     checked_checkpoint,
     checked_log_append,
     checked_session,
+    checked_spend,
 )
 
 _T = TypeVar("_T")
@@ -195,12 +196,16 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
 )
+# 6: one-time marks (spend): a value such as a passkey challenge is accepted once, by
+# whichever process sees it first.
+_SPENT_SCHEMA = "CREATE TABLE spent(key BLOB PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID"
+
 # 5: the access log moves to a file of its own (see _move_log). A server commits to
 # the log with every read, and SQLite drops a connection's whole page cache for a file
 # whenever another connection has written to that file: with the log beside the records,
 # every search would start cold. The records' file now changes only when records,
 # accounts or sessions do.
-SCHEMA_VERSION = len(_MIGRATIONS) + 1
+SCHEMA_VERSION = len(_MIGRATIONS) + 2
 
 _LOG_TABLES = ("log_entries", "log_nodes", "log_subjects", "log_details", "checkpoints")
 # The log's own file, attached to every connection as schema "log": the same tables and
@@ -635,6 +640,19 @@ class SQLiteStorage:
             )
         )
 
+    def spend(self, key: bytes, now: float, keep: float) -> bool:
+        key = checked_spend(key, now, keep)
+
+        def mark(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM spent WHERE until <= ?", (now,))
+            inserted = conn.execute(
+                "INSERT INTO spent(key, until) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                (key, now + keep),
+            ).rowcount
+            return bool(inserted)
+
+        return self._write(mark, "the one-time mark was not stored")
+
     # -- access log ---------------------------------------------------------------
 
     def log_append(self, batch: LogAppend) -> None:
@@ -796,8 +814,15 @@ class SQLiteStorage:
             )
         if version < len(_MIGRATIONS):
             _in_transaction(conn, lambda: _run_scripts(conn, version))
-        if version < SCHEMA_VERSION:
+        if version < len(_MIGRATIONS) + 1:
             _move_log(conn)
+        if version < len(_MIGRATIONS) + 2:
+
+            def add_spent() -> None:
+                conn.execute(_SPENT_SCHEMA)
+                _set_version(conn, len(_MIGRATIONS) + 2)
+
+            _in_transaction(conn, add_spent)
 
     def _attach_log(self, conn: sqlite3.Connection) -> None:
         conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))
@@ -985,7 +1010,7 @@ def _move_log(conn: sqlite3.Connection) -> None:
     def drop() -> None:
         for table in _LOG_TABLES:
             conn.execute(f"DROP TABLE IF EXISTS main.{table}")
-        _set_version(conn, SCHEMA_VERSION)
+        _set_version(conn, len(_MIGRATIONS) + 1)
 
     _in_transaction(conn, copy)
     _in_transaction(conn, drop)
