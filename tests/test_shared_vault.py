@@ -228,6 +228,22 @@ def _wait_up(base: str, server: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the server did not answer in time")
 
 
+def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[bytes], str]:
+    """`custodes serve --workers 2` on a free loopback port, and its base URL."""
+    port = _free_port()
+    env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "custodes", "serve"),
+            *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
+        ],
+        env=env,
+        stdout=output,
+        stderr=output,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
 def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path) -> None:
     vault = _open(shared)
     try:
@@ -237,18 +253,7 @@ def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path)
         nid = _national_ids(shared)[0]
     finally:
         vault.close()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "custodes", "serve"),
-            *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    server, base = _serve_two_workers(shared, subprocess.PIPE)
     try:
         _wait_up(base, server)
         opened = httpx.post(
@@ -316,18 +321,7 @@ def _children(pid: int) -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(shared: Path) -> None:
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "custodes", "serve"),
-            *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, base = _serve_two_workers(shared, subprocess.DEVNULL)
     try:
         _wait_up(base, server)
         workers = _children(server.pid)
