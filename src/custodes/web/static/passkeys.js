@@ -43,36 +43,35 @@
     status.textContent = text;
   }
 
-  function registration(credential) {
-    var r = credential.response;
+  // A PublicKeyCredential as JSON (the WebAuthn JSON form py_webauthn reads), around
+  // the ceremony's own response fields.
+  function asJson(credential, response) {
     return JSON.stringify({
       id: credential.id,
       rawId: toText(credential.rawId),
       type: credential.type,
       authenticatorAttachment: credential.authenticatorAttachment || undefined,
-      response: {
-        clientDataJSON: toText(r.clientDataJSON),
-        attestationObject: toText(r.attestationObject),
-        transports: r.getTransports ? r.getTransports() : [],
-      },
+      response: response,
       clientExtensionResults: credential.getClientExtensionResults(),
+    });
+  }
+
+  function registration(credential) {
+    var r = credential.response;
+    return asJson(credential, {
+      clientDataJSON: toText(r.clientDataJSON),
+      attestationObject: toText(r.attestationObject),
+      transports: r.getTransports ? r.getTransports() : [],
     });
   }
 
   function assertion(credential) {
     var r = credential.response;
-    return JSON.stringify({
-      id: credential.id,
-      rawId: toText(credential.rawId),
-      type: credential.type,
-      authenticatorAttachment: credential.authenticatorAttachment || undefined,
-      response: {
-        clientDataJSON: toText(r.clientDataJSON),
-        authenticatorData: toText(r.authenticatorData),
-        signature: toText(r.signature),
-        userHandle: r.userHandle ? toText(r.userHandle) : null,
-      },
-      clientExtensionResults: credential.getClientExtensionResults(),
+    return asJson(credential, {
+      clientDataJSON: toText(r.clientDataJSON),
+      authenticatorData: toText(r.authenticatorData),
+      signature: toText(r.signature),
+      userHandle: r.userHandle ? toText(r.userHandle) : null,
     });
   }
 
