@@ -33,7 +33,10 @@ DEFAULT_PORT = 8000
 MAX_WORKERS = 64
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds, before the server gives up
 RESTART_WINDOW = 60.0
-SHUTDOWN_GRACE = 30.0  # seconds a worker has to finish its requests when stopped
+SHUTDOWN_GRACE = 30.0
+LISTEN_BACKLOG = (
+    2048  # uvicorn's own default  # seconds a worker has to finish its requests when stopped
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,16 +130,23 @@ def serve(
     check_bind(host, tls)
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigurationError(f"--workers is 1 to {MAX_WORKERS}")
-    config = _config(None, host, port, tls)
+    listen = _Listen(host, port, tls)
     if workers == 1:
-        _run_worker(unlocked, config, own_socket=False)
+        _run_worker(unlocked, listen, own_socket=False)
         return
     # Bound, never listening: the port is held, and taken ports are refused here, at once.
     reservation = _port_socket(host, port)
     try:
-        _supervise(unlocked, config, workers)
+        _supervise(unlocked, listen, workers)
     finally:
         reservation.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Listen:
+    host: str
+    port: int
+    tls: TlsFiles | None
 
 
 def _port_socket(host: str, port: int) -> socket.socket:
@@ -163,11 +173,12 @@ def _port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: Any, host: str, port: int, tls: TlsFiles | None) -> uvicorn.Config:
+def _config(app: Any, listen: _Listen) -> uvicorn.Config:
+    tls = listen.tls
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=listen.host,
+        port=listen.port,
         ssl_certfile=str(tls.cert) if tls else None,
         ssl_keyfile=str(tls.key) if tls else None,
         # Query strings can hold enrolment codes and searched values: no access log.
@@ -179,23 +190,16 @@ def _config(app: Any, host: str, port: int, tls: TlsFiles | None) -> uvicorn.Con
     )
 
 
-def _run_worker(unlocked: UnlockedVault, template: uvicorn.Config, *, own_socket: bool) -> None:
+def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -> None:
     from custodes.web.app import create_app
 
     sock = None
     if own_socket:
-        sock = _port_socket(template.host, template.port)
-        sock.listen(template.backlog)
+        sock = _port_socket(listen.host, listen.port)
+        sock.listen(LISTEN_BACKLOG)
     vault = assemble_vault(unlocked)
     try:
-        config = _config(
-            create_app(vault, tls=bool(template.ssl_certfile)),
-            template.host,
-            template.port,
-            TlsFiles(Path(template.ssl_certfile), Path(str(template.ssl_keyfile)))
-            if template.ssl_certfile
-            else None,
-        )
+        config = _config(create_app(vault, tls=listen.tls is not None), listen)
         server = uvicorn.Server(config)
         server.run(sockets=[sock] if sock is not None else None)
     finally:
@@ -204,7 +208,7 @@ def _run_worker(unlocked: UnlockedVault, template: uvicorn.Config, *, own_socket
             sock.close()
 
 
-def _supervise(unlocked: UnlockedVault, config: uvicorn.Config, workers: int) -> None:
+def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int) -> None:
     """Fork the workers and keep them running until told to stop.
 
     A worker that dies is replaced (a crash must not shrink the service silently), unless
@@ -215,7 +219,7 @@ def _supervise(unlocked: UnlockedVault, config: uvicorn.Config, workers: int) ->
 
     def start() -> multiprocessing.process.BaseProcess:
         process = context.Process(
-            target=_run_worker, args=(unlocked, config), kwargs={"own_socket": True}
+            target=_run_worker, args=(unlocked, listen), kwargs={"own_socket": True}
         )
         process.start()
         return process
