@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyotp
@@ -143,3 +144,9 @@ def population_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_records(path: Path) -> list[dict[str, object]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def people(population_file: Path) -> list[dict[str, Any]]:
+    """The people of population_file, as records."""
+    return [r for r in read_records(population_file) if r["type"] == "person"]

@@ -56,11 +56,6 @@ def session_headers(client: TestClient, vault: Vault, username: str) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def people(population_file: Path) -> list[dict[str, Any]]:
-    return [r for r in read_records(population_file) if r["type"] == "person"]
-
-
-@pytest.fixture(scope="module")
 def vault(tmp_path_factory: pytest.TempPathFactory, population_file: Path) -> Iterator[Vault]:
     v = make_vault(tmp_path_factory.mktemp("api"), "memory")
     assert v.ingest(population_file).rejected == 0

@@ -19,7 +19,7 @@ from custodes.vault import ABSOLUTE_TIMEOUT, Vault
 from custodes.web import deps
 from custodes.web.app import create_app
 from custodes.web.security import CSP
-from tests.conftest import PASSWORD, login, make_vault, read_records
+from tests.conftest import PASSWORD, login, make_vault
 from tests.test_web_auth import add_enrolled, csrf_of, web_login
 
 with warnings.catch_warnings():
@@ -29,11 +29,6 @@ with warnings.catch_warnings():
 # Served to anyone: the forms that let one log in or enrol, which show no record.
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/enrol"), ("POST", "/enrol")}
 REFUSED = {401, 403, 404, 405, 422, 429}
-
-
-@pytest.fixture(scope="module")
-def people(population_file: Path) -> list[dict[str, Any]]:
-    return [r for r in read_records(population_file) if r["type"] == "person"]
 
 
 @pytest.fixture(scope="module")
