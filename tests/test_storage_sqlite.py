@@ -21,16 +21,10 @@ from custodes.errors import AuditUnavailable, ConfigurationError, StorageError
 from custodes.storage import SQLiteStorage, Storage
 from custodes.storage import sqlite as sqlite_backend
 from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY, log_path
-from tests.contract.storage_contract import (
-    SUBJECT_A,
-    StorageContract,
-    account,
-    entry,
-    log_batch,
-    node_hash,
-    sealed,
-    stored,
-)
+from tests.contract.accounts_contract import account
+from tests.contract.log_contract import SUBJECT_A, entry, log_batch, node_hash
+from tests.contract.records_contract import sealed, stored
+from tests.contract.storage_contract import StorageContract
 
 
 class TestSQLite(StorageContract):

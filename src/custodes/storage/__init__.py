@@ -1,12 +1,16 @@
-"""Storage backends: the Protocol every backend implements, and the backends.
-
-Backends hold only ciphertext, wrapped keys, keyed tokens and non-personal metadata.
+"""Storage backends: the Protocols a backend implements (one per concern, and Storage,
+all of them together) and the backends. They hold only ciphertext, wrapped keys, keyed
+tokens and non-personal metadata.
 """
 
 from custodes.storage.base import (
     AccountRow,
+    AccountStore,
     BatchOutcome,
     LogAppend,
+    LogStore,
+    MetaStore,
+    RecordStore,
     SealedRecord,
     SessionRow,
     Storage,
@@ -17,9 +21,13 @@ from custodes.storage.sqlite import SQLiteStorage
 
 __all__ = [
     "AccountRow",
+    "AccountStore",
     "BatchOutcome",
     "LogAppend",
+    "LogStore",
     "MemoryStorage",
+    "MetaStore",
+    "RecordStore",
     "SQLiteStorage",
     "SealedRecord",
     "SessionRow",

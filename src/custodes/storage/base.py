@@ -1,7 +1,6 @@
-"""The storage Protocol: what every backend must do, and nothing more.
-
-Backends hold only ciphertext, keyed tokens and non-personal metadata; they never see
-a key or a plaintext value. One contract suite (tests/contract/) runs on every backend.
+"""The storage Protocols: what a backend must do, one small Protocol per concern, and
+Storage, all four together. Backends hold only ciphertext, keyed tokens and non-personal
+metadata, never a key or a plaintext value; tests/contract/ holds a suite per Protocol.
 """
 
 from __future__ import annotations
@@ -70,16 +69,8 @@ class LogAppend(NamedTuple):
 
 
 @runtime_checkable
-class Storage(Protocol):
-    """A backend. Every method is atomic; write_batch is all-or-nothing."""
-
-    def get_meta(self, key: str) -> bytes | None:
-        """A piece of non-personal vault metadata, or None."""
-        ...
-
-    def set_meta(self, key: str, value: bytes) -> None:
-        """Store or replace a piece of non-personal vault metadata, durably."""
-        ...
+class RecordStore(Protocol):
+    """Sealed records, their wrapped keys and their blind-index tokens."""
 
     def write_batch(self, records: Sequence[SealedRecord]) -> BatchOutcome:
         """Store records with their keys and tokens, all or none, durably.
@@ -100,6 +91,12 @@ class Storage(Protocol):
 
     def count_records(self, record_type: str | None = None) -> int: ...
 
+
+@runtime_checkable
+class AccountStore(Protocol):
+    """Officials' accounts, and what every process serving the vault must share about
+    them: sessions, failed logins, one-time marks."""
+
     def add_account(self, account: AccountRow) -> None:
         """Create an account; ConfigurationError if the username is taken."""
         ...
@@ -111,8 +108,6 @@ class Storage(Protocol):
     def get_account(self, username: str) -> AccountRow | None: ...
 
     def list_accounts(self) -> list[AccountRow]: ...
-
-    # -- sessions and login throttling, shared by every process serving the vault -----
 
     def put_session(self, session: SessionRow) -> None:
         """Store a new session, durably."""
@@ -162,7 +157,10 @@ class Storage(Protocol):
         time are forgotten on the way."""
         ...
 
-    # -- the access log: a Merkle tree of entries (custodes.audit) -----------------
+
+@runtime_checkable
+class LogStore(Protocol):
+    """The access log: a Merkle tree of entries (custodes.audit) and its checkpoints."""
 
     def log_append(self, batch: LogAppend) -> None:
         """Append entries with their tree nodes, subject references and sealed details,
@@ -202,5 +200,24 @@ class Storage(Protocol):
     def checkpoints(self) -> list[tuple[int, bytes]]:
         """Every stored (size, note), ascending by size."""
         ...
+
+
+@runtime_checkable
+class MetaStore(Protocol):
+    """Non-personal vault metadata: the vault id, its schema, token sizes, the log's
+    verifier key."""
+
+    def get_meta(self, key: str) -> bytes | None:
+        """A piece of non-personal vault metadata, or None."""
+        ...
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        """Store or replace a piece of non-personal vault metadata, durably."""
+        ...
+
+
+@runtime_checkable
+class Storage(RecordStore, AccountStore, LogStore, MetaStore, Protocol):
+    """A whole backend. Every method is atomic; write_batch is all-or-nothing."""
 
     def close(self) -> None: ...
