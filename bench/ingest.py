@@ -39,7 +39,7 @@ def phase_custodes(source: Path, workdir: Path, workers: int) -> dict[str, float
     )
     try:
         started = time.perf_counter()
-        report = vault.ingest(source, workers=workers)
+        report = vault.ingest(vault.operator, source, workers=workers)
         seconds = time.perf_counter() - started
     finally:
         vault.close()

@@ -59,14 +59,16 @@ def build(workdir: Path, people: int, seed: int, workers: int) -> tuple[Path, Pa
     )
     try:
         started = time.perf_counter()
-        report = vault.ingest(source, workers=workers)
+        report = vault.ingest(vault.operator, source, workers=workers)
         print(
             f"ingested {report.accepted:,} records with {workers} workers in "
             f"{time.perf_counter() - started:.1f} s",
             flush=True,
         )
-        vault.add_account(USER, PASSWORD, Role.INVESTIGATOR, {"district": "*"})
-        code = vault.issue_enrolment(USER)
+        vault.admin.add_account(
+            vault.operator, USER, PASSWORD, Role.INVESTIGATOR, {"district": "*"}
+        )
+        code = vault.admin.issue_enrolment(vault.operator, USER)
         secret = vault.enrolment(code).secret
         vault.complete_enrolment(code, pyotp.TOTP(secret).now())
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,36 @@ PASSWORD = "tests-only: violet harbour quietly 7"
 PURPOSE = AccessPurpose("test of the search path", "T-1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A home directory of the run's own: what a test leaves in a user's configuration
+    (keyrings, log keys, TLS files) lands there, never in the real one. Subprocesses
+    inherit it through the environment."""
+    home = tmp_path_factory.mktemp("home")
+    directories = {
+        "XDG_CONFIG_HOME": ".config",
+        "XDG_DATA_HOME": ".local/share",
+        "XDG_CACHE_HOME": ".cache",
+        "XDG_STATE_HOME": ".local/state",
+    }
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("HOME", str(home))
+        for variable, directory in directories.items():
+            (home / directory).mkdir(parents=True)
+            environment.setenv(variable, str(home / directory))
+        yield home
+
+
+class MovableClock:
+    """A vault's one clock in tests: the real time, unless a test moves it (`moved`)."""
+
+    def __init__(self) -> None:
+        self.moved: Callable[[], float] | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.moved is None else self.moved()
+
+
 def make_vault(tmp: Path, backend: str) -> Vault:
     if backend == "sqlite":
         return create_vault(
@@ -37,8 +67,9 @@ def make_vault(tmp: Path, backend: str) -> Vault:
             keyring_path=tmp / "keys" / "test.keyring",
             kdf=FAST_KDF,
             hash_cost=FAST_HASH,
+            clock=MovableClock(),
         )
-    return memory_vault(*memory_keys(tmp), hash_cost=FAST_HASH)
+    return memory_vault(*memory_keys(tmp), hash_cost=FAST_HASH, clock=MovableClock())
 
 
 def memory_keys(tmp: Path) -> tuple[KeyMaterial, LogSigner]:
@@ -86,7 +117,7 @@ def login(
     attributes: dict[str, object] = {"district": district}
     if cases is not None:
         attributes["cases"] = cases
-    vault.add_account(name, PASSWORD, role, attributes)
+    vault.admin.add_account(vault.operator, name, PASSWORD, role, attributes)
     secret = enrol(vault, name)
     return vault.login(name, PASSWORD, totp=totp_now(vault, secret))
 
@@ -113,13 +144,13 @@ def totp_code(secret: str, now: float | None = None) -> str:
 
 def totp_now(vault: Vault, secret: str) -> str:
     """The next accepted code by the vault's clock (which a test may have moved)."""
-    clock = vault.access_log.clock
-    return totp_code(secret, None if clock is time.time else clock())
+    moved = getattr(vault._clock, "moved", None)
+    return totp_code(secret, None if moved is None else moved())
 
 
 def enrol(vault: Vault, username: str) -> str:
     """Enrol the account's second factor as its holder would; returns the TOTP secret."""
-    code = vault.issue_enrolment(username)
+    code = vault.admin.issue_enrolment(vault.operator, username)
     secret = vault.enrolment(code).secret
     vault.complete_enrolment(code, totp_now(vault, secret))
     TOTP_SECRETS[username] = secret

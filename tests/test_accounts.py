@@ -17,7 +17,7 @@ from custodes.errors import (
     MfaEnrolmentRequired,
     WeakPassword,
 )
-from custodes.policy import Action, Role
+from custodes.policy import ACCOUNT_ROLES, Action, Role
 from custodes.vault import Vault
 from tests.conftest import PASSWORD, enrol, make_vault, totp_code
 
@@ -35,7 +35,7 @@ class Clock:
 @pytest.fixture
 def clocked(vault: Vault) -> tuple[Vault, Clock]:
     clock = Clock()
-    vault.access_log.clock = clock
+    vault._clock.moved = clock  # type: ignore[attr-defined]
     return vault, clock
 
 
@@ -63,7 +63,7 @@ def test_password_sprayer_favourites_are_refused_whatever_the_case(pick: int) ->
 def test_fresh_vault_has_no_account_and_no_default_login(tmp_path: Path) -> None:
     vault = make_vault(tmp_path, "sqlite")
     try:
-        assert vault.accounts.list() == []
+        assert vault._accounts.list() == []
         for name, password in (("admin", "admin"), ("root", ""), ("custodes", "custodes")):
             with pytest.raises(AuthenticationFailed):
                 vault.login(name, password, totp="000000")
@@ -71,9 +71,9 @@ def test_fresh_vault_has_no_account_and_no_default_login(tmp_path: Path) -> None
         vault.close()
 
 
-@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize("role", ACCOUNT_ROLES)
 def test_stolen_password_alone_opens_no_session_for_any_role(vault: Vault, role: Role) -> None:
-    vault.add_account("t.victim", PASSWORD, role)
+    vault.admin.add_account(vault.operator, "t.victim", PASSWORD, role)
     with pytest.raises(MfaEnrolmentRequired) as before:
         vault.login("t.victim", PASSWORD)
     assert "enrol" in str(before.value)
@@ -90,7 +90,7 @@ def test_stolen_password_alone_opens_no_session_for_any_role(vault: Vault, role:
 
 def test_replayed_one_time_code_is_refused(clocked: tuple[Vault, Clock]) -> None:
     vault, clock = clocked
-    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+    vault.admin.add_account(vault.operator, "t.officer", PASSWORD, Role.OFFICER)
     secret = enrol(vault, "t.officer")
     clock.now += 60
     code = pyotp.TOTP(secret).at(clock.now)
@@ -107,9 +107,9 @@ def test_replayed_one_time_code_is_refused(clocked: tuple[Vault, Clock]) -> None
 def test_totp_secret_is_sealed_in_the_database(tmp_path: Path) -> None:
     vault = make_vault(tmp_path, "sqlite")
     try:
-        vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+        vault.admin.add_account(vault.operator, "t.officer", PASSWORD, Role.OFFICER)
         secret = enrol(vault, "t.officer")
-        code = vault.issue_enrolment("t.officer")
+        code = vault.admin.issue_enrolment(vault.operator, "t.officer")
     finally:
         vault.close()
     raw = b"".join(p.read_bytes() for p in (tmp_path / "vault").glob("vault.db*"))
@@ -119,14 +119,14 @@ def test_totp_secret_is_sealed_in_the_database(tmp_path: Path) -> None:
 
 def test_enrolment_code_works_once_and_expires(clocked: tuple[Vault, Clock]) -> None:
     vault, clock = clocked
-    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
-    code = vault.issue_enrolment("t.officer")
+    vault.admin.add_account(vault.operator, "t.officer", PASSWORD, Role.OFFICER)
+    code = vault.admin.issue_enrolment(vault.operator, "t.officer")
     secret = vault.enrolment(code).secret
     assert vault.enrolment(code).secret == secret  # a reload shows the same secret
     vault.complete_enrolment(code, pyotp.TOTP(secret).at(clock.now))
     with pytest.raises(AuthenticationFailed):
         vault.enrolment(code)
-    late = vault.issue_enrolment("t.officer")
+    late = vault.admin.issue_enrolment(vault.operator, "t.officer")
     clock.now += 24 * 3600 + 1
     with pytest.raises(AuthenticationFailed):
         vault.enrolment(late)
@@ -134,7 +134,7 @@ def test_enrolment_code_works_once_and_expires(clocked: tuple[Vault, Clock]) -> 
 
 def test_credential_stuffer_is_slowed_then_locked_out(clocked: tuple[Vault, Clock]) -> None:
     vault, clock = clocked
-    vault.add_account("t.officer", PASSWORD, Role.OFFICER)
+    vault.admin.add_account(vault.operator, "t.officer", PASSWORD, Role.OFFICER)
     secret = enrol(vault, "t.officer")
     for attempt in range(LOCK_AFTER_FAILURES):
         with pytest.raises(AuthenticationFailed):
@@ -149,13 +149,13 @@ def test_credential_stuffer_is_slowed_then_locked_out(clocked: tuple[Vault, Cloc
     with pytest.raises(AuthenticationFailed) as locked:
         vault.login("t.officer", PASSWORD, totp=totp_code(secret, clock.now))
     assert not isinstance(locked.value, LoginThrottled)
-    assert vault.accounts.get("t.officer").locked  # type: ignore[union-attr]
-    entries = [e for _, e in vault.access_log.entries() if e.action == Action.LOGIN]
+    assert vault._accounts.get("t.officer").locked  # type: ignore[union-attr]
+    entries = [e for _, e in vault._log.entries() if e.action == Action.LOGIN]
     assert any(e.detail.get("account_locked") for e in entries)
     assert all(e.outcome is Outcome.DENIED for e in entries[-LOCK_AFTER_FAILURES:])
     assert not any("guess number" in str(e.encode()) for e in entries)
 
-    vault.unlock_account("t.officer")
+    vault.admin.unlock_account(vault.operator, "t.officer")
     clock.now += 60
     vault.login("t.officer", PASSWORD, totp=totp_code(secret, clock.now))
 
@@ -164,7 +164,7 @@ def test_password_sprayer_is_throttled_per_address_and_names_alike(
     clocked: tuple[Vault, Clock],
 ) -> None:
     vault, _clock = clocked
-    vault.add_account("t.known", PASSWORD, Role.OFFICER)
+    vault.admin.add_account(vault.operator, "t.known", PASSWORD, Role.OFFICER)
     for n in range(4):
         with pytest.raises(AuthenticationFailed):
             vault.login(f"t.sprayed{n}", "Summer2026!!", client="198.51.100.7")

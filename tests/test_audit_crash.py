@@ -71,7 +71,7 @@ READER = textwrap.dedent(
             with lock:
                 n = next(counter)
             national_id, record_id = people[n % len(people)]
-            purpose = AccessPurpose(f"crash test {n}")
+            purpose = AccessPurpose(f"crash test {n}", "CRASH-1")
             if n % 2:
                 vault.reveal(session, purpose, record_id, "phone")
             else:
@@ -114,7 +114,7 @@ def prepared_vault(tmp_path: Path, population_file: Path) -> tuple[str, list[lis
         log_key_path=key_paths(tmp_path)[1],
     )
     try:
-        vault.ingest(population_file)
+        vault.ingest(vault.operator, population_file)
         session = login(vault, username="t.crash")
         people = []
         for person in [r for r in read_records(population_file) if r["type"] == "person"][:8]:
@@ -214,18 +214,18 @@ def test_every_read_that_returned_is_logged_after_sigkill(
     )
     try:
         logged = set()
-        for _, entry in vault.access_log.entries():
+        for _, entry in vault._log.entries():
             match = re.fullmatch(r"crash test (\d+)", entry.purpose or "")
             if match:
                 logged.add(int(match.group(1)))
         missing = sorted(set(printed) - logged)
         assert not missing, f"reads returned without a log entry: {missing[:10]}"
 
-        key = vault.storage.get_meta("log_verifier_key")
+        key = vault._storage.get_meta("log_verifier_key")
         assert key is not None
-        report = verify_log(vault.storage, key.decode(), origin=vault.access_log.origin)
-        assert report.entries == vault.access_log.size
-        assert report.root == vault.access_log.root()
+        report = verify_log(vault._storage, key.decode(), origin=vault._log.origin)
+        assert report.entries == vault._log.size
+        assert report.root == vault._log.root()
         assert report.checkpoints >= 1 and report.latest_signed >= CHECKPOINT_EVERY
         if report.latest_signed < report.entries:
             uncovered = report.entries - report.latest_signed
@@ -235,8 +235,8 @@ def test_every_read_that_returned_is_logged_after_sigkill(
             ]
         # The signer, which may have signed just before the kill, accepts the recovered
         # tree as extending everything it signed.
-        vault.access_log.checkpoint()
-        report = verify_log(vault.storage, key.decode(), origin=vault.access_log.origin)
+        vault._log.checkpoint()
+        report = verify_log(vault._storage, key.decode(), origin=vault._log.origin)
         assert report.latest_signed == report.entries and not report.notes
     finally:
         vault.close()

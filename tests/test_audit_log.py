@@ -420,7 +420,7 @@ def opened(factory: Callable[[], Vault]) -> Iterator[Vault]:
 
 
 def verifier_key(vault: Vault) -> str:
-    key = vault.storage.get_meta("log_verifier_key")
+    key = vault._storage.get_meta("log_verifier_key")
     assert key is not None
     return key.decode()
 
@@ -428,24 +428,24 @@ def verifier_key(vault: Vault) -> str:
 def test_reopened_vault_continues_the_same_tree(tmp_path: Path) -> None:
     with opened(lambda: new_vault(tmp_path, checkpoint_every=10)) as vault:
         for n in range(23):
-            vault.access_log.append(entry(n, f"rec-{n}"))
-        size, root = vault.access_log.size, vault.access_log.root()
-        first = vault.access_log.checkpoint()
+            vault._log.append(entry(n, f"rec-{n}"))
+        size, root = vault._log.size, vault._log.root()
+        first = vault._log.checkpoint()
     with opened(lambda: reopen(tmp_path, checkpoint_every=10)) as vault:
-        log = vault.access_log
+        log = vault._log
         assert (log.size, log.root()) == (size, root)
         assert log.latest_checkpoint() == (size, first)
         assert log.append(entry(100, "rec-0")) == size
         for n in range(101, 110):
             log.append(entry(n))
-        assert log.root() == root_of(stored_leaves(vault.storage))
+        assert log.root() == root_of(stored_leaves(vault._storage))
         assert [i for i, _ in log.entries_for(["rec-0"])] == [0, size]
         log.checkpoint()
-        report = verify_log(vault.storage, verifier_key(vault), origin=log.origin)
+        report = verify_log(vault._storage, verifier_key(vault), origin=log.origin)
         assert report.entries == report.latest_signed == size + 10
         verifier = NoteVerifier.from_key_string(verifier_key(vault))
         checkpoints = [
-            Checkpoint.parse_body(verifier.verify(note)) for _, note in vault.storage.checkpoints()
+            Checkpoint.parse_body(verifier.verify(note)) for _, note in vault._storage.checkpoints()
         ]
         assert_each_extends_the_last(log, checkpoints)
 
@@ -454,15 +454,15 @@ def rolled_back_vault(tmp_path: Path) -> Path:
     """A vault whose log signed size 30 after a copy of its database was taken at size 12."""
     with opened(lambda: new_vault(tmp_path, checkpoint_every=10)) as vault:
         for n in range(12):
-            vault.access_log.append(entry(n))
+            vault._log.append(entry(n))
     database = tmp_path / "vault" / "vault.db"
     files = ("vault.db", "vault.db-log")  # the records' file and the log's
     for name in files:
         shutil.copy2(database.with_name(name), tmp_path / f"{name}.old")
     with opened(lambda: reopen(tmp_path, checkpoint_every=10)) as vault:
         for n in range(12, 30):
-            vault.access_log.append(entry(n))
-        assert vault.access_log.checkpoint()
+            vault._log.append(entry(n))
+        assert vault._log.checkpoint()
     for name in files:
         for leftover in (database.with_name(f"{name}-wal"), database.with_name(f"{name}-shm")):
             leftover.unlink(missing_ok=True)
@@ -475,9 +475,9 @@ def test_signer_refuses_to_checkpoint_a_database_rolled_back_to_an_older_copy(
 ) -> None:
     rolled_back_vault(tmp_path)
     with opened(lambda: reopen(tmp_path, checkpoint_every=10)) as vault:
-        assert vault.access_log.size == 12
+        assert vault._log.size == 12
         with pytest.raises(ForkRefused):
-            vault.access_log.checkpoint()
+            vault._log.checkpoint()
 
 
 def test_signer_refuses_to_checkpoint_a_rolled_back_log_regrown_past_its_last_size(
@@ -488,8 +488,8 @@ def test_signer_refuses_to_checkpoint_a_rolled_back_log_regrown_past_its_last_si
     rolled_back_vault(tmp_path)
     with opened(lambda: reopen(tmp_path, checkpoint_every=1000)) as vault:
         for n in range(12, 40):
-            vault.access_log.append(entry(n + 1000))
-        assert vault.access_log.size == 40
+            vault._log.append(entry(n + 1000))
+        assert vault._log.size == 40
         with pytest.raises(ForkRefused):
-            vault.access_log.checkpoint()
-        assert [size for size, _ in vault.storage.checkpoints()] == [10]
+            vault._log.checkpoint()
+        assert [size for size, _ in vault._storage.checkpoints()] == [10]

@@ -22,19 +22,18 @@ from custodes.audit.report import (
     ReportedAccess,
     SubjectReport,
     as_json,
-    build_report,
     render_text,
-    subject_records,
     verify_bundle,
 )
 from custodes.errors import RecordNotFound, TamperDetected
 from custodes.policy import AccessPurpose, Action, Role
-from custodes.vault import Vault
+from custodes.vault import Session, Vault
 from tests.conftest import login, make_vault, read_records
 
 FRAUD = AccessPurpose("benefit fraud enquiry", "C-2024/17")
 SUMMONS = AccessPurpose("address check for a summons", "S-88")
 OMBUDSMAN = "ombudsman.li"
+SUBJECT_REQUEST = AccessPurpose("subject access request")
 
 
 @dataclass
@@ -49,6 +48,7 @@ class Scene:
     unrelated: str
     touching: dict[int, tuple[str, AccessPurpose]]  # log index -> (official, purpose)
     searches: set[int]  # indexes of searches, which carry private details
+    ombudsman: Session  # an auditor, who answers the subject's request
 
 
 def _naming(records: list[dict[str, object]], kind: str, nid: object) -> list[dict[str, object]]:
@@ -64,7 +64,7 @@ def _naming(records: list[dict[str, object]], kind: str, nid: object) -> list[di
 
 @pytest.fixture
 def scene(vault: Vault, population_file: Path) -> Scene:
-    assert vault.ingest(population_file).rejected == 0
+    assert vault.ingest(vault.operator, population_file).rejected == 0
     records = read_records(population_file)
     people = [r for r in records if r["type"] == "person"]
     person = next(
@@ -83,7 +83,7 @@ def scene(vault: Vault, population_file: Path) -> Scene:
         if not _naming(records, "case", p["national_id"])
         and not _naming(records, "delivery", p["national_id"])
     )
-    codec = vault.codec
+    codec = vault._codec
     subject = codec.record_id("person", [str(nid)])
     unrelated = codec.record_id("person", [str(other["national_id"])])
     cases = [codec.record_id("case", [str(c["case_no"])]) for c in _naming(records, "case", nid)]
@@ -97,7 +97,7 @@ def scene(vault: Vault, population_file: Path) -> Scene:
     searches: set[int] = set()
 
     def touched(who: str, purpose: AccessPurpose, *, search: bool = False) -> None:
-        index = vault.access_log.size - 1
+        index = vault._log.size - 1
         touching[index] = (who, purpose)
         if search:
             searches.add(index)
@@ -128,12 +128,15 @@ def scene(vault: Vault, population_file: Path) -> Scene:
     )
     vault.record(bob, SUMMONS, unrelated)
     vault.reveal(bob, SUMMONS, unrelated, "phone")
-    return Scene(vault, person, subject, cases, deliveries, unrelated, touching, searches)
+    ombudsman = login(vault, Role.AUDITOR, OMBUDSMAN)
+    return Scene(
+        vault, person, subject, cases, deliveries, unrelated, touching, searches, ombudsman
+    )
 
 
 @pytest.fixture
 def report(scene: Scene) -> SubjectReport:
-    return build_report(scene.vault, scene.subject, actor=OMBUDSMAN)
+    return scene.vault.subject_report(scene.ombudsman, SUBJECT_REQUEST, scene.subject)
 
 
 def _flip(data: bytes, position: int) -> bytes:
@@ -159,7 +162,8 @@ def _line_span(bundle: bytes, prefix: bytes) -> tuple[int, int]:
 def test_subject_records_are_the_person_and_every_case_and_delivery_naming_them(
     scene: Scene,
 ) -> None:
-    found = subject_records(scene.vault, scene.subject, actor=OMBUDSMAN)
+    report = scene.vault.subject_report(scene.ombudsman, SUBJECT_REQUEST, scene.subject)
+    found = [report.subject, *report.linked]
     assert found[0] == scene.subject
     assert sorted(found[1:]) == sorted(scene.cases + scene.deliveries)
     assert scene.unrelated not in found
@@ -176,7 +180,7 @@ def test_subject_sees_every_official_who_read_their_record(
 def test_access_to_an_unrelated_person_is_not_in_the_report(
     scene: Scene, report: SubjectReport
 ) -> None:
-    unrelated = {i for i, _ in scene.vault.access_log.entries_for([scene.unrelated])}
+    unrelated = {i for i, _ in scene.vault._log.entries_for([scene.unrelated])}
     assert len(unrelated) == 3
     assert unrelated.isdisjoint(a.index for a in report.accesses)
 
@@ -217,22 +221,24 @@ def test_report_shows_the_values_an_official_searched_for(
 
 
 def test_the_report_itself_is_on_the_log(scene: Scene, report: SubjectReport) -> None:
-    logged = AccessEntry.decode(scene.vault.access_log.raw_entry(report.report_index))
+    logged = AccessEntry.decode(scene.vault._log.raw_entry(report.report_index))
     assert (logged.actor, logged.action, logged.records) == (
         OMBUDSMAN,
         Action.SUBJECT_REPORT,
         (scene.subject,),
     )
     assert report.accesses[-1].index == report.report_index
-    again = build_report(scene.vault, scene.subject, actor="ombudsman.wu")
+    other = login(scene.vault, Role.AUDITOR, "ombudsman.wu")
+    again = scene.vault.subject_report(other, SUBJECT_REQUEST, scene.subject)
     assert report.report_index in {a.index for a in again.accesses}
     assert again.report_index > report.report_index
 
 
 def test_report_on_an_unknown_record_is_refused_and_still_logged(vault: Vault) -> None:
+    auditor = login(vault, Role.AUDITOR, OMBUDSMAN)
     with pytest.raises(RecordNotFound):
-        build_report(vault, "no-such-record-id", actor=OMBUDSMAN)
-    [(_, entry)] = vault.access_log.entries_for(["no-such-record-id"])
+        vault.subject_report(auditor, SUBJECT_REQUEST, "no-such-record-id")
+    [(_, entry)] = vault._log.entries_for(["no-such-record-id"])
     assert (entry.action, entry.outcome) == (Action.SUBJECT_REPORT, Outcome.ERROR)
 
 
@@ -242,11 +248,11 @@ def test_report_on_an_unknown_record_is_refused_and_still_logged(vault: Vault) -
 def test_bundle_verifies_offline_with_only_the_logs_public_key(
     scene: Scene, report: SubjectReport
 ) -> None:
-    verified = verify_bundle(report.bundle(), scene.vault.access_log.verifier_key)
+    verified = verify_bundle(report.bundle(), scene.vault._log.verifier_key)
     assert verified.subject == scene.subject
-    assert verified.origin == scene.vault.access_log.origin
+    assert verified.origin == scene.vault._log.origin
     assert [i for i, _ in verified.entries] == [a.index for a in report.accesses]
-    stored = dict(scene.vault.access_log.entries_for([scene.subject, *verified.linked]))
+    stored = dict(scene.vault._log.entries_for([scene.subject, *verified.linked]))
     assert all(stored[i] == entry for i, entry in verified.entries)
     # The report issued a checkpoint covering its own entry, the newest it lists.
     assert verified.checkpoint.size > report.report_index
@@ -262,7 +268,7 @@ def test_bundle_carries_no_personal_value(scene: Scene, report: SubjectReport) -
 
 def test_editing_any_byte_of_the_bundle_is_detected(scene: Scene, report: SubjectReport) -> None:
     bundle = report.bundle()
-    key = scene.vault.access_log.verifier_key
+    key = scene.vault._log.verifier_key
     # Linked ids are the vault's statement, not proven by the log: an edit there only
     # narrows or widens which genuine entries may be listed, so it is left out here.
     positions = set(range(len(bundle)))
@@ -282,7 +288,7 @@ def test_an_edited_entry_is_named(scene: Scene, report: SubjectReport) -> None:
     target = report.accesses[1].index
     start, end = _line_span(bundle, f"entry {target} ".encode())
     with pytest.raises(BundleInvalid, match=f"entry {target}: .*does not match the root") as err:
-        verify_bundle(_retype(bundle, (start + end) // 2), scene.vault.access_log.verifier_key)
+        verify_bundle(_retype(bundle, (start + end) // 2), scene.vault._log.verifier_key)
     assert err.value.index == target
 
 
@@ -292,7 +298,7 @@ def test_an_edited_proof_hash_is_named(scene: Scene, report: SubjectReport) -> N
     start, _ = _line_span(bundle, f"entry {target} ".encode())
     proof_start = bundle.index(b"\nproof ", start) + len(b"\nproof ")
     with pytest.raises(BundleInvalid, match=f"entry {target}: "):
-        verify_bundle(_flip(bundle, proof_start + 3), scene.vault.access_log.verifier_key)
+        verify_bundle(_flip(bundle, proof_start + 3), scene.vault._log.verifier_key)
 
 
 def test_a_forged_checkpoint_root_is_refused(scene: Scene, report: SubjectReport) -> None:
@@ -300,14 +306,14 @@ def test_a_forged_checkpoint_root_is_refused(scene: Scene, report: SubjectReport
     root = base64.b64encode(report.checkpoint.root)
     forged = bundle.replace(root, base64.b64encode(bytes(32)), 1)
     with pytest.raises(BundleInvalid, match="checkpoint does not carry a valid signature"):
-        verify_bundle(forged, scene.vault.access_log.verifier_key)
+        verify_bundle(forged, scene.vault._log.verifier_key)
 
 
 def test_a_forged_checkpoint_signature_is_refused(scene: Scene, report: SubjectReport) -> None:
     bundle = report.bundle()
     signature_line = bundle.index("\n\u2014 ".encode())
     with pytest.raises(BundleInvalid, match="checkpoint does not carry a valid signature"):
-        verify_bundle(_retype(bundle, signature_line + 60), scene.vault.access_log.verifier_key)
+        verify_bundle(_retype(bundle, signature_line + 60), scene.vault._log.verifier_key)
 
 
 def test_bundle_checked_with_another_logs_key_is_refused(
@@ -316,11 +322,11 @@ def test_bundle_checked_with_another_logs_key_is_refused(
     other = make_vault(tmp_path / "other", "memory")
     try:
         with pytest.raises(BundleInvalid, match="checkpoint"):
-            verify_bundle(report.bundle(), other.access_log.verifier_key)
+            verify_bundle(report.bundle(), other._log.verifier_key)
     finally:
         other.close()
     # A key that claims this log's name but is not its key is no better.
-    impostor = NoteSigner(scene.vault.access_log.origin, Ed25519PrivateKey.generate())
+    impostor = NoteSigner(scene.vault._log.origin, Ed25519PrivateKey.generate())
     assert NoteVerifier.from_key_string(impostor.verifier_key).name == report.origin
     with pytest.raises(BundleInvalid, match="checkpoint"):
         verify_bundle(report.bundle(), impostor.verifier_key)
@@ -329,7 +335,7 @@ def test_bundle_checked_with_another_logs_key_is_refused(
 def test_a_genuine_entry_about_someone_else_cannot_be_slipped_in(
     scene: Scene, report: SubjectReport
 ) -> None:
-    log = scene.vault.access_log
+    log = scene.vault._log
     [first, *_] = log.entries_for([scene.unrelated])
     index = first[0]
     stranger = ReportedAccess(
@@ -363,9 +369,7 @@ def test_bundle_proves_inclusion_not_completeness_so_a_dropped_entry_goes_unnoti
     dropped = report.accesses[0].index
     start, end = _line_span(bundle, f"entry {dropped} ".encode())
     end = bundle.index(b"\n", end + 1)  # the proof line after it
-    verified = verify_bundle(
-        bundle[:start] + bundle[end + 1 :], scene.vault.access_log.verifier_key
-    )
+    verified = verify_bundle(bundle[:start] + bundle[end + 1 :], scene.vault._log.verifier_key)
     assert [i for i, _ in verified.entries] == [a.index for a in report.accesses[1:]]
 
 
@@ -373,9 +377,9 @@ def test_a_bundle_cut_off_between_entries_is_refused(scene: Scene, report: Subje
     bundle = report.bundle()
     assert bundle.endswith(b"\nend\n")
     with pytest.raises(BundleInvalid, match="truncated"):
-        verify_bundle(bundle[: -len(b"end\n")], scene.vault.access_log.verifier_key)
+        verify_bundle(bundle[: -len(b"end\n")], scene.vault._log.verifier_key)
     with pytest.raises(BundleInvalid, match="after the end line"):
-        verify_bundle(bundle + b"entry 0 AA==\n", scene.vault.access_log.verifier_key)
+        verify_bundle(bundle + b"entry 0 AA==\n", scene.vault._log.verifier_key)
 
 
 def test_bundle_errors_are_tamper_errors_and_carry_no_data(
@@ -385,7 +389,7 @@ def test_bundle_errors_are_tamper_errors_and_carry_no_data(
     target = report.accesses[0].index
     _, end = _line_span(bundle, f"entry {target} ".encode())
     with pytest.raises(TamperDetected) as err:
-        verify_bundle(_flip(bundle, end - 5), scene.vault.access_log.verifier_key)
+        verify_bundle(_flip(bundle, end - 5), scene.vault._log.verifier_key)
     assert scene.subject not in str(err.value)
     assert str(scene.person["national_id"]) not in str(err.value)
 

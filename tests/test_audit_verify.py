@@ -50,7 +50,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         checkpoint_every=EVERY,
     )
     for n in range(ENTRIES):
-        vault.access_log.append(
+        vault._log.append(
             AccessEntry(
                 f"officer.{n % 7}",
                 "officer",

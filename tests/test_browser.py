@@ -49,7 +49,7 @@ def server(
     import uvicorn
 
     vault = make_vault(tmp_path_factory.mktemp("browser"), "memory")
-    assert vault.ingest(population_file).rejected == 0
+    assert vault.ingest(vault.operator, population_file).rejected == 0
     secrets = {
         "b.investigator": enrol(vault, "b.investigator", Role.INVESTIGATOR),
         "b.auditor": enrol(vault, "b.auditor", Role.AUDITOR),
@@ -176,7 +176,7 @@ def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: An
     assert not [e for e in errors if not e.startswith("Failed to load resource")], errors
     context.close()
 
-    reveals = [e for _, e in vault.access_log.entries() if e.action == Action.REVEAL.value]
+    reveals = [e for _, e in vault._log.entries() if e.action == Action.REVEAL.value]
     assert reveals[-1].purpose == REASON and reveals[-1].detail["field"] == "phone"
 
     # An auditor opens the person's subject access report and finds the reveal.
@@ -279,7 +279,7 @@ def test_register_a_passkey_then_log_in_with_it(server: Any, browser: Any) -> No
     assert not [e for e in errors if not e.startswith("Failed to load resource")], errors
     context.close()
 
-    logins = [e for _, e in vault.access_log.entries() if e.actor == name]
+    logins = [e for _, e in vault._log.entries() if e.actor == name]
     assert [e.detail.get("factor") for e in logins if e.action == Action.LOGIN.value] == [
         "totp",
         "passkey",

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from custodes.bootstrap import create_vault
-from custodes.cli_doctor import doctor
+from custodes.cli.doctor import doctor
 from custodes.doctor import (
     Deployment,
     Finding,
@@ -46,7 +46,9 @@ def deployment(tmp_path: Path) -> Path:
         hash_cost=FAST_HASH,
     )
     try:
-        vault.add_account("d.officer", PASSWORD, Role.OFFICER, {"district": "test"})
+        vault.admin.add_account(
+            vault.operator, "d.officer", PASSWORD, Role.OFFICER, {"district": "test"}
+        )
         enrol(vault, "d.officer")
     finally:
         vault.close()
@@ -125,8 +127,8 @@ def test_an_official_without_a_second_factor_is_high(deployment: Path, tmp_path:
 
     vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
     try:
-        vault.add_account("d.investigator", PASSWORD, Role.INVESTIGATOR)
-        vault.add_account("d.auditor", PASSWORD, Role.AUDITOR)
+        vault.admin.add_account(vault.operator, "d.investigator", PASSWORD, Role.INVESTIGATOR)
+        vault.admin.add_account(vault.operator, "d.auditor", PASSWORD, Role.AUDITOR)
     finally:
         vault.close()
     no_mfa = {
@@ -144,9 +146,9 @@ def test_locked_and_disabled_accounts_are_reported(deployment: Path) -> None:
 
     vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
     try:
-        vault.add_account("d.gone", PASSWORD, Role.OFFICER)
-        vault.disable_account("d.gone")
-        while not vault.accounts.record_failure("d.officer"):
+        vault.admin.add_account(vault.operator, "d.gone", PASSWORD, Role.OFFICER)
+        vault.admin.disable_account(vault.operator, "d.gone")
+        while not vault._accounts.record_failure("d.officer"):
             pass
     finally:
         vault.close()
@@ -308,14 +310,14 @@ def test_a_session_that_outlived_its_account_is_high(deployment: Path) -> None:
 
     vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
     try:
-        vault.add_account("d.leaver", PASSWORD, Role.OFFICER)
-        vault.disable_account("d.leaver")
-        now = vault.access_log.clock()
+        vault.admin.add_account(vault.operator, "d.leaver", PASSWORD, Role.OFFICER)
+        vault.admin.disable_account(vault.operator, "d.leaver")
+        now = vault._clock()
         # What a restored copy of the database, or a bug, could leave behind.
-        vault.storage.put_session(
+        vault._storage.put_session(
             SessionRow(b"k" * 32, "d.leaver", "officer", now, now + 3600, now, None)
         )
-        vault.storage.put_session(
+        vault._storage.put_session(
             SessionRow(b"e" * 32, "d.leaver", "officer", now - 9e4, now - 5e4, now - 9e4, None)
         )
     finally:

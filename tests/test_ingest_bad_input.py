@@ -38,7 +38,7 @@ def person(seq: int, **changes: object) -> dict[str, object]:
 def rejects_of(
     vault: Vault, tmp: Path, source: Path, **options: object
 ) -> tuple[object, list[dict[str, object]], str]:
-    report = vault.ingest(source, rejects_dir=tmp / "rejects", **options)
+    report = vault.ingest(vault.operator, source, rejects_dir=tmp / "rejects", **options)
     text = report.rejects_path.read_text("utf-8") if report.rejects_path else ""
     return report, [orjson.loads(line) for line in text.splitlines()], text
 
@@ -112,7 +112,7 @@ def test_csv_with_a_missing_column_is_refused_whole(vault: Vault, tmp_path: Path
     source = tmp_path / "people.csv"
     source.write_text("name,phone,birth_date\n欧阳明月,13905710001,1988-04-05\n", "utf-8")
     with pytest.raises(InvalidInput) as refused:
-        vault.ingest(source, record_type="person")
+        vault.ingest(vault.operator, source, record_type="person")
     assert "national_id" in str(refused.value) and "line 1" in str(refused.value)
     assert "欧阳明月" not in str(refused.value)
     assert vault.count() == 0
@@ -122,7 +122,7 @@ def test_csv_with_an_unknown_column_is_refused_whole(vault: Vault, tmp_path: Pat
     source = tmp_path / "people.csv"
     source.write_text(f"name,national_id,salary\n欧阳明月,{national_id(1)},9000\n", "utf-8")
     with pytest.raises(InvalidInput, match="salary"):
-        vault.ingest(source, record_type="person")
+        vault.ingest(vault.operator, source, record_type="person")
     assert vault.count() == 0
 
 
@@ -171,7 +171,7 @@ def test_broken_json_array_is_refused_at_its_line(vault: Vault, tmp_path: Path) 
     source = tmp_path / "in.json"
     source.write_text("[\n" + orjson.dumps(person(1)).decode() + ',\n{"name": \n', "utf-8")
     with pytest.raises(InvalidInput) as refused:
-        vault.ingest(source)
+        vault.ingest(vault.operator, source)
     assert "line 3" in str(refused.value)
 
 
@@ -179,5 +179,5 @@ def test_a_json_array_that_is_not_an_array_is_refused(vault: Vault, tmp_path: Pa
     source = tmp_path / "in.json"
     source.write_text(orjson.dumps(person(1)).decode(), "utf-8")
     with pytest.raises(InvalidInput, match="array"):
-        vault.ingest(source)
+        vault.ingest(vault.operator, source)
     assert vault.count() == 0

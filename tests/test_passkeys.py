@@ -18,7 +18,7 @@ from custodes.audit import Outcome
 from custodes.errors import AuthenticationFailed, LoginThrottled
 from custodes.passkeys import CHALLENGE_TTL, Assertion, Ceremony, PasskeyRefused
 from custodes.policy import Action, Role
-from custodes.vault import PASSKEY_REGISTER, Session, Vault
+from custodes.vault import Session, Vault
 from custodes.web import deps
 from custodes.web.app import create_app
 from tests.conftest import PASSWORD, enrol, login, make_vault, totp_now
@@ -37,7 +37,7 @@ FORM = b"the login form's pre-session token"
 @pytest.fixture
 def clocked(vault: Vault) -> tuple[Vault, Clock]:
     clock = Clock()
-    vault.access_log.clock = clock
+    vault._clock.moved = clock  # type: ignore[attr-defined]
     return vault, clock
 
 
@@ -75,7 +75,7 @@ def test_password_and_passkey_open_a_session_and_the_code_still_works(
     vault.login("t.officer", PASSWORD, totp=totp_now(vault, _secret(vault)))
     granted = [
         e.detail.get("factor")
-        for _, e in vault.access_log.entries()
+        for _, e in vault._log.entries()
         if e.action == Action.LOGIN and e.outcome is Outcome.GRANTED
     ]
     assert granted[-2:] == ["passkey", "totp"]
@@ -263,11 +263,9 @@ def test_wrong_passkeys_are_throttled_and_lock_the_account_like_wrong_codes(
         clock.now += 901
     with pytest.raises(AuthenticationFailed):
         passkey_login(vault, device)
-    assert vault.accounts.get("t.officer").locked  # type: ignore[union-attr]
+    assert vault._accounts.get("t.officer").locked  # type: ignore[union-attr]
     entries = [
-        e
-        for _, e in vault.access_log.entries()
-        if e.action == Action.LOGIN and e.actor == "t.officer"
+        e for _, e in vault._log.entries() if e.action == Action.LOGIN and e.actor == "t.officer"
     ]
     denied = [e for e in entries if e.outcome is Outcome.DENIED]
     assert {e.detail.get("reason") for e in denied} >= {"second_factor", "throttled"}
@@ -288,15 +286,15 @@ def test_registration_is_logged_and_nothing_secret_is_stored_or_logged(
     vault.login(
         "t.officer", PASSWORD, passkey=Assertion(device.get(login_options, SITE.origin), SITE, FORM)
     )
-    events = [e for _, e in vault.access_log.entries() if e.action == PASSKEY_REGISTER]
+    events = [e for _, e in vault._log.entries() if e.action == Action.PASSKEY_REGISTER]
     assert len(events) == 1
     assert events[0].actor == "t.officer" and events[0].detail["passkey"] == added.ref
-    log_text = b"".join(e.encode() for _, e in vault.access_log.entries())
+    log_text = b"".join(e.encode() for _, e in vault._log.entries())
     challenges = [orjson.loads(options)["challenge"], orjson.loads(login_options)["challenge"]]
     for secret in [*challenges, "work laptop", PASSWORD]:
         assert secret.encode() not in log_text
     # The account keeps the public key and counters, no private material: there is none.
-    row = vault.storage.get_account("t.officer")
+    row = vault._storage.get_account("t.officer")
     assert row is not None
     stored = orjson.loads(row.attributes)["security"]["passkeys"][0]
     assert set(stored) == {
@@ -309,7 +307,7 @@ def test_registration_is_logged_and_nothing_secret_is_stored_or_logged(
         "last_used",
     }
     # The account as the rest of the system sees it holds no security state at all.
-    assert "security" not in vault.accounts.get("t.officer").attributes  # type: ignore[union-attr]
+    assert "security" not in vault._accounts.get("t.officer").attributes  # type: ignore[union-attr]
 
 
 def test_refusals_name_no_challenge_or_credential(clocked: tuple[Vault, Clock]) -> None:
@@ -351,7 +349,9 @@ def _field(html: str, name: str) -> str:
 
 def test_passkey_registration_and_login_over_the_web(web_vault: Vault) -> None:
     origin = "http://testserver"
-    web_vault.add_account("t.officer", PASSWORD, Role.OFFICER, {"district": "*"})
+    web_vault.admin.add_account(
+        web_vault.operator, "t.officer", PASSWORD, Role.OFFICER, {"district": "*"}
+    )
     secret = enrol(web_vault, "t.officer")
     device = SoftAuthenticator()
     with TestClient(create_app(web_vault)) as client:

@@ -68,7 +68,7 @@ def test_a_users_own_schema_works_end_to_end(tmp_path: Path) -> None:
         source = write_jsonl(
             tmp_path / "o.jsonl", [{"national_id": "11010519491231002X", "plate": "沪A 12345"}]
         )
-        assert vault.ingest(source, record_type="owner").accepted == 1
+        assert vault.ingest(vault.operator, source, record_type="owner").accepted == 1
         session = login(vault)
         [found] = vault.search(
             session, PURPOSE, record_type="owner", index="plate", values={"plate": "沪A　12345"}

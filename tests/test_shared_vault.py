@@ -64,7 +64,7 @@ def shared(tmp_path: Path) -> Path:
         source = tmp_path / "people.jsonl"
         with source.open("wb") as f:
             write_jsonl(f, 60, seed=11)
-        vault.ingest(source, workers=1)
+        vault.ingest(vault.operator, source, workers=1)
     finally:
         vault.close()
     return tmp_path
@@ -117,7 +117,7 @@ def test_two_processes_appending_at_once_lose_no_entry_and_sign_no_fork(shared: 
     vault = _open(shared)
     try:
         session = login(vault, Role.INVESTIGATOR, "t.shared")
-        before = vault.storage.log_size()
+        before = vault._storage.log_size()
     finally:
         vault.close()
     ids = _national_ids(shared)
@@ -140,13 +140,13 @@ def test_two_processes_appending_at_once_lose_no_entry_and_sign_no_fork(shared: 
     vault = _open(shared)
     try:
         # One entry per search, none lost and none doubled, in one tree.
-        assert vault.storage.log_size() == before + searches
-        entries = list(vault.access_log.entries(before))
+        assert vault._storage.log_size() == before + searches
+        entries = list(vault._log.entries(before))
         assert [e.action for _, e in entries] == [Action.SEARCH.value] * searches
-        report = verify_log(vault.storage, vault.access_log.verifier_key)
+        report = verify_log(vault._storage, vault._log.verifier_key)
         assert report.entries == before + searches
         # Both processes signed checkpoints along the way, each extending the last.
-        assert len(vault.storage.checkpoints()) >= searches // CHECKPOINT_EVERY // 2
+        assert len(vault._storage.checkpoints()) >= searches // CHECKPOINT_EVERY // 2
     finally:
         vault.close()
 
@@ -174,7 +174,7 @@ def test_disabling_an_account_in_one_process_ends_its_sessions_in_every_other(
     first, second = _open(shared), _open(shared)
     try:
         session = login(first, Role.OFFICER, "t.disabled")
-        second.disable_account("t.disabled")
+        second.admin.disable_account(second.operator, "t.disabled")
         with pytest.raises(AuthenticationFailed):
             first.session_for(session.token)
     finally:
@@ -185,7 +185,9 @@ def test_disabling_an_account_in_one_process_ends_its_sessions_in_every_other(
 def test_a_password_guesser_cannot_spread_attempts_over_processes(shared: Path) -> None:
     first, second = _open(shared), _open(shared)
     try:
-        first.add_account("t.target", PASSWORD, Role.OFFICER, {"district": "*"})
+        first.admin.add_account(
+            first.operator, "t.target", PASSWORD, Role.OFFICER, {"district": "*"}
+        )
         enrol(first, "t.target")
         for vault in (first, second, first, second):
             with pytest.raises(AuthenticationFailed):
@@ -247,7 +249,9 @@ def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[byte
 def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path) -> None:
     vault = _open(shared)
     try:
-        vault.add_account("t.web", PASSWORD, Role.INVESTIGATOR, {"district": "*"})
+        vault.admin.add_account(
+            vault.operator, "t.web", PASSWORD, Role.INVESTIGATOR, {"district": "*"}
+        )
         secret = enrol(vault, "t.web")
         code = totp_now(vault, secret)
         nid = _national_ids(shared)[0]
@@ -297,10 +301,10 @@ def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path)
             server.wait()
     vault = _open(shared)
     try:
-        entries = [e for _, e in vault.access_log.entries()]
+        entries = [e for _, e in vault._log.entries()]
         searches = [e for e in entries if e.action == Action.SEARCH.value]
         assert len(searches) == 40
-        verify_log(vault.storage, vault.access_log.verifier_key)
+        verify_log(vault._storage, vault._log.verifier_key)
     finally:
         vault.close()
 
@@ -355,11 +359,11 @@ def test_a_session_that_outlived_its_account_opens_nothing(shared: Path) -> None
     vault = _open(shared)
     try:
         session = login(vault, Role.INVESTIGATOR, "t.leaver")
-        row = vault.storage.get_session(token_key(session.token))
+        row = vault._storage.get_session(token_key(session.token))
         assert row is not None
-        vault.disable_account("t.leaver")
+        vault.admin.disable_account(vault.operator, "t.leaver")
         # A restored copy of the database, or a fault, brings the session row back.
-        vault.storage.put_session(SessionRow(*row))
+        vault._storage.put_session(SessionRow(*row))
         purpose = AccessPurpose("test of a session outliving its account", "T-4")
         nid = _national_ids(shared)[0]
         with pytest.raises(AuthenticationFailed):
@@ -370,6 +374,6 @@ def test_a_session_that_outlived_its_account_opens_nothing(shared: Path) -> None
                 index="national_id",
                 values={"national_id": nid},
             )
-        assert vault.storage.get_session(row.key) is None  # ended on the spot
+        assert vault._storage.get_session(row.key) is None  # ended on the spot
     finally:
         vault.close()

@@ -129,7 +129,7 @@ def test_stolen_vault_directory_holds_no_plaintext(tmp_path: Path) -> None:
     with late.open("wb") as f:
         write_jsonl(f, 500, seed=7)
     late_records = [orjson.loads(line) for line in late.read_bytes().splitlines()]
-    late_report = vault.ingest(late)
+    late_report = vault.ingest(vault.operator, late)
     assert late_report.accepted > 0 and late_report.rejected == 0
     values |= personal_values(late_records)
 

@@ -22,7 +22,7 @@ from tests.conftest import PURPOSE, login, make_vault, read_records
 @pytest.fixture(scope="module")
 def memory_vault_loaded(tmp_path_factory: pytest.TempPathFactory, population_file: Path) -> Vault:
     vault = make_vault(tmp_path_factory.mktemp("tamper"), "memory")
-    vault.ingest(population_file)
+    vault.ingest(vault.operator, population_file)
     return vault
 
 
@@ -30,7 +30,7 @@ _EXAMPLES = itertools.count()
 
 
 def stored_ids(vault: Vault) -> list[str]:
-    storage = vault.storage
+    storage = vault._storage
     assert isinstance(storage, MemoryStorage)
     return sorted(storage._records)
 
@@ -41,7 +41,7 @@ def test_any_bit_flipped_in_a_stored_record_is_detected(
     memory_vault_loaded: Vault, data: st.DataObject
 ) -> None:
     vault = memory_vault_loaded
-    storage = vault.storage
+    storage = vault._storage
     assert isinstance(storage, MemoryStorage)
     record_id = data.draw(st.sampled_from(stored_ids(vault)))
     original = storage._records[record_id]
@@ -58,7 +58,7 @@ def test_any_bit_flipped_in_a_stored_record_is_detected(
             vault.record(session, PURPOSE, record_id)
     finally:
         storage._records[record_id] = original
-    _, entry = list(vault.access_log.entries())[-1]
+    _, entry = list(vault._log.entries())[-1]
     assert entry.outcome is Outcome.ERROR and entry.detail["error"] == "TamperDetected"
 
 
@@ -66,7 +66,7 @@ def test_ciphertext_moved_between_records_in_the_database_is_detected(
     tmp_path: Path, population_file: Path
 ) -> None:
     vault = make_vault(tmp_path, "sqlite")
-    vault.ingest(population_file)
+    vault.ingest(vault.operator, population_file)
     people = [r for r in read_records(population_file) if r["type"] == "person"][:2]
     session = login(vault)
     ids = [

@@ -26,7 +26,7 @@ from tests.conftest import PASSWORD, PURPOSE, login, read_records
 
 @pytest.fixture
 def loaded(vault: Vault, population_file: Path) -> Vault:
-    report = vault.ingest(population_file)
+    report = vault.ingest(vault.operator, population_file)
     assert report.rejected == 0 and report.accepted > 0
     return vault
 
@@ -179,7 +179,7 @@ def test_admins_and_auditors_cannot_read_records(
             index="national_id",
             values={"national_id": str(person["national_id"])},
         )
-    last = list(loaded.access_log.entries())[-1][1]
+    last = list(loaded._log.entries())[-1][1]
     assert last.outcome is Outcome.DENIED and last.actor == session.username
 
 
@@ -213,7 +213,7 @@ def test_every_read_is_on_the_log_with_purpose_and_records(
         values={"national_id": str(person["national_id"])},
     )
     loaded.reveal(session, purpose, view.record_id, "phone")
-    entries = [e for _, e in loaded.access_log.entries()]
+    entries = [e for _, e in loaded._log.entries()]
     search, reveal = entries[-2], entries[-1]
     assert search.action == Action.SEARCH and search.records == (view.record_id,)
     assert reveal.action == Action.REVEAL and reveal.detail["field"] == "phone"
@@ -229,7 +229,7 @@ def test_unknown_record_and_unknown_field(loaded: Vault) -> None:
         loaded.reveal(session, PURPOSE, "a" * 24, "phone")
     with pytest.raises(InvalidQuery):
         loaded.search(session, PURPOSE, record_type="person", index="nope", values={"x": "1"})
-    last = list(loaded.access_log.entries())[-1][1]
+    last = list(loaded._log.entries())[-1][1]
     assert last.outcome is Outcome.ERROR
 
 
@@ -252,7 +252,7 @@ def test_read_fails_closed_when_the_access_log_cannot_be_written(
 
     storage = RefusingLog()
     vault = memory_vault(*memory_keys(tmp_path), hash_cost=FAST_HASH, storage=storage)
-    vault.ingest(population_file)
+    vault.ingest(vault.operator, population_file)
     person = first_person(population_file)
     session = login(vault)
     storage.refuse = True

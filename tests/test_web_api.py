@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from custodes.audit import Outcome
 from custodes.audit.report import verify_bundle
 from custodes.policy import Role
 from custodes.vault import Vault
@@ -41,13 +42,13 @@ _accounts = itertools.count()
 def new_account(vault: Vault, role: Role) -> str:
     """A fresh, enrolled account: each login spends a TOTP step, and a secret has few."""
     name = f"api.{role.value}.{next(_accounts)}"
-    vault.add_account(name, PASSWORD, role, {"district": "*"})
+    vault.admin.add_account(vault.operator, name, PASSWORD, role, {"district": "*"})
     enrol(vault, name)
     return name
 
 
 def session_headers(client: TestClient, vault: Vault, username: str) -> dict[str, str]:
-    code = totp_code(TOTP_SECRETS[username], vault.access_log.clock())
+    code = totp_code(TOTP_SECRETS[username], vault._clock())
     response = client.post(
         "/api/v1/session", json={"username": username, "password": PASSWORD, "totp": code}
     )
@@ -58,7 +59,7 @@ def session_headers(client: TestClient, vault: Vault, username: str) -> dict[str
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory: pytest.TempPathFactory, population_file: Path) -> Iterator[Vault]:
     v = make_vault(tmp_path_factory.mktemp("api"), "memory")
-    assert v.ingest(population_file).rejected == 0
+    assert v.ingest(v.operator, population_file).rejected == 0
     yield v
     v.close()
 
@@ -244,9 +245,9 @@ def test_each_read_is_logged_with_the_client_address(
     client: TestClient, vault: Vault, people: list[dict[str, Any]]
 ) -> None:
     headers = headers_for(client, vault, Role.INVESTIGATOR)
-    before = vault.access_log.size
+    before = vault._log.size
     first_record_id(client, headers, people[5]["national_id"])
-    entries = [e for _, e in vault.access_log.entries(before)]
+    entries = [e for _, e in vault._log.entries(before)]
     assert [e.action for e in entries][-1] == "record:index:search"
     assert entries[-1].client == "testclient"
     assert entries[-1].purpose == PURPOSE["purpose"]
@@ -295,7 +296,10 @@ def test_a_record_read_without_a_case_is_refused(
     response = client.get(
         f"/api/v1/records/{record_id}", headers=headers, params={"purpose": "curiosity"}
     )
-    assert_error(response, 422, "invalid_request")
+    # The policy's decision, the same through every adapter, and on the log as refused.
+    assert_error(response, 422, "purpose_required")
+    refused = list(vault._log.entries(vault._log.size - 1))[-1][1]
+    assert (refused.action, refused.outcome) == ("record:masked:read", Outcome.DENIED)
 
 
 def test_malformed_values_are_refused_by_field_never_by_value(
@@ -406,9 +410,7 @@ def test_audit_log_pages_are_capped_and_walk_the_log_once(
         422,
         "invalid_query",
     )
-    expected = [
-        i for i, e in vault.access_log.entries() if e.action.startswith("record:index:search")
-    ]
+    expected = [i for i, e in vault._log.entries() if e.action.startswith("record:index:search")]
     seen: list[int] = []
     params: dict[str, Any] = {**query, "limit": 3}
     while True:
@@ -422,7 +424,7 @@ def test_audit_log_pages_are_capped_and_walk_the_log_once(
         params["cursor"] = page.json()["next_cursor"]
     assert seen == expected
     # Reading the log is itself on the log, with the auditor's stated purpose.
-    last = list(vault.access_log.entries(vault.access_log.size - 1))[-1][1]
+    last = list(vault._log.entries(vault._log.size - 1))[-1][1]
     assert last.action == "audit:log:read" and last.purpose == query["purpose"]
 
 
@@ -497,7 +499,7 @@ def test_a_subject_report_lists_the_reveal_and_its_bundle_verifies(
     bundle = client.get(f"/api/v1/audit/subject/{record_id}/bundle", headers=auditor, params=params)
     assert bundle.status_code == 200
     assert bundle.headers["content-type"].startswith("text/plain")
-    verified = verify_bundle(bundle.content, vault.access_log.verifier_key)
+    verified = verify_bundle(bundle.content, vault._log.verifier_key)
     assert verified.subject == record_id
 
 

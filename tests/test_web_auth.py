@@ -50,7 +50,7 @@ def csrf_of(html: str) -> str:
 
 
 def add_enrolled(vault: Vault, name: str, role: Role = Role.INVESTIGATOR) -> str:
-    vault.add_account(name, PASSWORD, role, {"district": "*"})
+    vault.admin.add_account(vault.operator, name, PASSWORD, role, {"district": "*"})
     return enrol(vault, name)
 
 
@@ -204,9 +204,11 @@ def test_stolen_session_ends_everywhere_on_account_event(web_vault: Vault, event
     secret = enrol(web_vault, "t.officer")
     sessions.append(web_vault.login("t.officer", PASSWORD, totp=totp_now(web_vault, secret)))
     if event == "disable":
-        web_vault.disable_account("t.officer")
+        web_vault.admin.disable_account(web_vault.operator, "t.officer")
     else:
-        web_vault.change_password("t.officer", "a new passphrase: larch river amber 42")
+        web_vault.admin.change_password(
+            web_vault.operator, "t.officer", "a new passphrase: larch river amber 42"
+        )
     for session in sessions:
         with pytest.raises(AuthenticationFailed):
             web_vault.session_for(session.token)
@@ -216,7 +218,7 @@ def test_stolen_session_ends_everywhere_on_account_event(web_vault: Vault, event
 
 def test_idle_and_absolute_timeouts_end_a_session(web_vault: Vault) -> None:
     now = [time.time()]
-    web_vault.access_log.clock = lambda: now[0]
+    web_vault._clock.moved = lambda: now[0]  # type: ignore[attr-defined]
     idle = login(web_vault, Role.OFFICER, "t.idle")
     now[0] += IDLE_TIMEOUT + 1
     with pytest.raises(AuthenticationFailed):
@@ -234,22 +236,22 @@ def test_idle_and_absolute_timeouts_end_a_session(web_vault: Vault) -> None:
 
 def test_api_token_is_scoped_hashed_and_dies_with_its_account(web_vault: Vault) -> None:
     login(web_vault, Role.INVESTIGATOR, "t.integration")
-    token = web_vault.issue_api_token("t.integration", "search", days=30)
-    assert not any(token.encode() in (web_vault.storage.get_meta(k) or b"") for k in ["x"])
+    token = web_vault.admin.issue_api_token(web_vault.operator, "t.integration", "search", days=30)
+    assert not any(token.encode() in (web_vault._storage.get_meta(k) or b"") for k in ["x"])
     principal = web_vault.session_for(token)
     assert principal.scope == "search" and principal.username == "t.integration"
     with pytest.raises(AccessDenied):
         web_vault.reveal(principal, PURPOSE, "any-record", "phone")
-    web_vault.disable_account("t.integration")
+    web_vault.admin.disable_account(web_vault.operator, "t.integration")
     with pytest.raises(AuthenticationFailed):
         web_vault.session_for(token)
 
 
 def test_expired_api_token_is_refused(web_vault: Vault) -> None:
     now = [time.time()]
-    web_vault.access_log.clock = lambda: now[0]
+    web_vault._clock.moved = lambda: now[0]  # type: ignore[attr-defined]
     login(web_vault, Role.INVESTIGATOR, "t.integration")
-    token = web_vault.issue_api_token("t.integration", "read", days=1)
+    token = web_vault.admin.issue_api_token(web_vault.operator, "t.integration", "read", days=1)
     web_vault.session_for(token)
     now[0] += 86400 + 1
     with pytest.raises(AuthenticationFailed):
@@ -259,8 +261,8 @@ def test_expired_api_token_is_refused(web_vault: Vault) -> None:
 def test_enrolment_page_shows_a_qr_code_without_inline_script(
     app: FastAPI, web_vault: Vault
 ) -> None:
-    web_vault.add_account("t.new", PASSWORD, Role.OFFICER)
-    code = web_vault.issue_enrolment("t.new")
+    web_vault.admin.add_account(web_vault.operator, "t.new", PASSWORD, Role.OFFICER)
+    code = web_vault.admin.issue_enrolment(web_vault.operator, "t.new")
     with TestClient(app) as client:
         page = client.get("/enrol", params={"code": code})
         assert page.status_code == 200 and "<svg" in page.text and "otpauth://" in page.text

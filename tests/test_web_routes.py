@@ -34,7 +34,7 @@ REFUSED = {401, 403, 404, 405, 422, 429}
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory, population_file: Path) -> Iterator[Vault]:
     v = make_vault(tmp_path_factory.mktemp("routes"), "memory")
-    assert v.ingest(population_file).rejected == 0
+    assert v.ingest(v.operator, population_file).rejected == 0
     yield v
     v.close()
 
@@ -188,25 +188,24 @@ def test_cookie_thief_gets_nothing_from_any_route_after_the_session_ends(
     client, token = _logged_in(app, loaded, name)
     # The session works before it ends: the refusals below are the ending's doing.
     assert client.get("/", follow_redirects=False).status_code == 200
-    clock = loaded.access_log.clock
     try:
         if how == "logged out":
             home = client.get("/")
             client.post("/logout", data={deps.CSRF_FIELD: csrf_of(home.text)})
         elif how == "expired":
             later = time.time() + ABSOLUTE_TIMEOUT + 1
-            loaded.access_log.clock = lambda: later
+            loaded._clock.moved = lambda: later  # type: ignore[attr-defined]
         elif how == "account disabled":
-            loaded.disable_account(name)
+            loaded.admin.disable_account(loaded.operator, name)
         else:
-            loaded.change_password(name, PASSWORD + " and more")
+            loaded.admin.change_password(loaded.operator, name, PASSWORD + " and more")
         with TestClient(app) as thief:
             thief.cookies.set(deps.SESSION_COOKIE, token)
             answers = walk(thief, app, people, record_ids[0])
         with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as thief:
             answers += walk(thief, app, people, record_ids[0])
     finally:
-        loaded.access_log.clock = clock
+        loaded._clock.moved = None  # type: ignore[attr-defined]
         client.close()
     assert_nothing_served(answers, personal_values(people))
 

@@ -39,7 +39,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, population_file: Path
 ) -> Iterator[tuple[FastAPI, dict[str, dict[str, str]]]]:
     vault: Vault = make_vault(tmp_path_factory.mktemp("schemathesis"), "memory")
-    assert vault.ingest(population_file).rejected == 0
+    assert vault.ingest(vault.operator, population_file).rejected == 0
     app = build_app(vault)
     with TestClient(app) as client:
         headers = {

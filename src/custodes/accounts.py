@@ -12,9 +12,9 @@ import base64
 import hashlib
 import hmac
 import os
-import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -40,10 +40,10 @@ from custodes.errors import (
     TamperDetected,
     WeakPassword,
 )
-from custodes.policy import Role, clearance_of
+from custodes.policy import ACCOUNT_ROLES, Role, reads_records
 from custodes.records.normalise import Refusal
 from custodes.records.normalise import case_no as canonical_case_no
-from custodes.storage.base import AccountRow, Storage
+from custodes.storage.base import AccountRow, AccountStore
 
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1024
@@ -175,8 +175,15 @@ class Enrolment:
 class AccountBook:
     """Accounts over a storage backend."""
 
-    def __init__(self, storage: Storage, cost: HashCost = HashCost()) -> None:
+    def __init__(
+        self,
+        storage: AccountStore,
+        cost: HashCost = HashCost(),
+        *,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self._storage = storage
+        self._random = random
         self._hasher = PasswordHasher(
             time_cost=cost.time_cost, memory_cost=cost.memory_kib, parallelism=cost.parallelism
         )
@@ -199,6 +206,8 @@ class AccountBook:
         attributes: dict[str, Any] | None = None,
     ) -> Account:
         _check_username(username)
+        if role not in ACCOUNT_ROLES:
+            raise ConfigurationError(f"no account can have the {role.value} role")
         check_password_strength(password, username=username)
         public = dict(attributes or {})
         if _SECURITY in public:
@@ -325,7 +334,7 @@ class AccountBook:
     def issue_enrolment(self, username: str, *, now: float) -> str:
         """A one-time enrolment code for the account, valid 24 h; only its hash is kept.
         A factor already enrolled keeps working until the new one is confirmed."""
-        code = secrets.token_urlsafe(20)
+        code = base64.urlsafe_b64encode(self._random(20)).rstrip(b"=").decode()
         with self._lock:
             row = self._require(username)
             state = _security(row)
@@ -344,7 +353,7 @@ class AccountBook:
             if isinstance(sealed, str):
                 secret = box.open(sealed, username=row.username, purpose="totp")
             else:
-                secret = pyotp.random_base32()
+                secret = base64.b32encode(self._random(20)).decode()
                 state["pending"] = box.seal(secret, username=row.username, purpose="totp")
                 self._save(row, state)
             return Enrolment(row.username, secret)
@@ -403,7 +412,7 @@ class AccountBook:
             handle = state.get("passkey_user")
             if isinstance(handle, str):
                 return passkeys.unb64url(handle)
-            raw = secrets.token_bytes(32)
+            raw = self._random(32)
             state["passkey_user"] = passkeys.b64url(raw)
             self._save(row, state)
             return raw
@@ -606,7 +615,7 @@ def _case_list(role: Role, attribute: object) -> list[str]:
 
 def _check_takes_cases(role: Role) -> None:
     """Cases open records; a role that reads none (admin, auditor) takes none."""
-    if clearance_of(role) is None:
+    if not reads_records(role):
         raise InvalidAssignment(f"the {role.value} role reads no records, so takes no cases")
 
 

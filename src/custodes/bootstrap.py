@@ -1,25 +1,30 @@
 """The composition root: builds a Vault from a directory, a keyring and a passphrase.
 
-Nothing else wires storage, keys, schema, access log and accounts together, so every
-entry point (CLI, tests, later the web app) gets the same, complete vault.
+Nothing else constructs a storage backend or wires storage, keys, schema, access log,
+accounts, the clock and the source of randomness together, so every entry point (CLI,
+server, tests) gets the same, complete vault. A vault opened here with the passphrase,
+on the host, comes with its host operator; a server process's vault has none.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from custodes.accounts import AccountBook, HashCost
+from custodes.accounts import Account, AccountBook, HashCost, SecretBox
 from custodes.audit import AccessLog, AuditKeys
 from custodes.audit.checkpoint import LogSigner, create_log_key, open_log_key
+from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
 from custodes.errors import ConfigurationError
 from custodes.schema import Schema, load_schema, parse_schema
+from custodes.sessions import Operator
 from custodes.settings import (
     VaultLayout,
     default_keyring_path,
@@ -27,7 +32,16 @@ from custodes.settings import (
     is_within,
 )
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
+from custodes.storage.base import SessionRow
 from custodes.vault import Vault
+
+Clock = Callable[[], float]
+Random = Callable[[int], bytes]
+# The one clock and the one source of randomness every part of a vault is given (session
+# and API tokens, enrolment codes, passkey challenges, vault ids). Keys and nonces are
+# drawn by custodes.crypto straight from the operating system, by design.
+SYSTEM_CLOCK: Clock = time.time
+SYSTEM_RANDOM: Random = os.urandom
 
 DEFAULT_POPULATION = 10**9
 STORE_FORMAT = b"1"
@@ -44,12 +58,15 @@ def create_vault(
     kdf: KdfParams | None = None,
     hash_cost: HashCost | None = None,
     checkpoint_every: int = 1000,
+    clock: Clock = SYSTEM_CLOCK,
+    random: Random = SYSTEM_RANDOM,
 ) -> Vault:
-    """Create a new vault in an empty or new directory, and its keys elsewhere."""
+    """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
+    comes with its host operator: whoever creates it holds the passphrase."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
-    vault_id = os.urandom(16)
+    vault_id = random(16)
     keyring_path = Path(keyring_path) if keyring_path else default_keyring_path(vault_id)
     log_key_path = Path(log_key_path) if log_key_path else default_log_key_path(vault_id)
     for key_path in (keyring_path, log_key_path):
@@ -88,6 +105,9 @@ def create_vault(
         hash_cost,
         directory,
         checkpoint_every,
+        clock=clock,
+        random=random,
+        operator=Operator(),
     )
 
 
@@ -135,9 +155,14 @@ def assemble_vault(
     *,
     hash_cost: HashCost | None = None,
     checkpoint_every: int = 1000,
+    host: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
+    random: Random = SYSTEM_RANDOM,
 ) -> Vault:
     """Open an unlocked vault's database and build the Vault on it. Each process serving
-    the vault calls this for itself: storage connections are never shared across a fork."""
+    the vault calls this for itself: storage connections are never shared across a fork.
+    `host` gives the vault its host operator, for commands run on the host; a server's
+    vault has none, so no request can act as the operator."""
     layout = VaultLayout(unlocked.directory)
     storage = SQLiteStorage(layout.database)
     try:
@@ -156,6 +181,9 @@ def assemble_vault(
         hash_cost,
         layout.directory,
         checkpoint_every,
+        clock=clock,
+        random=random,
+        operator=Operator() if host else None,
     )
 
 
@@ -167,12 +195,22 @@ def open_vault(
     log_key_path: Path | None = None,
     hash_cost: HashCost | None = None,
     checkpoint_every: int = 1000,
+    clock: Clock = SYSTEM_CLOCK,
+    random: Random = SYSTEM_RANDOM,
 ) -> Vault:
-    """Open an existing vault with its keyring and its log signing key."""
+    """Open an existing vault on the host with its keyring and its log signing key; it
+    comes with its host operator."""
     unlocked = unlock_vault(
         directory, passphrase=passphrase, keyring_path=keyring_path, log_key_path=log_key_path
     )
-    return assemble_vault(unlocked, hash_cost=hash_cost, checkpoint_every=checkpoint_every)
+    return assemble_vault(
+        unlocked,
+        hash_cost=hash_cost,
+        checkpoint_every=checkpoint_every,
+        host=True,
+        clock=clock,
+        random=random,
+    )
 
 
 def memory_vault(
@@ -183,15 +221,31 @@ def memory_vault(
     expected_population: int = DEFAULT_POPULATION,
     hash_cost: HashCost | None = None,
     storage: Storage | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    random: Random = SYSTEM_RANDOM,
 ) -> Vault:
-    """A vault on in-memory storage (or a given backend): for tests and experiments."""
+    """A vault on in-memory storage (or a given backend), with its host operator: for
+    tests and experiments."""
     schema_text = _schema_text(schema_path)
     schema = parse_schema(schema_text)
     storage = storage if storage is not None else MemoryStorage()
     bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
     _write_meta(storage, material.vault_id, schema_text, bits, expected_population)
     storage.set_meta("log_verifier_key", signer.verifier_key.encode())
-    return _assemble(storage, schema, schema_text, material, signer, bits, hash_cost, None, 1000)
+    return _assemble(
+        storage,
+        schema,
+        schema_text,
+        material,
+        signer,
+        bits,
+        hash_cost,
+        None,
+        1000,
+        clock=clock,
+        random=random,
+        operator=Operator(),
+    )
 
 
 def _assemble(
@@ -204,6 +258,10 @@ def _assemble(
     hash_cost: HashCost | None,
     directory: Path | None,
     checkpoint_every: int,
+    *,
+    clock: Clock,
+    random: Random,
+    operator: Operator | None,
 ) -> Vault:
     access_log = AccessLog(
         storage,
@@ -211,19 +269,24 @@ def _assemble(
         signer,
         origin=signer.origin,
         checkpoint_every=checkpoint_every,
+        clock=clock,
     )
-    vault = Vault(
+    accounts = AccountBook(storage, hash_cost or HashCost(), random=random)
+    accounts.bind_secrets(SecretBox(material))
+    return Vault(
         schema=schema,
+        schema_text=schema_text,
         storage=storage,
         codec=RecordCodec(schema, material, bits),
         material=material,
         token_bits=bits,
         access_log=access_log,
-        accounts=AccountBook(storage, hash_cost or HashCost()),
+        accounts=accounts,
+        clock=clock,
+        random=random,
+        operator=operator,
         directory=directory,
-        schema_text=schema_text,
     )
-    return vault
 
 
 def log_origin(vault_id: bytes) -> str:
@@ -261,3 +324,61 @@ def _read_meta(storage: Storage, vault_id: bytes) -> tuple[str, dict[int, int]]:
     if schema is None or bits is None:
         raise ConfigurationError("the vault database is missing its schema")
     return schema.decode("utf-8"), {int(k): int(v) for k, v in orjson.loads(bits).items()}
+
+
+# -- what a host command reads without the keys ------------------------------------------
+
+
+def verify_log_files(
+    directory: Path, *, log_key: str, outside: Sequence[OutsideCheckpoint] = ()
+) -> VerifyReport:
+    """Verify a vault directory's access log (or a copy of it) with only the log's public
+    key: what an outside auditor runs, on the host or on a copy, with no keyring.
+
+    The log holds no personal value (subjects are keyed commitments, searched values are
+    sealed beside it), so reading it whole needs no keys; LogTampered names the first bad
+    position."""
+    layout = VaultLayout(Path(directory))
+    layout.read()
+    storage = SQLiteStorage(layout.database)
+    try:
+        return verify_log(storage, log_key, origin=log_key.split("+", 1)[0], outside=outside)
+    finally:
+        storage.close()
+
+
+def stored_verifier_key(directory: Path) -> str | None:
+    """The log's public key as the vault directory stores it (to find its witnesses)."""
+    layout = VaultLayout(Path(directory))
+    layout.read()
+    storage = SQLiteStorage(layout.database)
+    try:
+        stored = storage.get_meta("log_verifier_key")
+    finally:
+        storage.close()
+    return stored.decode() if stored else None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentFacts:
+    """What `custodes doctor` reads of a vault database without its keys: the accounts
+    (names, roles, state; never hashes or secrets), the stored sessions (hashes only) and
+    the stored schema's text."""
+
+    accounts: list[Account]
+    sessions: list[SessionRow]
+    schema: bytes | None
+
+
+def deployment_facts(directory: Path) -> DeploymentFacts | None:
+    """The facts of a vault directory's database, or None if it has none."""
+    database = VaultLayout(Path(directory)).database
+    if not database.exists():
+        return None
+    storage = SQLiteStorage(database)
+    try:
+        # Only listing: the hashing cost is the floor, since nothing is hashed here.
+        accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()
+        return DeploymentFacts(accounts, storage.list_sessions(), storage.get_meta("schema"))
+    finally:
+        storage.close()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from custodes.errors import ConfigurationError, CustodesError
-from custodes.policy import clearance_of
+from custodes.policy import reads_records
 from custodes.sessions import IDLE_TIMEOUT
 from custodes.settings import VaultLayout, is_within
 from custodes.storage.base import SessionRow
@@ -375,20 +375,13 @@ def _expiry(pem: bytes, what: str, now: float) -> Iterator[Finding]:
 
 
 def check_accounts(d: Deployment) -> Iterator[Finding]:
-    from custodes.accounts import AccountBook, HashCost
-    from custodes.storage import SQLiteStorage
+    from custodes.bootstrap import deployment_facts
 
-    database = VaultLayout(d.vault_dir).database
-    if not database.exists():
+    facts = deployment_facts(d.vault_dir)
+    if facts is None:
         return
-    storage = SQLiteStorage(database)
-    try:
-        # Only listing: the hashing cost is the floor, since nothing is hashed here.
-        accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()
-        sessions = storage.list_sessions()
-    finally:
-        storage.close()
-    yield from _check_sessions(sessions, {a.username: a for a in accounts}, d.now)
+    accounts = facts.accounts
+    yield from _check_sessions(facts.sessions, {a.username: a for a in accounts}, d.now)
     for account in accounts:
         name = account.username
         if account.disabled:
@@ -409,7 +402,7 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 f"'custodes account unlock {name}'",
             )
         if not account.mfa_enrolled:
-            reads = clearance_of(account.role) is not None
+            reads = reads_records(account.role)
             yield Finding(
                 "accounts:no-mfa",
                 Severity.HIGH if reads else Severity.MEDIUM,
@@ -449,17 +442,13 @@ def _check_sessions(
 
 
 def check_schema(d: Deployment) -> Iterator[Finding]:
+    from custodes.bootstrap import deployment_facts
     from custodes.schema import load_schema, parse_schema
-    from custodes.storage import SQLiteStorage
 
-    database = VaultLayout(d.vault_dir).database
-    if not database.exists():
+    facts = deployment_facts(d.vault_dir)
+    if facts is None:
         return
-    storage = SQLiteStorage(database)
-    try:
-        stored = storage.get_meta("schema")
-    finally:
-        storage.close()
+    stored = facts.schema
     if stored is None:
         yield Finding(
             "schema:missing",

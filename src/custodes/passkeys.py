@@ -16,9 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +126,8 @@ def check_label(label: str) -> str:
 class ChallengeMint:
     """Issues and checks challenges bound to purpose, account, binding and expiry."""
 
-    def __init__(self, material: KeyMaterial) -> None:
+    def __init__(self, material: KeyMaterial, random: Callable[[int], bytes]) -> None:
+        self._random = random
         self._key = HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=_CHALLENGE_INFO).derive(
             material.index_root
         )
@@ -142,7 +142,7 @@ class ChallengeMint:
         return hmac.new(self._key, message + b"\x00" + head, hashlib.sha256).digest()
 
     def issue(self, purpose: str, username: str, binding: bytes, now: float) -> bytes:
-        head = os.urandom(_NONCE) + _EXPIRES.pack(int(now + CHALLENGE_TTL))
+        head = self._random(_NONCE) + _EXPIRES.pack(int(now + CHALLENGE_TTL))
         return head + self._mac(purpose, username, binding, head)
 
     def check(

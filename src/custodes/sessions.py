@@ -1,26 +1,42 @@
-"""Sessions and login throttling, kept in storage.
+"""Logging in and staying logged in: sessions, login throttling, API tokens and passkey
+ceremonies, kept in storage.
 
 Every process serving a vault reads the same sessions and failure counts, so a logout,
 a password change or a lockout in one of them holds in all of them at once, and a
 restart keeps officials logged in (within the timeouts). Storage holds only a hash of
 each bearer token; the CSRF token of a session is derived from it with a vault key, so
-it is never stored at all.
+it is never stored at all. This module authenticates; what a session may then do is
+decided by custodes.policy inside the vault's access function.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
-import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from custodes import passkeys
+from custodes.accounts import AccountBook, Enrolment, Passkey
+from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.crypto import KeyMaterial
-from custodes.policy import Role
-from custodes.storage.base import SessionRow, Storage
+from custodes.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    LoginThrottled,
+    MfaEnrolmentRequired,
+)
+from custodes.policy import API_SCOPES, Action, Role
+from custodes.storage.base import AccountStore, MetaStore, SessionRow
+
+Clock = Callable[[], float]
+Random = Callable[[int], bytes]  # n bytes from a cryptographically secure source
 
 IDLE_TIMEOUT = 30 * 60.0
 ABSOLUTE_TIMEOUT = 8 * 3600.0
@@ -56,8 +72,11 @@ def token_key(token: str) -> bytes:
 class SessionBook:
     """Logged-in sessions: opened at login, checked on every request, ended on logout."""
 
-    def __init__(self, storage: Storage, material: KeyMaterial, ttl: float) -> None:
+    def __init__(
+        self, storage: AccountStore, material: KeyMaterial, ttl: float, random: Random
+    ) -> None:
         self._storage = storage
+        self._random = random
         self._ttl = min(ttl, ABSOLUTE_TIMEOUT)
         self._csrf_key = HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=_CSRF_INFO).derive(
             material.index_root
@@ -68,7 +87,7 @@ class SessionBook:
 
     def open(self, username: str, role: Role, now: float, client: str | None) -> Session:
         # Always a fresh token: a session id planted before login is never promoted.
-        session = Session(secrets.token_urlsafe(16), username, role, now, client)
+        session = Session(_token(self._random(16)), username, role, now, client)
         self._storage.put_session(
             SessionRow(
                 token_key(session.token), username, role.value, now, now + self._ttl, now, client
@@ -112,7 +131,7 @@ class Throttle:
     attempt waits 2^n seconds, up to MAX_BACKOFF; a key quiet for MAX_BACKOFF is forgotten
     (the account's own lock, in its record, still counts)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: AccountStore) -> None:
         self._storage = storage
 
     def wait(self, keys: Sequence[str], now: float) -> float:
@@ -132,3 +151,310 @@ class Throttle:
 
     def forget_quiet(self, now: float) -> int:
         return self._storage.purge_login_failures(now - MAX_BACKOFF)
+
+
+def _token(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Whoever unsealed the vault's keys on the host (the keyring passphrase's holder),
+    acting through host commands. Not an account, never a web session: the composition
+    root hands one out with a vault it opened on the host, and a server's vault has none.
+    The policy lets it ingest and administer, never read records or the log's entries."""
+
+    username: str = "operator"
+    role: Role = Role.OPERATOR
+    scope: None = None
+    client: None = None
+
+
+# Who acts: an official's session (a login's or an integration token's) or the operator.
+Principal = Session | Operator
+
+API_TOKEN_PREFIX = "cst_"  # noqa: S105 - recognisable to secret scanners
+MAX_API_TOKEN_DAYS = 365
+
+
+class ApiTokens:
+    """Integrations' bearer tokens: shown once, only a SHA-256 of each stored."""
+
+    def __init__(self, meta: MetaStore, random: Random) -> None:
+        self._meta = meta
+        self._random = random
+
+    def issue(self, username: str, scope: str, *, days: int, now: float) -> str:
+        if scope not in API_SCOPES:
+            raise ConfigurationError(f"a scope is one of: {', '.join(API_SCOPES)}")
+        if not 1 <= days <= MAX_API_TOKEN_DAYS:
+            raise ConfigurationError(f"a token lives 1 to {MAX_API_TOKEN_DAYS} days")
+        token = API_TOKEN_PREFIX + _token(self._random(32))
+        doc = {"username": username, "scope": scope, "issued": now, "expires": now + days * 86400}
+        self._meta.set_meta(_api_token_key(token), orjson.dumps(doc))
+        return token
+
+    def find(self, token: str) -> dict[str, Any] | None:
+        stored = self._meta.get_meta(_api_token_key(token))
+        return None if not stored else dict(orjson.loads(stored))
+
+
+def _api_token_key(token: str) -> str:
+    return "api_token:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def registration_binding(session: Session) -> bytes:
+    """What a registration challenge is bound to: the session, by its stored key."""
+    return hashlib.sha256(session.token.encode()).digest()
+
+
+class Gatekeeper:
+    """Logins (password and a second factor: a one-time code or a passkey), the sessions
+    they open, integrations' tokens, and second-factor enrolment. Every login attempt and
+    logout is on the access log. Authentication only: the vault's access function decides
+    what a session may do, and calls the self-service ceremonies here once it has."""
+
+    def __init__(
+        self,
+        *,
+        store: AccountStore,
+        meta: MetaStore,
+        accounts: AccountBook,
+        log: AccessLog,
+        material: KeyMaterial,
+        clock: Clock,
+        random: Random,
+        session_ttl: float,
+    ) -> None:
+        self._store = store
+        self._accounts = accounts
+        self._log = log
+        self._clock = clock
+        self.sessions = SessionBook(store, material, session_ttl, random)
+        self.tokens = ApiTokens(meta, random)
+        self._throttle = Throttle(store)
+        self._challenges = passkeys.ChallengeMint(material, random)
+
+    def __repr__(self) -> str:
+        return "Gatekeeper()"
+
+    # -- logging in ----------------------------------------------------------------------
+
+    def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        totp: str | None = None,
+        passkey: passkeys.Assertion | None = None,
+        client: str | None = None,
+    ) -> Session:
+        """A new session, for the right password and a second factor: an unused one-time
+        code (TOTP), or instead a verified assertion by one of the account's passkeys.
+
+        Throttled per account name and per client address before anything is checked;
+        a wrong password, a wrong code or passkey, an unknown, disabled or locked account
+        all fail with the same AuthenticationFailed.
+        """
+        now = self._clock()
+        keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
+        wait = self._throttle.wait(keys, now)
+        if wait > 0:
+            self._log_login(username, "", Outcome.DENIED, now, client, reason="throttled")
+            raise LoginThrottled(wait)
+        try:
+            account = self._accounts.authenticate(username, password)
+        except AuthenticationFailed:
+            self._login_failed(username, keys, now, client, "credentials")
+            raise AuthenticationFailed() from None
+        if not account.mfa_enrolled:
+            self._log_login(username, account.role, Outcome.DENIED, now, client, "no_mfa")
+            raise MfaEnrolmentRequired()
+        if passkey is not None:
+            factor_ok = self._passkey_ok(username, passkey, now)
+        else:
+            factor_ok = self._accounts.verify_totp(username, totp, now=now)
+        if not factor_ok:
+            self._login_failed(username, keys, now, client, "second_factor")
+            raise AuthenticationFailed()
+        self._throttle.clear(keys[0])
+        self._throttle.forget_quiet(now)
+        self._accounts.record_success(username)
+        factor = "passkey" if passkey is not None else "totp"
+        self._log_login(username, account.role, Outcome.GRANTED, now, client, factor=factor)
+        self.sessions.purge(now)
+        return self.sessions.open(username, account.role, now, client)
+
+    def _login_failed(
+        self, username: str, keys: Sequence[str], now: float, client: str | None, reason: str
+    ) -> None:
+        self._throttle.fail(keys, now)
+        locked = self._accounts.record_failure(username)
+        self._log_login(username, "", Outcome.DENIED, now, client, reason, locked=locked)
+
+    def _log_login(
+        self,
+        username: str,
+        role: str,
+        outcome: Outcome,
+        now: float,
+        client: str | None,
+        reason: str | None = None,
+        *,
+        locked: bool = False,
+        factor: str | None = None,
+    ) -> None:
+        detail: dict[str, Any] = {}
+        if reason:
+            detail["reason"] = reason
+        if locked:
+            detail["account_locked"] = True
+        if factor:
+            detail["factor"] = factor
+        self._log.append(
+            AccessEntry(username, role, Action.LOGIN, outcome, now, client=client, detail=detail)
+        )
+
+    def clear_failures(self, username: str) -> None:
+        """Forget an account's failed logins (an administrator lifted its lock)."""
+        self._throttle.clear(f"account:{username.casefold()}")
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def session_for(self, token: str) -> Session:
+        """The live session a bearer token stands for (a login's or an API token's),
+        or AuthenticationFailed. Idle and absolute timeouts apply here."""
+        if not isinstance(token, str) or not token:
+            raise AuthenticationFailed("no valid session: log in first")
+        if token.startswith(API_TOKEN_PREFIX):
+            return self._api_session(token)
+        session = self.sessions.live(token, self._clock())
+        if session is None:
+            raise AuthenticationFailed("the session has ended: log in again")
+        return session
+
+    def live(self, session: object) -> Session:
+        """The session again, checked afresh: it may have ended since it was presented."""
+        if not isinstance(session, Session) or self.session_for(session.token) != session:
+            raise AuthenticationFailed("no valid session: log in first")
+        return session
+
+    def csrf_token(self, session: Session) -> str:
+        """The session's own token for forms: a cross-site form cannot know it."""
+        return self.sessions.csrf(self.live(session).token)
+
+    def logout(self, session: Session) -> None:
+        if not isinstance(session, Session) or session.scope is not None:
+            return  # an integration's token ends with its expiry or its account
+        if self.sessions.end(session.token):
+            self._log.append(
+                AccessEntry(
+                    session.username,
+                    session.role.value,
+                    Action.LOGOUT,
+                    Outcome.GRANTED,
+                    self._clock(),
+                    client=session.client,
+                    detail={"account": session.username},
+                )
+            )
+
+    def _api_session(self, token: str) -> Session:
+        # Checked against its account at every use, so that disabling or locking the
+        # account stops an integration's token at once.
+        doc = self.tokens.find(token)
+        if doc is None:
+            raise AuthenticationFailed("no valid session: log in first")
+        account = self._accounts.get(str(doc["username"]))
+        now = self._clock()
+        if account is None or account.disabled or account.locked or now >= float(doc["expires"]):
+            raise AuthenticationFailed("the session has ended: log in again")
+        return Session(
+            token, account.username, account.role, float(doc["issued"]), None, str(doc["scope"])
+        )
+
+    # -- second factors ------------------------------------------------------------------
+
+    def enrolment(self, code: str) -> Enrolment:
+        """The TOTP secret for an enrolment code, to show once as a QR code."""
+        return self._accounts.enrolment(code, now=self._clock())
+
+    def complete_enrolment(self, code: str, totp: str) -> str:
+        """Confirm an enrolment with a first one-time code; the account's name. The code
+        is the authority here (issued by an administrator, logged then); this is logged too."""
+        now = self._clock()
+        username = self._accounts.complete_enrolment(code, totp, now=now)
+        self._log.append(
+            AccessEntry(
+                username,
+                "",
+                Action.MFA_ENROL,
+                Outcome.GRANTED,
+                now,
+                detail={"account": username},
+            )
+        )
+        return username
+
+    def passkey_login_options(
+        self, username: str, ceremony: passkeys.Ceremony, *, binding: bytes
+    ) -> str:
+        """Options for navigator.credentials.get at login, as JSON, bound to the account
+        name and the login form's pre-session token. The same shape for every name, known
+        or not, with passkeys or without: nothing is looked up."""
+        challenge = self._challenges.issue(passkeys.LOGIN, username, binding, self._clock())
+        return passkeys.login_options(ceremony, challenge=challenge)
+
+    def passkey_registration_options(self, live: Session, ceremony: passkeys.Ceremony) -> str:
+        """Options for navigator.credentials.create, bound to this (authorised) session."""
+        challenge = self._challenges.issue(
+            passkeys.REGISTER, live.username, registration_binding(live), self._clock()
+        )
+        return passkeys.registration_options(
+            ceremony,
+            username=live.username,
+            user_handle=self._accounts.passkey_user_handle(live.username),
+            challenge=challenge,
+            existing=self._accounts.passkey_ids(live.username),
+        )
+
+    def register_passkey(
+        self, live: Session, ceremony: passkeys.Ceremony, credential_json: str, label: str
+    ) -> Passkey:
+        """Verify a navigator.credentials.create response made for a challenge of this
+        (authorised) session, and store the passkey."""
+        now = self._clock()
+        label = passkeys.check_label(label)
+        challenge = passkeys.challenge_of(credential_json)
+        nonce = self._challenges.check(
+            challenge, passkeys.REGISTER, live.username, registration_binding(live), now
+        )
+        if not self._spend_challenge(nonce, now):
+            raise passkeys.PasskeyRefused()
+        new = passkeys.verify_registration(credential_json, challenge=challenge, ceremony=ceremony)
+        return self._accounts.add_passkey(
+            live.username, new, label=label, rp_id=ceremony.rp_id, now=now
+        )
+
+    def _passkey_ok(self, username: str, answer: passkeys.Assertion, now: float) -> bool:
+        """Whether a login's passkey assertion verifies, its challenge spent here."""
+        try:
+            challenge = passkeys.challenge_of(answer.credential_json)
+            nonce = self._challenges.check(challenge, passkeys.LOGIN, username, answer.binding, now)
+        except passkeys.PasskeyRefused:
+            return False
+        if not self._spend_challenge(nonce, now):
+            return False
+        return self._accounts.use_passkey(
+            username,
+            answer.credential_json,
+            challenge=challenge,
+            ceremony=answer.ceremony,
+            now=now,
+        )
+
+    def _spend_challenge(self, nonce: bytes, now: float) -> bool:
+        """Mark a challenge used; whether this was its first use, in any process. The
+        mark is kept twice the challenge's life, so it outlives the challenge."""
+        key = hashlib.sha256(b"custodes passkey challenge\x00" + nonce).digest()
+        return self._store.spend(key, now, keep=2 * passkeys.CHALLENGE_TTL)

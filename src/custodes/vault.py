@@ -1,105 +1,86 @@
-"""The safe API: log in, search, read masked records, reveal a field, ingest.
+"""The vault: the only door to personal records and to the access log.
 
-Every read of personal data passes through one access function, `Vault._access`: it
-checks the session, the purpose and the role, runs the read in memory, writes the
-access-log entry durably, and only then returns. If the entry cannot be written, the
-read fails and nothing is returned.
-
-Sessions and failed-login counts live in storage (custodes.sessions), so several server
-processes can serve one vault and a logout or lockout in one holds in all.
+Every operation that reads personal data or the log, or changes an account or the log,
+is a method here (or of `vault.admin`, the account administration it owns) and passes
+the one access function, `AccessGate.access` (custodes.access): the principal checked
+afresh, one decision by custodes.policy, the operation run in memory, its access-log
+entry durable, and only then the answer. Storage, the codec, the log and the accounts
+are private to it; logins and sessions are custodes.sessions', reached through here.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import secrets
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import orjson
+from typing import Any
 
 from custodes import passkeys
-from custodes.accounts import Account, AccountBook, Enrolment, Passkey, SecretBox
-from custodes.audit import AccessEntry, AccessLog, Outcome
+from custodes.access import AccessGate, Done, Grant, OutOfReach, Reach
+from custodes.accounts import AccountBook, Enrolment, Passkey
+from custodes.administration import Administration
+from custodes.audit import AccessEntry, AccessLog
+from custodes.audit.report import (
+    ReportedAccess,
+    SubjectReport,
+    check_inclusion,
+    iso_time,
+    open_checkpoint,
+)
+from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
+from custodes.audit.witness import Conflict, submit_checkpoint
 from custodes.codec import RecordCodec, Values, role_of_link
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
-    AccessDenied,
     AuthenticationFailed,
     ConfigurationError,
-    CustodesError,
     InvalidQuery,
-    LoginThrottled,
-    MfaEnrolmentRequired,
     RecordNotFound,
     SchemaError,
+    TamperDetected,
 )
+from custodes.ingest import IngestReport, IngestTarget, run_ingest
 from custodes.policy import (
     PROTECTED_REPORTER,
     REPORTER,
     AccessPurpose,
     Action,
     RecordFacts,
-    Role,
-    assigned_cases,
     authorise,
     district_of_case_no,
     district_of_national_id,
     is_minor,
-    may_see,
-    sees_reporters,
 )
 from custodes.records import index_parts, is_han, mask_value, query_parts
 from custodes.schema import IndexSpec, RecordType, Schema
 from custodes.sessions import (
     ABSOLUTE_TIMEOUT,
     IDLE_TIMEOUT,
+    Clock,
+    Gatekeeper,
+    Operator,
+    Principal,
+    Random,
     Session,
-    SessionBook,
-    Throttle,
 )
 from custodes.storage.base import Storage, StoredRecord
 
-if TYPE_CHECKING:
-    from custodes.ingest import IngestReport
-
-T = TypeVar("T")
-
 MAX_RESULTS = 100
-SYSTEM_ACTOR = "operator"  # the holder of the keyring passphrase, acting on the host
+# Incoming links are looked up in pages of this size, growing until a page comes back
+# short, so that a person named in many records is never cut off at a fixed limit.
+_FIRST_PAGE = 256
 
-__all__ = ["ABSOLUTE_TIMEOUT", "IDLE_TIMEOUT", "LinkView", "RecordView", "Session", "Vault"]
-
-API_TOKEN_PREFIX = "cst_"  # noqa: S105 - recognisable to secret scanners
-MAX_API_TOKEN_DAYS = 365
-
-# What an integration's token may do: a scope names the largest action it allows.
-API_SCOPES: dict[str, frozenset[Action]] = {
-    "search": frozenset({Action.SEARCH}),
-    "read": frozenset({Action.SEARCH, Action.READ}),
-    "reveal": frozenset({Action.SEARCH, Action.READ, Action.REVEAL}),
-    "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT}),
-}
-
-# Reads whose log entry counts the records withheld by the record-level rules.
-_RECORD_READS = frozenset({Action.SEARCH, Action.READ})
-
-# Access-log tags for account events (subject:object:action, like custodes.policy.Action).
-LOGOUT = "account:session:logout"
-PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
-ACCOUNT_DISABLE = "account:account:disable"
-ACCOUNT_ENABLE = "account:account:enable"
-ACCOUNT_UNLOCK = "account:account:unlock"
-MFA_ENROL_ISSUE = "account:mfa:issue"
-MFA_ENROL = "account:mfa:enrol"
-API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
-CASE_ASSIGN = "account:case:assign"
-CASE_UNASSIGN = "account:case:unassign"
-PASSKEY_REGISTER = "account:passkey:register"
+__all__ = [
+    "ABSOLUTE_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "MAX_RESULTS",
+    "LinkView",
+    "LogExtract",
+    "Operator",
+    "RecordView",
+    "Session",
+    "Vault",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,30 +117,17 @@ class RecordView:
         }
 
 
-class _OutOfReach(RecordNotFound):
-    """A record that exists but lies outside the official's reach. Logged as a refusal,
-    then raised to the caller as a plain RecordNotFound: the two must look alike."""
+@dataclass(frozen=True, slots=True)
+class LogExtract:
+    """Access-log entries matching an auditor's filters, streamed, with the log's state
+    when the reading was logged: its size and the largest size a signed checkpoint covers."""
 
+    entries: Iterator[tuple[int, AccessEntry]]
+    size: int
+    signed: int
 
-@dataclass(slots=True)
-class _Reach:
-    """One access's view of the record-level rules: who asks, for what, and what has
-    been withheld from them so far (a count for the log, never shown)."""
-
-    role: Role
-    district: object
-    cases: frozenset[str]
-    purpose: AccessPurpose
-    today: dt.date
-    withheld: int = 0
-    districts: dict[str, str | None] = field(default_factory=dict)  # person id -> district
-
-    def allows(self, facts: RecordFacts) -> bool:
-        return may_see(self.role, self.district, self.cases, self.purpose, facts)
-
-    @property
-    def sees_reporters(self) -> bool:
-        return sees_reporters(self.role)
+    def __iter__(self) -> Iterator[tuple[int, AccessEntry]]:
+        return self.entries
 
 
 class Vault:
@@ -167,31 +135,71 @@ class Vault:
         self,
         *,
         schema: Schema,
+        schema_text: str,
         storage: Storage,
         codec: RecordCodec,
         material: KeyMaterial,
         token_bits: Mapping[int, int],
         access_log: AccessLog,
         accounts: AccountBook,
+        clock: Clock,
+        random: Random,
+        operator: Operator | None = None,
         directory: Path | None = None,
-        schema_text: str = "",
         session_ttl: float = 8 * 3600,
     ) -> None:
-        self.schema = schema
-        self.schema_text = schema_text
-        self.storage = storage
-        self.codec = codec
-        self.access_log = access_log
-        self.accounts = accounts
+        self.schema = schema  # public: field names, masks and labels are no secret
         self.directory = directory
+        self._schema_text = schema_text
+        self._storage = storage
+        self._codec = codec
         self._material = material
         self._token_bits = dict(token_bits)
-        self.sessions = SessionBook(storage, material, session_ttl)
-        self._throttle = Throttle(storage)
-        self._challenges = passkeys.ChallengeMint(material)
-        accounts.bind_secrets(SecretBox(material))
+        self._log = access_log
+        self._accounts = accounts
+        self._clock = clock
+        self._operator = operator
+        self._keeper = Gatekeeper(
+            store=storage,
+            meta=storage,
+            accounts=accounts,
+            log=access_log,
+            material=material,
+            clock=clock,
+            random=random,
+            session_ttl=session_ttl,
+        )
+        self._gate = AccessGate(
+            keeper=self._keeper, accounts=accounts, log=access_log, clock=clock, operator=operator
+        )
+        self.admin = Administration(
+            gate=self._gate, accounts=accounts, keeper=self._keeper, clock=clock
+        )
 
-    # -- sessions -----------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Vault(origin={self._log.origin!r})"
+
+    @property
+    def operator(self) -> Operator:
+        """The host operator this vault was opened with (by the composition root, with the
+        keyring passphrase, on the host). A server's vault has none."""
+        if self._operator is None:
+            raise AuthenticationFailed("the host operator acts only on the host")
+        return self._operator
+
+    @property
+    def log_verifier_key(self) -> str:
+        """The access log's public key, as published for auditors and witnesses."""
+        return self._log.verifier_key
+
+    @property
+    def log_origin(self) -> str:
+        return self._log.origin
+
+    def close(self) -> None:
+        self._storage.close()
+
+    # -- logging in (custodes.sessions) -------------------------------------------------
 
     def login(
         self,
@@ -202,149 +210,39 @@ class Vault:
         passkey: passkeys.Assertion | None = None,
         client: str | None = None,
     ) -> Session:
-        """A new session, for the right password and a second factor: an unused one-time
-        code (TOTP), or instead a verified assertion by one of the account's passkeys.
-
-        Throttled per account name and per client address before anything is checked;
-        a wrong password, a wrong code or passkey, an unknown, disabled or locked account
-        all fail with the same AuthenticationFailed.
-        """
-        now = self.access_log.clock()
-        keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
-        wait = self._throttle.wait(keys, now)
-        if wait > 0:
-            self._log_login(username, "", Outcome.DENIED, now, client, reason="throttled")
-            raise LoginThrottled(wait)
-        try:
-            account = self.accounts.authenticate(username, password)
-        except AuthenticationFailed:
-            self._login_failed(username, keys, now, client, "credentials")
-            raise AuthenticationFailed() from None
-        if not account.mfa_enrolled:
-            self._log_login(username, account.role, Outcome.DENIED, now, client, "no_mfa")
-            raise MfaEnrolmentRequired()
-        if passkey is not None:
-            factor_ok = self._passkey_ok(username, passkey, now)
-        else:
-            factor_ok = self.accounts.verify_totp(username, totp, now=now)
-        if not factor_ok:
-            self._login_failed(username, keys, now, client, "second_factor")
-            raise AuthenticationFailed()
-        self._throttle.clear(keys[0])
-        self._throttle.forget_quiet(now)
-        self.accounts.record_success(username)
-        factor = "passkey" if passkey is not None else "totp"
-        self._log_login(username, account.role, Outcome.GRANTED, now, client, factor=factor)
-        self.sessions.purge(now)
-        return self.sessions.open(username, account.role, now, client)
-
-    def _login_failed(
-        self, username: str, keys: Sequence[str], now: float, client: str | None, reason: str
-    ) -> None:
-        self._throttle.fail(keys, now)
-        locked = self.accounts.record_failure(username)
-        self._log_login(username, "", Outcome.DENIED, now, client, reason, locked=locked)
-
-    def _log_login(
-        self,
-        username: str,
-        role: str,
-        outcome: Outcome,
-        now: float,
-        client: str | None,
-        reason: str | None = None,
-        *,
-        locked: bool = False,
-        factor: str | None = None,
-    ) -> None:
-        detail: dict[str, Any] = {}
-        if reason:
-            detail["reason"] = reason
-        if locked:
-            detail["account_locked"] = True
-        if factor:
-            detail["factor"] = factor
-        self.access_log.append(
-            AccessEntry(username, role, Action.LOGIN, outcome, now, client=client, detail=detail)
-        )
+        """A new session for a password and a second factor; see Gatekeeper.login."""
+        return self._keeper.login(username, password, totp=totp, passkey=passkey, client=client)
 
     def session_for(self, token: str) -> Session:
-        """The live session a bearer token stands for (a login's or an API token's),
-        or AuthenticationFailed. Idle and absolute timeouts apply here."""
-        if not isinstance(token, str) or not token:
-            raise AuthenticationFailed("no valid session: log in first")
-        if token.startswith(API_TOKEN_PREFIX):
-            return self._api_session(token)
-        session = self.sessions.live(token, self.access_log.clock())
-        if session is None:
-            raise AuthenticationFailed("the session has ended: log in again")
-        return session
+        """The live session a bearer token stands for, or AuthenticationFailed."""
+        return self._keeper.session_for(token)
 
     def csrf_token(self, session: Session) -> str:
-        """The session's own token for forms: a cross-site form cannot know it."""
-        return self.sessions.csrf(self._live(session).token)
+        return self._keeper.csrf_token(session)
 
     def logout(self, session: Session) -> None:
-        if not isinstance(session, Session) or session.scope is not None:
-            return  # an integration's token ends with its expiry or its account
-        if self.sessions.end(session.token):
-            self._account_event(LOGOUT, session.username, by=session.username)
+        self._keeper.logout(session)
 
-    def logout_everywhere(self, username: str) -> int:
-        """End every session of an account; how many there were."""
-        return self.sessions.end_all(username)
+    def enrolment(self, code: str) -> Enrolment:
+        """The TOTP secret for an enrolment code, to show once as a QR code."""
+        return self._keeper.enrolment(code)
 
-    def _live(self, session: Session) -> Session:
-        """The session again, checked afresh: it may have ended since it was presented."""
-        if not isinstance(session, Session):
-            raise AuthenticationFailed("no valid session: log in first")
-        if self.session_for(session.token) != session:
-            raise AuthenticationFailed("no valid session: log in first")
-        return session
-
-    def _api_session(self, token: str) -> Session:
-        # Checked against its account at every use, so that disabling or locking the
-        # account stops an integration's token at once.
-        stored = self.storage.get_meta(_api_token_key(token))
-        if not stored:
-            raise AuthenticationFailed("no valid session: log in first")
-        doc = orjson.loads(stored)
-        now = self.access_log.clock()
-        account = self.accounts.get(str(doc["username"]))
-        if account is None or account.disabled or account.locked or now >= float(doc["expires"]):
-            raise AuthenticationFailed("the session has ended: log in again")
-        return Session(
-            token, account.username, account.role, float(doc["issued"]), None, str(doc["scope"])
-        )
-
-    # -- passkeys (WebAuthn) ------------------------------------------------------------
+    def complete_enrolment(self, code: str, totp: str) -> str:
+        """Confirm an enrolment with a first one-time code; the account's name."""
+        return self._keeper.complete_enrolment(code, totp)
 
     def passkey_login_options(
         self, username: str, ceremony: passkeys.Ceremony, *, binding: bytes
     ) -> str:
-        """Options for navigator.credentials.get at login, as JSON, bound to the account
-        name and the login form's pre-session token. The same shape for every name, known
-        or not, with passkeys or without: nothing is looked up."""
-        challenge = self._challenges.issue(
-            passkeys.LOGIN, username, binding, self.access_log.clock()
-        )
-        return passkeys.login_options(ceremony, challenge=challenge)
+        return self._keeper.passkey_login_options(username, ceremony, binding=binding)
 
     def passkey_registration_options(self, session: Session, ceremony: passkeys.Ceremony) -> str:
-        """Options for navigator.credentials.create, as JSON, bound to this session."""
-        live = self._live(session)
-        if live.scope is not None:
-            raise AccessDenied("an integration's token registers no passkey")
-        challenge = self._challenges.issue(
-            passkeys.REGISTER, live.username, _binding(live), self.access_log.clock()
-        )
-        return passkeys.registration_options(
-            ceremony,
-            username=live.username,
-            user_handle=self.accounts.passkey_user_handle(live.username),
-            challenge=challenge,
-            existing=self.accounts.passkey_ids(live.username),
-        )
+        """Options for navigator.credentials.create, bound to this session. Authorised
+        like the registration itself, so an integration's token gets none."""
+        live = self._gate.check(session)
+        authorise(live.role, Action.PASSKEY_REGISTER, scope=live.scope)
+        assert isinstance(live, Session)  # the policy gives the operator no passkeys
+        return self._keeper.passkey_registration_options(live, ceremony)
 
     def register_passkey(
         self,
@@ -356,219 +254,25 @@ class Vault:
     ) -> Passkey:
         """Verify a navigator.credentials.create response made for a challenge of this
         session and store the passkey; logged as account:passkey:register."""
-        live = self._live(session)
-        if live.scope is not None:
-            raise AccessDenied("an integration's token registers no passkey")
-        now = self.access_log.clock()
-        label = passkeys.check_label(label)
-        challenge = passkeys.challenge_of(credential_json)
-        nonce = self._challenges.check(
-            challenge, passkeys.REGISTER, live.username, _binding(live), now
-        )
-        if not self._spend_challenge(nonce, now):
-            raise passkeys.PasskeyRefused()
-        new = passkeys.verify_registration(credential_json, challenge=challenge, ceremony=ceremony)
-        added = self.accounts.add_passkey(
-            live.username, new, label=label, rp_id=ceremony.rp_id, now=now
-        )
-        self._account_event(
-            PASSKEY_REGISTER, live.username, by=live.username, passkey=added.ref, rp_id=added.rp_id
-        )
-        return added
+
+        def run(grant: Grant) -> Done[Passkey]:
+            assert isinstance(grant.principal, Session)
+            added = self._keeper.register_passkey(grant.principal, ceremony, credential_json, label)
+            return Done(added, detail={"passkey": added.ref, "rp_id": added.rp_id})
+
+        detail = {"account": session.username} if isinstance(session, Session) else {}
+        return self._gate.access(session, Action.PASSKEY_REGISTER, run, detail=detail)
 
     def list_passkeys(self, session: Session) -> tuple[Passkey, ...]:
         """The passkeys of the session's own account."""
-        return self.accounts.list_passkeys(self._live(session).username)
+        live = self._gate.check(session)
+        return self._accounts.list_passkeys(live.username)
 
-    def _passkey_ok(self, username: str, answer: passkeys.Assertion, now: float) -> bool:
-        """Whether a login's passkey assertion verifies, its challenge spent here."""
-        try:
-            challenge = passkeys.challenge_of(answer.credential_json)
-            nonce = self._challenges.check(challenge, passkeys.LOGIN, username, answer.binding, now)
-        except passkeys.PasskeyRefused:
-            return False
-        if not self._spend_challenge(nonce, now):
-            return False
-        return self.accounts.use_passkey(
-            username,
-            answer.credential_json,
-            challenge=challenge,
-            ceremony=answer.ceremony,
-            now=now,
-        )
-
-    def _spend_challenge(self, nonce: bytes, now: float) -> bool:
-        """Mark a challenge used; whether this was its first use, in any process. The
-        mark is kept twice the challenge's life, so it outlives the challenge."""
-        key = hashlib.sha256(b"custodes passkey challenge\x00" + nonce).digest()
-        return self.storage.spend(key, now, keep=2 * passkeys.CHALLENGE_TTL)
-
-    # -- the second factor, passwords, account state -------------------------------------
-
-    def issue_enrolment(self, username: str, *, by: str = SYSTEM_ACTOR) -> str:
-        """A one-time code (24 h) with which the account's holder enrols a second factor."""
-        code = self.accounts.issue_enrolment(username, now=self.access_log.clock())
-        self._account_event(MFA_ENROL_ISSUE, username, by=by)
-        return code
-
-    def enrolment(self, code: str) -> Enrolment:
-        """The TOTP secret for an enrolment code, to show once as a QR code."""
-        return self.accounts.enrolment(code, now=self.access_log.clock())
-
-    def complete_enrolment(self, code: str, totp: str) -> str:
-        """Confirm an enrolment with a first one-time code; the account's name."""
-        username = self.accounts.complete_enrolment(code, totp, now=self.access_log.clock())
-        self._account_event(MFA_ENROL, username, by=username)
-        return username
-
-    def change_password(self, username: str, password: str, *, by: str = SYSTEM_ACTOR) -> None:
-        """Set a new password and end every session of the account."""
-        self.accounts.set_password(username, password)
-        self.logout_everywhere(username)
-        self._account_event(PASSWORD_CHANGE, username, by=by)
-
-    def disable_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
-        """Disable an account: every session and API token of it stops working at once."""
-        self.accounts.set_disabled(username, True)
-        self.logout_everywhere(username)
-        self._account_event(ACCOUNT_DISABLE, username, by=by)
-
-    def enable_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
-        self.accounts.set_disabled(username, False)
-        self._account_event(ACCOUNT_ENABLE, username, by=by)
-
-    def unlock_account(self, username: str, *, by: str = SYSTEM_ACTOR) -> None:
-        """Lift a lock left by repeated failed logins."""
-        self.accounts.unlock(username)
-        self._throttle.clear(f"account:{username.casefold()}")
-        self._account_event(ACCOUNT_UNLOCK, username, by=by)
-
-    def issue_api_token(
-        self, username: str, scope: str, *, days: int, by: str = SYSTEM_ACTOR
-    ) -> str:
-        """A bearer token for an integration, shown once; only its SHA-256 is stored."""
-        if scope not in API_SCOPES:
-            raise ConfigurationError(f"a scope is one of: {', '.join(API_SCOPES)}")
-        if not 1 <= days <= MAX_API_TOKEN_DAYS:
-            raise ConfigurationError(f"a token lives 1 to {MAX_API_TOKEN_DAYS} days")
-        account = self.accounts.get(username)
-        if account is None:
-            raise RecordNotFound("no account with that name")
-        token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = self.access_log.clock()
-        doc = {"username": username, "scope": scope, "issued": now, "expires": now + days * 86400}
-        self.storage.set_meta(_api_token_key(token), orjson.dumps(doc))
-        self._account_event(API_TOKEN_ISSUE, username, by=by, scope=scope, days=days)
-        return token
-
-    def _account_event(self, action: str, username: str, *, by: str, **detail: Any) -> None:
-        self.access_log.append(
-            AccessEntry(
-                by,
-                Role.ADMIN.value if by == SYSTEM_ACTOR else "",
-                action,
-                Outcome.GRANTED,
-                self.access_log.clock(),
-                detail={"account": username, **detail},
-            )
-        )
-
-    # -- the single access function --------------------------------------------------
-
-    def _access(
-        self,
-        session: Session,
-        purpose: AccessPurpose,
-        action: Action,
-        run: Callable[[_Reach], tuple[T, Sequence[str]]],
-        *,
-        record_type: str | None = None,
-        detail: dict[str, Any] | None = None,
-        private: dict[str, Any] | None = None,
-        target: str | None = None,
-    ) -> T:
-        """Decide, read, log durably, then return. Nothing leaves before the entry exists.
-
-        `private` (such as the values searched for) is sealed beside the entry, so that
-        a subject's report can show it while the log itself names no one.
-        """
-        live = self._live(session)
-        holder = self._holder(live)
-        if not isinstance(purpose, AccessPurpose):
-            raise AccessDenied("a stated purpose is required to read personal data")
-        scope_denied = _outside_scope(live, action)
-
-        # A refused or failed attempt on one record names it, so that it reaches that
-        # person's subject report; it returned nothing, so its count stays 0.
-        attempted = (target,) if target else ()
-
-        def entry(outcome: Outcome, records: Sequence[str] = (), **extra: Any) -> AccessEntry:
-            return AccessEntry(
-                actor=live.username,
-                role=live.role.value,
-                action=action.value,
-                outcome=outcome,
-                time=self.access_log.clock(),
-                purpose=purpose.reason,
-                case_ref=purpose.case_ref,
-                record_type=record_type,
-                records=tuple(records) if outcome is Outcome.GRANTED else attempted,
-                result_count=len(records),
-                client=live.client,
-                detail={**(detail or {}), **extra},
-            )
-
-        log = self.access_log.append
-        try:
-            if scope_denied:
-                raise AccessDenied(scope_denied)
-            authorise(live.role, action)
-        except AccessDenied:
-            log(entry(Outcome.DENIED), private=private)
-            raise
-        reach = self._reach(live, purpose, holder)
-        try:
-            result, touched = run(reach)
-        except _OutOfReach:
-            log(entry(Outcome.DENIED, reason="out_of_reach"), private=private)
-            raise RecordNotFound("no such record") from None
-        except AccessDenied:
-            log(entry(Outcome.DENIED), private=private)
-            raise
-        except CustodesError as exc:
-            log(entry(Outcome.ERROR, error=type(exc).__name__), private=private)
-            raise
-        withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
-        log(entry(Outcome.GRANTED, touched, **withheld), private=private)
-        return result
-
-    def _holder(self, live: Session) -> Account:
-        """The session's account, read at every access: a changed district or case
-        assignment holds at once, and a session that outlived its account (a restored
-        database, a fault) opens nothing."""
-        account = self.accounts.get(live.username)
-        if account is None or account.disabled:
-            if live.scope is None:
-                self.sessions.end(live.token)
-            raise AuthenticationFailed("the session has ended: log in again")
-        return account
-
-    def _reach(self, live: Session, purpose: AccessPurpose, account: Account) -> _Reach:
-        attributes = account.attributes
-        today = dt.datetime.fromtimestamp(self.access_log.clock(), dt.UTC).date()
-        return _Reach(
-            live.role,
-            attributes.get("district"),
-            assigned_cases(attributes.get("cases")),
-            purpose,
-            today,
-        )
-
-    # -- reads ------------------------------------------------------------------------
+    # -- reads of personal records ----------------------------------------------------
 
     def search(
         self,
-        session: Session,
+        session: Principal,
         purpose: AccessPurpose,
         *,
         record_type: str,
@@ -580,17 +284,17 @@ class Vault:
         rt = self._type(record_type)
         spec = self._index(rt, index, values)
         limit = max(1, min(limit, MAX_RESULTS))
-        detail = {"index": spec.name}
 
-        def run(reach: _Reach) -> tuple[list[RecordView], list[str]]:
+        def run(grant: Grant) -> Done[list[RecordView]]:
+            reach = grant.reach
             try:
                 parts = query_parts(rt, spec, values)
             except SchemaError as exc:
                 raise InvalidQuery(str(exc)) from None
-            token = self.codec.token(spec, parts)
+            token = self._codec.token(spec, parts)
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self.storage.find(spec.index_id, token, limit * 4 + 16)
+            candidates = self._storage.find(spec.index_id, token, limit * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
@@ -599,10 +303,10 @@ class Vault:
                 # dropped after decrypting those alone, and only a match is opened whole
                 # (every field authenticated, as any record shown must be).
                 if not self._matches(
-                    rt, spec, parts, stored.record_id, self.codec.open(stored, probe)
+                    rt, spec, parts, stored.record_id, self._codec.open(stored, probe)
                 ):
                     continue
-                opened = self.codec.open(stored)
+                opened = self._codec.open(stored)
                 # Out of reach is as good as absent: neither shown nor counted, only
                 # tallied for the log.
                 if self._as_hidden_reporter(rt, spec, parts, opened, reach) or not reach.allows(
@@ -614,86 +318,335 @@ class Vault:
                 touched.append(stored.record_id)
                 if len(views) >= limit:
                     break
-            return views, touched
+            return Done(views, touched)
 
-        return self._access(
+        return self._gate.access(
             session,
-            purpose,
             Action.SEARCH,
             run,
+            purpose=purpose,
             record_type=record_type,
-            detail=detail,
+            detail={"index": spec.name},
             private={"values": dict(values)},
         )
 
-    def record(self, session: Session, purpose: AccessPurpose, record_id: str) -> RecordView:
+    def record(self, session: Principal, purpose: AccessPurpose, record_id: str) -> RecordView:
         """One record, masked, with the records it links to and that link to it."""
 
-        def run(reach: _Reach) -> tuple[RecordView, list[str]]:
+        def run(grant: Grant) -> Done[RecordView]:
+            reach = grant.reach
             stored = self._one(record_id)
             rt = self.schema.types[stored.record_type]
-            opened = self.codec.open(stored)
+            opened = self._codec.open(stored)
             if not reach.allows(self._facts(rt, opened, reach)):
-                raise _OutOfReach("no such record")
+                raise OutOfReach(rt.name)
             view = self._view(rt, record_id, opened, reach)
             touched = [record_id]
             for link in self._links(rt, stored.record_id, opened, reach):
                 view.links.append(link)
                 if link.record_id:
                     touched.append(link.record_id)
-            return view, touched
+            return Done(view, touched, record_type=rt.name)
 
-        return self._access(
+        return self._gate.access(
             session,
-            purpose,
             Action.READ,
             run,
-            record_type=self._type_of(record_id),
+            purpose=purpose,
             detail={"target": record_id},
             target=record_id,
         )
 
     def reveal(
-        self, session: Session, purpose: AccessPurpose, record_id: str, field_name: str
+        self, session: Principal, purpose: AccessPurpose, record_id: str, field_name: str
     ) -> str | None:
         """One field of one record in the clear, or None if the record lacks it."""
-        live = self._live(session)
 
-        def run(reach: _Reach) -> tuple[str | None, list[str]]:
+        def run(grant: Grant) -> Done[str | None]:
+            reach = grant.reach
             stored = self._one(record_id)
             rt = self.schema.types[stored.record_type]
             # Reach first: a record out of reach must fail exactly as a missing one does,
             # whatever field was asked for.
-            opened = self.codec.open(stored, _fact_fields(rt))
+            opened = self._codec.open(stored, _fact_fields(rt))
             if not reach.allows(self._facts(rt, opened, reach)):
-                raise _OutOfReach("no such record")
+                raise OutOfReach(rt.name)
             spec = rt.fields.get(field_name)
             if spec is None:
                 raise InvalidQuery(
                     f"record type {stored.record_type!r} has no field {field_name!r}"
                 )
             # Clearance depends on the field, known only once the record's type is.
-            authorise(live.role, Action.REVEAL, field=spec)
+            authorise(
+                grant.role, Action.REVEAL, scope=grant.principal.scope, purpose=purpose, field=spec
+            )
             if field_name not in opened:
-                opened = self.codec.open(stored, (field_name,))
+                opened = self._codec.open(stored, (field_name,))
             value = opened.get(field_name)
             if spec.kind == "person_links" and value is not None and not reach.sees_reporters:
                 value = _without_reporters(value)
-            return (None if value is None else _plain(value)), [record_id]
+            plain = None if value is None else _plain(value)
+            return Done(plain, [record_id], record_type=rt.name)
 
-        return self._access(
+        return self._gate.access(
             session,
-            purpose,
             Action.REVEAL,
             run,
-            record_type=self._type_of(record_id),
+            purpose=purpose,
             detail={"target": record_id, "field": field_name},
             target=record_id,
         )
 
+    def count(self, record_type: str | None = None) -> int:
+        """How many records are stored: a number, no personal data."""
+        return self._storage.count_records(record_type)
+
+    # -- the access log, for auditors --------------------------------------------------
+
+    def read_log(
+        self,
+        session: Principal,
+        purpose: AccessPurpose,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        purpose_contains: str | None = None,
+    ) -> LogExtract:
+        """Stream access-log entries matching the filters. Auditors only; the query is
+        itself logged, durably, before the first entry is returned."""
+        filters = {
+            k: v
+            for k, v in {
+                "actor": actor,
+                "action": action,
+                "since": since,
+                "until": until,
+                "purpose_contains": purpose_contains,
+            }.items()
+            if v is not None
+        }
+        self._gate.access(
+            session,
+            Action.LOG_READ,
+            lambda _: Done(None),
+            purpose=purpose,
+            detail={"filters": filters},
+        )
+        needle = purpose_contains.casefold() if purpose_contains else None
+
+        def matching() -> Iterator[tuple[int, AccessEntry]]:
+            for index, entry in self._log.entries():
+                if actor is not None and entry.actor != actor:
+                    continue
+                if action is not None and not entry.action.startswith(action):
+                    continue
+                if since is not None and entry.time < since:
+                    continue
+                if until is not None and entry.time >= until:
+                    continue
+                if needle is not None and needle not in (entry.purpose or "").casefold():
+                    continue
+                yield index, entry
+
+        latest = self._log.latest_checkpoint()
+        return LogExtract(matching(), self._log.size, latest[0] if latest else 0)
+
+    def verify_log(
+        self,
+        session: Principal,
+        purpose: AccessPurpose | None = None,
+        *,
+        outside: Sequence[OutsideCheckpoint] = (),
+    ) -> VerifyReport:
+        """Recompute the log from its entries and check every stored (and outside) signed
+        checkpoint against it; LogTampered names the first bad position. Logged."""
+
+        def run(_: Grant) -> Done[VerifyReport]:
+            report = verify_log(
+                self._storage, self._log.verifier_key, origin=self._log.origin, outside=outside
+            )
+            return Done(report, detail={"entries": report.entries})
+
+        return self._gate.access(session, Action.LOG_VERIFY, run, purpose=purpose)
+
+    def subject_report(
+        self, session: Principal, purpose: AccessPurpose, record_id: str
+    ) -> SubjectReport:
+        """Every access to a person's records (theirs, and every record naming them) in
+        log order, each proven in a signed checkpoint. Auditors only.
+
+        The request is logged first (naming the person), then the report is read from the
+        log: the report's own entry is in it, so the subject sees who asked. Raises
+        TamperDetected if the log cannot prove an entry it holds.
+        """
+
+        def run(_: Grant) -> Done[list[str]]:
+            records = [record_id, *self._incoming_links(record_id)]
+            return Done(records, (record_id,))
+
+        records, index = self._gate.access_then(
+            session,
+            Action.SUBJECT_REPORT,
+            run,
+            purpose=purpose,
+            target=record_id,
+        )
+        return self._report(record_id, records, index)
+
+    def _incoming_links(self, record_id: str) -> list[str]:
+        """Every record that names a person (cases, deliveries), opening link fields only."""
+        stored = self._storage.get_records([record_id]).get(record_id)
+        if stored is None:
+            # Without the record its source key is unknown, so the records naming it cannot
+            # be found: refuse rather than hand out a report that looks complete and is not.
+            raise RecordNotFound("no such record")
+        rt = self.schema.types.get(stored.record_type)
+        if rt is None:
+            raise TamperDetected()
+        if len(rt.source_key) != 1:
+            return []  # links refer to single-field source keys only
+        key_field = rt.source_key[0]
+        value = self._codec.open(stored, (key_field,)).get(key_field)
+        if value is None:
+            return []
+        found: dict[str, None] = {}  # ordered and free of repeats
+        for other_rt, index, token in self._codec.link_tokens(rt.name, str(value)):
+            link_field = other_rt.fields[index.components[0].field]
+            for candidate in self._find_all(index.index_id, token):
+                # Tokens are truncated, so a bucket may hold records naming someone else:
+                # only the decrypted link field decides.
+                opened = self._codec.open(candidate, (link_field.name,))
+                if role_of_link(link_field, opened.get(link_field.name), record_id) is not None:
+                    found[candidate.record_id] = None
+        return list(found)
+
+    def _find_all(self, index_id: int, token: int) -> list[StoredRecord]:
+        limit = _FIRST_PAGE
+        while True:
+            ids = self._storage.find(index_id, token, limit)
+            if len(ids) < limit:
+                break
+            limit *= 4
+        return self._load(ids)
+
+    def _report(self, subject: str, records: list[str], report_index: int) -> SubjectReport:
+        log = self._log
+        found = log.entries_for(records)  # never empty: the report's own entry is there
+        latest = log.latest_checkpoint()
+        newest = found[-1][0]
+        note = latest[1] if latest is not None and latest[0] > newest else log.checkpoint()
+        # Check what is about to be handed out: a report the log cannot prove is not given.
+        checkpoint = open_checkpoint(note, log.verifier_key)
+        accesses = []
+        for index, entry in found:
+            leaf = log.raw_entry(index)
+            if AccessEntry.decode(leaf) != entry:
+                raise TamperDetected(f"the access log's entry {index} changed while being read")
+            proof = tuple(log.inclusion_proof(index, checkpoint.size))
+            check_inclusion(leaf, index, proof, checkpoint)
+            accesses.append(
+                ReportedAccess(
+                    index=index,
+                    time=iso_time(entry.time),
+                    actor=entry.actor,
+                    role=entry.role,
+                    action=entry.action,
+                    outcome=entry.outcome,
+                    purpose=entry.purpose,
+                    case_ref=entry.case_ref,
+                    records=tuple(r for r in records if r in entry.records),
+                    private=log.private_details(index),
+                    leaf=leaf,
+                    proof=proof,
+                )
+            )
+        return SubjectReport(
+            origin=log.origin,
+            subject=subject,
+            linked=tuple(records[1:]),
+            checkpoint_note=note,
+            checkpoint=checkpoint,
+            accesses=tuple(accesses),
+            report_index=report_index,
+        )
+
+    # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
+
+    def ingest(self, operator: Principal, source: Path | str, **options: Any) -> IngestReport:
+        """Ingest a file; see custodes.ingest.run_ingest for the options. Logged with its
+        counts once it has run (a failure is logged too, with its kind)."""
+        target = IngestTarget(
+            self.schema,
+            self._schema_text,
+            self._material,
+            self._token_bits,
+            self._storage.write_batch,
+        )
+
+        def run(_: Grant) -> Done[IngestReport]:
+            report = run_ingest(target, source, **options)
+            counts = {
+                "accepted": report.accepted,
+                "already_present": report.already_present,
+                "rejected": report.rejected,
+            }
+            return Done(report, detail=counts)
+
+        return self._gate.access(operator, Action.INGEST, run)
+
+    def checkpoint(self, operator: Principal) -> bytes:
+        """Sign a checkpoint of the log as it is now; the signed note."""
+        return self._gate.access(
+            operator, Action.LOG_CHECKPOINT, lambda _: Done(self._log.checkpoint())
+        )
+
+    def publish_checkpoint(self, operator: Principal, url: str) -> int:
+        """Send the latest checkpoint to a witness and store its cosignature beside it;
+        the size cosigned."""
+
+        def run(_: Grant) -> Done[int]:
+            log = self._log
+            note = log.checkpoint()
+            size = log.size
+            old_size = 0
+            for _attempt in range(2):
+                proof = log.consistency_proof(old_size, size) if 0 < old_size < size else []
+                try:
+                    lines = submit_checkpoint(url, note, old_size, proof)
+                    break
+                except Conflict as conflict:
+                    # The witness says which size it holds; prove consistency from there.
+                    old_size = conflict.size
+            else:
+                raise ConfigurationError("the witness keeps changing its size; try again")
+            cosigned = (
+                note
+                + "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode()
+            )
+            self._storage.put_checkpoint(size, cosigned)
+            return Done(size, detail={"size": size})
+
+        return self._gate.access(operator, Action.WITNESS_PUBLISH, run, detail={"witness": url})
+
+    # -- what a worker process or a test needs to rebuild the same vault -------------------
+
+    @property
+    def key_material(self) -> KeyMaterial:
+        return self._material
+
+    @property
+    def token_bits(self) -> dict[int, int]:
+        return dict(self._token_bits)
+
+    @property
+    def schema_text(self) -> str:
+        return self._schema_text
+
     # -- record-level facts -------------------------------------------------------------
 
-    def _facts(self, rt: RecordType, values: Values, reach: _Reach) -> RecordFacts:
+    def _facts(self, rt: RecordType, values: Values, reach: Reach) -> RecordFacts:
         """The district (and, for people, minority) of a decrypted record."""
         for spec in rt.fields.values():
             if spec.kind == "national_id":
@@ -718,28 +671,28 @@ class Vault:
                 return self._person_facts(str(value), reach)
         return RecordFacts(None)
 
-    def _person_facts(self, record_id: str, reach: _Reach) -> RecordFacts:
+    def _person_facts(self, record_id: str, reach: Reach) -> RecordFacts:
         """The district and minority of a stored person, opening only what decides them."""
-        stored = self.storage.get_records([record_id]).get(record_id)
+        stored = self._storage.get_records([record_id]).get(record_id)
         if stored is None:
             return RecordFacts(None)
         rt = self.schema.types[stored.record_type]
         if not any(spec.kind == "national_id" for spec in rt.fields.values()):
             return RecordFacts(None)
-        facts = self._facts(rt, self.codec.open(stored, _fact_fields(rt)), reach)
+        facts = self._facts(rt, self._codec.open(stored, _fact_fields(rt)), reach)
         reach.districts[record_id] = facts.district
         return facts
 
-    def _person_district(self, record_id: str, reach: _Reach) -> str | None:
+    def _person_district(self, record_id: str, reach: Reach) -> str | None:
         if record_id in reach.districts:
             return reach.districts[record_id]
         district: str | None = None
-        stored = self.storage.get_records([record_id]).get(record_id)
+        stored = self._storage.get_records([record_id]).get(record_id)
         if stored is not None:
             rt = self.schema.types[stored.record_type]
             names = [s.name for s in rt.fields.values() if s.kind == "national_id"]
             if names:
-                district = district_of_national_id(self.codec.open(stored, names).get(names[0]))
+                district = district_of_national_id(self._codec.open(stored, names).get(names[0]))
         reach.districts[record_id] = district
         return district
 
@@ -749,7 +702,7 @@ class Vault:
         spec: IndexSpec,
         parts: tuple[str, ...],
         values: Values,
-        reach: _Reach,
+        reach: Reach,
     ) -> bool:
         """Whether a record matched a link search only as naming the person its reporter,
         which an official below investigator may not learn."""
@@ -758,7 +711,7 @@ class Vault:
         link = rt.fields[spec.components[0].field]
         if link.ref is None or link.kind != "person_links":
             return False
-        target = self.codec.record_id(link.ref, parts)
+        target = self._codec.record_id(link.ref, parts)
         return role_of_link(link, values.get(link.name), target) == REPORTER
 
     # -- helpers ----------------------------------------------------------------------
@@ -802,25 +755,25 @@ class Vault:
         link = rt.fields[spec.components[0].field]
         if link.ref is not None:
             # Links are stored as the target's record id, not its source key.
-            target = self.codec.record_id(link.ref, parts)
+            target = self._codec.record_id(link.ref, parts)
             return role_of_link(link, opened.get(link.name), target) is not None
         return parts in index_parts(rt, spec, opened)
 
     def _type_of(self, record_id: str) -> str | None:
-        found = self.storage.get_records([record_id]).get(record_id)
+        found = self._storage.get_records([record_id]).get(record_id)
         return found.record_type if found else None
 
     def _one(self, record_id: str) -> StoredRecord:
-        stored = self.storage.get_records([record_id]).get(record_id)
+        stored = self._storage.get_records([record_id]).get(record_id)
         if stored is None:
             raise RecordNotFound("no such record")
         return stored
 
     def _load(self, record_ids: Sequence[str]) -> list[StoredRecord]:
-        found = self.storage.get_records(record_ids)
+        found = self._storage.get_records(record_ids)
         return [found[r] for r in record_ids if r in found]
 
-    def _view(self, rt: RecordType, record_id: str, values: Values, reach: _Reach) -> RecordView:
+    def _view(self, rt: RecordType, record_id: str, values: Values, reach: Reach) -> RecordView:
         masked: dict[str, str] = {}
         for name, spec in rt.fields.items():
             if name not in values:
@@ -838,7 +791,7 @@ class Vault:
         return mask_value(rt.fields[rt.source_key[0]], values.get(rt.source_key[0], ""))
 
     def _links(
-        self, rt: RecordType, record_id: str, values: Values, reach: _Reach
+        self, rt: RecordType, record_id: str, values: Values, reach: Reach
     ) -> list[LinkView]:
         """The records this one names and those that name it, as far as the official may
         see them: links out of reach are left out, reporters hidden below investigator."""
@@ -851,7 +804,7 @@ class Vault:
                     outgoing.append((str(rid), str(spec.ref), str(role)))
             elif spec.kind == "person_ref" and spec.name in values:
                 outgoing.append((str(values[spec.name]), str(spec.ref), spec.name))
-        found = self.storage.get_records([rid for rid, _, _ in outgoing])
+        found = self._storage.get_records([rid for rid, _, _ in outgoing])
         for rid, ref_type, role in outgoing:
             target = found.get(rid)
             if target is None or target.record_type != ref_type:
@@ -861,7 +814,7 @@ class Vault:
                 links.append(LinkView("", ref_type, role, PROTECTED_REPORTER))
                 continue
             target_rt = self.schema.types[ref_type]
-            opened = self.codec.open(target)
+            opened = self._codec.open(target)
             if not reach.allows(self._facts(target_rt, opened, reach)):
                 reach.withheld += 1
                 continue
@@ -869,10 +822,10 @@ class Vault:
         # Incoming: records that name this one, found through their link indexes.
         if len(rt.source_key) == 1 and rt.source_key[0] in values:
             source_value = str(values[rt.source_key[0]])
-            for other_rt, index, token in self.codec.link_tokens(rt.name, source_value):
+            for other_rt, index, token in self._codec.link_tokens(rt.name, source_value):
                 link_field = other_rt.fields[index.components[0].field]
-                for stored in self._load(self.storage.find(index.index_id, token, MAX_RESULTS)):
-                    opened = self.codec.open(stored)
+                for stored in self._load(self._storage.find(index.index_id, token, MAX_RESULTS)):
+                    opened = self._codec.open(stored)
                     role = role_of_link(link_field, opened.get(link_field.name), record_id)
                     if role is None:
                         continue
@@ -884,169 +837,6 @@ class Vault:
                     label = self._label(other_rt, opened)
                     links.append(LinkView(stored.record_id, other_rt.name, role, label))
         return links
-
-    # -- the access log, for auditors -----------------------------------------------
-
-    def require(self, session: Session, purpose: AccessPurpose, action: Action) -> Session:
-        """Check that a live session may perform an action that writes its own log entry
-        (such as a subject report); a refusal is logged here. Returns the live session."""
-        live = self._live(session)
-        self._holder(live)
-        try:
-            scope_denied = _outside_scope(live, action)
-            if scope_denied:
-                raise AccessDenied(scope_denied)
-            authorise(live.role, action)
-        except AccessDenied:
-            self.access_log.append(
-                AccessEntry(
-                    live.username,
-                    live.role.value,
-                    action.value,
-                    Outcome.DENIED,
-                    self.access_log.clock(),
-                    purpose=purpose.reason,
-                    case_ref=purpose.case_ref,
-                    client=live.client,
-                )
-            )
-            raise
-        return live
-
-    def read_log(
-        self,
-        session: Session,
-        purpose: AccessPurpose,
-        *,
-        actor: str | None = None,
-        action: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        purpose_contains: str | None = None,
-    ) -> Iterator[tuple[int, AccessEntry]]:
-        """Stream access-log entries matching the filters. Auditors only; the query is
-        itself logged, durably, before the first entry is returned."""
-        filters = {
-            k: v
-            for k, v in {
-                "actor": actor,
-                "action": action,
-                "since": since,
-                "until": until,
-                "purpose_contains": purpose_contains,
-            }.items()
-            if v is not None
-        }
-        self._access(
-            session, purpose, Action.LOG_READ, lambda _: (None, []), detail={"filters": filters}
-        )
-        needle = purpose_contains.casefold() if purpose_contains else None
-
-        def matching() -> Iterator[tuple[int, AccessEntry]]:
-            for index, entry in self.access_log.entries():
-                if actor is not None and entry.actor != actor:
-                    continue
-                if action is not None and not entry.action.startswith(action):
-                    continue
-                if since is not None and entry.time < since:
-                    continue
-                if until is not None and entry.time >= until:
-                    continue
-                if needle is not None and needle not in (entry.purpose or "").casefold():
-                    continue
-                yield index, entry
-
-        return matching()
-
-    # -- administration -------------------------------------------------------------
-
-    def add_account(
-        self,
-        username: str,
-        password: str,
-        role: Role,
-        attributes: dict[str, Any] | None = None,
-        *,
-        by: str = SYSTEM_ACTOR,
-    ) -> Account:
-        account = self.accounts.add(username, password, role, attributes)
-        self.access_log.append(
-            AccessEntry(
-                by,
-                Role.ADMIN.value if by == SYSTEM_ACTOR else "",
-                Action.ACCOUNT_ADD,
-                Outcome.GRANTED,
-                self.access_log.clock(),
-                detail={"account": username, "account_role": role.value},
-            )
-        )
-        return account
-
-    def assign_case(self, username: str, case_no: str, *, by: str = SYSTEM_ACTOR) -> str:
-        """Assign a case to an account: with the case as the stated purpose, its records
-        open to the account wherever they live. Logged; returns the canonical number.
-        Holds from the account's next access, in every session it has."""
-        case = self.accounts.assign_case(username, case_no)
-        self._account_event(CASE_ASSIGN, username, by=by, case=case)
-        return case
-
-    def unassign_case(self, username: str, case_no: str, *, by: str = SYSTEM_ACTOR) -> str:
-        """Take a case from an account; from its next access the case opens nothing."""
-        case = self.accounts.unassign_case(username, case_no)
-        self._account_event(CASE_UNASSIGN, username, by=by, case=case)
-        return case
-
-    def count(self, record_type: str | None = None) -> int:
-        return self.storage.count_records(record_type)
-
-    def ingest(self, source: Path | str, **options: Any) -> IngestReport:
-        """Ingest a file; see custodes.ingest.run_ingest for the options."""
-        from custodes.ingest import run_ingest
-
-        started = time.time()
-        report = run_ingest(self, source, **options)
-        self.access_log.append(
-            AccessEntry(
-                SYSTEM_ACTOR,
-                Role.ADMIN.value,
-                Action.INGEST,
-                Outcome.GRANTED,
-                started,
-                detail={
-                    "accepted": report.accepted,
-                    "already_present": report.already_present,
-                    "rejected": report.rejected,
-                },
-            )
-        )
-        return report
-
-    @property
-    def key_material(self) -> KeyMaterial:
-        return self._material
-
-    @property
-    def token_bits(self) -> dict[int, int]:
-        return dict(self._token_bits)
-
-    def close(self) -> None:
-        self.storage.close()
-
-
-def _outside_scope(session: Session, action: Action) -> str | None:
-    """Why an API token's scope forbids the action, or None if it allows it."""
-    if session.scope is None or action in API_SCOPES.get(session.scope, frozenset()):
-        return None
-    return f"this API token's scope ({session.scope}) does not allow {action.value}"
-
-
-def _binding(session: Session) -> bytes:
-    """What a registration challenge is bound to: the session, by its stored key."""
-    return hashlib.sha256(session.token.encode()).digest()
-
-
-def _api_token_key(token: str) -> str:
-    return "api_token:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def _pinyin_twin(rt: RecordType, spec: IndexSpec) -> IndexSpec | None:

@@ -29,7 +29,7 @@ from custodes.audit.entry import AccessEntry
 from custodes.audit.merkle import CompactRange, consistency_proof, inclusion_proof, leaf_hash
 from custodes.crypto import KeyMaterial
 from custodes.errors import AuditUnavailable, CustodesError, LogMoved, TamperDetected
-from custodes.storage.base import LogAppend, Storage
+from custodes.storage.base import LogAppend, LogStore
 
 SUBJECT_INFO = b"custodes/audit-subject/v1"
 PRIVATE_INFO = b"custodes/audit-private/v1"
@@ -100,7 +100,7 @@ class _Pending:
 class AccessLog:
     def __init__(
         self,
-        storage: Storage,
+        storage: LogStore,
         keys: AuditKeys,
         signer: LogSigner,
         *,

@@ -1,7 +1,8 @@
 """Subject access reports: who looked at a person's records, when, in what role and why.
 
-Built from the log's subject index, logged before it is returned, and exported as a
-bundle that verifies offline with only the log's public key.
+The format of a report, its offline-verifiable bundle and the bundle's verifier. The vault
+builds reports (it finds the person's records, logs the request, then reads the log's
+subject index); this module reads no record and no storage.
 
 Bundle format, ``custodes subject-report v1`` (UTF-8, each line ends in one ``\\n``)::
 
@@ -38,18 +39,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from custodes.audit.checkpoint import MAX_NOTE_BYTES, Checkpoint, NoteVerifier, SignatureInvalid
 from custodes.audit.entry import AccessEntry, Outcome
 from custodes.audit.merkle import HASH_SIZE, InvalidProof, leaf_hash, verify_inclusion
-from custodes.codec import role_of_link
-from custodes.errors import CustodesError, RecordNotFound, TamperDetected
-from custodes.policy import AccessPurpose, Action, Role
-from custodes.storage.base import StoredRecord
-
-if TYPE_CHECKING:
-    from custodes.vault import Vault
+from custodes.errors import TamperDetected
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -58,20 +53,16 @@ __all__ = [
     "SubjectReport",
     "VerifiedBundle",
     "as_json",
-    "build_report",
+    "check_inclusion",
+    "iso_time",
+    "open_checkpoint",
     "render_text",
-    "subject_records",
     "verify_bundle",
 ]
 
 BUNDLE_FORMAT = "custodes subject-report v1"
-# Not yet a member of custodes.policy.Action; the tag keeps its subject:object:action shape.
-SUBJECT_REQUEST = AccessPurpose("subject access request")
 # Bounds the work an unauthenticated bundle can cause before anything is verified.
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
-# Incoming links are looked up in pages of this size, growing until a page comes back
-# short, so a person named in many records is never cut off at a fixed limit.
-_FIRST_PAGE = 256
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _TOKEN = re.compile(r"[!-~]+")  # printable ASCII without spaces: ids and origins
@@ -85,101 +76,6 @@ class BundleInvalid(TamperDetected):
         self.reason = reason
         where = f"entry {index}: " if index is not None else ""
         super().__init__(f"subject report bundle invalid: {where}{reason}")
-
-
-# -- finding the subject's records ---------------------------------------------------
-
-
-def subject_records(
-    vault: Vault,
-    person_record_id: str,
-    *,
-    actor: str,
-    purpose: AccessPurpose = SUBJECT_REQUEST,
-) -> list[str]:
-    """The person's record id, then every record that links to it (cases, deliveries).
-
-    Decrypts the person's source key and each candidate's link field only. The lookup
-    is itself logged (action ``audit:subject:report``, records: the person) before
-    anything is returned; if the entry cannot be written, nothing is returned.
-    """
-    return _logged_subject_records(vault, person_record_id, actor, purpose)[0]
-
-
-def _logged_subject_records(
-    vault: Vault, record_id: str, actor: str, purpose: AccessPurpose
-) -> tuple[list[str], int]:
-    """The subject's records and the index of the log entry that records the lookup."""
-    try:
-        records = [record_id, *_incoming_links(vault, record_id)]
-    except CustodesError as exc:
-        _log_report(vault, record_id, actor, purpose, Outcome.ERROR, type(exc).__name__)
-        raise
-    return records, _log_report(vault, record_id, actor, purpose, Outcome.GRANTED, None)
-
-
-def _incoming_links(vault: Vault, record_id: str) -> list[str]:
-    stored = vault.storage.get_records([record_id]).get(record_id)
-    if stored is None:
-        # Without the record its source key is unknown, so the records naming it cannot
-        # be found: refuse rather than hand out a report that looks complete and is not.
-        raise RecordNotFound("no such record")
-    rt = vault.schema.types.get(stored.record_type)
-    if rt is None:
-        raise TamperDetected()
-    if len(rt.source_key) != 1:
-        return []  # links refer to single-field source keys only
-    key_field = rt.source_key[0]
-    value = vault.codec.open(stored, (key_field,)).get(key_field)
-    if value is None:
-        return []
-    found: dict[str, None] = {}  # ordered and free of repeats
-    for other_rt, index, token in vault.codec.link_tokens(rt.name, str(value)):
-        link_field = other_rt.fields[index.components[0].field]
-        for candidate in _find_all(vault, index.index_id, token):
-            # Tokens are truncated, so a bucket may hold records naming someone else:
-            # only the decrypted link field decides.
-            opened = vault.codec.open(candidate, (link_field.name,))
-            if role_of_link(link_field, opened.get(link_field.name), record_id) is not None:
-                found[candidate.record_id] = None
-    return list(found)
-
-
-def _find_all(vault: Vault, index_id: int, token: int) -> list[StoredRecord]:
-    limit = _FIRST_PAGE
-    while True:
-        ids = vault.storage.find(index_id, token, limit)
-        if len(ids) < limit:
-            break
-        limit *= 4
-    loaded = vault.storage.get_records(ids)
-    return [loaded[i] for i in ids if i in loaded]
-
-
-def _log_report(
-    vault: Vault,
-    record_id: str,
-    actor: str,
-    purpose: AccessPurpose,
-    outcome: Outcome,
-    error: str | None,
-) -> int:
-    log = vault.access_log
-    return log.append(
-        AccessEntry(
-            actor=actor,
-            # Reading the access log is the auditor's duty, separate from reading records.
-            role=Role.AUDITOR.value,
-            action=Action.SUBJECT_REPORT.value,
-            outcome=outcome,
-            time=log.clock(),
-            purpose=purpose.reason,
-            case_ref=purpose.case_ref,
-            records=(record_id,),
-            result_count=1,
-            detail={"error": error} if error else {},
-        )
-    )
 
 
 # -- the report -----------------------------------------------------------------------
@@ -226,60 +122,6 @@ class SubjectReport:
         return _lines(head).encode("utf-8") + self.checkpoint_note + _lines(body).encode("utf-8")
 
 
-def build_report(
-    vault: Vault,
-    person_record_id: str,
-    *,
-    actor: str,
-    purpose: AccessPurpose = SUBJECT_REQUEST,
-) -> SubjectReport:
-    """Every access to the person's records, in log order, each proven in a signed checkpoint.
-
-    The report's own log entry is among them: the subject sees who asked. Raises
-    TamperDetected if the log cannot prove an entry it holds.
-    """
-    log = vault.access_log
-    records, report_index = _logged_subject_records(vault, person_record_id, actor, purpose)
-    found = log.entries_for(records)  # never empty: the report's own entry is there
-    latest = log.latest_checkpoint()
-    newest = found[-1][0]
-    note = latest[1] if latest is not None and latest[0] > newest else log.checkpoint()
-    # Check what is about to be handed out: a report the log cannot prove is not given.
-    checkpoint = _open_checkpoint(note, log.verifier_key)
-    accesses = []
-    for index, entry in found:
-        leaf = log.raw_entry(index)
-        if AccessEntry.decode(leaf) != entry:
-            raise TamperDetected(f"the access log's entry {index} changed while being read")
-        proof = tuple(log.inclusion_proof(index, checkpoint.size))
-        _check_inclusion(leaf, index, proof, checkpoint)
-        accesses.append(
-            ReportedAccess(
-                index=index,
-                time=_iso(entry.time),
-                actor=entry.actor,
-                role=entry.role,
-                action=entry.action,
-                outcome=entry.outcome,
-                purpose=entry.purpose,
-                case_ref=entry.case_ref,
-                records=tuple(r for r in records if r in entry.records),
-                private=log.private_details(index),
-                leaf=leaf,
-                proof=proof,
-            )
-        )
-    return SubjectReport(
-        origin=log.origin,
-        subject=person_record_id,
-        linked=tuple(records[1:]),
-        checkpoint_note=note,
-        checkpoint=checkpoint,
-        accesses=tuple(accesses),
-        report_index=report_index,
-    )
-
-
 # -- verifying a bundle ---------------------------------------------------------------
 
 
@@ -313,7 +155,7 @@ def verify_bundle(bundle: bytes, verifier_key: str) -> VerifiedBundle:
     length = line.removeprefix("checkpoint ")
     if length == line or not _DECIMAL.fullmatch(length) or int(length) > MAX_NOTE_BYTES:
         raise BundleInvalid("the checkpoint line is missing or its length is not valid")
-    checkpoint = _open_checkpoint(reader.take(int(length)), verifier_key)
+    checkpoint = open_checkpoint(reader.take(int(length)), verifier_key)
     if checkpoint.origin != origin:
         raise BundleInvalid("the checkpoint is for another log than the bundle names")
 
@@ -323,7 +165,7 @@ def verify_bundle(bundle: bytes, verifier_key: str) -> VerifiedBundle:
         index, leaf = _entry_line(line, after=entries[-1][0] if entries else -1)
         proof = _proof_line(reader.line(), index)
         try:
-            _check_inclusion(leaf, index, proof, checkpoint)
+            check_inclusion(leaf, index, proof, checkpoint)
         except BundleInvalid as exc:
             raise BundleInvalid(exc.reason, index=index) from None
         try:
@@ -416,7 +258,8 @@ def _proof_line(line: str, index: int) -> tuple[bytes, ...]:
 # -- shared checks ---------------------------------------------------------------------
 
 
-def _open_checkpoint(note: bytes, verifier_key: str) -> Checkpoint:
+def open_checkpoint(note: bytes, verifier_key: str) -> Checkpoint:
+    """The checkpoint a note signs, if this log's key signed it; else BundleInvalid."""
     verifier = NoteVerifier.from_key_string(verifier_key)
     try:
         return Checkpoint.parse_body(verifier.verify(note))
@@ -424,9 +267,10 @@ def _open_checkpoint(note: bytes, verifier_key: str) -> Checkpoint:
         raise BundleInvalid("the checkpoint does not carry a valid signature by this log") from None
 
 
-def _check_inclusion(
+def check_inclusion(
     leaf: bytes, index: int, proof: Sequence[bytes], checkpoint: Checkpoint
 ) -> None:
+    """Raise BundleInvalid unless the proof puts the leaf at index in the checkpoint."""
     try:
         verify_inclusion(leaf_hash(leaf), index, checkpoint.size, proof, checkpoint.root)
     except InvalidProof as exc:
@@ -451,7 +295,8 @@ def _unb64(text: str) -> bytes | None:
     return data if _b64(data) == text else None
 
 
-def _iso(timestamp: float) -> str:
+def iso_time(timestamp: float) -> str:
+    """A log entry's time as a report shows it: ISO 8601 in UTC, to the second."""
     moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -537,3 +382,95 @@ def as_json(report: SubjectReport) -> dict[str, Any]:
             for a in report.accesses
         ],
     }
+
+
+# -- reading a report back -------------------------------------------------------------
+
+
+def report_from_json(doc: Any) -> SubjectReport:
+    """The report that `as_json` gave `doc`: how a client rebuilds the API's report, to
+    print it and to write its bundle without asking the server twice.
+
+    Checks the shape, that the note states the checkpoint's origin, size and root, and that
+    every proof puts its leaf in that checkpoint; BundleInvalid otherwise. The note's
+    signature is left to `verify_bundle`, which has the log's key.
+    """
+    try:
+        return _report_from_json(doc)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise BundleInvalid("the report is not in the shape as_json gives") from None
+
+
+def _report_from_json(doc: Any) -> SubjectReport:
+    if doc["format"] != BUNDLE_FORMAT:
+        raise BundleInvalid(f"not a {BUNDLE_FORMAT!r} report")
+    stated = doc["checkpoint"]
+    note = _json_text(stated["note"]).encode("utf-8")
+    try:
+        # The note's text ends at its last blank line; its signatures follow.
+        checkpoint = Checkpoint.parse_body(note[: note.rfind(b"\n\n") + 1])
+    except SignatureInvalid:
+        raise BundleInvalid("the checkpoint note is malformed") from None
+    if (
+        checkpoint.origin != doc["origin"]
+        or checkpoint.size != _json_int(stated["size"])
+        or _b64(checkpoint.root) != stated["root"]
+    ):
+        raise BundleInvalid("the checkpoint note does not state the origin, size and root given")
+    accesses = []
+    for access in doc["accesses"]:
+        index = _json_int(access["index"])
+        leaf = _json_bytes(access["leaf"])
+        proof = tuple(_json_bytes(h) for h in access["proof"])
+        check_inclusion(leaf, index, proof, checkpoint)
+        private = access["private"]
+        if private is not None and not isinstance(private, dict):
+            raise TypeError("private details are an object or null")
+        accesses.append(
+            ReportedAccess(
+                index=index,
+                time=_json_text(access["time"]),
+                actor=_json_text(access["actor"]),
+                role=_json_text(access["role"]),
+                action=_json_text(access["action"]),
+                outcome=Outcome(access["outcome"]),
+                purpose=_json_optional_text(access["purpose"]),
+                case_ref=_json_optional_text(access["case"]),
+                records=tuple(_json_text(r) for r in access["records"]),
+                private=private,
+                leaf=leaf,
+                proof=proof,
+            )
+        )
+    return SubjectReport(
+        origin=_json_text(doc["origin"]),
+        subject=_json_text(doc["subject"]),
+        linked=tuple(_json_text(r) for r in doc["linked"]),
+        checkpoint_note=note,
+        checkpoint=checkpoint,
+        accesses=tuple(accesses),
+        report_index=_json_int(doc["report_index"]),
+    )
+
+
+def _json_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected text")
+    return value
+
+
+def _json_optional_text(value: Any) -> str | None:
+    return None if value is None else _json_text(value)
+
+
+def _json_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError("expected a non-negative integer")
+    return value
+
+
+def _json_bytes(value: Any) -> bytes:
+    decoded = _unb64(_json_text(value))
+    if decoded is None:
+        raise ValueError("expected canonical base64")
+    return decoded

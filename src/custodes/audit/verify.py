@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from custodes.audit.checkpoint import Checkpoint, NoteVerifier, SignatureInvalid
 from custodes.audit.merkle import CompactRange, leaf_hash
 from custodes.errors import TamperDetected
-from custodes.storage.base import Storage
+from custodes.storage.base import LogStore
 
 
 class LogTampered(TamperDetected):
@@ -45,7 +45,7 @@ class VerifyReport:
 
 
 def verify_log(
-    storage: Storage,
+    storage: LogStore,
     verifier_key: str,
     *,
     origin: str | None = None,
@@ -135,7 +135,7 @@ def _open(verifier: NoteVerifier, note: bytes, what: str, position: int) -> Chec
         raise LogTampered(position, f"{what} is not a well-formed checkpoint") from None
 
 
-def _mismatch(storage: Storage, start: int, end: int, source: str) -> LogTampered:
+def _mismatch(storage: LogStore, start: int, end: int, source: str) -> LogTampered:
     """Name the first bad entry between two checkpoints, as precisely as the store allows."""
     for index, data in storage.log_entries(start, end):
         stored_leaf = storage.log_node(0, index)

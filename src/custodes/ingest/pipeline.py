@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, NamedTuple
+from typing import IO, BinaryIO, NamedTuple
 
 import orjson
 
@@ -39,15 +39,28 @@ from custodes.ingest.readers import (
 )
 from custodes.records import RecordValidator
 from custodes.schema import Schema, parse_schema
-from custodes.storage.base import SealedRecord
-
-if TYPE_CHECKING:
-    from custodes.vault import Vault
+from custodes.storage.base import BatchOutcome, SealedRecord
 
 DEFAULT_BATCH = 2_000
 
 # (line, field, reason) of a refused record; never its value.
 Reject = tuple[int, str | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestTarget:
+    """Where records go: the vault's schema and keys to seal them with, and the one
+    write the pipeline makes (an atomic, durable batch). The vault hands this over once
+    its access function has allowed the ingest."""
+
+    schema: Schema
+    schema_text: str
+    material: KeyMaterial
+    token_bits: dict[int, int]
+    write_batch: Callable[[Sequence[SealedRecord]], BatchOutcome]
+
+    def __repr__(self) -> str:
+        return "IngestTarget(<keys hidden>)"
 
 
 class Progress(NamedTuple):
@@ -137,7 +150,7 @@ def _work(items: Sequence[tuple[int, Item]]) -> _Chunk:
 
 
 def run_ingest(
-    vault: Vault,
+    target: IngestTarget,
     source: Path | str,
     *,
     fmt: str | None = None,
@@ -163,7 +176,7 @@ def run_ingest(
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     if record_type is not None:
-        vault.schema.record_type(record_type)
+        target.schema.record_type(record_type)
     if strict and from_stdin:
         raise InvalidInput("strict mode reads the input twice and cannot read standard input")
     if workers < 1:
@@ -171,13 +184,13 @@ def run_ingest(
 
     report = IngestReport()
     started = time.perf_counter()
-    sealer = _ChunkSealer(vault.schema, vault.key_material, vault.token_bits, record_type)
+    sealer = _ChunkSealer(target.schema, target.material, target.token_bits, record_type)
     rejects = _RejectsFile(rejects_dir)
     try:
         if strict:
             with _open(source, stdin) as stream:
                 counter = CountingReader(stream)
-                for chunk in _chunks(_items(vault.schema, fmt, counter, record_type), batch_size):
+                for chunk in _chunks(_items(target.schema, fmt, counter, record_type), batch_size):
                     result = sealer(chunk, seal=False)
                     for rej in result.rejects:
                         _note_reject(report, rejects, rej)
@@ -188,13 +201,13 @@ def run_ingest(
         with _open(source, stdin) as stream:
             counter = CountingReader(stream)
             total = _size(source) if not from_stdin else None
-            items = _items(vault.schema, fmt, counter, record_type)
+            items = _items(target.schema, fmt, counter, record_type)
             handled = 0
 
             def store(result: _Chunk) -> None:
                 nonlocal handled
                 if result.sealed:
-                    outcome = vault.storage.write_batch(result.sealed)
+                    outcome = target.write_batch(result.sealed)
                     report.accepted += outcome.inserted
                     report.already_present += outcome.already_present
                 for rej in result.rejects:
@@ -206,7 +219,7 @@ def run_ingest(
                     )
 
             with _InOrderWriter(store) as writer:
-                for result in _sealed_chunks(vault, sealer, items, workers, batch_size):
+                for result in _sealed_chunks(target, sealer, items, workers, batch_size):
                     writer.put(result)
     finally:
         report.rejects_path = rejects.close()
@@ -262,7 +275,7 @@ def _note_reject(report: IngestReport, rejects: _RejectsFile, rej: Reject) -> No
 
 
 def _sealed_chunks(
-    vault: Vault,
+    target: IngestTarget,
     sealer: _ChunkSealer,
     items: Iterator[tuple[int, Item]],
     workers: int,
@@ -275,12 +288,11 @@ def _sealed_chunks(
         return
     # Keys reach the workers through the pool's pipe, never through a file.
     context = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
-    schema_text = vault.schema_text
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(schema_text, vault.key_material, vault.token_bits, sealer.default_type),
+        initargs=(target.schema_text, target.material, target.token_bits, sealer.default_type),
     ) as pool:
         pending: deque[Future[_Chunk]] = deque()
         # A bounded window keeps memory flat and results in input order.

@@ -1,12 +1,16 @@
-"""Roles, purposes and the authorisation decision for each kind of access.
+"""Roles, actions, purposes and the one authorisation rule every access goes through.
 
-Separation of duties is built in: administrators manage accounts and auditors read the
-access log, but neither can read a personal record.
+Who may do what is data (PERMISSIONS, API_SCOPES, CASE_REQUIRED, the clearance table);
+`authorise` reads it and raises. Separation of duties is built in: administrators manage
+accounts and auditors read the access log, but neither can read a personal record; the
+host operator (whoever unseals the keys on the host) ingests and administers, and reads
+neither records nor the log's entries.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -20,6 +24,12 @@ class Role(StrEnum):
     SUPERVISOR = "supervisor"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    # Not an account's role: the holder of the keyring passphrase, acting on the host.
+    OPERATOR = "operator"
+
+
+# Roles an official's account may have; the operator is never an account.
+ACCOUNT_ROLES: tuple[Role, ...] = tuple(r for r in Role if r is not Role.OPERATOR)
 
 
 class Action(StrEnum):
@@ -30,9 +40,24 @@ class Action(StrEnum):
     REVEAL = "record:field:reveal"
     INGEST = "vault:records:ingest"
     LOGIN = "account:session:login"
+    LOGOUT = "account:session:logout"
     LOG_READ = "audit:log:read"
+    LOG_VERIFY = "audit:log:verify"
+    LOG_CHECKPOINT = "audit:checkpoint:sign"
+    WITNESS_PUBLISH = "audit:checkpoint:witness"
     SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
+    ACCOUNT_LIST = "account:account:list"
+    ACCOUNT_DISABLE = "account:account:disable"
+    ACCOUNT_ENABLE = "account:account:enable"
+    ACCOUNT_UNLOCK = "account:account:unlock"
+    PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
+    MFA_ENROL_ISSUE = "account:mfa:issue"
+    MFA_ENROL = "account:mfa:enrol"
+    API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
+    CASE_ASSIGN = "account:case:assign"
+    CASE_UNASSIGN = "account:case:unassign"
+    PASSKEY_REGISTER = "account:passkey:register"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -43,7 +68,65 @@ _CLEARANCE: dict[Role, Sensitivity | None] = {
     Role.SUPERVISOR: Sensitivity.RESTRICTED,
     Role.AUDITOR: None,
     Role.ADMIN: None,
+    Role.OPERATOR: None,
 }
+
+_READERS = frozenset({Role.OFFICER, Role.INVESTIGATOR, Role.SUPERVISOR})
+_ADMINISTRATORS = frozenset({Role.ADMIN, Role.OPERATOR})
+_OFFICIALS = frozenset(ACCOUNT_ROLES)
+
+# Who may perform each action. An action missing here is refused to everyone.
+PERMISSIONS: Mapping[Action, frozenset[Role]] = {
+    Action.SEARCH: _READERS,
+    Action.READ: _READERS,
+    Action.REVEAL: _READERS,
+    Action.LOG_READ: frozenset({Role.AUDITOR}),
+    Action.SUBJECT_REPORT: frozenset({Role.AUDITOR}),
+    Action.LOG_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
+    Action.LOG_CHECKPOINT: frozenset({Role.OPERATOR}),
+    Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
+    Action.INGEST: frozenset({Role.OPERATOR}),
+    Action.ACCOUNT_ADD: _ADMINISTRATORS,
+    Action.ACCOUNT_LIST: _ADMINISTRATORS,
+    Action.ACCOUNT_DISABLE: _ADMINISTRATORS,
+    Action.ACCOUNT_ENABLE: _ADMINISTRATORS,
+    Action.ACCOUNT_UNLOCK: _ADMINISTRATORS,
+    Action.PASSWORD_CHANGE: _ADMINISTRATORS,
+    Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
+    Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
+    Action.CASE_ASSIGN: _ADMINISTRATORS,
+    Action.CASE_UNASSIGN: _ADMINISTRATORS,
+    # Self-service: an official on their own account, from a session of their own.
+    Action.PASSKEY_REGISTER: _OFFICIALS,
+}
+
+# Reads of personal records must name the case they serve as well as a reason: the case
+# reference is what an assignment is checked against and what an auditor follows up.
+CASE_REQUIRED: frozenset[Action] = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
+# Actions that must state why: every read of records or of the access log.
+PURPOSE_REQUIRED: frozenset[Action] = CASE_REQUIRED | {Action.LOG_READ, Action.SUBJECT_REPORT}
+
+# What an integration's API token may do: a scope names the actions it allows.
+API_SCOPES: Mapping[str, frozenset[Action]] = {
+    "search": frozenset({Action.SEARCH}),
+    "read": frozenset({Action.SEARCH, Action.READ}),
+    "reveal": frozenset({Action.SEARCH, Action.READ, Action.REVEAL}),
+    "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT}),
+}
+
+_REFUSALS: Mapping[Action, str] = {
+    Action.SEARCH: "the {role} role cannot read personal records",
+    Action.READ: "the {role} role cannot read personal records",
+    Action.REVEAL: "the {role} role cannot read personal records",
+    Action.LOG_READ: "only an auditor reads the access log",
+    Action.SUBJECT_REPORT: "only an auditor reads the access log",
+    Action.LOG_VERIFY: "only an auditor or the host operator verifies the access log",
+    Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",
+    Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
+    Action.INGEST: "only the host operator ingests records",
+    Action.PASSKEY_REGISTER: "the host operator has no passkeys",
+}
+_ADMIN_REFUSAL = "only an administrator manages accounts"
 
 _BREAKS = re.compile("[\r\n\t\x00]")  # a reason is logged as one line
 _CASE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
@@ -52,6 +135,16 @@ _CASE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_.-]{0,63}")
 def clearance_of(role: Role) -> Sensitivity | None:
     """The highest sensitivity a role may reveal, or None for roles that read no records."""
     return _CLEARANCE[role]
+
+
+def reads_records(role: Role) -> bool:
+    """Whether a role may read personal records at all (and so be assigned cases)."""
+    return role in PERMISSIONS[Action.READ]
+
+
+def case_required(action: Action) -> bool:
+    """Whether an action must name the case it serves (forms ask for one up front)."""
+    return action in CASE_REQUIRED
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +165,7 @@ class AccessPurpose:
             raise PurposeRequired("a purpose must be one line of at most 200 characters")
         object.__setattr__(self, "reason", reason)
         if self.case_ref is not None:
-            case_ref = self.case_ref.strip()
+            case_ref = self.case_ref.strip() if isinstance(self.case_ref, str) else ""
             if not _CASE_REF.fullmatch(case_ref):
                 raise PurposeRequired(
                     "a case reference is 1-64 letters, digits or / _ . - characters"
@@ -80,20 +173,38 @@ class AccessPurpose:
             object.__setattr__(self, "case_ref", case_ref)
 
 
-def authorise(role: Role, action: Action, *, field: FieldSpec | None = None) -> None:
-    """Raise AccessDenied unless role may perform action (on field, for a reveal)."""
-    if action in (Action.SEARCH, Action.READ, Action.REVEAL):
-        clearance = _CLEARANCE[role]
-        if clearance is None:
-            raise AccessDenied(f"the {role.value} role cannot read personal records")
-        # A reveal is decided twice: by role before the record is read, by field after.
-        if action is Action.REVEAL and field is not None and field.sensitivity > clearance:
-            raise AccessDenied(
-                f"the {role.value} role may not reveal {field.sensitivity.name.lower()} "
-                f"fields such as {field.name!r}"
-            )
-        return
-    if action in (Action.LOG_READ, Action.SUBJECT_REPORT) and role is not Role.AUDITOR:
-        raise AccessDenied("only an auditor reads the access log")
-    if action is Action.ACCOUNT_ADD and role is not Role.ADMIN:
-        raise AccessDenied("only an administrator can add accounts")
+def authorise(
+    role: Role,
+    action: Action,
+    *,
+    scope: str | None = None,
+    purpose: AccessPurpose | None = None,
+    field: FieldSpec | None = None,
+) -> None:
+    """Raise AccessDenied unless `role` may perform `action` now.
+
+    `scope` is an integration token's scope (None for a login session), `purpose` what the
+    official stated, `field` the field a reveal names once its record's type is known (a
+    reveal is decided twice: by role before the record is read, by field after).
+    PurposeRequired, a kind of AccessDenied, says what the statement lacks.
+    """
+    if role not in PERMISSIONS.get(action, frozenset()):
+        raise AccessDenied(_REFUSALS.get(action, _ADMIN_REFUSAL).format(role=role.value))
+    if scope is not None and action not in API_SCOPES.get(scope, frozenset()):
+        raise AccessDenied(f"this API token's scope ({scope}) does not allow {action.value}")
+    if action in PURPOSE_REQUIRED and not isinstance(purpose, AccessPurpose):
+        raise PurposeRequired("a stated purpose is required to read personal data")
+    if action in CASE_REQUIRED and (purpose is None or purpose.case_ref is None):
+        raise PurposeRequired("a case reference is required: name the case this work serves")
+    clearance = _CLEARANCE[role]
+    if field is not None and action is Action.REVEAL and field.sensitivity > (clearance or 0):
+        raise AccessDenied(
+            f"the {role.value} role may not reveal {field.sensitivity.name.lower()} "
+            f"fields such as {field.name!r}"
+        )
+
+
+def check_account_change(actor: str, target: str, action: Action) -> None:
+    """Refuse the account changes no administrator may make, whatever their role."""
+    if action is Action.ACCOUNT_DISABLE and actor == target:
+        raise AccessDenied("you cannot disable your own account")

@@ -11,7 +11,6 @@ import binascii
 import functools
 import re
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -23,23 +22,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security.base import SecurityBase
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custodes.audit.entry import AccessEntry
-from custodes.audit.report import SubjectReport, as_json, build_report
-from custodes.errors import (
-    AccessDenied,
-    AuditUnavailable,
-    AuthenticationFailed,
-    CustodesError,
-    InvalidQuery,
-    LoginThrottled,
-    PurposeRequired,
-    RecordNotFound,
-)
-from custodes.policy import Action
+from custodes.audit.report import SubjectReport, as_json
+from custodes.errors import InvalidQuery
 from custodes.vault import MAX_RESULTS, RecordView, Session
-from custodes.web import deps
+from custodes.web import deps, refusals
 
 PREFIX = "/api/v1"
 LOG_PAGE_MAX = 200
@@ -64,27 +52,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-# The most specific class wins: PurposeRequired is an AccessDenied, but a 422.
-_STATUS: dict[type[BaseException], tuple[int, str]] = {
-    deps.NotAuthenticated: (401, "not_authenticated"),
-    LoginThrottled: (429, "login_throttled"),
-    AuthenticationFailed: (401, "authentication_failed"),
-    PurposeRequired: (422, "purpose_required"),
-    InvalidQuery: (422, "invalid_query"),
-    AccessDenied: (403, "access_denied"),
-    deps.CsrfRejected: (403, "csrf_rejected"),
-    RecordNotFound: (404, "record_not_found"),
-    AuditUnavailable: (503, "audit_unavailable"),
-}
-
-_MESSAGES = {
-    400: "the request body is not valid JSON",
-    401: "authentication required: open a session with POST /api/v1/session",
-    404: "no such resource",
-    405: "method not allowed on this resource",
-}
-
-
 def error_response(
     status: int, code: str, message: str, *, retry_after: int | None = None
 ) -> JSONResponse:
@@ -98,41 +65,11 @@ def error_response(
 
 
 def api_error(exc: BaseException) -> JSONResponse:
-    """The API's answer to an exception raised while serving an /api/v1 request."""
-    for cls in type(exc).__mro__:
-        if cls in _STATUS:
-            status, code = _STATUS[cls]
-            message = str(exc) if isinstance(exc, CustodesError) and str(exc) else None
-            wait = exc.retry_after if isinstance(exc, LoginThrottled) else None
-            message = message or _MESSAGES.get(status, code)
-            return error_response(status, code, message, retry_after=wait)
-    if isinstance(exc, RequestValidationError):
-        return error_response(422, "invalid_request", _describe_validation(exc))
-    if isinstance(exc, StarletteHTTPException):
-        code = re.sub(r"[^a-z0-9]+", "_", _reason(exc.status_code).lower()).strip("_")
-        return error_response(exc.status_code, code, _MESSAGES.get(exc.status_code, code))
-    if isinstance(exc, CustodesError):
-        # A refusal the table does not know yet (a new error type): the request's fault.
-        status = int(getattr(exc, "http_status", 400))
-        code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
-        return error_response(status, code, str(exc) or code)
-    return error_response(500, "internal_error", "the server failed; nothing was returned")
-
-
-def _describe_validation(exc: RequestValidationError) -> str:
-    # Pydantic's own report repeats the input; a password or an ID number must not echo.
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "the request is malformed"
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "error"
+    """The API's answer to an exception raised while serving an /api/v1 request: the row
+    of the one refusal table that the dashboard's pages answer from too."""
+    row = refusals.refusal_for(exc)
+    message = refusals.message_for(exc, row)
+    return error_response(row.status, row.code, message, retry_after=refusals.retry_after(exc))
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -261,9 +198,10 @@ _CASE = {
     "description": "The case or inquiry this access serves.",
 }
 Reason = Annotated[str, Field(**_REASON)]
-CaseRef = Annotated[str, Field(**_CASE)]
+# Optional in the request: whether an action needs a case is the policy's decision,
+# taken inside the vault, so that the API, the dashboard and the CLI cannot differ.
+CaseRef = Annotated[str | None, Field(**_CASE)]
 ReasonQuery = Annotated[str, Query(**_REASON)]
-CaseQuery = Annotated[str, Query(**_CASE)]
 OptionalCaseQuery = Annotated[str | None, Query(**_CASE)]
 RecordId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 
@@ -291,7 +229,7 @@ class SearchRequest(BaseModel):
         max_length=8, description="The index's fields and the values to look for."
     )
     purpose: Reason
-    case_ref: CaseRef
+    case_ref: CaseRef = None
     limit: int = Field(default=20, ge=1, le=MAX_RESULTS)
     cursor: str | None = Field(default=None, max_length=64)
 
@@ -306,7 +244,7 @@ class RevealRequest(BaseModel):
 
     field: str = Field(min_length=1, max_length=64)
     purpose: Reason
-    case_ref: CaseRef
+    case_ref: CaseRef = None
 
 
 class Revealed(BaseModel):
@@ -414,9 +352,9 @@ def _record_json(view: RecordView) -> dict[str, Any]:
 def record(
     record_id: RecordId,
     purpose: ReasonQuery,
-    case_ref: CaseQuery,
     session: Authenticated,
     request: Request,
+    case_ref: OptionalCaseQuery = None,
 ) -> RecordOut:
     stated = deps.purpose_from(purpose, case_ref)
     return _record_out(deps.vault_of(request).record(session, stated, record_id))
@@ -569,10 +507,8 @@ def audit_log(
 def _subject_report(
     request: Request, session: Session, record_id: str, purpose: str, case: str | None
 ) -> SubjectReport:
-    vault = deps.vault_of(request)
     stated = deps.purpose_from(purpose, case)
-    live = vault.require(session, stated, Action.SUBJECT_REPORT)
-    return build_report(vault, record_id, actor=live.username, purpose=stated)
+    return deps.vault_of(request).subject_report(session, stated, record_id)
 
 
 @router.get(

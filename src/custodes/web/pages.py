@@ -17,18 +17,21 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from custodes.audit import AccessEntry, Outcome
-from custodes.audit.report import BundleInvalid, build_report, verify_bundle
-from custodes.audit.verify import LogTampered, verify_log
-from custodes.errors import (
-    AccessDenied,
-    InvalidAssignment,
-    InvalidQuery,
-    PurposeRequired,
-    RecordNotFound,
+from custodes.audit.report import BundleInvalid, verify_bundle
+from custodes.audit.verify import LogTampered
+from custodes.errors import AccessDenied, InvalidAssignment, InvalidQuery, PurposeRequired
+from custodes.policy import (
+    ACCOUNT_ROLES,
+    AccessPurpose,
+    Action,
+    Role,
+    assigned_cases,
+    case_required,
+    clearance_of,
+    reads_records,
 )
-from custodes.policy import AccessPurpose, Action, Role, assigned_cases, clearance_of
 from custodes.schema import REFERENCE_KINDS, FieldSpec, RecordType, Sensitivity
-from custodes.vault import LinkView, RecordView, Session, Vault
+from custodes.vault import LinkView, LogExtract, RecordView, Session, Vault
 from custodes.web import deps
 from custodes.web.templating import render
 
@@ -119,14 +122,10 @@ def purpose_query(purpose: AccessPurpose) -> str:
     return urlencode({"reason": purpose.reason, "case_ref": purpose.case_ref or ""})
 
 
-def stated_purpose(
-    reason: str | None, case_ref: str | None, *, case_required: bool
-) -> AccessPurpose:
-    """A purpose from form fields; reads of records also need the case they serve."""
-    purpose = deps.purpose_from((reason or "").strip() or None, (case_ref or "").strip() or None)
-    if case_required and purpose.case_ref is None:
-        raise PurposeRequired("a case reference is required: name the case this work serves")
-    return purpose
+def stated_purpose(reason: str | None, case_ref: str | None) -> AccessPurpose:
+    """A purpose from form fields. Whether the action also needs a case is the policy's
+    to decide, inside the vault: the page only collects what was typed."""
+    return deps.purpose_from((reason or "").strip() or None, (case_ref or "").strip() or None)
 
 
 def is_htmx(request: Request) -> bool:
@@ -184,7 +183,7 @@ def home(request: Request, me: Me) -> Response:
         request,
         "home.html",
         duty=ROLE_DUTIES[me.role],
-        reads_records=clearance_of(me.role) is not None,
+        reads_records=reads_records(me.role),
         kinds=SEARCH_KINDS,
         form={},
     )
@@ -206,7 +205,7 @@ async def search(request: Request, me: Me) -> Response:
     template = "_results.html" if is_htmx(request) else "search.html"
     context: dict[str, Any] = {"kinds": SEARCH_KINDS, "form": form, "results": None}
     try:
-        purpose = stated_purpose(form.get("reason"), form.get("case_ref"), case_required=True)
+        purpose = stated_purpose(form.get("reason"), form.get("case_ref"))
         if kind is None:
             raise InvalidQuery("choose what to search by")
         values = {f: form.get(f, "") for f in kind.fields}
@@ -244,8 +243,10 @@ def record_page(
     reason: OptionalText = None,
     case_ref: OptionalText = None,
 ) -> Response:
+    vault = deps.vault_of(request)
     try:
-        purpose = stated_purpose(reason, case_ref, case_required=True)
+        purpose = stated_purpose(reason, case_ref)
+        view = vault.record(me, purpose, record_id)
     except PurposeRequired as exc:
         return render(
             request,
@@ -255,11 +256,9 @@ def record_page(
             action=f"/records/{record_id}",
             reason=reason or "",
             case_ref=case_ref or "",
-            case_required=True,
+            case_required=case_required(Action.READ),
             heading="Why are you opening this record?",
         )
-    vault = deps.vault_of(request)
-    view = vault.record(me, purpose, record_id)
     rt = vault.schema.types[view.record_type]
     return render(
         request,
@@ -292,7 +291,7 @@ def reveal(
         "label": label_of(field_name),
     }
     try:
-        purpose = stated_purpose(reason, case_ref, case_required=True)
+        purpose = stated_purpose(reason, case_ref)
         value = deps.vault_of(request).reveal(me, purpose, record_id, field_name)
     except PurposeRequired as exc:
         return render(request, template, status_code=422, error=str(exc), **context)
@@ -321,8 +320,10 @@ def subject_report(
     reason: OptionalText = None,
     case_ref: OptionalText = None,
 ) -> Response:
+    vault = deps.vault_of(request)
     try:
-        purpose = stated_purpose(reason, case_ref, case_required=False)
+        purpose = stated_purpose(reason, case_ref)
+        report = vault.subject_report(me, purpose, record_id)
     except PurposeRequired as exc:
         return render(
             request,
@@ -332,14 +333,11 @@ def subject_report(
             action=f"/audit/subject/{record_id}",
             reason=reason if reason is not None else "subject access request",
             case_ref=case_ref or "",
-            case_required=False,
+            case_required=case_required(Action.SUBJECT_REPORT),
             heading="Why do you need this subject access report?",
         )
-    vault = deps.vault_of(request)
-    live = vault.require(me, purpose, Action.SUBJECT_REPORT)
-    report = build_report(vault, record_id, actor=live.username, purpose=purpose)
     try:
-        verify_bundle(report.bundle(), vault.access_log.verifier_key)
+        verify_bundle(report.bundle(), vault.log_verifier_key)
         bundle_ok: str | None = None
     except BundleInvalid as exc:
         bundle_ok = str(exc)
@@ -365,7 +363,7 @@ def subject_report(
         report=report,
         rows=rows,
         bundle_error=bundle_ok,
-        verifier_key=vault.access_log.verifier_key,
+        verifier_key=vault.log_verifier_key,
         query=purpose_query(purpose),
         purpose=purpose,
     )
@@ -379,10 +377,8 @@ def subject_bundle(
     reason: OptionalText = None,
     case_ref: OptionalText = None,
 ) -> Response:
-    purpose = stated_purpose(reason, case_ref, case_required=False)
-    vault = deps.vault_of(request)
-    live = vault.require(me, purpose, Action.SUBJECT_REPORT)
-    report = build_report(vault, record_id, actor=live.username, purpose=purpose)
+    purpose = stated_purpose(reason, case_ref)
+    report = deps.vault_of(request).subject_report(me, purpose, record_id)
     name = f"subject-report-{record_id[:16]}.txt"
     return Response(
         report.bundle(),
@@ -423,11 +419,8 @@ def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
     }
 
 
-def checkpoint_status(vault: Vault) -> dict[str, Any]:
-    log = vault.access_log
-    latest = log.latest_checkpoint()
-    signed = latest[0] if latest is not None else 0
-    return {"size": log.size, "signed": signed, "behind": log.size - signed}
+def checkpoint_status(found: LogExtract) -> dict[str, Any]:
+    return {"size": found.size, "signed": found.signed, "behind": found.size - found.signed}
 
 
 @router.get("/audit/log", response_class=HTMLResponse)
@@ -464,7 +457,7 @@ def audit_log(
         return render(request, "audit_log.html", **context)
     vault = deps.vault_of(request)
     try:
-        purpose = stated_purpose(reason, case_ref, case_required=False)
+        purpose = stated_purpose(reason, case_ref)
         found = vault.read_log(
             me,
             purpose,
@@ -484,7 +477,7 @@ def audit_log(
         request,
         "audit_log.html",
         **{**context, "rows": rows},
-        status=checkpoint_status(vault),
+        status=checkpoint_status(found),
         prev_href=f"/audit/log?{urlencode({**base, 'page': page - 1, 'size': size})}"
         if page > 1
         else None,
@@ -500,11 +493,9 @@ def audit_verify(
     request: Request, me: Me, reason: FormText = None, case_ref: FormText = None
 ) -> Response:
     vault = deps.vault_of(request)
-    purpose = stated_purpose(reason, case_ref, case_required=False)
-    vault.require(me, purpose, Action.LOG_READ)
-    log = vault.access_log
+    purpose = stated_purpose(reason, case_ref)
     try:
-        result = verify_log(vault.storage, log.verifier_key, origin=log.origin)
+        result = vault.verify_log(me, purpose)
         error = None
     except LogTampered as exc:
         result, error = None, str(exc)
@@ -525,11 +516,10 @@ def alerts(request: Request, me: Me) -> Response:
 # -- administrators ---------------------------------------------------------------------
 
 
-ADMIN_PURPOSE = AccessPurpose("account administration")
 ACCOUNT_ACTIONS = ("disable", "enable", "unlock", "enrol", "assign", "unassign")
 
 
-def account_rows(vault: Vault) -> list[dict[str, Any]]:
+def account_rows(vault: Vault, me: Session) -> list[dict[str, Any]]:
     # The case numbers an administrator assigned, and nothing of what the cases hold.
     return [
         {
@@ -537,20 +527,20 @@ def account_rows(vault: Vault) -> list[dict[str, Any]]:
             "role": a.role.value,
             "district": str(a.attributes.get("district", "")),
             "cases": sorted(assigned_cases(a.attributes.get("cases"))),
-            "takes_cases": clearance_of(a.role) is not None,
+            "takes_cases": reads_records(a.role),
             "mfa": a.mfa_enrolled,
             "locked": a.locked,
             "disabled": a.disabled,
         }
-        for a in vault.accounts.list()
+        for a in vault.admin.list_accounts(me)
     ]
 
 
 @router.get("/admin/accounts", response_class=HTMLResponse)
 def accounts(request: Request, me: Me) -> Response:
     vault = deps.vault_of(request)
-    vault.require(me, ADMIN_PURPOSE, Action.ACCOUNT_ADD)
-    return render(request, "accounts.html", rows=account_rows(vault), roles=[r.value for r in Role])
+    roles = [r.value for r in ACCOUNT_ROLES]
+    return render(request, "accounts.html", rows=account_rows(vault, me), roles=roles)
 
 
 @router.post("/admin/accounts/{username}/{verb}", response_class=HTMLResponse, dependencies=[Csrf])
@@ -558,36 +548,33 @@ def account_action(
     request: Request, username: str, verb: str, me: Me, case_no: FormText = None
 ) -> Response:
     vault = deps.vault_of(request)
-    live = vault.require(me, ADMIN_PURPOSE, Action.ACCOUNT_ADD)
+    admin = vault.admin
+    roles = [r.value for r in ACCOUNT_ROLES]
     if verb not in ACCOUNT_ACTIONS:
         raise InvalidQuery(f"an account action is one of: {', '.join(ACCOUNT_ACTIONS)}")
-    if vault.accounts.get(username) is None:
-        raise RecordNotFound("no account with that name")
     code = None
     if verb in ("assign", "unassign"):
-        change = vault.assign_case if verb == "assign" else vault.unassign_case
+        change = admin.assign_case if verb == "assign" else admin.unassign_case
         try:
-            change(username, case_no or "", by=live.username)
+            change(me, username, case_no or "")
         except InvalidAssignment as exc:
             # Said beside the forms; the number typed is not repeated.
             return render(
                 request,
                 "accounts.html",
                 status_code=422,
-                rows=account_rows(vault),
-                roles=[r.value for r in Role],
+                rows=account_rows(vault, me),
+                roles=roles,
                 error=f"Account {username}: {exc}.",
             )
     elif verb == "disable":
-        if username == live.username:
-            raise InvalidQuery("you cannot disable your own account")
-        vault.disable_account(username, by=live.username)
+        admin.disable_account(me, username)
     elif verb == "enable":
-        vault.enable_account(username, by=live.username)
+        admin.enable_account(me, username)
     elif verb == "unlock":
-        vault.unlock_account(username, by=live.username)
+        admin.unlock_account(me, username)
     else:
-        code = vault.issue_enrolment(username, by=live.username)
+        code = admin.issue_enrolment(me, username)
     done = {
         "disable": "disabled; every session it had has ended",
         "enable": "enabled",
@@ -599,8 +586,8 @@ def account_action(
     return render(
         request,
         "accounts.html",
-        rows=account_rows(vault),
-        roles=[r.value for r in Role],
+        rows=account_rows(vault, me),
+        roles=roles,
         done=f"Account {username} {done}.",
         enrol_code=code,
         enrol_for=username,

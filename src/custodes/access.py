@@ -1,0 +1,250 @@
+"""The single access function: who asks, may they, do it, log it durably, then answer.
+
+Every operation of the vault that reads personal data or the access log, or changes an
+account or the log, passes `AccessGate.access`: it checks the principal afresh (a live
+session of an enabled account, or the host operator the vault was opened with), asks
+custodes.policy once, runs the operation in memory, appends the access-log entry
+durably, and only then returns. If the entry cannot be written, nothing is returned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from custodes.accounts import Account, AccountBook
+from custodes.audit import AccessEntry, AccessLog, Outcome
+from custodes.errors import AccessDenied, AuthenticationFailed, CustodesError, RecordNotFound
+from custodes.policy import (
+    AccessPurpose,
+    Action,
+    RecordFacts,
+    Role,
+    assigned_cases,
+    authorise,
+    may_see,
+    sees_reporters,
+)
+from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
+
+T = TypeVar("T")
+
+# Reads whose log entry counts the records withheld by the record-level rules.
+_RECORD_READS = frozenset({Action.SEARCH, Action.READ})
+
+
+class OutOfReach(RecordNotFound):
+    """A record that exists but lies outside the official's reach. Logged as a refusal,
+    then raised to the caller as a plain RecordNotFound: the two must look alike."""
+
+    def __init__(self, record_type: str | None = None) -> None:
+        super().__init__("no such record")
+        self.record_type = record_type
+
+
+@dataclass(slots=True)
+class Reach:
+    """One access's view of the record-level rules: who asks, for what, and what has
+    been withheld from them so far (a count for the log, never shown)."""
+
+    role: Role
+    district: object
+    cases: frozenset[str]
+    purpose: AccessPurpose | None
+    today: dt.date
+    withheld: int = 0
+    districts: dict[str, str | None] = field(default_factory=dict)  # person id -> district
+
+    def allows(self, facts: RecordFacts) -> bool:
+        if self.purpose is None:
+            return False
+        return may_see(self.role, self.district, self.cases, self.purpose, facts)
+
+    @property
+    def sees_reporters(self) -> bool:
+        return sees_reporters(self.role)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an authorised operation is told about its caller."""
+
+    principal: Session | Operator
+    reach: Reach
+
+    @property
+    def username(self) -> str:
+        return self.principal.username
+
+    @property
+    def role(self) -> Role:
+        return self.principal.role
+
+
+@dataclass(slots=True)
+class Done(Generic[T]):
+    """An operation's result, the records it touched and what its log entry adds."""
+
+    result: T
+    records: Sequence[str] = ()
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    record_type: str | None = None  # known only once the record is read
+
+
+class AccessGate:
+    """The one door: every decision by custodes.policy, every outcome on the access log."""
+
+    def __init__(
+        self,
+        *,
+        keeper: Gatekeeper,
+        accounts: AccountBook,
+        log: AccessLog,
+        clock: Clock,
+        operator: Operator | None,
+    ) -> None:
+        self._keeper = keeper
+        self._accounts = accounts
+        self._log = log
+        self._clock = clock
+        self._operator = operator
+
+    def __repr__(self) -> str:
+        return "AccessGate()"
+
+    def access(
+        self,
+        principal: Principal,
+        action: Action,
+        run: Callable[[Grant], Done[T]],
+        *,
+        purpose: AccessPurpose | None = None,
+        record_type: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        private: dict[str, Any] | None = None,
+        target: str | None = None,
+    ) -> T:
+        """Decide, run, log durably, then return. Nothing leaves before the entry exists.
+
+        `private` (such as the values searched for) is sealed beside the entry, so that
+        a subject's report can show it while the log itself names no one. `target` is the
+        record an operation on one record names, so that a refused or failed attempt
+        reaches that person's subject report.
+        """
+        return self._access(principal, action, run, purpose, record_type, detail, private, target)[
+            0
+        ]
+
+    def access_then(
+        self,
+        principal: Principal,
+        action: Action,
+        run: Callable[[Grant], Done[T]],
+        *,
+        purpose: AccessPurpose | None = None,
+        target: str | None = None,
+    ) -> tuple[T, int]:
+        """Like access, and also the index of the entry that records it, for an operation
+        whose answer is read from the log after its own entry (a subject report)."""
+        return self._access(principal, action, run, purpose, None, None, None, target)
+
+    def _access(
+        self,
+        principal: Principal,
+        action: Action,
+        run: Callable[[Grant], Done[T]],
+        purpose: AccessPurpose | None,
+        record_type: str | None,
+        detail: Mapping[str, Any] | None,
+        private: dict[str, Any] | None,
+        target: str | None,
+    ) -> tuple[T, int]:
+        who, account = self._check(principal)
+        attempted = (target,) if target else ()
+
+        def entry(
+            outcome: Outcome,
+            done: Done[Any] | None = None,
+            kind: str | None = record_type,
+            extra: Mapping[str, Any] | None = None,
+        ) -> AccessEntry:
+            records = tuple(done.records) if done is not None else attempted
+            return AccessEntry(
+                actor=who.username,
+                role=who.role.value,
+                action=action.value,
+                outcome=outcome,
+                time=self._clock(),
+                purpose=purpose.reason if isinstance(purpose, AccessPurpose) else None,
+                case_ref=purpose.case_ref if isinstance(purpose, AccessPurpose) else None,
+                record_type=done.record_type or kind if done is not None else kind,
+                records=records,
+                result_count=len(done.records) if done is not None else 0,
+                client=who.client,
+                detail={**(detail or {}), **(done.detail if done else {}), **(extra or {})},
+            )
+
+        append = self._log.append
+        try:
+            authorise(who.role, action, scope=who.scope, purpose=purpose)
+        except AccessDenied:
+            append(entry(Outcome.DENIED), private=private)
+            raise
+        reach = self._reach(who, purpose, account)
+        try:
+            done = run(Grant(who, reach))
+        except OutOfReach as refused:
+            kind = refused.record_type or record_type
+            append(
+                entry(Outcome.DENIED, kind=kind, extra={"reason": "out_of_reach"}), private=private
+            )
+            raise RecordNotFound("no such record") from None
+        except AccessDenied:
+            append(entry(Outcome.DENIED), private=private)
+            raise
+        except CustodesError as exc:
+            append(entry(Outcome.ERROR, extra={"error": type(exc).__name__}), private=private)
+            raise
+        withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
+        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
+        return done.result, index
+
+    def check(self, principal: Principal) -> Session | Operator:
+        """The principal, checked afresh, for operations that log nothing themselves."""
+        return self._check(principal)[0]
+
+    def _check(self, principal: object) -> tuple[Session | Operator, Account | None]:
+        if isinstance(principal, Operator):
+            # Only the operator this vault was opened with on the host; a server's vault
+            # has none, so no request can act as one.
+            if self._operator is None or principal is not self._operator:
+                raise AuthenticationFailed("the host operator acts only on the host")
+            return principal, None
+        live = self._keeper.live(principal)
+        return live, self._holder(live)
+
+    def _holder(self, live: Session) -> Account:
+        """The session's account, read at every access: a changed district or case
+        assignment holds at once, and a session that outlived its account (a restored
+        database, a fault) opens nothing."""
+        account = self._accounts.get(live.username)
+        if account is None or account.disabled:
+            if live.scope is None:
+                self._keeper.sessions.end(live.token)
+            raise AuthenticationFailed("the session has ended: log in again")
+        return account
+
+    def _reach(
+        self, who: Session | Operator, purpose: AccessPurpose | None, account: Account | None
+    ) -> Reach:
+        attributes = account.attributes if account is not None else {}
+        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+        return Reach(
+            who.role,
+            attributes.get("district"),
+            assigned_cases(attributes.get("cases")),
+            purpose,
+            today,
+        )

@@ -1,0 +1,143 @@
+"""Account administration: add, list, enrol, set passwords, disable, enable, unlock,
+assign cases, issue integration tokens.
+
+Each verb is an action like any other: the vault's access function asks the policy
+whether the principal (an administrator's session, or the host operator) may perform
+it, and puts it on the access log, naming the account and never a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from custodes.access import AccessGate, Done, Grant
+from custodes.accounts import Account, AccountBook
+from custodes.errors import RecordNotFound
+from custodes.policy import Action, Role, check_account_change
+from custodes.sessions import Clock, Gatekeeper, Principal
+
+T = TypeVar("T")
+
+
+class Administration:
+    """The administrator's verbs, owned by the vault and reached as `vault.admin`."""
+
+    def __init__(
+        self, *, gate: AccessGate, accounts: AccountBook, keeper: Gatekeeper, clock: Clock
+    ) -> None:
+        self._gate = gate
+        self._accounts = accounts
+        self._keeper = keeper
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return "Administration()"
+
+    def list_accounts(self, actor: Principal) -> list[Account]:
+        """Every account: names, roles, districts, assigned cases, state; never hashes."""
+        return self._gate.access(actor, Action.ACCOUNT_LIST, lambda _: Done(self._accounts.list()))
+
+    def add_account(
+        self,
+        actor: Principal,
+        username: str,
+        password: str,
+        role: Role,
+        attributes: dict[str, Any] | None = None,
+    ) -> Account:
+        def run(_: Grant) -> Done[Account]:
+            return Done(self._accounts.add(username, password, role, attributes))
+
+        detail = {"account": username, "account_role": role.value}
+        return self._gate.access(actor, Action.ACCOUNT_ADD, run, detail=detail)
+
+    def issue_enrolment(self, actor: Principal, username: str) -> str:
+        """A one-time code (24 h) with which the account's holder enrols a second factor."""
+        return self._change(
+            actor,
+            Action.MFA_ENROL_ISSUE,
+            username,
+            lambda: self._accounts.issue_enrolment(username, now=self._clock()),
+        )
+
+    def change_password(self, actor: Principal, username: str, password: str) -> None:
+        """Set a new password and end every session of the account."""
+
+        def change() -> None:
+            self._accounts.set_password(username, password)
+            self._keeper.sessions.end_all(username)
+
+        self._change(actor, Action.PASSWORD_CHANGE, username, change)
+
+    def disable_account(self, actor: Principal, username: str) -> None:
+        """Disable an account: every session and API token of it stops working at once."""
+
+        def change() -> None:
+            self._accounts.set_disabled(username, True)
+            self._keeper.sessions.end_all(username)
+
+        self._change(actor, Action.ACCOUNT_DISABLE, username, change)
+
+    def enable_account(self, actor: Principal, username: str) -> None:
+        self._change(
+            actor,
+            Action.ACCOUNT_ENABLE,
+            username,
+            lambda: self._accounts.set_disabled(username, False),
+        )
+
+    def unlock_account(self, actor: Principal, username: str) -> None:
+        """Lift a lock left by repeated failed logins."""
+
+        def change() -> None:
+            self._accounts.unlock(username)
+            self._keeper.clear_failures(username)
+
+        self._change(actor, Action.ACCOUNT_UNLOCK, username, change)
+
+    def assign_case(self, actor: Principal, username: str, case_no: str) -> str:
+        """Assign a case to an account: with the case as the stated purpose, its records
+        open to the account wherever they live. Returns the canonical number. Holds from
+        the account's next access, in every session it has."""
+        return self._case_change(actor, Action.CASE_ASSIGN, username, case_no)
+
+    def unassign_case(self, actor: Principal, username: str, case_no: str) -> str:
+        """Take a case from an account; from its next access the case opens nothing."""
+        return self._case_change(actor, Action.CASE_UNASSIGN, username, case_no)
+
+    def issue_api_token(self, actor: Principal, username: str, scope: str, *, days: int) -> str:
+        """A bearer token for an integration, shown once; only its SHA-256 is stored."""
+
+        def run(_: Grant) -> Done[str]:
+            if self._accounts.get(username) is None:
+                raise RecordNotFound("no account with that name")
+            token = self._keeper.tokens.issue(username, scope, days=days, now=self._clock())
+            return Done(token, detail={"scope": scope, "days": days})
+
+        return self._gate.access(actor, Action.API_TOKEN_ISSUE, run, detail={"account": username})
+
+    def _case_change(self, actor: Principal, action: Action, username: str, case_no: str) -> str:
+        change = (
+            self._accounts.assign_case
+            if action is Action.CASE_ASSIGN
+            else self._accounts.unassign_case
+        )
+
+        def run(_: Grant) -> Done[str]:
+            case = change(username, case_no)
+            # The canonical number only: a refused one is never repeated, not even here.
+            return Done(case, detail={"case": case})
+
+        return self._gate.access(actor, action, run, detail={"account": username})
+
+    def _change(
+        self, actor: Principal, action: Action, username: str, change: Callable[[], T]
+    ) -> T:
+        def run(grant: Grant) -> Done[T]:
+            check_account_change(grant.username, username, action)
+            if self._accounts.get(username) is None:
+                raise RecordNotFound("no account with that name")
+            return Done(change())
+
+        return self._gate.access(actor, action, run, detail={"account": username})
