@@ -1,5 +1,9 @@
 """Threat 17 from the command line: an auditor answers a subject's request with a report and
-a bundle anyone can check offline; only auditors read the log, and reading it is logged."""
+a bundle anyone can check offline; only auditors read the log, and reading it is logged.
+
+The auditor's commands are clients of the running server, like an official's; verifying
+the log and a bundle needs only the log's public key.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +12,54 @@ from pathlib import Path
 import orjson
 import pytest
 
-from custodes.bootstrap import open_vault
-from tests.conftest import FAST_HASH, PASSPHRASE, read_records
-from tests.test_cli import add_official, run, vault_env  # noqa: F401 - a fixture, used by name
+from custodes.audit.report import BundleInvalid, as_json, report_from_json
+from custodes.policy import AccessPurpose, Role
+from tests.conftest import PASSPHRASE, login
+from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
+    Served,
+    run,
+    search_args,
+    served,
+)
+
+SUBJECT_REPORT = "audit:subject:report"
 
 
 @pytest.fixture
-def served(
-    vault_env: dict[str, str],  # noqa: F811
-    population_file: Path,
-) -> dict[str, dict[str, str]]:
-    assert run("ingest", str(population_file), env=vault_env).returncode == 0
-    return {
-        "officer": add_official(vault_env, "wang.fang", "investigator"),
-        "auditor": add_official(vault_env, "zhao.audit", "auditor"),
-        "host": vault_env,
+def officials(served: Served) -> dict[str, dict[str, str]]:  # noqa: F811
+    """An investigator and an auditor, each logged in from a home of their own."""
+    found = {
+        "officer": served.official("wang.fang"),
+        "auditor": served.official("zhao.audit", Role.AUDITOR),
     }
+    for env in found.values():
+        served.login(env)
+    return found
+
+
+def _reports_of(served: Served, record_id: str) -> int:  # noqa: F811
+    return sum(
+        e.action == SUBJECT_REPORT and record_id in e.records
+        for _, e in served.vault._log.entries()
+    )
 
 
 def test_subject_report_lists_the_officials_who_looked_and_verifies_offline(
-    served: dict[str, dict[str, str]], population_file: Path, tmp_path: Path
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
+    tmp_path: Path,
 ) -> None:
-    person = next(r for r in read_records(population_file) if r["type"] == "person")
-    officer = served["officer"]
-    done = run(
-        "search",
-        "--national-id",
-        str(person["national_id"]),
-        "--purpose",
-        "address check",
-        "--case",
-        "K-7",
-        "--json",
-        env=officer,
-    )
+    person = served.people[0]
+    officer = officials["officer"]
+    args = search_args(person, "--json")
+    args[args.index("--purpose") + 1] = "address check"
+    args[args.index("--case") + 1] = "K-7"
+    done = run(*args, env=officer)
     [found] = orjson.loads(done.stdout)
-    run("reveal", found["record_id"], "phone", "--purpose", "call the witness", env=officer)
+    asked = ["--purpose", "call the witness", "--case", "K-7"]
+    assert run("reveal", found["record_id"], "phone", *asked, env=officer).returncode == 0
 
-    auditor = served["auditor"]
+    auditor = officials["auditor"]
     bundle = tmp_path / "report.bundle"
     done = run(
         "audit", "subject", found["record_id"], "--bundle", str(bundle), "--json", env=auditor
@@ -55,12 +69,10 @@ def test_subject_report_lists_the_officials_who_looked_and_verifies_offline(
     seen = [(a["actor"], a["action"], a["purpose"]) for a in report["accesses"]]
     assert ("wang.fang", "record:index:search", "address check") in seen
     assert ("wang.fang", "record:field:reveal", "call the witness") in seen
+    # Asked of the server once: the bundle was rebuilt from the same report.
+    assert _reports_of(served, found["record_id"]) == 1
 
-    vault = open_vault(
-        Path(served["host"]["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
-    )
-    log_key = vault.access_log.verifier_key
-    vault.close()
+    log_key = served.vault._log.verifier_key
     done = run("audit", "verify-bundle", str(bundle), "--log-key", log_key)
     assert done.returncode == 0, done.stderr
     data = bytearray(bundle.read_bytes())
@@ -68,14 +80,46 @@ def test_subject_report_lists_the_officials_who_looked_and_verifies_offline(
     bundle.write_bytes(bytes(data))
     assert run("audit", "verify-bundle", str(bundle), "--log-key", log_key).returncode != 0
 
+    done = run("audit", "subject", found["record_id"], env={**auditor, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert f"Subject access report for record {found['record_id']}" in done.stdout
+    assert "call the witness" in done.stdout
+
+
+def test_the_client_rebuilds_the_servers_report_exactly_and_refuses_a_broken_proof(
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    record_id = orjson.loads(
+        run(*search_args(served.people[1], "--json"), env=officials["officer"]).stdout
+    )[0]["record_id"]
+    bundle = tmp_path / "report.bundle"
+    done = run(
+        "audit", "subject", record_id, "--bundle", str(bundle), "--json", env=officials["auditor"]
+    )
+    assert done.returncode == 0, done.stderr
+    doc = orjson.loads(done.stdout)
+    rebuilt = report_from_json(doc)
+    assert as_json(rebuilt) == doc
+    assert rebuilt.bundle() == bundle.read_bytes()
+
+    first = doc["accesses"][0]
+    broken = {**doc, "accesses": [{**first, "leaf": first["leaf"][:-4] + "AAA="}]}
+    with pytest.raises(BundleInvalid):
+        report_from_json(broken)
+    with pytest.raises(BundleInvalid):
+        report_from_json({**doc, "checkpoint": {**doc["checkpoint"], "size": 1}})
+
 
 def test_only_auditors_read_the_log_and_the_reading_is_logged(
-    served: dict[str, dict[str, str]],
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
 ) -> None:
-    officer = served["officer"]
+    officer = officials["officer"]
     done = run("audit", "log", "--purpose", "curious", env=officer)
     assert done.returncode == 7 and "auditor" in done.stderr
-    auditor = served["auditor"]
+    auditor = officials["auditor"]
     done = run(
         "audit",
         "log",
@@ -90,5 +134,50 @@ def test_only_auditors_read_the_log_and_the_reading_is_logged(
     rows = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert rows and all(r["actor"] == "wang.fang" for r in rows)
     assert any(r["action"] == "audit:log:read" and r["outcome"] == "denied" for r in rows)
-    done = run("audit", "verify", env=served["host"])
+    host = {"CUSTODES_VAULT": str(served.root / "vault"), "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    done = run("audit", "verify", env=host)
     assert done.returncode == 0, done.stderr
+
+
+def test_audit_log_walks_every_page_of_the_log(
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
+) -> None:
+    # More entries than the API's largest page, by one account, all on the log.
+    session = login(served.vault, Role.INVESTIGATOR, "page.turner")
+    stated = AccessPurpose("a page of the log", "T-1")
+    for n in range(230):
+        served.vault.search(
+            session,
+            stated,
+            record_type="person",
+            index="phone",
+            values={"phone": f"1380000{n:04d}"},
+        )
+    done = run(
+        "audit",
+        "log",
+        "--purpose",
+        "quarterly review",
+        "--actor",
+        "page.turner",
+        "--json",
+        env=officials["auditor"],
+    )
+    assert done.returncode == 0, done.stderr
+    indexes = [orjson.loads(line)["index"] for line in done.stdout.splitlines()]
+    assert len(indexes) >= 231 and indexes == sorted(set(indexes))
+
+    done = run(
+        "audit",
+        "log",
+        "--purpose",
+        "quarterly review",
+        "--actor",
+        "page.turner",
+        "--since",
+        "2000-01-01T00:00",
+        env={**officials["auditor"], "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(f"{len(indexes):,} entries\n")

@@ -24,6 +24,7 @@ ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
 ENV_NEW_PASSWORD = "CUSTODES_NEW_PASSWORD"  # noqa: S105 - a variable name
 ENV_TOTP = "CUSTODES_TOTP"  # the current one-time code from the official's authenticator
 ENV_ENROLMENT_CODE = "CUSTODES_ENROLMENT_CODE"  # for 'account mfa' without a prompt
+ENV_SESSION_FILE = "CUSTODES_SESSION_FILE"  # where 'custodes login' keeps its session
 
 VAULT_FILE = "vault.toml"
 DATABASE_FILE = "vault.db"
@@ -51,6 +52,15 @@ def default_log_key_path(vault_id: bytes) -> Path:
     if base is not None:
         return Path(base)
     return platformdirs.user_config_path("custodes") / "log-keys" / f"{vault_id.hex()}.key"
+
+
+def session_file_path() -> Path:
+    """Where an official's client keeps the session 'custodes login' opened: the user's
+    configuration directory, never a vault directory."""
+    override = env(ENV_SESSION_FILE)
+    if override is not None:
+        return Path(override)
+    return platformdirs.user_config_path("custodes") / "session.json"
 
 
 @dataclass(frozen=True, slots=True)

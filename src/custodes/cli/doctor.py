@@ -12,15 +12,11 @@ import click
 import orjson
 from rich.text import Text
 
-from custodes import settings
+from custodes.cli.common import out, vault_directory
 from custodes.doctor import Deployment, Severity, examine, worst
 from custodes.web.serve import DEFAULT_PORT
 
 _STYLE = {Severity.HIGH: "bold red", Severity.MEDIUM: "yellow", Severity.LOW: "dim"}
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(doctor)
 
 
 @click.command()
@@ -55,12 +51,9 @@ def doctor(
 
     Prints every finding with its severity and a fix; exits 1 if any is high.
     """
-    from custodes.cli import out
-
-    directory = Path(vault_dir or settings.env(settings.ENV_VAULT) or ".")
     findings = examine(
         Deployment(
-            vault_dir=directory,
+            vault_dir=vault_directory(vault_dir),
             port=port,
             url=url,
             tls_cert=Path(tls_cert) if tls_cert else None,

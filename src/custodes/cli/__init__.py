@@ -1,0 +1,115 @@
+"""The command line: one command per verb. Parse, call the vault or the server, print.
+
+Host commands (init, ingest, account, serve, doctor, witness, audit verify ...) run where
+the vault lives and need its keyring; client commands (login, search, show, reveal, audit
+log, audit subject) ask a running server and need only the session 'custodes login' opened.
+Commands are imported when run, so a client command never loads the host's key code.
+
+The library raises typed errors; only the CLI prints them (one line, no value) and
+chooses the exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import click
+from rich.text import Text
+
+from custodes import __version__
+from custodes.cli.common import err
+from custodes.errors import CustodesError
+
+__all__ = ["cli", "main"]
+
+
+class _LazyGroup(click.Group):
+    """A group whose commands live in modules named by `lazy`, imported on first use."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = target.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a command")
+        return command
+
+
+_HOST = "custodes.cli.host"
+_CLIENT = "custodes.cli.client"
+_AUDIT = "custodes.cli.audit"
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "verify": f"{_AUDIT}:audit_verify",
+        "checkpoint": f"{_AUDIT}:audit_checkpoint",
+        "witness": f"{_AUDIT}:audit_witness",
+        "verify-bundle": f"{_AUDIT}:audit_verify_bundle",
+        "log": f"{_CLIENT}:audit_log",
+        "subject": f"{_CLIENT}:audit_subject",
+    },
+)
+def audit() -> None:
+    """The access log: verify it, sign a checkpoint, read it, report on a person."""
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "init": f"{_HOST}:init",
+        "synth": f"{_HOST}:synth",
+        "ingest": f"{_HOST}:ingest",
+        "demo": f"{_HOST}:demo",
+        "account": "custodes.cli.accounts:account",
+        "serve": "custodes.cli.server:serve",
+        "doctor": "custodes.cli.doctor:doctor",
+        "witness": f"{_AUDIT}:witness",
+        "login": f"{_CLIENT}:login",
+        "logout": f"{_CLIENT}:logout",
+        "search": f"{_CLIENT}:search",
+        "show": f"{_CLIENT}:show",
+        "reveal": f"{_CLIENT}:reveal",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, prog_name="custodes")
+def cli() -> None:
+    """custodes: an encrypted, searchable, accountable vault of personal records."""
+
+
+cli.add_command(audit)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("custodes: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CustodesError as exc:
+        err.print(Text(f"custodes: error: {exc}"))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("custodes: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

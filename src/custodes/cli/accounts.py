@@ -1,0 +1,229 @@
+"""Host commands for officials' accounts: account add, list, enrol, mfa, passwd, disable,
+enable, unlock, assign, unassign, token. Run on the host, with the keyring passphrase.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import orjson
+from rich.table import Table
+
+from custodes import settings
+from custodes.cli.common import log, open_host_vault, out, secret, vault_options
+from custodes.policy import ACCOUNT_ROLES, API_SCOPES, Role, assigned_cases, district_prefix
+
+
+@click.group()
+def account() -> None:
+    """Manage officials' accounts (on the host, with the keyring passphrase)."""
+
+
+def _district(value: str | None) -> str | None:
+    if value is not None and district_prefix(value) is None:
+        raise click.BadParameter("a district is * or a division code of 2, 4 or 6 digits")
+    return value
+
+
+@account.command("add")
+@click.argument("username")
+@vault_options
+@click.option("--role", type=click.Choice([r.value for r in ACCOUNT_ROLES]), required=True)
+@click.option(
+    "--district",
+    callback=lambda _ctx, _param, value: _district(value),
+    help=(
+        "The administrative division whose records the account reads: a division-code "
+        "prefix of 2 (province), 4 (city) or 6 digits (county), e.g. 3101 for a whole "
+        "city; or * for a national unit. Records outside it stay hidden, as if absent, "
+        "unless a stated case is one the account is assigned to. Without it the account "
+        "reads no personal records."
+    ),
+)
+def account_add(
+    username: str, vault_dir: str | None, keyring: str | None, role: str, district: str | None
+) -> None:
+    """Create an account. Its password comes from $CUSTODES_NEW_PASSWORD or a prompt."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        password = secret(settings.ENV_NEW_PASSWORD, f"Password for {username}", confirm=True)
+        attributes = {"district": district} if district else {}
+        vault.admin.add_account(vault.operator, username, password, Role(role), attributes)
+        code = vault.admin.issue_enrolment(vault.operator, username)
+    finally:
+        vault.close()
+    log.info("account added role=%s", role)
+    out.print(f"account {username} ({role}) created")
+    out.print(f"enrolment code (one use, valid 24 h): {code}")
+    out.print("  the account's holder opens /enrol?code=<code> on the dashboard, or runs")
+    out.print("  'custodes account mfa' on this host, to add the second factor it needs to log in")
+
+
+@account.command("list")
+@vault_options
+@click.option("--json", "as_json", is_flag=True)
+def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> None:
+    """List accounts (names, roles, districts, assigned cases, state; never hashes)."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        accounts = vault.admin.list_accounts(vault.operator)
+    finally:
+        vault.close()
+    if as_json:
+        rows = [
+            {"username": a.username, "role": a.role.value, "disabled": a.disabled, **a.attributes}
+            for a in accounts
+        ]
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        return
+    table = Table("account", "role", "district", "cases", "state")
+    for a in accounts:
+        table.add_row(
+            a.username,
+            a.role.value,
+            str(a.attributes.get("district", "")),
+            ", ".join(sorted(assigned_cases(a.attributes.get("cases")))),
+            "disabled" if a.disabled else "active",
+        )
+    out.print(table)
+
+
+@account.command("enrol")
+@click.argument("username")
+@vault_options
+def enrol(username: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Issue a new one-time enrolment code for USERNAME's second factor (24 h)."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        code = vault.admin.issue_enrolment(vault.operator, username)
+    finally:
+        vault.close()
+    out.print(f"enrolment code (one use, valid 24 h): {code}")
+    out.print("  open /enrol?code=<code> on the dashboard, or run 'custodes account mfa'")
+
+
+@account.command("mfa")
+@vault_options
+def mfa(vault_dir: str | None, keyring: str | None) -> None:
+    """Enrol a second factor in this terminal, with an enrolment code (prompted)."""
+    import segno
+
+    code = secret(settings.ENV_ENROLMENT_CODE, "Enrolment code")
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        enrolment = vault.enrolment(code)
+        segno.make(enrolment.uri, error="m").terminal(compact=True)
+        out.print(f"account: {enrolment.username}")
+        out.print(f"key (to type instead of scanning): {enrolment.secret}")
+        totp = str(click.prompt("Code the app shows now"))
+        vault.complete_enrolment(code, totp)
+    finally:
+        vault.close()
+    out.print("second factor enrolled: log in with the password and the app's code")
+
+
+@account.command("passwd")
+@click.argument("username")
+@vault_options
+def passwd(username: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Set a new password (from $CUSTODES_NEW_PASSWORD or a prompt); ends every session."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        password = secret(settings.ENV_NEW_PASSWORD, f"New password for {username}", confirm=True)
+        vault.admin.change_password(vault.operator, username, password)
+    finally:
+        vault.close()
+    out.print(f"password of {username} changed; its sessions are ended")
+
+
+@account.command("disable")
+@click.argument("username")
+@vault_options
+def disable(username: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Disable an account: its sessions and API tokens stop working at once."""
+    _account_change(
+        vault_dir, keyring, lambda v: v.admin.disable_account(v.operator, username), "disabled"
+    )
+
+
+@account.command("enable")
+@click.argument("username")
+@vault_options
+def enable(username: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Enable a disabled account again."""
+    _account_change(
+        vault_dir, keyring, lambda v: v.admin.enable_account(v.operator, username), "enabled"
+    )
+
+
+@account.command("unlock")
+@click.argument("username")
+@vault_options
+def unlock(username: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Unlock an account locked by repeated failed logins."""
+    _account_change(
+        vault_dir, keyring, lambda v: v.admin.unlock_account(v.operator, username), "unlocked"
+    )
+
+
+@account.command("assign")
+@click.argument("username")
+@click.argument("case_no")
+@vault_options
+def assign(username: str, case_no: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Assign case CASE_NO to USERNAME: naming the case as the purpose of their work, they
+    then read its records wherever they live. Logged."""
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.admin.assign_case(v.operator, username, case_no),
+        "assigned the case",
+    )
+
+
+@account.command("unassign")
+@click.argument("username")
+@click.argument("case_no")
+@vault_options
+def unassign(username: str, case_no: str, vault_dir: str | None, keyring: str | None) -> None:
+    """Take case CASE_NO from USERNAME: it opens no records to them any more. Logged."""
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.admin.unassign_case(v.operator, username, case_no),
+        "no longer assigned the case",
+    )
+
+
+def _account_change(
+    vault_dir: str | None, keyring: str | None, change: Callable[[Any], None], done: str
+) -> None:
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        change(vault)
+    finally:
+        vault.close()
+    out.print(f"account {done}")
+
+
+@account.command("token")
+@click.argument("username")
+@vault_options
+@click.option(
+    "--scope",
+    type=click.Choice(list(API_SCOPES)),
+    required=True,
+    help="What the token may do: search; read (search and masked records); reveal; audit.",
+)
+@click.option("--days", type=click.IntRange(1, 365), default=30, show_default=True)
+def token(username: str, vault_dir: str | None, keyring: str | None, scope: str, days: int) -> None:
+    """Issue an API token for an integration acting as USERNAME. Printed once."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        issued = vault.admin.issue_api_token(vault.operator, username, scope, days=days)
+    finally:
+        vault.close()
+    out.print(f"API token (shown once; send as 'Authorization: Bearer <token>'): {issued}")

@@ -1,0 +1,129 @@
+"""What the command modules share: the consoles, secrets from the environment or a hidden
+prompt, the vault directory options, opening a host's vault, the operational log, and
+printing a record.
+
+The client commands import this module too, so it loads no key code of its own: opening
+a vault imports `custodes.bootstrap` only when a host command asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from custodes import settings
+from custodes.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from custodes.bootstrap import UnlockedVault
+    from custodes.vault import Vault
+
+__all__ = [
+    "err",
+    "log",
+    "log_to",
+    "open_host_vault",
+    "out",
+    "print_record",
+    "secret",
+    "unlock_host_vault",
+    "vault_directory",
+    "vault_options",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+log = logging.getLogger("custodes")
+
+
+def secret(env_name: str, prompt: str, *, confirm: bool = False) -> str:
+    """A secret from the environment, else a hidden prompt; never from an argument, which
+    other users of the host could read."""
+    value = settings.env(env_name)
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        raise ConfigurationError(f"set {env_name} or run in a terminal to be prompted")
+    return str(click.prompt(prompt, hide_input=True, confirmation_prompt=confirm))
+
+
+def vault_directory(value: str | None) -> Path:
+    return Path(value or settings.env(settings.ENV_VAULT) or ".")
+
+
+def vault_options(fn: F) -> F:
+    fn = click.option(
+        "--keyring",
+        type=click.Path(dir_okay=False),
+        help="Keyring file, if not where the vault recorded it.",
+    )(fn)
+    fn = click.option(
+        "--vault",
+        "vault_dir",
+        type=click.Path(file_okay=False),
+        help=f"Vault directory (default: ${settings.ENV_VAULT} or the current directory).",
+    )(fn)
+    return fn
+
+
+def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
+    """The vault's keys, unlocked with the keyring passphrase: host commands only."""
+    from custodes.bootstrap import unlock_vault
+
+    directory = vault_directory(vault)
+    settings.VaultLayout(directory).read()  # a clear error before any prompt
+    passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+    return unlock_vault(
+        directory, passphrase=passphrase, keyring_path=Path(keyring) if keyring else None
+    )
+
+
+def open_host_vault(vault: str | None, keyring: str | None) -> Vault:
+    """The host's vault, opened with its keys and its host operator (the passphrase's
+    holder, who acts through these commands), logging operations to its logs/ directory."""
+    from custodes.bootstrap import assemble_vault
+
+    opened = assemble_vault(unlock_host_vault(vault, keyring), host=True)
+    log_to(opened)
+    return opened
+
+
+def log_to(vault: Vault) -> None:
+    """Operational log in the vault's logs/ directory: counts and outcomes, never values."""
+    if vault.directory is None or log.handlers:
+        return
+    logs = settings.VaultLayout(vault.directory).logs
+    logs.mkdir(mode=0o700, exist_ok=True)
+    path = logs / "custodes.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.close(fd)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def print_record(record: Mapping[str, Any]) -> None:
+    """One masked record as a table, then its links: a record in the API's JSON shape
+    (record_id, type, fields, links), the same whether a vault or a server returned it."""
+    table = Table(
+        title=f"{record['type']} {record['record_id']}", show_header=False, title_justify="left"
+    )
+    for name, value in record["fields"].items():
+        table.add_row(name, Text(value))
+    out.print(table)
+    for link in record["links"]:
+        out.print(
+            Text(f"  {link['role']:<10} {link['type']:<9} {link['record_id']}  {link['label']}")
+        )

@@ -1,0 +1,355 @@
+"""Host commands that build and fill a vault: init, synth, ingest, demo.
+
+They run where the vault lives and need the keyring passphrase (synth needs nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+import pyotp
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from custodes import settings
+from custodes.bootstrap import DEFAULT_POPULATION, create_vault, unlock_vault
+from custodes.cli.common import (
+    err,
+    log,
+    log_to,
+    open_host_vault,
+    out,
+    print_record,
+    secret,
+    vault_options,
+)
+from custodes.errors import ConfigurationError
+from custodes.ingest import FORMATS, IngestReport
+from custodes.ingest import Progress as IngestProgress
+from custodes.policy import AccessPurpose, Role
+from custodes.vault import Vault
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--keyring", type=click.Path(dir_okay=False), help="Where to keep the keyring.")
+@click.option("--schema", type=click.Path(exists=True, dir_okay=False), help="A schema file.")
+@click.option(
+    "--population",
+    type=click.IntRange(min=1),
+    default=DEFAULT_POPULATION,
+    show_default=True,
+    help="Expected number of records at full scale; sets the blind-index token length.",
+)
+def init(directory: str, keyring: str | None, schema: str | None, population: int) -> None:
+    """Create a vault in DIRECTORY and its keyring outside it."""
+    passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "New keyring passphrase", confirm=True)
+    vault = create_vault(
+        Path(directory),
+        passphrase=passphrase,
+        keyring_path=Path(keyring) if keyring else None,
+        schema_path=Path(schema) if schema else None,
+        expected_population=population,
+    )
+    recorded = settings.VaultLayout(Path(directory)).read()
+    vault.close()
+    out.print(f"Vault created in {directory}")
+    out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
+    out.print(f"Access-log signing key: {recorded.log_key}")
+
+
+@click.command()
+@click.option("--count", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--out", "out_path", type=click.Path(dir_okay=False), help="Output file (default stdout)."
+)
+@click.option("--cases-per-person", type=click.FloatRange(0, 10), default=0.2, show_default=True)
+@click.option(
+    "--deliveries-per-person", type=click.FloatRange(0, 10), default=0.5, show_default=True
+)
+def synth(
+    count: int,
+    seed: int,
+    out_path: str | None,
+    cases_per_person: float,
+    deliveries_per_person: float,
+) -> None:
+    """Write a synthetic population as JSON Lines: fake people, cases and deliveries."""
+    from custodes.synth import write_jsonl
+
+    options = {"cases_per_person": cases_per_person, "deliveries_per_person": deliveries_per_person}
+    if out_path is None:
+        write_jsonl(sys.stdout.buffer, count, seed=seed, **options)
+        sys.stdout.buffer.flush()
+        return
+    with open(out_path, "wb") as f:
+        lines = write_jsonl(f, count, seed=seed, **options)
+    err.print(f"wrote {lines} records to {out_path}")
+
+
+class _RecordRate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0
+        records = task.fields.get("records", 0)
+        rate = records / elapsed if elapsed > 0 else 0
+        return Text(f"{records:,} records  {rate:,.0f} rec/s", style="progress.data.speed")
+
+
+@click.command()
+@click.argument("source", type=click.Path(dir_okay=False, allow_dash=True))
+@vault_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    help="Input format (default: from the file name).",
+)
+@click.option("--type", "record_type", help="Record type of records that do not name one.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Encrypting processes.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1, max=100_000), default=2000, show_default=True
+)
+@click.option("--strict", is_flag=True, help="Store nothing if any record is refused.")
+def ingest(
+    source: str,
+    vault_dir: str | None,
+    keyring: str | None,
+    fmt: str | None,
+    record_type: str | None,
+    workers: int,
+    batch_size: int,
+    strict: bool,
+) -> None:
+    """Ingest SOURCE (JSON Lines, JSON array or CSV; '-' for stdin) into the vault."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        report = _ingest_with_progress(
+            vault,
+            source,
+            fmt=fmt,
+            record_type=record_type,
+            workers=workers,
+            batch_size=batch_size,
+            strict=strict,
+        )
+    finally:
+        vault.close()
+    _print_report(report)
+    if report.strict_refused or (report.rejected and not report.valid):
+        sys.exit(5)
+
+
+def _ingest_with_progress(vault: Vault, source: str, **options: Any) -> IngestReport:
+    assert vault.directory is not None
+    rejects_dir = settings.VaultLayout(vault.directory).rejects
+    with Progress(
+        TextColumn("ingest"),
+        BarColumn(),
+        TaskProgressColumn(),
+        _RecordRate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("CUSTODES_PROGRESS") != "1",
+    ) as bar:
+        task = bar.add_task("ingest", total=None, records=0)
+
+        def on_progress(p: IngestProgress) -> None:
+            bar.update(task, completed=p.bytes_read, total=p.bytes_total, records=p.records)
+
+        report = vault.ingest(
+            vault.operator, source, rejects_dir=rejects_dir, progress=on_progress, **options
+        )
+    log.info(
+        "ingest accepted=%d already_present=%d rejected=%d seconds=%.2f",
+        report.accepted,
+        report.already_present,
+        report.rejected,
+        report.seconds,
+    )
+    return report
+
+
+def _print_report(report: IngestReport) -> None:
+    table = Table(title="Ingest summary", show_header=False)
+    table.add_row("stored", f"{report.accepted:,}")
+    table.add_row("already present", f"{report.already_present:,}")
+    table.add_row("refused", f"{report.rejected:,}")
+    table.add_row("time", f"{report.seconds:.2f} s")
+    table.add_row("rate", f"{report.rate:,.0f} records/s")
+    if report.rejects_path is not None:
+        table.add_row("refusals listed in", str(report.rejects_path))
+    out.print(table)
+    for line, field, reason in report.first_rejects:
+        where = f"line {line}" + (f", field {field!r}" if field else "")
+        out.print(Text(f"  refused {where}: {reason}"))
+    if report.strict_refused:
+        out.print("strict mode: nothing was stored because some records were refused")
+
+
+@click.command()
+@click.option(
+    "--dir",
+    "demo_dir",
+    type=click.Path(file_okay=False),
+    default="custodes-demo",
+    show_default=True,
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=10),
+    default=100_000,
+    show_default=True,
+    help="Synthetic people.",
+)
+@click.option("--seed", type=int, default=2022, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=max(1, min(4, os.cpu_count() or 1)),
+    show_default=True,
+)
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="Then serve the dashboard on 127.0.0.1 until interrupted.",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: int) -> None:
+    """Build a demo vault of synthetic people, run a sample search, serve the dashboard.
+
+    Creates DIR/vault and DIR/keys (apart, as in production), a random keyring
+    passphrase and a random account password, both printed for you to try things with.
+    """
+    from custodes.synth import write_jsonl
+
+    root = Path(demo_dir)
+    marker = root / "CUSTODES-DEMO"
+    if root.exists():
+        if not marker.exists():
+            raise ConfigurationError(f"{demo_dir} exists and is not a custodes demo; choose --dir")
+        shutil.rmtree(root)
+    root.mkdir(mode=0o700, parents=True)
+    marker.write_text("Made by 'custodes demo'. Synthetic people only. Safe to delete.\n")
+    passphrase = secrets.token_urlsafe(24)
+    password = secrets.token_urlsafe(18)
+    population = root / "population.jsonl"
+
+    out.print(f"[bold]1.[/] generating {count:,} synthetic people (seed {seed}) ...")
+    with open(population, "wb") as f:
+        lines = write_jsonl(f, count, seed=seed)
+    out.print(f"   {lines:,} records (people, cases, deliveries) in {population}")
+
+    out.print("[bold]2.[/] creating an encrypted vault; the keyring lives apart from it ...")
+    vault_path = root / "vault"
+    keyring_path = root / "keys" / "demo.keyring"
+    vault = create_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
+    log_to(vault)
+    try:
+        out.print(f"[bold]3.[/] ingesting with {workers} worker(s) ...")
+        report = _ingest_with_progress(vault, str(population), workers=workers)
+        _print_report(report)
+        out.print("[bold]4.[/] adding an investigator account ...")
+        operator = vault.operator
+        attributes = {"district": "*"}
+        vault.admin.add_account(
+            operator, "demo.investigator", password, Role.INVESTIGATOR, attributes
+        )
+        # The demo enrols the second factor itself; a real official scans the QR code.
+        code = vault.admin.issue_enrolment(operator, "demo.investigator")
+        enrolment = vault.enrolment(code)
+        totp = pyotp.TOTP(enrolment.secret)
+        vault.complete_enrolment(code, totp.now())
+        first = orjson.loads(population.open("rb").readline())
+        # The next time step's code: the one that confirmed the enrolment is used up.
+        session = vault.login("demo.investigator", password, totp=totp.at(time.time() + 30))
+        stated = AccessPurpose("demo: sample search", "DEMO-1")
+        out.print("[bold]5.[/] a sample search by national ID (masked), and one reveal:")
+        views = vault.search(
+            session,
+            stated,
+            record_type="person",
+            index="national_id",
+            values={"national_id": first["national_id"]},
+        )
+        record_id = views[0].record_id if views else "RECORD_ID"
+        for view in views:
+            full = vault.record(session, stated, view.record_id)
+            print_record(full.as_dict())
+            phone = vault.reveal(session, stated, view.record_id, "phone")
+            out.print(Text(f"   revealed phone: {phone}  (this reveal is on the access log)"))
+        vault.logout(session)
+        out.print("[bold]6.[/] signing a checkpoint of the access log and verifying it:")
+        vault.checkpoint(operator)
+        checked = vault.verify_log(operator)
+        out.print(
+            f"   {checked.entries} access-log entries match {checked.checkpoints} signed "
+            "checkpoint(s); every search, read and reveal above is among them"
+        )
+    finally:
+        vault.close()
+    # Show the command as it was invoked (e.g. .venv/bin/custodes) so it can be pasted.
+    me = sys.argv[0] if Path(sys.argv[0]).name == "custodes" else "custodes"
+    server = f"http://127.0.0.1:{port}"
+    name, born = first["name"], first["birth_date"]
+    asked = "--purpose 'demo' --case DEMO-1"
+    out.print("\n[bold]Try next[/] (these secrets belong to this demo only).")
+    out.print("On the host, with the keyring passphrase:")
+    out.print(f"  export CUSTODES_VAULT={vault_path}")
+    out.print(f"  export CUSTODES_KEYRING_PASSPHRASE={passphrase}")
+    if not serve:
+        out.print(f"  {me} serve --port {port}   # the server the official logs in to")
+    out.print(f"  {me} audit verify   # recompute the access log and check its signatures")
+    out.print(f"  grep -c '{first['name']}' {vault_path}/vault.db   # 0: no plaintext on disk")
+    where = "the dashboard below" if serve else "the server"
+    out.print(f"As the official, in another terminal while {where} runs (no keyring needed):")
+    out.print("  export CUSTODES_USER=demo.investigator")
+    out.print(f"  export CUSTODES_PASSWORD={password}")
+    out.print(f"  # add to an authenticator app: {enrolment.uri}")
+    out.print(f"  {me} login --server {server}   # asks for the app's current code, once")
+    out.print(f"  {me} search --national-id {first['national_id']} {asked}")
+    out.print(f"  {me} search --name {name} --birth-date {born} {asked}")
+    out.print(f"  {me} show {record_id} {asked}")
+    out.print(f"  {me} reveal {record_id} address {asked}")
+    out.print(f"  {me} logout")
+    if not serve:
+        return
+    from custodes.web.serve import serve as serve_dashboard
+
+    code_command = f"{sys.executable} -c \"import pyotp; print(pyotp.TOTP('{totp.secret}').now())\""
+    out.print(f"\n[bold]7.[/] the dashboard: {server}/  (Ctrl-C stops it)")
+    out.print(
+        "   log in (here or with 'custodes login') as demo.investigator with the password "
+        "above and the current code (each code works once; if one is refused, wait half a "
+        "minute for the next):"
+    )
+    out.print(f"   {code_command}")
+    unlocked = unlock_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
+    serve_dashboard(unlocked, host="127.0.0.1", port=port)

@@ -1,0 +1,72 @@
+"""`custodes serve`: the dashboard and the JSON API that officials' clients log in to.
+
+Runs on the host and unlocks the vault once with the keyring passphrase.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import platformdirs
+
+from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_options
+
+
+@click.command()
+@vault_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (one per core serves the most).",
+)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+@click.option(
+    "--tls-self-signed",
+    is_flag=True,
+    help="Generate a key and a self-signed certificate for --host and print its fingerprint.",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False),
+    help="Where --tls-self-signed writes (default: the user's configuration directory).",
+)
+def serve(
+    vault_dir: str | None,
+    keyring: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_self_signed: bool,
+    tls_dir: str | None,
+) -> None:
+    """Serve the dashboard and the API. Loopback only unless TLS is configured; every
+    page and route needs a logged-in account, and no option changes that."""
+    from custodes.web import serve as web
+
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_self_signed and tls_cert:
+        raise click.UsageError("choose --tls-cert/--tls-key or --tls-self-signed, not both")
+    tls = web.TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+    if not tls_self_signed:
+        # Refuse before asking for the passphrase.
+        web.check_bind(host, tls)
+    if tls_self_signed:
+        directory = Path(tls_dir) if tls_dir else platformdirs.user_config_path("custodes") / "tls"
+        tls = web.self_signed(host, directory, vault_dir=vault_directory(vault_dir))
+        out.print(f"self-signed certificate: {tls.cert}")
+        out.print(f"SHA-256 fingerprint: {web.fingerprint(tls.cert.read_bytes())}")
+        out.print("  check this fingerprint in the browser before logging in")
+    unlocked = unlock_host_vault(vault_dir, keyring)
+    scheme = "https" if tls else "http"
+    plural = "es" if workers > 1 else ""
+    out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
+    web.serve(unlocked, host=host, port=port, tls=tls, workers=workers)
