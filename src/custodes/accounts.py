@@ -181,9 +181,11 @@ class AccountBook:
         cost: HashCost = HashCost(),
         *,
         random: Callable[[int], bytes] = os.urandom,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._storage = storage
         self._random = random
+        self._clock = clock
         self._hasher = PasswordHasher(
             time_cost=cost.time_cost, memory_cost=cost.memory_kib, parallelism=cost.parallelism
         )
@@ -219,7 +221,7 @@ class AccountBook:
             role=role.value,
             password_hash=self._hasher.hash(password),
             attributes=orjson.dumps(public),
-            created_at=time.time(),
+            created_at=self._clock(),
             disabled=False,
         )
         self._storage.add_account(row)

@@ -271,7 +271,7 @@ def _assemble(
         checkpoint_every=checkpoint_every,
         clock=clock,
     )
-    accounts = AccountBook(storage, hash_cost or HashCost(), random=random)
+    accounts = AccountBook(storage, hash_cost or HashCost(), random=random, clock=clock)
     accounts.bind_secrets(SecretBox(material))
     return Vault(
         schema=schema,

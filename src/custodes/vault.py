@@ -630,20 +630,6 @@ class Vault:
 
         return self._gate.access(operator, Action.WITNESS_PUBLISH, run, detail={"witness": url})
 
-    # -- what a worker process or a test needs to rebuild the same vault -------------------
-
-    @property
-    def key_material(self) -> KeyMaterial:
-        return self._material
-
-    @property
-    def token_bits(self) -> dict[int, int]:
-        return dict(self._token_bits)
-
-    @property
-    def schema_text(self) -> str:
-        return self._schema_text
-
     # -- record-level facts -------------------------------------------------------------
 
     def _facts(self, rt: RecordType, values: Values, reach: Reach) -> RecordFacts:
@@ -758,10 +744,6 @@ class Vault:
             target = self._codec.record_id(link.ref, parts)
             return role_of_link(link, opened.get(link.name), target) is not None
         return parts in index_parts(rt, spec, opened)
-
-    def _type_of(self, record_id: str) -> str | None:
-        found = self._storage.get_records([record_id]).get(record_id)
-        return found.record_type if found else None
 
     def _one(self, record_id: str) -> StoredRecord:
         stored = self._storage.get_records([record_id]).get(record_id)
