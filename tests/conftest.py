@@ -6,8 +6,11 @@ The costs are the floors the library accepts, not a switch that turns protection
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from custodes.bootstrap import create_vault, log_origin, memory_vault
 from custodes.crypto import KdfParams, KeyMaterial, Keyring
 from custodes.policy import AccessPurpose, Role
 from custodes.vault import Session, Vault
+from custodes.web.serve import TlsFiles
 
 FAST_KDF = KdfParams(time_cost=2, memory_kib=19_456, parallelism=1)
 FAST_HASH = HashCost(time_cost=2, memory_kib=19_456, parallelism=1)
@@ -181,3 +185,41 @@ def read_records(path: Path) -> list[dict[str, object]]:
 def people(population_file: Path) -> list[dict[str, Any]]:
     """The people of population_file, as records."""
     return [r for r in read_records(population_file) if r["type"] == "person"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serving(vault: Vault, tls: TlsFiles | None = None) -> Iterator[str]:
+    """The real app around `vault` on a free loopback port, in a thread; its base URL."""
+    import uvicorn
+
+    from custodes.web.app import create_app
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(vault, tls=tls is not None),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -6,9 +6,6 @@ Screenshots of every page go to test-output/screenshots/ for a person to look at
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,8 @@ import pytest
 
 from custodes.policy import Action, Role
 from custodes.vault import Vault
-from tests.conftest import PASSWORD, make_vault, read_records
-from tests.test_web_pages import enrol, web_app
+from tests.conftest import PASSWORD, make_vault, read_records, serving
+from tests.test_web_pages import enrol
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "screenshots"
@@ -35,19 +32,10 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, population_file: Path
 ) -> Iterator[tuple[str, Vault, dict[str, str], list[dict[str, Any]]]]:
-    import uvicorn
-
     vault = make_vault(tmp_path_factory.mktemp("browser"), "memory")
     assert vault.ingest(vault.operator, population_file).rejected == 0
     secrets = {
@@ -55,21 +43,6 @@ def server(
         "b.auditor": enrol(vault, "b.auditor", Role.AUDITOR),
         "b.admin": enrol(vault, "b.admin", Role.ADMIN),
     }
-    port = free_port()
-    config = uvicorn.Config(
-        web_app(vault),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     records = read_records(population_file)
     named = {
         str(p["national_id"])
@@ -82,9 +55,8 @@ def server(
         (r for r in records if r["type"] == "person"),
         key=lambda r: str(r["national_id"]) not in named,
     )
-    yield f"http://127.0.0.1:{port}", vault, secrets, people
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(vault) as url:
+        yield url, vault, secrets, people
     vault.close()
 
 

@@ -16,15 +16,21 @@ import pytest
 from custodes.audit import Outcome
 from custodes.bootstrap import open_vault
 from custodes.policy import Action, Role
-from tests.conftest import FAST_HASH, PASSPHRASE, PASSWORD, make_vault, read_records
+from tests.conftest import (
+    FAST_HASH,
+    PASSPHRASE,
+    PASSWORD,
+    free_port,
+    make_vault,
+    read_records,
+    serving,
+)
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
     client_env,
-    free_port,
     run,
     search_args,
     served,
-    serving,
     session_path,
 )
 

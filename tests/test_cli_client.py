@@ -8,14 +8,11 @@ Each command runs as a user runs it: a separate process, secrets in the environm
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +24,8 @@ import pytest
 from custodes.policy import Role
 from custodes.sessions import IDLE_TIMEOUT
 from custodes.vault import Vault
-from custodes.web.app import create_app
-from custodes.web.serve import TlsFiles, self_signed
-from tests.conftest import PASSWORD, enrol, make_vault, totp_code
+from custodes.web.serve import self_signed
+from tests.conftest import PASSWORD, enrol, free_port, make_vault, serving, totp_code
 
 # Not an environment variable custodes reads: run() turns it into a fresh CUSTODES_TOTP,
 # as an official would type the current code from an authenticator app.
@@ -61,42 +57,6 @@ def run(
         timeout=120,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def serving(vault: Vault, tls: TlsFiles | None = None) -> Iterator[str]:
-    """The real app around `vault` on a free loopback port, in a thread; its base URL."""
-    import uvicorn
-
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(vault, tls=tls is not None),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        ssl_certfile=str(tls.cert) if tls else None,
-        ssl_keyfile=str(tls.key) if tls else None,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @dataclass

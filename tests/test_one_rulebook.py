@@ -11,9 +11,6 @@ and requires the matrix to catch it.
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from custodes.policy import AccessPurpose, Role
 from custodes.vault import Session, Vault
 from custodes.web import deps
 from custodes.web.app import create_app
-from tests.conftest import login, make_vault, write_jsonl
+from tests.conftest import login, make_vault, serving, write_jsonl
 from tests.test_district_access import (
     BEIJING_ADULT,
     CASE_NO,
@@ -243,17 +240,8 @@ def disagreements(world: World, adapters: dict[str, Adapter]) -> list[str]:
 # -- the world they are asked about ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    import uvicorn
-
     tmp = tmp_path_factory.mktemp("rulebook")
     vault = make_vault(tmp, "sqlite")
     assert vault.ingest(vault.operator, write_jsonl(tmp / "records.jsonl", RECORDS)).rejected == 0
@@ -294,23 +282,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         Ask("log"),
         Ask("subject", ids[SHANGHAI_ADULT]),
     ]
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(vault), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     try:
-        yield World(vault, sessions, asks, f"http://127.0.0.1:{port}", tmp)
+        with serving(vault) as url:
+            yield World(vault, sessions, asks, url, tmp)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         vault.close()
 
 
