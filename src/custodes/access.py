@@ -133,9 +133,10 @@ class AccessGate:
         record an operation on one record names, so that a refused or failed attempt
         reaches that person's subject report.
         """
-        return self._access(principal, action, run, purpose, record_type, detail, private, target)[
-            0
-        ]
+        result, _ = self._access(
+            principal, action, run, purpose, record_type, detail, private, target
+        )
+        return result
 
     def access_then(
         self,
