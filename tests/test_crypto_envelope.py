@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,35 +51,47 @@ def _counter_random() -> Callable[[int], bytes]:
     return draw
 
 
-# A test-side reading of the frame, written from the format description alone.
-Entry = tuple[bytes, int, bytes, bytes]  # name, key generation, nonce, ciphertext
+# A test-side reading of the payload, written from the format description alone.
+HEAD = 2 + 12  # format, key generation, nonce
+BUCKET = 512
 
 
-def _split(payload: bytes) -> list[Entry]:
-    assert payload[0] == 1
-    (count,) = struct.unpack_from(">H", payload, 1)
-    at = 3
-    entries = []
-    for _ in range(count):
-        name_len = payload[at]
-        name = payload[at + 1 : at + 1 + name_len]
-        at += 1 + name_len
-        generation = payload[at]
-        nonce = payload[at + 1 : at + 13]
-        (sealed_len,) = struct.unpack_from(">I", payload, at + 13)
-        sealed = payload[at + 17 : at + 17 + sealed_len]
-        at += 17 + sealed_len
-        entries.append((name, generation, nonce, sealed))
-    assert at == len(payload)
-    return entries
+def _split(payload: bytes) -> tuple[int, int, bytes, bytes]:
+    """(format, key generation, nonce, ciphertext with its tag)."""
+    return payload[0], payload[1], payload[2:HEAD], payload[HEAD:]
 
 
-def _join(entries: list[Entry]) -> bytes:
-    out = [b"\x01", struct.pack(">H", len(entries))]
-    for name, generation, nonce, sealed in entries:
-        out += [bytes((len(name),)), name, bytes((generation,)), nonce]
-        out += [struct.pack(">I", len(sealed)), sealed]
-    return b"".join(out)
+def _body(fields: dict[str, bytes], pad_to: int | None = None) -> bytes:
+    out = [struct.pack(">H", len(fields))]
+    for name, value in fields.items():
+        encoded = name.encode()
+        out += [bytes((len(encoded),)), encoded, struct.pack(">I", len(value)), value]
+    body = b"".join(out)
+    size = pad_to if pad_to is not None else max(BUCKET, 1 << (len(body) - 1).bit_length())
+    return body + bytes(size - len(body))
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _record_aad(record_type: bytes, record_id: bytes, vault: bytes = VAULT) -> bytes:
+    return _lp(b"custodes/record/v2") + _lp(vault) + _lp(record_type) + _lp(record_id) + b"\x01"
+
+
+def _forged(body: bytes, record_id: str = "kat-record-0001") -> tuple[bytes, bytes]:
+    """A record sealed with the KAT's data key around a body of the test's choosing: what
+    only a holder of the keys could write, to show that the reader still refuses any
+    body custodes would not have written."""
+    draw = _counter_random()
+    data_key = draw(32)
+    nonces = draw(24)
+    rid = record_id.encode()
+    wrap_aad = _lp(b"custodes/data-key/v1") + _lp(VAULT) + _lp(rid) + struct.pack(">I", 1)
+    wrapped = b"\x01" + nonces[:12] + AESGCM(KEK1).encrypt(nonces[:12], data_key, wrap_aad)
+    nonce = nonces[12:]
+    sealed = AESGCM(data_key).encrypt(nonce, body, _record_aad(b"person", rid))
+    return wrapped, b"\x02\x01" + nonce + sealed
 
 
 @pytest.fixture
@@ -114,7 +129,7 @@ def test_open_returns_only_the_requested_fields(
 
 def test_a_record_with_no_fields_round_trips(sealer: RecordSealer) -> None:
     version, wrapped, payload = sealer.seal("person", "r", {})
-    assert payload == b"\x01\x00\x00"
+    assert len(payload) == HEAD + BUCKET + 16
     assert sealer.open("person", "r", version, wrapped, payload) == {}
 
 
@@ -132,16 +147,54 @@ def test_each_record_gets_its_own_data_key_and_nonces(sealer: RecordSealer) -> N
     _, wrapped_a, payload_a = sealer.seal("person", "r", PERSON)
     _, wrapped_b, payload_b = sealer.seal("person", "r", PERSON)
     assert wrapped_a != wrapped_b
-    nonces = [e[2] for e in _split(payload_a) + _split(payload_b)]
-    assert len(set(nonces)) == len(nonces)
+    assert _split(payload_a)[2] != _split(payload_b)[2]
 
 
 def test_stolen_payload_holds_no_plaintext(sealed: tuple[int, bytes, bytes]) -> None:
     _, wrapped, payload = sealed
-    for value in PERSON.values():
+    for value in [*PERSON.values(), *(name.encode() for name in PERSON)]:
         if value:
             assert value not in payload
             assert value not in wrapped
+
+
+# --- what a thief who counts bytes sees ------------------------------------------------
+
+
+@settings(max_examples=100)
+@given(fields=field_maps)
+def test_a_byte_counter_sees_one_size_for_every_small_record(fields: dict[str, bytes]) -> None:
+    # Which fields a record holds, and how long each value is, leave its length alone.
+    sealer = RecordSealer(MATERIAL)
+    _, wrapped, payload = sealer.seal("person", "r", fields)
+    assert len(payload) == HEAD + BUCKET + 16 and len(wrapped) == 61
+    assert len(sealer.seal("case", "r", {})[2]) == len(payload)
+
+
+@pytest.mark.parametrize(
+    ("value_bytes", "body_bytes"),
+    [(505, 512), (506, 1024), (1017, 1024), (1018, 2048), (3000, 4096)],
+)
+def test_a_long_record_is_padded_to_the_next_power_of_two(
+    sealer: RecordSealer, value_bytes: int, body_bytes: int
+) -> None:
+    # One field named "n": 2 (count) + 1 + 1 (name) + 4 (length) = 8 bytes around it.
+    fields = {"n": b"x" * (value_bytes - 1)}
+    version, wrapped, payload = sealer.seal("case", "r", fields)
+    assert len(payload) == HEAD + body_bytes + 16
+    assert sealer.open("case", "r", version, wrapped, payload) == fields
+
+
+def test_the_type_tag_is_keyed_stable_and_names_no_type() -> None:
+    sealer = RecordSealer(MATERIAL)
+    tag = sealer.type_tag("person")
+    assert len(tag) == 16 and int(tag, 16) >= 0 and "person" not in tag
+    assert tag != sealer.type_tag("case")
+    # The same after a KEK rotation (it counts stored records), another in another vault.
+    assert RecordSealer(ROTATED).type_tag("person") == tag
+    assert RecordSealer(MATERIAL._replace(index_root=bytes(32))).type_tag("person") != tag
+    assert RecordSealer(MATERIAL._replace(vault_id=bytes(16))).type_tag("person") != tag
+    assert tag != hashlib.sha256(b"person").hexdigest()[:16]
 
 
 # --- the pinned format -----------------------------------------------------------------
@@ -151,15 +204,11 @@ KAT_WRAPPED_HEX = (
     "01738f6a628495dd2f6de1aa35828a3b13a8e952ad8585848b9b861db7258d01"
     "cb152f013e4e32852603049dd0ed64ba3318d8a3742f431bbb0710723b"
 )
-KAT_PAYLOAD_HEX = (
-    "010003"  # format 1, three fields
-    "046e616d6501ceccb0b05c74f648024b60cd00000016"  # "name", generation 1, nonce, length
-    "56d7e0b5ccc518930113ade9be0f6e0d0dca1671ec27"
-    "0b6e6174696f6e616c5f69640192a375cb5c5b847be3ad5c0b00000022"  # "national_id"
-    "6242136b8b13da663beac0ae100b3702515f9d2833e6f9f42ff39b5576ed86322faa"
-    "05656d70747901e9b3eb690ff97e1629cf93ca00000010"  # "empty": the tag alone
-    "30025e52297bf07d82087fcf2ddcd834"
-)
+# The payload is 542 bytes: its head and tag, and a digest of the whole.
+KAT_PAYLOAD_HEAD_HEX = "0201ceccb0b05c74f648024b60cd"  # format 2, generation 1, nonce
+KAT_PAYLOAD_TAG_HEX = "bd7476afca3b5f872658b19cc5339a6d"
+KAT_PAYLOAD_SHA256 = "185889ff31f837c64ac3c089b436de121b1a2f129e1a7c7a375d58f76f4c1ed7"
+KAT_PERSON_TAG = "25c676173874e9e4"
 
 
 def test_known_answer_pins_the_sealed_format() -> None:
@@ -167,41 +216,33 @@ def test_known_answer_pins_the_sealed_format() -> None:
     version, wrapped, payload = sealer.seal("person", "kat-record-0001", KAT_FIELDS)
     assert version == 1
     assert wrapped.hex() == KAT_WRAPPED_HEX
-    assert payload.hex() == KAT_PAYLOAD_HEX
+    assert len(payload) == 542
+    assert payload[:HEAD].hex() == KAT_PAYLOAD_HEAD_HEX
+    assert payload[-16:].hex() == KAT_PAYLOAD_TAG_HEX
+    assert hashlib.sha256(payload).hexdigest() == KAT_PAYLOAD_SHA256
+    assert sealer.type_tag("person") == KAT_PERSON_TAG
     assert RecordSealer(MATERIAL).open("person", "kat-record-0001", 1, wrapped, payload) == (
         KAT_FIELDS
     )
 
 
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
 def test_known_answer_matches_the_documented_construction() -> None:
-    """Rebuild the sealed record from the format description with raw AES-GCM."""
-    draw = _counter_random()
-    data_key = draw(32)
-    nonces = draw(12 * (len(KAT_FIELDS) + 1))
-    record_id = b"kat-record-0001"
-    wrap_aad = _lp(b"custodes/data-key/v1") + _lp(VAULT) + _lp(record_id) + struct.pack(">I", 1)
-    wrapped = b"\x01" + nonces[:12] + AESGCM(KEK1).encrypt(nonces[:12], data_key, wrap_aad)
-    entries = []
-    for position, (name, value) in enumerate(KAT_FIELDS.items()):
-        encoded = name.encode()
-        nonce = nonces[12 * (position + 1) : 12 * (position + 2)]
-        aad = (
-            _lp(b"custodes/field/v1")
-            + _lp(VAULT)
-            + _lp(b"person")
-            + _lp(record_id)
-            + struct.pack(">HH", len(KAT_FIELDS), position)
-            + _lp(encoded)
-            + b"\x01"
-        )
-        entries.append((encoded, 1, nonce, AESGCM(data_key).encrypt(nonce, value, aad)))
-
+    """Rebuild the sealed record and the type tag from the format description alone."""
+    wrapped, payload = _forged(_body(KAT_FIELDS))
     sealer = RecordSealer(MATERIAL, random=_counter_random())
-    assert sealer.seal("person", "kat-record-0001", KAT_FIELDS) == (1, wrapped, _join(entries))
+    assert sealer.seal("person", "kat-record-0001", KAT_FIELDS) == (1, wrapped, payload)
+    type_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=VAULT, info=b"custodes/record-type/v1"
+    ).derive(ROOT)
+    tag = hmac.digest(type_key, b"person", "sha256")[:8].hex()
+    assert sealer.type_tag("person") == tag == KAT_PERSON_TAG
+
+
+def test_a_payload_of_the_per_field_format_no_longer_opens() -> None:
+    # Format 1 (one AEAD per field, lengths in the clear) is refused, not misread.
+    wrapped, payload = _forged(_body(KAT_FIELDS))
+    with pytest.raises(TamperDetected):
+        RecordSealer(MATERIAL).open("person", "kat-record-0001", 1, wrapped, b"\x01" + payload[1:])
 
 
 # --- tampering: every failure is the one opaque TamperDetected -------------------------
@@ -271,10 +312,23 @@ def test_wrapped_key_moved_to_another_record_is_detected(sealer: RecordSealer) -
 def test_ciphertext_moved_to_another_record_is_detected(sealer: RecordSealer) -> None:
     _, _, payload_a = sealer.seal("person", "rec-a", PERSON)
     vb, wrapped_b, payload_b = sealer.seal("person", "rec-b", PERSON)
-    entries_b = _split(payload_b)
-    entries_b[1] = _split(payload_a)[1]
-    with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-b", vb, wrapped_b, _join(entries_b), ["national_id"])
+    # Record a's sealed body under record b's head, and one block of a's inside b's.
+    for moved in (payload_b[:HEAD] + payload_a[HEAD:], _blocks(payload_b, {1: payload_a})):
+        with pytest.raises(TamperDetected):
+            sealer.open("person", "rec-b", vb, wrapped_b, moved, ["national_id"])
+
+
+def _blocks(payload: bytes, replace: dict[int, bytes]) -> bytes:
+    """payload with ciphertext block i (16 bytes) taken from replace[i]'s same block."""
+    out = bytearray(payload)
+    for i, source in replace.items():
+        at = HEAD + 16 * i
+        out[at : at + 16] = source[at : at + 16]
+    return bytes(out)
+
+
+def _cipher_blocks(payload: bytes) -> list[bytes]:
+    return [payload[i : i + 16] for i in range(HEAD, len(payload), 16)]
 
 
 def test_changed_record_type_is_detected(
@@ -293,38 +347,45 @@ def test_record_sealed_in_another_vault_is_detected(sealed: tuple[int, bytes, by
         other.open("person", "rec-a", version, wrapped, payload)
 
 
+# A field's name, position and value are inside the one ciphertext: from outside, renaming,
+# moving, reordering, dropping or repeating a field can only rearrange ciphertext blocks.
+
+
 def test_field_renamed_in_the_frame_is_detected(
     sealer: RecordSealer, sealed: tuple[int, bytes, bytes]
 ) -> None:
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    _, generation, nonce, ciphertext = entries[1]
-    entries[1] = (b"mobile_no_x", generation, nonce, ciphertext)
+    assert b"phone" not in payload
+    # Where "phone" sits in the body; flipping its bits toward "mobil" is exactly what a
+    # stream cipher would let through without the tag.
+    at = HEAD + _body(PERSON).index(b"phone")
+    renamed = bytearray(payload)
+    for i, (old, new) in enumerate(zip(b"phone", b"mobil", strict=True)):
+        renamed[at + i] ^= old ^ new
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries))
+        sealer.open("person", "rec-a", version, wrapped, bytes(renamed))
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries), ["mobile_no_x"])
+        sealer.open("person", "rec-a", version, wrapped, bytes(renamed), ["mobil"])
 
 
 def test_ciphertext_moved_into_another_field_is_detected(
     sealer: RecordSealer, sealed: tuple[int, bytes, bytes]
 ) -> None:
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    # Give "phone" the national ID's nonce and ciphertext, keeping the names in place.
-    entries[2] = (entries[2][0], *entries[1][1:])
+    blocks = _cipher_blocks(payload)
+    blocks[2] = blocks[1]
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries), ["phone"])
+        sealer.open("person", "rec-a", version, wrapped, payload[:HEAD] + b"".join(blocks))
 
 
 def test_fields_reordered_in_the_frame_are_detected(
     sealer: RecordSealer, sealed: tuple[int, bytes, bytes]
 ) -> None:
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    entries[0], entries[1] = entries[1], entries[0]
+    blocks = _cipher_blocks(payload)
+    blocks[0], blocks[1] = blocks[1], blocks[0]
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries), ["name"])
+        sealer.open("person", "rec-a", version, wrapped, payload[:HEAD] + b"".join(blocks))
 
 
 def test_field_dropped_from_the_frame_is_detected(
@@ -332,30 +393,68 @@ def test_field_dropped_from_the_frame_is_detected(
 ) -> None:
     # Deleting a field (a flag, a note) must not pass for a record that never had it.
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    del entries[-1]
+    blocks = _cipher_blocks(payload)
+    del blocks[1]
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries), ["name"])
+        sealer.open("person", "rec-a", version, wrapped, payload[:HEAD] + b"".join(blocks))
 
 
 def test_duplicated_field_in_the_frame_is_detected(
     sealer: RecordSealer, sealed: tuple[int, bytes, bytes]
 ) -> None:
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    entries.append(entries[0])
+    blocks = _cipher_blocks(payload)
+    blocks.insert(1, blocks[1])
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries))
+        sealer.open("person", "rec-a", version, wrapped, payload[:HEAD] + b"".join(blocks))
 
 
 def test_unknown_key_generation_is_detected(
     sealer: RecordSealer, sealed: tuple[int, bytes, bytes]
 ) -> None:
     version, wrapped, payload = sealed
-    entries = _split(payload)
-    entries[0] = (entries[0][0], 2, *entries[0][2:])
     with pytest.raises(TamperDetected):
-        sealer.open("person", "rec-a", version, wrapped, _join(entries), ["phone"])
+        sealer.open("person", "rec-a", version, wrapped, payload[:1] + b"\x02" + payload[2:])
+
+
+def _raw_body(
+    entries: list[tuple[bytes, bytes, int]], count: int | None = None, pad_to: int = BUCKET
+) -> bytes:
+    """A body from (name, value, declared value length) entries, however wrong."""
+    out = [struct.pack(">H", len(entries) if count is None else count)]
+    for name, value, declared in entries:
+        out += [bytes((len(name),)), name, struct.pack(">I", declared), value]
+    body = b"".join(out)
+    return body + bytes(pad_to - len(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_raw_body([(b"name", b"n", 1)], count=2), id="count-overruns"),
+        pytest.param(_raw_body([(b"", b"n", 1)]), id="empty-name"),
+        pytest.param(_raw_body([(b"name", b"n", 1), (b"name", b"m", 1)]), id="repeated-name"),
+        pytest.param(_raw_body([(b"name", b"n", 600)]), id="value-overruns"),
+        pytest.param(_raw_body([(b"name", b"n", 1)])[:-1] + b"\x01", id="padding-not-zero"),
+        pytest.param(_raw_body([(b"name", b"n", 1)], pad_to=1024), id="padded-past-its-bucket"),
+        pytest.param(_raw_body([(b"name", b"n", 1)], pad_to=500), id="padded-short"),
+    ],
+)
+def test_a_body_custodes_would_not_write_is_refused_even_under_a_valid_tag(body: bytes) -> None:
+    # Not a thief's move (the tag stops every change from outside), but a reader that
+    # trusts lengths it did not check would be one bug away from misreading a record.
+    wrapped, payload = _forged(body)
+    sealer = RecordSealer(MATERIAL)
+    for names in (None, ["name"]):
+        with pytest.raises(TamperDetected):
+            sealer.open("person", "kat-record-0001", 1, wrapped, payload, names)
+
+
+def test_a_field_name_that_is_not_utf8_is_refused_when_read() -> None:
+    # Names nobody asked for are skipped undecoded, so it is refused once it is read.
+    wrapped, payload = _forged(_raw_body([(b"\xff", b"n", 1)]))
+    with pytest.raises(TamperDetected):
+        RecordSealer(MATERIAL).open("person", "kat-record-0001", 1, wrapped, payload)
 
 
 def test_truncated_payload_is_detected(

@@ -102,3 +102,33 @@ def test_ciphertext_moved_between_records_in_the_database_is_detected(
                 reopened.reveal(session, PURPOSE, record_id, "name")
     finally:
         reopened.close()
+
+
+@pytest.mark.parametrize("relabel", ["case", "unknown"])
+def test_record_relabelled_with_another_type_tag_in_the_database_is_detected(
+    tmp_path: Path, population_file: Path, relabel: str
+) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    vault.ingest(vault.operator, population_file)
+    person = next(r for r in read_records(population_file) if r["type"] == "person")
+    record_id = vault._codec.record_id("person", (str(person["national_id"]),))
+    tag = vault._codec.type_tag("case") if relabel == "case" else "0" * 16
+    login(vault)  # the investigator's account, for after the reopening
+    vault.close()
+    # The row keeps its sealed payload; only the keyed type tag beside it is rewritten,
+    # so the record would be read as a case (or as nothing the schema knows).
+    db = sqlite3.connect(tmp_path / "vault" / "vault.db")
+    with db:
+        db.execute("UPDATE records SET record_type = ? WHERE record_id = ?", (tag, record_id))
+    db.close()
+    from custodes.bootstrap import open_vault
+    from tests.conftest import FAST_HASH, PASSPHRASE, PASSWORD, TOTP_SECRETS, totp_code
+
+    reopened = open_vault(tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        totp = totp_code(TOTP_SECRETS["t.investigator"])
+        session = reopened.login("t.investigator", PASSWORD, totp=totp)
+        with pytest.raises(TamperDetected):
+            reopened.record(session, PURPOSE, record_id)
+    finally:
+        reopened.close()

@@ -1,7 +1,8 @@
 """Turns a validated record into what storage holds, and stored bytes back into values.
 
-It derives the record's keyed id, seals its fields under a fresh data key and computes
-its blind-index tokens. Pure given its keys: no I/O, so ingest workers run it in parallel.
+It derives the record's keyed id, seals its fields as one padded blob under a fresh data
+key, tags its type with a keyed tag and computes its blind-index tokens, as many per
+index for every record. Pure given its keys: no I/O, so ingest workers run it in parallel.
 """
 
 from __future__ import annotations
@@ -11,12 +12,31 @@ from collections.abc import Collection, Mapping, Sequence
 import orjson
 
 from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
-from custodes.errors import TamperDetected
+from custodes.errors import ConfigurationError, TamperDetected
 from custodes.records import CanonicalRecord, index_parts
 from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import SealedRecord, StoredRecord
 
 Values = dict[str, object]
+
+# Tokens per index per record, whatever the record holds: one for a single-valued index
+# (a decoy when the field is absent), and for a multi-valued one (a case's persons) at
+# least LINK_TOKENS, then the next power of two. Otherwise the tokens table would tell a
+# thief which fields a record has and how many people a case names, as payload lengths
+# did before they were padded.
+LINK_TOKENS = 4
+# Decoy inputs have one part more than any real input of the index and start with a
+# byte no canonical value holds, so no search computes a decoy's token but by chance.
+_DECOY = "\x00decoy"
+
+
+def token_slots(count: int, multi_valued: bool) -> int:
+    """How many tokens a record writes to an index that yields `count` real ones."""
+    if not multi_valued:
+        return 1
+    if count <= LINK_TOKENS:
+        return LINK_TOKENS
+    return 1 << (count - 1).bit_length()
 
 
 class RecordCodec:
@@ -24,14 +44,27 @@ class RecordCodec:
         self.schema = schema
         self._sealer = RecordSealer(material)
         self._indexer = BlindIndexer(material, token_bits)
-        # Per type: (field name, kind, referenced type) and the indexes, looked up once.
+        # Per type: (field name, kind, referenced type) and (index, multi-valued) pairs,
+        # looked up once.
         self._plan = {
             rt.name: (
                 [(f.name, f.kind, f.ref) for f in rt.fields.values()],
-                list(rt.indexes.values()),
+                [
+                    (
+                        ix,
+                        len(ix.components) == 1
+                        and rt.fields[ix.components[0].field].kind == "person_links",
+                    )
+                    for ix in rt.indexes.values()
+                ],
             )
             for rt in schema.types.values()
         }
+        # Storage holds a keyed tag in place of each type's name; this maps it back.
+        self._tags = {name: self._sealer.type_tag(name) for name in schema.types}
+        self._types_by_tag = {tag: schema.types[name] for name, tag in self._tags.items()}
+        if len(self._types_by_tag) != len(self._tags):
+            raise ConfigurationError("two record types share a type tag; rename one")
 
     def record_id(self, record_type: str, source_key: Sequence[str]) -> str:
         return self._indexer.record_id(record_type, source_key)
@@ -44,7 +77,7 @@ class RecordCodec:
 
     def seal(self, record: CanonicalRecord) -> SealedRecord:
         rtype = record.record_type
-        fields, indexes = self._plan[rtype]
+        fields, _ = self._plan[rtype]
         values = record.values
         record_id = self.id_of(record)
         encoded: dict[str, bytes] = {}
@@ -64,21 +97,47 @@ class RecordCodec:
                 encoded[name] = orjson.dumps(links)
             else:
                 encoded[name] = str(value).encode()
-        rt = self.schema.types[rtype]
-        tokens: list[tuple[int, int]] = []
-        for index in indexes:
-            for parts in index_parts(rt, index, values):
-                tokens.append((index.index_id, self._indexer.token(index.index_id, parts)))
+        tokens = self.tokens_of(rtype, record_id, values)
         kek_version, wrapped, payload = self._sealer.seal(rtype, record_id, encoded)
-        return SealedRecord(record_id, rtype, payload, kek_version, wrapped, tuple(tokens))
+        return SealedRecord(record_id, self._tags[rtype], payload, kek_version, wrapped, tokens)
 
-    def open(self, stored: StoredRecord, names: Collection[str] | None = None) -> Values:
-        """Decrypt (some of) a stored record's fields. TamperDetected on any inconsistency."""
-        rt = self.schema.types.get(stored.record_type)
+    def tokens_of(
+        self, record_type: str, record_id: str, values: Mapping[str, object]
+    ) -> tuple[tuple[int, int], ...]:
+        """The (index id, token) pairs a record writes, from its canonical values: its
+        values' tokens and its decoys. A check that re-derives stored tokens must count
+        the decoys too, or it will take them for planted rows.
+        """
+        rt = self.schema.types[record_type]
+        token = self._indexer.token
+        tokens: list[tuple[int, int]] = []
+        for index, multi in self._plan[record_type][1]:
+            index_id = index.index_id
+            real = index_parts(rt, index, values)
+            for parts in real:
+                tokens.append((index_id, token(index_id, parts)))
+            for slot in range(len(real), token_slots(len(real), multi)):
+                tokens.append((index_id, token(index_id, (_DECOY, record_id, str(slot)))))
+        return tuple(tokens)
+
+    def type_tag(self, record_type: str) -> str:
+        """The keyed tag storage holds in place of a record type's name."""
+        tag = self._tags.get(record_type)
+        return self._sealer.type_tag(record_type) if tag is None else tag
+
+    def type_of(self, stored: StoredRecord) -> RecordType:
+        """A stored record's type, from its keyed tag; TamperDetected if no type has it."""
+        rt = self._types_by_tag.get(stored.record_type)
         if rt is None:
             raise TamperDetected()
+        return rt
+
+    def open(self, stored: StoredRecord, names: Collection[str] | None = None) -> Values:
+        """A stored record's fields, or only those named. The whole record is decrypted
+        and authenticated either way; TamperDetected on any inconsistency."""
+        rt = self.type_of(stored)
         raw = self._sealer.open(
-            stored.record_type,
+            rt.name,
             stored.record_id,
             stored.kek_version,
             stored.wrapped_key,

@@ -1,46 +1,66 @@
-"""Envelope encryption of records: one data key per record, one AEAD per field.
+"""Envelope encryption of records: one data key per record, one padded AEAD per record.
 
-Owns the sealed formats (the wrapped data key and the payload frame) and the single
-rule for opening them: every failure is one opaque `TamperDetected`.
+Owns the sealed formats (the wrapped data key, the padded payload, the keyed type tag)
+and the single rule for opening them: every failure is one opaque `TamperDetected`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Callable, Collection, Mapping
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes.crypto.keyring import KeyMaterial
 from custodes.errors import TamperDetected
 
 # Each record gets a fresh 32-byte data key, wrapped with AES-256-GCM under the current
-# key-encryption key (KEK); destroying the wrapped key crypto-shreds the record. Each
-# field is sealed separately with AES-256-GCM under the data key, its associated data
-# binding the vault, record type, record id, field name, key generation, the number of
-# fields in the record and the field's position in it: a ciphertext moved to another
-# vault, record, type or field, and a field dropped, added or reordered, fail to open.
+# key-encryption key (KEK); destroying the wrapped key crypto-shreds the record. All of a
+# record's fields are sealed together, as ONE AES-256-GCM ciphertext under the data key,
+# of a body padded to a bucket: a thief who counts bytes learns the bucket, not which
+# fields a record holds or how long any value is (threat 20). The associated data binds
+# the vault, record type, record id and key generation, so the whole payload moved to
+# another vault, record or type fails to open, and so does any bit of it changed: the
+# tag is checked before a byte is decrypted, and a field cannot be moved, dropped,
+# renamed or reordered from outside the ciphertext at all.
 #
 # Wrapped key (61 bytes):
 #
 #     u8 format (1) | nonce[12] | AES-GCM(KEK, data key)[32 + 16]
 #
-# Payload:
+# Payload (format 2; format 1 sealed each field apart and no longer opens):
 #
-#     u8 format (1) | u16 count | count * (u8 name_len | name (UTF-8) | u8 key generation
-#                                           | nonce[12] | u32 ct_len | ciphertext + tag)
+#     u8 format (2) | u8 key generation | nonce[12] | AES-GCM(data key, body)[len + 16]
+#     body:  u16 count | count * (u8 name_len | name (UTF-8) | u32 value_len | value)
+#            | zero bytes up to the bucket
+#
+# Buckets (the body's padded length): 512 bytes for every record of every type, then
+# the next power of two. One size for all types, so that length does not tell a person
+# from a case or a delivery; 512 holds every synthetic person and delivery with room to
+# spare (the longest is about 370 bytes) and all but about one case in a thousand (long
+# narratives). Above it powers of two, not fixed steps: a record that long is rare and
+# its length is what would single it out, and doubling leaks only which of a handful of
+# sizes it reached, at a cost of at most twice its bytes.
 #
 # Associated data, lp(x) = u32 length | x:
 #
 #     key wrap:  lp("custodes/data-key/v1") | lp(vault_id) | lp(record_id) | u32 kek_version
-#     field:     lp("custodes/field/v1") | lp(vault_id) | lp(record_type) | lp(record_id)
-#                | u16 count | u16 position | lp(name) | u8 key generation
+#     payload:   lp("custodes/record/v2") | lp(vault_id) | lp(record_type) | lp(record_id)
+#                | u8 key generation
+#
+# Type tag (stored in place of the type's name): the first 8 bytes, in lower-case hex, of
+# HMAC-SHA256(HKDF-SHA256(index_root, salt=vault_id, info="custodes/record-type/v1"),
+# type name). Keyed, so a thief cannot name a type by hashing the schema's type names.
 #
 # All integers big-endian. Randomness is drawn as `random(32)` (the data key) and then
-# `random(12 * (count + 1))` (the wrapping nonce, then one nonce per field in order).
+# `random(24)` (the wrapping nonce, then the payload's nonce).
 
-FRAME_FORMAT = 1
+FRAME_FORMAT = 2
 WRAP_FORMAT = 1
 DATA_KEY_GENERATION = 1
 DATA_KEY_BYTES = 32
@@ -49,20 +69,31 @@ TAG_BYTES = 16
 WRAPPED_KEY_BYTES = 1 + NONCE_BYTES + DATA_KEY_BYTES + TAG_BYTES
 MAX_FIELDS = 0xFFFF
 MAX_NAME_BYTES = 0xFF
+MAX_VALUE_BYTES = 0xFFFFFFFF
+BUCKET_BYTES = 512
+TYPE_TAG_BYTES = 8
+PAYLOAD_HEAD_BYTES = 2 + NONCE_BYTES
 
-FIELD_LABEL = b"custodes/field/v1"
+RECORD_LABEL = b"custodes/record/v2"
 WRAP_LABEL = b"custodes/data-key/v1"
+TYPE_TAG_INFO = b"custodes/record-type/v1"
 
-_FRAME_HEAD = bytes((FRAME_FORMAT,))
+_HEAD = bytes((FRAME_FORMAT, DATA_KEY_GENERATION))
 _WRAP_HEAD = bytes((WRAP_FORMAT,))
 _GEN = bytes((DATA_KEY_GENERATION,))
-_U16 = tuple(i.to_bytes(2, "big") for i in range(256))
 _NAME_CACHE_LIMIT = 4096
 
 
 def _lp(data: bytes) -> bytes:
     """Length-prefixed, so that concatenated AAD parts cannot be re-split differently."""
     return len(data).to_bytes(4, "big") + data
+
+
+def bucket(length: int) -> int:
+    """The padded length of a body of `length` bytes: what a thief sees of its size."""
+    if length <= BUCKET_BYTES:
+        return BUCKET_BYTES
+    return 1 << (length - 1).bit_length()
 
 
 class RecordSealer:
@@ -73,11 +104,12 @@ class RecordSealer:
     """
 
     __slots__ = (
-        "_field_prefix",
         "_kek_version",
         "_keks",
-        "_name_parts",
+        "_name_heads",
         "_random",
+        "_record_prefix",
+        "_type_key",
         "_wrap_prefix",
     )
 
@@ -89,14 +121,23 @@ class RecordSealer:
         self._kek_version = material.kek_version
         self._keks = {version: AESGCM(key) for version, key in material.keks.items()}
         self._random = random
-        self._field_prefix = _lp(FIELD_LABEL) + _lp(material.vault_id)
+        self._record_prefix = _lp(RECORD_LABEL) + _lp(material.vault_id)
         self._wrap_prefix = _lp(WRAP_LABEL) + _lp(material.vault_id)
-        self._name_parts: dict[str, tuple[bytes, bytes]] = {}
+        self._name_heads: dict[str, bytes] = {}
+        # From the index root, not a KEK: a tag must survive KEK rotation, as record ids do.
+        self._type_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=material.vault_id, info=TYPE_TAG_INFO
+        ).derive(material.index_root)
 
     @property
     def kek_version(self) -> int:
         """The KEK version new records are wrapped under."""
         return self._kek_version
+
+    def type_tag(self, record_type: str) -> str:
+        """The keyed tag stored in place of a record type's name."""
+        digest = hmac.digest(self._type_key, record_type.encode("utf-8"), hashlib.sha256)
+        return digest[:TYPE_TAG_BYTES].hex()
 
     def seal(
         self, record_type: str, record_id: str, fields: Mapping[str, bytes]
@@ -107,42 +148,40 @@ class RecordSealer:
             raise ValueError(f"a record holds at most {MAX_FIELDS} fields")
         rid = record_id.encode("utf-8")
         data_key = self._random(DATA_KEY_BYTES)
-        nonces = self._random(NONCE_BYTES * (count + 1))
-        if len(data_key) != DATA_KEY_BYTES or len(nonces) != NONCE_BYTES * (count + 1):
+        nonces = self._random(NONCE_BYTES * 2)
+        if len(data_key) != DATA_KEY_BYTES or len(nonces) != NONCE_BYTES * 2:
             raise ValueError("the random source returned the wrong number of bytes")
         wrapped_key = self._wrap(rid, self._kek_version, data_key, nonces[:NONCE_BYTES])
 
-        aead = AESGCM(data_key)
-        encrypt = aead.encrypt
-        name_parts = self._name_parts
-        count_bytes = count.to_bytes(2, "big")
-        prefix = self._field_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + count_bytes
-        parts = [_FRAME_HEAD, count_bytes]
-        at = NONCE_BYTES
-        for position, (name, value) in enumerate(fields.items()):
-            cached = name_parts.get(name)
-            if cached is None:
-                cached = self._remember_name(name)
-            entry_head, aad_tail = cached
-            nonce = nonces[at : at + NONCE_BYTES]
-            at += NONCE_BYTES
-            position_bytes = _U16[position] if position < 256 else position.to_bytes(2, "big")
-            sealed = encrypt(nonce, value, prefix + position_bytes + aad_tail)
-            parts.append(entry_head + nonce + len(sealed).to_bytes(4, "big"))
-            parts.append(sealed)
-        return self._kek_version, wrapped_key, b"".join(parts)
+        heads = self._name_heads
+        parts = [count.to_bytes(2, "big")]
+        for name, value in fields.items():
+            head = heads.get(name)
+            if head is None:
+                head = self._remember_name(name)
+            if len(value) > MAX_VALUE_BYTES:
+                raise ValueError("a field value is too long to seal")
+            parts.append(head)
+            parts.append(len(value).to_bytes(4, "big"))
+            parts.append(value)
+        body = b"".join(parts)
+        body += bytes(bucket(len(body)) - len(body))
+        nonce = nonces[NONCE_BYTES:]
+        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + _GEN
+        sealed = AESGCM(data_key).encrypt(nonce, body, aad)
+        return self._kek_version, wrapped_key, _HEAD + nonce + sealed
 
-    def _remember_name(self, name: str) -> tuple[bytes, bytes]:
-        """The frame bytes before the nonce, and the AAD tail, for one field name."""
+    def _remember_name(self, name: str) -> bytes:
+        """The body bytes before a field's value length: its name, length-prefixed."""
         encoded = name.encode("utf-8")
         if not 0 < len(encoded) <= MAX_NAME_BYTES:
             raise ValueError(f"a field name must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
-        cached = (bytes((len(encoded),)) + encoded + _GEN, _lp(encoded) + _GEN)
+        head = bytes((len(encoded),)) + encoded
         # Field names come from the schema, so the cache stays small; the bound only
         # guards against a caller that invents names.
-        if len(self._name_parts) < _NAME_CACHE_LIMIT:
-            self._name_parts[name] = cached
-        return cached
+        if len(self._name_heads) < _NAME_CACHE_LIMIT:
+            self._name_heads[name] = head
+        return head
 
     def open(
         self,
@@ -153,12 +192,11 @@ class RecordSealer:
         payload: bytes,
         names: Collection[str] | None = None,
     ) -> dict[str, bytes]:
-        """Decrypt the named fields of a record (all when names is None).
+        """Decrypt a record and return the named fields (all when names is None).
 
-        A name the record does not hold is absent from the result. The whole frame is
-        checked for shape, but only the requested fields are decrypted and so
-        authenticated: what is returned is always exactly what was sealed for this
-        record and field.
+        A name the record does not hold is absent from the result. The whole payload is
+        authenticated before anything is decrypted, whatever was asked for; only the
+        requested values are copied out of the body.
         """
         if isinstance(names, str):
             raise TypeError("names must be a collection of field names, not one string")
@@ -166,7 +204,7 @@ class RecordSealer:
             return self._open(record_type, record_id, kek_version, wrapped_key, payload, names)
         except TamperDetected:
             raise
-        except (InvalidTag, ValueError, IndexError, OverflowError):
+        except (InvalidTag, ValueError, IndexError, OverflowError, UnicodeDecodeError):
             # Which check failed must not be observable; see TamperDetected.
             raise TamperDetected() from None
 
@@ -209,25 +247,50 @@ class RecordSealer:
     ) -> dict[str, bytes]:
         rid = record_id.encode("utf-8")
         data_key = self._unwrap(rid, kek_version, _as_bytes(wrapped_key))
-        entries = _parse_frame(_as_bytes(payload))
+        payload = _as_bytes(payload)
+        if len(payload) < PAYLOAD_HEAD_BYTES + BUCKET_BYTES + TAG_BYTES or payload[:2] != _HEAD:
+            raise TamperDetected()
+        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + _GEN
+        # AES-GCM checks the tag over the whole payload before it returns any plaintext.
+        body = AESGCM(data_key).decrypt(
+            payload[2:PAYLOAD_HEAD_BYTES], payload[PAYLOAD_HEAD_BYTES:], aad
+        )
         # Compare names as bytes so that fields nobody asked for are not even decoded.
         wanted = None if names is None else {n.encode("utf-8"): n for n in names}
+        return _read_body(body, wanted)
 
-        decrypt = AESGCM(data_key).decrypt
-        count_bytes = len(entries).to_bytes(2, "big")
-        prefix = self._field_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + count_bytes
-        result: dict[str, bytes] = {}
-        for position, (encoded, nonce, sealed) in enumerate(entries):
-            if wanted is None:
-                name = encoded.decode("utf-8")
-            else:
-                name = wanted.get(encoded, "")
-                if not name:
-                    continue
-            position_bytes = _U16[position] if position < 256 else position.to_bytes(2, "big")
-            aad = prefix + position_bytes + _lp(encoded) + _GEN
-            result[name] = decrypt(nonce, sealed, aad)
-        return result
+
+def _read_body(body: bytes, wanted: dict[bytes, str] | None) -> dict[str, bytes]:
+    """The fields of an authenticated body, only those wanted (all when None).
+
+    Refuses any body custodes would not have written: a count or lengths that overrun,
+    an empty or repeated name, padding that is not zeros or not its bucket's size.
+    """
+    end = len(body)
+    count = int.from_bytes(body[0:2], "big")
+    at = 2
+    seen: set[bytes] = set()
+    result: dict[str, bytes] = {}
+    for _ in range(count):
+        name_end = at + 1 + body[at]
+        value_at = name_end + 4
+        if name_end == at + 1 or value_at > end:
+            raise TamperDetected()
+        encoded = body[at + 1 : name_end]
+        next_at = value_at + int.from_bytes(body[name_end:value_at], "big")
+        if next_at > end or encoded in seen:
+            raise TamperDetected()
+        seen.add(encoded)
+        if wanted is None:
+            result[encoded.decode("utf-8")] = body[value_at:next_at]
+        else:
+            name = wanted.get(encoded)
+            if name is not None:
+                result[name] = body[value_at:next_at]
+        at = next_at
+    if end != bucket(at) or body.count(0, at) != end - at:
+        raise TamperDetected()
+    return result
 
 
 def _as_bytes(data: object) -> bytes:
@@ -237,41 +300,3 @@ def _as_bytes(data: object) -> bytes:
     if isinstance(data, bytes | bytearray | memoryview):
         return bytes(data)
     raise TamperDetected()
-
-
-def _parse_frame(payload: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    """Split a payload into (encoded name, nonce, ciphertext) entries without decrypting.
-
-    Refuses anything that is not exactly one well-formed frame: wrong format byte,
-    short or trailing bytes, empty or repeated names, unknown key generation.
-    """
-    end = len(payload)
-    if end < 3 or payload[0] != FRAME_FORMAT:
-        raise TamperDetected()
-    count = int.from_bytes(payload[1:3], "big")
-    at = 3
-    entries: list[tuple[bytes, bytes, bytes]] = []
-    append = entries.append
-    for _ in range(count):
-        if at >= end:
-            raise TamperDetected()
-        name_end = at + 1 + payload[at]
-        nonce_end = name_end + 1 + NONCE_BYTES
-        sealed_at = nonce_end + 4
-        if name_end == at + 1 or sealed_at > end or payload[name_end] != DATA_KEY_GENERATION:
-            raise TamperDetected()
-        sealed_len = int.from_bytes(payload[nonce_end:sealed_at], "big")
-        next_at = sealed_at + sealed_len
-        if sealed_len < TAG_BYTES or next_at > end:
-            raise TamperDetected()
-        append(
-            (
-                payload[at + 1 : name_end],
-                payload[name_end + 1 : nonce_end],
-                payload[sealed_at:next_at],
-            )
-        )
-        at = next_at
-    if at != end or len({entry[0] for entry in entries}) != count:
-        raise TamperDetected()
-    return entries
