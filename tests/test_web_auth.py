@@ -97,6 +97,31 @@ def test_login_needs_password_and_one_time_code(app: FastAPI, web_vault: Vault) 
         web_login(client, web_vault, "t.officer", secret)
 
 
+def test_a_right_password_on_an_account_awaiting_enrolment_answers_like_a_wrong_one(
+    app: FastAPI, web_vault: Vault
+) -> None:
+    web_vault.admin.add_account(web_vault.operator, "t.pending", PASSWORD, Role.OFFICER)
+    answers = []
+    with TestClient(app) as client:
+        for password in (PASSWORD, "a wrong password 5513"):
+            page = client.get("/login")
+            answer = client.post(
+                "/login",
+                data={
+                    "username": "t.pending",
+                    "password": password,
+                    "totp": "123456",
+                    "form_token": form_token(page.text),
+                },
+                follow_redirects=False,
+            )
+            # The page carries a fresh form token each time; nothing else may differ.
+            body = re.sub(r'name="form_token" value="[^"]+"', "", answer.text)
+            answers.append((answer.status_code, body))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 401
+
+
 def test_planted_session_cookie_is_replaced_at_login(app: FastAPI, web_vault: Vault) -> None:
     secret = add_enrolled(web_vault, "t.officer", Role.OFFICER)
     with TestClient(app) as client:

@@ -3,12 +3,16 @@
 the cases each official is assigned to.
 
 A password is never stored or logged; an unknown account, a wrong password, a disabled and
-a locked account fail the same way and take about the same time.
+a locked account fail the same way and take about the same time. Every stored account row
+carries a tag under a vault key over all of its fields (role, password hash, district,
+cases, second factors, lock and disabled state): a row a database writer made or edited
+is never honoured, and the tampering is reported.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import hmac
 import os
@@ -32,6 +36,7 @@ from zxcvbn import zxcvbn
 
 from custodes import passkeys
 from custodes.crypto import KeyMaterial
+from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -59,6 +64,25 @@ _SECURITY = "security"
 # the case is the stated purpose (custodes.policy.records.may_see).
 CASES = "cases"
 MAX_ASSIGNED_CASES = 200
+# The row's tag (custodes.crypto.row_mac) rides in its attributes, so that the storage
+# shape stays as it is; it is never an attribute one can set or see.
+_ROW_MAC = "row_mac"
+
+# `list` is a method name inside AccountBook.
+_Rows = list[AccountRow]
+
+# Told of every stored row found forged or edited: (row kind, account name).
+TamperWatcher = Callable[[str, str], None]
+
+
+class RowTampered(AuthenticationFailed):
+    """A stored row that grants access failed its tag: honoured as no row at all. Carries
+    the row's kind and the account it names (never a secret) for the access log."""
+
+    def __init__(self, kind: str, username: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.username = username
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +106,21 @@ def _common_passwords() -> frozenset[str]:
     )
 
 
-def check_password_strength(password: str, *, username: str = "") -> None:
-    """Raise WeakPassword, with a reason that never repeats the password, unless strong."""
+def check_password_strength(password: str, *, username: str = "", what: str = "password") -> None:
+    """Raise WeakPassword, with a reason that never repeats the password, unless strong.
+    `what` names the secret in the reason (a passphrase sealing keys meets the same bar)."""
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise WeakPassword(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+        raise WeakPassword(f"a {what} needs at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
-        raise WeakPassword(f"a password may have at most {MAX_PASSWORD_LENGTH} characters")
+        raise WeakPassword(f"a {what} may have at most {MAX_PASSWORD_LENGTH} characters")
     folded = password.casefold()
     if folded in _common_passwords():
-        raise WeakPassword("that password is on the list of commonly used passwords")
+        raise WeakPassword(f"that {what} is on the list of commonly used passwords")
     if username and username.casefold() in folded:
-        raise WeakPassword("a password must not contain the account name")
+        raise WeakPassword(f"a {what} must not contain the account name")
     verdict = zxcvbn(password[:_ZXCVBN_PREFIX], user_inputs=[username] if username else [])
     if verdict["score"] < 3:
-        raise WeakPassword("that password is too easy to guess; use a longer passphrase")
+        raise WeakPassword(f"that {what} is too easy to guess; use a longer passphrase")
 
 
 class SecretBox:
@@ -193,12 +218,22 @@ class AccountBook:
         # usernames cost the same.
         self._decoy_hash = self._hasher.hash("decoy password that matches nothing")
         self._box: SecretBox | None = None
+        # Without them (doctor, which reads no keys) rows are listed unchecked and none
+        # can be written.
+        self._macs: RowMacs | None = None
+        self._watcher: TamperWatcher | None = None
         # Read-modify-write of an account's security state (failures, last TOTP step).
         self._lock = threading.RLock()
 
-    def bind_secrets(self, box: SecretBox) -> None:
-        """Give the book the key that seals second-factor secrets (the vault does this)."""
+    def bind_secrets(self, box: SecretBox, macs: RowMacs) -> None:
+        """Give the book the keys that seal second-factor secrets and tag account rows
+        (the composition root does this)."""
         self._box = box
+        self._macs = macs
+
+    def watch_tampering(self, watcher: TamperWatcher) -> None:
+        """Tell `watcher` of every account row found forged or edited (to log it)."""
+        self._watcher = watcher
 
     def add(
         self,
@@ -212,8 +247,9 @@ class AccountBook:
             raise ConfigurationError(f"no account can have the {role.value} role")
         check_password_strength(password, username=username)
         public = dict(attributes or {})
-        if _SECURITY in public:
-            raise ConfigurationError(f"{_SECURITY!r} is not an account attribute one can set")
+        for reserved in (_SECURITY, _ROW_MAC):
+            if reserved in public:
+                raise ConfigurationError(f"{reserved!r} is not an account attribute one can set")
         if CASES in public:
             public[CASES] = _case_list(role, public[CASES])
         row = AccountRow(
@@ -224,12 +260,13 @@ class AccountBook:
             created_at=self._clock(),
             disabled=False,
         )
-        self._storage.add_account(row)
+        self._storage.add_account(self._stamped(row))
         return _account(row)
 
     def authenticate(self, username: str, password: str) -> Account:
         """The account, if the password is right and it is neither disabled nor locked."""
-        row = self._storage.get_account(username)
+        # A forged or edited row is no row: its password hash may be the forger's own.
+        row = self._fetch(username)
         candidate = row.password_hash if row is not None else self._decoy_hash
         try:
             self._hasher.verify(candidate, password)
@@ -238,22 +275,26 @@ class AccountBook:
         if row is None or row.disabled or _security(row).get("locked"):
             raise AuthenticationFailed()
         if self._hasher.check_needs_rehash(row.password_hash):
-            self._storage.update_account(row._replace(password_hash=self._hasher.hash(password)))
+            self._put(row._replace(password_hash=self._hasher.hash(password)))
         return _account(row)
 
     def get(self, username: str) -> Account | None:
-        row = self._storage.get_account(username)
+        """The account, or None if there is none or its stored row failed its tag."""
+        row = self._fetch(username)
         return None if row is None else _account(row)
 
     def list(self) -> list[Account]:
-        return [_account(row) for row in self._storage.list_accounts()]
+        """Every account whose stored row is authentic; forged or edited rows are left
+        out (and reported)."""
+        return [_account(row) for row in self._authentic(self._storage.list_accounts())]
 
     # -- failures and lockout ----------------------------------------------------------
 
     def record_failure(self, username: str) -> bool:
         """Count a failed login; lock the account at the limit. Whether it is now locked."""
         with self._lock:
-            row = self._storage.get_account(username)
+            # A forged row was reported by the login that failed on it.
+            row = self._fetch(username, report=False)
             if row is None:
                 return False
             state = _security(row)
@@ -265,7 +306,7 @@ class AccountBook:
 
     def record_success(self, username: str) -> None:
         with self._lock:
-            row = self._storage.get_account(username)
+            row = self._fetch(username)
             if row is not None and _security(row).get("failures"):
                 state = _security(row)
                 state["failures"] = 0
@@ -282,26 +323,30 @@ class AccountBook:
     def set_disabled(self, username: str, disabled: bool) -> None:
         with self._lock:
             row = self._require(username)
-            self._storage.update_account(row._replace(disabled=disabled))
+            self._put(row._replace(disabled=disabled))
 
     def set_password(self, username: str, password: str) -> None:
         check_password_strength(password, username=username)
         with self._lock:
             row = self._require(username)
-            self._storage.update_account(row._replace(password_hash=self._hasher.hash(password)))
+            self._put(row._replace(password_hash=self._hasher.hash(password)))
 
     # -- assigned cases ----------------------------------------------------------------
 
-    def assign_case(self, username: str, case_no: str) -> str:
+    def assign_case(
+        self, username: str, case_no: str, *, exists: Callable[[str], bool] | None = None
+    ) -> str:
         """Assign a case to an account; returns the case number in canonical form.
 
-        Any well-formed number is accepted, stored or not: looking it up would tell the
-        administrator, who reads no records, which cases exist.
+        With `exists`, a number no stored case carries is refused (the vault passes it:
+        an administrator learns that much, and nothing of what the case holds).
         """
         case = _case_number(case_no)
         with self._lock:
             row = self._require(username)
             _check_takes_cases(Role(row.role))
+            if exists is not None and not exists(case):
+                raise InvalidAssignment("no case with that number is stored in this vault")
             attributes = _attributes(row)
             cases = _stored_cases(attributes.get(CASES))
             if case in cases:
@@ -311,7 +356,7 @@ class AccountBook:
                     f"an account has at most {MAX_ASSIGNED_CASES} cases: unassign closed ones"
                 )
             attributes[CASES] = [*cases, case]
-            self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+            self._put(row._replace(attributes=orjson.dumps(attributes)))
         return case
 
     def unassign_case(self, username: str, case_no: str) -> str:
@@ -328,7 +373,7 @@ class AccountBook:
                 attributes[CASES] = cases
             else:
                 attributes.pop(CASES, None)
-            self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+            self._put(row._replace(attributes=orjson.dumps(attributes)))
         return case
 
     # -- the second factor -------------------------------------------------------------
@@ -387,7 +432,7 @@ class AccountBook:
             return False
         box = self._secret_box()
         with self._lock:
-            row = self._storage.get_account(username)
+            row = self._fetch(username)
             if row is None:
                 return False
             state = _security(row)
@@ -420,7 +465,7 @@ class AccountBook:
             return raw
 
     def list_passkeys(self, username: str) -> tuple[Passkey, ...]:
-        row = self._storage.get_account(username)
+        row = self._fetch(username)
         if row is None:
             return ()
         return tuple(
@@ -435,7 +480,7 @@ class AccountBook:
         )
 
     def passkey_ids(self, username: str) -> tuple[bytes, ...]:
-        row = self._storage.get_account(username)
+        row = self._fetch(username)
         if row is None:
             return ()
         return tuple(passkeys.unb64url(str(c["id"])) for c in _stored_passkeys(_security(row)))
@@ -483,7 +528,7 @@ class AccountBook:
         """Whether the response is a valid assertion by one of the account's passkeys for
         this challenge; if so its sign count moves forward. Never raises for a bad one."""
         with self._lock:
-            row = self._storage.get_account(username)
+            row = self._fetch(username)
             if row is None:
                 return False
             state = _security(row)
@@ -522,14 +567,73 @@ class AccountBook:
         return self._box
 
     def _require(self, username: str) -> AccountRow:
-        row = self._storage.get_account(username)
-        if row is None:
+        stored = self._storage.get_account(username)
+        if stored is None:
             raise RecordNotFound("no account with that name")
+        row = self._fetch(username, stored)
+        if row is None:
+            raise TamperDetected(
+                f"the stored account {username!r} failed its integrity check and is not "
+                "honoured: see docs/security.md (threat 18) before changing it"
+            )
         return row
+
+    def _fetch(
+        self, username: str, stored: AccountRow | None = None, *, report: bool = True
+    ) -> AccountRow | None:
+        """The stored row of an account if it is authentic; None if there is none or it
+        failed its tag (reported, unless the caller has just reported it)."""
+        row = stored if stored is not None else self._storage.get_account(username)
+        if row is None:
+            return None
+        found = self._authentic([row], report=report)
+        return found[0] if found else None
+
+    def _authentic(self, rows: _Rows, *, report: bool = True) -> _Rows:
+        if self._macs is None:
+            return rows  # doctor's key-less listing: nothing it reads is trusted
+        good: _Rows = []
+        for row in rows:
+            attributes = _attributes(row)
+            stored = attributes.pop(_ROW_MAC, None)
+            try:
+                fields = _row_fields(row, attributes)
+            except (TypeError, ValueError):
+                fields = None  # a column of the wrong type: written by hand, not by us
+            if fields is not None and self._macs.check_hex(RowKind.ACCOUNT, fields, stored):
+                good.append(row)
+            elif report and self._watcher is not None:
+                self._watcher(RowKind.ACCOUNT.value, row.username)
+        return good
+
+    def _stamped(self, row: AccountRow) -> AccountRow:
+        """The row with a fresh tag over all its fields, ready to store."""
+        if self._macs is None:
+            raise ConfigurationError("accounts are written only with the vault's keys")
+        attributes = _attributes(row)
+        attributes.pop(_ROW_MAC, None)
+        tag = self._macs.tag_hex(RowKind.ACCOUNT, _row_fields(row, attributes))
+        return row._replace(attributes=orjson.dumps({**attributes, _ROW_MAC: tag}))
+
+    def _put(self, row: AccountRow) -> None:
+        self._storage.update_account(self._stamped(row))
+
+    def seal_unsealed(self) -> builtins.list[str]:
+        """Tag every account row that carries no tag at all (a vault made before rows
+        were tagged); the names sealed. For the host operator's one-time upgrade only:
+        whatever those rows say is blessed, so they must be checked first."""
+        sealed: builtins.list[str] = []
+        with self._lock:
+            for row in self._storage.list_accounts():
+                if _ROW_MAC not in _attributes(row):
+                    self._put(row)
+                    sealed.append(row.username)
+        return sealed
 
     def _by_enrolment(self, code: str, now: float) -> AccountRow:
         wanted = _digest(code)
-        for row in self._storage.list_accounts():
+        # Forged rows are skipped unreported: each login form would log them again.
+        for row in self._authentic(self._storage.list_accounts(), report=False):
             pending = _security(row).get("enrolment")
             if isinstance(pending, dict) and hmac.compare_digest(str(pending["hash"]), wanted):
                 if now <= float(pending["expires"]) and not row.disabled:
@@ -541,9 +645,9 @@ class AccountBook:
         )
 
     def _save(self, row: AccountRow, state: dict[str, Any]) -> None:
-        attributes = orjson.loads(row.attributes) if row.attributes else {}
+        attributes = _attributes(row)
         attributes[_SECURITY] = state
-        self._storage.update_account(row._replace(attributes=orjson.dumps(attributes)))
+        self._put(row._replace(attributes=orjson.dumps(attributes)))
 
 
 def _digest(code: str) -> str:
@@ -572,9 +676,26 @@ def _stored_passkeys(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(c) for c in found if isinstance(c, dict) and isinstance(c.get("id"), str)]
 
 
+def _row_fields(row: AccountRow, attributes: dict[str, Any]) -> list[object]:
+    """What an account row's tag covers: every field, the row's name included, so that a
+    row copied under another name, or any field changed, fails."""
+    return [
+        row.username,
+        row.role,
+        row.password_hash,
+        attributes,
+        float(row.created_at),
+        bool(row.disabled),
+    ]
+
+
 def _attributes(row: AccountRow) -> dict[str, Any]:
-    """Every attribute of a stored account, its security state included (to write back)."""
-    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    """Every attribute of a stored account, its security state included (to write back).
+    Bytes that are not a JSON object read as none, and so fail the row's tag."""
+    try:
+        attributes = orjson.loads(row.attributes) if row.attributes else {}
+    except orjson.JSONDecodeError:
+        return {}
     return attributes if isinstance(attributes, dict) else {}
 
 
@@ -622,14 +743,17 @@ def _check_takes_cases(role: Role) -> None:
 
 
 def _security(row: AccountRow) -> dict[str, Any]:
-    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    attributes = _attributes(row)
     state = attributes.get(_SECURITY)
     return dict(state) if isinstance(state, dict) else {}
 
 
 def _account(row: AccountRow) -> Account:
-    attributes = orjson.loads(row.attributes) if row.attributes else {}
+    attributes = _attributes(row)
     state = attributes.pop(_SECURITY, None) or {}
+    attributes.pop(_ROW_MAC, None)
+    if not isinstance(state, dict):
+        state = {}
     return Account(
         username=row.username,
         role=Role(row.role),

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import orjson
 
-from custodes.accounts import Account, AccountBook, HashCost, SecretBox
+from custodes.accounts import Account, AccountBook, HashCost, SecretBox, check_password_strength
 from custodes.audit import AccessLog, AuditKeys
 from custodes.audit.checkpoint import LogSigner, create_log_key, open_log_key
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
-from custodes.errors import ConfigurationError
+from custodes.crypto.row_mac import RowKind, RowMacs
+from custodes.errors import ConfigurationError, TamperDetected
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
@@ -45,6 +46,17 @@ SYSTEM_RANDOM: Random = os.urandom
 
 DEFAULT_POPULATION = 10**9
 STORE_FORMAT = b"1"
+# The stored settings that decide masks, sensitivity, clearance and indexes, each sealed
+# with a tag under a vault key (in SETTINGS_MAC): a database writer cannot change one.
+SEALED_SETTINGS = (
+    "format",
+    "vault_id",
+    "schema",
+    "token_bits",
+    "expected_population",
+    "created_at",
+)
+SETTINGS_MAC = "settings_mac"
 
 
 def create_vault(
@@ -66,6 +78,9 @@ def create_vault(
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
+    # Whoever holds this passphrase and the files reads everything: no weaker than a
+    # password, which only opens one account.
+    check_password_strength(passphrase, what="keyring passphrase")
     vault_id = random(16)
     keyring_path = Path(keyring_path) if keyring_path else default_keyring_path(vault_id)
     log_key_path = Path(log_key_path) if log_key_path else default_log_key_path(vault_id)
@@ -92,7 +107,7 @@ def create_vault(
     layout = VaultLayout(directory)
     storage = SQLiteStorage(layout.database)
     bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
-    _write_meta(storage, vault_id, schema_text, bits, expected_population)
+    _write_meta(storage, keyring.material, schema_text, bits, expected_population)
     storage.set_meta("log_verifier_key", signer.verifier_key.encode())
     layout.write(vault_id, keyring_path, log_key_path)
     return _assemble(
@@ -166,7 +181,7 @@ def assemble_vault(
     layout = VaultLayout(unlocked.directory)
     storage = SQLiteStorage(layout.database)
     try:
-        schema_text, bits = _read_meta(storage, unlocked.material.vault_id)
+        schema_text, bits = _read_meta(storage, unlocked.material)
         schema = parse_schema(schema_text)
     except Exception:
         storage.close()
@@ -230,7 +245,7 @@ def memory_vault(
     schema = parse_schema(schema_text)
     storage = storage if storage is not None else MemoryStorage()
     bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
-    _write_meta(storage, material.vault_id, schema_text, bits, expected_population)
+    _write_meta(storage, material, schema_text, bits, expected_population)
     storage.set_meta("log_verifier_key", signer.verifier_key.encode())
     return _assemble(
         storage,
@@ -272,7 +287,7 @@ def _assemble(
         clock=clock,
     )
     accounts = AccountBook(storage, hash_cost or HashCost(), random=random, clock=clock)
-    accounts.bind_secrets(SecretBox(material))
+    accounts.bind_secrets(SecretBox(material), RowMacs(material))
     return Vault(
         schema=schema,
         schema_text=schema_text,
@@ -304,26 +319,120 @@ def _schema_text(schema_path: Path | None) -> str:
 
 
 def _write_meta(
-    storage: Storage, vault_id: bytes, schema_text: str, bits: dict[int, int], population: int
+    storage: Storage,
+    material: KeyMaterial,
+    schema_text: str,
+    bits: dict[int, int],
+    population: int,
 ) -> None:
     storage.set_meta("format", STORE_FORMAT)
-    storage.set_meta("vault_id", vault_id)
+    storage.set_meta("vault_id", material.vault_id)
     storage.set_meta("schema", schema_text.encode("utf-8"))
     storage.set_meta("token_bits", orjson.dumps({str(k): v for k, v in bits.items()}))
     storage.set_meta("expected_population", str(population).encode())
     storage.set_meta("created_at", str(time.time()).encode())
+    _seal_settings(storage, material)
 
 
-def _read_meta(storage: Storage, vault_id: bytes) -> tuple[str, dict[int, int]]:
+def _setting_tag(macs: RowMacs, key: str, value: bytes) -> str:
+    return macs.tag_hex(RowKind.SETTINGS, [key, value.hex()])
+
+
+def _seal_settings(storage: Storage, material: KeyMaterial) -> None:
+    macs = RowMacs(material)
+    tags = {}
+    for key in SEALED_SETTINGS:
+        value = storage.get_meta(key)
+        if value is None:
+            raise ConfigurationError(f"the vault database is missing its setting {key!r}")
+        tags[key] = _setting_tag(macs, key, value)
+    storage.set_meta(SETTINGS_MAC, orjson.dumps(tags))
+
+
+def _check_settings(storage: Storage, material: KeyMaterial) -> None:
+    """Every sealed setting as stored is the one written with this vault's keys; else
+    TamperDetected naming the setting, never its value. Fails closed: no process, server
+    or host command, runs on settings a database writer changed."""
+    stored = storage.get_meta(SETTINGS_MAC)
+    try:
+        tags = orjson.loads(stored) if stored else None
+    except orjson.JSONDecodeError:
+        tags = None
+    if not isinstance(tags, dict):
+        raise TamperDetected(
+            f"the vault's stored settings carry no valid seal ({SETTINGS_MAC!r}): the vault "
+            "was made before settings were sealed, or the seal was removed or damaged. "
+            "Nothing opens it until the host operator seals them once against the vault's "
+            "own schema file: 'custodes upgrade' on the host"
+        )
+    macs = RowMacs(material)
+    for key in SEALED_SETTINGS:
+        value = storage.get_meta(key)
+        if value is None or not macs.check_hex(RowKind.SETTINGS, [key, value.hex()], tags.get(key)):
+            raise TamperDetected(
+                f"the vault's stored setting {key!r} fails its seal: it was changed outside "
+                "custodes, so the vault does not open. Restore the database from a backup "
+                "(see docs/security.md, threat 18)"
+            )
+
+
+def _read_meta(storage: Storage, material: KeyMaterial) -> tuple[str, dict[int, int]]:
     if storage.get_meta("format") != STORE_FORMAT:
         raise ConfigurationError("the vault database has an unknown format")
-    if storage.get_meta("vault_id") != vault_id:
+    if storage.get_meta("vault_id") != material.vault_id:
         raise ConfigurationError("the vault database belongs to another vault")
+    _check_settings(storage, material)
     schema = storage.get_meta("schema")
     bits = storage.get_meta("token_bits")
     if schema is None or bits is None:
         raise ConfigurationError("the vault database is missing its schema")
     return schema.decode("utf-8"), {int(k): int(v) for k, v in orjson.loads(bits).items()}
+
+
+def seal_settings(
+    unlocked: UnlockedVault, *, schema_path: Path | None, expected_population: int
+) -> list[str]:
+    """The one-time upgrade of a vault made before its settings and account rows were
+    sealed, run by the host operator with the keyring: seal the stored settings, and the
+    accounts that carry no tag, and return the names of those accounts (to check with
+    `custodes account list`). Refused unless the stored schema is exactly the text of the
+    vault's own schema file and the token sizes are the ones planned for the expected
+    population, so that a schema a database writer edited is never blessed. A server
+    never calls this: it only checks. API tokens and sessions from before are not
+    blessed: they open nothing, and are issued again."""
+    storage = SQLiteStorage(VaultLayout(unlocked.directory).database)
+    try:
+        material = unlocked.material
+        if storage.get_meta("vault_id") != material.vault_id:
+            raise ConfigurationError("the vault database belongs to another vault")
+        if storage.get_meta(SETTINGS_MAC) is not None:
+            raise ConfigurationError("the vault's settings are sealed already")
+        schema_text = _schema_text(schema_path)
+        if storage.get_meta("schema") != schema_text.encode("utf-8"):
+            raise TamperDetected(
+                "the stored schema is not the text of that schema file: nothing was sealed"
+            )
+        bits = {
+            ix.index_id: plan_token_bits(expected_population)
+            for ix in parse_schema(schema_text).all_indexes()
+        }
+        stored_bits = storage.get_meta("token_bits")
+        if (
+            stored_bits is None
+            or {int(k): int(v) for k, v in orjson.loads(stored_bits).items()} != bits
+            or storage.get_meta("expected_population") != str(expected_population).encode()
+        ):
+            raise TamperDetected(
+                "the stored token sizes are not those planned for that population: "
+                "nothing was sealed"
+            )
+        accounts = AccountBook(storage, HashCost(2, 19_456, 1))
+        accounts.bind_secrets(SecretBox(material), RowMacs(material))
+        sealed = accounts.seal_unsealed()
+        _seal_settings(storage, material)
+        return sealed
+    finally:
+        storage.close()
 
 
 # -- what a host command reads without the keys ------------------------------------------
@@ -368,6 +477,9 @@ class DeploymentFacts:
     accounts: list[Account]
     sessions: list[SessionRow]
     schema: bytes | None
+    log_size: int = 0  # entries in the access log
+    signed_size: int = 0  # the largest size a stored checkpoint covers
+    verifier_key: str | None = None  # the log's public key as the vault stores it
 
 
 def deployment_facts(directory: Path) -> DeploymentFacts | None:
@@ -379,6 +491,15 @@ def deployment_facts(directory: Path) -> DeploymentFacts | None:
     try:
         # Only listing: the hashing cost is the floor, since nothing is hashed here.
         accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()
-        return DeploymentFacts(accounts, storage.list_sessions(), storage.get_meta("schema"))
+        checkpoints = storage.checkpoints()
+        stored_key = storage.get_meta("log_verifier_key")
+        return DeploymentFacts(
+            accounts,
+            storage.list_sessions(),
+            storage.get_meta("schema"),
+            log_size=storage.log_size(),
+            signed_size=checkpoints[-1][0] if checkpoints else 0,
+            verifier_key=stored_key.decode() if stored_key else None,
+        )
     finally:
         storage.close()

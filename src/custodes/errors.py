@@ -99,18 +99,6 @@ class AuthenticationFailed(CustodesError):
         super().__init__(message)
 
 
-class MfaEnrolmentRequired(AuthenticationFailed):
-    """The password was right but the account has no second factor yet: no session until
-    it is enrolled with a one-time enrolment code from an administrator."""
-
-    def __init__(
-        self,
-        message: str = "this account has no second factor yet: ask an administrator for an "
-        "enrolment code ('custodes account enrol NAME') and enrol at /enrol",
-    ) -> None:
-        super().__init__(message)
-
-
 class LoginThrottled(AuthenticationFailed):
     """Too many failed logins from this account name or address: wait before trying again.
 

@@ -5,7 +5,10 @@ Every process serving a vault reads the same sessions and failure counts, so a l
 a password change or a lockout in one of them holds in all of them at once, and a
 restart keeps officials logged in (within the timeouts). Storage holds only a hash of
 each bearer token; the CSRF token of a session is derived from it with a vault key, so
-it is never stored at all. This module authenticates; what a session may then do is
+it is never stored at all. A session token carries a tag, under a vault key, over its
+stored row (account, role, issue time, end, client), and an API token's stored row
+carries one too: a row a database writer planted or edited opens nothing and is logged
+as tampering. This module authenticates; what a session may then do is
 decided by custodes.policy inside the vault's access function.
 """
 
@@ -23,14 +26,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes import passkeys
-from custodes.accounts import AccountBook, Enrolment, Passkey
+from custodes.accounts import AccountBook, Enrolment, Passkey, RowTampered
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.crypto import KeyMaterial
+from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import (
     AuthenticationFailed,
     ConfigurationError,
     LoginThrottled,
-    MfaEnrolmentRequired,
 )
 from custodes.policy import API_SCOPES, Action, Role
 from custodes.storage.base import AccountStore, MetaStore, SessionRow
@@ -47,6 +50,9 @@ FREE_FAILURES = 3  # failed logins before backoff starts
 MAX_BACKOFF = 15 * 60.0
 
 _CSRF_INFO = b"custodes session csrf v1"
+# A session token: 16 random bytes, then 16 bytes of the tag over its stored row.
+_SESSION_RANDOM = 16
+_SESSION_TAG = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +79,16 @@ class SessionBook:
     """Logged-in sessions: opened at login, checked on every request, ended on logout."""
 
     def __init__(
-        self, storage: AccountStore, material: KeyMaterial, ttl: float, random: Random
+        self,
+        storage: AccountStore,
+        material: KeyMaterial,
+        ttl: float,
+        random: Random,
+        macs: RowMacs | None = None,
     ) -> None:
         self._storage = storage
         self._random = random
+        self._macs = macs if macs is not None else RowMacs(material)
         self._ttl = min(ttl, ABSOLUTE_TIMEOUT)
         self._csrf_key = HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=_CSRF_INFO).derive(
             material.index_root
@@ -87,20 +99,49 @@ class SessionBook:
 
     def open(self, username: str, role: Role, now: float, client: str | None) -> Session:
         # Always a fresh token: a session id planted before login is never promoted.
-        session = Session(_token(self._random(16)), username, role, now, client)
+        raw = self._random(_SESSION_RANDOM)
+        expires = now + self._ttl
+        tag = self._tag(raw, username, role.value, now, expires, client)
+        session = Session(_token(raw + tag), username, role, now, client)
         self._storage.put_session(
-            SessionRow(
-                token_key(session.token), username, role.value, now, now + self._ttl, now, client
-            )
+            SessionRow(token_key(session.token), username, role.value, now, expires, now, client)
         )
         return session
 
+    def _tag(
+        self,
+        raw: bytes,
+        username: str,
+        role: str,
+        issued_at: float,
+        expires: float,
+        client: str | None,
+    ) -> bytes:
+        # Everything in the row that decides access, and the token's own random part as
+        # the row's identity. last_seen is left out: it moves on every minute of use, and
+        # moving it forward only keeps a session its holder already has within its end.
+        fields = [raw.hex(), username, role, float(issued_at), float(expires), client]
+        return self._macs.tag(RowKind.SESSION, fields)[:_SESSION_TAG]
+
     def live(self, token: str, now: float) -> Session | None:
-        """The session a token stands for, if it has not ended; keeps it alive."""
+        """The session a token stands for, if it has not ended; keeps it alive.
+        RowTampered if its stored row is not the one the token was issued for."""
+        raw = _untoken(token)
+        if raw is None or len(raw) != _SESSION_RANDOM + _SESSION_TAG:
+            return None  # not a session token of this version: no row is even looked up
         key = token_key(token)
         row = self._storage.get_session(key)
         if row is None:
             return None
+        random_part, tag = raw[:_SESSION_RANDOM], raw[_SESSION_RANDOM:]
+        try:
+            expected = self._tag(
+                random_part, row.username, row.role, row.issued_at, row.expires, row.client
+            )
+        except (TypeError, ValueError):
+            expected = b""  # a column of the wrong type: written by hand, not by us
+        if not hmac.compare_digest(expected, tag):
+            raise RowTampered(RowKind.SESSION.value, str(row.username)[:64])
         if now >= row.expires or now - row.last_seen > IDLE_TIMEOUT:
             self._storage.end_session(key)
             return None
@@ -157,6 +198,14 @@ def _token(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
+def _untoken(token: str) -> bytes | None:
+    try:
+        text = token.encode("ascii")
+        return base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    except (UnicodeEncodeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Operator:
     """Whoever unsealed the vault's keys on the host (the keyring passphrase's holder),
@@ -178,11 +227,13 @@ MAX_API_TOKEN_DAYS = 365
 
 
 class ApiTokens:
-    """Integrations' bearer tokens: shown once, only a SHA-256 of each stored."""
+    """Integrations' bearer tokens: shown once, only a SHA-256 of each stored, beside a
+    tag over the stored row (token hash, account, scope, issue time, expiry)."""
 
-    def __init__(self, meta: MetaStore, random: Random) -> None:
+    def __init__(self, meta: MetaStore, random: Random, macs: RowMacs) -> None:
         self._meta = meta
         self._random = random
+        self._macs = macs
 
     def issue(self, username: str, scope: str, *, days: int, now: float) -> str:
         if scope not in API_SCOPES:
@@ -190,13 +241,47 @@ class ApiTokens:
         if not 1 <= days <= MAX_API_TOKEN_DAYS:
             raise ConfigurationError(f"a token lives 1 to {MAX_API_TOKEN_DAYS} days")
         token = API_TOKEN_PREFIX + _token(self._random(32))
-        doc = {"username": username, "scope": scope, "issued": now, "expires": now + days * 86400}
-        self._meta.set_meta(_api_token_key(token), orjson.dumps(doc))
+        doc: dict[str, Any] = {
+            "username": username,
+            "scope": scope,
+            "issued": float(now),
+            "expires": float(now + days * 86400),
+        }
+        key = _api_token_key(token)
+        doc["mac"] = self._macs.tag_hex(RowKind.API_TOKEN, _token_fields(key, doc))
+        self._meta.set_meta(key, orjson.dumps(doc))
         return token
 
     def find(self, token: str) -> dict[str, Any] | None:
-        stored = self._meta.get_meta(_api_token_key(token))
-        return None if not stored else dict(orjson.loads(stored))
+        """The token's stored row, or None; RowTampered if the row fails its tag."""
+        key = _api_token_key(token)
+        stored = self._meta.get_meta(key)
+        if not stored:
+            return None
+        try:
+            doc = orjson.loads(stored)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise RowTampered(RowKind.API_TOKEN.value, "")
+        tag = doc.pop("mac", None)
+        try:
+            fields = _token_fields(key, doc)
+        except (KeyError, TypeError, ValueError):
+            fields = None
+        if fields is None or not self._macs.check_hex(RowKind.API_TOKEN, fields, tag):
+            raise RowTampered(RowKind.API_TOKEN.value, str(doc.get("username", ""))[:64])
+        return doc
+
+
+def _token_fields(key: str, doc: dict[str, Any]) -> list[object]:
+    return [
+        key,
+        str(doc["username"]),
+        str(doc["scope"]),
+        float(doc["issued"]),
+        float(doc["expires"]),
+    ]
 
 
 def _api_token_key(token: str) -> str:
@@ -230,8 +315,10 @@ class Gatekeeper:
         self._accounts = accounts
         self._log = log
         self._clock = clock
-        self.sessions = SessionBook(store, material, session_ttl, random)
-        self.tokens = ApiTokens(meta, random)
+        macs = RowMacs(material)
+        self.sessions = SessionBook(store, material, session_ttl, random, macs)
+        self.tokens = ApiTokens(meta, random, macs)
+        accounts.watch_tampering(self._log_tampered)
         self._throttle = Throttle(store)
         self._challenges = passkeys.ChallengeMint(material, random)
 
@@ -268,8 +355,11 @@ class Gatekeeper:
             self._login_failed(username, keys, now, client, "credentials")
             raise AuthenticationFailed() from None
         if not account.mfa_enrolled:
-            self._log_login(username, account.role, Outcome.DENIED, now, client, "no_mfa")
-            raise MfaEnrolmentRequired()
+            # Answered, counted and throttled exactly like a wrong password, so the login
+            # form never confirms a password: enrolment starts from the administrator's
+            # one-time code, not from here.
+            self._login_failed(username, keys, now, client, "no_mfa")
+            raise AuthenticationFailed()
         if passkey is not None:
             factor_ok = self._passkey_ok(username, passkey, now)
         else:
@@ -315,6 +405,26 @@ class Gatekeeper:
             AccessEntry(username, role, Action.LOGIN, outcome, now, client=client, detail=detail)
         )
 
+    def _log_tampered(self, kind: str, username: str) -> None:
+        """A stored row that grants access failed its tag: on the log, by kind and the
+        account it names, never a token, hash or value of the row. The name is the
+        forger's text, so it is logged only if it has the form of an account name."""
+        if not (
+            3 <= len(username) <= 64
+            and all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in username)
+        ):
+            username = "unknown"
+        self._log.append(
+            AccessEntry(
+                username,
+                "",
+                Action.ROW_TAMPERED,
+                Outcome.DENIED,
+                self._clock(),
+                detail={"row": kind, "account": username},
+            )
+        )
+
     def clear_failures(self, username: str) -> None:
         """Forget an account's failed logins (an administrator lifted its lock)."""
         self._throttle.clear(f"account:{username.casefold()}")
@@ -326,9 +436,13 @@ class Gatekeeper:
         or AuthenticationFailed. Idle and absolute timeouts apply here."""
         if not isinstance(token, str) or not token:
             raise AuthenticationFailed("no valid session: log in first")
-        if token.startswith(API_TOKEN_PREFIX):
-            return self._api_session(token)
-        session = self.sessions.live(token, self._clock())
+        try:
+            if token.startswith(API_TOKEN_PREFIX):
+                return self._api_session(token)
+            session = self.sessions.live(token, self._clock())
+        except RowTampered as forged:
+            self._log_tampered(forged.kind, forged.username)
+            raise AuthenticationFailed("the session has ended: log in again") from None
         if session is None:
             raise AuthenticationFailed("the session has ended: log in again")
         return session
