@@ -224,3 +224,101 @@ def test_fork_after_a_witness_cosigned_is_caught(
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# -- the subject index: what a person's subject access report is built from ---------------
+
+
+def published_key_and_checkpoint(directory: Path, tmp_path: Path) -> tuple[str, ...]:
+    """What an outside auditor brings: the published key and a checkpoint saved earlier."""
+    db = sqlite3.connect(directory / "vault.db")
+    key = bytes(db.execute("SELECT value FROM meta WHERE key = 'log_verifier_key'").fetchone()[0])
+    db.close()
+    db = sqlite3.connect(directory / "vault.db-log")
+    saved = bytes(db.execute("SELECT note FROM checkpoints WHERE size = 200").fetchone()[0])
+    db.close()
+    note = tmp_path / "saved.note"
+    note.write_bytes(saved)
+    return ("--log-key", key.decode(), "--checkpoint", str(note))
+
+
+def test_deleting_subject_index_rows_is_caught_by_verify(copy: Path, tmp_path: Path) -> None:
+    """The attack that emptied a subject report: one DELETE on the index, the signed tree
+    untouched. Verify recomputes the index from the leaves and names the entry."""
+    outside = published_key_and_checkpoint(copy, tmp_path)
+    assert run_verify(copy, *outside).returncode == 0
+    tamper(copy, "DELETE FROM log_subjects WHERE idx IN (17, 180)")
+    assert_caught(run_verify(copy, *outside), 17, "subject index")
+
+
+@pytest.mark.parametrize(
+    ("statement", "position"),
+    [
+        # An entry made to name someone else's subject, or a second one.
+        ("INSERT INTO log_subjects(commitment, idx) VALUES (randomblob(16), 40)", 40),
+        # A person's row moved to another entry: one loses it, the other gains it.
+        ("UPDATE log_subjects SET idx = 141 WHERE idx = 140", 140),
+        # The commitment changed: the entry now names nobody it carries.
+        ("UPDATE log_subjects SET commitment = randomblob(16) WHERE idx = 66", 66),
+        # A row for an entry the log does not hold.
+        ("INSERT INTO log_subjects(commitment, idx) VALUES (randomblob(16), 5000)", 5000),
+    ],
+    ids=["added", "repointed", "changed", "beyond_the_log"],
+)
+def test_an_added_or_repointed_subject_row_is_caught(
+    copy: Path, statement: str, position: int
+) -> None:
+    tamper(copy, statement)
+    assert_caught(run_verify(copy), position, "subject index")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM log_subjects WHERE idx = 3",
+        "UPDATE log_subjects SET idx = 4 WHERE idx = 3",
+        "INSERT OR REPLACE INTO log_subjects(commitment, idx)"
+        " SELECT commitment, idx FROM log_subjects WHERE idx = 3",
+    ],
+    ids=["delete", "update", "replace"],
+)
+def test_subject_index_cannot_be_rewritten_through_sql(copy: Path, statement: str) -> None:
+    """A stray or injected statement, without dropping the guards first, changes nothing."""
+    db = sqlite3.connect(copy / "vault.db-log")
+    try:
+        before = db.execute("SELECT count(*), max(idx) FROM log_subjects").fetchone()
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute(statement)
+        db.rollback()
+        assert db.execute("SELECT count(*), max(idx) FROM log_subjects").fetchone() == before
+    finally:
+        db.close()
+    assert run_verify(copy).returncode == 0
+
+
+def test_a_vault_from_before_the_subject_guards_gets_them_when_opened(tmp_path: Path) -> None:
+    """A log written before the subject index was guarded is guarded from its next open."""
+    from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SQLiteStorage
+
+    SQLiteStorage(tmp_path / "vault.db").close()
+    db = sqlite3.connect(tmp_path / "vault.db-log")
+    for name in ("log_subjects_no_update", "log_subjects_no_delete", "log_subjects_no_replace"):
+        db.execute(f'DROP TRIGGER "{name}"')
+    db.execute("INSERT INTO log_subjects(commitment, idx) VALUES (x'00', 0)")
+    db.commit()
+    db.close()
+    db = sqlite3.connect(tmp_path / "vault.db")
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = ?",
+        (str(SCHEMA_VERSION - 1).encode(), SCHEMA_VERSION_KEY),
+    )
+    db.commit()
+    db.close()
+
+    SQLiteStorage(tmp_path / "vault.db").close()
+    db = sqlite3.connect(tmp_path / "vault.db-log")
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM log_subjects")
+    finally:
+        db.close()

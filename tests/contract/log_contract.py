@@ -202,6 +202,18 @@ class LogStoreContract:
         assert storage.log_subject_entries(SUBJECT_B) == [3]
         assert storage.log_subject_entries(b"nobody") == []
 
+    def test_subject_rows_stream_by_entry_then_commitment(self, storage: LogStore) -> None:
+        # More rows than a page, so that a backend paging them is made to page.
+        subjects = tuple(
+            (bytes([k]) + SUBJECT_B[1:] if k else SUBJECT_A, i) for i in range(700) for k in (2, 0)
+        )
+        storage.log_append(log_batch(0, 700, subjects=subjects))
+        rows = list(storage.log_subject_rows())
+        assert rows == sorted((i, c) for c, i in subjects)
+        assert list(storage.log_subject_rows(5, 7)) == [r for r in rows if 5 <= r[0] < 7]
+        assert list(storage.log_subject_rows(699)) == rows[-2:]
+        assert list(storage.log_subject_rows(700)) == []
+
     def test_log_entries_stream_ranges(self, storage: LogStore) -> None:
         for first in range(0, 2500, 500):
             storage.log_append(log_batch(first, 500))

@@ -194,6 +194,24 @@ class RecordStoreContract:
         assert storage.find(PHONE_INDEX, 5, 10) == []
         assert storage.find(NAME_INDEX, 6, 10) == []
 
+    def test_record_tokens_lists_each_record_with_its_tokens_in_pages(
+        self, storage: RecordStore
+    ) -> None:
+        batch = [
+            sealed(n, tokens=((NAME_INDEX, 1000 + n), (PHONE_INDEX, n % 3))) for n in range(25)
+        ]
+        storage.write_batch(batch[:10])
+        storage.write_batch(batch[10:])
+        seen: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+        after = 0
+        while page := storage.record_tokens(after, 7):
+            assert len(page) <= 7
+            assert all(position > after for position, _, _ in page)
+            after = page[-1][0]
+            seen.extend((rid, pairs) for _, rid, pairs in page)
+        assert sorted(seen) == sorted((r.record_id, tuple(sorted(r.tokens))) for r in batch)
+        assert storage.record_tokens(0, 0) == []
+
     def test_count_records_by_type(self, storage: RecordStore) -> None:
         storage.write_batch(
             [sealed(n) for n in range(3)] + [sealed(n, record_type=CASE) for n in range(3, 5)]

@@ -24,11 +24,11 @@ note's root and size, and that every entry names the subject or a linked record.
 
 What the bundle proves, and what it does not: each entry in it is in the signed log.
 It does not prove that no entry was left out (anyone may drop an entry and the rest
-still verify); completeness comes from the vault building the report from the subject
-index. The ``linked`` lines are the vault's statement of which records name the person,
-not something the log proves. Private details (such as the values an official searched
-for) live outside the tree and are left out of the bundle; they appear only in the
-report itself (`render_text`, `as_json`).
+still verify); completeness comes from the vault, which checks the subject index against
+every leaf up to the report's signed checkpoint before it builds a report. The ``linked`` lines are the vault's statement of which records name the person,
+not something the log proves. Private details (the values an official searched for)
+live outside the tree, sealed, and stay there: a report names which fields an access
+searched by, never their values (`render_text`, `as_json`); the bundle carries neither.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,7 @@ from custodes.audit.checkpoint import MAX_NOTE_BYTES, Checkpoint, NoteVerifier, 
 from custodes.audit.entry import AccessEntry, Outcome
 from custodes.audit.merkle import HASH_SIZE, InvalidProof, leaf_hash, verify_inclusion
 from custodes.errors import TamperDetected
+from custodes.freetext import escape_hidden
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -66,6 +67,7 @@ MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _TOKEN = re.compile(r"[!-~]+")  # printable ASCII without spaces: ids and origins
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a field name: ASCII, never a value
 
 
 class BundleInvalid(TamperDetected):
@@ -94,9 +96,25 @@ class ReportedAccess:
     purpose: str | None
     case_ref: str | None
     records: tuple[str, ...]  # which of the subject's records it touched
-    private: dict[str, Any] | None  # sealed details (values searched for), if still held
+    # The entry's sealed details as the log holds them (the values searched for, if still
+    # held). Taken only to learn which fields were searched: a report hands an auditor
+    # the names of the fields, never the values, which stay sealed in the log.
+    private: InitVar[dict[str, Any] | None]
     leaf: bytes  # the exact leaf bytes in the tree
     proof: tuple[bytes, ...]  # inclusion proof against the report's checkpoint
+    searched_by: tuple[str, ...] = field(default=())  # the fields searched, by name
+
+    def __post_init__(self, private: dict[str, Any] | None) -> None:
+        if private is not None and not self.searched_by:
+            object.__setattr__(self, "searched_by", searched_fields(private))
+
+
+def searched_fields(private: dict[str, Any] | None) -> tuple[str, ...]:
+    """The names of the fields an access searched by, from its sealed details."""
+    values = private.get("values") if isinstance(private, dict) else None
+    if not isinstance(values, dict):
+        return ()
+    return tuple(name for name in values if isinstance(name, str) and _FIELD.fullmatch(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,16 +325,24 @@ _COLUMNS = ("when", "who", "role", "action", "purpose", "case", "outcome")
 
 
 def render_text(report: SubjectReport) -> str:
-    """A table for people: one row per access, the values searched for beneath it."""
+    """A table for people: one row per access, the fields it searched by beneath it.
+
+    Every text from the log is escaped (`\\u202e`): an entry written before purposes were
+    checked, or by a writer who went around the check, shows what it holds and cannot
+    erase or reorder a line on the reader's terminal.
+    """
     rows = [
-        (
-            a.time,
-            a.actor,
-            a.role or "-",
-            a.action,
-            a.purpose or "-",
-            a.case_ref or "-",
-            a.outcome.value,
+        tuple(
+            escape_hidden(cell)
+            for cell in (
+                a.time,
+                a.actor,
+                a.role or "-",
+                a.action,
+                a.purpose or "-",
+                a.case_ref or "-",
+                a.outcome.value,
+            )
         )
         for a in report.accesses
     ]
@@ -326,29 +352,21 @@ def render_text(report: SubjectReport) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     out = [
-        f"Subject access report for record {report.subject}",
-        f"Records: {', '.join((report.subject, *report.linked))}",
-        f"Log {report.origin}, checkpoint of {report.checkpoint.size} entries; "
-        f"{len(rows)} accesses, each proven included",
+        escape_hidden(f"Subject access report for record {report.subject}"),
+        escape_hidden(f"Records: {', '.join((report.subject, *report.linked))}"),
+        escape_hidden(
+            f"Log {report.origin}, checkpoint of {report.checkpoint.size} entries; "
+            f"{len(rows)} accesses, each proven included"
+        ),
         "",
         row(_COLUMNS),
         row(["-" * w for w in widths]),
     ]
     for cells, access in zip(rows, report.accesses, strict=True):
         out.append(row(cells))
-        if access.private:
-            out.append(f"    details: {_describe_private(access.private)}")
+        if access.searched_by:
+            out.append(escape_hidden(f"    searched by: {', '.join(access.searched_by)}"))
     return "\n".join(out) + "\n"
-
-
-def _describe_private(private: dict[str, Any]) -> str:
-    parts = []
-    for key, value in private.items():
-        if key == "values" and isinstance(value, dict):
-            parts.append("searched for " + ", ".join(f"{k}={v}" for k, v in value.items()))
-        else:
-            parts.append(f"{key}={value}")
-    return "; ".join(parts)
 
 
 def as_json(report: SubjectReport) -> dict[str, Any]:
@@ -375,7 +393,7 @@ def as_json(report: SubjectReport) -> dict[str, Any]:
                 "purpose": a.purpose,
                 "case": a.case_ref,
                 "records": list(a.records),
-                "private": a.private,
+                "searched_by": list(a.searched_by),
                 "leaf": _b64(a.leaf),
                 "proof": [_b64(h) for h in a.proof],
             }
@@ -423,9 +441,12 @@ def _report_from_json(doc: Any) -> SubjectReport:
         leaf = _json_bytes(access["leaf"])
         proof = tuple(_json_bytes(h) for h in access["proof"])
         check_inclusion(leaf, index, proof, checkpoint)
-        private = access["private"]
-        if private is not None and not isinstance(private, dict):
-            raise TypeError("private details are an object or null")
+        # Field names only: whatever else an answer carries (an older server's "private"
+        # with the values searched for) is not taken, so it is never shown or written.
+        named = access.get("searched_by", [])
+        if not isinstance(named, list):
+            raise TypeError("searched_by is a list of field names")
+        searched_by = tuple(_json_field(f) for f in named)
         accesses.append(
             ReportedAccess(
                 index=index,
@@ -437,9 +458,10 @@ def _report_from_json(doc: Any) -> SubjectReport:
                 purpose=_json_optional_text(access["purpose"]),
                 case_ref=_json_optional_text(access["case"]),
                 records=tuple(_json_text(r) for r in access["records"]),
-                private=private,
+                private=None,
                 leaf=leaf,
                 proof=proof,
+                searched_by=searched_by,
             )
         )
     return SubjectReport(
@@ -457,6 +479,12 @@ def _json_text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("expected text")
     return value
+
+
+def _json_field(value: Any) -> str:
+    if not _FIELD.fullmatch(_json_text(value)):
+        raise ValueError("expected a field name")
+    return str(value)
 
 
 def _json_optional_text(value: Any) -> str | None:

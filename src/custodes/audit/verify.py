@@ -4,12 +4,19 @@ checkpoint, stored or brought from outside, against it.
 It needs no data key, only the log's public key. The first inconsistency is reported
 with its position: an edited, deleted or reordered entry, a truncated tail, a replaced
 checkpoint, or a log that forked from a checkpoint a witness holds.
+
+The subject index (which entries name which keyed subject commitment, what subject access
+reports are built from) is not in the tree, but every entry's leaf carries its own
+commitments: the index is recomputed from the leaves in the same pass and any row missing,
+added or changed is reported at its entry's position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+import orjson
 
 from custodes.audit.checkpoint import Checkpoint, NoteVerifier, SignatureInvalid
 from custodes.audit.merkle import CompactRange, leaf_hash
@@ -85,10 +92,12 @@ def verify_log(
     # outside one the divergence can only be placed after the last outside match.
     last_good = 0
     last_good_outside = 0
+    subjects = _SubjectIndexCheck(storage.log_subject_rows(0, None))
     for index, data in storage.log_entries(0, None):
         if index != expected:
             raise LogTampered(expected, f"entry {expected} is missing: deleted or renumbered")
         tree.append(leaf_hash(data))
+        subjects.entry(index, data)
         expected += 1
         if expected in wanted:
             root = tree.root()
@@ -112,6 +121,16 @@ def verify_log(
                 f"the log ends after {expected} entries but a checkpoint ({sources}) signed "
                 f"{size}: truncated",
             )
+    # After the tree: an edited entry is named as edited, not by the index it no longer
+    # matches. Rows past the entries read may belong to appends made meanwhile; only
+    # those past the log as it now stands are certainly forged.
+    subjects.finish(expected, storage.log_size)
+    if subjects.first_bad is not None:
+        raise LogTampered(
+            subjects.first_bad,
+            f"the subject index does not match entry {subjects.first_bad}: a row was "
+            "deleted, added or changed",
+        )
     report.checkpoints = len(stored)
     report.outside = len(held)
     report.latest_signed = max((cp.size for _, cp in stored), default=0)
@@ -121,6 +140,57 @@ def verify_log(
             "are not yet covered by a signature"
         )
     return report
+
+
+class _SubjectIndexCheck:
+    """Holds the subject index, streamed in entry order, against the commitments each
+    entry carries; remembers the first entry where they differ."""
+
+    def __init__(self, rows: Iterator[tuple[int, bytes]]) -> None:
+        self._rows = rows
+        self._next = next(rows, None)
+        self.first_bad: int | None = None
+
+    def _bad(self, index: int) -> None:
+        if self.first_bad is None or index < self.first_bad:
+            self.first_bad = index
+
+    def entry(self, index: int, data: bytes) -> None:
+        held: set[bytes] = set()
+        while self._next is not None and self._next[0] <= index:
+            row_index, commitment = self._next
+            if row_index < index:
+                self._bad(max(row_index, 0))  # a row naming no entry at all
+            else:
+                held.add(commitment)
+            self._next = next(self._rows, None)
+        if held != (carried_subjects(data) or set()):
+            self._bad(index)
+
+    def finish(self, size: int, current_size: Callable[[], int]) -> None:
+        beyond = []
+        while self._next is not None:
+            if self._next[0] >= size:
+                beyond.append(self._next[0])
+            self._next = next(self._rows, None)
+        if beyond:
+            now = current_size()  # read after the rows: an entry precedes its rows
+            forged = [i for i in beyond if i >= now]
+            if forged:
+                self._bad(min(forged))
+
+
+def carried_subjects(data: bytes) -> set[bytes] | None:
+    """The subject commitments an entry's leaf carries, or None if it carries no readable
+    list (then no row of the index may name it)."""
+    try:
+        doc = orjson.loads(data)
+        listed = doc["subjects"] if isinstance(doc, dict) else None
+        if not isinstance(listed, list):
+            return None
+        return {bytes.fromhex(c) for c in listed if isinstance(c, str)}
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _open(verifier: NoteVerifier, note: bytes, what: str, position: int) -> Checkpoint:

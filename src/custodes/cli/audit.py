@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import orjson
 
 from custodes.audit.verify import OutsideCheckpoint
 from custodes.cli.common import err, open_host_vault, out, secret, vault_directory
-from custodes.errors import ConfigurationError
+from custodes.errors import ConfigurationError, TamperDetected
+
+if TYPE_CHECKING:
+    from custodes.vault import IndexCheck
 
 ENV_WITNESS_PASSPHRASE = "CUSTODES_WITNESS_PASSPHRASE"  # noqa: S105 - a variable name
 
@@ -43,18 +47,28 @@ ENV_WITNESS_PASSPHRASE = "CUSTODES_WITNESS_PASSPHRASE"  # noqa: S105 - a variabl
     type=click.Path(exists=True, file_okay=False),
     help="A witness's directory: its latest cosigned checkpoint of this log (repeatable).",
 )
+@click.option(
+    "--records",
+    is_flag=True,
+    help="Also re-derive every record's search tokens and compare them with the stored "
+    "index (needs the keyring; opens every record in memory, prints counts only).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def audit_verify(
     vault_dir: str | None,
     log_key: str | None,
     checkpoints: tuple[str, ...],
     witness_dirs: tuple[str, ...],
+    records: bool,
     as_json: bool,
 ) -> None:
-    """Recompute the log from its entries and check every signed checkpoint against it.
+    """Recompute the log from its entries and check every signed checkpoint against it,
+    and the log's subject index against the entries.
 
     Exits non-zero, naming the first bad position, on an edited, deleted, reordered or
-    truncated log, a replaced checkpoint, or a fork from a checkpoint held outside.
+    truncated log, a subject index row missing, added or changed, a replaced checkpoint,
+    or a fork from a checkpoint held outside. With --records, also on a search-index row
+    missing, added or repointed.
     """
     from custodes.audit.witness import latest_checkpoint
     from custodes.bootstrap import stored_verifier_key, verify_log_files
@@ -75,9 +89,10 @@ def audit_verify(
         if note is not None:
             outside.append(OutsideCheckpoint(f"witness {witness_dir}", note))
     report = verify_log_files(directory, log_key=key, outside=outside)
+    index = _verify_records(vault_dir) if records else None
     if as_json:
-        doc = {
-            "ok": True,
+        doc: dict[str, object] = {
+            "ok": index is None or index.ok,
             "entries": report.entries,
             "root": report.root.hex(),
             "checkpoints": report.checkpoints,
@@ -85,14 +100,42 @@ def audit_verify(
             "latest_signed": report.latest_signed,
             "notes": report.notes,
         }
+        if index is not None:
+            doc["records"] = index.counts()
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
-        return
-    out.print(
-        f"access log verified: {report.entries:,} entries, {report.checkpoints} stored "
-        f"checkpoints and {report.outside} outside checkpoints consistent"
-    )
-    for remark in report.notes:
-        out.print(f"note: {remark}")
+    else:
+        out.print(
+            f"access log verified: {report.entries:,} entries, {report.checkpoints} stored "
+            f"checkpoints and {report.outside} outside checkpoints consistent"
+        )
+        for remark in report.notes:
+            out.print(f"note: {remark}")
+        if index is not None and index.ok:
+            out.print(
+                f"search index verified: {index.records:,} records, {index.tokens:,} tokens "
+                "re-derived and all stored"
+            )
+            if index.partial:
+                out.print(
+                    f"note: {index.partial:,} records link to records not stored; those "
+                    "links' tokens were not re-derived"
+                )
+    if index is not None and not index.ok:
+        raise TamperDetected(
+            f"the search index does not match the records: {index.missing} rows missing, "
+            f"{index.extra} extra ({index.repointed} repointed), {index.unreadable} records "
+            "do not open"
+        )
+
+
+def _verify_records(vault_dir: str | None) -> IndexCheck:
+    # The host operator's act, on the access log like any other: unlike the log's check,
+    # it needs the keys, to open the records and make their tokens again.
+    vault = open_host_vault(vault_dir, None)
+    try:
+        return vault.verify_records(vault.operator)
+    finally:
+        vault.close()
 
 
 @click.command("checkpoint")

@@ -91,6 +91,14 @@ class RecordStore(Protocol):
 
     def count_records(self, record_type: str | None = None) -> int: ...
 
+    def record_tokens(
+        self, after: int, limit: int
+    ) -> list[tuple[int, str, tuple[tuple[int, int], ...]]]:
+        """Stored records in storage order after position `after` (0: from the first), at
+        most `limit`: (position, record id, its (index_id, token) pairs as a search finds
+        them, sorted). For checking the search index against the records themselves."""
+        ...
+
 
 @runtime_checkable
 class AccountStore(Protocol):
@@ -186,6 +194,15 @@ class LogStore(Protocol):
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         """Indexes of the entries that reference a subject commitment, ascending."""
+        ...
+
+    def log_subject_rows(
+        self, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """Every (entry index, commitment) of the subject index for start <= index < end
+        (no end: every row from start, even one naming no stored entry), ascending by
+        index then commitment, streamed: what the verifier holds against the commitments
+        the entries themselves carry."""
         ...
 
     def log_detail(self, index: int) -> bytes | None:

@@ -108,6 +108,25 @@ class MemoryStorage:
                 return len(self._records)
             return self._type_counts.get(record_type, 0)
 
+    def record_tokens(
+        self, after: int, limit: int
+    ) -> list[tuple[int, str, tuple[tuple[int, int], ...]]]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            self._check_open()
+            # Positions follow insertion order, as a durable backend's row numbers do.
+            page = list(self._records)[max(after, 0) : max(after, 0) + limit]
+            wanted = set(page)
+            # Read back from the search structure itself, not from what was written:
+            # this is what a search would find.
+            held: dict[str, list[tuple[int, int]]] = {rid: [] for rid in page}
+            for pair, ids in self._tokens.items():
+                for rid in ids & wanted:
+                    held[rid].append(pair)
+        start = max(after, 0) + 1
+        return [(start + n, rid, tuple(sorted(held[rid]))) for n, rid in enumerate(page)]
+
     def add_account(self, account: AccountRow) -> None:
         row = _normalised_account(account)
         with self._lock:
@@ -278,6 +297,19 @@ class MemoryStorage:
         with self._lock:
             self._check_open()
             return list(self._log_subjects.get(commitment, ()))
+
+    def log_subject_rows(
+        self, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        with self._lock:
+            self._check_open()
+            rows = sorted(
+                (index, commitment)
+                for commitment, indexes in self._log_subjects.items()
+                for index in indexes
+                if start <= index and (end is None or index < end)
+            )
+        return iter(rows)
 
     def log_detail(self, index: int) -> bytes | None:
         with self._lock:

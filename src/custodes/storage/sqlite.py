@@ -205,7 +205,21 @@ _SPENT_SCHEMA = "CREATE TABLE spent(key BLOB PRIMARY KEY, until REAL NOT NULL) W
 # whenever another connection has written to that file: with the log beside the records,
 # every search would start cold. The records' file now changes only when records,
 # accounts or sessions do.
-SCHEMA_VERSION = len(_MIGRATIONS) + 2
+# 7: the subject index gets the append-only triggers of the other log tables (a row
+# deleted there once emptied a person's subject report), and an index by entry, so that
+# the verifier can hold the rows against the entries in one ordered pass.
+_LOG_SUBJECT_GUARDS = """
+CREATE TRIGGER IF NOT EXISTS log.log_subjects_no_update BEFORE UPDATE ON log_subjects
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_subjects_no_delete BEFORE DELETE ON log_subjects
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS log.log_subjects_no_replace BEFORE INSERT ON log_subjects
+WHEN EXISTS (SELECT 1 FROM log_subjects WHERE commitment = NEW.commitment AND idx = NEW.idx)
+BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
+CREATE INDEX IF NOT EXISTS log.log_subjects_by_entry ON log_subjects(idx, commitment);
+"""
+
+SCHEMA_VERSION = len(_MIGRATIONS) + 3
 
 _LOG_TABLES = ("log_entries", "log_nodes", "log_subjects", "log_details", "checkpoints")
 # The log's own file, attached to every connection as schema "log": the same tables and
@@ -479,6 +493,35 @@ class SQLiteStorage:
         else:
             row = self._one("SELECT count(*) FROM records WHERE record_type = ?", (record_type,))
         return int(row[0])
+
+    def record_tokens(
+        self, after: int, limit: int
+    ) -> list[tuple[int, str, tuple[tuple[int, int], ...]]]:
+        if limit <= 0:
+            return []
+
+        def page(conn: sqlite3.Connection) -> list[tuple[int, str, tuple[tuple[int, int], ...]]]:
+            rows = conn.execute(
+                "SELECT seq, record_id FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                (max(after, 0), limit),
+            ).fetchall()
+            if not rows:
+                return []
+            # Tokens are keyed by generation first: one range per generation the page
+            # spans, filtered by seq, rather than a lookup per record.
+            first, last = int(rows[0][0]), int(rows[-1][0])
+            held: dict[int, list[tuple[int, int]]] = {int(seq): [] for seq, _ in rows}
+            for index_id, token, seq in conn.execute(
+                "SELECT index_id, token, seq FROM tokens"
+                " WHERE generation >= ? AND generation <= ? AND seq >= ? AND seq <= ?",
+                (first >> _GENERATION_BITS, last >> _GENERATION_BITS, first, last),
+            ):
+                pairs = held.get(int(seq))
+                if pairs is not None:
+                    pairs.append((int(index_id), int(token)))
+            return [(int(seq), str(rid), tuple(sorted(held[int(seq)]))) for seq, rid in rows]
+
+        return self._run(page, snapshot=True)
 
     # -- accounts -----------------------------------------------------------------
 
@@ -754,6 +797,40 @@ class SQLiteStorage:
             ]
         )
 
+    def log_subject_rows(
+        self, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        stop = _INT64_MAX if end is None else min(end, _INT64_MAX)
+        return self._stream_subject_rows(max(start, 0), stop)
+
+    def _stream_subject_rows(self, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        # Paged by (index, commitment) through the index by entry, yielding outside the
+        # lock, like the entries themselves.
+        after: tuple[int, bytes] | None = None
+        while True:
+            if after is None:
+                sql = (
+                    "SELECT idx, commitment FROM log_subjects WHERE idx >= ? AND idx < ?"
+                    " ORDER BY idx, commitment LIMIT ?"
+                )
+                params: tuple[object, ...] = (start, stop, LOG_PAGE)
+            else:
+                sql = (
+                    "SELECT idx, commitment FROM log_subjects"
+                    " WHERE (idx, commitment) > (?, ?) AND idx < ?"
+                    " ORDER BY idx, commitment LIMIT ?"
+                )
+                params = (after[0], after[1], stop, LOG_PAGE)
+            page = self._rows(sql, params)
+            for index, commitment in page:
+                yield int(index), _blob(commitment)
+            if len(page) < LOG_PAGE:
+                return
+            after = (int(page[-1][0]), page[-1][1])
+
+    def _rows(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        return self._run(lambda c: c.execute(sql, params).fetchall())
+
     def log_detail(self, index: int) -> bytes | None:
         if not _fits_int64(index):
             return None
@@ -832,6 +909,16 @@ class SQLiteStorage:
                 _set_version(conn, len(_MIGRATIONS) + 2)
 
             _in_transaction(conn, add_spent)
+        if version < len(_MIGRATIONS) + 3:
+
+            def guard_subjects() -> None:
+                # IF NOT EXISTS throughout: the log's file commits apart from the main
+                # one, so an interrupted step may find its triggers made already.
+                for statement in _split_script(_LOG_SUBJECT_GUARDS):
+                    conn.execute(statement)
+                _set_version(conn, len(_MIGRATIONS) + 3)
+
+            _in_transaction(conn, guard_subjects)
 
     def _attach_log(self, conn: sqlite3.Connection) -> None:
         conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))
@@ -999,6 +1086,12 @@ def _stored_log_size(conn: sqlite3.Connection) -> int:
     # refuse deletes), so the size is the last index + 1: one seek, not a count.
     (last,) = conn.execute("SELECT max(idx) FROM log_entries").fetchone()
     return 0 if last is None else int(last) + 1
+
+
+def _blob(value: Any) -> bytes:
+    # A row written by hand may hold text where a blob belongs: it is then simply a
+    # commitment that matches nothing, for the verifier to report.
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 def _fits_int64(*values: int) -> bool:
