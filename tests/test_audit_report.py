@@ -8,6 +8,7 @@ Runs on the in-memory and the SQLite backend alike.
 from __future__ import annotations
 
 import base64
+import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from custodes.audit.report import (
 )
 from custodes.errors import RecordNotFound, TamperDetected
 from custodes.policy import AccessPurpose, Action, Role
+from custodes.storage.memory import MemoryStorage
 from custodes.vault import Session, Vault
 from tests.conftest import login, make_vault, read_records
 
@@ -210,14 +212,20 @@ def test_report_names_which_of_the_subjects_records_each_access_touched(
     assert delivery_search.actor == "alice.investigator"
 
 
-def test_report_shows_the_values_an_official_searched_for(
+def test_the_report_names_the_fields_searched_but_never_their_values(
     scene: Scene, report: SubjectReport
 ) -> None:
-    private = {a.index: a.private for a in report.accesses if a.private is not None}
-    assert set(private) == scene.searches
-    values = [p["values"] for p in private.values()]
-    assert {"national_id": scene.person["national_id"]} in values
-    assert {"phone": scene.person["phone"]} in values
+    searched = {a.index: a.searched_by for a in report.accesses if a.searched_by}
+    assert set(searched) == scene.searches
+    assert {("national_id",), ("phone",), ("recipient",)} == set(searched.values())
+    text = render_text(report)
+    assert "searched by: national_id" in text and "searched by: phone" in text
+    shown = text + orjson.dumps(as_json(report)).decode() + report.bundle().decode()
+    for value in (scene.person["national_id"], scene.person["phone"]):
+        assert str(value) not in shown
+    # The values stay sealed in the log, for whoever may one day need them.
+    [first, *_] = sorted(scene.searches)
+    assert scene.vault._log.private_details(first) is not None
 
 
 def test_the_report_itself_is_on_the_log(scene: Scene, report: SubjectReport) -> None:
@@ -364,7 +372,8 @@ def test_bundle_proves_inclusion_not_completeness_so_a_dropped_entry_goes_unnoti
 ) -> None:
     # Anyone holding the bundle can drop an entry and the rest still verify: the bundle
     # proves each listed access happened. That none is missing comes from the vault
-    # building the report from the subject index, as the completeness tests above show.
+    # reading the report from the signed tree and holding the subject index against it,
+    # as the completeness tests show.
     bundle = report.bundle()
     dropped = report.accesses[0].index
     start, end = _line_span(bundle, f"entry {dropped} ".encode())
@@ -405,7 +414,8 @@ def test_text_report_lists_when_who_role_action_purpose_case_and_outcome(
     assert header.split() == ["when", "who", "role", "action", "purpose", "case", "outcome"]
     for who, purpose in scene.touching.values():
         assert who in text and purpose.reason in text and str(purpose.case_ref) in text
-    assert f"searched for national_id={scene.person['national_id']}" in text
+    assert "searched by: national_id" in text
+    assert str(scene.person["national_id"]) not in text
 
 
 def test_json_report_round_trips_and_matches_the_bundle(
@@ -418,3 +428,79 @@ def test_json_report_round_trips_and_matches_the_bundle(
     first = doc["accesses"][0]
     assert base64.b64decode(first["leaf"]) == report.accesses[0].leaf
     assert (first["purpose"], first["case"]) == (FRAUD.reason, FRAUD.case_ref)
+
+
+# -- the subject index is checked against the signed tree, not trusted ------------------
+
+
+def _rewrite_subject_index(
+    vault: Vault, *, drop: list[tuple[bytes, int]], add: list[tuple[bytes, int]]
+) -> None:
+    """What a database writer does to the log's subject index, on either backend: rows
+    deleted or planted, the entries and the signed tree untouched."""
+    storage = vault._storage
+    if isinstance(storage, MemoryStorage):
+        for commitment, index in drop:
+            storage._log_subjects[commitment].remove(index)
+        for commitment, index in add:
+            storage._log_subjects.setdefault(commitment, []).append(index)
+            storage._log_subjects[commitment].sort()
+        return
+    assert vault.directory is not None
+    db = sqlite3.connect(vault.directory / "vault.db-log")
+    try:
+        for (name,) in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'log_subjects'"
+        ).fetchall():
+            db.execute(f'DROP TRIGGER "{name}"')
+        db.executemany("DELETE FROM log_subjects WHERE commitment = ? AND idx = ?", drop)
+        db.executemany("INSERT INTO log_subjects(commitment, idx) VALUES (?, ?)", add)
+        db.commit()
+    finally:
+        db.close()
+
+
+def _rows_of(scene: Scene, record_id: str) -> list[tuple[bytes, int]]:
+    log = scene.vault._log
+    commitment = log._keys.commitment(record_id)
+    return [(commitment, i) for i in scene.vault._storage.log_subject_entries(commitment)]
+
+
+def _refused_without_values(scene: Scene, position: int) -> None:
+    with pytest.raises(TamperDetected, match=f"entry {position}") as caught:
+        scene.vault.subject_report(scene.ombudsman, SUBJECT_REQUEST, scene.subject)
+    message = str(caught.value)
+    for value in (scene.person["national_id"], scene.person["name"], scene.person["phone"]):
+        assert str(value) not in message
+
+
+@pytest.mark.parametrize("rows", ["one", "all"])
+def test_a_subject_report_with_an_index_row_deleted_is_refused_not_short(
+    scene: Scene, rows: str
+) -> None:
+    """One DELETE once emptied a person's report of an official's searches and reveals.
+    The report is read from the signed tree and held against the index: refused, never
+    handed out short."""
+    first_search = min(scene.searches)
+    if rows == "one":
+        drop = [row for row in _rows_of(scene, scene.subject) if row[1] == first_search]
+    else:
+        records = [scene.subject, *scene.cases, *scene.deliveries]
+        drop = [row for r in records for row in _rows_of(scene, r)]
+    assert drop
+    _rewrite_subject_index(scene.vault, drop=drop, add=[])
+    _refused_without_values(scene, min(i for _, i in drop))
+
+
+def test_an_added_or_repointed_subject_row_is_refused_in_the_report(scene: Scene) -> None:
+    """An unrelated access planted in the person's report, or one of theirs moved onto
+    it, is refused alike: every row is held against the entry it names."""
+    log = scene.vault._log
+    stranger = max(i for i, _ in log.entries_for([scene.unrelated]))
+    moved = min(scene.searches)
+    commitment = log._keys.commitment(scene.subject)
+    _rewrite_subject_index(scene.vault, drop=[(commitment, moved)], add=[(commitment, stranger)])
+    _refused_without_values(scene, moved)
+    # The entry moved back: the planted row alone is enough.
+    _rewrite_subject_index(scene.vault, drop=[], add=[(commitment, moved)])
+    _refused_without_values(scene, stranger)

@@ -75,12 +75,12 @@ def test_malformed_json_line_is_refused_by_line(vault: Vault, tmp_path: Path) ->
         ({"birth_date": "1988-02-30"}, "birth_date", ""),
         ({"birth_date": "1988-04-06"}, "birth_date", "national_id"),
         ({"phone": "12345"}, "phone", ""),
-        ({"shoe_size": "42"}, "shoe_size", "unknown field"),
+        ({"shoe_size": "42"}, None, "unknown field"),
         ({"national_id": None}, "national_id", ""),
     ],
 )
 def test_invalid_field_is_refused_naming_field_not_value(
-    vault: Vault, tmp_path: Path, change: dict[str, object], field: str, reason: str
+    vault: Vault, tmp_path: Path, change: dict[str, object], field: str | None, reason: str
 ) -> None:
     bad = person(1, **change)
     source = write_jsonl(tmp_path / "in.jsonl", [person(2), bad])
@@ -121,8 +121,9 @@ def test_csv_with_a_missing_column_is_refused_whole(vault: Vault, tmp_path: Path
 def test_csv_with_an_unknown_column_is_refused_whole(vault: Vault, tmp_path: Path) -> None:
     source = tmp_path / "people.csv"
     source.write_text(f"name,national_id,salary\n欧阳明月,{national_id(1)},9000\n", "utf-8")
-    with pytest.raises(InvalidInput, match="salary"):
+    with pytest.raises(InvalidInput, match="column 3 of the CSV header") as refused:
         vault.ingest(vault.operator, source, record_type="person")
+    assert "salary" not in str(refused.value)
     assert vault.count() == 0
 
 

@@ -25,7 +25,7 @@ from rich.text import Text
 
 from custodes import __version__, settings
 from custodes.cli import session_file
-from custodes.cli.common import out, print_record, secret
+from custodes.cli.common import out, print_record, secret, shown
 from custodes.cli.session_file import LOGIN_HINT, NotLoggedIn, StoredSession
 from custodes.errors import (
     AccessDenied,
@@ -37,6 +37,7 @@ from custodes.errors import (
     PurposeRequired,
     RecordNotFound,
 )
+from custodes.freetext import escape_hidden, is_hidden
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -233,7 +234,24 @@ def _record_path(record_id: str) -> str:
 
 
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    sys.stdout.write(_json_escaped(orjson.dumps(doc).decode()) + "\n")
+
+
+def _json_escaped(text: str) -> str:
+    """JSON text with every hidden character (controls, bidi, zero-width, unassigned) as a
+    \\u escape: the same JSON value for a program, inert text for a terminal. They can
+    only stand inside strings, where an escape means the same character."""
+    if text.isprintable():
+        return text
+    return "".join(_json_escape(ch) if is_hidden(ch) else ch for ch in text)
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def reader_options(fn: F) -> F:
@@ -290,8 +308,8 @@ def login(server: str, ca_cert: str | None, user: str | None) -> None:
     where = session_file.save(stored)
     if previous is not None:
         _end_quietly(previous)
-    out.print(f"logged in to {url} as {stored.username} ({stored.role})")
-    out.print(f"  session kept in {where} until 'custodes logout' or the server ends it")
+    out.print(shown(f"logged in to {url} as {stored.username} ({stored.role})"))
+    out.print(shown(f"  session kept in {where} until 'custodes logout' or the server ends it"))
 
 
 def _end_quietly(stored: StoredSession) -> None:
@@ -318,7 +336,7 @@ def logout() -> None:
             f"{exc}; the session is forgotten here, but stays open on the server until it times out"
         ) from None
     session_file.forget(stored.token)
-    out.print(f"logged out of {stored.server}")
+    out.print(shown(f"logged out of {stored.server}"))
 
 
 # -- records ----------------------------------------------------------------------------
@@ -423,7 +441,7 @@ def reveal(record_id: str, field: str, purpose: str, case_ref: str | None, as_js
             {"record_id": revealed["record_id"], "field": revealed["field"], "value": value}
         )
     else:
-        out.print(Text("(empty)" if value is None else value))
+        out.print(shown("(empty)" if value is None else value))
 
 
 # -- the access log, for auditors -------------------------------------------------------
@@ -471,7 +489,7 @@ def audit_log(
                 if as_json:
                     _print_json(entry)
                 else:
-                    out.print(Text(_log_line(entry)))
+                    out.print(shown(_log_line(entry)))
             cursor = page["next_cursor"]
             if not cursor:
                 break
@@ -484,13 +502,21 @@ def _cursor(cursor: str | None) -> dict[str, str]:
 
 
 def _log_line(entry: Mapping[str, Any]) -> str:
+    """One entry on one line. Every text is escaped before it is padded: an entry may hold
+    what no input check lets in today (written earlier, or around the check), and must
+    reach the auditor as visible text that cannot move the cursor or reorder the line."""
     when = datetime.fromisoformat(entry["time"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    records = entry["records"]
-    shown = ",".join(records[:3]) + ("…" if len(records) > 3 else "")
+
+    def text(key: str) -> str:
+        value = entry[key]
+        return "" if value is None else escape_hidden(str(value))
+
+    records = [escape_hidden(str(r)) for r in entry["records"]]
+    listed = ",".join(records[:3]) + ("…" if len(records) > 3 else "")
     return (
-        f"{entry['index']:>8} {when} {entry['actor']:<18} {entry['role']:<12} "
-        f"{entry['action']:<22} {entry['outcome']:<7} {entry['purpose'] or '':<30} "
-        f"{entry['case_ref'] or '':<10} {shown}"
+        f"{entry['index']:>8} {when} {text('actor'):<18} {text('role'):<12} "
+        f"{text('action'):<22} {text('outcome'):<7} {text('purpose'):<30} "
+        f"{text('case_ref'):<10} {listed}"
     )
 
 
@@ -539,4 +565,6 @@ def audit_subject(
         return
     out.print(Text(render_text(report)))
     if bundle_path:
-        out.print(f"bundle written to {bundle_path}; check it with 'custodes audit verify-bundle'")
+        out.print(
+            shown(f"bundle written to {bundle_path}; check it with 'custodes audit verify-bundle'")
+        )

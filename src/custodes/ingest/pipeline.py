@@ -174,9 +174,11 @@ def run_ingest(
             raise InvalidInput("reading standard input needs --format")
         fmt = detect_format(str(source))
     if fmt not in FORMATS:
-        raise InvalidInput(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-    if record_type is not None:
-        target.schema.record_type(record_type)
+        raise InvalidInput(f"unknown format (known: {', '.join(FORMATS)})")
+    if record_type is not None and record_type not in target.schema.types:
+        # Named by the schema's types only: what was typed is never repeated.
+        known = ", ".join(sorted(target.schema.types))
+        raise InvalidInput(f"unknown record type (known: {known})")
     if strict and from_stdin:
         raise InvalidInput("strict mode reads the input twice and cannot read standard input")
     if workers < 1:

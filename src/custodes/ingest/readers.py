@@ -201,13 +201,17 @@ def read_csv(
     except StopIteration:
         raise InvalidInput("the CSV file is empty", line=1) from None
     except csv.Error as exc:
-        raise InvalidInput(f"unreadable CSV header ({exc})", line=1) from None
+        raise InvalidInput(f"unreadable CSV header ({_csv_reason(exc)})", line=1) from None
     header = [h.strip().lstrip("\ufeff") for h in header]
     if any(_has_surrogates(h) for h in header):
         raise InvalidInput("the CSV header is not valid UTF-8", line=1)
-    for col in header:
+    for number, col in enumerate(header, start=1):
         if col not in known_columns and col != "type":
-            raise InvalidInput(f"unknown column {col!r} in the CSV header", line=1)
+            # A header cell is input like any other (a name pasted as a title): it is
+            # placed by its position, never repeated.
+            raise InvalidInput(
+                f"column {number} of the CSV header is not a field of the schema", line=1
+            )
     if len(set(header)) != len(header):
         raise InvalidInput("a column is named twice in the CSV header", line=1)
     if "type" not in header:

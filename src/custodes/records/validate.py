@@ -45,11 +45,10 @@ def _reason(exc: ValueError) -> str:
     return str(exc) if isinstance(exc, Refusal) else "is not valid"
 
 
-def _safe_key(key: object) -> str | None:
-    # An unknown key comes from the input; name it only if it looks like a field name.
-    if isinstance(key, str) and key.isidentifier() and len(key) <= 64:
-        return key
-    return None
+def _schema_name(key: object, names: frozenset[str]) -> str | None:
+    # An unknown key comes from the input, and a name or an ID number makes a fine JSON
+    # key: it is named only if the schema itself has a field of that name.
+    return key if isinstance(key, str) and key in names else None
 
 
 class _LinksParser:
@@ -163,6 +162,7 @@ class RecordValidator:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self._plans = {name: _plan(rt) for name, rt in schema.types.items()}
+        self._names = frozenset(f for rt in schema.types.values() for f in rt.fields)
 
     def validate(
         self, raw: Mapping[str, Any], *, line: int, record_type: str | None = None
@@ -172,7 +172,8 @@ class RecordValidator:
         if not plan.allowed_keys.issuperset(raw):
             for key in raw:
                 if key not in plan.allowed_keys:
-                    raise InvalidRecord("unknown field", field=_safe_key(key), line=line)
+                    field = _schema_name(key, self._names)
+                    raise InvalidRecord("unknown field", field=field, line=line)
         values: dict[str, object] = {}
         for name, canon, required, scalar, known in plan.steps:
             value = raw.get(name)
@@ -302,8 +303,8 @@ def query_parts(
     wanted = index.field_names
     for key in raw_values:
         if key not in wanted:
-            shown = _safe_key(key)
-            what = f"field {shown!r}" if shown else "a field"
+            shown = _schema_name(key, frozenset(record_type.fields))
+            what = f"field {shown!r}" if shown else "an unknown field"
             raise InvalidQuery(f"index {index.qualified_name!r} does not search {what}")
     parts = []
     for component in index.components:
