@@ -24,6 +24,7 @@ from tests.conftest import (
     make_vault,
     read_records,
     serving,
+    write_jsonl,
 )
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
@@ -33,6 +34,7 @@ from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by
     served,
     session_path,
 )
+from tests.test_district_access import RECORDS
 
 CLI_PACKAGE = Path(__file__).resolve().parent.parent / "src" / "custodes" / "cli"
 
@@ -240,8 +242,11 @@ def test_account_list_shows_no_hashes(vault_env: dict[str, str]) -> None:
 
 
 def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
-    vault_env: dict[str, str],
+    vault_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # The case must be stored to be assigned: it opens the records it names.
+    stored = run("ingest", str(write_jsonl(tmp_path / "case.jsonl", RECORDS)), env=vault_env)
+    assert stored.returncode == 0, stored.stderr
     added = run(
         "account",
         "add",
@@ -269,6 +274,8 @@ def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
     table = run("account", "list", env={**vault_env, "COLUMNS": "160"})
     assert table.returncode == 0 and "A3101042025000017" in table.stdout
 
+    unknown = run("account", "assign", "li.lei", "A4401042025000099", env=vault_env)
+    assert unknown.returncode == 5 and "no case with that number" in unknown.stderr
     for bad in ("A/1", "案件20250001"):
         refused = run("account", "assign", "li.lei", bad, env=vault_env)
         assert refused.returncode == 5
@@ -295,6 +302,7 @@ def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
     failed = {"account": "li.lei", "error": "InvalidAssignment"}
     assert [(e.action, e.actor, e.outcome, e.detail) for e in events] == [
         (Action.CASE_ASSIGN, "operator", Outcome.GRANTED, changed),
+        (Action.CASE_ASSIGN, "operator", Outcome.ERROR, failed),  # no such case stored
         (Action.CASE_ASSIGN, "operator", Outcome.ERROR, failed),
         (Action.CASE_ASSIGN, "operator", Outcome.ERROR, failed),
         (Action.CASE_UNASSIGN, "operator", Outcome.GRANTED, changed),

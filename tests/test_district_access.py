@@ -180,6 +180,75 @@ def test_an_assigned_case_opens_records_of_another_district(districts: Vault) ->
         districts.record(officer, ROUTINE, target)
 
 
+GUANGZHOU_ADULT = resident_id("440104", "19820304", "135")
+BEYOND_THE_CASE: list[dict[str, object]] = [
+    person(GUANGZHOU_ADULT, "冯测戊", "13912340005"),
+    {
+        "type": "delivery",
+        "waybill_no": "SF0000000017",
+        "recipient_name": "周测甲",
+        "phone": "13912340001",
+        "address": "测试市测试区测试路1号",
+        "recipient": SHANGHAI_ADULT,
+    },
+    {
+        "type": "delivery",
+        "waybill_no": "SF0000000018",
+        "recipient_name": "冯测戊",
+        "phone": "13912340005",
+        "address": "测试市测试区测试路5号",
+        "recipient": GUANGZHOU_ADULT,
+    },
+]
+
+
+def test_an_assigned_case_opens_no_record_the_case_does_not_name(
+    districts: Vault, tmp_path: Path
+) -> None:
+    beyond = districts.ingest(
+        districts.operator, write_jsonl(tmp_path / "beyond.jsonl", BEYOND_THE_CASE)
+    )
+    assert beyond.rejected == 0
+    case = case_id(districts)
+    named = [
+        find_one(districts, "person", "national_id", {"national_id": n})
+        for n in (SHANGHAI_ADULT, SHANGHAI_REPORTER)
+    ]
+    stranger = find_one(districts, "person", "national_id", {"national_id": GUANGZHOU_ADULT})
+    to_victim = find_one(districts, "delivery", "phone", {"phone": "13912340001"})
+    to_stranger = find_one(districts, "delivery", "phone", {"phone": "13912340005"})
+    officer = beijing_officer(districts, cases=[CASE_NO])
+    # What the case names opens: the case, its people, a delivery to one of them.
+    for opened in (case, *named, to_victim):
+        assert districts.record(officer, ON_CASE, opened).record_id == opened
+    # Anyone else, anywhere, stays as absent as before, the case stated or not.
+    for closed in (stranger, to_stranger):
+        with pytest.raises(RecordNotFound):
+            districts.record(officer, ON_CASE, closed)
+        with pytest.raises(RecordNotFound):
+            districts.reveal(officer, ON_CASE, closed, "phone")
+        refused = last_entry(districts)
+        assert refused.outcome is Outcome.DENIED and refused.records == (closed,)
+    found = districts.search(
+        officer,
+        ON_CASE,
+        record_type="person",
+        index="national_id",
+        values={"national_id": GUANGZHOU_ADULT},
+    )
+    assert found == [] and last_entry(districts).detail["filtered"] == 1
+
+
+def test_assigning_a_case_that_is_not_stored_is_refused(districts: Vault) -> None:
+    beijing_officer(districts)
+    unknown = "A4401042025000099"  # well formed, but no case carries it
+    with pytest.raises(InvalidAssignment, match="no case with that number") as refused:
+        districts.admin.assign_case(districts.operator, "o.beijing", unknown)
+    assert unknown not in str(refused.value)
+    assert "cases" not in districts._accounts.get("o.beijing").attributes  # type: ignore[union-attr]
+    assert districts.admin.assign_case(districts.operator, "o.beijing", CASE_NO) == CASE_NO
+
+
 def test_a_search_from_another_district_returns_nothing(districts: Vault) -> None:
     officer = beijing_officer(districts)
     found = districts.search(

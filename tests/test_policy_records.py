@@ -81,7 +81,36 @@ def test_who_may_see_a_record(
     record: RecordFacts,
     allowed: bool,
 ) -> None:
-    assert may_see(role, district, assigned_cases(cases), purpose, record) is allowed
+    # Every record of the table is one the case A3101042026000017 names.
+    def names_record(case: str) -> bool:
+        return case == "A3101042026000017"
+
+    decided = may_see(
+        role, district, assigned_cases(cases), purpose, record, names_record=names_record
+    )
+    assert decided is allowed
+
+
+def test_an_assigned_case_opens_only_the_records_it_names() -> None:
+    cases = assigned_cases(["A3101042026000017"])
+
+    def named(_case: str) -> bool:
+        return True
+
+    def not_named(_case: str) -> bool:
+        return False
+
+    assert may_see(Role.OFFICER, "110101", cases, ON_CASE, SHANGHAI, names_record=named)
+    assert not may_see(Role.OFFICER, "110101", cases, ON_CASE, SHANGHAI, names_record=not_named)
+    # The rule is asked only for a case that is both stated and assigned.
+    asked: list[str] = []
+
+    def record_asked(case: str) -> bool:
+        asked.append(case)
+        return True
+
+    assert not may_see(Role.OFFICER, "110101", cases, ROUTINE, SHANGHAI, names_record=record_asked)
+    assert asked == []
 
 
 def test_a_purpose_without_a_case_opens_no_assigned_case() -> None:

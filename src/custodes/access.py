@@ -54,13 +54,23 @@ class Reach:
     cases: frozenset[str]
     purpose: AccessPurpose | None
     today: dt.date
+    case_scope: Callable[[str], frozenset[str]]  # the record ids a stored case names
     withheld: int = 0
     districts: dict[str, str | None] = field(default_factory=dict)  # person id -> district
+    scopes: dict[str, frozenset[str]] = field(default_factory=dict)  # case -> its records
 
-    def allows(self, facts: RecordFacts) -> bool:
+    def allows(self, facts: RecordFacts, record_id: str) -> bool:
         if self.purpose is None:
             return False
-        return may_see(self.role, self.district, self.cases, self.purpose, facts)
+
+        def names_record(case: str) -> bool:
+            if case not in self.scopes:
+                self.scopes[case] = self.case_scope(case)
+            return record_id in self.scopes[case]
+
+        return may_see(
+            self.role, self.district, self.cases, self.purpose, facts, names_record=names_record
+        )
 
     @property
     def sees_reporters(self) -> bool:
@@ -104,8 +114,10 @@ class AccessGate:
         log: AccessLog,
         clock: Clock,
         operator: Operator | None,
+        case_scope: Callable[[str], frozenset[str]],
     ) -> None:
         self._keeper = keeper
+        self._case_scope = case_scope
         self._accounts = accounts
         self._log = log
         self._clock = clock
@@ -248,4 +260,5 @@ class AccessGate:
             assigned_cases(attributes.get("cases")),
             purpose,
             today,
+            self._case_scope,
         )

@@ -24,9 +24,16 @@ class Administration:
     """The administrator's verbs, owned by the vault and reached as `vault.admin`."""
 
     def __init__(
-        self, *, gate: AccessGate, accounts: AccountBook, keeper: Gatekeeper, clock: Clock
+        self,
+        *,
+        gate: AccessGate,
+        accounts: AccountBook,
+        keeper: Gatekeeper,
+        clock: Clock,
+        case_exists: Callable[[str], bool],
     ) -> None:
         self._gate = gate
+        self._case_exists = case_exists
         self._accounts = accounts
         self._keeper = keeper
         self._clock = clock
@@ -118,14 +125,13 @@ class Administration:
         return self._gate.access(actor, Action.API_TOKEN_ISSUE, run, detail={"account": username})
 
     def _case_change(self, actor: Principal, action: Action, username: str, case_no: str) -> str:
-        change = (
-            self._accounts.assign_case
-            if action is Action.CASE_ASSIGN
-            else self._accounts.unassign_case
-        )
-
         def run(_: Grant) -> Done[str]:
-            case = change(username, case_no)
+            if action is Action.CASE_ASSIGN:
+                # Only a stored case can be assigned: an assignment opens what the case
+                # names, and a number with nothing behind it would open nothing anyway.
+                case = self._accounts.assign_case(username, case_no, exists=self._case_exists)
+            else:
+                case = self._accounts.unassign_case(username, case_no)
             # The canonical number only: a refused one is never repeated, not even here.
             return Done(case, detail={"case": case})
 

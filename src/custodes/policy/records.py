@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from custodes.policy.decisions import AccessPurpose, Role, clearance_of
@@ -99,17 +99,25 @@ def is_minor(birth_date: object, national_id: object, today: dt.date) -> bool:
     return today.year - born.year - (0 if had_birthday else 1) < ADULT_AGE
 
 
+def _names_nothing(_case: str) -> bool:
+    return False
+
+
 def may_see(
     role: Role,
     account_district: object,
     account_cases: Collection[str],
     purpose: AccessPurpose,
     record: RecordFacts,
+    *,
+    names_record: Callable[[str], bool] = _names_nothing,
 ) -> bool:
     """Whether an official may read (and so reveal from) a record at all.
 
     `account_district` is the account's raw attribute; `account_cases` the references
-    of the cases it is assigned to. A refusal is to be reported as "no such record".
+    of the cases it is assigned to; `names_record(case)` whether that stored case names
+    this record (is it, links the person, or is about one of its people). A refusal is to
+    be reported as "no such record".
     """
     clearance = clearance_of(role)
     if clearance is None:
@@ -121,10 +129,13 @@ def may_see(
         return True
     if prefix is not None and record.district is not None and record.district.startswith(prefix):
         return True
-    # A case the official is assigned to opens its records wherever they live; the case
-    # reference is on every log entry, so the exception is accountable.
+    # A case the official is assigned to opens the records it names wherever they live,
+    # and nothing else; the case reference is on every log entry, so the exception is
+    # accountable.
     case = purpose.case_ref.upper() if purpose.case_ref else None
-    return case is not None and case in {c.upper() for c in account_cases}
+    if case is None or case not in {c.upper() for c in account_cases}:
+        return False
+    return names_record(case)
 
 
 def sees_reporters(role: Role) -> bool:
