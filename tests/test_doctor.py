@@ -327,3 +327,86 @@ def test_a_session_that_outlived_its_account_is_high(deployment: Path) -> None:
     assert "d.leaver" in found["sessions:inactive-account"].message
     assert "1 live session" in found["sessions:inactive-account"].message
     assert found["sessions:ended"].severity is Severity.LOW
+
+
+# -- the access log against its signer ----------------------------------------------------
+
+
+def _grow_log(deployment: Path, entries: int, *, sign: bool) -> None:
+    """Append account events to the deployment's log, then sign a checkpoint if asked."""
+    from custodes.bootstrap import open_vault
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        for _ in range(entries):
+            vault.admin.issue_enrolment(vault.operator, "d.officer")
+        if sign:
+            vault.checkpoint(vault.operator)
+    finally:
+        vault.close()
+
+
+def test_a_log_rolled_back_behind_its_signers_last_checkpoint_is_high(
+    deployment: Path, tmp_path: Path
+) -> None:
+    # A restored older copy, or a fresh log file swapped in: the signer's own state says
+    # it already signed more than the log now holds.
+    log_file = Path(f"{VaultLayout(deployment).database}-log")
+    _grow_log(deployment, 2, sign=True)
+    older = tmp_path / "older-log"
+    older.write_bytes(log_file.read_bytes())
+    _grow_log(deployment, 5, sign=True)
+    log_file.write_bytes(older.read_bytes())
+    for leftover in (Path(f"{log_file}-wal"), Path(f"{log_file}-shm")):
+        leftover.unlink(missing_ok=True)
+    assert tags(check(deployment))["log:rolled-back"] is Severity.HIGH
+    code, output = run_cli(deployment, "--port", "1")
+    assert code == 1 and "rolled back" in output
+
+
+def test_a_replaced_stored_verifier_key_is_high(deployment: Path) -> None:
+    import sqlite3
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from custodes.audit.checkpoint import NoteSigner
+
+    impostor = NoteSigner("custodes.vault/impostor", Ed25519PrivateKey.generate())
+    with sqlite3.connect(VaultLayout(deployment).database) as db:
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'log_verifier_key'",
+            (impostor.verifier_key.encode(),),
+        )
+    assert tags(check(deployment))["log:verifier-key-replaced"] is Severity.HIGH
+
+
+def test_entries_not_yet_covered_by_a_signed_checkpoint_are_reported(deployment: Path) -> None:
+    _grow_log(deployment, 3, sign=False)
+    found = {f.check: f for f in check(deployment)}
+    assert found["log:unsigned-tail"].severity is Severity.LOW
+    assert "yet covered by a signed checkpoint" in found["log:unsigned-tail"].message
+    _grow_log(deployment, 0, sign=True)
+    # What remains is the entry that records the signing itself, which no checkpoint
+    # can cover until the next one.
+    after = {f.check: f for f in check(deployment)}["log:unsigned-tail"]
+    assert after.message.startswith("1 access-log entry is not")
+
+
+def test_a_key_file_copied_into_the_vault_directory_is_high(
+    deployment: Path, tmp_path: Path
+) -> None:
+    for key in ("vault.keyring", "log.key"):
+        copy = deployment / "rejects" / f"backup-of-{key}"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes((tmp_path / "keys" / key).read_bytes())
+        found = [f for f in check(deployment) if f.check == "keys:copy-beside-data"]
+        assert [f.severity for f in found] == [Severity.HIGH] and str(copy) in found[0].message
+        copy.unlink()
+
+
+def test_a_world_readable_access_log_file_is_high(deployment: Path) -> None:
+    log_file = Path(f"{VaultLayout(deployment).database}-log")
+    log_file.chmod(0o644)
+    found = [f for f in check(deployment) if f.check == "files:database:mode"]
+    assert found and all(f.severity is Severity.HIGH for f in found)
+    assert any(log_file.name in f.message for f in found)

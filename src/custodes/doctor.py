@@ -88,6 +88,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_url,
         check_certificate,
         check_accounts,
+        check_log,
         check_schema,
     ):
         found.extend(check(deployment))
@@ -133,7 +134,9 @@ def check_vault_files(d: Deployment) -> Iterator[Finding]:
             f"chmod 700 {layout.directory}",
         )
     db = layout.database
-    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+    log = Path(f"{db}-log")  # the access log's own file
+    files = [Path(f"{base}{suffix}") for base in (db, log) for suffix in _SQLITE_SUFFIXES]
+    for path in files:
         mode = _mode(path)
         if mode is not None and _open_to_others(mode):
             yield Finding(
@@ -154,6 +157,28 @@ def check_vault_files(d: Deployment) -> Iterator[Finding]:
             )
 
 
+_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+# Sealed key files are small JSON documents naming their format; anything larger is data.
+_KEY_FORMATS = (b'"custodes-keyring"', b'"custodes-signing-key"')
+_KEY_SCAN_LIMIT = 64 * 1024
+
+
+def _key_copies(directory: Path) -> list[Path]:
+    """Files inside the vault directory that are sealed key files (a keyring or a signing
+    key): a copy of the data would carry them."""
+    found = []
+    for path in sorted(directory.rglob("*")):
+        try:
+            if not path.is_file() or path.is_symlink() or path.stat().st_size > _KEY_SCAN_LIMIT:
+                continue
+            head = path.read_bytes()
+        except OSError:
+            continue
+        if head.lstrip().startswith(b"{") and any(f in head for f in _KEY_FORMATS):
+            found.append(path)
+    return found
+
+
 def check_keys(d: Deployment) -> Iterator[Finding]:
     try:
         recorded = VaultLayout(d.vault_dir).read()
@@ -165,6 +190,16 @@ def check_keys(d: Deployment) -> Iterator[Finding]:
             "restore vault.toml from a backup, or re-run 'custodes init' for a new vault",
         )
         return
+    if d.vault_dir.is_dir():
+        for copy in _key_copies(d.vault_dir):
+            yield Finding(
+                "keys:copy-beside-data",
+                Severity.HIGH,
+                f"{copy} inside the vault directory is a sealed key file: a copy of the data "
+                "carries a key, and its passphrase is all that stands in the way",
+                f"remove it ({copy}); keep keys only where vault.toml says, outside the "
+                "vault directory",
+            )
     for what, path in (("keyring", recorded.keyring), ("log signing key", recorded.log_key)):
         if is_within(path, d.vault_dir):
             yield Finding(
@@ -439,6 +474,59 @@ def _check_sessions(
                 f"'custodes account disable {name}' ends them; then find out how they "
                 "outlived the account ('custodes audit log --actor NAME')",
             )
+
+
+def check_log(d: Deployment) -> Iterator[Finding]:
+    """The access log against what its signer last signed and what is published: a log
+    shorter than its last signed checkpoint was rolled back or cut; a stored verifier key
+    that is not the log key's was replaced; entries past the last stored checkpoint are not
+    yet covered by any signature."""
+    from custodes.audit.checkpoint import signed_state
+    from custodes.bootstrap import deployment_facts
+
+    facts = deployment_facts(d.vault_dir)
+    if facts is None:
+        return
+    try:
+        recorded = VaultLayout(d.vault_dir).read()
+        vkey, last = signed_state(recorded.log_key)
+    except CustodesError as exc:
+        yield Finding(
+            "log:signer-state",
+            Severity.HIGH,
+            f"the log signer's key or state cannot be read: {exc}",
+            "restore the log key and its .state file from their backup before serving",
+        )
+        return
+    if facts.verifier_key != vkey:
+        yield Finding(
+            "log:verifier-key-replaced",
+            Severity.HIGH,
+            "the log verifier key stored in the vault is not the log signing key's: checks "
+            "that trust the stored key would accept another signer's checkpoints",
+            "compare with the published key; restore the database's meta from a backup",
+        )
+    if facts.log_size < last.size:
+        yield Finding(
+            "log:rolled-back",
+            Severity.HIGH,
+            f"the access log holds {facts.log_size:,} entries, but its signer already signed "
+            f"a checkpoint of {last.size:,}: the log was rolled back, cut or replaced",
+            "stop serving; find out how (a restored copy, a swapped log file) with "
+            "'custodes audit verify --checkpoint' against the published checkpoints",
+        )
+        return
+    unsigned = facts.log_size - max(facts.signed_size, last.size)
+    if unsigned > 0:
+        yield Finding(
+            "log:unsigned-tail",
+            Severity.LOW,
+            f"{unsigned:,} access-log {'entry is' if unsigned == 1 else 'entries are'} not "
+            "yet covered by a signed checkpoint (until one is signed, they could be "
+            "changed unnoticed)",
+            "run 'custodes audit checkpoint' (a running server signs one every minute "
+            "while it is busy)",
+        )
 
 
 def check_schema(d: Deployment) -> Iterator[Finding]:

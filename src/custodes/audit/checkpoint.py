@@ -57,6 +57,7 @@ __all__ = [
     "open_log_key",
     "parse_note",
     "read_signing_key",
+    "signed_state",
     "verify_cosignature",
     "write_signing_key",
 ]
@@ -606,6 +607,21 @@ def _state_document(note: bytes) -> bytes:
         "note": note.decode("utf-8"),
     }
     return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def signed_state(key_path: Path) -> tuple[str, Checkpoint]:
+    """A log key's verifier key (from its file's header: no passphrase needed) and the last
+    checkpoint it signed (from its state file, trusted for its signature), for checks made
+    without the key, such as `custodes doctor`'s. KeyringError or TamperDetected if either
+    file is missing or damaged."""
+    try:
+        header = json.loads(Path(key_path).read_bytes().decode("utf-8"))
+        vkey = header["verifier_key"] if header.get("format") == _KEY_FORMAT else None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError, TypeError):
+        vkey = None
+    if not isinstance(vkey, str):
+        raise KeyringError(f"not a readable custodes signing key file: {key_path}")
+    return vkey, _read_state(_state_path(Path(key_path)), NoteVerifier.from_key_string(vkey))
 
 
 def _read_state(path: Path, verifier: NoteVerifier) -> Checkpoint:
