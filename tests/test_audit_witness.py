@@ -372,3 +372,13 @@ def test_witness_process_refuses_without_passphrase(witness: Witness) -> None:
 def test_malformed_note_reaches_the_witness_as_a_refusal(witness: Witness, log: Log) -> None:
     with pytest.raises(MalformedNote):
         witness.add_checkpoint(0, [], log.note(3).replace(b"\n\n", b"\n"))
+
+
+def test_a_witness_key_cannot_be_sealed_with_a_guessable_passphrase(tmp_path: Path) -> None:
+    from custodes.errors import WeakPassword
+
+    for weak in ("x", "qwertyuiop12", "aaaaaaaaaaaaaa"):
+        with pytest.raises(WeakPassword) as refused:
+            Witness.init(tmp_path / f"w-{weak}", name="dpa.example/witness", passphrase=weak)
+        assert weak not in str(refused.value)
+        assert not (tmp_path / f"w-{weak}").exists()

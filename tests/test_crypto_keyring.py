@@ -309,3 +309,16 @@ def test_rotation_from_a_stale_copy_cannot_lose_a_newer_key(
         stale.rotate_kek(PASSPHRASE)
     reopened = Keyring.open(keyring_path, passphrase=PASSPHRASE)
     assert reopened.material == keyring.material
+
+
+@pytest.mark.parametrize("weak", ["x", "aaaaaaaaaaaaaa", "password1234", "123456789012"])
+def test_a_vault_cannot_be_sealed_with_a_guessable_passphrase(tmp_path: Path, weak: str) -> None:
+    # Whoever holds the passphrase and the files reads everything: one character, or a
+    # common password, would hand the population to the first guesser.
+    from custodes.bootstrap import create_vault
+    from custodes.errors import WeakPassword
+
+    with pytest.raises(WeakPassword) as refused:
+        create_vault(tmp_path / "vault", passphrase=weak, keyring_path=tmp_path / "k", kdf=FAST)
+    assert weak not in str(refused.value) and "keyring passphrase" in str(refused.value)
+    assert not (tmp_path / "vault").exists() and not (tmp_path / "k").exists()

@@ -20,7 +20,7 @@ from custodes.audit import Outcome
 from custodes.audit.report import verify_bundle
 from custodes.policy import Role
 from custodes.vault import Vault
-from custodes.web import api
+from custodes.web import api, deps
 from custodes.web.app import create_app
 from tests.conftest import PASSWORD, TOTP_SECRETS, enrol, make_vault, read_records, totp_code
 
@@ -153,6 +153,40 @@ def test_every_api_route_refuses_without_a_live_session(
         assert response.headers["www-authenticate"] == "Bearer"
         assert record_id not in response.text
         assert not [v for v in leaks if v in response.text], f"{method} {path} leaked"
+
+
+def test_a_cross_site_page_cannot_drive_the_api_with_the_officials_cookie(
+    app: FastAPI, client: TestClient, vault: Vault, people: list[dict[str, Any]]
+) -> None:
+    # The API checks no CSRF token, so the cookie a browser adds on its own opens no
+    # route, and a body a cross-site form can send (text/plain) is not read.
+    headers = headers_for(client, vault, Role.INVESTIGATOR)
+    token = headers["Authorization"].removeprefix("Bearer ")
+    record_id = first_record_id(client, headers, people[0]["national_id"])
+    with TestClient(app) as browser:
+        browser.cookies.set(deps.SESSION_COOKIE, token)
+        for method, path in api_routes(app):
+            if (method, path) == ("POST", "/api/v1/session"):
+                continue
+            body = {"field": "name", **PURPOSE} if method == "POST" else None
+            response = browser.request(
+                method,
+                concrete(path, record_id),
+                json=body,
+                params=PURPOSE if method == "GET" else None,
+            )
+            assert_error(response, 401, "not_authenticated")
+    search = {
+        "record_type": "person",
+        "index": "national_id",
+        "values": {"national_id": str(people[0]["national_id"])},
+        **PURPOSE,
+    }
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        sent = {**headers, "Content-Type": content_type}
+        response = client.post("/api/v1/search", content=orjson.dumps(search), headers=sent)
+        assert response.status_code == 415, content_type
+        assert str(people[0]["national_id"]) not in response.text
 
 
 def test_the_openapi_document_needs_a_session(client: TestClient, vault: Vault) -> None:

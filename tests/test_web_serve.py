@@ -63,3 +63,14 @@ def test_self_signed_key_is_never_written_inside_the_vault(tmp_path: Path) -> No
     with pytest.raises(ConfigurationError):
         serve.self_signed("localhost", tmp_path / "vault" / "tls", vault_dir=tmp_path / "vault")
     assert not (tmp_path / "vault" / "tls").exists()
+
+
+def test_a_printed_fingerprint_reaches_the_operator_exactly_as_the_browser_shows_it() -> None:
+    # Colon-separated hex pairs spell emoji codes (":cd:", ":ab:", ":id:"); the operator
+    # compares the printed fingerprint with the browser's, so it must print verbatim.
+    from custodes.cli import common
+
+    fingerprint = "AB:CD:" + ":".join(["ID", "CL", "0F"] * 10)
+    with common.out.capture() as captured:
+        common.out.print(f"SHA-256 fingerprint: {fingerprint}")
+    assert captured.get().strip() == f"SHA-256 fingerprint: {fingerprint}"

@@ -10,7 +10,8 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from custodes.errors import (
     SchemaError,
     TamperDetected,
 )
+from custodes.freetext import HiddenCharacter, one_line
 from custodes.ingest import IngestReport, IngestTarget, run_ingest
 from custodes.policy import (
     PROTECTED_REPORTER,
@@ -51,7 +53,7 @@ from custodes.policy import (
     district_of_national_id,
     is_minor,
 )
-from custodes.records import index_parts, is_han, mask_value, query_parts
+from custodes.records import CanonicalRecord, index_parts, is_han, mask_value, query_parts
 from custodes.schema import IndexSpec, RecordType, Schema
 from custodes.sessions import (
     ABSOLUTE_TIMEOUT,
@@ -66,14 +68,21 @@ from custodes.sessions import (
 from custodes.storage.base import Storage, StoredRecord
 
 MAX_RESULTS = 100
+# Records per page of the search-index check: a durable backend reads tokens by
+# generation, so a larger page reads each generation's tokens fewer times.
+_CHECK_PAGE = 4096
 # Incoming links are looked up in pages of this size, growing until a page comes back
 # short, so that a person named in many records is never cut off at a fixed limit.
 _FIRST_PAGE = 256
+# The link kind of a record about one person (a delivery to them), as opposed to one that
+# names several (a case).
+_ABOUT = frozenset({"person_ref"})
 
 __all__ = [
     "ABSOLUTE_TIMEOUT",
     "IDLE_TIMEOUT",
     "MAX_RESULTS",
+    "IndexCheck",
     "LinkView",
     "LogExtract",
     "Operator",
@@ -130,6 +139,73 @@ class LogExtract:
         return self.entries
 
 
+@dataclass(frozen=True, slots=True)
+class IndexCheck:
+    """What `Vault.verify_records` found: counts, never a value, a token or a record id."""
+
+    records: int  # records read
+    tokens: int  # token rows re-derived from them
+    missing: int  # rows a record should have and the index lacks: it is hidden from a search
+    extra: int  # rows the index holds for a record that it should not
+    repointed: int  # rows missing from one record and found on another
+    unreadable: int  # records that do not open: tampered, so no token can be re-derived
+    # Records linking to a record not stored: that link's index is left out for them, its
+    # token being made from the linked record's value.
+    partial: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.unreadable)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "records": self.records,
+            "tokens": self.tokens,
+            "missing": self.missing,
+            "extra": self.extra,
+            "repointed": self.repointed,
+            "unreadable": self.unreadable,
+            "partial": self.partial,
+        }
+
+
+@dataclass
+class _IndexTally:
+    records: int = 0
+    tokens: int = 0
+    unreadable: int = 0
+    partial: int = 0
+    missing: Counter[tuple[int, int]] = field(default_factory=Counter)
+    extra: Counter[tuple[int, int]] = field(default_factory=Counter)
+
+    def record(
+        self,
+        expected: tuple[frozenset[tuple[int, int]], frozenset[int]] | None,
+        held: Sequence[tuple[int, int]],
+    ) -> None:
+        self.records += 1
+        if expected is None:
+            self.unreadable += 1
+            return
+        tokens, skipped = expected
+        self.partial += bool(skipped)
+        self.tokens += len(tokens)
+        stored = {pair for pair in held if pair[0] not in skipped}
+        self.missing.update(tokens - stored)
+        self.extra.update(stored - tokens)
+
+    def result(self) -> IndexCheck:
+        return IndexCheck(
+            records=self.records,
+            tokens=self.tokens,
+            missing=sum(self.missing.values()),
+            extra=sum(self.extra.values()),
+            repointed=sum((self.missing & self.extra).values()),
+            unreadable=self.unreadable,
+            partial=self.partial,
+        )
+
+
 class Vault:
     def __init__(
         self,
@@ -170,10 +246,19 @@ class Vault:
             session_ttl=session_ttl,
         )
         self._gate = AccessGate(
-            keeper=self._keeper, accounts=accounts, log=access_log, clock=clock, operator=operator
+            keeper=self._keeper,
+            accounts=accounts,
+            log=access_log,
+            clock=clock,
+            operator=operator,
+            case_scope=self._case_scope,
         )
         self.admin = Administration(
-            gate=self._gate, accounts=accounts, keeper=self._keeper, clock=clock
+            gate=self._gate,
+            accounts=accounts,
+            keeper=self._keeper,
+            clock=clock,
+            case_exists=lambda case_no: bool(self._case_scope(case_no)),
         )
 
     def __repr__(self) -> str:
@@ -310,7 +395,7 @@ class Vault:
                 # Out of reach is as good as absent: neither shown nor counted, only
                 # tallied for the log.
                 if self._as_hidden_reporter(rt, spec, parts, opened, reach) or not reach.allows(
-                    self._facts(rt, opened, reach)
+                    self._facts(rt, opened, reach), stored.record_id
                 ):
                     reach.withheld += 1
                     continue
@@ -336,9 +421,9 @@ class Vault:
         def run(grant: Grant) -> Done[RecordView]:
             reach = grant.reach
             stored = self._one(record_id)
-            rt = self.schema.types[stored.record_type]
+            rt = self._codec.type_of(stored)
             opened = self._codec.open(stored)
-            if not reach.allows(self._facts(rt, opened, reach)):
+            if not reach.allows(self._facts(rt, opened, reach), record_id):
                 raise OutOfReach(rt.name)
             view = self._view(rt, record_id, opened, reach)
             touched = [record_id]
@@ -365,17 +450,16 @@ class Vault:
         def run(grant: Grant) -> Done[str | None]:
             reach = grant.reach
             stored = self._one(record_id)
-            rt = self.schema.types[stored.record_type]
+            rt = self._codec.type_of(stored)
             # Reach first: a record out of reach must fail exactly as a missing one does,
             # whatever field was asked for.
             opened = self._codec.open(stored, _fact_fields(rt))
-            if not reach.allows(self._facts(rt, opened, reach)):
+            if not reach.allows(self._facts(rt, opened, reach), record_id):
                 raise OutOfReach(rt.name)
             spec = rt.fields.get(field_name)
             if spec is None:
-                raise InvalidQuery(
-                    f"record type {stored.record_type!r} has no field {field_name!r}"
-                )
+                known = ", ".join(rt.fields)
+                raise InvalidQuery(f"record type {rt.name!r} has no such field (known: {known})")
             # Clearance depends on the field, known only once the record's type is.
             authorise(
                 grant.role, Action.REVEAL, scope=grant.principal.scope, purpose=purpose, field=spec
@@ -393,13 +477,20 @@ class Vault:
             Action.REVEAL,
             run,
             purpose=purpose,
-            detail={"target": record_id, "field": field_name},
+            # The field as the schema names it: a name typed where a field belongs is input
+            # like a value, and stays off the log.
+            detail={"target": record_id, "field": self._field_name(field_name)},
             target=record_id,
         )
 
+    def _field_name(self, name: str) -> str:
+        known = any(name in rt.fields for rt in self.schema.types.values())
+        return name if known else "(not a field of the schema)"
+
     def count(self, record_type: str | None = None) -> int:
         """How many records are stored: a number, no personal data."""
-        return self._storage.count_records(record_type)
+        tag = None if record_type is None else self._codec.type_tag(record_type)
+        return self._storage.count_records(tag)
 
     # -- the access log, for auditors --------------------------------------------------
 
@@ -415,7 +506,17 @@ class Vault:
         purpose_contains: str | None = None,
     ) -> LogExtract:
         """Stream access-log entries matching the filters. Auditors only; the query is
-        itself logged, durably, before the first entry is returned."""
+        itself logged, durably, before the first entry is returned. Text filters are
+        normalised like the purposes they match, and refused if they hide a character:
+        they are logged with the reading."""
+        actor, action, purpose_contains = (
+            _filter_text(name, value)
+            for name, value in (
+                ("actor", actor),
+                ("action", action),
+                ("purpose_contains", purpose_contains),
+            )
+        )
         filters = {
             k: v
             for k, v in {
@@ -479,7 +580,8 @@ class Vault:
 
         The request is logged first (naming the person), then the report is read from the
         log: the report's own entry is in it, so the subject sees who asked. Raises
-        TamperDetected if the log cannot prove an entry it holds.
+        TamperDetected if the log cannot prove an entry it holds, or that it holds every
+        one (the subject index disagrees with the signed entries): never a short report.
         """
 
         def run(_: Grant) -> Done[list[str]]:
@@ -495,16 +597,15 @@ class Vault:
         )
         return self._report(record_id, records, index)
 
-    def _incoming_links(self, record_id: str) -> list[str]:
-        """Every record that names a person (cases, deliveries), opening link fields only."""
+    def _incoming_links(self, record_id: str, *, kinds: frozenset[str] | None = None) -> list[str]:
+        """Every record that names a person (cases, deliveries), opening link fields only;
+        with `kinds`, only those whose link field is of one of these kinds."""
         stored = self._storage.get_records([record_id]).get(record_id)
         if stored is None:
             # Without the record its source key is unknown, so the records naming it cannot
             # be found: refuse rather than hand out a report that looks complete and is not.
             raise RecordNotFound("no such record")
-        rt = self.schema.types.get(stored.record_type)
-        if rt is None:
-            raise TamperDetected()
+        rt = self._codec.type_of(stored)
         if len(rt.source_key) != 1:
             return []  # links refer to single-field source keys only
         key_field = rt.source_key[0]
@@ -514,6 +615,8 @@ class Vault:
         found: dict[str, None] = {}  # ordered and free of repeats
         for other_rt, index, token in self._codec.link_tokens(rt.name, str(value)):
             link_field = other_rt.fields[index.components[0].field]
+            if kinds is not None and link_field.kind not in kinds:
+                continue
             for candidate in self._find_all(index.index_id, token):
                 # Tokens are truncated, so a bucket may hold records naming someone else:
                 # only the decrypted link field decides.
@@ -533,12 +636,13 @@ class Vault:
 
     def _report(self, subject: str, records: list[str], report_index: int) -> SubjectReport:
         log = self._log
-        found = log.entries_for(records)  # never empty: the report's own entry is there
         latest = log.latest_checkpoint()
-        newest = found[-1][0]
-        note = latest[1] if latest is not None and latest[0] > newest else log.checkpoint()
+        note = latest[1] if latest is not None and latest[0] > report_index else log.checkpoint()
         # Check what is about to be handed out: a report the log cannot prove is not given.
         checkpoint = open_checkpoint(note, log.verifier_key)
+        # Read from the signed tree and held against the subject index, not taken from the
+        # index: a row deleted there must refuse the report, never shorten it.
+        found = log.proven_entries_for(records, checkpoint)
         accesses = []
         for index, entry in found:
             leaf = log.raw_entry(index)
@@ -571,6 +675,100 @@ class Vault:
             accesses=tuple(accesses),
             report_index=report_index,
         )
+
+    def verify_records(self, principal: Principal) -> IndexCheck:
+        """Re-derive every stored record's blind-index tokens with the vault's keys and hold
+        them against the token rows a search reads; counts only, never a value or a token.
+        A row deleted or repointed hides a record from search; nothing else would notice.
+        Auditors and the host operator; logged with its counts."""
+
+        def run(_: Grant) -> Done[IndexCheck]:
+            check = _IndexTally()
+            after = 0
+            while page := self._storage.record_tokens(after, _CHECK_PAGE):
+                after = page[-1][0]
+                stored = self._storage.get_records([row[1] for row in page])
+                names = self._linked_source_keys(stored.values())
+                for _position, rid, held in page:
+                    record = stored.get(rid)
+                    expected = None if record is None else self._expected_tokens(record, names)
+                    check.record(expected, held)
+            result = check.result()
+            return Done(result, detail=result.counts())
+
+        return self._gate.access(principal, Action.RECORDS_VERIFY, run)
+
+    def _linked_source_keys(self, records: Iterable[StoredRecord]) -> dict[str, str]:
+        """The source-key value of every record the given ones link to (a link is stored
+        as the keyed id, the token is made from the value): record id -> value."""
+        wanted: dict[str, RecordType] = {}
+        for stored in records:
+            try:
+                rt = self._codec.type_of(stored)
+                links = [f for f in rt.fields.values() if f.ref is not None]
+                if not links:
+                    continue
+                opened = self._codec.open(stored, [f.name for f in links])
+            except TamperDetected:
+                continue
+            for spec in links:
+                value = opened.get(spec.name)
+                ref = self.schema.types.get(spec.ref or "")
+                if value is None or ref is None or len(ref.source_key) != 1:
+                    continue
+                ids = [value] if spec.kind == "person_ref" else [r for r, _ in value]  # type: ignore[attr-defined]
+                for rid in ids:
+                    wanted[str(rid)] = ref
+        found: dict[str, str] = {}
+        for rid, target in self._storage.get_records(list(wanted)).items():
+            key_field = wanted[rid].source_key[0]
+            try:
+                if self._codec.type_of(target).name != wanted[rid].name:
+                    continue
+                value = self._codec.open(target, (key_field,)).get(key_field)
+            except TamperDetected:
+                continue
+            if value is not None:
+                found[rid] = str(value)
+        return found
+
+    def _expected_tokens(
+        self, stored: StoredRecord, linked: Mapping[str, str]
+    ) -> tuple[frozenset[tuple[int, int]], frozenset[int]] | None:
+        """The tokens ingest wrote for a stored record and the indexes left out (a link to
+        a record not stored), or None if the record does not open."""
+        try:
+            rt = self._codec.type_of(stored)
+            values = self._codec.open(stored)
+        except TamperDetected:
+            return None
+        canonical: dict[str, object] = dict(values)
+        unresolved: set[str] = set()
+        for spec in rt.fields.values():
+            value = values.get(spec.name)
+            if spec.ref is None or value is None:
+                continue
+            links = [(value, "")] if spec.kind == "person_ref" else list(value)  # type: ignore[call-overload]
+            ids = [str(r) for r, _ in links]
+            if any(r not in linked for r in ids):
+                unresolved.add(spec.name)
+                del canonical[spec.name]
+            elif spec.kind == "person_ref":
+                canonical[spec.name] = linked[ids[0]]
+            else:
+                roles = [role for _, role in links]
+                canonical[spec.name] = tuple(zip((linked[r] for r in ids), roles, strict=True))
+        skipped = frozenset(
+            ix.index_id
+            for ix in rt.indexes.values()
+            if any(c.field in unresolved for c in ix.components)
+        )
+        # Sealed afresh only for its tokens: the same code that wrote them at ingest, decoys
+        # included, so the check cannot drift from what ingest does.
+        sealed = self._codec.seal(CanonicalRecord(rt.name, canonical, 0))
+        if sealed.record_id != stored.record_id:
+            return None
+        return frozenset(t for t in sealed.tokens if t[0] not in skipped), skipped
 
     # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
 
@@ -630,6 +828,41 @@ class Vault:
 
         return self._gate.access(operator, Action.WITNESS_PUBLISH, run, detail={"witness": url})
 
+    # -- what an assigned case opens ---------------------------------------------------
+
+    def _case_scope(self, case_no: str) -> frozenset[str]:
+        """The records a case names: the case itself, every person it links (reporters
+        too), and the records about one of those people (a delivery to them). What an
+        assignment to the case opens, and nothing else; empty if no such case is stored."""
+        scope: set[str] = set()
+        for case_id, rt, opened in self._cases_numbered(case_no):
+            scope.add(case_id)
+            for person_id in _linked_people(rt, opened):
+                scope.add(person_id)
+                # Another case naming the person is not this case's; a record about them
+                # alone (a delivery) is.
+                try:
+                    scope.update(self._incoming_links(person_id, kinds=_ABOUT))
+                except RecordNotFound:
+                    continue
+        return frozenset(scope)
+
+    def _cases_numbered(self, case_no: str) -> Iterator[tuple[str, RecordType, Values]]:
+        """The stored records whose case-number field equals `case_no`, opened."""
+        for rt in self.schema.types.values():
+            for spec in rt.indexes.values():
+                if len(spec.components) != 1 or rt.fields[spec.field_names[0]].kind != "case_no":
+                    continue
+                try:
+                    parts = query_parts(rt, spec, {spec.field_names[0]: case_no})
+                except SchemaError:
+                    continue
+                token = self._codec.token(spec, parts)
+                for stored in self._load(self._storage.find(spec.index_id, token, MAX_RESULTS)):
+                    opened = self._codec.open(stored)
+                    if self._matches(rt, spec, parts, stored.record_id, opened):
+                        yield stored.record_id, rt, opened
+
     # -- record-level facts -------------------------------------------------------------
 
     def _facts(self, rt: RecordType, values: Values, reach: Reach) -> RecordFacts:
@@ -662,7 +895,7 @@ class Vault:
         stored = self._storage.get_records([record_id]).get(record_id)
         if stored is None:
             return RecordFacts(None)
-        rt = self.schema.types[stored.record_type]
+        rt = self._codec.type_of(stored)
         if not any(spec.kind == "national_id" for spec in rt.fields.values()):
             return RecordFacts(None)
         facts = self._facts(rt, self._codec.open(stored, _fact_fields(rt)), reach)
@@ -675,7 +908,7 @@ class Vault:
         district: str | None = None
         stored = self._storage.get_records([record_id]).get(record_id)
         if stored is not None:
-            rt = self.schema.types[stored.record_type]
+            rt = self._codec.type_of(stored)
             names = [s.name for s in rt.fields.values() if s.kind == "national_id"]
             if names:
                 district = district_of_national_id(self._codec.open(stored, names).get(names[0]))
@@ -702,30 +935,35 @@ class Vault:
 
     # -- helpers ----------------------------------------------------------------------
 
+    # A search is refused in the schema's words only: what a caller sends as a type, an
+    # index or a key is input like a value (a person's name makes a fine JSON key), and
+    # comes back in no error, on no terminal, in no log.
+
     def _type(self, name: str) -> RecordType:
-        try:
-            return self.schema.record_type(name)
-        except SchemaError as exc:
-            raise InvalidQuery(str(exc)) from None
+        rt = self.schema.types.get(name)
+        if rt is None:
+            known = ", ".join(sorted(self.schema.types))
+            raise InvalidQuery(f"unknown record type (known: {known})")
+        return rt
 
     def _index(self, rt: RecordType, name: str, values: Mapping[str, str]) -> IndexSpec:
-        try:
-            spec = rt.index(name)
-        except SchemaError as exc:
-            raise InvalidQuery(str(exc)) from None
+        spec = rt.indexes.get(name)
+        if spec is None:
+            known = ", ".join(sorted(rt.indexes))
+            raise InvalidQuery(f"record type {rt.name!r} has no such index (known: {known})")
+        if not set(values) <= set(spec.field_names):
+            fields = ", ".join(spec.field_names)
+            raise InvalidQuery(f"index {spec.name!r} searches only by: {fields}")
         missing = [f for f in spec.field_names if not values.get(f)]
         if missing:
-            raise InvalidQuery(f"index {name!r} needs a value for {', '.join(missing)}")
-        extra = set(values) - set(spec.field_names)
-        if extra:
-            raise InvalidQuery(f"index {name!r} does not use {', '.join(sorted(extra))}")
+            raise InvalidQuery(f"index {spec.name!r} needs a value for {', '.join(missing)}")
         # A name typed in Latin letters is looked up in the pinyin twin of a name index.
         for comp in spec.components:
             named = comp.transform == "" and rt.fields[comp.field].kind == "name"
             if named and not is_han(values[comp.field]):
                 twin = _pinyin_twin(rt, spec)
                 if twin is None:
-                    raise InvalidQuery(f"index {name!r} needs the name in Han characters")
+                    raise InvalidQuery(f"index {spec.name!r} needs the name in Han characters")
                 return twin
         return spec
 
@@ -789,7 +1027,7 @@ class Vault:
         found = self._storage.get_records([rid for rid, _, _ in outgoing])
         for rid, ref_type, role in outgoing:
             target = found.get(rid)
-            if target is None or target.record_type != ref_type:
+            if target is None or self._codec.type_of(target).name != ref_type:
                 continue
             if role == REPORTER and not reach.sees_reporters:
                 # That a case has a reporter is no secret; who it is, is.
@@ -797,7 +1035,7 @@ class Vault:
                 continue
             target_rt = self.schema.types[ref_type]
             opened = self._codec.open(target)
-            if not reach.allows(self._facts(target_rt, opened, reach)):
+            if not reach.allows(self._facts(target_rt, opened, reach), rid):
                 reach.withheld += 1
                 continue
             links.append(LinkView(rid, ref_type, role, self._label(target_rt, opened)))
@@ -813,12 +1051,32 @@ class Vault:
                         continue
                     # A person's page must not tell an officer that they reported a crime.
                     hidden = role == REPORTER and not reach.sees_reporters
-                    if hidden or not reach.allows(self._facts(other_rt, opened, reach)):
+                    facts = self._facts(other_rt, opened, reach)
+                    if hidden or not reach.allows(facts, stored.record_id):
                         reach.withheld += 1
                         continue
                     label = self._label(other_rt, opened)
                     links.append(LinkView(stored.record_id, other_rt.name, role, label))
         return links
+
+
+def _linked_people(rt: RecordType, values: Values) -> list[str]:
+    """The record ids of the people a record's person-links fields name."""
+    return [
+        str(person_id)
+        for spec in rt.fields.values()
+        if spec.kind == "person_links"
+        for person_id, _role in values.get(spec.name) or ()  # type: ignore[attr-defined]
+    ]
+
+
+def _filter_text(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return one_line(value)
+    except HiddenCharacter as exc:
+        raise InvalidQuery(f"the filter {name} {exc}") from None
 
 
 def _pinyin_twin(rt: RecordType, spec: IndexSpec) -> IndexSpec | None:

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from custodes.accounts import check_password_strength
 from custodes.audit.checkpoint import (
     SIG_COSIGNATURE_V1,
     Checkpoint,
@@ -236,6 +237,8 @@ class Witness:
         clock: Callable[[], float] = time.time,
     ) -> Witness:
         """Create a witness directory with a new cosigner key sealed under `passphrase`."""
+        # The key that vouches for a log's history: no weaker than an official's password.
+        check_password_strength(passphrase, what="witness passphrase")
         directory = Path(directory)
         private_key = Ed25519PrivateKey.generate()
         cosigner = Cosigner(name, private_key)

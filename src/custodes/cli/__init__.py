@@ -74,6 +74,7 @@ def audit() -> None:
         "synth": f"{_HOST}:synth",
         "ingest": f"{_HOST}:ingest",
         "demo": f"{_HOST}:demo",
+        "upgrade": f"{_HOST}:upgrade",
         "account": "custodes.cli.accounts:account",
         "serve": "custodes.cli.server:serve",
         "doctor": "custodes.cli.doctor:doctor",

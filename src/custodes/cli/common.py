@@ -22,6 +22,7 @@ from rich.text import Text
 
 from custodes import settings
 from custodes.errors import ConfigurationError
+from custodes.freetext import escape_hidden
 
 if TYPE_CHECKING:
     from custodes.bootstrap import UnlockedVault
@@ -35,6 +36,7 @@ __all__ = [
     "out",
     "print_record",
     "secret",
+    "shown",
     "unlock_host_vault",
     "vault_directory",
     "vault_options",
@@ -42,8 +44,10 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: a certificate fingerprint such as "AB:CD:..." holds ":cd:", which rich
+# would print as a disc; nothing custodes prints is meant as an emoji.
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 log = logging.getLogger("custodes")
 
 
@@ -114,16 +118,26 @@ def log_to(vault: Vault) -> None:
     log.setLevel(logging.INFO)
 
 
+def shown(text: object) -> Text:
+    """Text from outside this process (a server's answer, a stored entry, a record) as the
+    terminal is to show it: rich markup left as typed, and every control, formatting or
+    unassigned character spelt out (`\\u202e`), so that nothing printed can move the cursor,
+    erase a line or reorder what the reader sees."""
+    return Text(escape_hidden(str(text)))
+
+
 def print_record(record: Mapping[str, Any]) -> None:
     """One masked record as a table, then its links: a record in the API's JSON shape
     (record_id, type, fields, links), the same whether a vault or a server returned it."""
     table = Table(
-        title=f"{record['type']} {record['record_id']}", show_header=False, title_justify="left"
+        title=shown(f"{record['type']} {record['record_id']}"),
+        show_header=False,
+        title_justify="left",
     )
     for name, value in record["fields"].items():
-        table.add_row(name, Text(value))
+        table.add_row(shown(name), shown(value))
     out.print(table)
     for link in record["links"]:
         out.print(
-            Text(f"  {link['role']:<10} {link['type']:<9} {link['record_id']}  {link['label']}")
+            shown(f"  {link['role']:<10} {link['type']:<9} {link['record_id']}  {link['label']}")
         )

@@ -39,6 +39,7 @@ from custodes.cli.common import (
     out,
     print_record,
     secret,
+    unlock_host_vault,
     vault_options,
 )
 from custodes.errors import ConfigurationError
@@ -74,6 +75,43 @@ def init(directory: str, keyring: str | None, schema: str | None, population: in
     out.print(f"Vault created in {directory}")
     out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
     out.print(f"Access-log signing key: {recorded.log_key}")
+
+
+@click.command()
+@vault_options
+@click.option(
+    "--schema", type=click.Path(exists=True, dir_okay=False), help="The vault's schema file."
+)
+@click.option(
+    "--population",
+    type=click.IntRange(min=1),
+    default=DEFAULT_POPULATION,
+    show_default=True,
+    help="The expected population the vault was created for.",
+)
+def upgrade(
+    vault_dir: str | None, keyring: str | None, schema: str | None, population: int
+) -> None:
+    """Seal the settings and accounts of a vault made before they were sealed (once).
+
+    Refused unless the stored schema is exactly the text of the vault's schema file (the
+    shipped one without --schema) and the token sizes those planned for --population, so
+    that nothing a database writer edited is ever sealed as genuine.
+    """
+    from custodes.bootstrap import seal_settings
+
+    unlocked = unlock_host_vault(vault_dir, keyring)
+    sealed = seal_settings(
+        unlocked, schema_path=Path(schema) if schema else None, expected_population=population
+    )
+    out.print("the vault's settings are sealed")
+    if sealed:
+        out.print(
+            f"{len(sealed)} account(s) had no seal and were sealed as they are: check them "
+            "with 'custodes account list' and disable any you did not create:"
+        )
+        for name in sealed:
+            out.print(Text(f"  {name}"))
 
 
 @click.command()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from custodes.errors import AccessDenied, PurposeRequired
+from custodes.freetext import HiddenCharacter, one_line
 from custodes.schema import FieldSpec, Sensitivity
 
 
@@ -43,6 +44,8 @@ class Action(StrEnum):
     LOGOUT = "account:session:logout"
     LOG_READ = "audit:log:read"
     LOG_VERIFY = "audit:log:verify"
+    # Re-derive every record's blind-index tokens and hold them against the stored rows.
+    RECORDS_VERIFY = "audit:index:verify"
     LOG_CHECKPOINT = "audit:checkpoint:sign"
     WITNESS_PUBLISH = "audit:checkpoint:witness"
     SUBJECT_REPORT = "audit:subject:report"
@@ -58,6 +61,8 @@ class Action(StrEnum):
     CASE_ASSIGN = "account:case:assign"
     CASE_UNASSIGN = "account:case:unassign"
     PASSKEY_REGISTER = "account:passkey:register"
+    # A stored row that grants access (account, session, API token) failed its tag.
+    ROW_TAMPERED = "vault:row:tampered"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -83,6 +88,8 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.LOG_READ: frozenset({Role.AUDITOR}),
     Action.SUBJECT_REPORT: frozenset({Role.AUDITOR}),
     Action.LOG_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
+    # Opens every record in memory but hands out counts only, like verifying the log.
+    Action.RECORDS_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
     Action.LOG_CHECKPOINT: frozenset({Role.OPERATOR}),
     Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
@@ -121,6 +128,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.LOG_READ: "only an auditor reads the access log",
     Action.SUBJECT_REPORT: "only an auditor reads the access log",
     Action.LOG_VERIFY: "only an auditor or the host operator verifies the access log",
+    Action.RECORDS_VERIFY: "only an auditor or the host operator verifies the search index",
     Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",
     Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
     Action.INGEST: "only the host operator ingests records",
@@ -151,21 +159,32 @@ def case_required(action: Action) -> bool:
 class AccessPurpose:
     """Why an official is looking: a stated reason and, optionally, the case it serves.
 
-    The reason goes on the access log verbatim, so it must be short, single-line text.
+    The reason goes on the access log verbatim and is read back by auditors, so it must be
+    short, single-line text that shows as what it holds: normalised (NFKC), and refused if
+    it holds a control, formatting (zero-width, bidi), private-use or unassigned character.
     """
 
     reason: str
     case_ref: str | None = None
 
     def __post_init__(self) -> None:
-        reason = self.reason.strip() if isinstance(self.reason, str) else ""
+        raw = self.reason if isinstance(self.reason, str) else ""
+        if _BREAKS.search(raw):
+            raise PurposeRequired("a purpose must be one line of at most 200 characters")
+        try:
+            reason = one_line(raw)
+        except HiddenCharacter as exc:
+            raise PurposeRequired(f"a purpose {exc}") from None
         if len(reason) < 3:
             raise PurposeRequired("a purpose of at least 3 characters is required")
-        if len(reason) > 200 or _BREAKS.search(reason):
+        if len(reason) > 200:
             raise PurposeRequired("a purpose must be one line of at most 200 characters")
         object.__setattr__(self, "reason", reason)
         if self.case_ref is not None:
-            case_ref = self.case_ref.strip() if isinstance(self.case_ref, str) else ""
+            try:
+                case_ref = one_line(self.case_ref) if isinstance(self.case_ref, str) else ""
+            except HiddenCharacter:
+                case_ref = ""
             if not _CASE_REF.fullmatch(case_ref):
                 raise PurposeRequired(
                     "a case reference is 1-64 letters, digits or / _ . - characters"

@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security.base import SecurityBase
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custodes.audit.entry import AccessEntry
 from custodes.audit.report import SubjectReport, as_json
@@ -118,7 +119,7 @@ class _SessionScheme(SecurityBase):
         self.scheme_name = "session"
 
     async def __call__(self, request: Request) -> Session:
-        return deps.require_session(request)
+        return deps.require_bearer_session(request)
 
 
 _session = _SessionScheme()
@@ -277,7 +278,11 @@ _SELF_VALIDATED: tuple[type[BaseModel], ...] = (SearchRequest,)
 
 async def _validated_body(request: Request, model: type[_M]) -> _M:
     """The request's JSON body as `model`, or the API's one 422 (naming fields, never
-    values: the same errors FastAPI would give for a declared body)."""
+    values: the same errors FastAPI would give for a declared body). Only a JSON body is
+    read: a text/plain one is what a cross-site form can send without asking first."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise StarletteHTTPException(415)
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -415,7 +420,9 @@ class ReportedAccessOut(BaseModel):
     purpose: str | None
     case: str | None
     records: list[str]
-    private: dict[str, Any] | None = Field(description="Sealed details, if still held.")
+    searched_by: list[str] = Field(
+        description="The fields a search looked up by; their values stay sealed in the log."
+    )
     leaf: str = Field(description="The exact leaf bytes, base64.")
     proof: list[str] = Field(description="Inclusion proof against the checkpoint, base64.")
 

@@ -91,6 +91,19 @@ def session_token(request: Request) -> str | None:
     return request.cookies.get(cookie_name(request))
 
 
+def require_bearer_session(request: Request) -> Session:
+    """The live session of an API request: from its Authorization header only. The API
+    checks no CSRF token, so a cookie a browser adds on its own must never open it."""
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not token:
+        raise NotAuthenticated()
+    try:
+        return vault_of(request).session_for(token)
+    except AuthenticationFailed:
+        raise NotAuthenticated() from None
+
+
 def require_session(request: Request) -> Session:
     """FastAPI dependency: the live session of this request, or NotAuthenticated."""
     token = session_token(request)

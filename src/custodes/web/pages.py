@@ -20,6 +20,7 @@ from custodes.audit import AccessEntry, Outcome
 from custodes.audit.report import BundleInvalid, verify_bundle
 from custodes.audit.verify import LogTampered
 from custodes.errors import AccessDenied, InvalidAssignment, InvalidQuery, PurposeRequired
+from custodes.freetext import escape_hidden
 from custodes.policy import (
     ACCOUNT_ROLES,
     AccessPurpose,
@@ -346,12 +347,12 @@ def subject_report(
         {
             "index": a.index,
             "time": a.time.replace("T", " ").removesuffix("Z"),
-            "actor": a.actor,
-            "role": a.role or "-",
-            "action": a.action,
-            "field": AccessEntry.decode(a.leaf).detail.get("field"),
-            "purpose": a.purpose or "-",
-            "case": a.case_ref or "-",
+            "actor": shown(a.actor),
+            "role": shown(a.role) or "-",
+            "action": shown(a.action),
+            "field": shown(AccessEntry.decode(a.leaf).detail.get("field")),
+            "purpose": shown(a.purpose) or "-",
+            "case": shown(a.case_ref) or "-",
             "outcome": a.outcome.value,
             "this_report": a.index == report.report_index,
         }
@@ -401,19 +402,26 @@ def _day(text: str | None, *, end: bool = False) -> float | None:
     return moment.timestamp()
 
 
+def shown(text: object) -> str:
+    """Text from the log as a page shows it: HTML escaping is the template's, but a bidi
+    override or a zero-width character would still reorder or hide what an auditor reads,
+    so every such character is spelt out (`\u202e`)."""
+    return escape_hidden(text) if isinstance(text, str) else ""
+
+
 def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
     return {
         "index": index,
         "time": datetime.fromtimestamp(entry.time, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        "actor": entry.actor,
-        "role": entry.role or "-",
-        "action": entry.action,
-        "purpose": entry.purpose or "",
-        "case": entry.case_ref or "",
+        "actor": shown(entry.actor),
+        "role": shown(entry.role) or "-",
+        "action": shown(entry.action),
+        "purpose": shown(entry.purpose),
+        "case": shown(entry.case_ref),
         "outcome": entry.outcome.value,
         "records": entry.records,
         "count": entry.result_count,
-        "field": entry.detail.get("field") if isinstance(entry.detail, dict) else None,
+        "field": shown(entry.detail.get("field")) if isinstance(entry.detail, dict) else None,
         # How a login was made: "totp" or "passkey".
         "factor": entry.detail.get("factor") if isinstance(entry.detail, dict) else None,
     }
