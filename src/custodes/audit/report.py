@@ -25,9 +25,10 @@ note's root and size, and that every entry names the subject or a linked record.
 What the bundle proves, and what it does not: each entry in it is in the signed log.
 It does not prove that no entry was left out (anyone may drop an entry and the rest
 still verify); completeness comes from the vault, which checks the subject index against
-every leaf up to the report's signed checkpoint before it builds a report. The ``linked`` lines are the vault's statement of which records name the person,
-not something the log proves. Private details (the values an official searched for)
-live outside the tree, sealed, and stay there: a report names which fields an access
+every leaf up to the report's signed checkpoint before it builds a report. The
+``linked`` lines are the vault's statement of which records name the person, not
+something the log proves. Private details (the values an official searched for) live
+outside the tree, sealed, and stay there: a report names which fields an access
 searched by, never their values (`render_text`, `as_json`); the bundle carries neither.
 """
 
