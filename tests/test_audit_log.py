@@ -264,6 +264,26 @@ def test_a_quiet_log_is_checkpointed_once_its_interval_has_passed(
     assert [size for size, _ in storage.checkpoints()] == [2]
 
 
+def test_a_lookup_at_night_is_signed_without_waiting_for_the_morning(
+    storage: Storage, keys: AuditKeys, signer: LogSigner
+) -> None:
+    # Appends sign only when the next one comes; a server also signs on a timer, so an
+    # entry with no access after it is covered (and so tamper-evident) within a bound.
+    log = make_log(storage, keys, signer, checkpoint_every=1000, checkpoint_interval=3600.0)
+    log.append(entry(0))
+    log.append(entry(1))
+    assert storage.checkpoints() == []
+    stop = log.keep_signing(0.01)
+    try:
+        for _ in range(1000):
+            if storage.checkpoints():
+                break
+            threading.Event().wait(0.01)
+    finally:
+        stop.set()
+    assert [size for size, _ in storage.checkpoints()] == [2]
+
+
 # -- failing closed -------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ class Vault:
         self._accounts = accounts
         self._clock = clock
         self._operator = operator
+        self._stop_signing: list[threading.Event] = []
         self._keeper = Gatekeeper(
             store=storage,
             meta=storage,
@@ -281,7 +283,14 @@ class Vault:
     def log_origin(self) -> str:
         return self._log.origin
 
+    def keep_signing(self, every: float = 60.0) -> None:
+        """Sign the access log on a timer, idle or not, until the vault closes: what a
+        server does, so that no entry waits long for a signature (and a witness)."""
+        self._stop_signing.append(self._log.keep_signing(every))
+
     def close(self) -> None:
+        for stop in self._stop_signing:
+            stop.set()
         self._storage.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
@@ -108,6 +109,9 @@ class _Pending:
     @property
     def settled(self) -> bool:
         return self.index >= 0 or self.error is not None
+
+
+log = logging.getLogger("custodes.audit")
 
 
 class AccessLog:
@@ -263,6 +267,27 @@ class AccessLog:
         """Sign and store a checkpoint of the tree as it is now; return the signed note."""
         with self._commit_lock:
             return self._checkpoint_locked()
+
+    def keep_signing(self, every: float) -> threading.Event:
+        """Sign a checkpoint every `every` seconds while entries wait for one, even when
+        no new access comes: appends sign only when the next one arrives, so a lookup at
+        night would stay unsigned (and changeable unnoticed) until morning. Returns the
+        event that stops the thread. A checkpoint that cannot be signed (a log cut behind
+        its signer, a missing state file) is reported on every round, never skipped."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(every):
+                try:
+                    with self._commit_lock:
+                        self._catch_up()
+                        if self._range.size > self._signer.current()[0]:
+                            self._checkpoint_locked()
+                except CustodesError as exc:
+                    log.error("the access log could not be signed: %s", type(exc).__name__)
+
+        threading.Thread(target=run, name="custodes-log-signer", daemon=True).start()
+        return stop
 
     def _checkpoint_locked(self) -> bytes:
         # Other processes may share this log and its key: start from the tree and the

@@ -198,6 +198,7 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
         sock = _port_socket(listen.host, listen.port)
         sock.listen(LISTEN_BACKLOG)
     vault = assemble_vault(unlocked)
+    vault.keep_signing()
     try:
         config = _config(create_app(vault, tls=listen.tls is not None), listen)
         server = uvicorn.Server(config)
