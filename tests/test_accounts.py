@@ -3,6 +3,7 @@ factor for everyone, codes that work once, throttling and lockout of guessers.""
 
 from __future__ import annotations
 
+import contextlib
 from importlib import resources
 from pathlib import Path
 
@@ -177,3 +178,75 @@ def test_password_sprayer_is_throttled_per_address_and_names_alike(
     with pytest.raises(AuthenticationFailed) as answered:
         vault.login("t.known", PASSWORD, client="192.0.2.1")
     assert not isinstance(answered.value, LoginThrottled)
+
+
+def test_one_code_opens_one_session_even_when_two_server_processes_race(
+    tmp_path: Path,
+) -> None:
+    # Two server processes each keep the account's last accepted step in a read-modify-
+    # write of their own: racing, both could accept one code. The code is also spent in
+    # storage, once, whichever process spends it.
+    from custodes.bootstrap import open_vault
+    from tests.conftest import FAST_HASH, PASSPHRASE, TOTP_SECRETS
+
+    first = make_vault(tmp_path, "sqlite")
+    second = open_vault(tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        first.admin.add_account(first.operator, "t.racer", PASSWORD, Role.OFFICER)
+        enrol(first, "t.racer")
+        code = totp_code(TOTP_SECRETS["t.racer"])
+        # The second process read the account before the first wrote its step back.
+        second._accounts.verify_totp = lambda *_a, **_k: True  # type: ignore[method-assign]
+        first.login("t.racer", PASSWORD, totp=code)
+        with pytest.raises(AuthenticationFailed):
+            second.login("t.racer", PASSWORD, totp=code)
+    finally:
+        second.close()
+        first.close()
+
+
+def test_a_burst_of_logins_checks_only_a_few_passwords_at_once(vault: Vault) -> None:
+    # Each check holds the hash's memory: a burst from many addresses must queue, not
+    # multiply the server's memory.
+    import threading
+    import time
+
+    from custodes.accounts import HASHES_AT_ONCE
+
+    real = vault._accounts._hasher
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def counted(stored: str, password: str) -> bool:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.02)
+            return bool(real.verify(stored, password))
+        finally:
+            with lock:
+                running -= 1
+
+    class CountingHasher:
+        verify = staticmethod(counted)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    vault._accounts._hasher = CountingHasher()  # type: ignore[assignment]
+
+    def guess(n: int) -> None:
+        with contextlib.suppress(AuthenticationFailed):
+            vault.login(
+                f"t.nobody{n}", "wrong password, guess", totp="000000", client=f"198.51.100.{n}"
+            )
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(4 * HASHES_AT_ONCE)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= most <= HASHES_AT_ONCE

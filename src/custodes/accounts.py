@@ -56,6 +56,8 @@ MAX_PASSWORD_LENGTH = 1024
 _ZXCVBN_PREFIX = 100
 
 LOCK_AFTER_FAILURES = 10
+# Password checks one process runs at once: each holds the hash's memory while it runs.
+HASHES_AT_ONCE = max(2, os.cpu_count() or 2)
 ENROLMENT_TTL = 24 * 3600.0
 TOTP_STEP = 30
 # Security state lives in the account's attributes under this key and is never shown.
@@ -224,6 +226,7 @@ class AccountBook:
         self._watcher: TamperWatcher | None = None
         # Read-modify-write of an account's security state (failures, last TOTP step).
         self._lock = threading.RLock()
+        self._hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
     def bind_secrets(self, box: SecretBox, macs: RowMacs) -> None:
         """Give the book the keys that seal second-factor secrets and tag account rows
@@ -269,7 +272,11 @@ class AccountBook:
         row = self._fetch(username)
         candidate = row.password_hash if row is not None else self._decoy_hash
         try:
-            self._hasher.verify(candidate, password)
+            # Each check takes the hash's memory (64 MiB by default): a burst of logins
+            # waits its turn rather than taking the server's memory, and the searches of
+            # everyone else with it.
+            with self._hashing:
+                self._hasher.verify(candidate, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             raise AuthenticationFailed() from None
         if row is None or row.disabled or _security(row).get("locked"):

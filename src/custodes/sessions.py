@@ -47,6 +47,8 @@ ABSOLUTE_TIMEOUT = 8 * 3600.0
 # commit, and the idle timeout needs no finer grain than this.
 TOUCH_EVERY = 60.0
 FREE_FAILURES = 3  # failed logins before backoff starts
+# A one-time code is accepted for three 30-second steps; its use-once mark outlives them.
+TOTP_KEEP = 4 * 30.0
 MAX_BACKOFF = 15 * 60.0
 
 _CSRF_INFO = b"custodes session csrf v1"
@@ -363,7 +365,9 @@ class Gatekeeper:
         if passkey is not None:
             factor_ok = self._passkey_ok(username, passkey, now)
         else:
-            factor_ok = self._accounts.verify_totp(username, totp, now=now)
+            factor_ok = self._accounts.verify_totp(username, totp, now=now) and self._spend(
+                b"custodes totp code", f"{username.casefold()}\0{totp}", now, TOTP_KEEP
+            )
         if not factor_ok:
             self._login_failed(username, keys, now, client, "second_factor")
             raise AuthenticationFailed()
@@ -570,5 +574,13 @@ class Gatekeeper:
     def _spend_challenge(self, nonce: bytes, now: float) -> bool:
         """Mark a challenge used; whether this was its first use, in any process. The
         mark is kept twice the challenge's life, so it outlives the challenge."""
-        key = hashlib.sha256(b"custodes passkey challenge\x00" + nonce).digest()
-        return self._store.spend(key, now, keep=2 * passkeys.CHALLENGE_TTL)
+        return self._spend(
+            b"custodes passkey challenge", nonce.hex(), now, 2 * passkeys.CHALLENGE_TTL
+        )
+
+    def _spend(self, label: bytes, value: str, now: float, keep: float) -> bool:
+        """Mark a one-time value used in storage; True only the first time, in any process
+        (the account's own last-step record is read and written by each process apart, so
+        two workers racing with one code could both have accepted it)."""
+        key = hashlib.sha256(label + b"\x00" + value.encode()).digest()
+        return self._store.spend(key, now, keep=keep)
