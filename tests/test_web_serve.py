@@ -74,3 +74,55 @@ def test_a_printed_fingerprint_reaches_the_operator_exactly_as_the_browser_shows
     with common.out.capture() as captured:
         common.out.print(f"SHA-256 fingerprint: {fingerprint}")
     assert captured.get().strip() == f"SHA-256 fingerprint: {fingerprint}"
+
+
+# -- who the client is, behind a proxy ----------------------------------------------------
+
+
+def _client_seen(peer: str, forwarded: list[str], trusted: list[str]) -> str | None:
+    """The client address the security middleware records for one request."""
+    import asyncio
+
+    from custodes.web.security import SecurityHeaders, trusted_networks
+
+    seen: list[str | None] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append(scope["state"]["client"])  # type: ignore[index]
+
+    middleware = SecurityHeaders(app, trusted_proxies=trusted_networks(trusted))  # type: ignore[arg-type]
+    scope = {
+        "type": "http",
+        "client": (peer, 40000),
+        "headers": [(b"x-forwarded-for", value.encode()) for value in forwarded],
+    }
+    asyncio.run(middleware(scope, None, None))  # type: ignore[arg-type]
+    return seen[0]
+
+
+def test_officials_behind_a_trusted_proxy_are_throttled_by_their_own_addresses() -> None:
+    # Behind the TLS proxy doctor recommends, every official would share the proxy's
+    # address, and one guesser could keep every login refused. Named as trusted, the
+    # proxy's forwarded header gives each official their own.
+    proxy = ["10.0.0.5"]
+    assert _client_seen("10.0.0.5", ["203.0.113.7"], proxy) == "203.0.113.7"
+    assert _client_seen("10.0.0.5", ["203.0.113.8"], proxy) == "203.0.113.8"
+    # Two proxies in a row, both trusted: the address the outer one saw.
+    assert _client_seen("10.0.0.5", ["203.0.113.9, 10.0.1.2"], ["10.0.0.0/16"]) == "203.0.113.9"
+
+
+def test_a_forwarded_header_is_no_one_elses_word() -> None:
+    # From an untrusted peer, or to the left of the last untrusted hop, the header is
+    # the client's own words: a guesser cannot pick a fresh address for every try.
+    assert _client_seen("198.51.100.4", ["203.0.113.7"], ["10.0.0.5"]) == "198.51.100.4"
+    assert _client_seen("198.51.100.4", ["203.0.113.7"], []) == "198.51.100.4"
+    spoofed = "192.0.2.1, 198.51.100.66"  # the client wrote the first, the proxy the second
+    assert _client_seen("10.0.0.5", [spoofed], ["10.0.0.5"]) == "198.51.100.66"
+    assert _client_seen("10.0.0.5", ["not-an-address"], ["10.0.0.5"]) == "10.0.0.5"
+
+
+def test_serve_refuses_a_trusted_proxy_that_is_not_an_address(
+    vault_env: dict[str, str],  # noqa: F811 - the fixture
+) -> None:
+    done = run("serve", "--trusted-proxy", "proxy.example", env=vault_env)
+    assert done.returncode == 2 and "--trusted-proxy" in done.stderr

@@ -310,7 +310,8 @@ def check_listeners(d: Deployment) -> Iterator[Finding]:
                 "network:listener:plaintext",
                 Severity.HIGH,
                 f"port {listener.port} listens on {shown}, beyond this host, without TLS",
-                "serve on 127.0.0.1 behind a TLS proxy, or give 'custodes serve' a "
+                "serve on 127.0.0.1 behind a TLS proxy (named with --trusted-proxy, so "
+                "that logins are throttled per official), or give 'custodes serve' a "
                 "certificate and key (--tls-cert/--tls-key)",
             )
         elif tls is None:

@@ -36,6 +36,14 @@ from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_o
     type=click.Path(file_okay=False),
     help="Where --tls-self-signed writes (default: the user's configuration directory).",
 )
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    help="A reverse proxy (address or network) whose X-Forwarded-For names the client; "
+    "repeatable. Logins are throttled per client address: behind a proxy not named here, "
+    "every official shares the proxy's.",
+)
 def serve(
     vault_dir: str | None,
     keyring: str | None,
@@ -46,6 +54,7 @@ def serve(
     tls_key: str | None,
     tls_self_signed: bool,
     tls_dir: str | None,
+    trusted_proxies: tuple[str, ...],
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
@@ -53,6 +62,12 @@ def serve(
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    from custodes.web.security import trusted_networks
+
+    try:
+        trusted_networks(trusted_proxies)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trusted-proxy") from None
     if tls_self_signed and tls_cert:
         raise click.UsageError("choose --tls-cert/--tls-key or --tls-self-signed, not both")
     tls = web.TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
@@ -69,4 +84,11 @@ def serve(
     scheme = "https" if tls else "http"
     plural = "es" if workers > 1 else ""
     out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
-    web.serve(unlocked, host=host, port=port, tls=tls, workers=workers)
+    web.serve(
+        unlocked,
+        host=host,
+        port=port,
+        tls=tls,
+        workers=workers,
+        trusted_proxies=trusted_proxies,
+    )

@@ -5,6 +5,8 @@ never with a value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
@@ -14,13 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from custodes.errors import CustodesError
 from custodes.vault import Vault
 from custodes.web import account, api, auth, deps, pages, refusals
-from custodes.web.security import SecurityHeaders
+from custodes.web.security import SecurityHeaders, trusted_networks
 from custodes.web.templating import STATIC, render
 
 API_PREFIX = "/api/"
 
 
-def create_app(vault: Vault, *, tls: bool = False) -> FastAPI:
+def create_app(vault: Vault, *, tls: bool = False, trusted_proxies: Sequence[str] = ()) -> FastAPI:
     """The web app around one opened vault. There is no setting that serves anything
     personal without a session: every page and API route asks the vault."""
     # No interactive docs: they load scripts from a CDN, which the CSP forbids anyway.
@@ -37,7 +39,7 @@ def create_app(vault: Vault, *, tls: bool = False) -> FastAPI:
     app.state.vault = vault
     app.state.tls = tls
     app.state.vault_threads = deps.vault_threads()
-    app.add_middleware(SecurityHeaders, tls=tls)
+    app.add_middleware(SecurityHeaders, tls=tls, trusted_proxies=trusted_networks(trusted_proxies))
     # The API first: its routes are the busiest, and Starlette tries routes in order.
     app.include_router(api.router)
     app.include_router(pages.router)

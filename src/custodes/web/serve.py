@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from custodes.bootstrap import UnlockedVault, assemble_vault
 from custodes.errors import ConfigurationError
 from custodes.settings import is_within
+from custodes.web.security import trusted_networks
 
 log = logging.getLogger("custodes.serve")
 
@@ -118,6 +120,7 @@ def serve(
     port: int = DEFAULT_PORT,
     tls: TlsFiles | None = None,
     workers: int = 1,
+    trusted_proxies: Sequence[str] = (),
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
 
@@ -130,7 +133,8 @@ def serve(
     check_bind(host, tls)
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigurationError(f"--workers is 1 to {MAX_WORKERS}")
-    listen = _Listen(host, port, tls)
+    trusted_networks(trusted_proxies)  # refuse a malformed entry before anything starts
+    listen = _Listen(host, port, tls, tuple(trusted_proxies))
     if workers == 1:
         _run_worker(unlocked, listen, own_socket=False)
         return
@@ -147,6 +151,7 @@ class _Listen:
     host: str
     port: int
     tls: TlsFiles | None
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _port_socket(host: str, port: int) -> socket.socket:
@@ -184,7 +189,8 @@ def _config(app: Any, listen: _Listen) -> uvicorn.Config:
         # Query strings can hold enrolment codes and searched values: no access log.
         access_log=False,
         server_header=False,
-        # The peer address is the client: X-Forwarded-For would let it pick another one.
+        # X-Forwarded-For is read by the app only from the operator's trusted proxies;
+        # uvicorn's own reading would take it from any peer.
         proxy_headers=False,
         log_level="info",
     )
@@ -200,7 +206,8 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
     vault = assemble_vault(unlocked)
     vault.keep_signing()
     try:
-        config = _config(create_app(vault, tls=listen.tls is not None), listen)
+        app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
+        config = _config(app, listen)
         server = uvicorn.Server(config)
         server.run(sockets=[sock] if sock is not None else None)
     finally:
