@@ -110,7 +110,7 @@ def tampering(vault: Vault) -> list[dict[str, object]]:
 
 def searches(vault: Vault, session: object) -> None:
     """Any access through the vault's one door with this session."""
-    from custodes.vault import AccessPurpose
+    from custodes.policy import AccessPurpose
 
     vault.search(
         session,  # type: ignore[arg-type]

@@ -1,0 +1,583 @@
+"""The vault: the only door to personal records and to the access log.
+
+Every operation that reads personal data or the log, or changes an account or the log,
+is a method here (or of `vault.admin`, the account administration it owns) and passes
+the one access function, `AccessGate.access` (custodes.access): the principal checked
+afresh, one decision by custodes.policy, the operation run in memory, its access-log
+entry durable, and only then the answer. Storage, the codec, the log and the accounts
+are private to it; logins and sessions are custodes.sessions', reached through here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from custodes import passkeys
+from custodes.access import AccessGate, Done, Grant, OutOfReach
+from custodes.accounts import AccountBook, Enrolment, Passkey
+from custodes.administration import Administration
+from custodes.audit import AccessEntry, AccessLog
+from custodes.audit.report import (
+    ReportedAccess,
+    SubjectReport,
+    check_inclusion,
+    iso_time,
+    open_checkpoint,
+)
+from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
+from custodes.audit.witness import Conflict, submit_checkpoint
+from custodes.codec import RecordCodec
+from custodes.crypto import KeyMaterial
+from custodes.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    InvalidQuery,
+    SchemaError,
+    TamperDetected,
+)
+from custodes.freetext import HiddenCharacter, one_line
+from custodes.ingest import IngestReport, IngestTarget, run_ingest
+from custodes.policy import (
+    AccessPurpose,
+    Action,
+    authorise,
+)
+from custodes.records import query_parts
+from custodes.schema import Schema
+from custodes.sessions import (
+    Clock,
+    Gatekeeper,
+    Operator,
+    Principal,
+    Random,
+    Session,
+)
+from custodes.storage.base import Storage
+from custodes.vault.integrity import IndexAudit, IndexCheck
+from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain, without_reporters
+from custodes.vault.views import LogExtract, RecordView
+
+
+class Vault:
+    def __init__(
+        self,
+        *,
+        schema: Schema,
+        schema_text: str,
+        storage: Storage,
+        codec: RecordCodec,
+        material: KeyMaterial,
+        token_bits: Mapping[int, int],
+        access_log: AccessLog,
+        accounts: AccountBook,
+        clock: Clock,
+        random: Random,
+        operator: Operator | None = None,
+        directory: Path | None = None,
+        session_ttl: float = 8 * 3600,
+    ) -> None:
+        self.schema = schema  # public: field names, masks and labels are no secret
+        self.directory = directory
+        self._schema_text = schema_text
+        self._storage = storage
+        self._codec = codec
+        self._reader = RecordReader(schema, storage, codec)
+        self._material = material
+        self._token_bits = dict(token_bits)
+        self._log = access_log
+        self._accounts = accounts
+        self._clock = clock
+        self._operator = operator
+        self._stop_signing: list[threading.Event] = []
+        self._keeper = Gatekeeper(
+            store=storage,
+            meta=storage,
+            accounts=accounts,
+            log=access_log,
+            material=material,
+            clock=clock,
+            random=random,
+            session_ttl=session_ttl,
+        )
+        self._gate = AccessGate(
+            keeper=self._keeper,
+            accounts=accounts,
+            log=access_log,
+            clock=clock,
+            operator=operator,
+            case_scope=self._reader.case_scope,
+        )
+        self.admin = Administration(
+            gate=self._gate,
+            accounts=accounts,
+            keeper=self._keeper,
+            clock=clock,
+            case_exists=lambda case_no: bool(self._reader.case_scope(case_no)),
+        )
+
+    def __repr__(self) -> str:
+        return f"Vault(origin={self._log.origin!r})"
+
+    @property
+    def operator(self) -> Operator:
+        """The host operator this vault was opened with (by the composition root, with the
+        keyring passphrase, on the host). A server's vault has none."""
+        if self._operator is None:
+            raise AuthenticationFailed("the host operator acts only on the host")
+        return self._operator
+
+    @property
+    def log_verifier_key(self) -> str:
+        """The access log's public key, as published for auditors and witnesses."""
+        return self._log.verifier_key
+
+    @property
+    def log_origin(self) -> str:
+        return self._log.origin
+
+    def keep_signing(self, every: float = 60.0) -> None:
+        """Sign the access log on a timer, idle or not, until the vault closes: what a
+        server does, so that no entry waits long for a signature (and a witness)."""
+        self._stop_signing.append(self._log.keep_signing(every))
+
+    def close(self) -> None:
+        for stop in self._stop_signing:
+            stop.set()
+        self._storage.close()
+
+    # -- logging in (custodes.sessions) -------------------------------------------------
+
+    def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        totp: str | None = None,
+        passkey: passkeys.Assertion | None = None,
+        client: str | None = None,
+    ) -> Session:
+        """A new session for a password and a second factor; see Gatekeeper.login."""
+        return self._keeper.login(username, password, totp=totp, passkey=passkey, client=client)
+
+    def session_for(self, token: str) -> Session:
+        """The live session a bearer token stands for, or AuthenticationFailed."""
+        return self._keeper.session_for(token)
+
+    def csrf_token(self, session: Session) -> str:
+        return self._keeper.csrf_token(session)
+
+    def logout(self, session: Session) -> None:
+        self._keeper.logout(session)
+
+    def enrolment(self, code: str) -> Enrolment:
+        """The TOTP secret for an enrolment code, to show once as a QR code."""
+        return self._keeper.enrolment(code)
+
+    def complete_enrolment(self, code: str, totp: str) -> str:
+        """Confirm an enrolment with a first one-time code; the account's name."""
+        return self._keeper.complete_enrolment(code, totp)
+
+    def passkey_login_options(
+        self, username: str, ceremony: passkeys.Ceremony, *, binding: bytes
+    ) -> str:
+        return self._keeper.passkey_login_options(username, ceremony, binding=binding)
+
+    def passkey_registration_options(self, session: Session, ceremony: passkeys.Ceremony) -> str:
+        """Options for navigator.credentials.create, bound to this session. Authorised
+        like the registration itself, so an integration's token gets none."""
+        live = self._gate.check(session)
+        authorise(live.role, Action.PASSKEY_REGISTER, scope=live.scope)
+        assert isinstance(live, Session)  # the policy gives the operator no passkeys
+        return self._keeper.passkey_registration_options(live, ceremony)
+
+    def register_passkey(
+        self,
+        session: Session,
+        ceremony: passkeys.Ceremony,
+        credential_json: str,
+        *,
+        label: str = "",
+    ) -> Passkey:
+        """Verify a navigator.credentials.create response made for a challenge of this
+        session and store the passkey; logged as account:passkey:register."""
+
+        def run(grant: Grant) -> Done[Passkey]:
+            assert isinstance(grant.principal, Session)
+            added = self._keeper.register_passkey(grant.principal, ceremony, credential_json, label)
+            return Done(added, detail={"passkey": added.ref, "rp_id": added.rp_id})
+
+        detail = {"account": session.username} if isinstance(session, Session) else {}
+        return self._gate.access(session, Action.PASSKEY_REGISTER, run, detail=detail)
+
+    def list_passkeys(self, session: Session) -> tuple[Passkey, ...]:
+        """The passkeys of the session's own account."""
+        live = self._gate.check(session)
+        return self._accounts.list_passkeys(live.username)
+
+    # -- reads of personal records ----------------------------------------------------
+
+    def search(
+        self,
+        session: Principal,
+        purpose: AccessPurpose,
+        *,
+        record_type: str,
+        index: str,
+        values: Mapping[str, str],
+        limit: int = 20,
+    ) -> list[RecordView]:
+        """Records whose indexed fields equal the given values, masked."""
+        rt = self._reader.type(record_type)
+        spec = self._reader.index(rt, index, values)
+        limit = max(1, min(limit, MAX_RESULTS))
+
+        def run(grant: Grant) -> Done[list[RecordView]]:
+            reach = grant.reach
+            try:
+                parts = query_parts(rt, spec, values)
+            except SchemaError as exc:
+                raise InvalidQuery(str(exc)) from None
+            token = self._codec.token(spec, parts)
+            # Tokens are truncated on purpose, so a bucket may hold other records: read a
+            # few more than asked and keep only true matches, decided after decryption.
+            candidates = self._storage.find(spec.index_id, token, limit * 4 + 16)
+            views: list[RecordView] = []
+            touched: list[str] = []
+            probe = {c.field for c in spec.components}
+            for stored in self._reader.load(candidates):
+                # Only the indexed fields decide a match: a bucket's other records are
+                # dropped after decrypting those alone, and only a match is opened whole
+                # (every field authenticated, as any record shown must be).
+                if not self._reader.matches(
+                    rt, spec, parts, stored.record_id, self._codec.open(stored, probe)
+                ):
+                    continue
+                opened = self._codec.open(stored)
+                # Out of reach is as good as absent: neither shown nor counted, only
+                # tallied for the log.
+                facts = self._reader.facts(rt, opened, reach)
+                hidden = self._reader.as_hidden_reporter(rt, spec, parts, opened, reach)
+                if hidden or not reach.allows(facts, stored.record_id):
+                    reach.withheld += 1
+                    continue
+                views.append(self._reader.view(rt, stored.record_id, opened, reach))
+                touched.append(stored.record_id)
+                if len(views) >= limit:
+                    break
+            return Done(views, touched)
+
+        return self._gate.access(
+            session,
+            Action.SEARCH,
+            run,
+            purpose=purpose,
+            record_type=record_type,
+            detail={"index": spec.name},
+            private={"values": dict(values)},
+        )
+
+    def record(self, session: Principal, purpose: AccessPurpose, record_id: str) -> RecordView:
+        """One record, masked, with the records it links to and that link to it."""
+
+        def run(grant: Grant) -> Done[RecordView]:
+            reach = grant.reach
+            stored = self._reader.one(record_id)
+            rt = self._codec.type_of(stored)
+            opened = self._codec.open(stored)
+            if not reach.allows(self._reader.facts(rt, opened, reach), record_id):
+                raise OutOfReach(rt.name)
+            view = self._reader.view(rt, record_id, opened, reach)
+            touched = [record_id]
+            for link in self._reader.links(rt, stored.record_id, opened, reach):
+                view.links.append(link)
+                if link.record_id:
+                    touched.append(link.record_id)
+            return Done(view, touched, record_type=rt.name)
+
+        return self._gate.access(
+            session,
+            Action.READ,
+            run,
+            purpose=purpose,
+            detail={"target": record_id},
+            target=record_id,
+        )
+
+    def reveal(
+        self, session: Principal, purpose: AccessPurpose, record_id: str, field_name: str
+    ) -> str | None:
+        """One field of one record in the clear, or None if the record lacks it."""
+
+        def run(grant: Grant) -> Done[str | None]:
+            reach = grant.reach
+            stored = self._reader.one(record_id)
+            rt = self._codec.type_of(stored)
+            # Reach first: a record out of reach must fail exactly as a missing one does,
+            # whatever field was asked for.
+            opened = self._codec.open(stored, fact_fields(rt))
+            if not reach.allows(self._reader.facts(rt, opened, reach), record_id):
+                raise OutOfReach(rt.name)
+            spec = rt.fields.get(field_name)
+            if spec is None:
+                known = ", ".join(rt.fields)
+                raise InvalidQuery(f"record type {rt.name!r} has no such field (known: {known})")
+            # Clearance depends on the field, known only once the record's type is.
+            authorise(
+                grant.role, Action.REVEAL, scope=grant.principal.scope, purpose=purpose, field=spec
+            )
+            if field_name not in opened:
+                opened = self._codec.open(stored, (field_name,))
+            value = opened.get(field_name)
+            if spec.kind == "person_links" and value is not None and not reach.sees_reporters:
+                value = without_reporters(value)
+            shown = None if value is None else plain(value)
+            return Done(shown, [record_id], record_type=rt.name)
+
+        return self._gate.access(
+            session,
+            Action.REVEAL,
+            run,
+            purpose=purpose,
+            # The field as the schema names it: a name typed where a field belongs is input
+            # like a value, and stays off the log.
+            detail={"target": record_id, "field": self._field_name(field_name)},
+            target=record_id,
+        )
+
+    def _field_name(self, name: str) -> str:
+        known = any(name in rt.fields for rt in self.schema.types.values())
+        return name if known else "(not a field of the schema)"
+
+    def count(self, record_type: str | None = None) -> int:
+        """How many records are stored: a number, no personal data."""
+        tag = None if record_type is None else self._codec.type_tag(record_type)
+        return self._storage.count_records(tag)
+
+    # -- the access log, for auditors --------------------------------------------------
+
+    def read_log(
+        self,
+        session: Principal,
+        purpose: AccessPurpose,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        purpose_contains: str | None = None,
+    ) -> LogExtract:
+        """Stream access-log entries matching the filters. Auditors only; the query is
+        itself logged, durably, before the first entry is returned. Text filters are
+        normalised like the purposes they match, and refused if they hide a character:
+        they are logged with the reading."""
+        actor, action, purpose_contains = (
+            _filter_text(name, value)
+            for name, value in (
+                ("actor", actor),
+                ("action", action),
+                ("purpose_contains", purpose_contains),
+            )
+        )
+        filters = {
+            k: v
+            for k, v in {
+                "actor": actor,
+                "action": action,
+                "since": since,
+                "until": until,
+                "purpose_contains": purpose_contains,
+            }.items()
+            if v is not None
+        }
+        self._gate.access(
+            session,
+            Action.LOG_READ,
+            lambda _: Done(None),
+            purpose=purpose,
+            detail={"filters": filters},
+        )
+        needle = purpose_contains.casefold() if purpose_contains else None
+
+        def matching() -> Iterator[tuple[int, AccessEntry]]:
+            for index, entry in self._log.entries():
+                if actor is not None and entry.actor != actor:
+                    continue
+                if action is not None and not entry.action.startswith(action):
+                    continue
+                if since is not None and entry.time < since:
+                    continue
+                if until is not None and entry.time >= until:
+                    continue
+                if needle is not None and needle not in (entry.purpose or "").casefold():
+                    continue
+                yield index, entry
+
+        latest = self._log.latest_checkpoint()
+        return LogExtract(matching(), self._log.size, latest[0] if latest else 0)
+
+    def verify_log(
+        self,
+        session: Principal,
+        purpose: AccessPurpose | None = None,
+        *,
+        outside: Sequence[OutsideCheckpoint] = (),
+    ) -> VerifyReport:
+        """Recompute the log from its entries and check every stored (and outside) signed
+        checkpoint against it; LogTampered names the first bad position. Logged."""
+
+        def run(_: Grant) -> Done[VerifyReport]:
+            report = verify_log(
+                self._storage, self._log.verifier_key, origin=self._log.origin, outside=outside
+            )
+            return Done(report, detail={"entries": report.entries})
+
+        return self._gate.access(session, Action.LOG_VERIFY, run, purpose=purpose)
+
+    def subject_report(
+        self, session: Principal, purpose: AccessPurpose, record_id: str
+    ) -> SubjectReport:
+        """Every access to a person's records (theirs, and every record naming them) in
+        log order, each proven in a signed checkpoint. Auditors only.
+
+        The request is logged first (naming the person), then the report is read from the
+        log: the report's own entry is in it, so the subject sees who asked. Raises
+        TamperDetected if the log cannot prove an entry it holds, or that it holds every
+        one (the subject index disagrees with the signed entries): never a short report.
+        """
+
+        def run(_: Grant) -> Done[list[str]]:
+            records = [record_id, *self._reader.incoming_links(record_id)]
+            return Done(records, (record_id,))
+
+        records, index = self._gate.access_then(
+            session,
+            Action.SUBJECT_REPORT,
+            run,
+            purpose=purpose,
+            target=record_id,
+        )
+        return self._report(record_id, records, index)
+
+    def _report(self, subject: str, records: list[str], report_index: int) -> SubjectReport:
+        log = self._log
+        latest = log.latest_checkpoint()
+        note = latest[1] if latest is not None and latest[0] > report_index else log.checkpoint()
+        # Check what is about to be handed out: a report the log cannot prove is not given.
+        checkpoint = open_checkpoint(note, log.verifier_key)
+        # Read from the signed tree and held against the subject index, not taken from the
+        # index: a row deleted there must refuse the report, never shorten it.
+        found = log.proven_entries_for(records, checkpoint)
+        accesses = []
+        for index, entry in found:
+            leaf = log.raw_entry(index)
+            if AccessEntry.decode(leaf) != entry:
+                raise TamperDetected(f"the access log's entry {index} changed while being read")
+            proof = tuple(log.inclusion_proof(index, checkpoint.size))
+            check_inclusion(leaf, index, proof, checkpoint)
+            accesses.append(
+                ReportedAccess(
+                    index=index,
+                    time=iso_time(entry.time),
+                    actor=entry.actor,
+                    role=entry.role,
+                    action=entry.action,
+                    outcome=entry.outcome,
+                    purpose=entry.purpose,
+                    case_ref=entry.case_ref,
+                    records=tuple(r for r in records if r in entry.records),
+                    private=log.private_details(index),
+                    leaf=leaf,
+                    proof=proof,
+                )
+            )
+        return SubjectReport(
+            origin=log.origin,
+            subject=subject,
+            linked=tuple(records[1:]),
+            checkpoint_note=note,
+            checkpoint=checkpoint,
+            accesses=tuple(accesses),
+            report_index=report_index,
+        )
+
+    def verify_records(self, principal: Principal) -> IndexCheck:
+        """Re-derive every stored record's blind-index tokens with the vault's keys and hold
+        them against the token rows a search reads; counts only, never a value or a token.
+        A row deleted or repointed hides a record from search; nothing else would notice.
+        Auditors and the host operator; logged with its counts."""
+
+        def run(_: Grant) -> Done[IndexCheck]:
+            result = IndexAudit(self.schema, self._storage, self._codec).run()
+            return Done(result, detail=result.counts())
+
+        return self._gate.access(principal, Action.RECORDS_VERIFY, run)
+
+    # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
+
+    def ingest(self, operator: Principal, source: Path | str, **options: Any) -> IngestReport:
+        """Ingest a file; see custodes.ingest.run_ingest for the options. Logged with its
+        counts once it has run (a failure is logged too, with its kind)."""
+        target = IngestTarget(
+            self.schema,
+            self._schema_text,
+            self._material,
+            self._token_bits,
+            self._storage.write_batch,
+        )
+
+        def run(_: Grant) -> Done[IngestReport]:
+            report = run_ingest(target, source, **options)
+            counts = {
+                "accepted": report.accepted,
+                "already_present": report.already_present,
+                "rejected": report.rejected,
+            }
+            return Done(report, detail=counts)
+
+        return self._gate.access(operator, Action.INGEST, run)
+
+    def checkpoint(self, operator: Principal) -> bytes:
+        """Sign a checkpoint of the log as it is now; the signed note."""
+        return self._gate.access(
+            operator, Action.LOG_CHECKPOINT, lambda _: Done(self._log.checkpoint())
+        )
+
+    def publish_checkpoint(self, operator: Principal, url: str) -> int:
+        """Send the latest checkpoint to a witness and store its cosignature beside it;
+        the size cosigned."""
+
+        def run(_: Grant) -> Done[int]:
+            log = self._log
+            note = log.checkpoint()
+            size = log.size
+            old_size = 0
+            for _attempt in range(2):
+                proof = log.consistency_proof(old_size, size) if 0 < old_size < size else []
+                try:
+                    lines = submit_checkpoint(url, note, old_size, proof)
+                    break
+                except Conflict as conflict:
+                    # The witness says which size it holds; prove consistency from there.
+                    old_size = conflict.size
+            else:
+                raise ConfigurationError("the witness keeps changing its size; try again")
+            cosigned = (
+                note
+                + "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode()
+            )
+            self._storage.put_checkpoint(size, cosigned)
+            return Done(size, detail={"size": size})
+
+        return self._gate.access(operator, Action.WITNESS_PUBLISH, run, detail={"witness": url})
+
+
+def _filter_text(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return one_line(value)
+    except HiddenCharacter as exc:
+        raise InvalidQuery(f"the filter {name} {exc}") from None
