@@ -22,7 +22,6 @@ import pytest
 from custodes.audit import AccessEntry, AccessLog, AuditKeys, Outcome
 from custodes.audit.checkpoint import (
     Checkpoint,
-    ForkRefused,
     LogSigner,
     NoteVerifier,
     create_log_key,
@@ -31,7 +30,7 @@ from custodes.audit.merkle import leaf_hash, root_of, verify_consistency, verify
 from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault
 from custodes.crypto import KeyMaterial
-from custodes.errors import AuditUnavailable, StorageError
+from custodes.errors import AuditUnavailable, StorageError, TamperDetected
 from custodes.storage import LogAppend, MemoryStorage, SQLiteStorage, Storage
 from custodes.vault import Vault
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
@@ -490,26 +489,31 @@ def rolled_back_vault(tmp_path: Path) -> Path:
     return database
 
 
-def test_signer_refuses_to_checkpoint_a_database_rolled_back_to_an_older_copy(
-    tmp_path: Path,
-) -> None:
+def test_a_vault_rolled_back_to_an_older_copy_does_not_open(tmp_path: Path) -> None:
+    # A restored older copy, or a log cut with its checkpoints: the signer's own state,
+    # kept with its key out of the database writer's reach, already signed more. Nothing
+    # is served from it, and the host commands that would say why still work.
     rolled_back_vault(tmp_path)
-    with opened(lambda: reopen(tmp_path, checkpoint_every=10)) as vault:
-        assert vault._log.size == 12
-        with pytest.raises(ForkRefused):
-            vault._log.checkpoint()
+    with pytest.raises(TamperDetected, match="holds 12 entries but its signer already signed 30"):
+        reopen(tmp_path, checkpoint_every=10)
 
 
-def test_signer_refuses_to_checkpoint_a_rolled_back_log_regrown_past_its_last_size(
-    tmp_path: Path,
+def test_a_rolled_back_log_regrown_past_its_last_size_does_not_open(
+    tmp_path: Path, keys: AuditKeys
 ) -> None:
-    # The rolled-back copy takes new entries until it is longer than what was signed:
-    # same size range, other history. No consistency proof from the stored nodes holds.
-    rolled_back_vault(tmp_path)
-    with opened(lambda: reopen(tmp_path, checkpoint_every=1000)) as vault:
+    # The rolled-back copy takes new entries (here through a log of another key, since its
+    # own refuses to open) until it is longer than what was signed: same sizes, another
+    # history. The tree at the signed size is not the one signed.
+    database = rolled_back_vault(tmp_path)
+    storage = SQLiteStorage(database)
+    try:
+        other = create_log_key(
+            tmp_path / "other" / "log.key", origin=ORIGIN, passphrase=PASSPHRASE, kdf=FAST_KDF
+        )
+        regrowing = AccessLog(storage, keys, other, origin=ORIGIN, checkpoint_every=1000)
         for n in range(12, 40):
-            vault._log.append(entry(n + 1000))
-        assert vault._log.size == 40
-        with pytest.raises(ForkRefused):
-            vault._log.checkpoint()
-        assert [size for size, _ in vault._storage.checkpoints()] == [10]
+            regrowing.append(entry(n + 1000))
+    finally:
+        storage.close()
+    with pytest.raises(TamperDetected, match="not the ones its signer signed"):
+        reopen(tmp_path, checkpoint_every=1000)

@@ -139,9 +139,31 @@ class AccessLog:
         self._committing = False  # an appender is leading a commit; guarded by the queue lock
         size = storage.log_size()
         self._range = CompactRange.from_source(size, self._node)
+        self._check_against_signer()
         stored = storage.checkpoints()
         self._checkpointed = stored[-1][0] if stored else 0
         self._checkpointed_at = clock()
+
+    def _check_against_signer(self) -> None:
+        """Refuse a log that is not the one its signer last signed: shorter (a restored
+        older copy, its tail cut with its checkpoints, a fresh file swapped in) or another
+        tree at that size. The signer's state lives with its key, out of the database
+        writer's reach, and carries the log's own signature. Nothing is served from such
+        a log: `custodes doctor` and `custodes audit verify` tell the operator what happened."""
+        signed_size, signed_root = self._signer.current()
+        size = self._range.size
+        if size < signed_size:
+            raise TamperDetected(
+                f"the access log holds {size:,} entries but its signer already signed "
+                f"{signed_size:,}: it was rolled back, cut or replaced; nothing is served "
+                "from it (run 'custodes doctor' and 'custodes audit verify')"
+            )
+        if signed_size and CompactRange.from_source(signed_size, self._node).root() != signed_root:
+            raise TamperDetected(
+                f"the access log's first {signed_size:,} entries are not the ones its signer "
+                "signed: it was replaced; nothing is served from it (run 'custodes audit "
+                "verify')"
+            )
 
     # -- appending ----------------------------------------------------------------------
 
