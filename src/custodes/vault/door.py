@@ -258,9 +258,11 @@ class Vault:
                 opened = self._codec.open(stored)
                 # Out of reach is as good as absent: neither shown nor counted, only
                 # tallied for the log.
-                facts = self._reader.facts(rt, opened, reach)
-                hidden = self._reader.as_hidden_reporter(rt, spec, parts, opened, reach)
-                if hidden or not reach.allows(facts, stored.record_id):
+                # A hidden reporter is dropped before its facts are read (they may cost a
+                # read of the person a case names first).
+                if self._reader.as_hidden_reporter(
+                    rt, spec, parts, opened, reach
+                ) or not reach.allows(self._reader.facts(rt, opened, reach), stored.record_id):
                     reach.withheld += 1
                     continue
                 views.append(self._reader.view(rt, stored.record_id, opened, reach))

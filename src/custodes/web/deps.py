@@ -83,30 +83,29 @@ def ceremony(request: Request) -> Ceremony:
     return Ceremony(f"{url.scheme}://{url.netloc}", url.hostname or "")
 
 
+def bearer_token(request: Request) -> str | None:
+    """The token of an Authorization: Bearer header, if the request has one."""
+    header = request.headers.get("authorization", "")
+    return (header[7:].strip() or None) if header.lower().startswith("bearer ") else None
+
+
 def session_token(request: Request) -> str | None:
     """The bearer of a session: the cookie (pages) or an Authorization header (API)."""
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip() or None
-    return request.cookies.get(cookie_name(request))
+    return bearer_token(request) or request.cookies.get(cookie_name(request))
 
 
 def require_bearer_session(request: Request) -> Session:
     """The live session of an API request: from its Authorization header only. The API
     checks no CSRF token, so a cookie a browser adds on its own must never open it."""
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not token:
-        raise NotAuthenticated()
-    try:
-        return vault_of(request).session_for(token)
-    except AuthenticationFailed:
-        raise NotAuthenticated() from None
+    return _live_session(request, bearer_token(request))
 
 
 def require_session(request: Request) -> Session:
     """FastAPI dependency: the live session of this request, or NotAuthenticated."""
-    token = session_token(request)
+    return _live_session(request, session_token(request))
+
+
+def _live_session(request: Request, token: str | None) -> Session:
     if not token:
         raise NotAuthenticated()
     try:
