@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from custodes.audit.verify import verify_log
@@ -195,6 +196,114 @@ def test_a_password_guesser_cannot_spread_attempts_over_processes(shared: Path) 
         # The fourth failure started the backoff, counted across both processes.
         with pytest.raises(LoginThrottled):
             second.login("t.target", PASSWORD, totp=totp_now(second, "x" * 32))
+    finally:
+        first.close()
+        second.close()
+
+
+class _CountedHasher:
+    """The vault's password hasher, counting the checks that reach it."""
+
+    def __init__(self, vault: Vault, counter: list[int], lock: threading.Lock) -> None:
+        self._real = vault._accounts._hasher
+        self._counter = counter
+        self._lock = lock
+
+    def verify(self, stored: str, password: str) -> bool:
+        with self._lock:
+            self._counter[0] += 1
+        time.sleep(0.005)  # the hash takes time: the burst piles up behind it
+        return bool(self._real.verify(stored, password))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def test_a_burst_of_wrong_passwords_over_two_processes_reaches_the_hash_only_as_the_throttle_allows(
+    shared: Path,
+) -> None:
+    # Three hundred guesses at one account at once, from as many addresses, spread over
+    # two server processes: an attempt is counted as it is let in, in one step with the
+    # decision, so only the free attempts reach the password hash; counted after the
+    # check, the whole burst would find the count at zero and be let through.
+    from custodes.sessions import FREE_FAILURES
+
+    first, second = _open(shared), _open(shared)
+    checks = [0]
+    lock = threading.Lock()
+    try:
+        first.admin.add_account(
+            first.operator, "t.target", PASSWORD, Role.OFFICER, {"district": "*"}
+        )
+        enrol(first, "t.target")
+        for vault in (first, second):
+            vault._accounts._hasher = _CountedHasher(vault, checks, lock)  # type: ignore[assignment]
+        start = threading.Barrier(300)
+        outcomes: list[str] = []
+
+        def guess(n: int) -> None:
+            vault = (first, second)[n % 2]
+            start.wait()
+            try:
+                vault.login(
+                    "t.target", f"wrong guess number {n}", totp="000000", client=f"10.1.{n}.7"
+                )
+            except LoginThrottled:
+                outcomes.append("throttled")
+            except AuthenticationFailed:
+                outcomes.append("checked")
+
+        threads = [threading.Thread(target=guess, args=(n,)) for n in range(300)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert checks[0] == FREE_FAILURES
+        assert outcomes.count("checked") == FREE_FAILURES
+        assert outcomes.count("throttled") == 300 - FREE_FAILURES
+        # Each refused guess is on the one access log, with why it was refused.
+        reasons = [
+            entry.detail.get("reason")
+            for _, entry in first._log.entries()
+            if entry.action == Action.LOGIN and entry.actor == "t.target"
+        ]
+        assert reasons.count("throttled") == 300 - FREE_FAILURES
+        assert reasons.count("credentials") == FREE_FAILURES
+    finally:
+        first.close()
+        second.close()
+
+
+def test_failed_logins_counted_at_once_in_two_processes_are_all_counted(shared: Path) -> None:
+    # The lock after ten failures counts in the account's own (tagged) row. Two processes
+    # counting at once must never both read the same count and write the same next one:
+    # a guesser with two servers would get twice the guesses before the lock.
+    first, second = _open(shared), _open(shared)
+    try:
+        first.admin.add_account(
+            first.operator, "t.target", PASSWORD, Role.OFFICER, {"district": "*"}
+        )
+        start = threading.Barrier(8)
+
+        def fail_many(vault: Vault) -> None:
+            start.wait()
+            for _ in range(25):
+                vault._accounts.record_failure("t.target")
+
+        threads = [
+            threading.Thread(target=fail_many, args=((first, second)[n % 2],)) for n in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        row = second._storage.get_account("t.target")
+        assert row is not None
+        security = orjson.loads(row.attributes)["security"]
+        assert security["failures"] == 200
+        assert security["locked"] is True
+        # Still an authentic row: every write was tagged over what it replaced.
+        assert second._accounts.get("t.target") is not None
     finally:
         first.close()
         second.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import hashlib
 import hmac
 import os
@@ -20,9 +21,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, wraps
 from importlib import resources
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import pyotp
@@ -42,6 +43,7 @@ from custodes.errors import (
     ConfigurationError,
     InvalidAssignment,
     RecordNotFound,
+    StorageError,
     TamperDetected,
     WeakPassword,
 )
@@ -75,6 +77,38 @@ _Rows = list[AccountRow]
 
 # Told of every stored row found forged or edited: (row kind, account name).
 TamperWatcher = Callable[[str, str], None]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# How often one change of an account is tried again after losing a race for its row.
+_RACE_RETRIES = 64
+
+
+class _Raced(Exception):
+    """The stored row changed between this change's read and its write."""
+
+
+def _one_change(
+    method: Callable[Concatenate[AccountBook, _P], _R],
+) -> Callable[Concatenate[AccountBook, _P], _R]:
+    """Run a read-modify-write of an account as one change: the write lands only on the
+    row that was read (a compare-and-swap in storage, across every server process), and
+    a change that lost the race reads again and is made again. Without it two failed
+    logins on two servers at once count as one, and one TOTP code can pass twice."""
+
+    @wraps(method)
+    def run(book: AccountBook, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        for _ in range(_RACE_RETRIES):
+            # Within a process, one change at a time: the retries are for other processes.
+            with book._lock:
+                try:
+                    return method(book, *args, **kwargs)
+                except _Raced:
+                    continue
+        raise StorageError("an account kept changing under this change; try again")
+
+    return run
 
 
 class RowTampered(AuthenticationFailed):
@@ -282,7 +316,9 @@ class AccountBook:
         if row is None or row.disabled or _security(row).get("locked"):
             raise AuthenticationFailed()
         if self._hasher.check_needs_rehash(row.password_hash):
-            self._put(row._replace(password_hash=self._hasher.hash(password)))
+            # Done next time if another change to the account got in first.
+            with contextlib.suppress(_Raced):
+                self._put(row, password_hash=self._hasher.hash(password))
         return _account(row)
 
     def get(self, username: str) -> Account | None:
@@ -297,49 +333,50 @@ class AccountBook:
 
     # -- failures and lockout ----------------------------------------------------------
 
+    @_one_change
     def record_failure(self, username: str) -> bool:
         """Count a failed login; lock the account at the limit. Whether it is now locked."""
-        with self._lock:
-            # A forged row was reported by the login that failed on it.
-            row = self._fetch(username, report=False)
-            if row is None:
-                return False
-            state = _security(row)
-            state["failures"] = int(state.get("failures", 0)) + 1
-            if state["failures"] >= LOCK_AFTER_FAILURES:
-                state["locked"] = True
-            self._save(row, state)
-            return bool(state.get("locked"))
+        # A forged row was reported by the login that failed on it.
+        row = self._fetch(username, report=False)
+        if row is None:
+            return False
+        state = _security(row)
+        state["failures"] = int(state.get("failures", 0)) + 1
+        if state["failures"] >= LOCK_AFTER_FAILURES:
+            state["locked"] = True
+        self._save(row, state)
+        return bool(state.get("locked"))
 
+    @_one_change
     def record_success(self, username: str) -> None:
-        with self._lock:
-            row = self._fetch(username)
-            if row is not None and _security(row).get("failures"):
-                state = _security(row)
-                state["failures"] = 0
-                self._save(row, state)
-
-    def unlock(self, username: str) -> None:
-        with self._lock:
-            row = self._require(username)
+        row = self._fetch(username)
+        if row is not None and _security(row).get("failures"):
             state = _security(row)
-            state.pop("locked", None)
             state["failures"] = 0
             self._save(row, state)
 
-    def set_disabled(self, username: str, disabled: bool) -> None:
-        with self._lock:
-            row = self._require(username)
-            self._put(row._replace(disabled=disabled))
+    @_one_change
+    def unlock(self, username: str) -> None:
+        row = self._require(username)
+        state = _security(row)
+        state.pop("locked", None)
+        state["failures"] = 0
+        self._save(row, state)
 
+    @_one_change
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        row = self._require(username)
+        self._put(row, disabled=disabled)
+
+    @_one_change
     def set_password(self, username: str, password: str) -> None:
         check_password_strength(password, username=username)
-        with self._lock:
-            row = self._require(username)
-            self._put(row._replace(password_hash=self._hasher.hash(password)))
+        row = self._require(username)
+        self._put(row, password_hash=self._hasher.hash(password))
 
     # -- assigned cases ----------------------------------------------------------------
 
+    @_one_change
     def assign_case(
         self, username: str, case_no: str, *, exists: Callable[[str], bool] | None = None
     ) -> str:
@@ -349,127 +386,126 @@ class AccountBook:
         an administrator learns that much, and nothing of what the case holds).
         """
         case = _case_number(case_no)
-        with self._lock:
-            row = self._require(username)
-            _check_takes_cases(Role(row.role))
-            if exists is not None and not exists(case):
-                raise InvalidAssignment("no case with that number is stored in this vault")
-            attributes = _attributes(row)
-            cases = _stored_cases(attributes.get(CASES))
-            if case in cases:
-                raise InvalidAssignment("that case is already assigned to this account")
-            if len(cases) >= MAX_ASSIGNED_CASES:
-                raise InvalidAssignment(
-                    f"an account has at most {MAX_ASSIGNED_CASES} cases: unassign closed ones"
-                )
-            attributes[CASES] = [*cases, case]
-            self._put(row._replace(attributes=orjson.dumps(attributes)))
+        row = self._require(username)
+        _check_takes_cases(Role(row.role))
+        if exists is not None and not exists(case):
+            raise InvalidAssignment("no case with that number is stored in this vault")
+        attributes = _attributes(row)
+        cases = _stored_cases(attributes.get(CASES))
+        if case in cases:
+            raise InvalidAssignment("that case is already assigned to this account")
+        if len(cases) >= MAX_ASSIGNED_CASES:
+            raise InvalidAssignment(
+                f"an account has at most {MAX_ASSIGNED_CASES} cases: unassign closed ones"
+            )
+        attributes[CASES] = [*cases, case]
+        self._put(row, attributes=orjson.dumps(attributes))
         return case
 
+    @_one_change
     def unassign_case(self, username: str, case_no: str) -> str:
         """Take a case from an account; returns the case number in canonical form."""
         case = _case_number(case_no)
-        with self._lock:
-            row = self._require(username)
-            attributes = _attributes(row)
-            stored = _stored_cases(attributes.get(CASES))
-            if case not in stored:
-                raise InvalidAssignment("that case is not assigned to this account")
-            cases = [c for c in stored if c != case]
-            if cases:
-                attributes[CASES] = cases
-            else:
-                attributes.pop(CASES, None)
-            self._put(row._replace(attributes=orjson.dumps(attributes)))
+        row = self._require(username)
+        attributes = _attributes(row)
+        stored = _stored_cases(attributes.get(CASES))
+        if case not in stored:
+            raise InvalidAssignment("that case is not assigned to this account")
+        cases = [c for c in stored if c != case]
+        if cases:
+            attributes[CASES] = cases
+        else:
+            attributes.pop(CASES, None)
+        self._put(row, attributes=orjson.dumps(attributes))
         return case
 
     # -- the second factor -------------------------------------------------------------
 
+    @_one_change
     def issue_enrolment(self, username: str, *, now: float) -> str:
         """A one-time enrolment code for the account, valid 24 h; only its hash is kept.
         A factor already enrolled keeps working until the new one is confirmed."""
         code = base64.urlsafe_b64encode(self._random(20)).rstrip(b"=").decode()
-        with self._lock:
-            row = self._require(username)
-            state = _security(row)
-            state["enrolment"] = {"hash": _digest(code), "expires": now + ENROLMENT_TTL}
-            state.pop("pending", None)
-            self._save(row, state)
+        row = self._require(username)
+        state = _security(row)
+        state["enrolment"] = {"hash": _digest(code), "expires": now + ENROLMENT_TTL}
+        state.pop("pending", None)
+        self._save(row, state)
         return code
 
+    @_one_change
     def enrolment(self, code: str, *, now: float) -> Enrolment:
         """The secret to enrol for this code (the same one until confirmed)."""
         box = self._secret_box()
-        with self._lock:
-            row = self._by_enrolment(code, now)
-            state = _security(row)
-            sealed = state.get("pending")
-            if isinstance(sealed, str):
-                secret = box.open(sealed, username=row.username, purpose="totp")
-            else:
-                secret = base64.b32encode(self._random(20)).decode()
-                state["pending"] = box.seal(secret, username=row.username, purpose="totp")
-                self._save(row, state)
-            return Enrolment(row.username, secret)
+        row = self._by_enrolment(code, now)
+        state = _security(row)
+        sealed = state.get("pending")
+        if isinstance(sealed, str):
+            secret = box.open(sealed, username=row.username, purpose="totp")
+        else:
+            secret = base64.b32encode(self._random(20)).decode()
+            state["pending"] = box.seal(secret, username=row.username, purpose="totp")
+            self._save(row, state)
+        return Enrolment(row.username, secret)
 
+    @_one_change
     def complete_enrolment(self, code: str, totp: str, *, now: float) -> str:
         """Confirm the enrolment with a first valid one-time code; the account's name."""
         box = self._secret_box()
-        with self._lock:
-            row = self._by_enrolment(code, now)
-            state = _security(row)
-            sealed = state.get("pending")
-            if not isinstance(sealed, str):
-                raise AuthenticationFailed("open the enrolment page first to get the secret")
-            secret = box.open(sealed, username=row.username, purpose="totp")
-            step = _matching_step(secret, totp, now, after=-1)
-            if step is None:
-                raise AuthenticationFailed(
-                    "that one-time code is not valid: check the device's clock and try again"
-                )
-            state["totp"] = {"secret": sealed, "last_step": step}
-            state.pop("pending", None)
-            state.pop("enrolment", None)
-            self._save(row, state)
-            return row.username
+        row = self._by_enrolment(code, now)
+        state = _security(row)
+        sealed = state.get("pending")
+        if not isinstance(sealed, str):
+            raise AuthenticationFailed("open the enrolment page first to get the secret")
+        secret = box.open(sealed, username=row.username, purpose="totp")
+        step = _matching_step(secret, totp, now, after=-1)
+        if step is None:
+            raise AuthenticationFailed(
+                "that one-time code is not valid: check the device's clock and try again"
+            )
+        state["totp"] = {"secret": sealed, "last_step": step}
+        state.pop("pending", None)
+        state.pop("enrolment", None)
+        self._save(row, state)
+        return row.username
 
+    @_one_change
     def verify_totp(self, username: str, totp: str | None, *, now: float) -> bool:
         """Whether totp is a valid, unused code for the account; if so it is used up."""
         if not totp:
             return False
         box = self._secret_box()
-        with self._lock:
-            row = self._fetch(username)
-            if row is None:
-                return False
-            state = _security(row)
-            factor = state.get("totp")
-            if not isinstance(factor, dict):
-                return False
-            secret = box.open(str(factor["secret"]), username=username, purpose="totp")
-            step = _matching_step(secret, totp, now, after=int(factor["last_step"]))
-            if step is None:
-                return False
-            # Remembering the step refuses a replay of this code, or of any earlier one.
-            factor["last_step"] = step
-            self._save(row, state)
-            return True
+        row = self._fetch(username)
+        if row is None:
+            return False
+        state = _security(row)
+        factor = state.get("totp")
+        if not isinstance(factor, dict):
+            return False
+        secret = box.open(str(factor["secret"]), username=username, purpose="totp")
+        step = _matching_step(secret, totp, now, after=int(factor["last_step"]))
+        if step is None:
+            return False
+        # Remembering the step refuses a replay of this code, or of any earlier one.
+        factor["last_step"] = step
+        self._save(row, state)
+        return True
 
     # -- passkeys (WebAuthn), a second factor beside the TOTP -----------------------------
 
+    @_one_change
     def passkey_user_handle(self, username: str) -> bytes:
         """The account's random WebAuthn user handle (made at first use; not secret, and
         unlike the name it says nothing about the official)."""
-        with self._lock:
-            row = self._require(username)
-            state = _security(row)
-            handle = state.get("passkey_user")
-            if isinstance(handle, str):
-                return passkeys.unb64url(handle)
-            raw = self._random(32)
-            state["passkey_user"] = passkeys.b64url(raw)
-            self._save(row, state)
-            return raw
+        row = self._require(username)
+        state = _security(row)
+        handle = state.get("passkey_user")
+        if isinstance(handle, str):
+            return passkeys.unb64url(handle)
+        raw = self._random(32)
+        state["passkey_user"] = passkeys.b64url(raw)
+        self._save(row, state)
+        return raw
 
     def list_passkeys(self, username: str) -> tuple[Passkey, ...]:
         row = self._fetch(username)
@@ -492,37 +528,38 @@ class AccountBook:
             return ()
         return tuple(passkeys.unb64url(str(c["id"])) for c in _stored_passkeys(_security(row)))
 
+    @_one_change
     def add_passkey(
         self, username: str, new: passkeys.NewPasskey, *, label: str, rp_id: str, now: float
     ) -> Passkey:
         """Store a verified passkey: credential id, public key, sign count, time, label."""
         label = passkeys.check_label(label)
-        with self._lock:
-            row = self._require(username)
-            state = _security(row)
-            stored = _stored_passkeys(state)
-            if len(stored) >= passkeys.MAX_PASSKEYS:
-                raise passkeys.PasskeyRefused(
-                    f"an account has at most {passkeys.MAX_PASSKEYS} passkeys"
-                )
-            wanted = passkeys.b64url(new.credential_id)
-            if any(hmac.compare_digest(str(c["id"]), wanted) for c in stored):
-                raise passkeys.PasskeyRefused("that passkey is already registered")
-            stored.append(
-                {
-                    "id": wanted,
-                    "public_key": passkeys.b64url(new.public_key),
-                    "sign_count": new.sign_count,
-                    "created": now,
-                    "label": label,
-                    "rp_id": rp_id,
-                    "last_used": None,
-                }
+        row = self._require(username)
+        state = _security(row)
+        stored = _stored_passkeys(state)
+        if len(stored) >= passkeys.MAX_PASSKEYS:
+            raise passkeys.PasskeyRefused(
+                f"an account has at most {passkeys.MAX_PASSKEYS} passkeys"
             )
-            state["passkeys"] = stored
-            self._save(row, state)
+        wanted = passkeys.b64url(new.credential_id)
+        if any(hmac.compare_digest(str(c["id"]), wanted) for c in stored):
+            raise passkeys.PasskeyRefused("that passkey is already registered")
+        stored.append(
+            {
+                "id": wanted,
+                "public_key": passkeys.b64url(new.public_key),
+                "sign_count": new.sign_count,
+                "created": now,
+                "label": label,
+                "rp_id": rp_id,
+                "last_used": None,
+            }
+        )
+        state["passkeys"] = stored
+        self._save(row, state)
         return Passkey(passkeys.credential_ref(new.credential_id), label, now, None, rp_id)
 
+    @_one_change
     def use_passkey(
         self,
         username: str,
@@ -534,37 +571,36 @@ class AccountBook:
     ) -> bool:
         """Whether the response is a valid assertion by one of the account's passkeys for
         this challenge; if so its sign count moves forward. Never raises for a bad one."""
-        with self._lock:
-            row = self._fetch(username)
-            if row is None:
-                return False
-            state = _security(row)
-            stored = _stored_passkeys(state)
-            try:
-                wanted = passkeys.b64url(passkeys.credential_id_of(credential_json))
-            except passkeys.PasskeyRefused:
-                return False
-            found = None
-            for credential in stored:
-                if hmac.compare_digest(str(credential["id"]), wanted):
-                    found = credential
-            # A passkey registered for another host name is not one of this site's.
-            if found is None or str(found.get("rp_id", "")) != ceremony.rp_id:
-                return False
-            try:
-                found["sign_count"] = passkeys.verify_assertion(
-                    credential_json,
-                    challenge=challenge,
-                    ceremony=ceremony,
-                    public_key=passkeys.unb64url(str(found["public_key"])),
-                    sign_count=int(found["sign_count"]),
-                )
-            except passkeys.PasskeyRefused:
-                return False
-            found["last_used"] = now
-            state["passkeys"] = stored
-            self._save(row, state)
-            return True
+        row = self._fetch(username)
+        if row is None:
+            return False
+        state = _security(row)
+        stored = _stored_passkeys(state)
+        try:
+            wanted = passkeys.b64url(passkeys.credential_id_of(credential_json))
+        except passkeys.PasskeyRefused:
+            return False
+        found = None
+        for credential in stored:
+            if hmac.compare_digest(str(credential["id"]), wanted):
+                found = credential
+        # A passkey registered for another host name is not one of this site's.
+        if found is None or str(found.get("rp_id", "")) != ceremony.rp_id:
+            return False
+        try:
+            found["sign_count"] = passkeys.verify_assertion(
+                credential_json,
+                challenge=challenge,
+                ceremony=ceremony,
+                public_key=passkeys.unb64url(str(found["public_key"])),
+                sign_count=int(found["sign_count"]),
+            )
+        except passkeys.PasskeyRefused:
+            return False
+        found["last_used"] = now
+        state["passkeys"] = stored
+        self._save(row, state)
+        return True
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -622,19 +658,22 @@ class AccountBook:
         tag = self._macs.tag_hex(RowKind.ACCOUNT, _row_fields(row, attributes))
         return row._replace(attributes=orjson.dumps({**attributes, _ROW_MAC: tag}))
 
-    def _put(self, row: AccountRow) -> None:
-        self._storage.update_account(self._stamped(row))
+    def _put(self, was: AccountRow, **changes: Any) -> None:
+        """Store `was` with `changes`, freshly tagged, if the stored row is still `was`;
+        _Raced if another writer (in this process or another) changed it meanwhile."""
+        if not self._storage.replace_account(was, self._stamped(was._replace(**changes))):
+            raise _Raced()
 
+    @_one_change
     def seal_unsealed(self) -> builtins.list[str]:
         """Tag every account row that carries no tag at all (a vault made before rows
         were tagged); the names sealed. For the host operator's one-time upgrade only:
         whatever those rows say is blessed, so they must be checked first."""
         sealed: builtins.list[str] = []
-        with self._lock:
-            for row in self._storage.list_accounts():
-                if _ROW_MAC not in _attributes(row):
-                    self._put(row)
-                    sealed.append(row.username)
+        for row in self._storage.list_accounts():
+            if _ROW_MAC not in _attributes(row):
+                self._put(row)
+                sealed.append(row.username)
         return sealed
 
     def _by_enrolment(self, code: str, now: float) -> AccountRow:
@@ -654,7 +693,7 @@ class AccountBook:
     def _save(self, row: AccountRow, state: dict[str, Any]) -> None:
         attributes = _attributes(row)
         attributes[_SECURITY] = state
-        self._put(row._replace(attributes=orjson.dumps(attributes)))
+        self._put(row, attributes=orjson.dumps(attributes))
 
 
 def _digest(code: str) -> str:

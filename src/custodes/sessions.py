@@ -36,7 +36,7 @@ from custodes.errors import (
     LoginThrottled,
 )
 from custodes.policy import API_SCOPES, Action, Role
-from custodes.storage.base import AccountStore, MetaStore, SessionRow
+from custodes.storage.base import AccountStore, LoginCounts, MetaStore, SessionRow
 
 Clock = Callable[[], float]
 Random = Callable[[int], bytes]  # n bytes from a cryptographically secure source
@@ -170,30 +170,52 @@ class SessionBook:
 
 
 class Throttle:
-    """Failed logins per key (account name or client address). After FREE_FAILURES, each
+    """Login attempts per key (account name or client address). After FREE_FAILURES, each
     attempt waits 2^n seconds, up to MAX_BACKOFF; a key quiet for MAX_BACKOFF is forgotten
-    (the account's own lock, in its record, still counts)."""
+    (the account's own lock, in its record, still counts).
+
+    An attempt is counted when it is let in, before its password is checked, in one step
+    with the decision across every server process: counted only after a failed check,
+    a burst of guesses arriving together would all find the count unchanged and all reach
+    the password hash. A successful login takes its count back.
+    """
 
     def __init__(self, storage: AccountStore) -> None:
         self._storage = storage
 
-    def wait(self, keys: Sequence[str], now: float) -> float:
-        longest = 0.0
-        for count, last in self._storage.login_failures(keys).values():
-            excess = count - FREE_FAILURES
-            if excess >= 0:
-                longest = max(longest, last + min(2.0 ** (excess + 1), MAX_BACKOFF) - now)
-        return longest
+    def admit(self, keys: Sequence[str], now: float) -> float:
+        """0 if this attempt may go on (it is now counted), else the seconds to wait."""
+        wait = 0.0
 
-    def fail(self, keys: Sequence[str], now: float) -> None:
-        for key in keys:
-            self._storage.record_login_failure(key, now)
+        def decide(counts: LoginCounts) -> bool:
+            nonlocal wait
+            wait = _backoff(counts, now)
+            return wait <= 0
+
+        return 0.0 if self._storage.admit_login_attempt(keys, now, decide) else wait
+
+    def succeeded(self, keys: Sequence[str]) -> None:
+        """The admitted attempt logged in: the account starts afresh, and its address
+        gets back the attempt it spent (an office behind one address logs in all day)."""
+        account, *clients = keys
+        self._storage.clear_login_failures(account)
+        for key in clients:
+            self._storage.forgive_login_attempt(key)
 
     def clear(self, key: str) -> None:
         self._storage.clear_login_failures(key)
 
     def forget_quiet(self, now: float) -> int:
         return self._storage.purge_login_failures(now - MAX_BACKOFF)
+
+
+def _backoff(counts: LoginCounts, now: float) -> float:
+    longest = 0.0
+    for count, last in counts.values():
+        excess = count - FREE_FAILURES
+        if excess >= 0:
+            longest = max(longest, last + min(2.0 ** (excess + 1), MAX_BACKOFF) - now)
+    return longest
 
 
 def _token(raw: bytes) -> str:
@@ -347,20 +369,20 @@ class Gatekeeper:
         """
         now = self._clock()
         keys = [f"account:{username.casefold()}"] + ([f"client:{client}"] if client else [])
-        wait = self._throttle.wait(keys, now)
+        wait = self._throttle.admit(keys, now)
         if wait > 0:
             self._log_login(username, "", Outcome.DENIED, now, client, reason="throttled")
             raise LoginThrottled(wait)
         try:
             account = self._accounts.authenticate(username, password)
         except AuthenticationFailed:
-            self._login_failed(username, keys, now, client, "credentials")
+            self._login_failed(username, now, client, "credentials")
             raise AuthenticationFailed() from None
         if not account.mfa_enrolled:
             # Answered, counted and throttled exactly like a wrong password, so the login
             # form never confirms a password: enrolment starts from the administrator's
             # one-time code, not from here.
-            self._login_failed(username, keys, now, client, "no_mfa")
+            self._login_failed(username, now, client, "no_mfa")
             raise AuthenticationFailed()
         if passkey is not None:
             factor_ok = self._passkey_ok(username, passkey, now)
@@ -369,9 +391,9 @@ class Gatekeeper:
                 b"custodes totp code", f"{username.casefold()}\0{totp}", now, TOTP_KEEP
             )
         if not factor_ok:
-            self._login_failed(username, keys, now, client, "second_factor")
+            self._login_failed(username, now, client, "second_factor")
             raise AuthenticationFailed()
-        self._throttle.clear(keys[0])
+        self._throttle.succeeded(keys)
         self._throttle.forget_quiet(now)
         self._accounts.record_success(username)
         factor = "passkey" if passkey is not None else "totp"
@@ -379,10 +401,8 @@ class Gatekeeper:
         self.sessions.purge(now)
         return self.sessions.open(username, account.role, now, client)
 
-    def _login_failed(
-        self, username: str, keys: Sequence[str], now: float, client: str | None, reason: str
-    ) -> None:
-        self._throttle.fail(keys, now)
+    def _login_failed(self, username: str, now: float, client: str | None, reason: str) -> None:
+        # The attempt was counted when it was let in.
         locked = self._accounts.record_failure(username)
         self._log_login(username, "", Outcome.DENIED, now, client, reason, locked=locked)
 

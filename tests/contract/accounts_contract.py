@@ -72,6 +72,40 @@ class AccountStoreContract:
         storage.update_account(changed)
         assert storage.get_account("inspector.ode") == changed
 
+    def test_replace_account_swaps_only_the_row_it_was_given(self, storage: AccountStore) -> None:
+        storage.add_account(account())
+        first = account(attributes=b'{"district": "north", "failures": 1}')
+        assert storage.replace_account(account(), first)
+        # A writer that read the row before the first change loses, and changes nothing.
+        stale = account(attributes=b'{"district": "north", "failures": 1, "x": 0}')
+        assert not storage.replace_account(account(), stale)
+        assert storage.get_account("inspector.ode") == first
+        assert not storage.replace_account(account("nobody"), account("nobody"))
+        assert storage.get_account("nobody") is None
+        with pytest.raises(ConfigurationError):
+            storage.replace_account(first, account("someone.else"))
+
+    def test_racing_replacements_of_one_account_lose_no_change(self, storage: AccountStore) -> None:
+        # Eight writers each add one to a count by read, change, compare-and-swap, retrying
+        # when they lose: every one of their changes is in the final row.
+        storage.add_account(account(attributes=b"0"))
+
+        def add_one() -> None:
+            while True:
+                row = storage.get_account("inspector.ode")
+                assert row is not None
+                bumped = row._replace(attributes=str(int(row.attributes) + 1).encode())
+                if storage.replace_account(row, bumped):
+                    return
+
+        threads = [threading.Thread(target=add_one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stored = storage.get_account("inspector.ode")
+        assert stored is not None and stored.attributes == b"8"
+
     def test_update_of_missing_account_is_refused(self, storage: AccountStore) -> None:
         with pytest.raises(RecordNotFound):
             storage.update_account(account())
@@ -161,16 +195,61 @@ class AccountStoreContract:
             t.join()
         assert sorted(results) == [False] * 7 + [True]
 
-    def test_login_failures_count_per_key(self, storage: AccountStore) -> None:
-        storage.record_login_failure("account:ode", 10.0)
-        storage.record_login_failure("account:ode", 12.0)
-        storage.record_login_failure("client:192.0.2.7", 11.0)
+    def test_login_attempts_count_per_key(self, storage: AccountStore) -> None:
+        def always(_: object) -> bool:
+            return True
+
+        assert storage.admit_login_attempt(["account:ode"], 10.0, always)
+        assert storage.admit_login_attempt(["account:ode", "client:192.0.2.7"], 12.0, always)
         assert storage.login_failures(["account:ode", "client:192.0.2.7", "none"]) == {
             "account:ode": (2, 12.0),
-            "client:192.0.2.7": (1, 11.0),
+            "client:192.0.2.7": (1, 12.0),
         }
+        storage.forgive_login_attempt("account:ode")
+        assert storage.login_failures(["account:ode"]) == {"account:ode": (1, 12.0)}
+        storage.forgive_login_attempt("client:192.0.2.7")
+        storage.forgive_login_attempt("client:192.0.2.7")
+        storage.forgive_login_attempt("never.counted")
+        assert storage.login_failures(["client:192.0.2.7", "never.counted"]) == {}
+        assert storage.admit_login_attempt(["client:192.0.2.7"], 11.0, always)
         storage.clear_login_failures("account:ode")
         assert storage.login_failures(["account:ode"]) == {}
         assert storage.purge_login_failures(before=11.5) == 1
         assert storage.login_failures(["client:192.0.2.7"]) == {}
         assert storage.login_failures([]) == {}
+
+    def test_a_refused_login_attempt_is_not_counted(self, storage: AccountStore) -> None:
+        seen: list[dict[str, tuple[int, float]]] = []
+
+        def at_most_two(counts: Any) -> bool:
+            seen.append(dict(counts))
+            return all(n < 2 for n, _ in counts.values())
+
+        keys = ["account:ode", "client:192.0.2.7"]
+        assert storage.admit_login_attempt(keys, 1.0, at_most_two)
+        assert storage.admit_login_attempt(keys, 2.0, at_most_two)
+        assert not storage.admit_login_attempt(keys, 3.0, at_most_two)
+        assert seen[0] == {}
+        assert seen[2] == {"account:ode": (2, 2.0), "client:192.0.2.7": (2, 2.0)}
+        assert storage.login_failures(keys)["account:ode"] == (2, 2.0)
+
+    def test_racing_login_attempts_are_admitted_one_count_at_a_time(
+        self, storage: AccountStore
+    ) -> None:
+        # Forty attempts at once against a limit of three: exactly three are admitted,
+        # however the threads interleave.
+        admitted: list[bool] = []
+
+        def below_three(counts: Any) -> bool:
+            return all(n < 3 for n, _ in counts.values())
+
+        def attempt() -> None:
+            admitted.append(storage.admit_login_attempt(["account:ode"], 5.0, below_three))
+
+        threads = [threading.Thread(target=attempt) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(admitted) == [False] * 37 + [True] * 3
+        assert storage.login_failures(["account:ode"]) == {"account:ode": (3, 5.0)}

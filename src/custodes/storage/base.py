@@ -5,8 +5,11 @@ metadata, never a key or a plaintext value; tests/contract/ holds a suite per Pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
+
+# Counted login attempts per key: (how many, time of the last).
+LoginCounts = Mapping[str, tuple[int, float]]
 
 
 class SealedRecord(NamedTuple):
@@ -113,6 +116,13 @@ class AccountStore(Protocol):
         """Replace an existing account; RecordNotFound if there is none."""
         ...
 
+    def replace_account(self, expected: AccountRow, account: AccountRow) -> bool:
+        """Replace the account only if its stored row is still exactly `expected`;
+        whether it was. Atomic across every process sharing the store, so that two
+        read-modify-writes of one account (two failed logins on two servers) never
+        lose one another's change: the loser reads again and retries."""
+        ...
+
     def get_account(self, username: str) -> AccountRow | None: ...
 
     def list_accounts(self) -> list[AccountRow]: ...
@@ -145,12 +155,22 @@ class AccountStore(Protocol):
         """Every stored session, ended or not, by account name (for deployment checks)."""
         ...
 
-    def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
-        """(failures, time of the last) for each key that has failed since last cleared."""
+    def login_failures(self, keys: Sequence[str]) -> LoginCounts:
+        """(attempts, time of the last) for each key counted since it was last cleared."""
         ...
 
-    def record_login_failure(self, key: str, now: float) -> None:
-        """Count one more failed login for a key (an account name or a client address)."""
+    def admit_login_attempt(
+        self, keys: Sequence[str], now: float, admit: Callable[[LoginCounts], bool]
+    ) -> bool:
+        """Count one more login attempt for each key (an account name, a client address)
+        if `admit` says yes to their counts as they stand; whether it did. The read, the
+        decision and the count are one step across every process sharing the store: a
+        thousand attempts at once cannot all read the same count and all be let through.
+        `admit` must be quick and must not call the store."""
+        ...
+
+    def forgive_login_attempt(self, key: str) -> None:
+        """Take one counted attempt back from a key (the attempt succeeded)."""
         ...
 
     def clear_login_failures(self, key: str) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from custodes.errors import (
@@ -24,6 +24,7 @@ from custodes.storage.base import (
     AccountRow,
     BatchOutcome,
     LogAppend,
+    LoginCounts,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -143,6 +144,17 @@ class MemoryStorage:
                 raise RecordNotFound("no account with that username")
             self._accounts[row.username] = row
 
+    def replace_account(self, expected: AccountRow, account: AccountRow) -> bool:
+        row = _normalised_account(account)
+        if row.username != expected.username:
+            raise ConfigurationError("an account is replaced only by a row of the same name")
+        with self._lock:
+            self._check_open()
+            if self._accounts.get(row.username) != _normalised_account(expected):
+                return False
+            self._accounts[row.username] = row
+            return True
+
     def get_account(self, username: str) -> AccountRow | None:
         with self._lock:
             self._check_open()
@@ -215,11 +227,29 @@ class MemoryStorage:
             self._check_open()
             return {k: self._login_failures[k] for k in keys if k in self._login_failures}
 
-    def record_login_failure(self, key: str, now: float) -> None:
+    def admit_login_attempt(
+        self, keys: Sequence[str], now: float, admit: Callable[[LoginCounts], bool]
+    ) -> bool:
+        wanted = list(dict.fromkeys(keys))
         with self._lock:
             self._check_open()
-            count, _ = self._login_failures.get(key, (0, 0.0))
-            self._login_failures[key] = (count + 1, float(now))
+            counts = {k: self._login_failures[k] for k in wanted if k in self._login_failures}
+            if not admit(counts):
+                return False
+            for key in wanted:
+                count, _ = self._login_failures.get(key, (0, 0.0))
+                self._login_failures[key] = (count + 1, float(now))
+            return True
+
+    def forgive_login_attempt(self, key: str) -> None:
+        with self._lock:
+            self._check_open()
+            if key in self._login_failures:
+                count, last = self._login_failures[key]
+                if count <= 1:
+                    del self._login_failures[key]
+                else:
+                    self._login_failures[key] = (count - 1, last)
 
     def clear_login_failures(self, key: str) -> None:
         with self._lock:

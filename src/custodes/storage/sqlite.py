@@ -27,6 +27,7 @@ from custodes.storage.base import (
     AccountRow,
     BatchOutcome,
     LogAppend,
+    LoginCounts,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -553,6 +554,31 @@ class SQLiteStorage:
 
         self._write(update, "the account was not stored")
 
+    def replace_account(self, expected: AccountRow, account: AccountRow) -> bool:
+        if account.username != expected.username:
+            raise ConfigurationError("an account is replaced only by a row of the same name")
+        want = _account_params(expected)
+
+        def swap(conn: sqlite3.Connection) -> bool:
+            # Compared in one BEGIN IMMEDIATE transaction, behind the cross-process
+            # writer lock: no other process can write between the read and the update.
+            stored = conn.execute(
+                "SELECT username, role, password_hash, attributes, created_at, disabled"
+                " FROM accounts WHERE username = ?",
+                (expected.username,),
+            ).fetchone()
+            if stored is None or _account_params(_account_from_row(stored)) != want:
+                return False
+            username, *rest = _account_params(account)
+            conn.execute(
+                "UPDATE accounts SET role = ?, password_hash = ?, attributes = ?,"
+                " created_at = ?, disabled = ? WHERE username = ?",
+                (*rest, username),
+            )
+            return True
+
+        return self._write(swap, "the account was not stored")
+
     def get_account(self, username: str) -> AccountRow | None:
         row = self._one(
             "SELECT username, role, password_hash, attributes, created_at, disabled"
@@ -647,27 +673,34 @@ class SQLiteStorage:
 
     def login_failures(self, keys: Sequence[str]) -> dict[str, tuple[int, float]]:
         wanted = list(dict.fromkeys(keys))[:_IN_CHUNK]
-        if not wanted:
-            return {}
-        marks = ", ".join("?" * len(wanted))
-        rows = self._run(
-            lambda c: c.execute(
-                f"SELECT key, failures, last_failure FROM login_failures WHERE key IN ({marks})",  # noqa: S608 - placeholders only
-                wanted,
-            ).fetchall()
-        )
-        return {str(key): (int(n), float(last)) for key, n, last in rows}
+        return self._run(lambda c: _login_counts(c, wanted))
 
-    def record_login_failure(self, key: str, now: float) -> None:
-        self._write(
-            lambda c: c.execute(
+    def admit_login_attempt(
+        self, keys: Sequence[str], now: float, admit: Callable[[LoginCounts], bool]
+    ) -> bool:
+        wanted = list(dict.fromkeys(keys))[:_IN_CHUNK]
+
+        def count(conn: sqlite3.Connection) -> bool:
+            # One BEGIN IMMEDIATE transaction behind the cross-process writer lock: the
+            # counts admit() sees are the ones this attempt adds to, in every process.
+            if not admit(_login_counts(conn, wanted)):
+                return False
+            conn.executemany(
                 "INSERT INTO login_failures(key, failures, last_failure) VALUES (?, 1, ?)"
                 " ON CONFLICT(key) DO UPDATE SET failures = failures + 1,"
                 " last_failure = excluded.last_failure",
-                (key, now),
-            ),
-            "the failed login was not counted",
-        )
+                [(key, now) for key in wanted],
+            )
+            return True
+
+        return bool(self._write(count, "the login attempt was not counted"))
+
+    def forgive_login_attempt(self, key: str) -> None:
+        def forgive(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE login_failures SET failures = failures - 1 WHERE key = ?", (key,))
+            conn.execute("DELETE FROM login_failures WHERE key = ? AND failures <= 0", (key,))
+
+        self._write(forgive, "the login attempt was not forgiven")
 
     def clear_login_failures(self, key: str) -> None:
         self._write(
@@ -1226,6 +1259,17 @@ def _prepare_batch(records: Sequence[SealedRecord]) -> dict[str, _Prepared]:
 
 def _refuse(position: int, what: str) -> StorageError:
     return StorageError(f"batch refused: record {position}: {what}")
+
+
+def _login_counts(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, float]]:
+    if not keys:
+        return {}
+    marks = ", ".join("?" * len(keys))
+    rows = conn.execute(
+        f"SELECT key, failures, last_failure FROM login_failures WHERE key IN ({marks})",  # noqa: S608 - placeholders only
+        keys,
+    ).fetchall()
+    return {str(key): (int(n), float(last)) for key, n, last in rows}
 
 
 def _account_params(account: AccountRow) -> tuple[str, str, str, bytes, float, int]:
