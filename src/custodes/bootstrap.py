@@ -480,6 +480,7 @@ class DeploymentFacts:
     log_size: int = 0  # entries in the access log
     signed_size: int = 0  # the largest size a stored checkpoint covers
     verifier_key: str | None = None  # the log's public key as the vault stores it
+    checkpoints: tuple[tuple[int, bytes], ...] = ()  # stored (size, note), with cosignatures
 
 
 def deployment_facts(directory: Path) -> DeploymentFacts | None:
@@ -500,6 +501,7 @@ def deployment_facts(directory: Path) -> DeploymentFacts | None:
             log_size=storage.log_size(),
             signed_size=checkpoints[-1][0] if checkpoints else 0,
             verifier_key=stored_key.decode() if stored_key else None,
+            checkpoints=tuple(checkpoints),
         )
     finally:
         storage.close()

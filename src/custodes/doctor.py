@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from custodes.accounts import Account
 
 CERT_WARN_DAYS = 30
+# How long a witness may go without cosigning while the log is signed on past it: a server
+# sends it each checkpoint within about a minute, so a quarter of an hour is no delay.
+WITNESS_GRACE = 15 * 60
 PROC_NET = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 
 
@@ -89,6 +92,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_certificate,
         check_accounts,
         check_log,
+        check_witnesses,
         check_schema,
     ):
         found.extend(check(deployment))
@@ -528,6 +532,49 @@ def check_log(d: Deployment) -> Iterator[Finding]:
             "run 'custodes audit checkpoint' (a running server signs one every minute "
             "while it is busy)",
         )
+
+
+def check_witnesses(d: Deployment) -> Iterator[Finding]:
+    """How far behind the signed log each witness is, as far as the vault knows: the newest
+    checkpoint each has cosigned (stored by `custodes serve --witness` or `custodes audit
+    witness`) against the largest signed, when it has cosigned nothing for longer than
+    WITNESS_GRACE; and a log with entries that no witness has cosigned at all."""
+    from custodes.audit.witness import cosigners
+    from custodes.bootstrap import deployment_facts
+
+    facts = deployment_facts(d.vault_dir)
+    if facts is None:
+        return
+    newest: dict[str, tuple[int, int]] = {}  # witness -> (size, time) of its last cosignature
+    for size, note in facts.checkpoints:  # ascending: a later one replaces an earlier
+        try:
+            newest.update({name: (size, at) for name, at in cosigners(note).items()})
+        except CustodesError:
+            continue  # a damaged note is `audit verify`'s to name
+    if not newest:
+        if facts.log_size:
+            yield Finding(
+                "log:unwitnessed",
+                Severity.LOW,
+                "no witness has cosigned any checkpoint of the access log: whoever holds "
+                "the log key could rewrite it, and re-sign every checkpoint, unnoticed",
+                "run a witness elsewhere ('custodes witness serve') and start the server "
+                "with --witness URL, or run 'custodes audit witness --url URL'",
+            )
+        return
+    for name, (size, at) in sorted(newest.items()):
+        behind = facts.signed_size - size
+        idle = d.now - at
+        if behind > 0 and idle > WITNESS_GRACE:
+            yield Finding(
+                "log:witness-behind",
+                Severity.MEDIUM,
+                f"witness {name} last cosigned the access log at size {size:,}, "
+                f"{int(idle // 60):,} minutes ago; it has not seen the {behind:,} "
+                f"{'entry' if behind == 1 else 'entries'} signed since",
+                "check that the witness is up and that the server runs with --witness "
+                "for it (its log names every failed push), or run 'custodes audit witness'",
+            )
 
 
 def check_schema(d: Deployment) -> Iterator[Finding]:

@@ -290,23 +290,43 @@ class AccessLog:
         with self._commit_lock:
             return self._checkpoint_locked()
 
-    def keep_signing(self, every: float) -> threading.Event:
+    def keep_signing(
+        self, every: float, on_signed: Callable[[bytes], None] | None = None
+    ) -> threading.Event:
         """Sign a checkpoint every `every` seconds while entries wait for one, even when
         no new access comes: appends sign only when the next one arrives, so a lookup at
         night would stay unsigned (and changeable unnoticed) until morning. Returns the
         event that stops the thread. A checkpoint that cannot be signed (a log cut behind
-        its signer, a missing state file) is reported on every round, never skipped."""
+        its signer, a missing state file) is reported on every round, never skipped.
+
+        `on_signed` is handed the latest signed note, outside the lock, after each round
+        in which it changed, whoever signed it (this round, an append, another process):
+        what a server sends on to its witnesses."""
         stop = threading.Event()
 
         def run() -> None:
+            handed = 0
             while not stop.wait(every):
+                note = None
                 try:
                     with self._commit_lock:
                         self._catch_up()
-                        if self._range.size > self._signer.current()[0]:
-                            self._checkpoint_locked()
+                        size, root = self._signer.current()
+                        if self._range.size > size:
+                            note, size = self._checkpoint_locked(), self._checkpointed
+                        elif on_signed is not None and size > handed:
+                            # Signed elsewhere: the same note once more (Ed25519 signatures
+                            # are deterministic). Should yet another be signed meanwhile,
+                            # this is refused, and the next round hands that one on.
+                            with contextlib.suppress(CustodesError):
+                                note = self._signer.sign_checkpoint(
+                                    Checkpoint(self.origin, size, root), []
+                                )
                 except CustodesError as exc:
                     log.error("the access log could not be signed: %s", type(exc).__name__)
+                if note is not None and on_signed is not None:
+                    handed = size
+                    on_signed(note)
 
         threading.Thread(target=run, name="custodes-log-signer", daemon=True).start()
         return stop

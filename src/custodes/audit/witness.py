@@ -2,14 +2,19 @@
 
 C2SP tlog-witness `add-checkpoint` semantics over a directory of the witness's own: its
 sealed cosigner key, the latest cosigned checkpoint per log, and refused notes as evidence.
+The log's side: the client that has a checkpoint cosigned, and the pusher that keeps a
+server's witnesses caught up with what it signs.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import ipaddress
 import json
+import logging
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -61,12 +66,20 @@ __all__ = [
     "RollbackRefused",
     "UnknownLog",
     "Witness",
+    "WitnessPusher",
+    "Witnessed",
+    "add_cosignatures",
     "add_log",
+    "check_witness_url",
+    "cosigners",
     "encode_request",
     "latest_checkpoint",
     "parse_request",
     "submit_checkpoint",
+    "witness_checkpoint",
 ]
+
+log = logging.getLogger("custodes.witness")
 
 KEY_FILE = "witness.key"
 LOGS_DIR = "logs"
@@ -75,6 +88,8 @@ LOCK_FILE = "witness.lock"
 MAX_PROOF_LINES = 63  # the protocol's own limit
 MAX_REQUEST_BYTES = 512 * 1024
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
+_COSIGNATURE_BYTES = 8 + 64  # a cosignature/v1 line's timestamp and Ed25519 signature
+_ATTEMPTS = 3  # from the size believed held, from the size a Conflict names, once more
 _LOG_FORMAT = "custodes-witness-log"
 _FILE_VERSION = 1
 
@@ -426,7 +441,8 @@ def parse_request(body: bytes) -> tuple[int, list[bytes], bytes]:
 # -- the client ----------------------------------------------------------------------
 
 
-def _check_loopback_url(url: str) -> None:
+def check_witness_url(url: str) -> None:
+    """Refuse any witness address but http:// on loopback: the client speaks plain HTTP."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
         raise ConfigurationError("the witness URL must be http://<loopback address>[:port]/")
@@ -447,7 +463,7 @@ def submit_checkpoint(
     Raises Conflict(size) on a size mismatch, so the caller can retry with a proof from
     that size, and the matching error for every other refusal.
     """
-    _check_loopback_url(url)
+    check_witness_url(url)
     request = urllib.request.Request(  # noqa: S310 - scheme checked above: http only
         url.rstrip("/") + "/add-checkpoint",
         data=encode_request(old_size, proof, note),
@@ -462,7 +478,84 @@ def submit_checkpoint(
             _raise_for(exc.code, exc.headers.get_content_type(), exc.read(1024))
     except urllib.error.URLError as exc:
         raise StorageError(f"cannot reach the witness: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        # A witness that hangs up or stalls mid-answer: urllib lets these through unwrapped.
+        raise StorageError(f"the witness broke off its answer: {type(exc).__name__}") from None
     return _parse_cosignatures(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Witnessed:
+    """A witness's answer to one checkpoint: the size it holds now, and the checkpoint
+    with its cosignature added (None when it already held a larger checkpoint)."""
+
+    size: int
+    note: bytes | None
+
+
+def witness_checkpoint(
+    url: str,
+    note: bytes,
+    prove: Callable[[int, int], Sequence[bytes]],
+    *,
+    held: int = 0,
+    beside: bytes | None = None,
+    timeout: float = 10.0,
+) -> Witnessed:
+    """Have a witness cosign a log-signed checkpoint, proving it extends what the witness holds.
+
+    The checkpoint goes with a consistency proof from `held`, the size the witness is
+    believed to hold (0: unknown; `prove(old, new)` makes the proof), and on Conflict again
+    from the size the witness names. Sending a checkpoint the witness already holds is
+    harmless: it cosigns that size again. `beside` is the same checkpoint with the
+    cosignatures gathered so far, which the answer's note keeps.
+    """
+    body, _ = parse_note(note)
+    size = Checkpoint.parse_body(body).size
+    if beside is not None and parse_note(beside)[0] != body:
+        raise ValueError("`beside` must be the same checkpoint as `note`")
+    old = held
+    for _attempt in range(_ATTEMPTS):
+        if old > size:
+            return Witnessed(old, None)
+        proof = list(prove(old, size)) if 0 < old < size else []
+        try:
+            lines = submit_checkpoint(url, note, old, proof, timeout=timeout)
+        except Conflict as conflict:
+            old = conflict.size
+            continue
+        return Witnessed(size, add_cosignatures(beside or note, lines))
+    raise ConfigurationError("the witness keeps changing its size; try again")
+
+
+def add_cosignatures(note: bytes, lines: Sequence[str]) -> bytes:
+    """`note` with cosignature lines added, each in place of any earlier line by the same key
+    (a witness asked twice cosigns twice), so that the note does not grow with asking."""
+    text, _ = parse_note(note)
+    added = [line if line.endswith("\n") else line + "\n" for line in lines]
+    replaced = {_signing_key(line) for line in added}
+    block = note[len(text) + 1 :].decode("utf-8")
+    kept = [line + "\n" for line in block[:-1].split("\n") if _signing_key(line) not in replaced]
+    cosigned = text + b"\n" + "".join(kept + added).encode("utf-8")
+    parse_note(cosigned)  # every line well formed, and not too many of them
+    return cosigned
+
+
+def _signing_key(line: str) -> tuple[str, bytes]:
+    [(name, kid, _)] = parse_note(b"x\n\n" + line.removesuffix("\n").encode("utf-8") + b"\n")[1]
+    return name, kid
+
+
+def cosigners(note: bytes) -> dict[str, int]:
+    """The witnesses whose cosignatures a checkpoint note carries, each with the time it
+    gave: read from the lines, not verified (that takes each witness's key)."""
+    body, signatures = parse_note(note)
+    origin = Checkpoint.parse_body(body).origin
+    return {
+        name: int.from_bytes(value[:8], "big")
+        for name, _, value in signatures
+        if name != origin and len(value) == _COSIGNATURE_BYTES
+    }
 
 
 def _raise_for(status: int, content_type: str, body: bytes) -> NoReturn:
@@ -491,3 +584,128 @@ def _parse_cosignatures(body: bytes) -> list[str]:
     lines = [line + "\n" for line in text[:-1].split("\n")]
     parse_note(b"x\n\n" + text.encode("utf-8"))  # checks every line's format
     return lines
+
+
+# -- a server's witnesses, kept caught up -----------------------------------------------
+
+
+@dataclass(slots=True)
+class _Behind:
+    """What this process knows of one witness: the size it holds, and its failures."""
+
+    held: int = 0  # 0 until the witness first answers
+    failures: int = 0
+    next_try: float = 0.0  # monotonic time before which it is not asked again
+
+
+class WitnessPusher:
+    """Sends a server's latest signed checkpoint to each of its witnesses, from a thread of
+    its own, so that a witness sees every entry within a bounded delay and a slow or absent
+    witness never holds up signing.
+
+    `signed` takes each new signed note (the log's signer thread calls it); `send(url,
+    note, held, beside)` has one witness cosign it and stores the result. A witness is
+    asked only while it holds less than the latest note, as far as this process has heard
+    from it, so server processes sharing a log do not ask it once a round each. A failure
+    is logged with the witness's address and the error's kind and tried again after a
+    backoff that never exceeds the signing interval.
+    """
+
+    __slots__ = ("_behind", "_cosigned", "_every", "_lock", "_note", "_send", "_size", "_urls")
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        send: Callable[[str, bytes, int, bytes | None], Witnessed],
+        *,
+        every: float,
+    ) -> None:
+        for url in urls:
+            check_witness_url(url)
+        if not every > 0:
+            raise ConfigurationError("the signing interval must be positive")
+        self._urls = tuple(dict.fromkeys(urls))
+        self._send = send
+        self._every = every
+        self._lock = threading.Lock()
+        self._note: bytes | None = None
+        self._size = 0
+        self._cosigned: bytes | None = None  # the latest note with the cosignatures so far
+        self._behind = {url: _Behind() for url in self._urls}
+
+    def __repr__(self) -> str:
+        return f"WitnessPusher(witnesses={len(self._urls)})"
+
+    def signed(self, note: bytes) -> None:
+        """Take a newly signed checkpoint note; returns at once."""
+        size = Checkpoint.parse_body(parse_note(note)[0]).size
+        with self._lock:
+            if size > self._size:
+                self._note, self._size, self._cosigned = note, size, None
+
+    def start(self) -> threading.Event:
+        """Start pushing; returns the event that stops it."""
+        stop = threading.Event()
+        threading.Thread(
+            target=self._run, args=(stop,), name="custodes-witness-pusher", daemon=True
+        ).start()
+        return stop
+
+    def _run(self, stop: threading.Event) -> None:
+        # A short tick rather than a wake-up from `signed`: the stop event is all the vault
+        # holds, and a second's delay after signing is well inside the bound.
+        while not stop.wait(min(self._every, 1.0)):
+            for url in self._urls:
+                self._push_due(url, stop)
+
+    def _push_due(self, url: str, stop: threading.Event) -> None:
+        """Ask one witness to cosign the latest note if it is behind it and not backing off."""
+        with self._lock:
+            note, size, cosigned = self._note, self._size, self._cosigned
+        behind = self._behind[url]
+        if note is None or behind.held >= size or behind.next_try > time.monotonic():
+            return
+        try:
+            answer = self._send(url, note, behind.held, cosigned)
+        except Exception as exc:
+            if stop.is_set():
+                return  # the vault closed under the push: nothing to retry
+            behind.failures += 1
+            wait = min(self._every, min(self._every, 1.0) * 2 ** min(behind.failures - 1, 16))
+            behind.next_try = time.monotonic() + wait
+            log.error(
+                "witness %s did not cosign checkpoint %d (%s, attempt %d); retrying in %.1fs",
+                _shown(url),
+                size,
+                type(exc).__name__,
+                behind.failures,
+                wait,
+            )
+            return
+        if behind.failures:
+            log.warning(
+                "witness %s caught up at size %d after %d failed attempts",
+                _shown(url),
+                answer.size,
+                behind.failures,
+            )
+        behind.held, behind.failures, behind.next_try = answer.size, 0, 0.0
+        if answer.note is None:
+            # Another server process may have just sent a newer checkpoint; if not, the
+            # witness saw more of this log than it now holds.
+            log.warning(
+                "witness %s already holds size %d, beyond the %d signed here",
+                _shown(url),
+                answer.size,
+                size,
+            )
+        else:
+            with self._lock:
+                if self._size == size:
+                    self._cosigned = answer.note
+
+
+def _shown(url: str) -> str:
+    """A witness address for the logs, without any user or password it carries."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

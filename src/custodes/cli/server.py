@@ -44,6 +44,15 @@ from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_o
     "repeatable. Logins are throttled per client address: behind a proxy not named here, "
     "every official shares the proxy's.",
 )
+@click.option(
+    "--witness",
+    "witnesses",
+    multiple=True,
+    metavar="URL",
+    help="A witness to send each signed checkpoint to, e.g. http://127.0.0.1:7380/ "
+    "(repeatable; loopback only until TLS). Each server process sends it within about a "
+    "minute of signing, retries while it is down, and logs every failure.",
+)
 def serve(
     vault_dir: str | None,
     keyring: str | None,
@@ -55,6 +64,7 @@ def serve(
     tls_self_signed: bool,
     tls_dir: str | None,
     trusted_proxies: tuple[str, ...],
+    witnesses: tuple[str, ...],
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
@@ -68,6 +78,14 @@ def serve(
         trusted_networks(trusted_proxies)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--trusted-proxy") from None
+    from custodes.audit.witness import check_witness_url
+    from custodes.errors import ConfigurationError
+
+    for url in witnesses:
+        try:
+            check_witness_url(url)
+        except ConfigurationError as exc:
+            raise click.BadParameter(str(exc), param_hint="--witness") from None
     if tls_self_signed and tls_cert:
         raise click.UsageError("choose --tls-cert/--tls-key or --tls-self-signed, not both")
     tls = web.TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
@@ -84,6 +102,8 @@ def serve(
     scheme = "https" if tls else "http"
     plural = "es" if workers > 1 else ""
     out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
+    for url in witnesses:
+        out.print(f"each signed checkpoint goes to the witness at {url}")
     web.serve(
         unlocked,
         host=host,
@@ -91,4 +111,5 @@ def serve(
         tls=tls,
         workers=workers,
         trusted_proxies=trusted_proxies,
+        witnesses=witnesses,
     )

@@ -28,7 +28,7 @@ from custodes.audit.report import (
     open_checkpoint,
 )
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
-from custodes.audit.witness import Conflict, submit_checkpoint
+from custodes.audit.witness import Witnessed, WitnessPusher, witness_checkpoint
 from custodes.codec import RecordCodec
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
@@ -138,10 +138,17 @@ class Vault:
     def log_origin(self) -> str:
         return self._log.origin
 
-    def keep_signing(self, every: float = 60.0) -> None:
+    def keep_signing(self, every: float = 60.0, *, witnesses: Sequence[str] = ()) -> None:
         """Sign the access log on a timer, idle or not, until the vault closes: what a
-        server does, so that no entry waits long for a signature (and a witness)."""
-        self._stop_signing.append(self._log.keep_signing(every))
+        server does, so that no entry waits long for a signature. Each new signed
+        checkpoint also goes to every witness in `witnesses` (their addresses) within
+        about a round, with its cosignature stored beside it; a push is no official's
+        access and puts nothing on the log, which would otherwise never stop growing."""
+        pusher = WitnessPusher(witnesses, self._witness, every=every) if witnesses else None
+        on_signed = pusher.signed if pusher is not None else None
+        self._stop_signing.append(self._log.keep_signing(every, on_signed))
+        if pusher is not None:
+            self._stop_signing.append(pusher.start())
 
     def close(self) -> None:
         for stop in self._stop_signing:
@@ -552,28 +559,29 @@ class Vault:
         the size cosigned."""
 
         def run(_: Grant) -> Done[int]:
-            log = self._log
-            note = log.checkpoint()
-            size = log.size
-            old_size = 0
-            for _attempt in range(2):
-                proof = log.consistency_proof(old_size, size) if 0 < old_size < size else []
-                try:
-                    lines = submit_checkpoint(url, note, old_size, proof)
-                    break
-                except Conflict as conflict:
-                    # The witness says which size it holds; prove consistency from there.
-                    old_size = conflict.size
-            else:
-                raise ConfigurationError("the witness keeps changing its size; try again")
-            cosigned = (
-                note
-                + "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode()
-            )
-            self._storage.put_checkpoint(size, cosigned)
-            return Done(size, detail={"size": size})
+            answer = self._witness(url, self._log.checkpoint())
+            if answer.note is None:
+                raise ConfigurationError(
+                    f"the witness already holds a checkpoint of size {answer.size:,}, larger "
+                    "than the one just signed; run again, and if it persists, check that the "
+                    "witness is this vault's"
+                )
+            return Done(answer.size, detail={"size": answer.size})
 
         return self._gate.access(operator, Action.WITNESS_PUBLISH, run, detail={"witness": url})
+
+    def _witness(
+        self, url: str, note: bytes, held: int = 0, beside: bytes | None = None
+    ) -> Witnessed:
+        """Have a witness cosign a signed checkpoint, proving consistency from the size it
+        holds, and store the cosigned note beside the checkpoint: the one way for both the
+        operator's `publish_checkpoint` and a server's pusher (which logs no entry)."""
+        answer = witness_checkpoint(
+            url, note, self._log.consistency_proof, held=held, beside=beside
+        )
+        if answer.note is not None:
+            self._storage.put_checkpoint(answer.size, answer.note)
+        return answer
 
 
 def _filter_text(name: str, value: str | None) -> str | None:

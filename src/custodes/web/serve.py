@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from custodes.audit.witness import check_witness_url
 from custodes.bootstrap import UnlockedVault, assemble_vault
 from custodes.errors import ConfigurationError
 from custodes.settings import is_within
@@ -121,6 +122,7 @@ def serve(
     tls: TlsFiles | None = None,
     workers: int = 1,
     trusted_proxies: Sequence[str] = (),
+    witnesses: Sequence[str] = (),
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
 
@@ -128,13 +130,16 @@ def serve(
     socket of its own (SO_REUSEPORT), so that the kernel spreads connections across the
     workers; sessions, failed-login counts and the access log live in the database, so
     any worker may answer any request. Workers are forked after the keys are unsealed,
-    so the passphrase is asked for once and the keys never leave memory.
+    so the passphrase is asked for once and the keys never leave memory. Every worker
+    signs the log on a timer and sends what is signed on to each of `witnesses`.
     """
     check_bind(host, tls)
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigurationError(f"--workers is 1 to {MAX_WORKERS}")
     trusted_networks(trusted_proxies)  # refuse a malformed entry before anything starts
-    listen = _Listen(host, port, tls, tuple(trusted_proxies))
+    for url in witnesses:
+        check_witness_url(url)
+    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses))
     if workers == 1:
         _run_worker(unlocked, listen, own_socket=False)
         return
@@ -152,6 +157,7 @@ class _Listen:
     port: int
     tls: TlsFiles | None
     trusted_proxies: tuple[str, ...] = ()
+    witnesses: tuple[str, ...] = ()  # where each worker sends the checkpoints signed
 
 
 def _port_socket(host: str, port: int) -> socket.socket:
@@ -204,7 +210,7 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
         sock = _port_socket(listen.host, listen.port)
         sock.listen(LISTEN_BACKLOG)
     vault = assemble_vault(unlocked)
-    vault.keep_signing()
+    vault.keep_signing(witnesses=listen.witnesses)
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
         config = _config(app, listen)
