@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from custodes.audit import AccessEntry, Outcome
-from custodes.audit.checkpoint import Checkpoint, NoteSigner, _read_sealed_key
+from custodes.audit.checkpoint import Checkpoint, NoteSigner, _read_sealed_key, _state_document
 from custodes.audit.merkle import CompactRange, leaf_hash
 from custodes.audit.witness import Witness
 from custodes.bootstrap import create_vault
+from custodes.settings import VaultLayout
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
 
 ENTRIES = 230
@@ -210,7 +211,17 @@ def test_fork_after_a_witness_cosigned_is_caught(
         db.executemany("INSERT INTO checkpoints VALUES (?, ?)", notes)
     db.close()
 
-    # Against its own (re-signed) checkpoints the fork looks whole...
+    # The signer's own last checkpoint, kept with its key outside the database, catches
+    # a fork that left it behind...
+    assert_caught(run_verify(copy), 0, "forked")
+    # ...but the key's holder can re-sign that too: against everything the host holds,
+    # the fork then looks whole...
+    layout = VaultLayout(copy)
+    recorded = layout.read()
+    keys = shutil.copytree(recorded.log_key.parent, tmp_path / "own-keys")
+    layout.vault_file.unlink()
+    layout.write(recorded.vault_id, keys / recorded.keyring.name, keys / recorded.log_key.name)
+    (keys / "log.state").write_bytes(_state_document(notes[-1][1]))
     assert run_verify(copy).returncode == 0
     # ...but not against what the witness holds.
     done = run_verify(copy, "--witness-dir", str(tmp_path / "witness"))

@@ -292,3 +292,20 @@ def test_serve_refuses_a_witness_beyond_loopback_before_asking_anything(
     assert done.returncode == 2 and "--witness" in done.stderr and "loopback" in done.stderr
     assert done.stdout == ""
 
+
+def test_signing_again_at_the_same_size_keeps_the_witnesses_cosignatures(
+    vault: Vault, witness: Witness, tmp_path: Path
+) -> None:
+    # A server's pusher cosigned the latest checkpoint (and put nothing on the log); an
+    # operator's `audit checkpoint` then has nothing new to sign. It must hand back the
+    # cosigned note, not store the bare one over it: a witness's word would be lost.
+    look_up_at_night(vault, tmp_path)
+    note = vault._log.checkpoint()
+    size = vault._log.size
+    port = free_port()
+    with witness_serving(witness, port):
+        vault._witness(f"http://127.0.0.1:{port}/", note)
+    cosigned = dict(vault._storage.checkpoints())[size]
+    assert witness_lines(cosigned)
+    assert vault._log.checkpoint() == cosigned
+    assert dict(vault._storage.checkpoints())[size] == cosigned

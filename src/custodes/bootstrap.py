@@ -18,7 +18,8 @@ import orjson
 
 from custodes.accounts import Account, AccountBook, HashCost, SecretBox, check_password_strength
 from custodes.audit import AccessLog, AuditKeys
-from custodes.audit.checkpoint import LogSigner, create_log_key, open_log_key
+from custodes.audit.checkpoint import Checkpoint, LogLoss, LogSigner, create_log_key, open_log_key
+from custodes.audit.log import stored_root
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
@@ -454,6 +455,36 @@ def verify_log_files(
         return verify_log(storage, log_key, origin=log_key.split("+", 1)[0], outside=outside)
     finally:
         storage.close()
+
+
+def acknowledge_log_loss(
+    unlocked: UnlockedVault, *, reason: str, clock: Clock = SYSTEM_CLOCK
+) -> LogLoss:
+    """The host operator accepts that the vault's access log lost entries its signer had
+    signed (rolled back to an older copy, cut, or replaced), when it cannot be put back
+    from a copy: until then nothing is served from the vault.
+
+    The signer records the loss, signed, beside its state and signs on from the log as it
+    stands; the vault then opens and the acknowledgement is the log's next entry. Nothing
+    is hidden by it: checkpoints of the lost entries held by witnesses and auditors still
+    fail against the log, and `doctor` and `audit verify` report every acknowledged loss.
+    """
+    signer = unlocked.signer
+    signed_size, _ = signer.current()
+    storage = SQLiteStorage(VaultLayout(unlocked.directory).database)
+    try:
+        size = storage.log_size()
+        now = Checkpoint(signer.origin, size, stored_root(storage, size))
+        at_signed = stored_root(storage, signed_size) if signed_size <= size else None
+    finally:
+        storage.close()
+    loss = signer.acknowledge_loss(now, root_at_signed=at_signed, reason=reason, at=clock())
+    vault = assemble_vault(unlocked, host=True, clock=clock)
+    try:
+        vault.record_log_loss(vault.operator, loss)
+    finally:
+        vault.close()
+    return loss
 
 
 def stored_verifier_key(directory: Path) -> str | None:

@@ -486,7 +486,7 @@ def check_log(d: Deployment) -> Iterator[Finding]:
     shorter than its last signed checkpoint was rolled back or cut; a stored verifier key
     that is not the log key's was replaced; entries past the last stored checkpoint are not
     yet covered by any signature."""
-    from custodes.audit.checkpoint import signed_state
+    from custodes.audit.checkpoint import signed_losses, signed_state
     from custodes.bootstrap import deployment_facts
 
     facts = deployment_facts(d.vault_dir)
@@ -495,6 +495,7 @@ def check_log(d: Deployment) -> Iterator[Finding]:
     try:
         recorded = VaultLayout(d.vault_dir).read()
         vkey, last = signed_state(recorded.log_key)
+        losses = signed_losses(recorded.log_key)
     except CustodesError as exc:
         yield Finding(
             "log:signer-state",
@@ -503,6 +504,16 @@ def check_log(d: Deployment) -> Iterator[Finding]:
             "restore the log key and its .state file from their backup before serving",
         )
         return
+    for loss in losses:
+        yield Finding(
+            "log:loss-acknowledged",
+            Severity.MEDIUM,
+            f"the host operator acknowledged a loss of the access log: its signer had "
+            f"signed {loss.signed.size:,} entries and the log went on from "
+            f"{loss.resumed.size:,} (at {_utc(loss.at)}, reason given: {loss.reason!r})",
+            "kept for good, as it must be: make sure the witnesses' operators and the "
+            "auditors know, and that checkpoints of the lost entries are kept as evidence",
+        )
     if facts.verifier_key != vkey:
         yield Finding(
             "log:verifier-key-replaced",
@@ -517,8 +528,9 @@ def check_log(d: Deployment) -> Iterator[Finding]:
             Severity.HIGH,
             f"the access log holds {facts.log_size:,} entries, but its signer already signed "
             f"a checkpoint of {last.size:,}: the log was rolled back, cut or replaced",
-            "stop serving; find out how (a restored copy, a swapped log file) with "
-            "'custodes audit verify --checkpoint' against the published checkpoints",
+            "nothing is served from it: find out how (a restored copy, a swapped log file) "
+            "with 'custodes audit verify'; put the log back from a copy if one holds the "
+            "entries, or accept the loss with 'custodes audit acknowledge-loss --reason ...'",
         )
         return
     unsigned = facts.log_size - max(facts.signed_size, last.size)
@@ -614,3 +626,7 @@ def check_schema(d: Deployment) -> Iterator[Finding]:
                 "deploy the schema the vault was created with; a schema is fixed for "
                 "the life of a vault",
             )
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))

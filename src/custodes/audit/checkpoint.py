@@ -46,6 +46,7 @@ __all__ = [
     "Checkpoint",
     "Cosigner",
     "ForkRefused",
+    "LogLoss",
     "LogSigner",
     "MalformedNote",
     "NoteSigner",
@@ -57,7 +58,9 @@ __all__ = [
     "open_log_key",
     "parse_note",
     "read_signing_key",
+    "signed_losses",
     "signed_state",
+    "signed_state_note",
     "verify_cosignature",
     "write_signing_key",
 ]
@@ -77,6 +80,11 @@ _COSIG_HEADER = b"cosignature/v1\n"
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _KEY_FORMAT = "custodes-signing-key"
 _STATE_FORMAT = "custodes-log-state"
+_LOSSES_FORMAT = "custodes-log-losses"
+# The first line of a signed loss statement: never a log origin (it holds spaces), so no
+# statement can be read as a checkpoint, nor a checkpoint as a statement.
+_LOSS_HEADER = "custodes log loss v1"
+MAX_LOSS_REASON = 500
 _FILE_VERSION = 1
 _SEED_BYTES = 32
 _TAG_BYTES = 16
@@ -567,6 +575,160 @@ class LogSigner:
             self._last = Checkpoint(cp.origin, cp.size, cp.root)
             return note
 
+    def acknowledge_loss(
+        self, now: Checkpoint, *, root_at_signed: bytes | None, reason: str, at: float
+    ) -> LogLoss:
+        """Accept that the log lost entries its signer had signed, and sign from `now` on.
+
+        For the host operator, once a rolled-back, cut or replaced log cannot be put back
+        from a copy: `now` is the log as it stands, `root_at_signed` its root at the last
+        signed size (None if it is shorter). The loss is kept, signed by this key, in
+        `<key file>.losses` before the state moves, and it is never erased: `doctor` and
+        `audit verify` show it ever after, and every checkpoint of the lost entries that
+        a witness or an auditor holds still fails against the log. Refused (ForkRefused)
+        if nothing was lost.
+        """
+        if now.origin != self.origin:
+            raise ConfigurationError("the checkpoint's origin is not this log's origin")
+        with self._lock, file_lock(_lock_path(self._state_path)):
+            last = _read_state(self._state_path, NoteVerifier.from_key_string(self.verifier_key))
+            if now.size >= last.size and root_at_signed == last.root:
+                raise ForkRefused(
+                    "the access log still holds every entry its signer signed: nothing was lost"
+                )
+            loss = LogLoss(last, now, int(at), _loss_reason(reason))
+            statements = _read_losses(_losses_path(self._state_path), self.verifier_key)
+            statements.append(self._signer.sign(loss.body()).decode("utf-8"))
+            # The statement is durable before the state moves past what was lost.
+            replace_file_durably(_losses_path(self._state_path), _losses_document(statements))
+            note = self._signer.sign(now.body())
+            replace_file_durably(self._state_path, _state_document(note))
+            self._last = now
+            return loss
+
+
+@dataclass(frozen=True, slots=True)
+class LogLoss:
+    """The host operator's signed acceptance that the log lost signed entries: the last
+    checkpoint signed before (`signed`), the log as it was taken up again (`resumed`),
+    when, and the reason given."""
+
+    signed: Checkpoint
+    resumed: Checkpoint
+    at: int
+    reason: str
+
+    @property
+    def lost(self) -> int:
+        """Signed entries no longer in the log (at least: a replaced log may differ
+        from an earlier position than its length shows)."""
+        return max(0, self.signed.size - self.resumed.size)
+
+    def body(self) -> bytes:
+        lines = [
+            _LOSS_HEADER,
+            self.signed.origin,
+            f"signed {self.signed.size} {b64encode(self.signed.root)}",
+            f"resumed {self.resumed.size} {b64encode(self.resumed.root)}",
+            f"at {self.at}",
+            f"reason {self.reason}",
+        ]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    @classmethod
+    def parse_body(cls, body: bytes) -> LogLoss:
+        try:
+            header, origin, signed, resumed, at, reason = body.decode("utf-8").split("\n")[:-1]
+            s_word, s_size, s_root = signed.split(" ")
+            r_word, r_size, r_root = resumed.split(" ")
+            at_word, at_value = at.split(" ")
+            ok = (
+                header == _LOSS_HEADER
+                and (s_word, r_word, at_word) == ("signed", "resumed", "at")
+                and reason.startswith("reason ")
+                and all(_DECIMAL.fullmatch(v) for v in (s_size, r_size, at_value))
+            )
+            if not ok:
+                raise ValueError
+            signed_root, resumed_root = strict_b64decode(s_root), strict_b64decode(r_root)
+            if signed_root is None or resumed_root is None:
+                raise ValueError
+            return cls(
+                Checkpoint(origin, int(s_size), signed_root),
+                Checkpoint(origin, int(r_size), resumed_root),
+                int(at_value),
+                reason.removeprefix("reason "),
+            )
+        except ValueError:
+            raise MalformedNote("not a log loss statement") from None
+
+
+def _loss_reason(reason: str) -> str:
+    from custodes.freetext import HiddenCharacter, one_line
+
+    try:
+        text = one_line(reason)
+    except HiddenCharacter as exc:
+        raise ConfigurationError(f"the reason {exc}") from None
+    if not text or len(text) > MAX_LOSS_REASON:
+        raise ConfigurationError(
+            f"give the reason for accepting the loss in 1 to {MAX_LOSS_REASON} characters"
+        )
+    return text
+
+
+def _losses_path(state_path: Path) -> Path:
+    return state_path.with_name(state_path.name.removesuffix(".state") + ".losses")
+
+
+def _losses_document(statements: list[str]) -> bytes:
+    doc = {"format": _LOSSES_FORMAT, "version": _FILE_VERSION, "statements": statements}
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def _read_losses(path: Path, vkey: str) -> list[str]:
+    """The signed loss statements kept beside the signer's state (none if no file)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+    statements: list[str] | None = None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if (
+            isinstance(doc, dict)
+            and doc.get("format") == _LOSSES_FORMAT
+            and doc.get("version") == _FILE_VERSION
+            and isinstance(doc.get("statements"), list)
+            and all(isinstance(item, str) for item in doc["statements"])
+        ):
+            statements = list(doc["statements"])
+    except (UnicodeDecodeError, ValueError):
+        pass
+    if statements is None:
+        raise TamperDetected("the log signer's record of acknowledged losses is damaged")
+    verifier = NoteVerifier.from_key_string(vkey)
+    for item in statements:
+        try:
+            LogLoss.parse_body(verifier.verify(item.encode("utf-8")))
+        except (SignatureInvalid, MalformedNote):
+            raise TamperDetected(
+                "a statement in the log signer's record of acknowledged losses is not "
+                "signed by this log key"
+            ) from None
+    return statements
+
+
+def signed_losses(key_path: Path) -> list[LogLoss]:
+    """Every loss of signed entries the host operator acknowledged for this log key,
+    oldest first, each checked against the key (read without its passphrase)."""
+    vkey, _ = signed_state(key_path)
+    verifier = NoteVerifier.from_key_string(vkey)
+    statements = _read_losses(_losses_path(_state_path(Path(key_path))), vkey)
+    return [LogLoss.parse_body(verifier.verify(item.encode("utf-8"))) for item in statements]
+
 
 def _check_extends(last: Checkpoint, cp: Checkpoint, proof: list[bytes]) -> None:
     if cp.size < last.size:
@@ -622,6 +784,16 @@ def signed_state(key_path: Path) -> tuple[str, Checkpoint]:
     if not isinstance(vkey, str):
         raise KeyringError(f"not a readable custodes signing key file: {key_path}")
     return vkey, _read_state(_state_path(Path(key_path)), NoteVerifier.from_key_string(vkey))
+
+
+def signed_state_note(key_path: Path) -> bytes:
+    """The last checkpoint a log key signed, as its signed note (from its state file,
+    checked against the key): a checkpoint held outside the database, for `audit verify`."""
+    vkey, _ = signed_state(key_path)
+    doc = json.loads(_state_path(Path(key_path)).read_bytes().decode("utf-8"))
+    note = str(doc["note"]).encode("utf-8")
+    NoteVerifier.from_key_string(vkey).verify(note)
+    return note
 
 
 def _read_state(path: Path, verifier: NoteVerifier) -> Checkpoint:

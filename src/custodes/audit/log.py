@@ -137,20 +137,28 @@ class AccessLog:
         self._commit_lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._committing = False  # an appender is leading a commit; guarded by the queue lock
+        # Why the log stopped taking entries (it was found rolled back, cut or replaced),
+        # or None. Once set it stays set for the life of the process: every access needs
+        # an entry, so nothing is served until the host operator has acknowledged the loss.
+        self._halted: str | None = None
+        # The signer's state is read before the log: another process may append and sign
+        # in between, and a log read first would then look shorter than what was signed.
+        signed = signer.current()
         size = storage.log_size()
         self._range = CompactRange.from_source(size, self._node)
-        self._check_against_signer()
+        self._check_against_signer(signed)
         stored = storage.checkpoints()
         self._checkpointed = stored[-1][0] if stored else 0
         self._checkpointed_at = clock()
 
-    def _check_against_signer(self) -> None:
+    def _check_against_signer(self, signed: tuple[int, bytes]) -> None:
         """Refuse a log that is not the one its signer last signed: shorter (a restored
         older copy, its tail cut with its checkpoints, a fresh file swapped in) or another
         tree at that size. The signer's state lives with its key, out of the database
         writer's reach, and carries the log's own signature. Nothing is served from such
-        a log: `custodes doctor` and `custodes audit verify` tell the operator what happened."""
-        signed_size, signed_root = self._signer.current()
+        a log: `custodes doctor` and `custodes audit verify` tell the operator what happened,
+        and `custodes audit acknowledge-loss` is how the operator accepts it."""
+        signed_size, signed_root = signed
         size = self._range.size
         if size < signed_size:
             raise TamperDetected(
@@ -158,12 +166,45 @@ class AccessLog:
                 f"{signed_size:,}: it was rolled back, cut or replaced; nothing is served "
                 "from it (run 'custodes doctor' and 'custodes audit verify')"
             )
-        if signed_size and CompactRange.from_source(signed_size, self._node).root() != signed_root:
+        if signed_size and stored_root(self._storage, signed_size) != signed_root:
             raise TamperDetected(
                 f"the access log's first {signed_size:,} entries are not the ones its signer "
                 "signed: it was replaced; nothing is served from it (run 'custodes audit "
                 "verify')"
             )
+
+    @property
+    def halted(self) -> str | None:
+        """Why this log refuses every entry (and so every access), or None."""
+        return self._halted
+
+    def _halt(self, why: str) -> AuditUnavailable:
+        if self._halted is None:
+            self._halted = why
+        log.critical(
+            "the access log was rolled back, cut or replaced (%s): every access is refused "
+            "until the host operator restores it or runs 'custodes audit acknowledge-loss'",
+            self._halted,
+        )
+        return AuditUnavailable(
+            "the access log was rolled back, cut or replaced, so nothing is served until "
+            "the host operator has dealt with it"
+        )
+
+    def check_whole(self) -> None:
+        """Hold the log as it is stored now against this process's view and its signer's
+        last checkpoint; halt it (every access refused, loudly logged) if it shrank or
+        holds another history. What a server runs on every signing round, so that a cut
+        made while it is idle is caught within a round."""
+        with self._commit_lock:
+            if self._halted is not None:
+                raise self._halt(self._halted)
+            signed = self._signer.current()  # first, as when the log was opened
+            self._catch_up()
+            try:
+                self._check_against_signer(signed)
+            except TamperDetected as exc:
+                raise self._halt(str(exc)) from None
 
     # -- appending ----------------------------------------------------------------------
 
@@ -173,6 +214,8 @@ class AccessLog:
         Subject commitments are made here from the entry's record ids; `private` holds
         what must stay secret (such as the values searched for) and is sealed aside.
         """
+        if self._halted is not None:
+            raise self._halt(self._halted)
         subjects = [self._keys.commitment(r) for r in dict.fromkeys(entry.records)]
         blob = self._keys.seal_private(private) if private else None
         entry = _with_references(entry, subjects, blob)
@@ -261,10 +304,21 @@ class AccessLog:
         return frontier
 
     def _catch_up(self) -> None:
-        """Take up entries appended by other processes. Only under the commit lock."""
+        """Take up entries appended by other processes. Only under the commit lock.
+
+        The log only grows, and only on top of the tree this process holds: a log that
+        shrank, or whose first entries are no longer the ones this process knew, was cut
+        or replaced under it, and the log halts (AuditUnavailable) rather than serve on.
+        """
+        known = self._range
         size = self._storage.log_size()
-        if size != self._range.size:
-            self._range = CompactRange.from_source(size, self._node)
+        if size == known.size:
+            return
+        if size < known.size:
+            raise self._halt(f"it shrank from {known.size:,} to {size:,} entries")
+        if known.size and stored_root(self._storage, known.size) != known.root():
+            raise self._halt(f"its first {known.size:,} entries were replaced")
+        self._range = CompactRange.from_source(size, self._node)
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -310,8 +364,17 @@ class AccessLog:
                 note = None
                 try:
                     with self._commit_lock:
-                        self._catch_up()
+                        if self._halted is not None:
+                            raise self._halt(self._halted)  # said again, every round
+                        # Every round holds the whole log against its signer (read first,
+                        # as at opening): a cut or a swap made while the server is idle
+                        # halts it here, loudly, instead of leaving it to stop signing.
                         size, root = self._signer.current()
+                        self._catch_up()
+                        try:
+                            self._check_against_signer((size, root))
+                        except TamperDetected as exc:
+                            raise self._halt(str(exc)) from None
                         if self._range.size > size:
                             note, size = self._checkpoint_locked(), self._checkpointed
                         elif on_signed is not None and size > handed:
@@ -332,6 +395,8 @@ class AccessLog:
         return stop
 
     def _checkpoint_locked(self) -> bytes:
+        if self._halted is not None:
+            raise self._halt(self._halted)  # and said again, on every round that tries
         # Other processes may share this log and its key: start from the tree and the
         # last signature as they stand now, not as this process last saw them.
         self._catch_up()
@@ -345,6 +410,13 @@ class AccessLog:
         note = self._signer.sign_checkpoint(
             Checkpoint(self.origin, frontier.size, frontier.root()), proof
         )
+        if frontier.size == last_size:
+            # Signed before, by anyone (the signature is the same): the stored note may by
+            # now carry witnesses' cosignatures, which storing the bare note would drop.
+            stored = dict(self._storage.checkpoints()).get(frontier.size)
+            if stored is not None and stored.startswith(note):
+                self._checkpointed, self._checkpointed_at = frontier.size, self.clock()
+                return stored
         self._storage.put_checkpoint(frontier.size, note)
         self._checkpointed = frontier.size
         self._checkpointed_at = self.clock()
@@ -445,6 +517,19 @@ class AccessLog:
         if node is None:
             raise TamperDetected(f"the access log lacks tree node {level}/{index}")
         return node
+
+
+def stored_root(storage: LogStore, size: int) -> bytes:
+    """The root of the stored tree at `size` (at most the stored size), from the O(log n)
+    nodes of its compact range; TamperDetected if one of them is missing."""
+
+    def node(level: int, index: int) -> bytes:
+        found = storage.log_node(level, index)
+        if found is None:
+            raise TamperDetected(f"the access log lacks tree node {level}/{index}")
+        return found
+
+    return CompactRange.from_source(size, node).root()
 
 
 def _with_references(entry: AccessEntry, subjects: list[bytes], blob: bytes | None) -> AccessEntry:

@@ -58,6 +58,7 @@ _AUDIT = "custodes.cli.audit"
         "verify": f"{_AUDIT}:audit_verify",
         "checkpoint": f"{_AUDIT}:audit_checkpoint",
         "witness": f"{_AUDIT}:audit_witness",
+        "acknowledge-loss": f"{_AUDIT}:audit_acknowledge_loss",
         "verify-bundle": f"{_AUDIT}:audit_verify_bundle",
         "log": f"{_CLIENT}:audit_log",
         "subject": f"{_CLIENT}:audit_subject",

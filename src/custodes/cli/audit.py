@@ -17,8 +17,17 @@ import click
 import orjson
 
 from custodes.audit.verify import OutsideCheckpoint
-from custodes.cli.common import err, open_host_vault, out, secret, vault_directory
-from custodes.errors import ConfigurationError, TamperDetected
+from custodes.cli.common import (
+    err,
+    open_host_vault,
+    out,
+    secret,
+    shown,
+    unlock_host_vault,
+    vault_directory,
+    vault_options,
+)
+from custodes.errors import ConfigurationError, CustodesError, TamperDetected
 
 if TYPE_CHECKING:
     from custodes.vault import IndexCheck
@@ -88,7 +97,9 @@ def audit_verify(
         note = latest_checkpoint(Path(witness_dir), origin)
         if note is not None:
             outside.append(OutsideCheckpoint(f"witness {witness_dir}", note))
+    signer_notes = _signer_evidence(directory, key, outside)
     report = verify_log_files(directory, log_key=key, outside=outside)
+    report.notes[:0] = signer_notes
     index = _verify_records(vault_dir) if records else None
     if as_json:
         doc: dict[str, object] = {
@@ -109,7 +120,7 @@ def audit_verify(
             f"checkpoints and {report.outside} outside checkpoints consistent"
         )
         for remark in report.notes:
-            out.print(f"note: {remark}")
+            out.print(shown(f"note: {remark}"))
         if index is not None and index.ok:
             out.print(
                 f"search index verified: {index.records:,} records, {index.tokens:,} tokens "
@@ -126,6 +137,35 @@ def audit_verify(
             f"{index.extra} extra ({index.repointed} repointed), {index.unreadable} records "
             "do not open"
         )
+
+
+def _signer_evidence(directory: Path, key: str, outside: list[OutsideCheckpoint]) -> list[str]:
+    """On the host, the log signer's own last checkpoint is held outside the database: a
+    log rolled back to an older copy, cut or replaced fails against it, even when the
+    copy's own checkpoints agree with it. Adds it to `outside`; returns notes for the
+    report (the signer's state not found, losses the operator acknowledged)."""
+    from custodes.audit.checkpoint import signed_losses, signed_state, signed_state_note
+    from custodes.settings import VaultLayout
+
+    try:
+        key_path = VaultLayout(directory).read().log_key
+        signer_key, _ = signed_state(key_path)
+        note = signed_state_note(key_path)
+        losses = signed_losses(key_path)
+    except (CustodesError, OSError, ValueError):
+        return [
+            "the log signer's state was not readable here: a copy rolled back with its own "
+            "checkpoints would pass; pass --checkpoint or --witness-dir to rule that out"
+        ]
+    if signer_key != key:
+        return ["the log signer's state is for another key than the one given"]
+    outside.append(OutsideCheckpoint("the log signer's state", note))
+    return [
+        f"the host operator acknowledged a loss of the log: the signer had signed "
+        f"{loss.signed.size:,} entries, the log went on from {loss.resumed.size:,} "
+        f"(reason: {loss.reason})"
+        for loss in losses
+    ]
 
 
 def _verify_records(vault_dir: str | None) -> IndexCheck:
@@ -166,6 +206,36 @@ def audit_witness(vault_dir: str | None, url: str) -> None:
     finally:
         vault.close()
     out.print(f"checkpoint of size {size:,} cosigned by the witness")
+
+
+@click.command("acknowledge-loss")
+@vault_options
+@click.option(
+    "--reason",
+    required=True,
+    help="Why the lost entries cannot be put back (kept with the signed record of the loss "
+    "and on the log; one line, no personal value).",
+)
+def audit_acknowledge_loss(vault_dir: str | None, keyring: str | None, reason: str) -> None:
+    """Accept that the access log lost entries its signer had signed, so that the vault
+    serves again.
+
+    Only for a log rolled back, cut or replaced that cannot be restored from a copy:
+    restore it if you can. The loss is kept, signed, beside the log key and is the log's
+    next entry; doctor and audit verify report it ever after, and checkpoints of the lost
+    entries held by witnesses and auditors keep failing against the log.
+    """
+    from custodes.bootstrap import acknowledge_log_loss
+
+    loss = acknowledge_log_loss(unlock_host_vault(vault_dir, keyring), reason=reason)
+    out.print(
+        f"loss acknowledged: the signer had signed {loss.signed.size:,} entries; the log "
+        f"goes on from {loss.resumed.size:,}"
+    )
+    out.print(
+        "witnesses that cosigned the lost entries will refuse this log's checkpoints: tell "
+        "their operators, with this record"
+    )
 
 
 @click.command("verify-bundle")

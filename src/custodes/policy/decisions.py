@@ -48,6 +48,8 @@ class Action(StrEnum):
     RECORDS_VERIFY = "audit:index:verify"
     LOG_CHECKPOINT = "audit:checkpoint:sign"
     WITNESS_PUBLISH = "audit:checkpoint:witness"
+    # The host operator accepts that the log lost entries its signer had signed.
+    LOG_LOSS_ACKNOWLEDGE = "audit:log:acknowledge-loss"
     SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
     ACCOUNT_LIST = "account:account:list"
@@ -92,6 +94,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.RECORDS_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
     Action.LOG_CHECKPOINT: frozenset({Role.OPERATOR}),
     Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
+    Action.LOG_LOSS_ACKNOWLEDGE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
     Action.ACCOUNT_ADD: _ADMINISTRATORS,
     Action.ACCOUNT_LIST: _ADMINISTRATORS,
@@ -131,6 +134,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.RECORDS_VERIFY: "only an auditor or the host operator verifies the search index",
     Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",
     Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
+    Action.LOG_LOSS_ACKNOWLEDGE: "only the host operator acknowledges a loss of the log",
     Action.INGEST: "only the host operator ingests records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
 }

@@ -20,6 +20,7 @@ from custodes.access import AccessGate, Done, Grant, OutOfReach
 from custodes.accounts import AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
 from custodes.audit import AccessEntry, AccessLog
+from custodes.audit.checkpoint import LogLoss
 from custodes.audit.report import (
     ReportedAccess,
     SubjectReport,
@@ -547,6 +548,19 @@ class Vault:
             return Done(report, detail=counts)
 
         return self._gate.access(operator, Action.INGEST, run)
+
+    def record_log_loss(self, operator: Principal, loss: LogLoss) -> None:
+        """Put the host operator's acknowledged loss of signed entries on the log itself,
+        then sign a checkpoint over it (custodes.bootstrap.acknowledge_log_loss)."""
+        detail = {
+            "signed_size": loss.signed.size,
+            "resumed_size": loss.resumed.size,
+            "reason": loss.reason,
+        }
+        self._gate.access(
+            operator, Action.LOG_LOSS_ACKNOWLEDGE, lambda _: Done(None), detail=detail
+        )
+        self._log.checkpoint()
 
     def checkpoint(self, operator: Principal) -> bytes:
         """Sign a checkpoint of the log as it is now; the signed note."""
