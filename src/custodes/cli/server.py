@@ -101,9 +101,13 @@ def serve(
     unlocked = unlock_host_vault(vault_dir, keyring)
     scheme = "https" if tls else "http"
     plural = "es" if workers > 1 else ""
-    out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
-    for url in witnesses:
-        out.print(f"each signed checkpoint goes to the witness at {url}")
+
+    def ready() -> None:
+        # Only once the port is this server's: a refused second server says nothing else.
+        out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
+        for url in witnesses:
+            out.print(f"each signed checkpoint goes to the witness at {url}")
+
     web.serve(
         unlocked,
         host=host,
@@ -112,4 +116,5 @@ def serve(
         workers=workers,
         trusted_proxies=trusted_proxies,
         witnesses=witnesses,
+        ready=ready,
     )

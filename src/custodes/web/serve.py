@@ -1,19 +1,28 @@
 """Running the app under uvicorn: loopback by default, TLS required for any other address,
-and a self-signed certificate on request, written outside the vault directory.
+and a self-signed certificate on request, written outside the vault directory. With
+several workers, a supervisor keeps them running and the port its own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import errno
+import fcntl
 import ipaddress
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
+import ssl
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +43,13 @@ log = logging.getLogger("custodes.serve")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 MAX_WORKERS = 64
-MAX_RESTARTS = 5  # within RESTART_WINDOW seconds, before the server gives up
-RESTART_WINDOW = 60.0
-SHUTDOWN_GRACE = 30.0
-LISTEN_BACKLOG = (
-    2048  # uvicorn's own default  # seconds a worker has to finish its requests when stopped
-)
+# A dead worker is replaced after RESTART_DELAY seconds, doubled at each death in a row up
+# to RESTART_DELAY_MAX; a worker that stayed up RESTART_RESET_AFTER seconds starts it over.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+RESTART_RESET_AFTER = 60.0
+SHUTDOWN_GRACE = 30.0  # seconds a worker has to finish its requests when stopped
+LISTEN_BACKLOG = 2048  # uvicorn's own default
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +133,7 @@ def serve(
     workers: int = 1,
     trusted_proxies: Sequence[str] = (),
     witnesses: Sequence[str] = (),
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
 
@@ -132,6 +143,8 @@ def serve(
     any worker may answer any request. Workers are forked after the keys are unsealed,
     so the passphrase is asked for once and the keys never leave memory. Every worker
     signs the log on a timer and sends what is signed on to each of `witnesses`.
+    The port is claimed first (a port another custodes server holds is refused), and
+    `ready` is called once it is this server's.
     """
     check_bind(host, tls)
     if not 1 <= workers <= MAX_WORKERS:
@@ -139,16 +152,25 @@ def serve(
     trusted_networks(trusted_proxies)  # refuse a malformed entry before anything starts
     for url in witnesses:
         check_witness_url(url)
+    if tls is not None:
+        _check_tls(tls)
     listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses))
-    if workers == 1:
-        _run_worker(unlocked, listen, own_socket=False)
-        return
-    # Bound, never listening: the port is held, and taken ports are refused here, at once.
-    reservation = _port_socket(host, port)
+    claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
-        _supervise(unlocked, listen, workers)
+        if workers == 1:
+            if ready is not None:
+                ready()
+            _run_worker(unlocked, listen, own_socket=False)
+            return
+        # Restarts never give up, so what restarting cannot fix must stop the server here,
+        # before any fork: a vault that does not open (a tampered setting, a rolled-back
+        # log) would otherwise stop every worker at its start, retried forever.
+        assemble_vault(unlocked).close()
+        if ready is not None:
+            ready()
+        _supervise(unlocked, listen, workers, claim)
     finally:
-        reservation.close()
+        claim.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +180,131 @@ class _Listen:
     tls: TlsFiles | None
     trusted_proxies: tuple[str, ...] = ()
     witnesses: tuple[str, ...] = ()  # where each worker sends the checkpoints signed
+
+
+def _check_tls(tls: TlsFiles) -> None:
+    """Load the certificate and key as every worker will, so that a pair that cannot
+    load stops the server once, with the reason, instead of every worker at its start."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password: an encrypted key is refused, never asked for at the terminal.
+        context.load_cert_chain(tls.cert, tls.key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"cannot use the TLS certificate and key: {exc.reason or 'they do not load'}"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read the TLS certificate or key: {exc.strerror}"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    family: socket.AddressFamily
+    kind: socket.SocketKind
+    proto: int
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]
+
+
+def _address(host: str, port: int) -> _Address:
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return _Address(family, kind, proto, sockaddr)
+
+
+class _PortClaim:
+    """A server's hold on its port for as long as it runs: an flock on a file of the vault
+    directory, and with several workers the bound, never listening, socket that reserves
+    the port (see _claim_port)."""
+
+    def __init__(self, lock: int, reservation: socket.socket | None) -> None:
+        self._lock = lock
+        self._reservation = reservation
+
+    def close(self) -> None:
+        """Let go of this process's copies. Closed, never unlocked: an flock belongs to the
+        open file, which forked workers share, so a worker closing its copy leaves the
+        supervisor's hold as it was, where unlocking would end it."""
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def _claim_port(directory: Path, host: str, port: int, *, reserve: bool) -> _PortClaim:
+    """Make host:port this server's, or refuse, naming the port and who holds it.
+
+    Workers listen under SO_REUSEPORT, which lets any later socket of the same user that
+    sets it join the port, and the kernel would hand it a share of the connections: a
+    second `custodes serve` would start beside the first, neither knowing. So a server
+    holds an flock on a file named for its address in the vault directory for its life
+    (the kernel lets go when the process dies, however it dies, so a killed server never
+    blocks its restart), then binds a probe without SO_REUSEPORT, which fails while
+    anything listens on the port, another vault's server included.
+    """
+    address = _address(host, port)
+    named = re.sub(r"[^0-9A-Za-z.]", "_", str(address.sockaddr[0]))
+    try:
+        lock = os.open(directory / f"serving-{named}-{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot open the server's lock file in the vault directory: {exc.strerror}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"port {port} on {host} is held by another custodes server{_holder(lock)} "
+                "serving this vault: stop it first, or choose another --port"
+            ) from None
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot lock the server's lock file: {exc.strerror}"
+            ) from None
+        _refuse_a_listener(address, host, port)
+        reservation = _port_socket(host, port) if reserve else None
+    except BaseException:
+        os.close(lock)
+        raise
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    return _PortClaim(lock, reservation)
+
+
+def _holder(lock: int) -> str:
+    """The process holding a server's lock, as it wrote itself into the file."""
+    try:
+        written = os.pread(lock, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (process {written})" if written.isdigit() else ""
+
+
+def _refuse_a_listener(address: _Address, host: str, port: int) -> None:
+    """Bind host:port without SO_REUSEPORT and let go: refused while anything listens."""
+    probe = socket.socket(address.family, address.kind, address.proto)
+    try:
+        # SO_REUSEADDR, as servers set it: connections of an earlier server still in
+        # TIME_WAIT leave the port free; only a listening socket makes it busy.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address.sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(
+                f"port {port} on {host} is in use: another custodes server, or another "
+                "program, listens there; stop it first, or choose another --port"
+            ) from None
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 def _port_socket(host: str, port: int) -> socket.socket:
@@ -170,14 +317,12 @@ def _port_socket(host: str, port: int) -> socket.socket:
     """
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigurationError("--workers above 1 needs SO_REUSEPORT, which this system lacks")
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+    address = _address(host, port)
+    sock = socket.socket(address.family, address.kind, address.proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        sock.bind(address.sockaddr)
     except OSError as exc:
         sock.close()
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -222,44 +367,125 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
             sock.close()
 
 
-def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int) -> None:
+# From <linux/prctl.h>: the signal a process gets when the thread that forked it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+def _forked_worker(
+    unlocked: UnlockedVault, listen: _Listen, supervisor: int, claim: _PortClaim
+) -> None:
+    """A worker's life from the fork: bound to its supervisor's, then serving."""
+    _die_with(supervisor)
+    # The lock and the reservation are the supervisor's; a worker's copies would keep the
+    # port claimed after the supervisor is gone.
+    claim.close()
+    _run_worker(unlocked, listen, own_socket=True)
+
+
+def _stop_worker(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)  # unwinds through _run_worker's finally: the vault is closed
+
+
+def _die_with(supervisor: int) -> None:
+    """Have this worker stop when its supervisor dies, however it dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) runs none of its cleanup: its
+    workers would go on answering on the port, unsupervised and never replaced, and a
+    restarted server would find the port taken. On Linux the kernel sends the worker
+    SIGTERM when the supervisor dies (PR_SET_PDEATHSIG; uvicorn then finishes the
+    requests in hand); elsewhere a thread watches for the worker's parent to change.
+    """
+    # Handlers of the worker's own first: the supervisor's, inherited through the fork,
+    # would swallow the SIGTERM. Once uvicorn runs it takes the signals, finishes its
+    # requests, puts these back and raises the signal again.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_worker)
+    if sys.platform == "linux":
+        # Sent when the forking thread exits, not the process: the supervisor forks from
+        # its main thread, which lives exactly as long as it does.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(
+            target=_watch_supervisor, args=(supervisor,), name="custodes-watch", daemon=True
+        ).start()
+    # A supervisor that died between the fork and the line above sent nothing; the worker
+    # already belongs to another parent, and goes.
+    if os.getppid() != supervisor:
+        raise SystemExit(0)
+
+
+def _watch_supervisor(supervisor: int) -> None:
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One worker's place: the process in it, or when the next one starts."""
+
+    process: BaseProcess | None = None
+    started: float = 0.0
+    due: float = 0.0
+    delay: float = RESTART_DELAY  # before the next replacement, should this one die
+
+
+def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int, claim: _PortClaim) -> None:
     """Fork the workers and keep them running until told to stop.
 
-    A worker that dies is replaced (a crash must not shrink the service silently), unless
-    workers keep dying at once, which means something is wrong that restarting won't fix.
+    A worker that dies is replaced (a crash must not shrink the service silently), after
+    a delay that doubles with each death in a row, up to RESTART_DELAY_MAX, each logged:
+    workers that keep dying are retried ever less often, and never given up on, since a
+    server that exits for good serves no one until someone notices. What restarting
+    cannot fix is refused before the first fork (see serve).
     """
     context = multiprocessing.get_context("fork")
+    supervisor = os.getpid()
     stopping = False
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(
-            target=_run_worker, args=(unlocked, listen), kwargs={"own_socket": True}
-        )
-        process.start()
-        return process
+    def start(slot: _Slot) -> None:
+        process = context.Process(target=_forked_worker, args=(unlocked, listen, supervisor, claim))
+        try:
+            process.start()
+        except OSError as exc:  # no fork now (a process limit, memory): retried like a death
+            _report(f"a server worker could not be forked ({exc.strerror})", slot.delay)
+            slot.due = time.monotonic() + slot.delay
+            slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
+            return
+        slot.process, slot.started = process, time.monotonic()
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    running = [start() for _ in range(workers)]
-    restarts: list[float] = []
+    slots = [_Slot() for _ in range(workers)]
     try:
+        for slot in slots:
+            start(slot)
         while not stopping:
             time.sleep(0.2)
-            for n, process in enumerate(running):
-                if process.is_alive() or stopping:
-                    continue
+            for slot in slots:
+                if stopping:
+                    break
                 now = time.monotonic()
-                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-                if len(restarts) > MAX_RESTARTS:
-                    raise ConfigurationError(
-                        "server workers keep exiting at start; see the messages above"
-                    )
-                log.warning("a server worker exited (code %s); starting another", process.exitcode)
-                running[n] = start()
+                process = slot.process
+                if process is None:
+                    if now >= slot.due:
+                        start(slot)
+                    continue
+                if process.is_alive():
+                    continue
+                if now - slot.started >= RESTART_RESET_AFTER:
+                    slot.delay = RESTART_DELAY
+                _report(f"a server worker exited ({_how_it_ended(process.exitcode)})", slot.delay)
+                process.close()
+                slot.process, slot.due = None, now + slot.delay
+                slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
     finally:
+        running = [slot.process for slot in slots if slot.process is not None]
         for process in running:
             if process.is_alive():
                 process.terminate()
@@ -270,3 +496,25 @@ def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int) -> None:
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None or exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"killed by signal {-exitcode}"
+
+
+def _report(event: str, delay: float) -> None:
+    """Log a worker lost and when the next one starts: a warning, an error once the delay
+    is at its longest. Exit codes and signals only; a worker's own messages say why."""
+    if delay < RESTART_DELAY_MAX:
+        log.warning("%s; starting another in %g s", event, delay)
+    else:
+        log.error(
+            "%s, again; starting another every %g s until one stays up; see the messages above",
+            event,
+            delay,
+        )
