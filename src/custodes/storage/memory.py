@@ -76,7 +76,7 @@ class MemoryStorage:
     def write_batch(self, records: Sequence[SealedRecord]) -> BatchOutcome:
         # Validate everything first so that a bad record late in the batch cannot leave
         # the earlier ones applied.
-        checked = [_checked_record(position, record) for position, record in enumerate(records)]
+        checked = [checked_record(position, record) for position, record in enumerate(records)]
         with self._lock:
             self._check_open()
             inserted = 0
@@ -392,7 +392,7 @@ def checked_session(session: SessionRow) -> SessionRow:
     return SessionRow(key, username, role, *times, client)
 
 
-def _checked_record(
+def checked_record(
     position: int, record: SealedRecord
 ) -> tuple[StoredRecord, frozenset[tuple[int, int]]]:
     """The record as stored and its token pairs, or StorageError naming what is wrong.

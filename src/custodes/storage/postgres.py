@@ -33,9 +33,9 @@ from custodes.storage.base import (
 )
 from custodes.storage.memory import (
     LOG_PAGE,
-    _checked_record,
     checked_checkpoint,
     checked_log_append,
+    checked_record,
     checked_session,
     checked_spend,
 )
@@ -283,7 +283,7 @@ class PostgresStorage:
         # batch leaves nothing behind; repeated ids are dropped (the first wins).
         prepared: dict[str, tuple[StoredRecord, frozenset[tuple[int, int]]]] = {}
         for position, record in enumerate(records):
-            stored, pairs = _checked_record(position, record)
+            stored, pairs = checked_record(position, record)
             prepared.setdefault(stored.record_id, (stored, pairs))
         if not prepared:
             return BatchOutcome(inserted=0, already_present=len(records))

@@ -36,6 +36,7 @@ from custodes.storage.memory import (
     LOG_PAGE,
     checked_checkpoint,
     checked_log_append,
+    checked_record,
     checked_session,
     checked_spend,
 )
@@ -1229,36 +1230,16 @@ def _prepare_batch(records: Sequence[SealedRecord]) -> dict[str, _Prepared]:
     first wins). Raises StorageError naming the position and field, never a value."""
     prepared: dict[str, _Prepared] = {}
     for position, record in enumerate(records):
-        try:
-            record_id, record_type, payload, kek_version, wrapped_key, pairs = record
-        except (TypeError, ValueError):
-            raise _refuse(position, "not a SealedRecord") from None
-        if type(record_id) is not str or not record_id:
-            raise _refuse(position, "record_id is not a non-empty str")
-        if type(record_type) is not str or not record_type:
-            raise _refuse(position, "record_type is not a non-empty str")
-        if type(payload) is not bytes:
-            raise _refuse(position, "payload is not bytes")
-        if type(kek_version) is not int or not _INT64_MIN <= kek_version <= _INT64_MAX:
-            raise _refuse(position, "kek_version is not a 64-bit int")
-        if type(wrapped_key) is not bytes:
-            raise _refuse(position, "wrapped_key is not bytes")
-        try:
-            record_tokens = [(index_id, token) for index_id, token in pairs]
-        except (TypeError, ValueError):
-            raise _refuse(position, "tokens are not (index_id, token) pairs") from None
-        for index_id, token in record_tokens:
-            if type(index_id) is not int or type(token) is not int:
-                raise _refuse(position, "a token or index id is not an int")
-            if not (_INT64_MIN <= index_id <= _INT64_MAX and _INT64_MIN <= token <= _INT64_MAX):
-                raise _refuse(position, "a token or index id is outside the 64-bit range")
-        if record_id not in prepared:
-            prepared[record_id] = (record_type, payload, kek_version, wrapped_key, record_tokens)
+        stored, pairs = checked_record(position, record)
+        if stored.record_id not in prepared:
+            prepared[stored.record_id] = (
+                stored.record_type,
+                stored.payload,
+                stored.kek_version,
+                stored.wrapped_key,
+                sorted(pairs),
+            )
     return prepared
-
-
-def _refuse(position: int, what: str) -> StorageError:
-    return StorageError(f"batch refused: record {position}: {what}")
 
 
 def _login_counts(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, float]]:
