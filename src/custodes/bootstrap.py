@@ -28,9 +28,13 @@ from custodes.errors import ConfigurationError, TamperDetected
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
+    ENV_DATABASE,
+    VaultFile,
     VaultLayout,
+    check_database_url,
     default_keyring_path,
     default_log_key_path,
+    env,
     is_within,
 )
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
@@ -73,10 +77,16 @@ def create_vault(
     checkpoint_every: int = 1000,
     clock: Clock = SYSTEM_CLOCK,
     random: Random = SYSTEM_RANDOM,
+    database: str | None = None,
 ) -> Vault:
     """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
-    comes with its host operator: whoever creates it holds the passphrase."""
+    comes with its host operator: whoever creates it holds the passphrase. With
+    `database` (a PostgreSQL URL), the records and the log live there, in the schema the
+    URL's search_path names, which must hold no vault yet; the directory keeps the
+    vault's settings file, rejects and operational logs."""
     directory = Path(directory)
+    if database is not None:
+        database = check_database_url(database)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
     # Whoever holds this passphrase and the files reads everything: no weaker than a
@@ -106,11 +116,17 @@ def create_vault(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
     )
     layout = VaultLayout(directory)
-    storage = SQLiteStorage(layout.database)
-    bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
-    _write_meta(storage, keyring.material, schema_text, bits, expected_population)
-    storage.set_meta("log_verifier_key", signer.verifier_key.encode())
-    layout.write(vault_id, keyring_path, log_key_path)
+    storage = _storage_at(directory, database)
+    try:
+        if storage.get_meta("vault_id") is not None:
+            raise ConfigurationError("that database already holds a custodes vault")
+        bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
+        _write_meta(storage, keyring.material, schema_text, bits, expected_population)
+        storage.set_meta("log_verifier_key", signer.verifier_key.encode())
+    except BaseException:
+        storage.close()
+        raise
+    layout.write(vault_id, keyring_path, log_key_path, database)
     return _assemble(
         storage,
         schema,
@@ -135,6 +151,7 @@ class UnlockedVault:
     directory: Path
     material: KeyMaterial
     signer: LogSigner
+    database: str | None = None  # a PostgreSQL URL; None: the directory's SQLite file
 
     def __repr__(self) -> str:
         return f"UnlockedVault(origin={self.signer.origin!r})"
@@ -146,12 +163,15 @@ def unlock_vault(
     passphrase: str,
     keyring_path: Path | None = None,
     log_key_path: Path | None = None,
+    database: str | None = None,
 ) -> UnlockedVault:
-    """Unseal an existing vault's keyring and log signing key (the slow part of opening)."""
+    """Unseal an existing vault's keyring and log signing key (the slow part of opening).
+    `database` overrides the PostgreSQL URL the vault recorded (see _database_of)."""
     layout = VaultLayout(Path(directory))
     recorded = layout.read()
     vault_id = recorded.vault_id
-    if not layout.database.exists():
+    database = _database_of(recorded, database)
+    if database is None and not layout.database.exists():
         raise ConfigurationError("the vault database is missing")
     keyring = Keyring.open(
         Path(keyring_path) if keyring_path else recorded.keyring,
@@ -163,7 +183,7 @@ def unlock_vault(
     )
     if signer.origin != log_origin(vault_id):
         raise ConfigurationError("the log signing key belongs to another vault")
-    return UnlockedVault(layout.directory, keyring.material, signer)
+    return UnlockedVault(layout.directory, keyring.material, signer, database)
 
 
 def assemble_vault(
@@ -180,7 +200,7 @@ def assemble_vault(
     `host` gives the vault its host operator, for commands run on the host; a server's
     vault has none, so no request can act as the operator."""
     layout = VaultLayout(unlocked.directory)
-    storage = SQLiteStorage(layout.database)
+    storage = _storage_at(layout.directory, unlocked.database)
     try:
         schema_text, bits = _read_meta(storage, unlocked.material)
         schema = parse_schema(schema_text)
@@ -305,6 +325,33 @@ def _assemble(
     )
 
 
+def _storage_at(directory: Path, database: str | None) -> Storage:
+    """The vault's storage: its PostgreSQL database when it has one, else the SQLite file
+    in its directory. The one place a backend is chosen; each process opens its own."""
+    if database is not None:
+        from custodes.storage.postgres import PostgresStorage
+
+        return PostgresStorage(database)
+    return SQLiteStorage(VaultLayout(directory).database)
+
+
+def _database_of(recorded: VaultFile, override: str | None = None) -> str | None:
+    """The database a command uses: one named for this run (the option or
+    CUSTODES_DATABASE, e.g. another role's), else the one the vault recorded."""
+    chosen = override or env(ENV_DATABASE)
+    return check_database_url(chosen) if chosen else recorded.database
+
+
+def _recorded_storage(directory: Path) -> Storage | None:
+    """The storage of a vault directory as recorded, for key-less checks; None if the
+    vault has no database yet."""
+    layout = VaultLayout(Path(directory))
+    database = _database_of(layout.read())
+    if database is None and not layout.database.exists():
+        return None
+    return _storage_at(layout.directory, database)
+
+
 def log_origin(vault_id: bytes) -> str:
     """The access log's name in its checkpoints: unique per vault, schema-less (C2SP)."""
     return f"custodes.vault/{vault_id.hex()}"
@@ -401,7 +448,7 @@ def seal_settings(
     population, so that a schema a database writer edited is never blessed. A server
     never calls this: it only checks. API tokens and sessions from before are not
     blessed: they open nothing, and are issued again."""
-    storage = SQLiteStorage(VaultLayout(unlocked.directory).database)
+    storage = _storage_at(unlocked.directory, unlocked.database)
     try:
         material = unlocked.material
         if storage.get_meta("vault_id") != material.vault_id:
@@ -448,9 +495,9 @@ def verify_log_files(
     The log holds no personal value (subjects are keyed commitments, searched values are
     sealed beside it), so reading it whole needs no keys; LogTampered names the first bad
     position."""
-    layout = VaultLayout(Path(directory))
-    layout.read()
-    storage = SQLiteStorage(layout.database)
+    storage = _recorded_storage(Path(directory))
+    if storage is None:
+        raise ConfigurationError("the vault database is missing")
     try:
         return verify_log(storage, log_key, origin=log_key.split("+", 1)[0], outside=outside)
     finally:
@@ -471,7 +518,7 @@ def acknowledge_log_loss(
     """
     signer = unlocked.signer
     signed_size, _ = signer.current()
-    storage = SQLiteStorage(VaultLayout(unlocked.directory).database)
+    storage = _storage_at(unlocked.directory, unlocked.database)
     try:
         size = storage.log_size()
         now = Checkpoint(signer.origin, size, stored_root(storage, size))
@@ -489,9 +536,9 @@ def acknowledge_log_loss(
 
 def stored_verifier_key(directory: Path) -> str | None:
     """The log's public key as the vault directory stores it (to find its witnesses)."""
-    layout = VaultLayout(Path(directory))
-    layout.read()
-    storage = SQLiteStorage(layout.database)
+    storage = _recorded_storage(Path(directory))
+    if storage is None:
+        return None
     try:
         stored = storage.get_meta("log_verifier_key")
     finally:
@@ -516,10 +563,11 @@ class DeploymentFacts:
 
 def deployment_facts(directory: Path) -> DeploymentFacts | None:
     """The facts of a vault directory's database, or None if it has none."""
-    database = VaultLayout(Path(directory)).database
-    if not database.exists():
+    if not VaultLayout(Path(directory)).vault_file.exists():
         return None
-    storage = SQLiteStorage(database)
+    storage = _recorded_storage(Path(directory))
+    if storage is None:
+        return None
     try:
         # Only listing: the hashing cost is the floor, since nothing is hashed here.
         accounts = AccountBook(storage, HashCost(2, 19_456, 1)).list()

@@ -19,6 +19,8 @@ ENV_KEYRING_PASSPHRASE = "CUSTODES_KEYRING_PASSPHRASE"  # noqa: S105 - a variabl
 ENV_KEYRING = "CUSTODES_KEYRING"
 ENV_LOG_KEY = "CUSTODES_LOG_KEY"
 ENV_VAULT = "CUSTODES_VAULT"
+# A PostgreSQL URL that overrides the one a vault recorded (another role, another host).
+ENV_DATABASE = "CUSTODES_DATABASE"
 ENV_USER = "CUSTODES_USER"
 ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
 ENV_NEW_PASSWORD = "CUSTODES_NEW_PASSWORD"  # noqa: S105 - a variable name
@@ -70,6 +72,9 @@ class VaultFile:
     vault_id: bytes
     keyring: Path
     log_key: Path
+    # Where the records live when not in this directory's SQLite file: a PostgreSQL URL
+    # naming no password (libpq reads that from PGPASSFILE or ~/.pgpass).
+    database: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +111,24 @@ class VaultLayout:
             raise ConfigurationError(f"{VAULT_FILE} is damaged") from None
         if doc.get("format") != VAULT_FORMAT:
             raise ConfigurationError(f"{VAULT_FILE} does not describe a custodes vault")
+        database = doc.get("database")
         try:
+            if database is not None:
+                if not isinstance(database, str):
+                    raise TypeError
+                database = check_database_url(database)
             return VaultFile(
-                bytes.fromhex(doc["vault_id"]), Path(doc["keyring"]), Path(doc["log_key"])
+                bytes.fromhex(doc["vault_id"]),
+                Path(doc["keyring"]),
+                Path(doc["log_key"]),
+                database,
             )
         except (KeyError, ValueError, TypeError):
             raise ConfigurationError(f"{VAULT_FILE} is damaged") from None
 
-    def write(self, vault_id: bytes, keyring: Path, log_key: Path) -> None:
+    def write(
+        self, vault_id: bytes, keyring: Path, log_key: Path, database: str | None = None
+    ) -> None:
         # json.dumps yields a valid TOML basic string for any path.
         import json
 
@@ -124,9 +139,37 @@ class VaultLayout:
             f"keyring = {json.dumps(str(keyring))}\n"
             f"log_key = {json.dumps(str(log_key))}\n"
         )
+        if database is not None:
+            text += f"database = {json.dumps(check_database_url(database))}\n"
         fd = os.open(self.vault_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def check_database_url(url: str) -> str:
+    """A PostgreSQL connection string a vault may record: a URL
+    (postgresql://USER@HOST:PORT/DATABASE?options=...) or libpq's key=value form, naming
+    no password (a credential is never kept in the vault's settings: libpq reads it from
+    PGPASSFILE or ~/.pgpass). ConfigurationError otherwise; the message never repeats
+    the string, which may hold a secret."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    is_url = url.startswith(("postgresql://", "postgres://"))
+    if not is_url and "=" not in url:
+        raise ConfigurationError(
+            "the database must be a PostgreSQL URL: postgresql://USER@HOST:PORT/DATABASE"
+        )
+    try:
+        params = conninfo_to_dict(url)
+    except ProgrammingError:
+        raise ConfigurationError("the database connection string is malformed") from None
+    if "password" in params or "passfile" in params:
+        raise ConfigurationError(
+            "the database connection string must not name a password: put it in "
+            "PGPASSFILE or ~/.pgpass"
+        )
+    return url
 
 
 def is_within(path: Path, directory: Path) -> bool:

@@ -60,8 +60,24 @@ from custodes.vault import Vault
     show_default=True,
     help="Expected number of records at full scale; sets the blind-index token length.",
 )
-def init(directory: str, keyring: str | None, schema: str | None, population: int) -> None:
+@click.option(
+    "--database",
+    metavar="URL",
+    help="Keep the records and the access log in PostgreSQL (postgresql://USER@HOST:PORT/DB, "
+    "no password: libpq reads it from ~/.pgpass) instead of a SQLite file in DIRECTORY. "
+    "Every later command finds it in the vault's settings (CUSTODES_DATABASE overrides).",
+)
+def init(
+    directory: str,
+    keyring: str | None,
+    schema: str | None,
+    population: int,
+    database: str | None,
+) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
+    if database is not None:
+        # Before the passphrase is asked for: a wrong URL is the caller's to fix first.
+        settings.check_database_url(database)
     passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "New keyring passphrase", confirm=True)
     vault = create_vault(
         Path(directory),
@@ -69,10 +85,13 @@ def init(directory: str, keyring: str | None, schema: str | None, population: in
         keyring_path=Path(keyring) if keyring else None,
         schema_path=Path(schema) if schema else None,
         expected_population=population,
+        database=database,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
     out.print(f"Vault created in {directory}")
+    if recorded.database is not None:
+        out.print("Records and access log: in the PostgreSQL database named by --database")
     out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
     out.print(f"Access-log signing key: {recorded.log_key}")
 
