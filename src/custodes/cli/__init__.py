@@ -50,6 +50,7 @@ class _LazyGroup(click.Group):
 _HOST = "custodes.cli.host"
 _CLIENT = "custodes.cli.client"
 _AUDIT = "custodes.cli.audit"
+_BACKUP = "custodes.cli.backup"
 
 
 @click.group(
@@ -71,6 +72,19 @@ def audit() -> None:
 @click.group(
     cls=_LazyGroup,
     lazy={
+        "create": f"{_BACKUP}:backup_create",
+        "verify": f"{_BACKUP}:backup_verify",
+        "restore-keys": f"{_BACKUP}:backup_restore_keys",
+    },
+)
+def backup() -> None:
+    """Backups: create one, verify one where it lies, put lost key files back from one.
+    A whole vault is restored with 'custodes restore'."""
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy={
         "init": f"{_HOST}:init",
         "synth": f"{_HOST}:synth",
         "ingest": f"{_HOST}:ingest",
@@ -85,6 +99,7 @@ def audit() -> None:
         "search": f"{_CLIENT}:search",
         "show": f"{_CLIENT}:show",
         "reveal": f"{_CLIENT}:reveal",
+        "restore": f"{_BACKUP}:restore",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -94,6 +109,7 @@ def cli() -> None:
 
 
 cli.add_command(audit)
+cli.add_command(backup)
 
 
 def main() -> None:

@@ -50,6 +50,10 @@ class Action(StrEnum):
     WITNESS_PUBLISH = "audit:checkpoint:witness"
     # The host operator accepts that the log lost entries its signer had signed.
     LOG_LOSS_ACKNOWLEDGE = "audit:log:acknowledge-loss"
+    # A signed, encrypted copy of the vault and its sealed keys (custodes.backup).
+    BACKUP_CREATE = "vault:backup:create"
+    # A vault, or its lost key files, put back from a backup: on the restored log.
+    BACKUP_RESTORE = "vault:backup:restore"
     SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
     ACCOUNT_LIST = "account:account:list"
@@ -95,6 +99,8 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.LOG_CHECKPOINT: frozenset({Role.OPERATOR}),
     Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
     Action.LOG_LOSS_ACKNOWLEDGE: frozenset({Role.OPERATOR}),
+    Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
+    Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
     Action.ACCOUNT_ADD: _ADMINISTRATORS,
     Action.ACCOUNT_LIST: _ADMINISTRATORS,
@@ -135,6 +141,8 @@ _REFUSALS: Mapping[Action, str] = {
     Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",
     Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
     Action.LOG_LOSS_ACKNOWLEDGE: "only the host operator acknowledges a loss of the log",
+    Action.BACKUP_CREATE: "only the host operator backs the vault up",
+    Action.BACKUP_RESTORE: "only the host operator restores the vault",
     Action.INGEST: "only the host operator ingests records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
 }

@@ -11,7 +11,7 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from custodes.audit.report import (
 )
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.audit.witness import Witnessed, WitnessPusher, witness_checkpoint
+from custodes.backup.manifest import BackupMade, BackupSource
 from custodes.codec import RecordCodec
 from custodes.crypto import KeyMaterial
 from custodes.errors import (
@@ -596,6 +597,37 @@ class Vault:
         if answer.note is not None:
             self._storage.put_checkpoint(answer.size, answer.note)
         return answer
+
+    # -- backups (custodes.backup copies; the door gates and logs) ---------------------------
+
+    def backup(self, operator: Principal, make: Callable[[BackupSource], BackupMade]) -> BackupMade:
+        """Back the vault up, as its host operator: a checkpoint is signed first, so that
+        the copy holds it, then `make` (a custodes.backup adapter) copies the files and
+        seals the manifest with the keys handed to it. Logged with the backup's id and
+        counts (a failure with its kind)."""
+
+        def run(_: Grant) -> Done[BackupMade]:
+            if self.directory is None:
+                raise ConfigurationError("a vault held in memory has no files to back up")
+            source = BackupSource(
+                directory=self.directory,
+                material=self._material,
+                checkpoint=self._log.checkpoint(),
+                verifier_key=self._log.verifier_key,
+                type_tags={name: self._codec.type_tag(name) for name in self.schema.types},
+                created=self._clock(),
+            )
+            made = make(source)
+            return Done(made, detail=made.logged())
+
+        return self._gate.access(operator, Action.BACKUP_CREATE, run)
+
+    def record_restore(self, operator: Principal, detail: Mapping[str, Any]) -> None:
+        """Put a restore from a backup on the restored vault's own log (the backup's id,
+        counts and checkpoint: the entries after it are not in the backup), then sign a
+        checkpoint over it (custodes.backup)."""
+        self._gate.access(operator, Action.BACKUP_RESTORE, lambda _: Done(None), detail=detail)
+        self._log.checkpoint()
 
 
 def _filter_text(name: str, value: str | None) -> str | None:
