@@ -10,6 +10,7 @@ durably, and only then returns. If the entry cannot be written, nothing is retur
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -33,6 +34,15 @@ T = TypeVar("T")
 
 # Reads whose log entry counts the records withheld by the record-level rules.
 _RECORD_READS = frozenset({Action.SEARCH, Action.READ})
+# The most records one entry names: a write of more is announced in several entries, so
+# that no leaf of the log grows without bound (an ingest batch is 2,000 by default).
+MAX_ENTRY_RECORDS = 5_000
+
+
+def ids_digest(record_ids: Sequence[str]) -> str:
+    """SHA-256 over record ids in the order given, one per line: what a batch's entry
+    commits to of the ids sealed beside it."""
+    return hashlib.sha256("".join(f"{rid}\n" for rid in record_ids).encode()).hexdigest()
 
 
 class OutOfReach(RecordNotFound):
@@ -162,6 +172,65 @@ class AccessGate:
         """Like access, and also the index of the entry that records it, for an operation
         whose answer is read from the log after its own entry (a subject report)."""
         return self._access(principal, action, run, purpose, None, None, None, target)
+
+    def access_write(
+        self,
+        principal: Principal,
+        action: Action,
+        records: Sequence[str],
+        write: Callable[[Grant], Done[T]],
+        *,
+        detail: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Decide, log durably, then write: for an operation that stores records, the
+        entry comes first, so that no record is stored without one.
+
+        The entry counts the records and carries a digest of their ids (ids_digest); the
+        ids themselves are sealed beside it, in its private details. Named as subjects,
+        every record of a batch would put the batch's thousands of commitments into each
+        of its people's subject reports, and their index rows cost ingest a sixth. A
+        write that raises is logged again as an error for the same records, and one that
+        stores fewer than it announced (its Done.records are those it stored) is logged
+        as an error for the rest.
+        """
+        who, account = self._check(principal)
+        announced = tuple(dict.fromkeys(records))
+
+        def log(outcome: Outcome, named: Sequence[str], extra: Mapping[str, Any]) -> None:
+            for start in range(0, max(len(named), 1), MAX_ENTRY_RECORDS):
+                part = tuple(named[start : start + MAX_ENTRY_RECORDS])
+                self._log.append(
+                    AccessEntry(
+                        actor=who.username,
+                        role=who.role.value,
+                        action=action.value,
+                        outcome=outcome,
+                        time=self._clock(),
+                        result_count=len(part),
+                        client=who.client,
+                        detail={**(detail or {}), **extra, "ids_digest": ids_digest(part)},
+                    ),
+                    private={"records": list(part)},
+                )
+
+        try:
+            authorise(who.role, action, scope=who.scope)
+        except AccessDenied:
+            log(Outcome.DENIED, announced, {})
+            raise
+        log(Outcome.GRANTED, announced, {})
+        try:
+            done = write(Grant(who, self._reach(who, None, account)))
+        except Exception as exc:
+            # Whatever the fault: the granted entry is on the log already, and must not be
+            # left to say the records were stored.
+            log(Outcome.ERROR, announced, {"error": type(exc).__name__})
+            raise
+        stored = set(done.records)
+        unwritten = [r for r in announced if r not in stored]
+        if unwritten:
+            log(Outcome.ERROR, unwritten, {**done.detail, "error": "not_written"})
+        return done.result
 
     def _access(
         self,

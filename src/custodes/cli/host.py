@@ -244,10 +244,11 @@ def _ingest_with_progress(vault: Vault, source: str, **options: Any) -> IngestRe
             vault.operator, source, rejects_dir=rejects_dir, progress=on_progress, **options
         )
     log.info(
-        "ingest accepted=%d already_present=%d rejected=%d seconds=%.2f",
+        "ingest accepted=%d already_present=%d rejected=%d conflicting=%d seconds=%.2f",
         report.accepted,
         report.already_present,
         report.rejected,
+        report.conflicting,
         report.seconds,
     )
     return report
@@ -258,6 +259,9 @@ def _print_report(report: IngestReport) -> None:
     table.add_row("stored", f"{report.accepted:,}")
     table.add_row("already present", f"{report.already_present:,}")
     table.add_row("refused", f"{report.rejected:,}")
+    if report.conflicting:
+        # Never dropped as if present: a stored record under the same key holds other fields.
+        table.add_row("  of which conflict with a stored record", f"{report.conflicting:,}")
     table.add_row("time", f"{report.seconds:.2f} s")
     table.add_row("rate", f"{report.rate:,.0f} records/s")
     if report.rejects_path is not None:

@@ -3,14 +3,18 @@
 Workers parse, validate and encrypt; the parent alone writes to storage, in order, one
 atomic batch at a time, so that a crash leaves whole batches or none and a re-run of the
 same file adds nothing twice (record ids are keyed hashes of each record's source key).
+A record whose id is stored already is held against the stored one: the same fields
+count as already present, others are refused as a conflict, never dropped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import queue
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -18,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, BinaryIO, NamedTuple
 
@@ -26,7 +30,7 @@ import orjson
 
 from custodes.codec import RecordCodec
 from custodes.crypto import KeyMaterial
-from custodes.errors import InvalidInput, InvalidRecord
+from custodes.errors import InvalidInput, InvalidRecord, StorageError
 from custodes.ingest.readers import (
     FORMATS,
     CountingReader,
@@ -39,25 +43,35 @@ from custodes.ingest.readers import (
 )
 from custodes.records import RecordValidator
 from custodes.schema import Schema, parse_schema
-from custodes.storage.base import BatchOutcome, SealedRecord
+from custodes.storage.base import SealedRecord
 
 DEFAULT_BATCH = 2_000
 
 # (line, field, reason) of a refused record; never its value.
 Reject = tuple[int, str | None, str]
+# A sealed record and the input line it came from.
+Lined = tuple[int, SealedRecord]
 
 
 @dataclass(frozen=True, slots=True)
 class IngestTarget:
-    """Where records go: the vault's schema and keys to seal them with, and the one
-    write the pipeline makes (an atomic, durable batch). The vault hands this over once
-    its access function has allowed the ingest."""
+    """Where records go: the vault's schema and keys to seal them with, what it holds
+    already, and the one write the pipeline makes. The vault hands this over once its
+    access function has allowed the ingest.
+
+    `compare_stored` answers, for each record given, in order: None if its id is not
+    stored, else the names of the fields in which the stored record differs from it
+    (none: the same record); never a value. `write_batch` stores records not stored yet,
+    all or none, durably, each batch under an access-log entry of its own made first; it
+    returns the ids it stored, which leaves out any that another writer stored meanwhile.
+    """
 
     schema: Schema
     schema_text: str
     material: KeyMaterial
     token_bits: dict[int, int]
-    write_batch: Callable[[Sequence[SealedRecord]], BatchOutcome]
+    compare_stored: Callable[[Sequence[SealedRecord]], list[tuple[str, ...] | None]]
+    write_batch: Callable[[Sequence[SealedRecord]], frozenset[str]]
 
     def __repr__(self) -> str:
         return "IngestTarget(<keys hidden>)"
@@ -74,8 +88,9 @@ class Progress(NamedTuple):
 @dataclass
 class IngestReport:
     accepted: int = 0  # newly stored
-    already_present: int = 0  # valid, but stored by an earlier run
-    rejected: int = 0
+    already_present: int = 0  # valid, and stored already with the same fields
+    rejected: int = 0  # refused, conflicts included
+    conflicting: int = 0  # refused: its key is stored already with other fields
     seconds: float = 0.0
     rejects_path: Path | None = None
     first_rejects: list[Reject] = field(default_factory=list)  # a few, for the summary
@@ -92,7 +107,7 @@ class IngestReport:
 
 
 class _Chunk(NamedTuple):
-    sealed: list[SealedRecord]
+    sealed: list[Lined]
     rejects: list[Reject]
 
 
@@ -112,7 +127,7 @@ class _ChunkSealer:
         self.default_type = default_type
 
     def __call__(self, items: Sequence[tuple[int, Item]], seal: bool = True) -> _Chunk:
-        sealed: list[SealedRecord] = []
+        sealed: list[Lined] = []
         rejects: list[Reject] = []
         validate = self.validator.validate
         default_type = self.default_type
@@ -127,18 +142,51 @@ class _ChunkSealer:
                 rejects.append((line_no, exc.field, exc.reason))
                 continue
             if seal:
-                sealed.append(codec_seal(record))
+                sealed.append((line_no, codec_seal(record)))
         return _Chunk(sealed, rejects)
 
 
 _worker: _ChunkSealer | None = None
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _init_worker(
-    schema_text: str, material: KeyMaterial, bits: dict[int, int], default_type: str | None
+    parent: int,
+    schema_text: str,
+    material: KeyMaterial,
+    bits: dict[int, int],
+    default_type: str | None,
 ) -> None:
+    _die_with(parent)
     global _worker
     _worker = _ChunkSealer(parse_schema(schema_text), material, bits, default_type)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the ingest that started it ends, however it ends.
+
+    A worker holds the vault's keys, so none may outlive its ingest. A pipe or a queue
+    left open by a killed parent does not end it: every worker holds the pool's queues
+    at both ends and waits on them for ever. On Linux the kernel sends SIGKILL at the
+    parent's death (PR_SET_PDEATHSIG), which nothing in the worker can miss, delay or
+    catch, however busy or stuck it is; elsewhere a thread watches for the reparenting
+    that a parent's death causes. Either way, a parent that died before the watch began
+    is caught by reading getppid() once it is in place.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="custodes-ingest-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _work(items: Sequence[tuple[int, Item]]) -> _Chunk:
@@ -165,8 +213,10 @@ def run_ingest(
     """Ingest one input. `source` "-" reads stdin (not with strict, which reads twice).
 
     Default mode stores every valid record and reports each refused one (line, field,
-    reason) to a rejects file; strict mode first validates the whole input and stores
-    nothing at all if any record is refused.
+    reason) to a rejects file; strict mode first validates and seals the whole input and
+    holds it against what is stored, and stores nothing at all if any record is refused.
+    A record whose key is stored already with other fields is refused as a conflict, in
+    either mode; one identical to the stored record is already present.
     """
     from_stdin = str(source) == "-"
     if fmt is None:
@@ -190,11 +240,15 @@ def run_ingest(
     rejects = _RejectsFile(rejects_dir)
     try:
         if strict:
+            # Sealed to be compared with what is stored: a conflict refuses the input
+            # like any invalid record. (Two lines of this input that conflict with each
+            # other are only found as the second is stored.)
             with _open(source, stdin) as stream:
-                counter = CountingReader(stream)
-                for chunk in _chunks(_items(target.schema, fmt, counter, record_type), batch_size):
-                    result = sealer(chunk, seal=False)
-                    for rej in result.rejects:
+                items = _items(target.schema, fmt, CountingReader(stream), record_type)
+                for result in _sealed_chunks(target, sealer, items, workers, batch_size):
+                    _, _, conflicts = _held(target, result.sealed)
+                    report.conflicting += len(conflicts)
+                    for rej in sorted(result.rejects + conflicts, key=_line):
                         _note_reject(report, rejects, rej)
             if report.rejected:
                 report.strict_refused = True
@@ -206,23 +260,23 @@ def run_ingest(
             items = _items(target.schema, fmt, counter, record_type)
             handled = 0
 
-            def store(result: _Chunk) -> None:
+            def store(checked: _Checked) -> None:
                 nonlocal handled
-                if result.sealed:
-                    outcome = target.write_batch(result.sealed)
-                    report.accepted += outcome.inserted
-                    report.already_present += outcome.already_present
-                for rej in result.rejects:
+                conflicts = _store(target, report, checked)
+                for rej in sorted(checked.rejects + conflicts, key=_line):
                     _note_reject(report, rejects, rej)
-                handled += len(result.sealed) + len(result.rejects)
+                handled += checked.lines
                 if progress is not None:
                     progress(
                         Progress(handled, report.valid, report.rejected, counter.bytes_read, total)
                     )
 
+            # The ids of the chunks handed to the writer and perhaps not yet stored: at
+            # most one being stored and the queue's two.
+            unsettled: deque[set[str]] = deque(maxlen=3)
             with _InOrderWriter(store) as writer:
                 for result in _sealed_chunks(target, sealer, items, workers, batch_size):
-                    writer.put(result)
+                    writer.put(_check(target, result, unsettled))
     finally:
         report.rejects_path = rejects.close()
         report.seconds = time.perf_counter() - started
@@ -237,9 +291,9 @@ class _InOrderWriter:
     at the next chunk and is raised to the caller.
     """
 
-    def __init__(self, store: Callable[[_Chunk], None]) -> None:
+    def __init__(self, store: Callable[[_Checked], None]) -> None:
         self._store = store
-        self._queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[_Checked | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="custodes-ingest-writer")
 
@@ -247,7 +301,7 @@ class _InOrderWriter:
         self._thread.start()
         return self
 
-    def put(self, chunk: _Chunk) -> None:
+    def put(self, chunk: _Checked) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put(chunk)
@@ -269,6 +323,89 @@ class _InOrderWriter:
             raise self._error
 
 
+class _Checked(NamedTuple):
+    """A chunk held against what is stored, ready for the writer."""
+
+    new: list[Lined]  # not stored: to write
+    later: list[Lined]  # to hold against what is stored once the chunks before are written
+    same: int  # stored already with the same fields
+    conflicts: list[Reject]  # stored already with other fields
+    rejects: list[Reject]  # invalid
+    lines: int  # input lines the chunk covers
+
+
+def _check(target: IngestTarget, chunk: _Chunk, unsettled: deque[set[str]]) -> _Checked:
+    """Hold a chunk against what is stored, in the thread that reads the input, so that
+    the writer's thread is left to log and write. A record whose id an earlier record of
+    this chunk, or of a chunk not yet stored, carries waits until that one is stored."""
+    ids: set[str] = set()
+    fresh: list[Lined] = []
+    later: list[Lined] = []
+    for lined in chunk.sealed:
+        record_id = lined[1].record_id
+        if record_id in ids or any(record_id in earlier for earlier in unsettled):
+            later.append(lined)
+        else:
+            fresh.append(lined)
+        ids.add(record_id)
+    unsettled.append(ids)
+    new, same, conflicts = _held(target, fresh)
+    lines = len(chunk.sealed) + len(chunk.rejects)
+    return _Checked(new, later, same, conflicts, chunk.rejects, lines)
+
+
+def _store(target: IngestTarget, report: IngestReport, checked: _Checked) -> list[Reject]:
+    """Write a checked chunk's new records in one batch and count the chunk; the
+    conflicts refused, for the rejects report."""
+    new = checked.new
+    written = target.write_batch([record for _, record in new]) if new else frozenset()
+    # What this batch did not write is held against what is stored now: a record another
+    # writer stored between the check and the write (its entry says so), or one whose id
+    # came earlier in the input.
+    later = [lined for lined in new if lined[1].record_id not in written] + checked.later
+    missing, same, conflicts = _held(target, later)
+    if missing:
+        raise StorageError("the batch was not stored whole; run the ingest again")
+    report.accepted += len(written)
+    report.already_present += checked.same + same
+    report.conflicting += len(checked.conflicts) + len(conflicts)
+    return checked.conflicts + conflicts
+
+
+def _held(target: IngestTarget, sealed: Sequence[Lined]) -> tuple[list[Lined], int, list[Reject]]:
+    """Records held against the stored ones of the same ids: those not stored, how many
+    are stored with the same fields, and a refusal for each stored with other fields."""
+    if not sealed:
+        return [], 0, []
+    stored = target.compare_stored([record for _, record in sealed])
+    absent: list[Lined] = []
+    same = 0
+    conflicts: list[Reject] = []
+    for (line, record), differing in zip(sealed, stored, strict=True):
+        if differing is None:
+            absent.append((line, record))
+        elif differing:
+            conflicts.append(_conflict(line, differing))
+        else:
+            same += 1
+    return absent, same, conflicts
+
+
+def _conflict(line: int, differing: tuple[str, ...]) -> Reject:
+    # Field names only: which fields differ, never what either record holds in them.
+    named = differing[0] if len(differing) == 1 else None
+    return (
+        line,
+        named,
+        "conflicts with the record stored under the same key, which differs in "
+        f"{', '.join(differing)}; the stored record is kept",
+    )
+
+
+def _line(rej: Reject) -> int:
+    return rej[0]
+
+
 def _note_reject(report: IngestReport, rejects: _RejectsFile, rej: Reject) -> None:
     report.rejected += 1
     if len(report.first_rejects) < 5:
@@ -284,21 +421,36 @@ def _sealed_chunks(
     batch_size: int,
 ) -> Iterator[_Chunk]:
     chunks = _chunks(items, batch_size)
-    if workers == 1:
-        for chunk in chunks:
+    ahead = list(islice(chunks, 2))
+    if len(ahead) < 2:
+        # One batch: sealed here, since starting a process costs more than it saves.
+        for chunk in ahead:
             yield sealer(chunk)
         return
-    # Keys reach the workers through the pool's pipe, never through a file.
-    context = multiprocessing.get_context("forkserver" if sys.platform != "win32" else "spawn")
+    # Even one worker seals in a process of its own: sealed here, records would take turns
+    # on this interpreter's lock with the writer's thread, which logs each batch on the
+    # access log and writes it, and each would wait on the other.
+    #
+    # Keys reach the workers through the pool's pipe, never through a file. Spawned, not
+    # served by a forkserver: each worker is then this process's own child, which the
+    # kernel can end when this process ends (_die_with); a forkserver would sit between
+    # them, outliving a killed parent and keeping its workers alive with it. The kernel
+    # ties the signal to the thread that spawned the worker: this one, which holds the
+    # pool until it has shut down.
+    context = multiprocessing.get_context("spawn")
+    initargs = (
+        os.getpid(),
+        target.schema_text,
+        target.material,
+        target.token_bits,
+        sealer.default_type,
+    )
     with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(target.schema_text, target.material, target.token_bits, sealer.default_type),
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=initargs
     ) as pool:
         pending: deque[Future[_Chunk]] = deque()
         # A bounded window keeps memory flat and results in input order.
-        for chunk in chunks:
+        for chunk in chain(ahead, chunks):
             pending.append(pool.submit(_work, chunk))
             if len(pending) >= workers * 2:
                 yield pending.popleft().result()

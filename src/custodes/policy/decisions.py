@@ -40,6 +40,8 @@ class Action(StrEnum):
     READ = "record:masked:read"
     REVEAL = "record:field:reveal"
     INGEST = "vault:records:ingest"
+    # One batch of an ingest written to storage, its entry naming each record it stores.
+    INGEST_BATCH = "vault:records:store"
     LOGIN = "account:session:login"
     LOGOUT = "account:session:logout"
     LOG_READ = "audit:log:read"
@@ -50,10 +52,6 @@ class Action(StrEnum):
     WITNESS_PUBLISH = "audit:checkpoint:witness"
     # The host operator accepts that the log lost entries its signer had signed.
     LOG_LOSS_ACKNOWLEDGE = "audit:log:acknowledge-loss"
-    # A signed, encrypted copy of the vault and its sealed keys (custodes.backup).
-    BACKUP_CREATE = "vault:backup:create"
-    # A vault, or its lost key files, put back from a backup: on the restored log.
-    BACKUP_RESTORE = "vault:backup:restore"
     SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
     ACCOUNT_LIST = "account:account:list"
@@ -69,6 +67,10 @@ class Action(StrEnum):
     PASSKEY_REGISTER = "account:passkey:register"
     # A stored row that grants access (account, session, API token) failed its tag.
     ROW_TAMPERED = "vault:row:tampered"
+    # A signed, encrypted copy of the vault and its sealed keys (custodes.backup).
+    BACKUP_CREATE = "vault:backup:create"
+    # A vault, or its lost key files, put back from a backup: on the restored log.
+    BACKUP_RESTORE = "vault:backup:restore"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -102,6 +104,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
+    Action.INGEST_BATCH: frozenset({Role.OPERATOR}),
     Action.ACCOUNT_ADD: _ADMINISTRATORS,
     Action.ACCOUNT_LIST: _ADMINISTRATORS,
     Action.ACCOUNT_DISABLE: _ADMINISTRATORS,
@@ -144,6 +147,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.BACKUP_CREATE: "only the host operator backs the vault up",
     Action.BACKUP_RESTORE: "only the host operator restores the vault",
     Action.INGEST: "only the host operator ingests records",
+    Action.INGEST_BATCH: "only the host operator stores records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
 }
 _ADMIN_REFUSAL = "only an administrator manages accounts"

@@ -57,7 +57,7 @@ from custodes.sessions import (
     Random,
     Session,
 )
-from custodes.storage.base import Storage
+from custodes.storage.base import SealedRecord, Storage, StoredRecord
 from custodes.vault.integrity import IndexAudit, IndexCheck
 from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain, without_reporters
 from custodes.vault.views import LogExtract, RecordView
@@ -529,14 +529,41 @@ class Vault:
     # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
 
     def ingest(self, operator: Principal, source: Path | str, **options: Any) -> IngestReport:
-        """Ingest a file; see custodes.ingest.run_ingest for the options. Logged with its
-        counts once it has run (a failure is logged too, with its kind)."""
+        """Ingest a file; see custodes.ingest.run_ingest for the options.
+
+        Each batch is written under an entry of its own (vault:records:store), durable
+        before the batch is written, counting its records, with their ids sealed beside it
+        and a digest of them in the leaf (AccessGate.access_write); a batch that fails is
+        logged again, as an error. The run is logged with its counts once it has run (a failure
+        too, with its kind)."""
+
+        def write_batch(records: Sequence[SealedRecord]) -> frozenset[str]:
+            def write(_: Grant) -> Done[frozenset[str]]:
+                outcome = self._storage.write_batch(records)
+                if outcome.inserted == len(records):
+                    stored = frozenset(r.record_id for r in records)
+                    return Done(stored, tuple(stored))
+                # Another writer stored some of these ids since the pipeline looked: what
+                # is stored under each is this batch's only if it holds these very bytes
+                # (every record is sealed under a random key of its own).
+                held = self._storage.get_records([r.record_id for r in records])
+                stored = frozenset(
+                    r.record_id
+                    for r in records
+                    if (copy := held.get(r.record_id)) is not None and copy.payload == r.payload
+                )
+                return Done(stored, tuple(stored), detail={"reason": "stored by another writer"})
+
+            ids = [r.record_id for r in records]
+            return self._gate.access_write(operator, Action.INGEST_BATCH, ids, write)
+
         target = IngestTarget(
             self.schema,
             self._schema_text,
             self._material,
             self._token_bits,
-            self._storage.write_batch,
+            self._compare_stored,
+            write_batch,
         )
 
         def run(_: Grant) -> Done[IngestReport]:
@@ -545,10 +572,37 @@ class Vault:
                 "accepted": report.accepted,
                 "already_present": report.already_present,
                 "rejected": report.rejected,
+                "conflicting": report.conflicting,
             }
             return Done(report, detail=counts)
 
         return self._gate.access(operator, Action.INGEST, run)
+
+    def _compare_stored(self, records: Sequence[SealedRecord]) -> list[tuple[str, ...] | None]:
+        """For each record, in order: None if its id is not stored, else the names of the
+        fields in which the stored record differs from it, in the schema's order (none:
+        the same record). Opened only within an authorised ingest, and only records of
+        the ids it brings; no value leaves this method."""
+        held = self._storage.get_records([r.record_id for r in records])
+        differing: list[tuple[str, ...] | None] = []
+        for record in records:
+            stored = held.get(record.record_id)
+            if stored is None or stored.payload == record.payload:
+                differing.append(None if stored is None else ())  # absent, or these bytes
+                continue
+            new = StoredRecord(
+                record.record_id,
+                record.record_type,
+                record.payload,
+                record.kek_version,
+                record.wrapped_key,
+            )
+            before, after = self._codec.open(stored), self._codec.open(new)
+            names = [*self._codec.type_of(new).fields, *self._codec.type_of(stored).fields]
+            differing.append(
+                tuple(name for name in dict.fromkeys(names) if before.get(name) != after.get(name))
+            )
+        return differing
 
     def record_log_loss(self, operator: Principal, loss: LogLoss) -> None:
         """Put the host operator's acknowledged loss of signed entries on the log itself,
