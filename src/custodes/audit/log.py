@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -86,7 +87,14 @@ def _derive(material: KeyMaterial, info: bytes) -> bytes:
 
 # How often a commit is rebuilt when other processes keep appending first; each attempt
 # follows a fresh read of the log, so more than a few means something is wrong.
-_MOVED_RETRIES = 16
+_MOVED_RETRIES = 32
+
+
+def _moved_pause(attempt: int) -> float:
+    """Seconds to wait before the attempt after `attempt` lost: none at first, then up to
+    a millisecond more each time, at most 20 ms. Jitter, not a secret: the standard
+    library's generator is enough."""
+    return 0.0 if attempt == 0 else random.uniform(0, min(0.001 * attempt, 0.02))  # noqa: S311
 
 
 def _taken_lock() -> threading.Lock:
@@ -260,13 +268,16 @@ class AccessLog:
         if not batch:
             return
         try:
-            for _ in range(_MOVED_RETRIES):
+            for attempt in range(_MOVED_RETRIES):
                 try:
                     frontier = self._write(batch)
                     break
                 except LogMoved:
                     # Another process sharing the log appended first: build again on
-                    # the tree as it now stands.
+                    # the tree as it now stands, after a short random pause that grows,
+                    # so that two busy processes stop meeting at the same moment (a
+                    # refused access is the price of losing every race).
+                    time.sleep(_moved_pause(attempt))
                     self._catch_up()
             else:
                 raise AuditUnavailable("the access log kept moving under this writer")
