@@ -145,6 +145,15 @@ def test_init_on_postgresql_from_the_command_line_and_every_command_after_it(
     assert created.returncode == 0, created.stderr
     ingested = custodes("ingest", "--vault", vault_dir, str(source))
     assert ingested.returncode == 0, ingested.stderr
+    # Any host command may name the database for its run (here the same one, as another
+    # role's URL would be); one with a password is refused before anything is opened.
+    again = custodes("ingest", "--vault", vault_dir, "--database", database, str(source))
+    assert again.returncode == 0, again.stderr
+    assert "already" in again.stdout
+    bad = custodes(
+        "ingest", "--vault", vault_dir, "--database", "postgresql://u:hunter2@h/x", str(source)
+    )
+    assert bad.returncode != 0 and "hunter2" not in bad.stdout + bad.stderr
     checked = custodes("audit", "checkpoint", "--vault", vault_dir)
     assert checked.returncode == 0, checked.stderr
     verified = custodes("audit", "verify", "--vault", vault_dir)

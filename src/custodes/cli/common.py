@@ -66,7 +66,23 @@ def vault_directory(value: str | None) -> Path:
     return Path(value or settings.env(settings.ENV_VAULT) or ".")
 
 
+_DATABASE = "custodes.database"  # where --database is kept for this command's run
+
+
+def _remember_database(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta[_DATABASE] = settings.check_database_url(value)
+
+
 def vault_options(fn: F) -> F:
+    fn = click.option(
+        "--database",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember_database,
+        help="The vault's PostgreSQL database for this run, if not the one it recorded "
+        "(e.g. another role's); also CUSTODES_DATABASE.",
+    )(fn)
     fn = click.option(
         "--keyring",
         type=click.Path(dir_okay=False),
@@ -88,8 +104,13 @@ def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
     directory = vault_directory(vault)
     settings.VaultLayout(directory).read()  # a clear error before any prompt
     passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+    ctx = click.get_current_context(silent=True)
+    database = ctx.meta.get(_DATABASE) if ctx is not None else None
     return unlock_vault(
-        directory, passphrase=passphrase, keyring_path=Path(keyring) if keyring else None
+        directory,
+        passphrase=passphrase,
+        keyring_path=Path(keyring) if keyring else None,
+        database=database,
     )
 
 
