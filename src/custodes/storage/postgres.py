@@ -1,18 +1,20 @@
 """PostgresStorage: the server-backed durable backend, on psycopg 3 and its connection pool.
 
 Owns the vault's tables in one PostgreSQL schema (the one the DSN's search_path names),
-their versioned migrations, and the pool through which every read and write goes. Holds
-only ciphertext, wrapped keys, keyed tokens and non-personal metadata.
+their versioned migrations, the privileges a server's own role is granted on them, and the
+pool through which every read and write goes. Holds only ciphertext, wrapped keys, keyed
+tokens and non-personal metadata.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from custodes.errors import (
@@ -44,6 +46,11 @@ _T = TypeVar("_T")
 _Connection = psycopg.Connection[tuple[Any, ...]]
 
 SCHEMA_VERSION_KEY = "storage.schema_version"
+
+# How a PostgresStorage uses its role: "owner" creates and migrates the schema at open;
+# "app" (a server's least-privileged role, see grant_app_role) must find it migrated
+# already, and never sends DDL.
+Privileges = Literal["owner", "app"]
 
 # Each step takes the schema from version i to i + 1, all of them at open in one
 # transaction (PostgreSQL's DDL is transactional): a later migration is appended here.
@@ -208,9 +215,13 @@ class PostgresStorage:
     """A vault in one PostgreSQL schema, reached through a pool of connections.
 
     The schema is the first the DSN's search_path names (by default public); it must
-    exist, and it holds nothing but this vault. Every connection of the pool is pinned
-    to it, commits with synchronous_commit on (a commit returns once its WAL is flushed),
-    and runs in autocommit mode with explicit transactions.
+    exist, and it holds nothing but this vault. With privileges="owner" (the default) the
+    DSN's role owns the schema and the open creates or migrates it; with "app" the role is
+    one grant_app_role prepared, and the open only checks that the schema is at this
+    software's version and that the role holds no more than a server needs. Every
+    connection of the pool is pinned to it, commits with synchronous_commit on (a commit
+    returns once its WAL is flushed), and runs in autocommit mode with explicit
+    transactions.
 
     The pool belongs to the process that built the storage: its connections and its
     worker threads do not survive a fork, so each server worker builds its own
@@ -226,13 +237,16 @@ class PostgresStorage:
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
+        privileges: Privileges = "owner",
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError("the pool needs 0 <= min_size <= max_size and max_size >= 1")
+        if privileges not in ("owner", "app"):
+            raise ConfigurationError("privileges must be 'owner' or 'app'")
         self._pid = os.getpid()
         self._closed = False
         self._max_size = max_size
-        self._schema = _open_schema(dsn, connect_timeout)
+        self._schema = _open_schema(dsn, connect_timeout, privileges)
         self._pool: ConnectionPool[_Connection] = ConnectionPool(
             dsn,
             min_size=min_size,
@@ -858,36 +872,191 @@ class _Refused(Exception):
     """admit() said no: the transaction rolls back, taking its placeholder rows."""
 
 
-def _open_schema(dsn: str, connect_timeout: float) -> str:
-    """Connect once, bring the schema up to SCHEMA_VERSION, and return its name."""
+def _open_schema(dsn: str, connect_timeout: float, privileges: Privileges = "owner") -> str:
+    """Connect once, bring the schema up to SCHEMA_VERSION (as its owner) or check that it
+    is there already (as the application), and return its name."""
+    conn = _connect(dsn, connect_timeout)
     try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
+        with conn:
+            schema = _pin_schema(conn)
+            with conn.transaction():
+                _lock_migrations(conn, schema)
+                if privileges == "owner":
+                    _migrate(conn, schema)
+                else:
+                    _check_app_schema(conn, schema)
+            return schema
+    except psycopg.Error as exc:
+        raise StorageError(f"cannot open the database: {_cause(exc)}") from None
+
+
+def grant_app_role(owner_dsn: str, app_role: str, *, connect_timeout: float = 10.0) -> None:
+    """As the schema's owner: migrate the schema to SCHEMA_VERSION, then grant app_role
+    exactly what a server needs to run the storage Protocol, and nothing else.
+
+    Whatever app_role held on the schema before is revoked first, so running this again
+    (after an upgrade's migration) leaves the same grants. app_role must be a role of its
+    own: a superuser, a role that may create roles (it could make itself a member of the
+    owner) or a member of the owner's role is refused, since it would hold the owner's
+    powers whatever is granted here."""
+    conn = _connect(owner_dsn, connect_timeout)
+    try:
+        with conn:
+            schema = _pin_schema(conn)
+            with conn.transaction():
+                _lock_migrations(conn, schema)
+                _migrate(conn, schema)
+                _check_app_role(conn, app_role)
+                names = {"schema": sql.Identifier(schema), "app": sql.Identifier(app_role)}
+                for statement in _APP_GRANTS:
+                    conn.execute(sql.SQL(statement).format(**names))
+    except psycopg.Error as exc:
+        raise StorageError(f"the application role was not granted: {_cause(exc)}") from None
+
+
+# What a server's role gets, in order: first nothing at all, then each grant the storage
+# Protocol needs. Tables are found through the owner's pinned search_path.
+_APP_GRANTS: tuple[str, ...] = (
+    "REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {app}",
+    "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM {app}",
+    "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM {app}",
+    "REVOKE ALL ON SCHEMA {schema} FROM {app}",
+    # USAGE, never CREATE: the server adds no table, function or trigger.
+    "GRANT USAGE ON SCHEMA {schema} TO {app}",
+    # Records, their data keys and tokens are written once and read; removing a data key
+    # (crypto-shredding) is no part of the Protocol, so the server can neither delete nor
+    # rewrite one.
+    "GRANT SELECT, INSERT ON records, data_keys, tokens TO {app}",
+    # nextval() draws storage order for a batch; USAGE allows it, and not setval().
+    "GRANT USAGE ON SEQUENCE record_seq TO {app}",
+    # The log is appended to and read. Erasing a subject's sealed details (the one change
+    # the triggers allow) is the owner's act, so the server gets no UPDATE there.
+    "GRANT SELECT, INSERT ON log_entries, log_nodes, log_subjects, log_details TO {app}",
+    # Every append locks the head row with SELECT ... FOR UPDATE, which PostgreSQL allows
+    # only to a role that may update a column of the table; the trigger refuses the
+    # update itself, and there is no INSERT, DELETE or TRUNCATE.
+    "GRANT SELECT, UPDATE (one) ON log_head TO {app}",
+    # A later note for a stored size replaces it (cosignatures are added so); the size of
+    # a checkpoint never changes and none is removed.
+    "GRANT SELECT, INSERT, UPDATE (note) ON checkpoints TO {app}",
+    # set_meta replaces a value (the log's verifier key, the sessions' state); keys are
+    # never renamed or removed.
+    "GRANT SELECT, INSERT, UPDATE (value) ON meta TO {app}",
+    # Accounts are changed in place (role, password, second factors, lock, disabled),
+    # never renamed and never deleted by the Protocol.
+    "GRANT SELECT, INSERT, UPDATE (role, password_hash, attributes, created_at, disabled)"
+    " ON accounts TO {app}",
+    # Sessions: last_seen is touched; a session ends, and a stale one is purged, by
+    # deleting its row.
+    "GRANT SELECT, INSERT, UPDATE (last_seen), DELETE ON sessions TO {app}",
+    # Login counters are raised under a row lock (FOR UPDATE, hence UPDATE), forgiven,
+    # and cleared or purged by deleting.
+    "GRANT SELECT, INSERT, UPDATE (failures, last_failure), DELETE ON login_failures TO {app}",
+    # One-time marks are spent by inserting; expired ones are deleted by the next spend.
+    "GRANT SELECT, INSERT, DELETE ON spent TO {app}",
+)
+
+# Tables whose rows are history: a role opened as the application must hold no right to
+# change or remove them beyond what _APP_GRANTS gives.
+_HISTORY_TABLES = (
+    "records",
+    "data_keys",
+    "tokens",
+    "log_entries",
+    "log_nodes",
+    "log_subjects",
+    "log_details",
+    "checkpoints",
+)
+
+
+def _connect(dsn: str, connect_timeout: float) -> _Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
     except psycopg.Error as exc:
         # A connection failure names the server, never a stored value; its first line
         # says what an operator must fix (refused, unknown database, authentication).
         reason = str(exc).splitlines()[0] if str(exc) else _cause(exc)
         raise StorageError(f"cannot connect to the database: {reason}") from None
+
+
+def _pin_schema(conn: _Connection) -> str:
+    """The schema the DSN names, set as the connection's only one, then pg_temp: as
+    every pooled connection will be."""
+    (schema,) = conn.execute("SELECT current_schema()").fetchone() or (None,)
+    if schema is None:
+        # A schema the role has no USAGE on is skipped as if it did not exist.
+        raise ConfigurationError(
+            "the database's search_path names no existing schema: create it first"
+            " (and, for the application's role, grant it with grant_app_role)"
+        )
+    conn.execute(
+        "SELECT set_config('search_path', quote_ident(%s) || ', pg_temp', false)",
+        (schema,),
+    )
+    return str(schema)
+
+
+def _lock_migrations(conn: _Connection, schema: str) -> None:
+    # Held to the end of the transaction: an application opening while the owner
+    # migrates waits, then finds the schema whole.
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s::integer, hashtext(%s))",
+        (_MIGRATION_LOCK_CLASS, schema),
+    )
+
+
+def _check_app_schema(conn: _Connection, schema: str) -> None:
+    """Opened as the application: the schema must be at SCHEMA_VERSION already, readable
+    by this role, and the role must not hold the owner's powers over it."""
     try:
-        with conn:
-            (schema,) = conn.execute("SELECT current_schema()").fetchone() or (None,)
-            if schema is None:
-                raise ConfigurationError(
-                    "the database's search_path names no existing schema: create it first"
-                )
-            # As every pooled connection will be: the schema alone, then pg_temp.
-            conn.execute(
-                "SELECT set_config('search_path', quote_ident(%s) || ', pg_temp', false)",
-                (schema,),
-            )
-            with conn.transaction():
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(%s::integer, hashtext(%s))",
-                    (_MIGRATION_LOCK_CLASS, schema),
-                )
-                _migrate(conn, str(schema))
-            return str(schema)
-    except psycopg.Error as exc:
-        raise StorageError(f"cannot open the database: {_cause(exc)}") from None
+        version = _schema_version(conn, schema)
+    except pg_errors.InsufficientPrivilege:
+        raise ConfigurationError(
+            "this database role has not been granted the vault's tables: run"
+            " grant_app_role as the schema's owner"
+        ) from None
+    if version > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the database schema is version {version}; this software knows only"
+            f" up to {SCHEMA_VERSION}"
+        )
+    if version < SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the database schema is version {version}, this software needs"
+            f" {SCHEMA_VERSION}: run the migration as the schema's owner (grant_app_role"
+            " migrates, then grants); the application's role never changes the schema"
+        )
+    row = conn.execute(
+        "SELECT r.rolsuper OR r.rolcreaterole OR has_schema_privilege(%s, 'CREATE')"
+        " OR bool_or(has_table_privilege(quote_ident(%s) || '.' || quote_ident(t),"
+        " 'UPDATE, DELETE, TRUNCATE'))"
+        " FROM pg_catalog.pg_roles AS r, unnest(%s::text[]) AS t"
+        " WHERE r.rolname = current_user GROUP BY r.rolsuper, r.rolcreaterole",
+        (schema, schema, list(_HISTORY_TABLES)),
+    ).fetchone()
+    if row is None or row[0]:
+        raise ConfigurationError(
+            "opened with the application's privileges, but this database role could"
+            " change or remove history: connect as a role prepared by grant_app_role"
+        )
+
+
+def _check_app_role(conn: _Connection, app_role: str) -> None:
+    row = conn.execute(
+        "SELECT rolsuper, rolcreaterole, rolname = current_user"
+        " OR pg_has_role(rolname, current_user, 'MEMBER')"
+        " FROM pg_catalog.pg_roles WHERE rolname = %s",
+        (app_role,),
+    ).fetchone()
+    if row is None:
+        raise ConfigurationError("the application's database role does not exist: create it")
+    superuser, creates_roles, holds_owner = row
+    if superuser or creates_roles or holds_owner:
+        raise ConfigurationError(
+            "the application's database role must be a plain role of its own: not a"
+            " superuser, not allowed to create roles, not the owner or a member of it"
+        )
 
 
 def _migrate(conn: _Connection, schema: str) -> None:
