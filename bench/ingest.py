@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -49,6 +50,8 @@ def phase_custodes(
         workdir / "vault",
         passphrase="bench passphrase",
         keyring_path=workdir / "keys" / "k",
+        # Beside the keyring, in the phase's own directory: never the user's config.
+        log_key_path=workdir / "keys" / "log.key",
         database=database,
     )
     try:
@@ -61,14 +64,54 @@ def phase_custodes(
     return {"records": handled, "seconds": seconds, "rejected": report.rejected}
 
 
+PlainRow = tuple[str, str, bytes]  # record id, type, the validated fields as JSON
+IndexRow = tuple[int, str, str]  # index id, plaintext index value, record id
+
+
+class PlaintextBatches:
+    """The input as both baselines store it: parsed and validated as custodes does, keyed
+    by the record's source key, with the same index values in the clear; 2,000 records a
+    batch (a record repeated within a batch kept once). Counts what it read and refused."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.handled = self.rejected = 0
+
+    def __iter__(self) -> Iterator[tuple[list[PlainRow], list[IndexRow]]]:
+        import orjson
+
+        from custodes.records import RecordValidator, index_parts
+        from custodes.schema import load_schema
+
+        schema = load_schema()
+        validator = RecordValidator(schema)
+        plan = {
+            rt.name: (rt, list(rt.indexes.values()), rt.source_key) for rt in schema.types.values()
+        }
+        rows: dict[str, PlainRow] = {}
+        idx_rows: set[IndexRow] = set()
+        with self.source.open("rb") as f:
+            for line_no, line in enumerate(f, 1):
+                self.handled += 1
+                try:
+                    record = validator.validate(orjson.loads(line), line=line_no)
+                except Exception:
+                    self.rejected += 1
+                    continue
+                rt, indexes, source_key = plan[record.record_type]
+                rid = record.record_type + ":" + "|".join(str(record.values[k]) for k in source_key)
+                rows.setdefault(rid, (rid, record.record_type, orjson.dumps(record.values)))
+                for ix in indexes:
+                    for parts in index_parts(rt, ix, record.values):
+                        idx_rows.add((ix.index_id, "\x1f".join(parts), rid))
+                if len(rows) >= 2000:
+                    yield list(rows.values()), sorted(idx_rows)
+                    rows, idx_rows = {}, set()
+        if rows:
+            yield list(rows.values()), sorted(idx_rows)
+
+
 def phase_plaintext(source: Path, workdir: Path) -> dict[str, float]:
-    import orjson
-
-    from custodes.records import RecordValidator, index_parts
-    from custodes.schema import load_schema
-
-    schema = load_schema()
-    validator = RecordValidator(schema)
     db = sqlite3.connect(workdir / "plain.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -79,52 +122,21 @@ def phase_plaintext(source: Path, workdir: Path) -> dict[str, float]:
         "CREATE TABLE idx (index_id INTEGER, value TEXT, record_id TEXT, "
         "PRIMARY KEY (index_id, value, record_id)) WITHOUT ROWID"
     )
-    plan = {rt.name: (rt, list(rt.indexes.values()), rt.source_key) for rt in schema.types.values()}
+    batches = PlaintextBatches(source)
     started = time.perf_counter()
-    handled = rejected = 0
-    rows: list[tuple[str, str, bytes]] = []
-    idx_rows: list[tuple[int, str, str]] = []
-
-    def flush() -> None:
+    for rows, idx_rows in batches:
         db.execute("BEGIN IMMEDIATE")
         db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?)", rows)
         db.executemany("INSERT OR IGNORE INTO idx VALUES (?, ?, ?)", idx_rows)
         db.execute("COMMIT")
-        rows.clear()
-        idx_rows.clear()
-
-    with source.open("rb") as f:
-        for line_no, line in enumerate(f, 1):
-            handled += 1
-            try:
-                record = validator.validate(orjson.loads(line), line=line_no)
-            except Exception:
-                rejected += 1
-                continue
-            rt, indexes, source_key = plan[record.record_type]
-            rid = record.record_type + ":" + "|".join(str(record.values[k]) for k in source_key)
-            rows.append((rid, record.record_type, orjson.dumps(record.values)))
-            for ix in indexes:
-                for parts in index_parts(rt, ix, record.values):
-                    idx_rows.append((ix.index_id, "\x1f".join(parts), rid))
-            if len(rows) >= 2000:
-                flush()
-    if rows:
-        flush()
     seconds = time.perf_counter() - started
     db.close()
-    return {"records": handled, "seconds": seconds, "rejected": rejected}
+    return {"records": batches.handled, "seconds": seconds, "rejected": batches.rejected}
 
 
 def phase_plaintext_postgres(source: Path, database: str) -> dict[str, float]:
-    import orjson
     import psycopg
 
-    from custodes.records import RecordValidator, index_parts
-    from custodes.schema import load_schema
-
-    schema = load_schema()
-    validator = RecordValidator(schema)
     db = psycopg.connect(database, autocommit=True)
     db.execute("SET synchronous_commit = on")
     db.execute(
@@ -134,46 +146,19 @@ def phase_plaintext_postgres(source: Path, database: str) -> dict[str, float]:
         'CREATE TABLE idx (index_id INTEGER, value TEXT COLLATE "C", record_id TEXT COLLATE "C",'
         " PRIMARY KEY (index_id, value, record_id))"
     )
-    plan = {rt.name: (rt, list(rt.indexes.values()), rt.source_key) for rt in schema.types.values()}
+    batches = PlaintextBatches(source)
     started = time.perf_counter()
-    handled = rejected = 0
-    rows: dict[str, tuple[str, str, bytes]] = {}
-    idx_rows: set[tuple[int, str, str]] = set()
-
-    def flush() -> None:
+    for rows, idx_rows in batches:
         with db.transaction(), db.cursor() as cur:
             with cur.copy("COPY records (record_id, type, doc) FROM STDIN") as copy:
-                for row in rows.values():
+                for row in rows:
                     copy.write_row(row)
             with cur.copy("COPY idx (index_id, value, record_id) FROM STDIN") as copy:
                 for idx_row in idx_rows:
                     copy.write_row(idx_row)
-        rows.clear()
-        idx_rows.clear()
-
-    with source.open("rb") as f:
-        for line_no, line in enumerate(f, 1):
-            handled += 1
-            try:
-                record = validator.validate(orjson.loads(line), line=line_no)
-            except Exception:
-                rejected += 1
-                continue
-            rt, indexes, source_key = plan[record.record_type]
-            rid = record.record_type + ":" + "|".join(str(record.values[k]) for k in source_key)
-            if rid in rows:
-                continue
-            rows[rid] = (rid, record.record_type, orjson.dumps(record.values))
-            for ix in indexes:
-                for parts in index_parts(rt, ix, record.values):
-                    idx_rows.add((ix.index_id, "\x1f".join(parts), rid))
-            if len(rows) >= 2000:
-                flush()
-    if rows:
-        flush()
     seconds = time.perf_counter() - started
     db.close()
-    return {"records": handled, "seconds": seconds, "rejected": rejected}
+    return {"records": batches.handled, "seconds": seconds, "rejected": batches.rejected}
 
 
 def postgres_bytes(database: str) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from custodes.errors import (
     AuditUnavailable,
@@ -129,7 +129,7 @@ class MemoryStorage:
         return [(start + n, rid, tuple(sorted(held[rid]))) for n, rid in enumerate(page)]
 
     def add_account(self, account: AccountRow) -> None:
-        row = _normalised_account(account)
+        row = account_from_row(account)
         with self._lock:
             self._check_open()
             if row.username in self._accounts:
@@ -137,7 +137,7 @@ class MemoryStorage:
             self._accounts[row.username] = row
 
     def update_account(self, account: AccountRow) -> None:
-        row = _normalised_account(account)
+        row = account_from_row(account)
         with self._lock:
             self._check_open()
             if row.username not in self._accounts:
@@ -145,12 +145,12 @@ class MemoryStorage:
             self._accounts[row.username] = row
 
     def replace_account(self, expected: AccountRow, account: AccountRow) -> bool:
-        row = _normalised_account(account)
+        row = account_from_row(account)
         if row.username != expected.username:
             raise ConfigurationError("an account is replaced only by a row of the same name")
         with self._lock:
             self._check_open()
-            if self._accounts.get(row.username) != _normalised_account(expected):
+            if self._accounts.get(row.username) != account_from_row(expected):
                 return False
             self._accounts[row.username] = row
             return True
@@ -515,13 +515,15 @@ def checked_checkpoint(size: int, note: bytes) -> None:
         raise StorageError("a checkpoint must be a non-negative int size and a bytes note")
 
 
-def _normalised_account(account: AccountRow) -> AccountRow:
-    # Store what a database would hand back, so both backends return equal rows.
+def account_from_row(row: Sequence[Any]) -> AccountRow:
+    """An account row as every backend hands it back (a database's row, or a row given
+    to the memory backend), its columns in AccountRow's order and types."""
+    username, role, password_hash, attributes, created_at, disabled = row
     return AccountRow(
-        username=str(account.username),
-        role=str(account.role),
-        password_hash=str(account.password_hash),
-        attributes=bytes(account.attributes),
-        created_at=float(account.created_at),
-        disabled=bool(account.disabled),
+        username=str(username),
+        role=str(role),
+        password_hash=str(password_hash),
+        attributes=bytes(attributes),
+        created_at=float(created_at),
+        disabled=bool(disabled),
     )

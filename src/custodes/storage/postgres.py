@@ -35,6 +35,7 @@ from custodes.storage.base import (
 )
 from custodes.storage.memory import (
     LOG_PAGE,
+    account_from_row,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -473,11 +474,11 @@ class PostgresStorage:
             f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE username = %s",  # noqa: S608 - fixed names
             (username,),
         )
-        return None if row is None else _account_from_row(row)
+        return None if row is None else account_from_row(row)
 
     def list_accounts(self) -> list[AccountRow]:
         rows = self._rows(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY username")  # noqa: S608 - fixed names
-        return [_account_from_row(row) for row in rows]
+        return [account_from_row(row) for row in rows]
 
     # -- sessions and login throttling ------------------------------------------------
 
@@ -1125,18 +1126,6 @@ def _account_params(account: AccountRow) -> tuple[str, str, str, bytes, float, b
         bytes(account.attributes),
         float(account.created_at),
         bool(account.disabled),
-    )
-
-
-def _account_from_row(row: Sequence[Any]) -> AccountRow:
-    username, role, password_hash, attributes, created_at, disabled = row
-    return AccountRow(
-        username=str(username),
-        role=str(role),
-        password_hash=str(password_hash),
-        attributes=bytes(attributes),
-        created_at=float(created_at),
-        disabled=bool(disabled),
     )
 
 

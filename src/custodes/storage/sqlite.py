@@ -34,6 +34,7 @@ from custodes.storage.base import (
 )
 from custodes.storage.memory import (
     LOG_PAGE,
+    account_from_row,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -568,7 +569,7 @@ class SQLiteStorage:
                 " FROM accounts WHERE username = ?",
                 (expected.username,),
             ).fetchone()
-            if stored is None or _account_params(_account_from_row(stored)) != want:
+            if stored is None or _account_params(account_from_row(stored)) != want:
                 return False
             username, *rest = _account_params(account)
             conn.execute(
@@ -586,12 +587,12 @@ class SQLiteStorage:
             " FROM accounts WHERE username = ?",
             (username,),
         )
-        return None if row is None else _account_from_row(row)
+        return None if row is None else account_from_row(row)
 
     def list_accounts(self) -> list[AccountRow]:
         return self._run(
             lambda c: [
-                _account_from_row(row)
+                account_from_row(row)
                 for row in c.execute(
                     "SELECT username, role, password_hash, attributes, created_at, disabled"
                     " FROM accounts ORDER BY username"
@@ -1261,16 +1262,4 @@ def _account_params(account: AccountRow) -> tuple[str, str, str, bytes, float, i
         bytes(account.attributes),
         float(account.created_at),
         1 if account.disabled else 0,
-    )
-
-
-def _account_from_row(row: Any) -> AccountRow:
-    username, role, password_hash, attributes, created_at, disabled = row
-    return AccountRow(
-        username=str(username),
-        role=str(role),
-        password_hash=str(password_hash),
-        attributes=bytes(attributes),
-        created_at=float(created_at),
-        disabled=bool(disabled),
     )
