@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from custodes.accounts import Account, AccountBook
 from custodes.audit import AccessEntry, AccessLog, Outcome
-from custodes.errors import AccessDenied, AuthenticationFailed, CustodesError, RecordNotFound
+from custodes.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    CustodesError,
+    DatabaseRefused,
+    RecordNotFound,
+)
 from custodes.policy import (
     AccessPurpose,
     Action,
@@ -32,6 +39,14 @@ from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 
 T = TypeVar("T")
 
+# The operational log (counts and outcomes), not the access log.
+logger = logging.getLogger("custodes.access")
+
+# The alert an entry carries (detail "alert") when the database refused the vault's own
+# role during the access: a privilege it lacks or the log's append-only triggers. Either
+# something asked for more than the server's role may do, or the grants changed under it.
+DATABASE_REFUSED = "database:refused"
+
 # Reads whose log entry counts the records withheld by the record-level rules.
 _RECORD_READS = frozenset({Action.SEARCH, Action.READ})
 # The most records one entry names: a write of more is announced in several entries, so
@@ -43,6 +58,23 @@ def ids_digest(record_ids: Sequence[str]) -> str:
     """SHA-256 over record ids in the order given, one per line: what a batch's entry
     commits to of the ids sealed beside it."""
     return hashlib.sha256("".join(f"{rid}\n" for rid in record_ids).encode()).hexdigest()
+
+
+def _alert(exc: BaseException) -> dict[str, str]:
+    """The alert a failed access's entry carries, if its failure calls for one."""
+    return {"alert": DATABASE_REFUSED} if isinstance(exc, DatabaseRefused) else {}
+
+
+def _report_alert(exc: BaseException, action: Action, index: int) -> None:
+    """Log the alert an entry carries: the action and where the entry is, no value."""
+    if isinstance(exc, DatabaseRefused):
+        logger.error(
+            "alert %s: the database refused the vault's role during %s; on the access log "
+            "at entry %d",
+            DATABASE_REFUSED,
+            action.value,
+            index,
+        )
 
 
 class OutOfReach(RecordNotFound):
@@ -196,10 +228,11 @@ class AccessGate:
         who, account = self._check(principal)
         announced = tuple(dict.fromkeys(records))
 
-        def log(outcome: Outcome, named: Sequence[str], extra: Mapping[str, Any]) -> None:
+        def log(outcome: Outcome, named: Sequence[str], extra: Mapping[str, Any]) -> int:
+            index = -1
             for start in range(0, max(len(named), 1), MAX_ENTRY_RECORDS):
                 part = tuple(named[start : start + MAX_ENTRY_RECORDS])
-                self._log.append(
+                index = self._log.append(
                     AccessEntry(
                         actor=who.username,
                         role=who.role.value,
@@ -212,6 +245,7 @@ class AccessGate:
                     ),
                     private={"records": list(part)},
                 )
+            return index
 
         try:
             authorise(who.role, action, scope=who.scope)
@@ -224,7 +258,8 @@ class AccessGate:
         except Exception as exc:
             # Whatever the fault: the granted entry is on the log already, and must not be
             # left to say the records were stored.
-            log(Outcome.ERROR, announced, {"error": type(exc).__name__})
+            index = log(Outcome.ERROR, announced, {"error": type(exc).__name__, **_alert(exc)})
+            _report_alert(exc, action, index)
             raise
         stored = set(done.records)
         unwritten = [r for r in announced if r not in stored]
@@ -287,7 +322,9 @@ class AccessGate:
             append(entry(Outcome.DENIED), private=private)
             raise
         except CustodesError as exc:
-            append(entry(Outcome.ERROR, extra={"error": type(exc).__name__}), private=private)
+            failed = {"error": type(exc).__name__, **_alert(exc)}
+            index = append(entry(Outcome.ERROR, extra=failed), private=private)
+            _report_alert(exc, action, index)
             raise
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
         index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -24,7 +25,7 @@ from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
 from custodes.crypto.row_mac import RowKind, RowMacs
-from custodes.errors import ConfigurationError, TamperDetected
+from custodes.errors import ConfigurationError, StorageError, TamperDetected
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
@@ -32,6 +33,8 @@ from custodes.settings import (
     VaultFile,
     VaultLayout,
     check_database_url,
+    check_role_name,
+    database_url_as,
     default_keyring_path,
     default_log_key_path,
     env,
@@ -40,6 +43,9 @@ from custodes.settings import (
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
 from custodes.storage.base import SessionRow
 from custodes.vault import Vault
+
+if TYPE_CHECKING:
+    from custodes.storage.postgres import RoleStanding
 
 Clock = Callable[[], float]
 Random = Callable[[int], bytes]
@@ -78,15 +84,26 @@ def create_vault(
     clock: Clock = SYSTEM_CLOCK,
     random: Random = SYSTEM_RANDOM,
     database: str | None = None,
+    app_role: str | None = None,
 ) -> Vault:
     """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
     comes with its host operator: whoever creates it holds the passphrase. With
     `database` (a PostgreSQL URL), the records and the log live there, in the schema the
     URL's search_path names, which must hold no vault yet; the directory keeps the
-    vault's settings file, rejects and operational logs."""
+    vault's settings file, rejects and operational logs.
+
+    With `app_role` too, `database` is the schema owner's URL: the vault is made as the
+    owner, app_role is granted what a server needs and no more (grant_app_role), and the
+    settings record the same URL with app_role as its user, never the owner's: no later
+    command finds the owner's credentials in the vault's configuration."""
     directory = Path(directory)
+    recorded_database = database
     if database is not None:
         database = check_database_url(database)
+        if app_role is not None:
+            recorded_database = database_url_as(database, app_role)
+    elif app_role is not None:
+        raise ConfigurationError("an application role needs a PostgreSQL database")
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
     # Whoever holds this passphrase and the files reads everything: no weaker than a
@@ -107,6 +124,11 @@ def create_vault(
         raise ConfigurationError("the expected population must be positive")
     schema_text = _schema_text(schema_path)
     schema = parse_schema(schema_text)
+    if database is not None and app_role is not None:
+        # Before any key or file is made: a role that cannot be granted leaves nothing.
+        from custodes.storage.postgres import check_app_role
+
+        check_app_role(database, app_role)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     keyring = Keyring.create(
@@ -123,10 +145,14 @@ def create_vault(
         bits = {ix.index_id: plan_token_bits(expected_population) for ix in schema.all_indexes()}
         _write_meta(storage, keyring.material, schema_text, bits, expected_population)
         storage.set_meta("log_verifier_key", signer.verifier_key.encode())
+        # The settings first, then the grant: should the grant fail now, the vault is whole
+        # and 'custodes database grant' finishes it.
+        layout.write(vault_id, keyring_path, log_key_path, recorded_database, app_role)
+        if database is not None and app_role is not None:
+            _grant(database, app_role, finish=f"--vault {directory}")
     except BaseException:
         storage.close()
         raise
-    layout.write(vault_id, keyring_path, log_key_path, database)
     return _assemble(
         storage,
         schema,
@@ -152,6 +178,11 @@ class UnlockedVault:
     material: KeyMaterial
     signer: LogSigner
     database: str | None = None  # a PostgreSQL URL; None: the directory's SQLite file
+    app_role: str | None = None  # the least-privileged role the vault recorded, if any
+    # Open the database with the application role's rights only, whichever role the URL
+    # names (see _storage_at): for the URL the vault recorded with its app_role, and for a
+    # server (for_server).
+    least_privilege: bool = False
 
     def __repr__(self) -> str:
         return f"UnlockedVault(origin={self.signer.origin!r})"
@@ -166,11 +197,11 @@ def unlock_vault(
     database: str | None = None,
 ) -> UnlockedVault:
     """Unseal an existing vault's keyring and log signing key (the slow part of opening).
-    `database` overrides the PostgreSQL URL the vault recorded (see _database_of)."""
+    `database` overrides the PostgreSQL URL the vault recorded (see _database_choice)."""
     layout = VaultLayout(Path(directory))
     recorded = layout.read()
     vault_id = recorded.vault_id
-    database = _database_of(recorded, database)
+    database, least_privilege = _database_choice(recorded, database)
     if database is None and not layout.database.exists():
         raise ConfigurationError("the vault database is missing")
     keyring = Keyring.open(
@@ -183,7 +214,35 @@ def unlock_vault(
     )
     if signer.origin != log_origin(vault_id):
         raise ConfigurationError("the log signing key belongs to another vault")
-    return UnlockedVault(layout.directory, keyring.material, signer, database)
+    return UnlockedVault(
+        layout.directory,
+        keyring.material,
+        signer,
+        database,
+        app_role=recorded.app_role,
+        least_privilege=least_privilege,
+    )
+
+
+def for_server(unlocked: UnlockedVault) -> UnlockedVault:
+    """The vault as a server opens it: with only the application role's rights whenever
+    the vault recorded one, whatever URL this run names, so that a server never holds the
+    owner's powers over a vault set up for least privilege (a settings file edited to name
+    the owner stops the server at its start, and doctor names it)."""
+    if unlocked.database is None or unlocked.app_role is None:
+        return unlocked
+    return replace(unlocked, least_privilege=True)
+
+
+def runs_as_schema_owner(unlocked: UnlockedVault) -> bool:
+    """Whether this vault's database connection holds the owner's powers over its schema
+    (the owner, a superuser, or a role that could make itself either): asked of the
+    server, for the warning a server logs at its start."""
+    if unlocked.database is None or unlocked.least_privilege:
+        return False
+    from custodes.storage.postgres import role_standing
+
+    return role_standing(unlocked.database).holds_owner_powers
 
 
 def assemble_vault(
@@ -200,7 +259,7 @@ def assemble_vault(
     `host` gives the vault its host operator, for commands run on the host; a server's
     vault has none, so no request can act as the operator."""
     layout = VaultLayout(unlocked.directory)
-    storage = _storage_at(layout.directory, unlocked.database)
+    storage = _unlocked_storage(unlocked)
     try:
         schema_text, bits = _read_meta(storage, unlocked.material)
         schema = parse_schema(schema_text)
@@ -325,31 +384,98 @@ def _assemble(
     )
 
 
-def _storage_at(directory: Path, database: str | None) -> Storage:
+def _storage_at(
+    directory: Path,
+    database: str | None,
+    *,
+    least_privilege: bool = False,
+    app_role: str | None = None,
+    migrate: bool = True,
+) -> Storage:
     """The vault's storage: its PostgreSQL database when it has one, else the SQLite file
-    in its directory. The one place a backend is chosen; each process opens its own."""
-    if database is not None:
-        from custodes.storage.postgres import PostgresStorage
+    in its directory. The one place a backend is chosen; each process opens its own.
 
-        return PostgresStorage(database)
-    return SQLiteStorage(VaultLayout(directory).database)
+    PostgreSQL opens with the application's privileges when least_privilege says so, and
+    otherwise as the server answers for the URL's role: as the owner (migrating) if it owns
+    the schema or is a superuser, as the application if not. The server is asked rather
+    than the settings trusted: the settings file is what an intruder would edit, and it
+    goes stale when a DBA changes a role, while the catalog is the truth a migration needs.
+    Only least_privilege, which no answer can widen, comes from the settings. A role that
+    is neither owner nor least-privileged is refused by the application's open. An owner's
+    open that migrates a vault with a recorded app_role grants that role again in the same
+    step, so that a new table is never left out of the server's grants; with migrate
+    False (key-less checks) a schema behind this software is refused, never migrated."""
+    if database is None:
+        return SQLiteStorage(VaultLayout(directory).database)
+    from custodes.storage.postgres import SCHEMA_VERSION, PostgresStorage, role_standing
+
+    if least_privilege:
+        return PostgresStorage(database, privileges="app")
+    standing = role_standing(database)
+    if not standing.migrates:
+        return PostgresStorage(database, privileges="app")
+    if standing.version is not None and standing.version < SCHEMA_VERSION:
+        if not migrate and standing.version == 0:
+            raise ConfigurationError("the vault's database schema holds no vault")
+        if not migrate:
+            raise ConfigurationError(
+                f"the database schema is version {standing.version}, this software needs "
+                f"{SCHEMA_VERSION}: run 'custodes database grant' as the schema's owner"
+            )
+        if app_role is not None and standing.version > 0:
+            _grant(database, app_role)
+    return PostgresStorage(database, privileges="owner")
 
 
-def _database_of(recorded: VaultFile, override: str | None = None) -> str | None:
-    """The database a command uses: one named for this run (the option or
-    CUSTODES_DATABASE, e.g. another role's), else the one the vault recorded."""
+def _unlocked_storage(unlocked: UnlockedVault) -> Storage:
+    return _storage_at(
+        unlocked.directory,
+        unlocked.database,
+        least_privilege=unlocked.least_privilege,
+        app_role=unlocked.app_role,
+    )
+
+
+def _grant(owner_database: str, app_role: str, *, finish: str = "") -> None:
+    """Migrate as the owner, then grant app_role exactly what a server needs."""
+    from custodes.storage.postgres import grant_app_role
+
+    try:
+        grant_app_role(owner_database, app_role)
+    except (ConfigurationError, StorageError) as exc:
+        raise type(exc)(
+            f"{exc}; the vault's database role was not granted: run 'custodes database grant "
+            f"--owner-database URL --app-role {app_role}{' ' + finish if finish else ''}' "
+            "as the schema's owner"
+        ) from None
+
+
+def _database_choice(recorded: VaultFile, override: str | None = None) -> tuple[str | None, bool]:
+    """The database a command uses, and whether it opens with the application's rights
+    only: one named for this run (the option or CUSTODES_DATABASE, e.g. the owner's for a
+    migration) as its role stands; else the one the vault recorded, least-privileged if
+    the vault recorded its app_role."""
     chosen = override or env(ENV_DATABASE)
-    return check_database_url(chosen) if chosen else recorded.database
+    if chosen:
+        return check_database_url(chosen), False
+    return recorded.database, recorded.app_role is not None and recorded.database is not None
 
 
 def _recorded_storage(directory: Path) -> Storage | None:
     """The storage of a vault directory as recorded, for key-less checks; None if the
-    vault has no database yet."""
+    vault has no database yet. Never migrates."""
     layout = VaultLayout(Path(directory))
-    database = _database_of(layout.read())
+    recorded = layout.read()
+    database, least_privilege = _database_choice(recorded)
     if database is None and not layout.database.exists():
         return None
-    return _storage_at(layout.directory, database)
+    return _storage_at(
+        layout.directory,
+        database,
+        least_privilege=least_privilege,
+        app_role=recorded.app_role,
+        migrate=False,
+    )
 
 
 def log_origin(vault_id: bytes) -> str:
@@ -448,7 +574,7 @@ def seal_settings(
     population, so that a schema a database writer edited is never blessed. A server
     never calls this: it only checks. API tokens and sessions from before are not
     blessed: they open nothing, and are issued again."""
-    storage = _storage_at(unlocked.directory, unlocked.database)
+    storage = _unlocked_storage(unlocked)
     try:
         material = unlocked.material
         if storage.get_meta("vault_id") != material.vault_id:
@@ -518,7 +644,7 @@ def acknowledge_log_loss(
     """
     signer = unlocked.signer
     signed_size, _ = signer.current()
-    storage = _storage_at(unlocked.directory, unlocked.database)
+    storage = _unlocked_storage(unlocked)
     try:
         size = storage.log_size()
         now = Checkpoint(signer.origin, size, stored_root(storage, size))
@@ -584,3 +710,77 @@ def deployment_facts(directory: Path) -> DeploymentFacts | None:
         )
     finally:
         storage.close()
+
+
+# -- the database's roles ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoleGrant:
+    """What `custodes database grant` did to a vault on PostgreSQL."""
+
+    app_role: str  # granted what a server needs, and no more
+    database: str  # the URL the vault records for its server, after the grant
+    rerecorded: bool  # the recorded URL was the owner's and now names app_role
+    other_role: str | None = None  # the recorded URL names this other plain role: left as is
+
+
+def grant_database_role(directory: Path, *, owner_database: str, app_role: str) -> RoleGrant:
+    """As the schema's owner, with no key of the vault's: migrate an existing vault's
+    schema to this software's version and grant app_role exactly what a server needs
+    (grant_app_role), after checking that the owner's schema holds this very vault. If the
+    vault's recorded URL connects as the owner (or a role as strong), it is recorded again
+    with app_role as its user; the owner's URL itself is never recorded."""
+    layout = VaultLayout(Path(directory))
+    recorded = layout.read()
+    if recorded.database is None:
+        raise ConfigurationError(
+            "this vault keeps its records in its directory's SQLite file: there is no "
+            "database role to grant"
+        )
+    owner_database = check_database_url(owner_database)
+    app_role = check_role_name(app_role)
+    from custodes.storage.postgres import PostgresStorage, check_app_role, role_standing
+
+    owner = role_standing(owner_database)
+    if not owner.migrates:
+        raise ConfigurationError(
+            f"--owner-database connects as {owner.role!r}, which does not own the vault's "
+            "schema: it can neither migrate it nor grant on it"
+        )
+    if owner.version == 0:
+        raise ConfigurationError(
+            "the schema --owner-database names holds no vault: check its search_path"
+        )
+    check_app_role(owner_database, app_role)
+    # The schema must hold this directory's vault before anyone is granted anything in it.
+    storage = PostgresStorage(owner_database, max_size=1)
+    try:
+        held = storage.get_meta("vault_id")
+    finally:
+        storage.close()
+    if held != recorded.vault_id:
+        raise ConfigurationError("the schema --owner-database names holds another vault")
+    _grant(owner_database, app_role)
+    server = role_standing(recorded.database)
+    if server.holds_owner_powers:
+        database = database_url_as(recorded.database, app_role)
+        layout.record_database(database, app_role)
+        return RoleGrant(app_role, database, rerecorded=True)
+    if server.role != app_role:
+        return RoleGrant(app_role, recorded.database, rerecorded=False, other_role=server.role)
+    if recorded.app_role != app_role:
+        layout.record_database(recorded.database, app_role)
+    return RoleGrant(app_role, recorded.database, rerecorded=False)
+
+
+def database_standing(directory: Path) -> RoleStanding | None:
+    """What the role of the URL a vault recorded for its server may do to the vault's
+    schema, as the server answers (for doctor; no key, nothing changed); None for a vault
+    in SQLite. StorageError if the database cannot be reached."""
+    recorded = VaultLayout(Path(directory)).read()
+    if recorded.database is None:
+        return None
+    from custodes.storage.postgres import role_standing
+
+    return role_standing(recorded.database)

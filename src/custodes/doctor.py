@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from custodes.errors import ConfigurationError, CustodesError
+from custodes.errors import ConfigurationError, CustodesError, StorageError
 from custodes.policy import reads_records
 from custodes.sessions import IDLE_TIMEOUT
 from custodes.settings import VaultLayout, is_within
@@ -27,6 +27,7 @@ from custodes.web.serve import DEFAULT_PORT, is_loopback
 
 if TYPE_CHECKING:
     from custodes.accounts import Account
+    from custodes.bootstrap import DeploymentFacts
 
 CERT_WARN_DAYS = 30
 # How long a witness may go without cosigning while the log is signed on past it: a server
@@ -87,6 +88,7 @@ def examine(deployment: Deployment) -> list[Finding]:
     for check in (
         check_vault_files,
         check_keys,
+        check_database,
         check_listeners,
         check_url,
         check_certificate,
@@ -252,6 +254,110 @@ def _tag(what: str) -> str:
     return what.replace(" ", "-")
 
 
+# -- the database's roles ------------------------------------------------------------------
+
+_GRANT = "'custodes database grant --owner-database OWNER_URL --app-role {role}'"
+
+
+def check_database(d: Deployment) -> Iterator[Finding]:
+    """A vault in PostgreSQL, as its server connects: the role of the URL the vault
+    recorded, asked of the database itself (no key needed). It must not hold the schema
+    owner's powers, must hold nothing beyond what grant_app_role gives, and the schema
+    must be at this software's version."""
+    from custodes.bootstrap import database_standing
+
+    try:
+        recorded = VaultLayout(d.vault_dir).read()
+    except ConfigurationError:
+        return  # check_keys reports an unreadable vault.toml
+    if recorded.database is None:
+        return
+    app_role = recorded.app_role
+    grant = _GRANT.format(role=app_role or "NAME")
+    try:
+        standing = database_standing(d.vault_dir)
+    except StorageError as exc:
+        yield Finding(
+            "database:unreachable",
+            Severity.HIGH,
+            f"the vault's PostgreSQL database cannot be reached as recorded: {exc}",
+            "check that the database server runs and that vault.toml's URL and the "
+            "password file (~/.pgpass or PGPASSFILE) are right for the server's role",
+        )
+        return
+    except ConfigurationError as exc:
+        yield Finding(
+            "database:unusable",
+            Severity.HIGH,
+            f"the vault's server cannot use its PostgreSQL database as recorded: {exc}",
+            f"as the schema's owner, run {grant}",
+        )
+        return
+    if standing is None:
+        return
+    role = standing.role
+    if standing.holds_owner_powers:
+        powers = [
+            what
+            for held, what in (
+                (standing.owner, "owns the vault's schema"),
+                (standing.superuser, "is a superuser"),
+                (standing.creates_roles, "may create roles (and so become the owner)"),
+            )
+            if held
+        ]
+        recorded_other = (
+            f"; yet the vault recorded {app_role!r} for its server: its settings were changed"
+            if app_role is not None and app_role != role
+            else ""
+        )
+        yield Finding(
+            "database:owner-role",
+            Severity.HIGH,
+            f"the vault's server connects to PostgreSQL as {role!r}, which "
+            f"{' and '.join(powers)}: whoever takes over the server could rewrite, delete or "
+            f"drop the records and the access log{recorded_other}",
+            f"give the server a plain role of its own (CREATE ROLE NAME LOGIN) and run {grant} "
+            "as the schema's owner; keep the owner's credentials off the server's host",
+        )
+    elif standing.too_wide:
+        held = [f"UPDATE, DELETE or TRUNCATE on {name}" for name in standing.rewrites]
+        if standing.creates_in_schema:
+            held.insert(0, "CREATE on the schema")
+        yield Finding(
+            "database:grants-too-wide",
+            Severity.HIGH,
+            f"the vault's database role {role!r} holds more than the server needs: "
+            f"{'; '.join(held)}; whoever takes over the server could change or remove history",
+            f"as the schema's owner, run {_GRANT.format(role=role)} again: it revokes "
+            "everything and grants back only what the server needs",
+        )
+    version, expected = standing.version, standing.expected_version
+    if version is None:
+        yield Finding(
+            "database:unusable",
+            Severity.HIGH,
+            f"the vault's database role {role!r} has not been granted the vault's tables",
+            f"as the schema's owner, run {_GRANT.format(role=role)}",
+        )
+    elif version < expected:
+        yield Finding(
+            "database:schema-version",
+            Severity.HIGH,
+            f"the vault's database schema is version {version}; this software needs "
+            f"{expected}: the server's role may not migrate it, and will not start",
+            f"as the schema's owner, run {grant}: it migrates, then grants",
+        )
+    elif version > expected:
+        yield Finding(
+            "database:schema-version",
+            Severity.HIGH,
+            f"the vault's database schema is version {version}, newer than this software "
+            f"knows ({expected}): a newer custodes migrated it",
+            "run the custodes version that migrated it",
+        )
+
+
 # -- the network -------------------------------------------------------------------------
 
 
@@ -414,10 +520,28 @@ def _expiry(pem: bytes, what: str, now: float) -> Iterator[Finding]:
 # -- accounts and schema ------------------------------------------------------------------
 
 
-def check_accounts(d: Deployment) -> Iterator[Finding]:
+def _facts(d: Deployment) -> DeploymentFacts | None:
+    """What the vault's database holds, read without keys; None if it has none, or if a
+    PostgreSQL database cannot be read as recorded (check_database reports why)."""
     from custodes.bootstrap import deployment_facts
 
-    facts = deployment_facts(d.vault_dir)
+    try:
+        return deployment_facts(d.vault_dir)
+    except CustodesError:
+        if _recorded_database(d) is None:
+            raise
+        return None
+
+
+def _recorded_database(d: Deployment) -> str | None:
+    try:
+        return VaultLayout(d.vault_dir).read().database
+    except ConfigurationError:
+        return None
+
+
+def check_accounts(d: Deployment) -> Iterator[Finding]:
+    facts = _facts(d)
     if facts is None:
         return
     accounts = facts.accounts
@@ -487,9 +611,8 @@ def check_log(d: Deployment) -> Iterator[Finding]:
     that is not the log key's was replaced; entries past the last stored checkpoint are not
     yet covered by any signature."""
     from custodes.audit.checkpoint import signed_losses, signed_state
-    from custodes.bootstrap import deployment_facts
 
-    facts = deployment_facts(d.vault_dir)
+    facts = _facts(d)
     if facts is None:
         return
     try:
@@ -552,9 +675,8 @@ def check_witnesses(d: Deployment) -> Iterator[Finding]:
     witness`) against the largest signed, when it has cosigned nothing for longer than
     WITNESS_GRACE; and a log with entries that no witness has cosigned at all."""
     from custodes.audit.witness import cosigners
-    from custodes.bootstrap import deployment_facts
 
-    facts = deployment_facts(d.vault_dir)
+    facts = _facts(d)
     if facts is None:
         return
     newest: dict[str, tuple[int, int]] = {}  # witness -> (size, time) of its last cosignature
@@ -590,10 +712,9 @@ def check_witnesses(d: Deployment) -> Iterator[Finding]:
 
 
 def check_schema(d: Deployment) -> Iterator[Finding]:
-    from custodes.bootstrap import deployment_facts
     from custodes.schema import load_schema, parse_schema
 
-    facts = deployment_facts(d.vault_dir)
+    facts = _facts(d)
     if facts is None:
         return
     stored = facts.schema

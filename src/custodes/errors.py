@@ -147,3 +147,18 @@ class StorageError(CustodesError):
     """The storage backend failed; the batch in flight did not land."""
 
     exit_code = 10
+
+
+class DatabaseRefused(StorageError):
+    """The database refused the vault's own role an operation: a privilege it was never
+    granted (or was revoked), or the access log's append-only triggers. Something asked
+    for more than the role may do, or the grants changed under it; the operation failed
+    closed. The message names the operation and the vault's table, never a value."""
+
+    # Not the request's fault: the server's role is refused, as for a missing log.
+    http_status = 503
+
+
+class AuditRefused(AuditUnavailable, DatabaseRefused):
+    """The database refused the vault's role an append to the access log: the access is
+    refused (AuditUnavailable), and the refusal is reported as any other DatabaseRefused."""

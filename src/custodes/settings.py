@@ -75,6 +75,11 @@ class VaultFile:
     # Where the records live when not in this directory's SQLite file: a PostgreSQL URL
     # naming no password (libpq reads that from PGPASSFILE or ~/.pgpass).
     database: str | None = None
+    # The least-privileged role the database was granted to for this vault's server
+    # ('custodes init --app-role', 'custodes database grant'): while it is recorded, the
+    # server opens the database only with that role's rights. None: the URL's role is
+    # whatever the operator made it, and the server may run as the schema's owner.
+    app_role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,38 +117,78 @@ class VaultLayout:
         if doc.get("format") != VAULT_FORMAT:
             raise ConfigurationError(f"{VAULT_FILE} does not describe a custodes vault")
         database = doc.get("database")
+        app_role = doc.get("app_role")
         try:
             if database is not None:
                 if not isinstance(database, str):
                     raise TypeError
                 database = check_database_url(database)
+            if app_role is not None:
+                if not isinstance(app_role, str) or database is None:
+                    raise TypeError
+                app_role = check_role_name(app_role)
             return VaultFile(
                 bytes.fromhex(doc["vault_id"]),
                 Path(doc["keyring"]),
                 Path(doc["log_key"]),
                 database,
+                app_role,
             )
         except (KeyError, ValueError, TypeError):
             raise ConfigurationError(f"{VAULT_FILE} is damaged") from None
 
     def write(
-        self, vault_id: bytes, keyring: Path, log_key: Path, database: str | None = None
+        self,
+        vault_id: bytes,
+        keyring: Path,
+        log_key: Path,
+        database: str | None = None,
+        app_role: str | None = None,
     ) -> None:
-        # json.dumps yields a valid TOML basic string for any path.
-        import json
-
-        text = (
-            "# A custodes vault. Its keys are kept apart from this directory on purpose.\n"
-            f'format = "{VAULT_FORMAT}"\n'
-            f'vault_id = "{vault_id.hex()}"\n'
-            f"keyring = {json.dumps(str(keyring))}\n"
-            f"log_key = {json.dumps(str(log_key))}\n"
-        )
-        if database is not None:
-            text += f"database = {json.dumps(check_database_url(database))}\n"
+        text = _vault_text(VaultFile(vault_id, keyring, log_key, database, app_role))
         fd = os.open(self.vault_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+
+    def record_database(self, database: str, app_role: str | None) -> VaultFile:
+        """Record another database URL (and the server's role) for an existing vault: the
+        file is written beside the old one and renamed over it, so a reader finds the old
+        settings or the new, never half of them."""
+        recorded = self.read()
+        updated = VaultFile(
+            recorded.vault_id, recorded.keyring, recorded.log_key, database, app_role
+        )
+        text = _vault_text(updated)
+        staged = self.vault_file.with_name(f".{VAULT_FILE}.new")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staged, self.vault_file)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return updated
+
+
+def _vault_text(vault: VaultFile) -> str:
+    # json.dumps yields a valid TOML basic string for any path.
+    import json
+
+    text = (
+        "# A custodes vault. Its keys are kept apart from this directory on purpose.\n"
+        f'format = "{VAULT_FORMAT}"\n'
+        f'vault_id = "{vault.vault_id.hex()}"\n'
+        f"keyring = {json.dumps(str(vault.keyring))}\n"
+        f"log_key = {json.dumps(str(vault.log_key))}\n"
+    )
+    if vault.database is not None:
+        text += f"database = {json.dumps(check_database_url(vault.database))}\n"
+        if vault.app_role is not None:
+            text += f"app_role = {json.dumps(check_role_name(vault.app_role))}\n"
+    return text
 
 
 def check_database_url(url: str) -> str:
@@ -170,6 +215,34 @@ def check_database_url(url: str) -> str:
             "PGPASSFILE or ~/.pgpass"
         )
     return url
+
+
+def check_role_name(name: str) -> str:
+    """A PostgreSQL role name a vault may record: 1 to 63 bytes (longer names are cut by
+    the server), no control character. It is always sent quoted, never as SQL text."""
+    if not name or len(name.encode("utf-8")) > 63 or not name.isprintable():
+        raise ConfigurationError("a database role name is 1 to 63 bytes of printable characters")
+    return name
+
+
+def database_url_as(url: str, role: str) -> str:
+    """The connection string `url` with its user replaced by `role`: the same server,
+    database and options (the schema's search_path), in libpq's key=value form, naming no
+    password, as the owner's URL named none."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(check_database_url(url))
+    params["user"] = check_role_name(role)
+    return check_database_url(make_conninfo("", **params))
+
+
+def database_user(url: str) -> str | None:
+    """The role a connection string names, or None where it names none (libpq then takes
+    the operating system's user name)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    user = conninfo_to_dict(check_database_url(url)).get("user")
+    return str(user) if user else None
 
 
 def is_within(path: Path, directory: Path) -> bool:

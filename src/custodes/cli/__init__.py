@@ -51,6 +51,7 @@ _HOST = "custodes.cli.host"
 _CLIENT = "custodes.cli.client"
 _AUDIT = "custodes.cli.audit"
 _BACKUP = "custodes.cli.backup"
+_DATABASE = "custodes.cli.database"
 
 
 @click.group(
@@ -108,8 +109,14 @@ def cli() -> None:
     """custodes: an encrypted, searchable, accountable vault of personal records."""
 
 
+@click.group(cls=_LazyGroup, lazy={"grant": f"{_DATABASE}:database_grant"})
+def database() -> None:
+    """A vault's PostgreSQL database: grant the server's own least-privileged role."""
+
+
 cli.add_command(audit)
 cli.add_command(backup)
+cli.add_command(database)
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ def doctor(
     schema_path: str | None,
     as_json: bool,
 ) -> None:
-    """Check file modes, where the keys are, listening addresses, TLS and accounts.
+    """Check file modes, where the keys are, the database role's grants, listening
+    addresses, TLS and accounts.
 
     Prints every finding with its severity and a fix; exits 1 if any is high.
     """

@@ -67,17 +67,29 @@ from custodes.vault import Vault
     "no password: libpq reads it from ~/.pgpass) instead of a SQLite file in DIRECTORY. "
     "Every later command finds it in the vault's settings (CUSTODES_DATABASE overrides).",
 )
+@click.option(
+    "--app-role",
+    metavar="NAME",
+    help="With --database naming the schema's owner: grant the existing database role NAME "
+    "exactly what the server needs (append and read; never update, delete, truncate or "
+    "drop history) and record the URL with NAME as its user, never the owner's.",
+)
 def init(
     directory: str,
     keyring: str | None,
     schema: str | None,
     population: int,
     database: str | None,
+    app_role: str | None,
 ) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
+    if app_role is not None and database is None:
+        raise click.UsageError("--app-role goes with --database")
     if database is not None:
         # Before the passphrase is asked for: a wrong URL is the caller's to fix first.
         settings.check_database_url(database)
+    if app_role is not None:
+        settings.check_role_name(app_role)
     passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "New keyring passphrase", confirm=True)
     vault = create_vault(
         Path(directory),
@@ -86,12 +98,26 @@ def init(
         schema_path=Path(schema) if schema else None,
         expected_population=population,
         database=database,
+        app_role=app_role,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
     out.print(f"Vault created in {directory}")
     if recorded.database is not None:
         out.print("Records and access log: in the PostgreSQL database named by --database")
+    if recorded.app_role is not None:
+        out.print(
+            Text(
+                f"The server connects as the database role {recorded.app_role!r}, granted only "
+                "what it needs; the owner's URL was not recorded"
+            )
+        )
+    elif recorded.database is not None:
+        out.print(
+            "The server will connect as the role --database names, the schema's owner: give "
+            "it a role of its own with 'custodes database grant --owner-database URL "
+            "--app-role NAME'"
+        )
     out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
     out.print(f"Access-log signing key: {recorded.log_key}")
 

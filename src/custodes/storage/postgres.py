@@ -8,8 +8,11 @@ tokens and non-personal metadata.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import psycopg
@@ -18,8 +21,10 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from custodes.errors import (
+    AuditRefused,
     AuditUnavailable,
     ConfigurationError,
+    DatabaseRefused,
     LogMoved,
     RecordNotFound,
     StorageError,
@@ -45,6 +50,8 @@ from custodes.storage.memory import (
 
 _T = TypeVar("_T")
 _Connection = psycopg.Connection[tuple[Any, ...]]
+
+log = logging.getLogger("custodes.storage")
 
 SCHEMA_VERSION_KEY = "storage.schema_version"
 
@@ -247,6 +254,7 @@ class PostgresStorage:
         self._pid = os.getpid()
         self._closed = False
         self._max_size = max_size
+        self.privileges: Privileges = privileges
         self._schema = _open_schema(dsn, connect_timeout, privileges)
         self._pool: ConnectionPool[_Connection] = ConnectionPool(
             dsn,
@@ -839,7 +847,10 @@ class PostgresStorage:
         """Run action on a pooled connection (in one transaction, if asked), again from
         the start if it lost a race (a deadlock, a serialization failure, retry_on) or
         met a connection the server had dropped before anything was sent through it.
-        Every psycopg error becomes `error`, named by class and SQLSTATE only."""
+        Every psycopg error becomes `error`, named by class and SQLSTATE only; a refusal
+        of this role (see _refusal) becomes DatabaseRefused (AuditRefused for `error`
+        AuditUnavailable), logged at ERROR here, where every path to the database
+        passes, whoever called."""
         self._check_usable(failure, error)
         retryable: tuple[type[psycopg.Error], ...] = (*_TRANSIENT, *retry_on)
         races = stale = 0
@@ -866,6 +877,15 @@ class PostgresStorage:
                     raise error(f"{failure}: {_cause(exc)}") from None
                 stale += 1
             except psycopg.Error as exc:
+                refused = _refusal(exc)
+                if refused is not None:
+                    log.error(
+                        "the database refused this role %s: %s; %s", refused, _cause(exc), failure
+                    )
+                    kind = AuditRefused if issubclass(error, AuditUnavailable) else DatabaseRefused
+                    raise kind(
+                        f"{failure}: the database refused this role {refused}: {_cause(exc)}"
+                    ) from None
                 raise error(f"{failure}: {_cause(exc)}") from None
 
 
@@ -971,6 +991,52 @@ _HISTORY_TABLES = (
 )
 
 
+# The vault's own objects, the only names a refusal may repeat: the server's message names
+# whatever it refused, and nothing but these is known to hold no value.
+_OBJECTS = frozenset(
+    {
+        "meta",
+        "record_seq",
+        "records",
+        "data_keys",
+        "tokens",
+        "accounts",
+        "sessions",
+        "login_failures",
+        "spent",
+        "log_head",
+        "log_entries",
+        "log_nodes",
+        "log_subjects",
+        "log_details",
+        "checkpoints",
+    }
+)
+_PERMISSION_DENIED = re.compile(r"permission denied for (table|sequence|schema) (\w+)\Z")
+# The texts the append-only triggers raise (migration 1). They raise SQLSTATE P0001, as any
+# PL/pgSQL RAISE does; the schema holds no other function that raises, and the text is
+# checked as well so that nothing else reported as P0001 passes for a refusal.
+_TRIGGER_REFUSALS = frozenset(
+    {"the access log is append-only", "sealed details can only be erased"}
+)
+
+
+def _refusal(exc: psycopg.Error) -> str | None:
+    """What refused this role, if the database did: a privilege it lacks (SQLSTATE 42501)
+    or an append-only trigger of the log (P0001). The object is named only when it is one
+    of the vault's own; None for any other error."""
+    message = exc.diag.message_primary or ""
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        # Matched in the server's English; under another lc_messages the object goes unnamed.
+        named = _PERMISSION_DENIED.match(message)
+        if named is not None and named.group(2) in _OBJECTS:
+            return f"a privilege on {named.group(1)} {named.group(2)}"
+        return "a privilege"
+    if isinstance(exc, pg_errors.RaiseException) and message in _TRIGGER_REFUSALS:
+        return "a change to the access log (its append-only triggers)"
+    return None
+
+
 def _connect(dsn: str, connect_timeout: float) -> _Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
@@ -989,7 +1055,7 @@ def _pin_schema(conn: _Connection) -> str:
         # A schema the role has no USAGE on is skipped as if it did not exist.
         raise ConfigurationError(
             "the database's search_path names no existing schema: create it first"
-            " (and, for the application's role, grant it with grant_app_role)"
+            " (and, for the application's role, grant it with 'custodes database grant')"
         )
     conn.execute(
         "SELECT set_config('search_path', quote_ident(%s) || ', pg_temp', false)",
@@ -1007,16 +1073,99 @@ def _lock_migrations(conn: _Connection, schema: str) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RoleStanding:
+    """What a database role may do to the vault's schema, as the server answers for it: the
+    one reading of a role's powers, behind the storage's own refusal of a role too strong
+    for the application (_check_app_schema), the composition root's choice of how to open
+    a database, and `custodes doctor`'s findings."""
+
+    schema: str
+    role: str  # current_user
+    owner: bool  # owns the schema or a table of it, or may become a role that does
+    superuser: bool
+    creates_roles: bool  # CREATEROLE: could grant itself membership of the owner
+    creates_in_schema: bool  # CREATE on the schema: could plant a table or a function
+    rewrites: tuple[str, ...]  # history tables it may UPDATE, DELETE or TRUNCATE, table-wide
+    version: int | None  # the schema's version; None: this role may not read it
+
+    @property
+    def holds_owner_powers(self) -> bool:
+        """Whether the role is, or can make itself, the schema's owner: no grant limits it."""
+        return self.owner or self.superuser or self.creates_roles
+
+    @property
+    def too_wide(self) -> bool:
+        """Whether the role holds more than grant_app_role gives an application."""
+        return self.creates_in_schema or bool(self.rewrites)
+
+    @property
+    def migrates(self) -> bool:
+        """Whether the role can create and migrate the schema: the owner's open."""
+        return self.owner or self.superuser
+
+    @property
+    def expected_version(self) -> int:
+        """The schema version this software runs on."""
+        return SCHEMA_VERSION
+
+
+def role_standing(dsn: str, *, connect_timeout: float = 10.0) -> RoleStanding:
+    """Connect as the DSN's role and ask the server what it may do to the schema the DSN
+    names. Reads only catalogs and the schema version; changes nothing. StorageError if
+    the server cannot be reached, ConfigurationError if the DSN names no schema the role
+    may use, or the schema is not a vault's."""
+    conn = _connect(dsn, connect_timeout)
+    try:
+        with conn:
+            return _standing(conn, _pin_schema(conn))
+    except psycopg.Error as exc:
+        raise StorageError(f"cannot read the database role's privileges: {_cause(exc)}") from None
+
+
+def _standing(conn: _Connection, schema: str) -> RoleStanding:
+    row = conn.execute(
+        "SELECT current_user, r.rolsuper, r.rolcreaterole,"
+        " pg_has_role(n.nspowner, 'MEMBER') OR EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c"
+        "  WHERE c.relnamespace = n.oid AND pg_has_role(c.relowner, 'MEMBER')),"
+        " has_schema_privilege(n.oid, 'CREATE'),"
+        " ARRAY(SELECT c.relname::text FROM pg_catalog.pg_class AS c"
+        "  WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND c.relname = ANY(%s)"
+        "  AND has_table_privilege(c.oid, 'UPDATE, DELETE, TRUNCATE') ORDER BY c.relname),"
+        " (SELECT has_table_privilege(c.oid, 'SELECT') FROM pg_catalog.pg_class AS c"
+        "  WHERE c.relnamespace = n.oid AND c.relname = 'meta' AND c.relkind IN ('r', 'p'))"
+        " FROM pg_catalog.pg_roles AS r, pg_catalog.pg_namespace AS n"
+        " WHERE r.rolname = current_user AND n.nspname = %s",
+        (list(_HISTORY_TABLES), schema),
+    ).fetchone()
+    if row is None:
+        raise ConfigurationError("the database role or its schema is not in the catalog")
+    role, superuser, creates_roles, owner, creates, rewrites, reads_meta = row
+    # No meta table yet reads as version 0; one this role may not read, as None (asking
+    # would fail the transaction with InsufficientPrivilege).
+    version = _schema_version(conn, schema) if reads_meta is not False else None
+    return RoleStanding(
+        schema=schema,
+        role=str(role),
+        owner=bool(owner),
+        superuser=bool(superuser),
+        creates_roles=bool(creates_roles),
+        creates_in_schema=bool(creates),
+        rewrites=tuple(str(name) for name in rewrites),
+        version=version,
+    )
+
+
 def _check_app_schema(conn: _Connection, schema: str) -> None:
     """Opened as the application: the schema must be at SCHEMA_VERSION already, readable
     by this role, and the role must not hold the owner's powers over it."""
-    try:
-        version = _schema_version(conn, schema)
-    except pg_errors.InsufficientPrivilege:
+    standing = _standing(conn, schema)
+    version = standing.version
+    if version is None:
         raise ConfigurationError(
             "this database role has not been granted the vault's tables: run"
-            " grant_app_role as the schema's owner"
-        ) from None
+            " 'custodes database grant' (grant_app_role) as the schema's owner"
+        )
     if version > SCHEMA_VERSION:
         raise ConfigurationError(
             f"the database schema is version {version}; this software knows only"
@@ -1025,22 +1174,26 @@ def _check_app_schema(conn: _Connection, schema: str) -> None:
     if version < SCHEMA_VERSION:
         raise ConfigurationError(
             f"the database schema is version {version}, this software needs"
-            f" {SCHEMA_VERSION}: run the migration as the schema's owner (grant_app_role"
-            " migrates, then grants); the application's role never changes the schema"
+            f" {SCHEMA_VERSION}: run the migration as the schema's owner ('custodes"
+            " database grant', grant_app_role, migrates, then grants); the application's"
+            " role never changes the schema"
         )
-    row = conn.execute(
-        "SELECT r.rolsuper OR r.rolcreaterole OR has_schema_privilege(%s, 'CREATE')"
-        " OR bool_or(has_table_privilege(quote_ident(%s) || '.' || quote_ident(t),"
-        " 'UPDATE, DELETE, TRUNCATE'))"
-        " FROM pg_catalog.pg_roles AS r, unnest(%s::text[]) AS t"
-        " WHERE r.rolname = current_user GROUP BY r.rolsuper, r.rolcreaterole",
-        (schema, schema, list(_HISTORY_TABLES)),
-    ).fetchone()
-    if row is None or row[0]:
+    if standing.holds_owner_powers or standing.too_wide:
         raise ConfigurationError(
             "opened with the application's privileges, but this database role could"
             " change or remove history: connect as a role prepared by grant_app_role"
         )
+
+
+def check_app_role(owner_dsn: str, app_role: str, *, connect_timeout: float = 10.0) -> None:
+    """As the schema's owner, before anything is made: refuse an application role that
+    grant_app_role would refuse (missing, or holding the owner's powers). Reads only."""
+    conn = _connect(owner_dsn, connect_timeout)
+    try:
+        with conn:
+            _check_app_role(conn, app_role)
+    except psycopg.Error as exc:
+        raise StorageError(f"the application role was not checked: {_cause(exc)}") from None
 
 
 def _check_app_role(conn: _Connection, app_role: str) -> None:
@@ -1140,3 +1293,4 @@ def _session_from_row(row: Sequence[Any]) -> SessionRow:
         float(last_seen),
         None if client is None else str(client),
     )
+

@@ -424,6 +424,8 @@ def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
         "field": shown(entry.detail.get("field")) if isinstance(entry.detail, dict) else None,
         # How a login was made: "totp" or "passkey".
         "factor": entry.detail.get("factor") if isinstance(entry.detail, dict) else None,
+        # The alert a failed access raised (e.g. "database:refused"): fixed text, escaped.
+        "alert": shown(entry.detail.get("alert")) if isinstance(entry.detail, dict) else None,
     }
 
 

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from custodes.audit.witness import check_witness_url
-from custodes.bootstrap import UnlockedVault, assemble_vault
+from custodes.bootstrap import UnlockedVault, assemble_vault, for_server, runs_as_schema_owner
 from custodes.errors import ConfigurationError
 from custodes.settings import is_within
 from custodes.web.security import trusted_networks
@@ -154,6 +154,15 @@ def serve(
         check_witness_url(url)
     if tls is not None:
         _check_tls(tls)
+    # A vault set up with a least-privileged role is served with that role's rights only.
+    unlocked = for_server(unlocked)
+    if runs_as_schema_owner(unlocked):
+        log.warning(
+            "the server connects to PostgreSQL as the owner of the vault's schema (or a "
+            "role as strong): whoever takes over this process could rewrite, delete or "
+            "drop the records and the access log. Give the server a role of its own: "
+            "'custodes database grant --owner-database URL --app-role NAME'"
+        )
     listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses))
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
