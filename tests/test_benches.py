@@ -1,0 +1,113 @@
+"""The benchmarks, run end to end at their smallest on every backend. They print figures
+and assert nothing themselves: here a bench that no longer runs, measures nothing, or
+leaves files, keys or database schemas behind is caught."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.postgres import postgres_server_fixture  # noqa: F401 - a fixture, asked for by name
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(name="bench_server")
+def bench_server_fixture(request: pytest.FixtureRequest, backend: str) -> Iterator[list[str]]:
+    """The bench's options for `backend`; for PostgreSQL, a database of the test's own on
+    the server, so that any schema a bench leaves there is the bench's, not another run's."""
+    if backend == "sqlite":
+        yield ["--backend", "sqlite"]
+        return
+    server: str = request.getfixturevalue("postgres_server")
+    name = f"custodes_t_{secrets.token_hex(6)}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    database = psycopg.conninfo.make_conninfo(server, dbname=name)
+    try:
+        yield ["--backend", "postgresql", "--database", database]
+        with psycopg.connect(database) as db:
+            left = db.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'"
+                " AND nspname NOT IN ('public', 'information_schema')"
+            ).fetchall()
+        assert left == [], "the bench left schemas behind"
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def files_under(directory: Path) -> set[Path]:
+    return {path for path in directory.rglob("*")}
+
+
+def run_bench(script: str, tmp_path: Path, home: Path, *options: str) -> str:
+    """The bench's output; it must exit cleanly, remove what it made in its temporary
+    directory and write nothing to the user's HOME."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    before = files_under(home)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *options],
+        env={**os.environ, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert list(scratch.iterdir()) == [], "the bench left files in its temporary directory"
+    assert files_under(home) == before, "the bench wrote to the user's HOME"
+    return done.stdout
+
+
+def row(output: str, name: str) -> list[str]:
+    """The cells of the table's row named `name`."""
+    for line in output.splitlines():
+        if name in line:
+            return line.split(name, 1)[1].split()
+    raise AssertionError(f"no row {name!r} in:\n{output}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_serving_bench_measures_custodes_beside_its_baseline_and_leaves_nothing(
+    backend: str, bench_server: list[str], tmp_path: Path, private_home: Path
+) -> None:
+    output = run_bench(
+        "serve.py",
+        tmp_path,
+        private_home,
+        *bench_server,
+        *("--people", "300", "--workers", "1", "--server-workers", "1"),
+        *("--concurrency", "2", "--seconds", "0.5", "--warmup", "0.3", "--settle", "0.1"),
+    )
+    assert any(line.strip() == backend for line in output.splitlines()), output
+    for name in ("audited lookups/s", "baseline lookups/s"):
+        (rate,) = row(output, name)
+        assert float(rate.replace(",", "")) > 0, f"{name}: nothing was answered"
+    (ratio,) = row(output, "ratio custodes/baseline")
+    assert float(ratio) > 0
+    assert row(output, "errors custodes/baseline") == ["0/0"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_ingest_bench_measures_custodes_beside_its_baseline_and_leaves_nothing(
+    backend: str, bench_server: list[str], tmp_path: Path, private_home: Path
+) -> None:
+    output = run_bench(
+        "ingest.py", tmp_path, private_home, *bench_server, "--records", "300", "--workers", "1"
+    )
+    assert re.search(rf"{backend} plaintext baseline : +[\d,]+ records/s", output), output
+    assert re.search(rf"{backend} custodes, 1 worker\(s\): +[\d,]+ records/s", output), output
