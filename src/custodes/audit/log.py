@@ -270,13 +270,14 @@ class AccessLog:
         try:
             for attempt in range(_MOVED_RETRIES):
                 try:
-                    frontier = self._write(batch)
+                    first, frontier = self._write(batch)
                     break
                 except LogMoved:
-                    # Another process sharing the log appended first: build again on
-                    # the tree as it now stands, after a short random pause that grows,
-                    # so that two busy processes stop meeting at the same moment (a
-                    # refused access is the price of losing every race).
+                    # Another process sharing the log appended first, and the storage
+                    # could not let this writer take up its entries under its lock: build
+                    # again on the tree as it now stands, after a short random pause that
+                    # grows, so that two busy processes stop meeting at the same moment
+                    # (a refused access is the price of losing every race).
                     time.sleep(_moved_pause(attempt))
                     self._catch_up()
             else:
@@ -290,29 +291,41 @@ class AccessLog:
             if not isinstance(exc, Exception):
                 raise
             return
-        first = self._range.size
         self._range = frontier
         for offset, item in enumerate(batch):
             item.index = first + offset
             item.wake.release()
 
-    def _write(self, batch: list[_Pending]) -> CompactRange:
-        """Store a batch on top of the tree as this process knows it; the new frontier."""
-        frontier = self._range.copy()
-        first = frontier.size
-        nodes: list[tuple[int, int, bytes]] = []
-        subjects: list[tuple[bytes, int]] = []
-        private: list[tuple[int, bytes]] = []
-        for offset, item in enumerate(batch):
-            index = first + offset
-            nodes.extend(frontier.append(leaf_hash(item.entry)))
-            subjects.extend((c, index) for c in item.subjects)
-            if item.private is not None:
-                private.append((index, item.private))
-        self._storage.log_append(
-            LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
-        )
-        return frontier
+    def _write(self, batch: list[_Pending]) -> tuple[int, CompactRange]:
+        """Store a batch on top of the tree as this process knows it, or, where the
+        storage lets it, on top of the entries another process appended meanwhile,
+        taken up under the storage's write lock; the first index and the new frontier."""
+        built: list[tuple[int, CompactRange]] = []
+
+        def build() -> LogAppend:
+            frontier = self._range.copy()
+            first = frontier.size
+            nodes: list[tuple[int, int, bytes]] = []
+            subjects: list[tuple[bytes, int]] = []
+            private: list[tuple[int, bytes]] = []
+            for offset, item in enumerate(batch):
+                index = first + offset
+                nodes.extend(frontier.append(leaf_hash(item.entry)))
+                subjects.extend((c, index) for c in item.subjects)
+                if item.private is not None:
+                    private.append((index, item.private))
+            built.append((first, frontier))
+            return LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
+
+        def rebuild(stored: int) -> LogAppend:
+            # Under the storage's write lock: the log stands still at `stored` entries.
+            self._catch_up()
+            if self._range.size != stored:
+                raise LogMoved("the access log moved while this writer took it up")
+            return build()
+
+        self._storage.log_append(build(), rebuild)
+        return built[-1]
 
     def _catch_up(self) -> None:
         """Take up entries appended by other processes. Only under the commit lock.

@@ -190,13 +190,22 @@ class AccountStore(Protocol):
 class LogStore(Protocol):
     """The access log: a Merkle tree of entries (custodes.audit) and its checkpoints."""
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
         """Append entries with their tree nodes, subject references and sealed details,
         all or none, durable (synced) before returning.
 
         Raises AuditUnavailable if it cannot, and its subclass LogMoved if
         batch.first_index is not the number of entries already stored (another writer,
         perhaps another process, got there first: rebuild the batch on the new tree).
+
+        A backend whose readers go on while a writer holds its write lock (PostgreSQL,
+        SQLite in WAL mode) calls `rebuild`, if given, with the stored size, under that
+        lock, and writes the batch it returns instead: a writer that lost a race to a
+        busy one then takes up the new entries and appends with no one able to move the
+        log meanwhile, where retrying from outside the lock could lose every race. One
+        whose readers would wait on the lock (memory) raises LogMoved.
         """
         ...
 

@@ -277,7 +277,11 @@ class MemoryStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
+        # rebuild is not called here: every read of the log waits on the lock a writer
+        # holds (the caller catches up on LogMoved instead).
         checked = checked_log_append(batch)
         with self._lock:
             if self._closed:

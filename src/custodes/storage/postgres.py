@@ -40,6 +40,7 @@ from custodes.storage.base import (
 )
 from custodes.storage.memory import (
     LOG_PAGE,
+    CheckedLogAppend,
     account_from_row,
     checked_checkpoint,
     checked_log_append,
@@ -650,49 +651,28 @@ class PostgresStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
         # Every failure, whatever its cause, must refuse the access being recorded.
         checked = checked_log_append(batch)
-        first = checked.first_index
-        size = first + len(checked.entries)
-        # Sorted so that each index page is filled in one visit.
-        nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
-        subjects = sorted(checked.subjects)
-        details = sorted(checked.details)
 
         def append(conn: _Connection) -> None:
             # Every appender of every process queues on this row; the size is read only
             # once it is held, so no two appends can both find it unchanged.
             if conn.execute("SELECT one FROM log_head FOR UPDATE").fetchone() is None:
                 raise AuditUnavailable("the access log's head row is missing")
-            if first != _stored_log_size(conn):
-                raise LogMoved("the access log moved: another writer appended")
-            if not checked.entries:
-                return
-            conn.execute(
-                "INSERT INTO log_entries(idx, entry)"
-                " SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
-                (list(range(first, size)), checked.entries),
-            )
-            # Not ON CONFLICT DO NOTHING: a node stored twice means the caller's tree is
-            # wrong, and the whole batch fails.
-            conn.execute(
-                "INSERT INTO log_nodes(level, idx, hash)"
-                " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[])",
-                _columns(nodes, 3),
-            )
-            if subjects:
-                conn.execute(
-                    "INSERT INTO log_subjects(commitment, idx)"
-                    " SELECT * FROM unnest(%s::bytea[], %s::bigint[])",
-                    _columns(subjects, 2),
-                )
-            if details:
-                conn.execute(
-                    "INSERT INTO log_details(idx, blob)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
-                    _columns(details, 2),
-                )
+            stored = _stored_log_size(conn)
+            batch = checked
+            if batch.first_index != stored:
+                if rebuild is None:
+                    raise LogMoved("the access log moved: another writer appended")
+                # Reads go through other connections of the pool and are not blocked
+                # by this lock; no one else can append until this commits.
+                batch = checked_log_append(rebuild(stored))
+                if batch.first_index != stored:
+                    raise LogMoved("the access log moved: another writer appended")
+            _insert_log_batch(conn, batch)
 
         # Run again only if refused before anything was committed (see _run): had a
         # commit landed unseen, a second run would meet LogMoved, and the caller would
@@ -1294,3 +1274,35 @@ def _session_from_row(row: Sequence[Any]) -> SessionRow:
         None if client is None else str(client),
     )
 
+
+def _insert_log_batch(conn: _Connection, checked: CheckedLogAppend) -> None:
+    first = checked.first_index
+    if not checked.entries:
+        return
+    size = first + len(checked.entries)
+    # Sorted so that each index page is filled in one visit.
+    nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
+    subjects = sorted(checked.subjects)
+    details = sorted(checked.details)
+    conn.execute(
+        "INSERT INTO log_entries(idx, entry) SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
+        (list(range(first, size)), checked.entries),
+    )
+    # Not ON CONFLICT DO NOTHING: a node stored twice means the caller's tree is wrong,
+    # and the whole batch fails.
+    conn.execute(
+        "INSERT INTO log_nodes(level, idx, hash)"
+        " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[])",
+        _columns(nodes, 3),
+    )
+    if subjects:
+        conn.execute(
+            "INSERT INTO log_subjects(commitment, idx)"
+            " SELECT * FROM unnest(%s::bytea[], %s::bigint[])",
+            _columns(subjects, 2),
+        )
+    if details:
+        conn.execute(
+            "INSERT INTO log_details(idx, blob) SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
+            _columns(details, 2),
+        )

@@ -34,6 +34,7 @@ from custodes.storage.base import (
 )
 from custodes.storage.memory import (
     LOG_PAGE,
+    CheckedLogAppend,
     account_from_row,
     checked_checkpoint,
     checked_log_append,
@@ -737,17 +738,11 @@ class SQLiteStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
         # Every failure, whatever its cause, must refuse the access being recorded.
         checked = checked_log_append(batch)
-        size = checked.first_index + len(checked.entries)
-        first = checked.first_index
-        entries = list(zip(range(first, size), checked.entries, strict=True))
-        # Sorted so that each b-tree page is filled in one visit; subjects most of all,
-        # since commitments are random and each would otherwise dirty a page of its own.
-        nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
-        subjects = sorted(checked.subjects)
-        details = sorted(checked.details)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the access log is closed")
@@ -760,16 +755,16 @@ class SQLiteStorage:
                 raise AuditUnavailable(f"the access log cannot be written: {exc}") from exc
             try:
                 # Read under the write lock: another process with the same file may
-                # have appended since this batch was built.
-                if first != _stored_log_size(conn):
-                    raise LogMoved("the access log moved: another writer appended")
-                conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
-                # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
-                conn.executemany("INSERT INTO log_nodes(level, idx, hash) VALUES (?, ?, ?)", nodes)
-                conn.executemany(
-                    "INSERT INTO log_subjects(commitment, idx) VALUES (?, ?)", subjects
-                )
-                conn.executemany("INSERT INTO log_details(idx, blob) VALUES (?, ?)", details)
+                # have appended since this batch was built. rebuild takes up its entries
+                # through the reading connection, which WAL lets read past this lock.
+                stored = _stored_log_size(conn)
+                if checked.first_index != stored:
+                    if rebuild is None:
+                        raise LogMoved("the access log moved: another writer appended")
+                    checked = checked_log_append(rebuild(stored))
+                    if checked.first_index != stored:
+                        raise LogMoved("the access log moved: another writer appended")
+                _insert_log_batch(conn, checked)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 _rollback(conn)
@@ -1263,3 +1258,19 @@ def _account_params(account: AccountRow) -> tuple[str, str, str, bytes, float, i
         float(account.created_at),
         1 if account.disabled else 0,
     )
+
+
+def _insert_log_batch(conn: sqlite3.Connection, checked: CheckedLogAppend) -> None:
+    first = checked.first_index
+    size = first + len(checked.entries)
+    entries = list(zip(range(first, size), checked.entries, strict=True))
+    # Sorted so that each b-tree page is filled in one visit; subjects most of all, since
+    # commitments are random and each would otherwise dirty a page of its own.
+    nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
+    conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
+    # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
+    conn.executemany("INSERT INTO log_nodes(level, idx, hash) VALUES (?, ?, ?)", nodes)
+    conn.executemany(
+        "INSERT INTO log_subjects(commitment, idx) VALUES (?, ?)", sorted(checked.subjects)
+    )
+    conn.executemany("INSERT INTO log_details(idx, blob) VALUES (?, ?)", sorted(checked.details))
