@@ -174,6 +174,27 @@ def test_a_planted_backend_import_and_codec_open_fail_the_boundary_test(tmp_path
         assert_within_boundaries(package)
 
 
+def test_a_backup_adapter_reaches_its_own_backend_and_nothing_else(tmp_path: Path) -> None:
+    package = plant(
+        tmp_path / "custodes",
+        {
+            **BOUNDARY,
+            "backup/__init__.py": "",
+            "backup/postgres.py": """\
+                from custodes.storage.postgres import connect_pinned
+                from custodes.storage.sqlite import SQLiteStorage
+
+                def copy(vault, stored):
+                    return vault.codec.open(stored)
+                """,
+        },
+    )
+    assert check_boundaries(package) == [
+        Violation("custodes.backup.postgres", 2, "imports custodes.storage.sqlite.SQLiteStorage"),
+        Violation("custodes.backup.postgres", 5, "opens a record with the codec"),
+    ]
+
+
 @pytest.mark.parametrize(
     "crossing",
     [

@@ -41,6 +41,7 @@ from custodes.errors import ConfigurationError, TamperDetected
 
 __all__ = [
     "BACKENDS",
+    "BackupCheck",
     "BackupFile",
     "BackupMade",
     "BackupSource",
@@ -48,6 +49,7 @@ __all__ = [
     "BackupTampered",
     "ContentDigest",
     "Manifest",
+    "Restored",
     "TypeCount",
     "backup_key",
     "open_manifest",
@@ -135,6 +137,11 @@ class Manifest:
     log_verifier_key: str
     files: tuple[BackupFile, ...]
     backend_label: str | None = None  # pgBackRest's backup label, for PostgreSQL
+    # For PostgreSQL, whose restores may go past the backup (point in time): the last
+    # record sequence number the backup holds, and the ContentDigest's history digest
+    # of its records and tokens up to it, which any later restore must still hold.
+    record_bound: int | None = None
+    history_digest: bytes | None = None
 
     def __post_init__(self) -> None:
         # One order, whatever the order given: equal manifests compare and seal alike.
@@ -149,6 +156,11 @@ class Manifest:
             raise MalformedNote("a backend's backup label is letters, digits, '.', '_' or '-'")
         _check_count(self.tokens, "the token count")
         _check_digest(self.content_digest, "the content digest")
+        if (self.record_bound is None) != (self.history_digest is None):
+            raise MalformedNote("a record bound comes with its history digest")
+        if self.record_bound is not None:
+            _check_count(self.record_bound, "the record bound")
+            _check_digest(self.history_digest, "the history digest")
         _check_count(self.log_size, "the log's size")
         names = [f.name for f in self.files]
         if len(set(names)) != len(names):
@@ -202,6 +214,12 @@ class Manifest:
                 {"name": f.name, "size": f.size, "sha256": f.sha256.hex()} for f in self.files
             ],
         }
+        if self.record_bound is not None and self.history_digest is not None:
+            # Only where there is one: a SQLite manifest keeps the form it always had.
+            doc["history"] = {
+                "record_bound": self.record_bound,
+                "digest": self.history_digest.hex(),
+            }
         return _canonical(doc)
 
     @classmethod
@@ -212,6 +230,7 @@ class Manifest:
             if doc.get("format") != FORMAT or doc.get("version") != VERSION:
                 raise ValueError
             log = doc["log"]
+            history = doc.get("history")
             manifest = cls(
                 backup_id=bytes.fromhex(doc["backup_id"]),
                 vault_id=bytes.fromhex(doc["vault_id"]),
@@ -228,6 +247,8 @@ class Manifest:
                     BackupFile(f["name"], f["size"], bytes.fromhex(f["sha256"]))
                     for f in doc["files"]
                 ),
+                record_bound=None if history is None else history["record_bound"],
+                history_digest=None if history is None else bytes.fromhex(history["digest"]),
             )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
             raise MalformedNote("not a custodes backup manifest") from None
@@ -442,6 +463,11 @@ class ContentDigest:
       keys): the sealed settings and their tags, the log's public key, API token rows;
     - accounts: (name, role, password hash, attributes, created at, disabled), by name.
 
+    The history digest is the same stream cut after the tokens section, closed by `H`
+    and the two sections' row counts: records and tokens are only ever added, so a
+    vault restored to any later moment holds the backup's rows unchanged, and this
+    digest, taken over the rows up to the backup's record sequence number, still agrees.
+
     Left out: sessions, login-failure counts and one-time marks (rewritten by the vault
     as it runs, and granting nothing a restore needs) and the access log, which is held
     against its own signed checkpoint instead. No key is needed: every value is taken
@@ -449,25 +475,46 @@ class ContentDigest:
     """
 
     SECTIONS = ("records", "tokens", "meta", "accounts")
-    __slots__ = ("_hash", "_last", "_section", "counts")
+    _HISTORY = 2  # records and tokens: the sections that only grow
+    __slots__ = ("_hash", "_history", "_last", "_section", "counts")
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256(_CONTENT_DOMAIN)
+        self._history: bytes | None = None
         self._section = -1
         self._last: tuple[Any, ...] | None = None
         self.counts: dict[str, int] = dict.fromkeys(self.SECTIONS, 0)
+
+    def history(self) -> bytes:
+        """The history digest: records and tokens alone (after the tokens section)."""
+        if self._history is not None:
+            return self._history
+        if self._section != self._HISTORY - 1:
+            raise ConfigurationError("the history digest is taken after the tokens section")
+        final = self._hash.copy()
+        counts = (self.counts[s] for s in self.SECTIONS[: self._HISTORY])
+        final.update(_frame(b"H", b"".join(struct.pack(">Q", n) for n in counts)))
+        return final.digest()
 
     def section(self, name: str) -> None:
         """Start the next section; sections come in SECTIONS order, each once."""
         position = self.SECTIONS.index(name)
         if position <= self._section:
             raise ConfigurationError(f"the content section {name!r} is out of order")
+        if position >= self._HISTORY and self._history is None:
+            self._section = self._HISTORY - 1
+            self._history = self.history()
         self._section = position
         self._last = None
         self._hash.update(_frame(b"S", name.encode()))
 
     def record(
-        self, record_id: str, record_type: str, payload: bytes, kek_version: int, wrapped: bytes
+        self,
+        record_id: str,
+        record_type: str,
+        payload: bytes,
+        kek_version: int | None,
+        wrapped: bytes | None,
     ) -> None:
         self._row("records", (record_id,), (record_id, record_type, payload, kek_version, wrapped))
 
@@ -564,6 +611,31 @@ class BackupMade:
             "log_size": m.log_size,
             "checkpoint_size": m.checkpoint_size(),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class BackupCheck:
+    """What a verification of a backup found: all of it held against the manifest."""
+
+    backup_id: str
+    created: int
+    backend: str
+    records: int
+    log_entries: int
+    checkpoint_size: int
+    files: int
+    counts: dict[str, int] | None = None  # per type, when the keyring was at hand
+    notes: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """A vault restored from a backup: where it is, where its keys are, what was checked."""
+
+    directory: Path
+    keyring: Path
+    log_key: Path
+    check: BackupCheck
 
 
 # -- small shared readers ----------------------------------------------------------------------

@@ -13,11 +13,10 @@ backup API: one consistent snapshot of that file, taken beside running writers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -31,41 +30,46 @@ from custodes.audit.checkpoint import (
 from custodes.audit.verify import LogTampered, OutsideCheckpoint, verify_log
 from custodes.backup.files import (
     DATABASE,
-    KEYRING,
     LOG,
     LOG_KEY,
-    LOG_KEY_LOSSES,
-    LOG_KEY_STATE,
     MANIFEST,
     STATEMENT,
     Signed,
     check_destination,
-    copy_sealed_file,
     describe,
     discard,
     publish,
     read_checked,
     read_signed,
-    signer_losses_path,
-    signer_state_path,
     staging_directory,
     sync_file,
     write_new,
 )
+from custodes.backup.keys import (
+    PlacedKeys,
+    backup_material,
+    copy_keyring,
+    copy_signer_files,
+    open_agreeing,
+    place_keys,
+    record_restore,
+    restore_detail,
+)
 from custodes.backup.manifest import (
+    BackupCheck,
     BackupMade,
     BackupSource,
     BackupStatement,
     BackupTampered,
     ContentDigest,
     Manifest,
+    Restored,
     TypeCount,
-    open_manifest,
     seal_manifest,
     sealed_vault_id,
     sign_statement,
 )
-from custodes.crypto import KeyMaterial, Keyring
+from custodes.crypto import KeyMaterial
 from custodes.crypto.sealed_file import make_private_directory, write_new_file
 from custodes.errors import ConfigurationError, CustodesError, StorageError
 from custodes.settings import VaultLayout, is_within
@@ -138,19 +142,12 @@ def _write_backup(
             "this vault's records are in PostgreSQL: its backups are pgBackRest's, which "
             "custodes does not drive yet"
         )
-    # The signer's state before the log (see the module's docstring), its losses after
-    # the state (a loss is recorded before the state moves past it).
-    copy_sealed_file(log_key, staging / LOG_KEY, what="log signing key")
-    copy_sealed_file(signer_state_path(log_key), staging / LOG_KEY_STATE, what="log signer state")
-    if signer_losses_path(log_key).exists():
-        copy_sealed_file(
-            signer_losses_path(log_key), staging / LOG_KEY_LOSSES, what="log signer's losses"
-        )
+    # The signer's state before the log, the keyring after the records (see the
+    # module's docstring).
+    copy_signer_files(staging, log_key)
     _copy_database(layout.database, staging / DATABASE)
     _copy_database(_log_file(layout.database), staging / LOG)
-    copy_sealed_file(keyring, staging / KEYRING, what="keyring")
-    if _keyring_vault_id(staging / KEYRING) != source.material.vault_id:
-        raise ConfigurationError("the keyring given is another vault's: the backup would not open")
+    copy_keyring(staging, keyring, source.material.vault_id)
     copy = SQLiteCopy(staging / DATABASE, staging / LOG)
     try:
         if copy.meta("vault_id") != source.material.vault_id:
@@ -200,14 +197,6 @@ def _copy_database(source: Path, destination: Path) -> None:
         raise StorageError(f"cannot copy {source.name}: {exc}") from exc
     except OSError as exc:
         raise StorageError(f"cannot copy {source.name}: {exc.strerror}") from None
-
-
-def _keyring_vault_id(path: Path) -> bytes | None:
-    """The vault id a keyring file names in its header (read without the passphrase)."""
-    try:
-        return bytes.fromhex(json.loads(path.read_bytes())["vault_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _log_file(database: Path) -> Path:
@@ -337,7 +326,9 @@ class SQLiteCopy:
         sql = "SELECT size, note FROM checkpoints ORDER BY size"
         return [(int(size), _bytes(note)) for size, note in self._query(self._log, sql)]
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
         raise StorageError("a copy of a vault is read only")
 
     def put_checkpoint(self, size: int, note: bytes) -> None:
@@ -382,21 +373,6 @@ def _bytes(value: object) -> bytes:
 # -- verifying ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BackupCheck:
-    """What a verification of a backup found: all of it held against the manifest."""
-
-    backup_id: str
-    created: int
-    backend: str
-    records: int
-    log_entries: int
-    checkpoint_size: int
-    files: int
-    counts: dict[str, int] | None = None  # per type, when the keyring was at hand
-    notes: tuple[str, ...] = field(default=())
-
-
 def verify_backup(
     directory: Path,
     *,
@@ -418,27 +394,9 @@ def verify_backup(
     manifest = None
     if material is not None or passphrase is not None:
         if material is None:
-            material = _backup_material(Path(directory), signed, passphrase)
-        manifest = _open_agreeing(signed, material)
+            material = backup_material(Path(directory), signed, passphrase)
+        manifest = open_agreeing(signed, material)
     return _check_database(Path(directory), Path(directory), signed, manifest)
-
-
-def _backup_material(directory: Path, signed: Signed, passphrase: str | None) -> KeyMaterial:
-    if passphrase is None:
-        raise ConfigurationError("the keyring passphrase is needed to open the manifest")
-    keyring = Keyring.open(
-        directory / KEYRING, passphrase=passphrase, vault_id=sealed_vault_id(signed.sealed)
-    )
-    return keyring.material
-
-
-def _open_agreeing(signed: Signed, material: KeyMaterial) -> Manifest:
-    manifest = open_manifest(signed.sealed, material)
-    if not signed.statement.agrees_with(manifest, signed.sealed):
-        raise BackupTampered("the backup's signed statement and its sealed manifest disagree")
-    if manifest.log_verifier_key != signed.verifier_key:
-        raise BackupTampered("the backup's manifest names another log key")
-    return manifest
 
 
 def _check_database(
@@ -527,16 +485,6 @@ def _checkpoint_note(
 # -- restoring ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Restored:
-    """A vault restored from a backup: where it is, where its keys are, what was checked."""
-
-    directory: Path
-    keyring: Path
-    log_key: Path
-    check: BackupCheck
-
-
 def restore_sqlite(
     backup: Path,
     target: Path,
@@ -569,42 +517,25 @@ def restore_sqlite(
     if is_within(target, backup) or is_within(backup, target) or is_within(keys, backup):
         raise ConfigurationError("restore into directories apart from the backup")
     signed = read_signed(backup, log_key)
-    material = _backup_material(backup, signed, passphrase)
-    manifest = _open_agreeing(signed, material)
-    vault_id = manifest.vault_id.hex()
-    keyring_path, log_key_path = keys / f"{vault_id}.keyring", keys / f"{vault_id}.key"
-    placed = {
-        KEYRING: keyring_path,
-        LOG_KEY: log_key_path,
-        LOG_KEY_STATE: signer_state_path(log_key_path),
-        LOG_KEY_LOSSES: signer_losses_path(log_key_path),
-    }
-    if any(path.exists() for path in placed.values()):
-        raise ConfigurationError(
-            f"a key file of this vault is already in {keys}: a restore never replaces a key"
-        )
+    manifest = open_agreeing(signed, backup_material(backup, signed, passphrase))
+    placed = PlacedKeys.under(keys, manifest)
+    placed.refuse_present(keys)
     staging = staging_directory(target, vault_directory=None)
     written: list[Path] = []
     try:
         for name in (DATABASE, LOG):
             _copy_listed(backup, staging, manifest, name)
         check = _check_database(staging, backup, signed, manifest)
-        VaultLayout(staging).write(manifest.vault_id, keyring_path, log_key_path)
-        make_private_directory(keys, what="key directory")
-        for name, path in placed.items():
-            listed = manifest.file(name)
-            if listed is None:
-                continue  # no losses were ever acknowledged
-            write_new_file(path, read_checked(backup, listed), what="key file")
-            written.append(path)
-        _record_restore(staging, passphrase, _restore_detail(manifest, "vault"))
+        VaultLayout(staging).write(manifest.vault_id, placed.keyring, placed.log_key)
+        place_keys(backup, manifest, placed, written)
+        record_restore(staging, passphrase, restore_detail(manifest, "vault"))
         publish(staging, target)
     except BaseException:
         discard(staging)
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return Restored(target, keyring_path, log_key_path, check)
+    return Restored(target, placed.keyring, placed.log_key, check)
 
 
 def restore_keys(
@@ -625,13 +556,8 @@ def restore_keys(
     signed = read_signed(backup, log_key)
     if sealed_vault_id(signed.sealed) != recorded.vault_id:
         raise ConfigurationError("the backup is of another vault")
-    manifest = _open_agreeing(signed, _backup_material(backup, signed, passphrase))
-    placed = {
-        KEYRING: recorded.keyring,
-        LOG_KEY: recorded.log_key,
-        LOG_KEY_STATE: signer_state_path(recorded.log_key),
-        LOG_KEY_LOSSES: signer_losses_path(recorded.log_key),
-    }
+    manifest = open_agreeing(signed, backup_material(backup, signed, passphrase))
+    placed = PlacedKeys(recorded.keyring, recorded.log_key).paths()
     missing = [name for name, path in placed.items() if manifest.file(name) and not path.exists()]
     if not missing:
         raise ConfigurationError("every key file of the vault is in place: nothing to restore")
@@ -644,7 +570,7 @@ def restore_keys(
             make_private_directory(path.parent, what="key directory")
             write_new_file(path, read_checked(backup, listed), what="key file")
             written.append(path)
-        _record_restore(vault, passphrase, {**_restore_detail(manifest, "keys"), "files": missing})
+        record_restore(vault, passphrase, restore_detail(manifest, "keys", files=missing))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -672,26 +598,3 @@ def _copy_listed(backup: Path, staging: Path, manifest: Manifest, name: str) -> 
         raise StorageError(f"cannot copy {name}: {exc.strerror}") from None
     if size != listed.size or digest.digest() != listed.sha256:
         raise BackupTampered(f"the backup's file {name} is not the one its manifest lists")
-
-
-def _restore_detail(manifest: Manifest, scope: str) -> dict[str, Any]:
-    return {
-        "scope": scope,
-        "backup_id": manifest.backup_id.hex(),
-        "backup_created": manifest.created,
-        "records": manifest.record_total,
-        "log_size": manifest.log_size,
-        "checkpoint_size": manifest.checkpoint_size(),
-    }
-
-
-def _record_restore(directory: Path, passphrase: str, detail: Mapping[str, Any]) -> None:
-    """Open the restored vault with its keys, as its host operator, and log the restore
-    on its own access log, signed at once."""
-    from custodes.bootstrap import open_vault
-
-    vault = open_vault(directory, passphrase=passphrase)
-    try:
-        vault.record_restore(vault.operator, detail)
-    finally:
-        vault.close()

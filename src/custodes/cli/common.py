@@ -97,6 +97,12 @@ def vault_options(fn: F) -> F:
     return fn
 
 
+def database_override() -> str | None:
+    """The --database given for this run (vault_options), if any."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_DATABASE) if ctx is not None else None
+
+
 def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
     """The vault's keys, unlocked with the keyring passphrase: host commands only."""
     from custodes.bootstrap import unlock_vault
@@ -104,13 +110,11 @@ def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
     directory = vault_directory(vault)
     settings.VaultLayout(directory).read()  # a clear error before any prompt
     passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
-    ctx = click.get_current_context(silent=True)
-    database = ctx.meta.get(_DATABASE) if ctx is not None else None
     return unlock_vault(
         directory,
         passphrase=passphrase,
         keyring_path=Path(keyring) if keyring else None,
-        database=database,
+        database=database_override(),
     )
 
 

@@ -329,6 +329,11 @@ class PostgresStorage:
             new_ids = sorted(rid for rid in ids if rid not in present)
             if not new_ids:
                 return 0
+            # The records' write lock before any number is drawn: a backup locks the
+            # tables against writers and then reads the sequence, and every number at or
+            # below what it reads must then belong to a batch that has finished, so that
+            # "seq <= the backup's bound" names exactly the records the backup holds.
+            conn.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
             seqs = sorted(
                 int(seq)
                 for (seq,) in conn.execute(
@@ -1273,6 +1278,18 @@ def _session_from_row(row: Sequence[Any]) -> SessionRow:
         float(last_seen),
         None if client is None else str(client),
     )
+
+
+def connect_pinned(dsn: str, *, connect_timeout: float = 10.0) -> tuple[_Connection, str]:
+    """A connection of its own (autocommit; explicit transactions) pinned to the vault's
+    schema as every pooled connection is, and the schema's name: for what reads the
+    tables outside the storage Protocol (a backup's locked snapshot, a restore's check)."""
+    conn = _connect(dsn, connect_timeout)
+    try:
+        return conn, _pin_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _insert_log_batch(conn: _Connection, checked: CheckedLogAppend) -> None:
