@@ -5,6 +5,7 @@ Runs on the in-memory and the SQLite backend alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -238,10 +239,12 @@ class RefusingLog(MemoryStorage):
 
     refuse = False
 
-    def log_append(self, batch: LogAppend) -> None:
+    def log_append(
+        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
+    ) -> None:
         if self.refuse:
             raise AuditUnavailable("the access log refused the write")
-        super().log_append(batch)
+        super().log_append(batch, rebuild)
 
 
 def test_read_fails_closed_when_the_access_log_cannot_be_written(
