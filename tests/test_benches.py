@@ -4,11 +4,15 @@ leaves files, keys or database schemas behind is caught."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import re
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +20,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.postgres import postgres_server_fixture  # noqa: F401 - a fixture, asked for by name
+from tests.postgres import (  # noqa: F401 - a fixture, asked for by name
+    BINARIES,
+    postgres_server_fixture,
+    unavailable,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +61,14 @@ def files_under(directory: Path) -> set[Path]:
     return {path for path in directory.rglob("*")}
 
 
-def run_bench(script: str, tmp_path: Path, home: Path, *options: str) -> str:
+def run_bench(
+    script: str, tmp_path: Path, home: Path, *options: str, scratch: Path | None = None
+) -> str:
     """The bench's output; it must exit cleanly, remove what it made in its temporary
-    directory and write nothing to the user's HOME."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
+    directory (`scratch`, empty, if given) and write nothing to the user's HOME."""
+    if scratch is None:
+        scratch = tmp_path / "tmp"
+        scratch.mkdir()
     before = files_under(home)
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *options],
@@ -111,3 +122,66 @@ def test_the_ingest_bench_measures_custodes_beside_its_baseline_and_leaves_nothi
     )
     assert re.search(rf"{backend} plaintext baseline : +[\d,]+ records/s", output), output
     assert re.search(rf"{backend} custodes, 1 worker\(s\): +[\d,]+ records/s", output), output
+
+
+@contextlib.contextmanager
+def cluster_scratch(backend: str) -> Iterator[Path | None]:
+    """For PostgreSQL, the backup bench's temporary directory: one its cluster's OS user
+    can pass through (pytest's own directories are private to the user running the
+    tests), removed after; for SQLite, None (run_bench's own)."""
+    if backend != "postgresql":
+        yield None
+        return
+    if not (BINARIES / "initdb").exists() or shutil.which("pgbackrest") is None:
+        unavailable("the backup bench needs PostgreSQL 15's initdb and pgBackRest")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            unavailable("run as root, the backup bench runs its cluster as the postgres user")
+    scratch = Path(tempfile.mkdtemp(prefix="custodes-bench-test-"))
+    os.chmod(scratch, 0o711)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def processes_naming(path: Path) -> list[int]:
+    """The processes whose command line names `path` (a cluster's data directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(path).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_backup_bench_measures_custodes_beside_its_baseline_and_leaves_nothing(
+    backend: str, tmp_path: Path, private_home: Path
+) -> None:
+    with cluster_scratch(backend) as scratch:
+        output = run_bench(
+            "backup.py",
+            tmp_path,
+            private_home,
+            *("--backend", backend, "--records", "40", "--workers", "1"),
+            scratch=scratch,
+        )
+        if scratch is not None:
+            assert processes_naming(scratch) == [], "the bench left a cluster running"
+    assert any(line.strip() == backend for line in output.splitlines()), output
+    for operation in ("backup", "verify", "restore"):
+        for name in ("custodes s", "baseline s", "ratio custodes/baseline"):
+            (cell,) = row(output, f"{operation} {name}")
+            assert float(cell.replace(",", "")) > 0, f"{operation} {name}: nothing was timed"
+        (estimate,) = row(output, f"{operation} custodes s at 1,000,000, estimated")
+        assert float(estimate.replace(",", "")) > 0
+        (verdict,) = row(output, f"{operation} target")[-1:]
+        assert verdict in ("met", "missed")
+    for name in ("backup custodes MiB", "backup baseline MiB"):
+        (size,) = row(output, name)
+        assert float(size.replace(",", "")) > 0, f"{name}: the backup holds nothing"
