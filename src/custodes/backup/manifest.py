@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -516,11 +516,43 @@ class ContentDigest:
         kek_version: int | None,
         wrapped: bytes | None,
     ) -> None:
-        self._row("records", (record_id,), (record_id, record_type, payload, kek_version, wrapped))
+        fields = (record_id, record_type, payload, kek_version, wrapped)
+        if tuple(map(type, fields)) != _RECORD_TYPES:
+            self._row("records", (record_id,), fields)
+            return
+        # One a record: the same bytes as _row's, framed here without its dispatch.
+        self._enter("records", (record_id,))
+        rid, rtype = record_id.encode("utf-8", "surrogatepass"), record_type.encode("utf-8")
+        version = b"%d" % cast(int, kek_version)
+        key = cast(bytes, wrapped)
+        self._hash.update(
+            b"Rs" + _LENGTH(len(rid)) + rid
+            + b"s" + _LENGTH(len(rtype)) + rtype
+            + b"b" + _LENGTH(len(payload)) + payload
+            + b"i" + _LENGTH(len(version)) + version
+            + b"b" + _LENGTH(len(key)) + key
+        )  # fmt: skip
 
     def token(self, index_id: int, token: int, record_id: str) -> None:
         key = (index_id, token, record_id)
-        self._row("tokens", key, key)
+        if type(index_id) is not int or type(token) is not int or type(record_id) is not str:
+            self._row("tokens", key, key)
+            return
+        # Billions of rows: the same bytes as _row's, framed here without its dispatch.
+        self._enter("tokens", key)
+        first, second = b"%d" % index_id, b"%d" % token
+        rid = record_id.encode("utf-8", "surrogatepass")
+        self._hash.update(
+            b"Ri"
+            + _LENGTH(len(first))
+            + first
+            + b"i"
+            + _LENGTH(len(second))
+            + second
+            + b"s"
+            + _LENGTH(len(rid))
+            + rid
+        )
 
     def meta(self, key: str, value: bytes) -> None:
         if key.startswith("storage."):
@@ -548,16 +580,35 @@ class ContentDigest:
         return final.digest()
 
     def _row(self, section: str, key: tuple[Any, ...], fields: Sequence[Any]) -> None:
+        self._enter(section, key)
+        self._hash.update(b"R" + b"".join([_field(value) for value in fields]))
+
+    def _enter(self, section: str, key: tuple[Any, ...]) -> None:
         if self._section < 0 or self.SECTIONS[self._section] != section:
             raise ConfigurationError(f"a {section} row outside its section")
         if self._last is not None and not key > self._last:
             raise ConfigurationError(f"the {section} rows are not in ascending order")
         self._last = key
         self.counts[section] += 1
-        self._hash.update(b"R" + b"".join(_field(value) for value in fields))
+
+
+_LENGTH = struct.Struct(">Q").pack
+_RECORD_TYPES = (str, str, bytes, int, bytes)
 
 
 def _field(value: object) -> bytes:
+    kind = type(value)
+    # The common exact types first (cast: checked by the type test itself), then
+    # whatever subclasses them.
+    if kind is bytes:
+        raw = cast(bytes, value)
+        return b"b" + _LENGTH(len(raw)) + raw
+    if kind is str:
+        text = cast(str, value).encode("utf-8", "surrogatepass")
+        return b"s" + _LENGTH(len(text)) + text
+    if kind is int:
+        digits = b"%d" % cast(int, value)
+        return b"i" + _LENGTH(len(digits)) + digits
     if value is None:
         return _frame(b"n", b"")
     if isinstance(value, bytes | bytearray | memoryview):
@@ -574,7 +625,7 @@ def _field(value: object) -> bytes:
 
 
 def _frame(kind: bytes, data: bytes) -> bytes:
-    return kind + struct.pack(">Q", len(data)) + data
+    return kind + _LENGTH(len(data)) + data
 
 
 # -- what the vault's door hands over, and what it logs ---------------------------------------
