@@ -92,8 +92,13 @@ def verify_log(
     # outside one the divergence can only be placed after the last outside match.
     last_good = 0
     last_good_outside = 0
+    # The entries' end is fixed before any subject row is read: an entry and its rows are
+    # committed together, so every entry read then has its rows among those read after.
+    # Read the other way round, an append made between the two reads (a server serving
+    # while the log is verified) left its entry without rows: tampered, wrongly.
+    entries = storage.log_entries(0, None)
     subjects = _SubjectIndexCheck(storage.log_subject_rows(0, None))
-    for index, data in storage.log_entries(0, None):
+    for index, data in entries:
         if index != expected:
             raise LogTampered(expected, f"entry {expected} is missing: deleted or renumbered")
         tree.append(leaf_hash(data))
