@@ -369,6 +369,9 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
         config = _config(app, listen)
         server = uvicorn.Server(config)
+        _stop.server = server
+        if _stop.asked:
+            return  # asked to stop while starting, and the exception was lost (_stop_worker)
         server.run(sockets=[sock] if sock is not None else None)
     finally:
         vault.close()
@@ -391,7 +394,25 @@ def _forked_worker(
     _run_worker(unlocked, listen, own_socket=True)
 
 
+class _WorkerStop:
+    """A stop asked of this worker by signal, kept beside the exception that carries it."""
+
+    asked = False
+    server: uvicorn.Server | None = None  # once made, told to stop as uvicorn's own handler would
+
+
+_stop = _WorkerStop()
+
+
 def _stop_worker(_signum: int, _frame: object) -> None:
+    # An exception alone can be lost: raised while the main thread runs a finalizer (a
+    # __del__ the collector called just then), it is printed as ignored and dropped, and
+    # a worker whose supervisor died would start serving on without it. So the stop is
+    # also kept, read once more before uvicorn starts, and handed to a server already
+    # made, which then starts and stops at once.
+    _stop.asked = True
+    if _stop.server is not None:
+        _stop.server.should_exit = True
     raise SystemExit(0)  # unwinds through _run_worker's finally: the vault is closed
 
 
