@@ -42,6 +42,7 @@ __all__ = [
     "Signed",
     "check_destination",
     "check_files",
+    "check_restore_places",
     "copy_sealed_file",
     "describe",
     "discard",
@@ -110,6 +111,23 @@ def check_destination(destination: Path, *, vault_directory: Path | None) -> Pat
     ):
         raise ConfigurationError(f"{destination} exists and is not an empty directory")
     return destination
+
+
+def check_restore_places(backup: Path, target: Path, keys: Path) -> None:
+    """Where a restore may write (absolute paths): a new or empty vault directory, keys
+    outside it, and both apart from the backup."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigurationError(
+            "the directory to restore into exists and is not empty: a restore never writes "
+            "over a vault"
+        )
+    if is_within(keys, target):
+        raise ConfigurationError(
+            "keys must live outside the vault directory: keys are never kept beside the "
+            "data they protect"
+        )
+    if is_within(target, backup) or is_within(backup, target) or is_within(keys, backup):
+        raise ConfigurationError("restore into directories apart from the backup")
 
 
 def staging_directory(destination: Path, *, vault_directory: Path | None) -> Path:

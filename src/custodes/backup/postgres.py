@@ -47,6 +47,7 @@ from custodes.backup.files import (
     STATEMENT,
     Signed,
     check_destination,
+    check_restore_places,
     describe,
     discard,
     publish,
@@ -79,7 +80,7 @@ from custodes.backup.manifest import (
     sign_statement,
 )
 from custodes.errors import ConfigurationError, CustodesError, StorageError
-from custodes.settings import VaultLayout, check_database_url, is_within
+from custodes.settings import VaultLayout, check_database_url
 
 if TYPE_CHECKING:
     from custodes.vault import Vault
@@ -191,27 +192,8 @@ class PgBackRest:
 
     def run(self, *args: str) -> str:
         argv = [*self.command, f"--stanza={self.stanza}", *args]
-        try:
-            # The operator's own command for pgBackRest or pg_ctl, never a stored value.
-            done = subprocess.run(  # noqa: S603
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=self.timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except FileNotFoundError:
-            raise ConfigurationError(f"{self.command[0]} is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise StorageError(f"pgBackRest's {args[-1]} did not finish in time") from None
-        if done.returncode != 0:
-            said = (done.stderr.strip() or done.stdout.strip()).splitlines()
-            raise StorageError(
-                f"pgBackRest's {args[-1]} failed (exit {done.returncode})"
-                + (f": {said[-1]}" if said else "")
-            )
-        return done.stdout
+        done = _run_tool(argv, f"pgBackRest's {args[-1]}", self.timeout)
+        return done.stdout.decode("utf-8", "replace")
 
     def info(self, label: str | None = None) -> dict[str, Any]:
         args = ["--output=json", *([f"--set={label}"] if label else []), "info"]
@@ -282,13 +264,7 @@ class PgBackRest:
             "repo-get",
             f"backup/{self.stanza}/{label}/backup.manifest",
         ]
-        try:
-            # The operator's own command for pgBackRest or pg_ctl, never a stored value.
-            done = subprocess.run(  # noqa: S603
-                argv, capture_output=True, timeout=600, check=False, stdin=subprocess.DEVNULL
-            )
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            raise StorageError("pgBackRest's repo-get did not run") from None
+        done = _run_tool(argv, "pgBackRest's repo-get", 600, check=False)
         if done.returncode != 0 or not done.stdout:
             raise BackupTampered(f"the repository holds no manifest for backup {label}")
         return done.stdout
@@ -581,26 +557,34 @@ class PgCtl:
         return cls(argv)
 
     def run(self, *args: str, timeout: float) -> None:
-        try:
-            # The operator's own command for pgBackRest or pg_ctl, never a stored value.
-            done = subprocess.run(  # noqa: S603
-                [*self.command, *args],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except FileNotFoundError:
-            raise ConfigurationError(f"{self.command[0]} is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise StorageError(f"pg_ctl {args[0]} did not finish in time") from None
-        if done.returncode != 0:
-            said = (done.stderr.strip() or done.stdout.strip()).splitlines()
-            raise StorageError(
-                f"pg_ctl {args[0]} failed (exit {done.returncode})"
-                + (f": {said[-1]}" if said else "")
-            )
+        _run_tool([*self.command, *args], f"pg_ctl {args[0]}", timeout)
+
+
+def _run_tool(
+    argv: Sequence[str], what: str, timeout: float, *, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """Run pgBackRest or pg_ctl; with check, StorageError if it fails, saying so by the
+    tool's own last line (paths, labels and LSNs, never a stored value)."""
+    try:
+        # The operator's own command for pgBackRest or pg_ctl, never a stored value.
+        done = subprocess.run(  # noqa: S603
+            list(argv),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise ConfigurationError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise StorageError(f"{what} did not finish in time") from None
+    if check and done.returncode != 0:
+        output = done.stderr.strip() or done.stdout.strip()
+        said = output.decode("utf-8", "replace").splitlines()
+        raise StorageError(
+            f"{what} failed (exit {done.returncode})" + (f": {said[-1]}" if said else "")
+        )
+    return done
 
 
 def restore_postgres(
@@ -633,16 +617,7 @@ def restore_postgres(
     backup, target, keys = Path(backup), Path(target).absolute(), Path(keys).absolute()
     pg_data = Path(pg_data).absolute()
     database = check_database_url(database)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigurationError(
-            "the directory to restore into exists and is not empty: a restore never writes "
-            "over a vault"
-        )
-    if is_within(keys, target):
-        raise ConfigurationError(
-            "keys must live outside the vault directory: keys are never kept beside the "
-            "data they protect"
-        )
+    check_restore_places(backup, target, keys)
     if pg_data.exists() and any(pg_data.iterdir()):
         raise ConfigurationError(
             "the cluster directory to restore into is not empty: a restore never writes "

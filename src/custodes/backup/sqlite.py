@@ -36,6 +36,7 @@ from custodes.backup.files import (
     STATEMENT,
     Signed,
     check_destination,
+    check_restore_places,
     describe,
     discard,
     publish,
@@ -72,7 +73,7 @@ from custodes.backup.manifest import (
 from custodes.crypto import KeyMaterial
 from custodes.crypto.sealed_file import make_private_directory, write_new_file
 from custodes.errors import ConfigurationError, CustodesError, StorageError
-from custodes.settings import VaultLayout, is_within
+from custodes.settings import VaultLayout
 from custodes.storage.base import LogAppend
 
 if TYPE_CHECKING:
@@ -504,18 +505,7 @@ def restore_sqlite(
     `target` and no key written: a restore that does not verify never serves.
     """
     backup, target, keys = Path(backup), Path(target).absolute(), Path(keys).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigurationError(
-            "the directory to restore into exists and is not empty: a restore never writes "
-            "over a vault"
-        )
-    if is_within(keys, target):
-        raise ConfigurationError(
-            "keys must live outside the vault directory: keys are never kept beside the "
-            "data they protect"
-        )
-    if is_within(target, backup) or is_within(backup, target) or is_within(keys, backup):
-        raise ConfigurationError("restore into directories apart from the backup")
+    check_restore_places(backup, target, keys)
     signed = read_signed(backup, log_key)
     manifest = open_agreeing(signed, backup_material(backup, signed, passphrase))
     placed = PlacedKeys.under(keys, manifest)
