@@ -13,7 +13,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,25 @@ from custodes.audit.checkpoint import (
     NoteVerifier,
     create_log_key,
 )
-from custodes.audit.merkle import leaf_hash, root_of, verify_consistency, verify_inclusion
+from custodes.audit.merkle import (
+    leaf_hash,
+    peak_positions,
+    root_of,
+    verify_consistency,
+    verify_inclusion,
+)
 from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault
 from custodes.crypto import KeyMaterial
 from custodes.errors import AuditUnavailable, LogMoved, StorageError, TamperDetected
 from custodes.storage import LogAppend, MemoryStorage, SQLiteStorage, Storage
+from custodes.storage.base import Rebuild
 from custodes.vault import Vault
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
 from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
-
-Rebuild = Callable[[int], LogAppend]
 
 ORIGIN = "custodes.test/access-log"
 
@@ -550,9 +555,13 @@ def test_a_writer_racing_a_busy_one_on_the_same_log_is_never_starved(
         def counted(batch: LogAppend, rebuild: Rebuild | None = None, write: Any = write) -> None:
             assert rebuild is not None
 
-            def counted_rebuild(stored: int) -> LogAppend:
+            def counted_rebuild(stored: int, nodes: Mapping[tuple[int, int], bytes]) -> LogAppend:
                 taken_up[0] += 1
-                return rebuild(stored)
+                if backend == "postgresql":
+                    # Read with the size, in the same round trip: both frontiers, whole.
+                    wanted = {*peak_positions(stored), *peak_positions(batch.first_index)}
+                    assert wanted <= set(nodes)
+                return rebuild(stored, nodes)
 
             try:
                 write(batch, counted_rebuild)

@@ -145,6 +145,17 @@ class LogStoreContract:
         assert storage.log_subject_entries(SUBJECT_B) == [1]
         assert [storage.log_detail(i) for i in range(6)] == [None, b"d1", None, b"d3", None, None]
 
+    def test_log_nodes_read_many_positions_at_once(self, storage: LogStore) -> None:
+        storage.log_append(log_batch(0, 5))
+        stored = [(0, 0), (0, 4), (1, 0), (1, 1), (2, 0)]
+        absent = [(1, 2), (3, 0), (0, 5), (-1, 0), (0, 2**63)]
+        asked = [*absent, *reversed(stored), (2, 0)]  # any order, repeats allowed
+        assert storage.log_nodes(asked) == {p: node_hash(*p) for p in stored}
+        assert storage.log_nodes([]) == {}
+        # More positions than one statement binds on every backend.
+        many = [(0, i) for i in range(1_500)]
+        assert storage.log_nodes(many) == {(0, i): node_hash(0, i) for i in range(5)}
+
     def test_empty_log_batch_changes_nothing(self, storage: LogStore) -> None:
         storage.log_append(log_batch(0, 2))
         storage.log_append(LogAppend(2, [], [], [], []))

@@ -28,7 +28,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes.audit.checkpoint import Checkpoint, LogSigner
 from custodes.audit.entry import AccessEntry
-from custodes.audit.merkle import CompactRange, consistency_proof, inclusion_proof, leaf_hash
+from custodes.audit.merkle import (
+    CompactRange,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    peak_positions,
+)
 from custodes.audit.verify import carried_subjects
 from custodes.crypto import KeyMaterial
 from custodes.errors import AuditUnavailable, CustodesError, LogMoved, TamperDetected
@@ -152,8 +158,7 @@ class AccessLog:
         # The signer's state is read before the log: another process may append and sign
         # in between, and a log read first would then look shorter than what was signed.
         signed = signer.current()
-        size = storage.log_size()
-        self._range = CompactRange.from_source(size, self._node)
+        self._range = stored_range(storage, storage.log_size())
         self._check_against_signer(signed)
         stored = storage.checkpoints()
         self._checkpointed = stored[-1][0] if stored else 0
@@ -317,9 +322,9 @@ class AccessLog:
             built.append((first, frontier))
             return LogAppend(first, [p.entry for p in batch], nodes, subjects, private)
 
-        def rebuild(stored: int) -> LogAppend:
+        def rebuild(stored: int, nodes: Mapping[tuple[int, int], bytes]) -> LogAppend:
             # Under the storage's write lock: the log stands still at `stored` entries.
-            self._catch_up()
+            self._catch_up(stored, nodes)
             if self._range.size != stored:
                 raise LogMoved("the access log moved while this writer took it up")
             return build()
@@ -327,7 +332,9 @@ class AccessLog:
         self._storage.log_append(build(), rebuild)
         return built[-1]
 
-    def _catch_up(self) -> None:
+    def _catch_up(
+        self, size: int | None = None, read: Mapping[tuple[int, int], bytes] | None = None
+    ) -> None:
         """Take up entries appended by other processes. Only under the commit lock.
 
         The log only grows, and only on top of the tree this process holds: a log that
@@ -335,14 +342,22 @@ class AccessLog:
         or replaced under it, and the log halts (AuditUnavailable) rather than serve on.
         """
         known = self._range
-        size = self._storage.log_size()
+        if size is None:
+            size = self._storage.log_size()
         if size == known.size:
             return
         if size < known.size:
             raise self._halt(f"it shrank from {known.size:,} to {size:,} entries")
-        if known.size and stored_root(self._storage, known.size) != known.root():
+        # Both frontiers, under the commit lock of a busy log: the stored peaks of the
+        # tree this process knows (the same peaks, the same tree) and the peaks of the
+        # tree as it stands now; what the storage read with the size, the rest in one read.
+        old, new = peak_positions(known.size), peak_positions(size)
+        nodes = dict(read or {})
+        if unread := [position for position in old + new if position not in nodes]:
+            nodes.update(self._storage.log_nodes(unread))
+        if [nodes.get(position) for position in old] != list(known.peaks):
             raise self._halt(f"its first {known.size:,} entries were replaced")
-        self._range = CompactRange.from_source(size, self._node)
+        self._range = _range_of(size, new, nodes)
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -546,14 +561,23 @@ class AccessLog:
 def stored_root(storage: LogStore, size: int) -> bytes:
     """The root of the stored tree at `size` (at most the stored size), from the O(log n)
     nodes of its compact range; TamperDetected if one of them is missing."""
+    return stored_range(storage, size).root()
 
-    def node(level: int, index: int) -> bytes:
-        found = storage.log_node(level, index)
-        if found is None:
-            raise TamperDetected(f"the access log lacks tree node {level}/{index}")
-        return found
 
-    return CompactRange.from_source(size, node).root()
+def stored_range(storage: LogStore, size: int) -> CompactRange:
+    """The compact range of the stored tree at `size`, its peaks read in one go."""
+    positions = peak_positions(size)
+    return _range_of(size, positions, storage.log_nodes(positions))
+
+
+def _range_of(
+    size: int, positions: Sequence[tuple[int, int]], nodes: Mapping[tuple[int, int], bytes]
+) -> CompactRange:
+    missing = [position for position in positions if position not in nodes]
+    if missing:
+        level, index = missing[0]
+        raise TamperDetected(f"the access log lacks tree node {level}/{index}")
+    return CompactRange(size, [nodes[position] for position in positions])
 
 
 def _with_references(entry: AccessEntry, subjects: list[bytes], blob: bytes | None) -> AccessEntry:

@@ -19,6 +19,7 @@ __all__ = [
     "inclusion_proof",
     "leaf_hash",
     "node_hash",
+    "peak_positions",
     "root_of",
     "subtree_root",
     "verify_consistency",
@@ -79,6 +80,20 @@ def root_of(leaf_hashes: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+def peak_positions(size: int) -> list[tuple[int, int]]:
+    """The (level, index) of each peak of a tree of ``size`` leaves, left to right: the
+    nodes a compact range holds, so that a caller can fetch them all in one read."""
+    if size < 0:
+        raise ValueError("size must not be negative")
+    positions = []
+    start = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            positions.append((level, start >> level))
+            start += 1 << level
+    return positions
+
+
 class CompactRange:
     """The right frontier of a log: one hash per perfect subtree in the size's binary form.
 
@@ -103,15 +118,7 @@ class CompactRange:
     @classmethod
     def from_source(cls, size: int, get_node: NodeSource) -> CompactRange:
         """Rebuild the frontier of a tree of ``size`` leaves from stored nodes."""
-        if size < 0:
-            raise ValueError("size must not be negative")
-        peaks = []
-        start = 0
-        for level in range(size.bit_length() - 1, -1, -1):
-            if size >> level & 1:
-                peaks.append(get_node(level, start >> level))
-                start += 1 << level
-        return cls(size, peaks)
+        return cls(size, [get_node(level, index) for level, index in peak_positions(size)])
 
     @property
     def size(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +74,7 @@ from custodes.crypto import KeyMaterial
 from custodes.crypto.sealed_file import make_private_directory, write_new_file
 from custodes.errors import ConfigurationError, CustodesError, StorageError
 from custodes.settings import VaultLayout
-from custodes.storage.base import LogAppend
+from custodes.storage.base import LogAppend, Rebuild
 
 if TYPE_CHECKING:
     from custodes.vault import Vault
@@ -302,6 +302,12 @@ class SQLiteCopy:
         ).fetchone()
         return None if row is None else _bytes(row[0])
 
+    def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        # A file on local disk: a point read a position costs no round trip.
+        fits = [(lv, i) for lv, i in positions if -(2**63) <= min(lv, i) <= max(lv, i) < 2**63]
+        found = ((position, self.log_node(*position)) for position in fits)
+        return {position: node for position, node in found if node is not None}
+
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         sql = "SELECT idx FROM log_subjects WHERE commitment = ? ORDER BY idx"
         return [int(i) for (i,) in self._query(self._log, sql, (commitment,))]
@@ -327,9 +333,7 @@ class SQLiteCopy:
         sql = "SELECT size, note FROM checkpoints ORDER BY size"
         return [(int(size), _bytes(note)) for size, note in self._query(self._log, sql)]
 
-    def log_append(
-        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
-    ) -> None:
+    def log_append(self, batch: LogAppend, rebuild: Rebuild | None = None) -> None:
         raise StorageError("a copy of a vault is read only")
 
     def put_checkpoint(self, size: int, note: bytes) -> None:

@@ -186,13 +186,16 @@ class AccountStore(Protocol):
         ...
 
 
+# How a writer that lost a race rebuilds its batch under the log's write lock: from the
+# stored size and the stored nodes the backend read with it (see LogStore.log_append).
+Rebuild = Callable[[int, Mapping[tuple[int, int], bytes]], LogAppend]
+
+
 @runtime_checkable
 class LogStore(Protocol):
     """The access log: a Merkle tree of entries (custodes.audit) and its checkpoints."""
 
-    def log_append(
-        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
-    ) -> None:
+    def log_append(self, batch: LogAppend, rebuild: Rebuild | None = None) -> None:
         """Append entries with their tree nodes, subject references and sealed details,
         all or none, durable (synced) before returning.
 
@@ -206,6 +209,12 @@ class LogStore(Protocol):
         busy one then takes up the new entries and appends with no one able to move the
         log meanwhile, where retrying from outside the lock could lose every race. One
         whose readers would wait on the lock (memory) raises LogMoved.
+
+        With the size goes what the backend read of the tree under the same lock: the
+        stored nodes at the peaks (merkle.peak_positions) of the stored size and of
+        batch.first_index, or any part of them, even none. A backend that reaches its
+        database over a network reads them with the size, so that a writer holding the
+        lock makes no round trip to take the new entries up.
         """
         ...
 
@@ -219,6 +228,11 @@ class LogStore(Protocol):
 
     def log_node(self, level: int, index: int) -> bytes | None:
         """A stored perfect-subtree hash (level 0: leaf hashes), or None."""
+        ...
+
+    def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The stored nodes among the (level, index) positions asked for, in one read
+        (those not stored are left out): a compact range's peaks cost one round trip."""
         ...
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:

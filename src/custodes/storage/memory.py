@@ -25,6 +25,7 @@ from custodes.storage.base import (
     BatchOutcome,
     LogAppend,
     LoginCounts,
+    Rebuild,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -277,9 +278,7 @@ class MemoryStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(
-        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
-    ) -> None:
+    def log_append(self, batch: LogAppend, rebuild: Rebuild | None = None) -> None:
         # rebuild is not called here: every read of the log waits on the lock a writer
         # holds (the caller catches up on LogMoved instead).
         checked = checked_log_append(batch)
@@ -326,6 +325,12 @@ class MemoryStorage:
         with self._lock:
             self._check_open()
             return self._log_nodes.get((level, index))
+
+    def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        with self._lock:
+            self._check_open()
+            found = ((p, self._log_nodes.get(p)) for p in positions)
+            return {p: node for p, node in found if node is not None}
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         with self._lock:

@@ -34,6 +34,7 @@ from custodes.storage.base import (
     BatchOutcome,
     LogAppend,
     LoginCounts,
+    Rebuild,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -656,25 +657,27 @@ class PostgresStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(
-        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
-    ) -> None:
+    def log_append(self, batch: LogAppend, rebuild: Rebuild | None = None) -> None:
         # Every failure, whatever its cause, must refuse the access being recorded.
         checked = checked_log_append(batch)
 
         def append(conn: _Connection) -> None:
-            # Every appender of every process queues on this row; the size is read only
-            # once it is held, so no two appends can both find it unchanged.
-            if conn.execute("SELECT one FROM log_head FOR UPDATE").fetchone() is None:
+            # Every appender of every process queues on this row; the size (and the tree's
+            # frontier) is read only once it is held, so no two appends can both find it
+            # unchanged. Both statements go out in one round trip, and the batch with the
+            # COMMIT in another: a writer holding the lock waits on no answer but these.
+            head = conn.execute("SELECT one FROM log_head FOR UPDATE")
+            frontier = conn.execute(_FRONTIER, {"known": checked.first_index})
+            if head.fetchone() is None:
                 raise AuditUnavailable("the access log's head row is missing")
-            stored = _stored_log_size(conn)
+            rows = frontier.fetchall()
+            stored = int(rows[0][0])
             batch = checked
             if batch.first_index != stored:
                 if rebuild is None:
                     raise LogMoved("the access log moved: another writer appended")
-                # Reads go through other connections of the pool and are not blocked
-                # by this lock; no one else can append until this commits.
-                batch = checked_log_append(rebuild(stored))
+                nodes = {(int(lv), int(i)): bytes(h) for _, lv, i, h in rows if h is not None}
+                batch = checked_log_append(rebuild(stored, nodes))
                 if batch.first_index != stored:
                     raise LogMoved("the access log moved: another writer appended")
             _insert_log_batch(conn, batch)
@@ -687,6 +690,7 @@ class PostgresStorage:
             "the access log did not record the batch",
             transaction=True,
             error=AuditUnavailable,
+            pipelined=True,
         )
 
     def log_size(self) -> int:
@@ -720,6 +724,19 @@ class PostgresStorage:
             return None
         row = self._one("SELECT hash FROM log_nodes WHERE level = %s AND idx = %s", (level, index))
         return None if row is None else bytes(row[0])
+
+    def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        self._check_usable()
+        wanted = sorted({(lv, i) for lv, i in positions if _fits_int64(lv, i)})
+        if not wanted:
+            return {}
+        rows = self._rows(
+            "SELECT n.level, n.idx, n.hash FROM log_nodes AS n"
+            " JOIN unnest(%s::bigint[], %s::bigint[]) AS w(level, idx)"
+            " ON n.level = w.level AND n.idx = w.idx",
+            _columns(wanted, 2),
+        )
+        return {(int(lv), int(i)): bytes(h) for lv, i, h in rows}
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         rows = self._rows(
@@ -828,6 +845,7 @@ class PostgresStorage:
         transaction: bool,
         retry_on: tuple[type[psycopg.Error], ...] = (),
         error: type[StorageError | AuditUnavailable] = StorageError,
+        pipelined: bool = False,
     ) -> _T:
         """Run action on a pooled connection (in one transaction, if asked), again from
         the start if it lost a race (a deadlock, a serialization failure, retry_on) or
@@ -835,7 +853,11 @@ class PostgresStorage:
         Every psycopg error becomes `error`, named by class and SQLSTATE only; a refusal
         of this role (see _refusal) becomes DatabaseRefused (AuditRefused for `error`
         AuditUnavailable), logged at ERROR here, where every path to the database
-        passes, whoever called."""
+        passes, whoever called.
+
+        Pipelined, the transaction runs in libpq's pipeline mode: statements go out
+        without waiting for one another's answers, BEGIN with the first and COMMIT with
+        the last, and the action waits only where it fetches a result."""
         self._check_usable(failure, error)
         retryable: tuple[type[psycopg.Error], ...] = (*_TRANSIENT, *retry_on)
         races = stale = 0
@@ -846,6 +868,13 @@ class PostgresStorage:
                 with self._pool.connection() as conn:
                     if not transaction:
                         return action(conn)
+                    if pipelined:
+                        with conn.pipeline(), conn.transaction():
+                            result = action(conn)
+                            # Leaving the block sends COMMIT: from here on, it may land.
+                            # Before, a dropped connection had nothing committed.
+                            begun = True
+                        return result
                     with conn.transaction():
                         begun = True
                         return action(conn)
@@ -1301,25 +1330,48 @@ def _insert_log_batch(conn: _Connection, checked: CheckedLogAppend) -> None:
     nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
     subjects = sorted(checked.subjects)
     details = sorted(checked.details)
+    # One statement for the four tables (empty arrays insert nothing). Not ON CONFLICT DO
+    # NOTHING: a node stored twice means the caller's tree is wrong, and the whole batch
+    # fails.
     conn.execute(
-        "INSERT INTO log_entries(idx, entry) SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
-        (list(range(first, size)), checked.entries),
+        _INSERT_LOG_BATCH,
+        (
+            list(range(first, size)),
+            checked.entries,
+            *_columns(nodes, 3),
+            *_columns(subjects, 2),
+            *_columns(details, 2),
+        ),
     )
-    # Not ON CONFLICT DO NOTHING: a node stored twice means the caller's tree is wrong,
-    # and the whole batch fails.
-    conn.execute(
-        "INSERT INTO log_nodes(level, idx, hash)"
-        " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[])",
-        _columns(nodes, 3),
+
+
+_INSERT_LOG_BATCH = """
+    WITH entries AS (
+        INSERT INTO log_entries(idx, entry) SELECT * FROM unnest(%s::bigint[], %s::bytea[])
+    ), nodes AS (
+        INSERT INTO log_nodes(level, idx, hash)
+        SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[])
+    ), subjects AS (
+        INSERT INTO log_subjects(commitment, idx) SELECT * FROM unnest(%s::bytea[], %s::bigint[])
     )
-    if subjects:
-        conn.execute(
-            "INSERT INTO log_subjects(commitment, idx)"
-            " SELECT * FROM unnest(%s::bytea[], %s::bigint[])",
-            _columns(subjects, 2),
-        )
-    if details:
-        conn.execute(
-            "INSERT INTO log_details(idx, blob) SELECT * FROM unnest(%s::bigint[], %s::bytea[])",
-            _columns(details, 2),
-        )
+    INSERT INTO log_details(idx, blob) SELECT * FROM unnest(%s::bigint[], %s::bytea[])
+"""
+
+# The log's size and the stored nodes at the peaks of two trees, the stored one and one of
+# %(known)s leaves, in one statement: a tree of n leaves has a peak at each level L whose
+# bit is set in n, the perfect subtree (L, (n >> L) - 1) (audit.merkle.peak_positions).
+# One row at least, every row carrying the size; a row's hash is null where no node is
+# stored (and level and idx too where neither tree has a peak).
+_FRONTIER = """
+    WITH stored AS (SELECT coalesce(max(idx) + 1, 0) AS n FROM log_entries),
+    sizes AS (SELECT n FROM stored UNION SELECT %(known)s::bigint),
+    peaks AS (
+        SELECT DISTINCT g AS level, (sizes.n >> g) - 1 AS idx
+        FROM sizes, generate_series(0, 62) AS g
+        WHERE (sizes.n >> g) & 1 = 1
+    )
+    SELECT stored.n, peaks.level, peaks.idx, log_nodes.hash
+    FROM stored
+    LEFT JOIN peaks ON true
+    LEFT JOIN log_nodes ON log_nodes.level = peaks.level AND log_nodes.idx = peaks.idx
+"""

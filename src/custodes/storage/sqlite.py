@@ -28,6 +28,7 @@ from custodes.storage.base import (
     BatchOutcome,
     LogAppend,
     LoginCounts,
+    Rebuild,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -738,9 +739,7 @@ class SQLiteStorage:
 
     # -- access log ---------------------------------------------------------------
 
-    def log_append(
-        self, batch: LogAppend, rebuild: Callable[[int], LogAppend] | None = None
-    ) -> None:
+    def log_append(self, batch: LogAppend, rebuild: Rebuild | None = None) -> None:
         # Every failure, whatever its cause, must refuse the access being recorded.
         checked = checked_log_append(batch)
         with self._lock:
@@ -761,7 +760,9 @@ class SQLiteStorage:
                 if checked.first_index != stored:
                     if rebuild is None:
                         raise LogMoved("the access log moved: another writer appended")
-                    checked = checked_log_append(rebuild(stored))
+                    # The nodes are left to rebuild to read: in this process, the
+                    # reading connection costs no round trip.
+                    checked = checked_log_append(rebuild(stored, {}))
                     if checked.first_index != stored:
                         raise LogMoved("the access log moved: another writer appended")
                 _insert_log_batch(conn, checked)
@@ -815,6 +816,24 @@ class SQLiteStorage:
             return None
         row = self._one("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", (level, index))
         return None if row is None else bytes(row[0])
+
+    def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        wanted = sorted({(lv, i) for lv, i in positions if _fits_int64(lv, i)})
+
+        # A point read each, on one connection under one lock: in this process a query
+        # costs no round trip, and each is one seek of the primary key (a row-value IN
+        # list is not planned as seeks: it scanned the whole table).
+        def fetch(conn: sqlite3.Connection) -> dict[tuple[int, int], bytes]:
+            found: dict[tuple[int, int], bytes] = {}
+            for position in wanted:
+                row = conn.execute(
+                    "SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", position
+                ).fetchone()
+                if row is not None:
+                    found[position] = bytes(row[0])
+            return found
+
+        return self._run(fetch)
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         return self._run(
