@@ -97,15 +97,17 @@ def session_token(request: Request) -> str | None:
 def require_bearer_session(request: Request) -> Session:
     """The live session of an API request: from its Authorization header only. The API
     checks no CSRF token, so a cookie a browser adds on its own must never open it."""
-    return _live_session(request, bearer_token(request))
+    return live_session(request, bearer_token(request))
 
 
 def require_session(request: Request) -> Session:
     """FastAPI dependency: the live session of this request, or NotAuthenticated."""
-    return _live_session(request, session_token(request))
+    return live_session(request, session_token(request))
 
 
-def _live_session(request: Request, token: str | None) -> Session:
+def live_session(request: Request, token: str | None) -> Session:
+    """The live session a token stands for, or NotAuthenticated. Reads storage: call it
+    off the event loop."""
     if not token:
         raise NotAuthenticated()
     try:
