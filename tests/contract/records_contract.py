@@ -194,6 +194,20 @@ class RecordStoreContract:
         assert storage.find(PHONE_INDEX, 5, 10) == []
         assert storage.find(NAME_INDEX, 6, 10) == []
 
+    def test_find_records_is_find_then_get_records_in_one_read(self, storage: RecordStore) -> None:
+        ns = [42, 7, 99, 3, 58, 21]
+        batch = [sealed(n, tokens=((NAME_INDEX, 77), (PHONE_INDEX, n))) for n in ns]
+        storage.write_batch(batch)
+        by_id = {r.record_id: stored(r) for r in batch}
+        for limit in (100, 3, 1):
+            ids = storage.find(NAME_INDEX, 77, limit)
+            assert storage.find_records(NAME_INDEX, 77, limit) == [by_id[r] for r in ids]
+        assert storage.find_records(PHONE_INDEX, 42, 10) == [by_id["rec-000042"]]
+        assert storage.find_records(NAME_INDEX, 77, 0) == []
+        assert storage.find_records(PHONE_INDEX, 77, 10) == []
+        assert storage.find_records(NAME_INDEX, 2**63, 10) == []
+        assert storage.find(NAME_INDEX, 2**63, 10) == []
+
     def test_record_tokens_lists_each_record_with_its_tokens_in_pages(
         self, storage: RecordStore
     ) -> None:

@@ -92,6 +92,12 @@ class RecordStore(Protocol):
         """Ids of records carrying this token in this index, at most limit, sorted."""
         ...
 
+    def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
+        """The stored records carrying this token in this index, at most limit, by id:
+        find and get_records in one read (one round trip to a database server, one
+        snapshot), for a search that opens what it finds."""
+        ...
+
     def count_records(self, record_type: str | None = None) -> int: ...
 
     def record_tokens(

@@ -103,6 +103,14 @@ class MemoryStorage:
             self._check_open()
             return sorted(self._tokens.get((index_id, token), ()))[:limit]
 
+    def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            self._check_open()
+            held = sorted(r for r in self._tokens.get((index_id, token), ()) if r in self._records)
+            return [self._records[r] for r in held[:limit]]
+
     def count_records(self, record_type: str | None = None) -> int:
         with self._lock:
             self._check_open()

@@ -401,6 +401,22 @@ class PostgresStorage:
         )
         return [str(rid) for (rid,) in rows]
 
+    def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
+        self._check_usable()
+        if limit <= 0 or not _fits_int64(index_id, token):
+            return []
+        rows = self._rows(
+            "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
+            " FROM tokens AS t JOIN records AS r ON r.record_id = t.record_id"
+            " JOIN data_keys AS k ON k.record_id = t.record_id"
+            " WHERE t.token = %s AND t.index_id = %s ORDER BY t.record_id LIMIT %s",
+            (token, index_id, min(limit, _INT64_MAX)),
+        )
+        return [
+            StoredRecord(str(rid), str(rtype), bytes(payload), int(kek), bytes(wrapped))
+            for rid, rtype, payload, kek, wrapped in rows
+        ]
+
     def count_records(self, record_type: str | None = None) -> int:
         if record_type is None:
             row = self._one("SELECT count(*) FROM records")

@@ -473,21 +473,27 @@ class SQLiteStorage:
             return []
 
         def search(conn: sqlite3.Connection) -> list[str]:
-            (last,) = conn.execute("SELECT max(seq) FROM records").fetchone()
-            if last is None:
-                return []
-            # One seek per generation; CROSS JOIN keeps the generations the outer loop.
+            rows = _find_rows(conn, "r.record_id", "", index_id, token, limit)
+            return [rid for (rid,) in rows]
+
+        return self._run(search, snapshot=True)
+
+    def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
+        if limit <= 0:
+            return []
+
+        def search(conn: sqlite3.Connection) -> list[StoredRecord]:
+            rows = _find_rows(
+                conn,
+                "r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped",
+                "JOIN data_keys AS k ON k.seq = r.seq",
+                index_id,
+                token,
+                limit,
+            )
             return [
-                rid
-                for (rid,) in conn.execute(
-                    "WITH RECURSIVE g(generation) AS"
-                    " (SELECT 0 UNION ALL SELECT generation + 1 FROM g WHERE generation < ?)"
-                    " SELECT r.record_id FROM g CROSS JOIN tokens AS t"
-                    " CROSS JOIN records AS r"
-                    " WHERE t.generation = g.generation AND t.index_id = ? AND t.token = ?"
-                    " AND r.seq = t.seq ORDER BY r.record_id LIMIT ?",
-                    (last >> _GENERATION_BITS, index_id, token, limit),
-                )
+                StoredRecord(rid, rtype, bytes(payload), kek_version, wrapped)
+                for rid, rtype, payload, kek_version, wrapped in rows
             ]
 
         return self._run(search, snapshot=True)
@@ -1238,6 +1244,28 @@ def _rollback(conn: sqlite3.Connection) -> None:
 def _in_list(head: str, count: int) -> str:
     """A query ending in a list of count placeholders; only placeholders are spliced in."""
     return f"{head} ({','.join('?' * count)})"
+
+
+def _find_rows(
+    conn: sqlite3.Connection, columns: str, join: str, index_id: int, token: int, limit: int
+) -> list[Any]:
+    """The records of a token, by id: one seek per generation of the token index (CROSS
+    JOIN keeps the generations the outer loop). Only the caller's fixed column list and
+    join are spliced in."""
+    if not _fits_int64(index_id, token):
+        return []  # no stored token is outside SQLite's integers
+    (last,) = conn.execute("SELECT max(seq) FROM records").fetchone()
+    if last is None:
+        return []
+    joined = f"g CROSS JOIN tokens AS t CROSS JOIN records AS r {join}"
+    query = (
+        "WITH RECURSIVE g(generation) AS"  # noqa: S608 - fixed names
+        " (SELECT 0 UNION ALL SELECT generation + 1 FROM g WHERE generation < ?)"
+        f" SELECT {columns} FROM {joined}"
+        " WHERE t.generation = g.generation AND t.index_id = ? AND t.token = ?"
+        " AND r.seq = t.seq ORDER BY r.record_id LIMIT ?"
+    )
+    return conn.execute(query, (last >> _GENERATION_BITS, index_id, token, limit)).fetchall()
 
 
 def _prepare_batch(records: Sequence[SealedRecord]) -> dict[str, _Prepared]:

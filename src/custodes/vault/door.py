@@ -252,11 +252,11 @@ class Vault:
             token = self._codec.token(spec, parts)
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self._storage.find(spec.index_id, token, limit * 4 + 16)
+            candidates = self._storage.find_records(spec.index_id, token, limit * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
-            for stored in self._reader.load(candidates):
+            for stored in candidates:
                 # Only the indexed fields decide a match: a bucket's other records are
                 # dropped after decrypting those alone, and only a match is opened whole
                 # (every field authenticated, as any record shown must be).

@@ -115,7 +115,7 @@ class RecordReader:
                 except SchemaError:
                     continue
                 token = self._codec.token(spec, parts)
-                for stored in self.load(self._storage.find(spec.index_id, token, MAX_RESULTS)):
+                for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
                     opened = self._codec.open(stored)
                     if self.matches(rt, spec, parts, stored.record_id, opened):
                         yield stored.record_id, rt, opened
@@ -299,7 +299,7 @@ class RecordReader:
             source_value = str(values[rt.source_key[0]])
             for other_rt, index, token in self._codec.link_tokens(rt.name, source_value):
                 link_field = other_rt.fields[index.components[0].field]
-                for stored in self.load(self._storage.find(index.index_id, token, MAX_RESULTS)):
+                for stored in self._storage.find_records(index.index_id, token, MAX_RESULTS):
                     opened = self._codec.open(stored)
                     role = role_of_link(link_field, opened.get(link_field.name), record_id)
                     if role is None:
