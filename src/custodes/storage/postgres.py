@@ -1346,9 +1346,10 @@ def _insert_log_batch(conn: _Connection, checked: CheckedLogAppend) -> None:
     nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
     subjects = sorted(checked.subjects)
     details = sorted(checked.details)
-    # One statement for the four tables (empty arrays insert nothing). Not ON CONFLICT DO
-    # NOTHING: a node stored twice means the caller's tree is wrong, and the whole batch
-    # fails.
+    # One statement for the four tables (empty arrays insert nothing), its arrays sent
+    # in binary: dumped as text, every hash and entry is hex-encoded in Python while the
+    # log's lock is held. Not ON CONFLICT DO NOTHING: a node stored twice means the
+    # caller's tree is wrong, and the whole batch fails.
     conn.execute(
         _INSERT_LOG_BATCH,
         (
@@ -1363,14 +1364,14 @@ def _insert_log_batch(conn: _Connection, checked: CheckedLogAppend) -> None:
 
 _INSERT_LOG_BATCH = """
     WITH entries AS (
-        INSERT INTO log_entries(idx, entry) SELECT * FROM unnest(%s::bigint[], %s::bytea[])
+        INSERT INTO log_entries(idx, entry) SELECT * FROM unnest(%b::bigint[], %b::bytea[])
     ), nodes AS (
         INSERT INTO log_nodes(level, idx, hash)
-        SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[])
+        SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bytea[])
     ), subjects AS (
-        INSERT INTO log_subjects(commitment, idx) SELECT * FROM unnest(%s::bytea[], %s::bigint[])
+        INSERT INTO log_subjects(commitment, idx) SELECT * FROM unnest(%b::bytea[], %b::bigint[])
     )
-    INSERT INTO log_details(idx, blob) SELECT * FROM unnest(%s::bigint[], %s::bytea[])
+    INSERT INTO log_details(idx, blob) SELECT * FROM unnest(%b::bigint[], %b::bytea[])
 """
 
 # The log's size and the stored nodes at the peaks of two trees, the stored one and one of
