@@ -168,17 +168,18 @@ def _marked(mark: str) -> set[int]:
     """The living processes started with `mark` in their environment (a zombie's is
     empty: it has ended)."""
     wanted = f"{MARK}={mark}".encode()
-    found = set()
+    return {pid for pid, environ in _proc_files("environ") if wanted in environ.split(b"\0")}
+
+
+def _proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, /proc/PID/name) of every process whose file can be read now."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            yield int(entry.name), (entry / name).read_bytes()
         except OSError:
             continue
-        if wanted in environ.split(b"\0"):
-            found.add(int(entry.name))
-    return found
 
 
 def _outliving(mark: str, within: float) -> set[int]:
@@ -199,17 +200,11 @@ def _end_marked(mark: str) -> None:
 def _children(pid: int) -> set[int]:
     """The living child processes of `pid`."""
     found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
+    for child, stat in _proc_files("stat"):
         # After the parenthesised command name: state, then the parent's pid.
-        state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if int(parent) == pid and state != "Z":
-            found.add(int(entry.name))
+        state, parent = stat.rsplit(b")", 1)[1].split()[:2]
+        if int(parent) == pid and state != b"Z":
+            found.add(child)
     return found
 
 

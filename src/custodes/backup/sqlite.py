@@ -74,7 +74,7 @@ from custodes.crypto import KeyMaterial
 from custodes.crypto.sealed_file import make_private_directory, write_new_file
 from custodes.errors import ConfigurationError, CustodesError, StorageError
 from custodes.settings import VaultLayout
-from custodes.storage.base import LogAppend, Rebuild
+from custodes.storage.base import LogAppend, Rebuild, fits_int64
 
 if TYPE_CHECKING:
     from custodes.vault import Vault
@@ -304,9 +304,8 @@ class SQLiteCopy:
 
     def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         # A file on local disk: a point read a position costs no round trip.
-        fits = [(lv, i) for lv, i in positions if -(2**63) <= min(lv, i) <= max(lv, i) < 2**63]
-        found = ((position, self.log_node(*position)) for position in fits)
-        return {position: node for position, node in found if node is not None}
+        found = ((p, self.log_node(*p)) for p in positions if fits_int64(*p))
+        return {p: node for p, node in found if node is not None}
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
         sql = "SELECT idx FROM log_subjects WHERE commitment = ? ORDER BY idx"

@@ -192,6 +192,12 @@ class AccountStore(Protocol):
         ...
 
 
+def fits_int64(*values: int) -> bool:
+    """Whether every value is an int a database's 64-bit integer holds: a key outside
+    that range is stored nowhere, and is answered as absent rather than sent."""
+    return all(type(value) is int and -(2**63) <= value < 2**63 for value in values)
+
+
 # How a writer that lost a race rebuilds its batch under the log's write lock: from the
 # stored size and the stored nodes the backend read with it (see LogStore.log_append).
 Rebuild = Callable[[int, Mapping[tuple[int, int], bytes]], LogAppend]

@@ -532,6 +532,13 @@ def checked_checkpoint(size: int, note: bytes) -> None:
         raise StorageError("a checkpoint must be a non-negative int size and a bytes note")
 
 
+def stored_record_from_row(row: Sequence[Any]) -> StoredRecord:
+    """A record as a database returns it: (record_id, record_type, payload, kek_version,
+    wrapped)."""
+    rid, rtype, payload, kek_version, wrapped = row
+    return StoredRecord(str(rid), str(rtype), bytes(payload), int(kek_version), bytes(wrapped))
+
+
 def account_from_row(row: Sequence[Any]) -> AccountRow:
     """An account row as every backend hands it back (a database's row, or a row given
     to the memory backend), its columns in AccountRow's order and types."""

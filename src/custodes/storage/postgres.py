@@ -38,6 +38,7 @@ from custodes.storage.base import (
     SealedRecord,
     SessionRow,
     StoredRecord,
+    fits_int64,
 )
 from custodes.storage.memory import (
     LOG_PAGE,
@@ -48,6 +49,7 @@ from custodes.storage.memory import (
     checked_record,
     checked_session,
     checked_spend,
+    stored_record_from_row,
 )
 
 _T = TypeVar("_T")
@@ -204,7 +206,6 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 # schema at once migrate it once, the second after the first has committed.
 _MIGRATION_LOCK_CLASS = 0x637573  # "cus"
 
-_INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 # At most this many login-throttle keys per call, as the SQLite backend counts.
 _MAX_LOGIN_KEYS = 500
@@ -385,14 +386,11 @@ class PostgresStorage:
             " WHERE r.record_id = ANY(%s)",
             (ids,),
         )
-        return {
-            str(rid): StoredRecord(str(rid), str(rtype), bytes(payload), int(kek), bytes(wrapped))
-            for rid, rtype, payload, kek, wrapped in rows
-        }
+        return {str(row[0]): stored_record_from_row(row) for row in rows}
 
     def find(self, index_id: int, token: int, limit: int) -> list[str]:
         self._check_usable()
-        if limit <= 0 or not _fits_int64(index_id, token):
+        if limit <= 0 or not fits_int64(index_id, token):
             return []
         rows = self._rows(
             "SELECT record_id FROM tokens WHERE token = %s AND index_id = %s"
@@ -403,7 +401,7 @@ class PostgresStorage:
 
     def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
         self._check_usable()
-        if limit <= 0 or not _fits_int64(index_id, token):
+        if limit <= 0 or not fits_int64(index_id, token):
             return []
         rows = self._rows(
             "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
@@ -412,10 +410,7 @@ class PostgresStorage:
             " WHERE t.token = %s AND t.index_id = %s ORDER BY t.record_id LIMIT %s",
             (token, index_id, min(limit, _INT64_MAX)),
         )
-        return [
-            StoredRecord(str(rid), str(rtype), bytes(payload), int(kek), bytes(wrapped))
-            for rid, rtype, payload, kek, wrapped in rows
-        ]
+        return [stored_record_from_row(row) for row in rows]
 
     def count_records(self, record_type: str | None = None) -> int:
         if record_type is None:
@@ -736,14 +731,14 @@ class PostgresStorage:
 
     def log_node(self, level: int, index: int) -> bytes | None:
         self._check_usable()
-        if not _fits_int64(level, index):
+        if not fits_int64(level, index):
             return None
         row = self._one("SELECT hash FROM log_nodes WHERE level = %s AND idx = %s", (level, index))
         return None if row is None else bytes(row[0])
 
     def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         self._check_usable()
-        wanted = sorted({(lv, i) for lv, i in positions if _fits_int64(lv, i)})
+        wanted = sorted({(lv, i) for lv, i in positions if fits_int64(lv, i)})
         if not wanted:
             return {}
         rows = self._rows(
@@ -792,7 +787,7 @@ class PostgresStorage:
 
     def log_detail(self, index: int) -> bytes | None:
         self._check_usable()
-        if not _fits_int64(index):
+        if not fits_int64(index):
             return None
         row = self._one("SELECT blob FROM log_details WHERE idx = %s", (index,))
         return None if row is None or row[0] is None else bytes(row[0])
@@ -1290,10 +1285,6 @@ def _cause(exc: psycopg.Error) -> str:
     that failed to parse, so only the error's class and its SQLSTATE are kept."""
     name = type(exc).__name__
     return f"{name} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else name
-
-
-def _fits_int64(*values: int) -> bool:
-    return all(type(value) is int and _INT64_MIN <= value <= _INT64_MAX for value in values)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:

@@ -42,6 +42,7 @@ from custodes.storage.memory import (
     checked_record,
     checked_session,
     checked_spend,
+    stored_record_from_row,
 )
 
 _T = TypeVar("_T")
@@ -459,8 +460,8 @@ class SQLiteStorage:
                     " WHERE r.record_id IN",
                     len(chunk),
                 )
-                for rid, rtype, payload, kek_version, wrapped in conn.execute(query, chunk):
-                    found[rid] = StoredRecord(rid, rtype, bytes(payload), kek_version, wrapped)
+                for row in conn.execute(query, chunk):
+                    found[row[0]] = stored_record_from_row(row)
             return found
 
         if not ids:
@@ -491,10 +492,7 @@ class SQLiteStorage:
                 token,
                 limit,
             )
-            return [
-                StoredRecord(rid, rtype, bytes(payload), kek_version, wrapped)
-                for rid, rtype, payload, kek_version, wrapped in rows
-            ]
+            return [stored_record_from_row(row) for row in rows]
 
         return self._run(search, snapshot=True)
 

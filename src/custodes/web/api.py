@@ -121,6 +121,8 @@ class _SessionScheme(SecurityBase):
         self.scheme_name = "session"
 
     async def __call__(self, request: Request) -> Session:
+        # From the Authorization header only: the API checks no CSRF token, so a cookie a
+        # browser adds on its own must never open it.
         token = deps.bearer_token(request)
         if not token:
             raise deps.NotAuthenticated()

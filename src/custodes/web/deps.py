@@ -94,12 +94,6 @@ def session_token(request: Request) -> str | None:
     return bearer_token(request) or request.cookies.get(cookie_name(request))
 
 
-def require_bearer_session(request: Request) -> Session:
-    """The live session of an API request: from its Authorization header only. The API
-    checks no CSRF token, so a cookie a browser adds on its own must never open it."""
-    return live_session(request, bearer_token(request))
-
-
 def require_session(request: Request) -> Session:
     """FastAPI dependency: the live session of this request, or NotAuthenticated."""
     return live_session(request, session_token(request))
