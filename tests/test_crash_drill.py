@@ -520,7 +520,8 @@ class _Server:
                 command, env=vault.environment(self.mark), stdout=out, stderr=subprocess.STDOUT
             )
 
-    def workers(self) -> set[int]:
+    def processes(self) -> set[int]:
+        """Its two workers and its log sequencer."""
         return _children(self.process.pid)
 
     def stop(self) -> None:
@@ -597,21 +598,25 @@ def _kill_the_supervisor_and_restart(
     return again
 
 
-def _kill_a_worker(server: _Server, rng: random.Random) -> int:
-    """SIGKILL one of the server's two workers; its pid."""
-    workers = sorted(server.workers())
-    assert len(workers) == 2, f"the server runs {len(workers)} workers, not 2"
-    victim = rng.choice(workers)
+# What `serve --workers 2` runs beside its supervisor: two workers and the log sequencer.
+SERVER_PROCESSES = 3
+
+
+def _kill_a_server_process(server: _Server, rng: random.Random) -> int:
+    """SIGKILL one of the server's workers or its log sequencer; its pid."""
+    running = sorted(server.processes())
+    assert len(running) == SERVER_PROCESSES, f"the server runs {len(running)} processes"
+    victim = rng.choice(running)
     os.kill(victim, signal.SIGKILL)
     return victim
 
 
 def _replaced(server: _Server, victim: int) -> None:
-    """Wait until the supervisor has replaced a killed worker."""
+    """Wait until the supervisor has replaced a killed process."""
     deadline = time.monotonic() + 30
-    while victim in (now := server.workers()) or len(now) != 2:
+    while victim in (now := server.processes()) or len(now) != SERVER_PROCESSES:
         assert server.process.poll() is None, "the server exited after a worker was killed"
-        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        assert time.monotonic() < deadline, "the killed process was not replaced"
         time.sleep(0.05)
 
 
@@ -646,14 +651,14 @@ def test_audited_serving_killed_at_random_moments_answers_no_read_it_did_not_log
                 servers.append(_Server(drill_vault, port, output))
                 _wait_up(base, servers[-1].process)
                 readers.start()
-                victim = None  # a worker killed, and perhaps not yet replaced
+                victim = None  # a process killed, and perhaps not yet replaced
                 for kill in range(SERVE_KILLS):
                     up = time.monotonic()
                     window = drill.rng.uniform(*SERVE_WINDOW)
                     # Alternately, so that each supervisor loses one worker at most and
                     # replaces it after its first, shortest delay.
                     supervisor = kill % 2 == 1
-                    whom = "the supervisor" if supervisor else "a worker"
+                    whom = "the supervisor" if supervisor else "a worker or the log sequencer"
                     drill.at = (
                         f"serving, kill {kill + 1} of {SERVE_KILLS} ({whom}) at {window:.3f} s"
                     )
@@ -671,7 +676,7 @@ def test_audited_serving_killed_at_random_moments_answers_no_read_it_did_not_log
                             _kill_the_supervisor_and_restart(servers[-1], drill_vault, port, output)
                         )
                     else:
-                        victim = _kill_a_worker(servers[-1], drill.rng)
+                        victim = _kill_a_server_process(servers[-1], drill.rng)
                 drill.at = f"serving, stopped after {SERVE_KILLS} kills"
                 time.sleep(drill.rng.uniform(*SERVE_WINDOW))
                 if victim is not None:

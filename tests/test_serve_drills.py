@@ -26,7 +26,7 @@ from custodes.bootstrap import create_vault
 from custodes.settings import VaultLayout
 from custodes.web import serve
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
-from tests.test_shared_vault import _children, _free_port, _wait_up
+from tests.test_shared_vault import _children, _free_port, _is_sequencer, _wait_up
 
 linux_only = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="needs Linux /proc and PR_SET_PDEATHSIG"
@@ -70,10 +70,17 @@ class _Running:
         self.pid = process.pid
         self.seen: set[int] = set()
 
-    def workers(self) -> set[int]:
+    def processes(self) -> set[int]:
+        """Every child of the supervisor: its workers and its log sequencer."""
         now = _children(self.pid)
         self.seen |= now
         return now
+
+    def workers(self) -> set[int]:
+        return {pid for pid in self.processes() if not _is_sequencer(pid)}
+
+    def sequencer(self) -> int | None:
+        return next((pid for pid in self.processes() if _is_sequencer(pid)), None)
 
     def poll(self) -> int | None:
         return self.process.poll()
@@ -152,14 +159,14 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_frees_the_port_for_a_
     base = f"http://127.0.0.1:{port}"
     with _server(vault, port, tmp_path / "first.log") as server:
         _wait_up(base, server.process)
-        workers = server.workers()
-        assert len(workers) == 2
+        children = server.processes()
+        assert len(server.workers()) == 2 and server.sequencer() in children
         os.kill(server.pid, signal.SIGKILL)  # no handler, no cleanup
         server.process.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while _living(workers) and time.monotonic() < deadline:
+        while _living(children) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _living(workers) == set(), "workers went on serving without their supervisor"
+        assert _living(children) == set(), "workers went on serving without their supervisor"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/api/v1/me", timeout=5)
         assert _port_is_free(port)

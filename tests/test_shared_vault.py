@@ -29,6 +29,7 @@ from custodes.policy import AccessPurpose, Action, Role
 from custodes.sessions import token_key
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
+from custodes.web import serve
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PASSWORD, enrol, login, totp_now
 
 SEARCHES_PER_THREAD = 25
@@ -355,35 +356,55 @@ def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[byte
     return server, f"http://127.0.0.1:{port}"
 
 
-def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path) -> None:
+def _web_investigator(shared: Path) -> tuple[str, str]:
+    """An investigator t.web for the shared vault: a one-time code, and a national ID to
+    search for."""
     vault = _open(shared)
     try:
         vault.admin.add_account(
             vault.operator, "t.web", PASSWORD, Role.INVESTIGATOR, {"district": "*"}
         )
         secret = enrol(vault, "t.web")
-        code = totp_now(vault, secret)
-        nid = _national_ids(shared)[0]
+        return totp_now(vault, secret), _national_ids(shared)[0]
     finally:
         vault.close()
+
+
+def _web_search(base: str, code: str, nid: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Log t.web in; the bearer header and the body of a search for `nid`."""
+    opened = httpx.post(
+        f"{base}/api/v1/session",
+        json={"username": "t.web", "password": PASSWORD, "totp": code},
+        timeout=30,
+    )
+    assert opened.status_code == 201, opened.text
+    auth = {"Authorization": f"Bearer {opened.json()['token']}"}
+    body = {
+        "record_type": "person",
+        "index": "national_id",
+        "values": {"national_id": nid},
+        "purpose": "test of a server with two workers",
+        "case_ref": "T-3",
+    }
+    return auth, body
+
+
+def _logged_searches(shared: Path) -> int:
+    """The searches on the shared vault's access log, once the log is verified whole."""
+    vault = _open(shared)
+    try:
+        verify_log(vault._storage, vault._log.verifier_key)
+        return sum(1 for _, e in vault._log.entries() if e.action == Action.SEARCH.value)
+    finally:
+        vault.close()
+
+
+def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path) -> None:
+    code, nid = _web_investigator(shared)
     server, base = _serve_two_workers(shared, subprocess.PIPE)
     try:
         _wait_up(base, server)
-        opened = httpx.post(
-            f"{base}/api/v1/session",
-            json={"username": "t.web", "password": PASSWORD, "totp": code},
-            timeout=30,
-        )
-        assert opened.status_code == 201, opened.text
-        token = opened.json()["token"]
-        auth = {"Authorization": f"Bearer {token}"}
-        body = {
-            "record_type": "person",
-            "index": "national_id",
-            "values": {"national_id": nid},
-            "purpose": "test of a server with two workers",
-            "case_ref": "T-3",
-        }
+        auth, body = _web_search(base, code, nid)
         # A new connection each time, so that both workers take some of them.
         for _ in range(40):
             answer = httpx.post(f"{base}/api/v1/search", json=body, headers=auth, timeout=30)
@@ -408,14 +429,50 @@ def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path)
         if server.poll() is None:
             server.kill()
             server.wait()
-    vault = _open(shared)
+    assert _logged_searches(shared) == 40
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_killed_log_sequencer_is_replaced_and_no_answered_search_goes_unlogged(
+    shared: Path,
+) -> None:
+    # The workers hand their entries to the log sequencer; while it is away they append
+    # them themselves, so that its death refuses at most the searches it had in hand.
+    code, nid = _web_investigator(shared)
+    server, base = _serve_two_workers(shared, subprocess.DEVNULL)
+    answered = 0
     try:
-        entries = [e for _, e in vault._log.entries()]
-        searches = [e for e in entries if e.action == Action.SEARCH.value]
-        assert len(searches) == 40
-        verify_log(vault._storage, vault._log.verifier_key)
+        _wait_up(base, server)
+        auth, body = _web_search(base, code, nid)
+
+        def search(times: int) -> None:
+            nonlocal answered
+            for _ in range(times):
+                answer = httpx.post(f"{base}/api/v1/search", json=body, headers=auth, timeout=30)
+                assert answer.status_code == 200, answer.text
+                answered += 1
+
+        search(10)
+        sequencers = _children(server.pid) - _workers(server.pid)
+        assert len(sequencers) == 1
+        victim = sequencers.pop()
+        os.kill(victim, signal.SIGKILL)
+        search(20)  # at once: the sequencer is not back yet
+        deadline = time.monotonic() + 30
+        while not (_children(server.pid) - _workers(server.pid) - {victim}):
+            assert time.monotonic() < deadline, "the log sequencer was not started again"
+            time.sleep(0.05)
+        search(10)
+        assert server.poll() is None
     finally:
-        vault.close()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert answered == 40
+    assert _logged_searches(shared) == answered
 
 
 def _children(pid: int) -> set[int]:
@@ -432,18 +489,32 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _is_sequencer(pid: int) -> bool:
+    """Whether `pid` is a server's log sequencer, by the name it gives itself."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_bytes().strip()
+    except OSError:
+        return False
+    return name == serve.SEQUENCER_NAME
+
+
+def _workers(pid: int) -> set[int]:
+    """The server workers of the supervisor `pid`: its children but the log sequencer."""
+    return {child for child in _children(pid) if not _is_sequencer(child)}
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_killed_worker_is_replaced_and_the_server_keeps_answering(shared: Path) -> None:
     server, base = _serve_two_workers(shared, subprocess.DEVNULL)
     try:
         _wait_up(base, server)
-        workers = _children(server.pid)
+        workers = _workers(server.pid)
         assert len(workers) == 2
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            now = _children(server.pid)
+            now = _workers(server.pid)
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.1)

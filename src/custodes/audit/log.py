@@ -47,6 +47,7 @@ from custodes.audit.merkle import (
     leaf_hash,
     peak_positions,
 )
+from custodes.audit.sequencer import SequencerClient, SequencerUnreachable
 from custodes.audit.verify import carried_subjects
 from custodes.crypto import KeyMaterial
 from custodes.errors import AuditUnavailable, CustodesError, LogMoved, TamperDetected
@@ -150,6 +151,10 @@ class AccessLog:
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._pending: list[_Pending] = []
+        # Where entries go when a sequencer appends for this process (see
+        # sequence_through), and the size its last answer proves the log has reached.
+        self._sequencer: SequencerClient | None = None
+        self._sequenced = 0
         self._committing = False  # an appender is leading a commit; guarded by the queue lock
         # Why the log stopped taking entries (it was found rolled back, cut or replaced),
         # or None. Once set it stays set for the life of the process: every access needs
@@ -185,6 +190,11 @@ class AccessLog:
                 "signed: it was replaced; nothing is served from it (run 'custodes audit "
                 "verify')"
             )
+
+    def sequence_through(self, client: SequencerClient | None) -> None:
+        """Hand this process's entries to the log sequencer (None: append them here).
+        Checkpoints, proofs and reads stay with this process."""
+        self._sequencer = client
 
     @property
     def halted(self) -> str | None:
@@ -231,8 +241,25 @@ class AccessLog:
             raise self._halt(self._halted)
         subjects = [self._keys.commitment(r) for r in dict.fromkeys(entry.records)]
         blob = self._keys.seal_private(private) if private else None
-        entry = _with_references(entry, subjects, blob)
-        pending = _Pending(entry.encode(), subjects, blob)
+        encoded = _with_references(entry, subjects, blob).encode()
+        if self._sequencer is not None:
+            try:
+                index = self._sequencer.append(encoded, subjects, blob)
+            except SequencerUnreachable:
+                pass  # appended here instead, through the same storage lock
+            else:
+                with self._queue_lock:
+                    self._sequenced = max(self._sequenced, index + 1)
+                return index
+        return self.append_encoded(encoded, subjects, blob)
+
+    def append_encoded(self, entry: bytes, subjects: Sequence[bytes], private: bytes | None) -> int:
+        """Append an entry already encoded, with its subject commitments and sealed
+        details, as `append` builds them; its index once durable. What the log sequencer
+        runs for the worker that built the entry (custodes.audit.sequencer)."""
+        if self._halted is not None:
+            raise self._halt(self._halted)
+        pending = _Pending(entry, list(subjects), private)
         with self._queue_lock:
             self._pending.append(pending)
             leads = not self._committing
@@ -473,7 +500,9 @@ class AccessLog:
 
     @property
     def size(self) -> int:
-        return self._range.size
+        """Entries in the log as this process knows it: its own tree, or further, as far
+        as the last entry the sequencer stored for it."""
+        return max(self._range.size, self._sequenced)
 
     def root(self) -> bytes:
         return self._range.root()

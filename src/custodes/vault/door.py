@@ -10,6 +10,7 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from custodes import passkeys
 from custodes.access import AccessGate, Done, Grant, OutOfReach
 from custodes.accounts import AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
-from custodes.audit import AccessEntry, AccessLog
+from custodes.audit import AccessEntry, AccessLog, sequencer
 from custodes.audit.checkpoint import LogLoss
 from custodes.audit.report import (
     ReportedAccess,
@@ -28,6 +29,7 @@ from custodes.audit.report import (
     iso_time,
     open_checkpoint,
 )
+from custodes.audit.sequencer import SequencerAddress, SequencerClient
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.audit.witness import Witnessed, WitnessPusher, witness_checkpoint
 from custodes.backup.manifest import BackupMade, BackupSource
@@ -94,6 +96,7 @@ class Vault:
         self._clock = clock
         self._operator = operator
         self._stop_signing: list[threading.Event] = []
+        self._sequencer: SequencerClient | None = None
         self._keeper = Gatekeeper(
             store=storage,
             meta=storage,
@@ -152,9 +155,31 @@ class Vault:
         if pusher is not None:
             self._stop_signing.append(pusher.start())
 
+    def sequence_log_through(self, address: SequencerAddress) -> None:
+        """Have the log sequencer at `address` append this process's access-log entries
+        (custodes.audit.sequencer): a server worker's setting when several share the log."""
+        self._sequencer = SequencerClient(address)
+        self._log.sequence_through(self._sequencer)
+
+    def run_log_sequencer(self, listener: socket.socket, secret: bytes) -> threading.Event:
+        """Append, on this vault's log, the entries the server's workers hand over on
+        `listener`, until the event returned is set: the sequencer process's work."""
+        stop = threading.Event()
+        self._stop_signing.append(stop)
+        threading.Thread(
+            target=sequencer.serve,
+            args=(listener, secret, self._log.append_encoded, stop),
+            name="custodes-log-sequencer",
+            daemon=True,
+        ).start()
+        return stop
+
     def close(self) -> None:
         for stop in self._stop_signing:
             stop.set()
+        if self._sequencer is not None:
+            self._log.sequence_through(None)
+            self._sequencer.close()
         self._storage.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------

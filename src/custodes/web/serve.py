@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from custodes.audit.sequencer import SequencerAddress
 from custodes.audit.witness import check_witness_url
 from custodes.bootstrap import UnlockedVault, assemble_vault, for_server, runs_as_schema_owner
 from custodes.errors import ConfigurationError
@@ -356,7 +357,13 @@ def _config(app: Any, listen: _Listen) -> uvicorn.Config:
     )
 
 
-def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -> None:
+def _run_worker(
+    unlocked: UnlockedVault,
+    listen: _Listen,
+    *,
+    own_socket: bool,
+    sequencer: SequencerAddress | None = None,
+) -> None:
     from custodes.web.app import create_app
 
     sock = None
@@ -364,6 +371,8 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
         sock = _port_socket(listen.host, listen.port)
         sock.listen(LISTEN_BACKLOG)
     vault = assemble_vault(unlocked)
+    if sequencer is not None:
+        vault.sequence_log_through(sequencer)
     vault.keep_signing(witnesses=listen.witnesses)
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
@@ -381,17 +390,58 @@ def _run_worker(unlocked: UnlockedVault, listen: _Listen, *, own_socket: bool) -
 
 # From <linux/prctl.h>: the signal a process gets when the thread that forked it exits.
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+SEQUENCER_NAME = b"custodes-log"  # the log sequencer's process name (at most 15 bytes)
 
 
 def _forked_worker(
-    unlocked: UnlockedVault, listen: _Listen, supervisor: int, claim: _PortClaim
+    unlocked: UnlockedVault,
+    listen: _Listen,
+    supervisor: int,
+    claim: _PortClaim,
+    sequencer: _Sequencer,
 ) -> None:
     """A worker's life from the fork: bound to its supervisor's, then serving."""
     _die_with(supervisor)
     # The lock and the reservation are the supervisor's; a worker's copies would keep the
-    # port claimed after the supervisor is gone.
+    # port claimed after the supervisor is gone. The sequencer's socket is its own.
     claim.close()
-    _run_worker(unlocked, listen, own_socket=True)
+    sequencer.listener.close()
+    _run_worker(unlocked, listen, own_socket=True, sequencer=sequencer.address)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sequencer:
+    """The access log's one writer for all the workers (custodes.audit.sequencer): where
+    it listens, and the socket, made before any fork so that it outlives a restart."""
+
+    address: SequencerAddress
+    listener: socket.socket
+
+
+def _forked_sequencer(
+    unlocked: UnlockedVault,
+    listen: _Listen,
+    supervisor: int,
+    claim: _PortClaim,
+    sequencer: _Sequencer,
+) -> None:
+    """The log sequencer's life from the fork: bound to its supervisor's, appending the
+    workers' entries until stopped."""
+    _die_with(supervisor)
+    claim.close()
+    if sys.platform == "linux":
+        # So that ps and top tell it from the workers it writes for.
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, SEQUENCER_NAME, 0, 0, 0)
+    vault = assemble_vault(unlocked)
+    try:
+        vault.run_log_sequencer(sequencer.listener, sequencer.address.secret)
+        if _stop.asked:
+            return
+        while True:
+            time.sleep(3600)  # until SIGTERM (_stop_worker) ends it
+    finally:
+        vault.close()
 
 
 class _WorkerStop:
@@ -456,6 +506,8 @@ def _watch_supervisor(supervisor: int) -> None:
 class _Slot:
     """One worker's place: the process in it, or when the next one starts."""
 
+    target: Callable[..., None]
+    what: str  # as reports name it
     process: BaseProcess | None = None
     started: float = 0.0
     due: float = 0.0
@@ -474,13 +526,17 @@ def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int, claim: _P
     context = multiprocessing.get_context("fork")
     supervisor = os.getpid()
     stopping = False
+    address = SequencerAddress.new()
+    sequencer = _Sequencer(address, address.listen())
 
     def start(slot: _Slot) -> None:
-        process = context.Process(target=_forked_worker, args=(unlocked, listen, supervisor, claim))
+        process = context.Process(
+            target=slot.target, args=(unlocked, listen, supervisor, claim, sequencer)
+        )
         try:
             process.start()
         except OSError as exc:  # no fork now (a process limit, memory): retried like a death
-            _report(f"a server worker could not be forked ({exc.strerror})", slot.delay)
+            _report(f"{slot.what} could not be forked ({exc.strerror})", slot.delay)
             slot.due = time.monotonic() + slot.delay
             slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
             return
@@ -491,7 +547,8 @@ def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int, claim: _P
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    slots = [_Slot() for _ in range(workers)]
+    slots = [_Slot(_forked_sequencer, "the log sequencer")]
+    slots += [_Slot(_forked_worker, "a server worker") for _ in range(workers)]
     try:
         for slot in slots:
             start(slot)
@@ -510,7 +567,7 @@ def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int, claim: _P
                     continue
                 if now - slot.started >= RESTART_RESET_AFTER:
                     slot.delay = RESTART_DELAY
-                _report(f"a server worker exited ({_how_it_ended(process.exitcode)})", slot.delay)
+                _report(f"{slot.what} exited ({_how_it_ended(process.exitcode)})", slot.delay)
                 process.close()
                 slot.process, slot.due = None, now + slot.delay
                 slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
@@ -526,6 +583,7 @@ def _supervise(unlocked: UnlockedVault, listen: _Listen, workers: int, claim: _P
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sequencer.listener.close()
 
 
 def _how_it_ended(exitcode: int | None) -> str:
