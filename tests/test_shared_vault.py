@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault
 from custodes.errors import AuthenticationFailed, LoginThrottled
 from custodes.policy import AccessPurpose, Action, Role
-from custodes.sessions import token_key
+from custodes.sessions import Session, token_key
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
 from custodes.web import serve
@@ -165,6 +166,57 @@ def test_logout_in_one_process_ends_the_session_in_every_other(shared: Path) -> 
             first.session_for(session.token)
         with pytest.raises(AuthenticationFailed):
             first.csrf_token(session)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_requests_own_check_serves_one_access_and_a_logout_elsewhere_ends_the_next(
+    shared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request's session is checked as it arrives, its account read in the same query;
+    # that check serves the one access the request then makes. Any other access with the
+    # same session reads both again, so a logout in another process holds at once.
+    first, second = _open(shared), _open(shared)
+    reads: list[str] = []
+    storage = first._storage
+
+    def counted(name: str) -> Callable[..., object]:
+        read = getattr(storage, name)
+
+        def call(*args: object) -> object:
+            reads.append(name)
+            return read(*args)
+
+        return call
+
+    for name in ("get_session", "get_session_account", "get_account"):
+        monkeypatch.setattr(storage, name, counted(name))
+    try:
+        session = login(first, Role.INVESTIGATOR, "t.once")
+        purpose = AccessPurpose("test of a request's own session check", "T-5")
+        nid = _national_ids(shared)[0]
+        reads.clear()  # logging in reads the account
+
+        def search(who: Session) -> None:
+            found = first.search(
+                who,
+                purpose,
+                record_type="person",
+                index="national_id",
+                values={"national_id": nid},
+            )
+            assert len(found) == 1
+
+        checked = first.session_for(session.token)
+        assert reads == ["get_session_account"]
+        search(checked)
+        assert reads == ["get_session_account"]  # the request's check, taken
+        search(checked)
+        assert reads == ["get_session_account"] * 2  # read again for a second access
+        second.logout(second.session_for(session.token))
+        with pytest.raises(AuthenticationFailed):
+            search(checked)
     finally:
         first.close()
         second.close()
@@ -379,7 +431,7 @@ def _web_search(base: str, code: str, nid: str) -> tuple[dict[str, str], dict[st
     )
     assert opened.status_code == 201, opened.text
     auth = {"Authorization": f"Bearer {opened.json()['token']}"}
-    body = {
+    body: dict[str, object] = {
         "record_type": "person",
         "index": "national_id",
         "values": {"national_id": nid},

@@ -341,14 +341,13 @@ class AccessGate:
             if self._operator is None or principal is not self._operator:
                 raise AuthenticationFailed("the host operator acts only on the host")
             return principal, None
-        live = self._keeper.live(principal)
-        return live, self._holder(live)
+        live, account = self._keeper.live_with_account(principal)
+        return live, self._holder(live, account)
 
-    def _holder(self, live: Session) -> Account:
-        """The session's account, read at every access: a changed district or case
-        assignment holds at once, and a session that outlived its account (a restored
-        database, a fault) opens nothing."""
-        account = self._accounts.get(live.username)
+    def _holder(self, live: Session, account: Account | None) -> Account:
+        """The session's account, read with the session at every request (at its arrival,
+        or here): a changed district or case assignment holds at once, and a session that
+        outlived its account (a restored database, a fault) opens nothing."""
         if account is None or account.disabled:
             if live.scope is None:
                 self._keeper.sessions.end(live.token)

@@ -326,6 +326,12 @@ class AccountBook:
         row = self._fetch(username)
         return None if row is None else _account(row)
 
+    def authentic(self, row: AccountRow) -> Account | None:
+        """The account of a row read elsewhere (with a session, say), or None if the row
+        failed its tag (reported)."""
+        checked = self._fetch(row.username, row)
+        return None if checked is None else _account(checked)
+
     def list(self) -> list[Account]:
         """Every account whose stored row is authentic; forged or edited rows are left
         out (and reported)."""

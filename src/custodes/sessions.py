@@ -18,7 +18,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes import passkeys
-from custodes.accounts import AccountBook, Enrolment, Passkey, RowTampered
+from custodes.accounts import Account, AccountBook, Enrolment, Passkey, RowTampered
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowKind, RowMacs
@@ -36,7 +36,7 @@ from custodes.errors import (
     LoginThrottled,
 )
 from custodes.policy import API_SCOPES, Action, Role
-from custodes.storage.base import AccountStore, LoginCounts, MetaStore, SessionRow
+from custodes.storage.base import AccountRow, AccountStore, LoginCounts, MetaStore, SessionRow
 
 Clock = Callable[[], float]
 Random = Callable[[int], bytes]  # n bytes from a cryptographically secure source
@@ -67,9 +67,41 @@ class Session:
     issued_at: float
     client: str | None = None  # the network address the session was opened from
     scope: str | None = None  # an integration's API token: what it may do (API_SCOPES)
+    # The check a request made of it as it arrived: no part of what the session is.
+    check: SessionCheck | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:  # the token is a bearer secret
         return f"Session(username={self.username!r}, role={self.role.value!r})"
+
+
+# A request's check serves the access it leads to only this soon after it was made.
+CHECK_SERVES_FOR = 1.0
+
+
+class SessionCheck:
+    """What checking a session as its request arrived read of its account, for the one
+    access that request then makes: the session, its row's tag and timeouts, and the
+    account were read in one query, so the access need not read them again. Taken once:
+    the next access with the same Session, or one made after CHECK_SERVES_FOR seconds,
+    reads them afresh."""
+
+    __slots__ = ("_account", "_at", "_keeper")
+
+    def __init__(self, keeper: object, account: Account | None, at: float) -> None:
+        self._keeper = keeper
+        self._at = at
+        # One item until taken; list.pop is atomic, so two threads cannot both take it.
+        self._account: list[Account | None] = [account]
+
+    def take(self, keeper: object, now: float) -> tuple[Account | None] | None:
+        """(the account as the check read it,) if this check is the keeper's own, still
+        fresh and not yet taken; None if the session must be read again."""
+        if keeper is not self._keeper or not 0 <= now - self._at < CHECK_SERVES_FOR:
+            return None
+        try:
+            return (self._account.pop(),)
+        except IndexError:
+            return None
 
 
 def token_key(token: str) -> bytes:
@@ -125,16 +157,18 @@ class SessionBook:
         fields = [raw.hex(), username, role, float(issued_at), float(expires), client]
         return self._macs.tag(RowKind.SESSION, fields)[:_SESSION_TAG]
 
-    def live(self, token: str, now: float) -> Session | None:
-        """The session a token stands for, if it has not ended; keeps it alive.
+    def live(self, token: str, now: float) -> tuple[Session, AccountRow | None] | None:
+        """The session a token stands for, if it has not ended, with the stored row of
+        its account (None if there is none), read together; keeps it alive.
         RowTampered if its stored row is not the one the token was issued for."""
         raw = _untoken(token)
         if raw is None or len(raw) != _SESSION_RANDOM + _SESSION_TAG:
             return None  # not a session token of this version: no row is even looked up
         key = token_key(token)
-        row = self._storage.get_session(key)
-        if row is None:
+        found = self._storage.get_session_account(key)
+        if found is None:
             return None
+        row, account = found
         random_part, tag = raw[:_SESSION_RANDOM], raw[_SESSION_RANDOM:]
         try:
             expected = self._tag(
@@ -153,7 +187,7 @@ class SessionBook:
             role = Role(row.role)
         except ValueError:
             return None
-        return Session(token, row.username, role, row.issued_at, row.client)
+        return Session(token, row.username, role, row.issued_at, row.client), account
 
     def csrf(self, token: str) -> str:
         """The session's token for forms: a cross-site form cannot know it."""
@@ -460,22 +494,39 @@ class Gatekeeper:
         or AuthenticationFailed. Idle and absolute timeouts apply here."""
         if not isinstance(token, str) or not token:
             raise AuthenticationFailed("no valid session: log in first")
+        now = self._clock()
         try:
             if token.startswith(API_TOKEN_PREFIX):
                 return self._api_session(token)
-            session = self.sessions.live(token, self._clock())
+            found = self.sessions.live(token, now)
+            if found is None:
+                raise AuthenticationFailed("the session has ended: log in again")
+            session, row = found
+            account = None if row is None else self._accounts.authentic(row)
         except RowTampered as forged:
             self._log_tampered(forged.kind, forged.username)
             raise AuthenticationFailed("the session has ended: log in again") from None
-        if session is None:
-            raise AuthenticationFailed("the session has ended: log in again")
-        return session
+        return replace(session, check=SessionCheck(self, account, now))
 
     def live(self, session: object) -> Session:
         """The session again, checked afresh: it may have ended since it was presented."""
-        if not isinstance(session, Session) or self.session_for(session.token) != session:
+        return self.live_with_account(session)[0]
+
+    def live_with_account(self, session: object) -> tuple[Session, Account | None]:
+        """The session, checked, and its account as read with it (None if it has none):
+        the check its request made as it arrived, if that check is fresh and untaken,
+        otherwise a new one. The account is not judged here (see AccessGate)."""
+        if not isinstance(session, Session):
             raise AuthenticationFailed("no valid session: log in first")
-        return session
+        if session.check is not None and (taken := session.check.take(self, self._clock())):
+            return session, taken[0]
+        again = self.session_for(session.token)
+        if again != session or again.check is None:
+            raise AuthenticationFailed("no valid session: log in first")
+        taken = again.check.take(self, self._clock())
+        if taken is None:  # the clock stepped back, or another thread took it first
+            return again, self._accounts.get(again.username)
+        return again, taken[0]
 
     def csrf_token(self, session: Session) -> str:
         """The session's own token for forms: a cross-site form cannot know it."""
@@ -508,7 +559,13 @@ class Gatekeeper:
         if account is None or account.disabled or account.locked or now >= float(doc["expires"]):
             raise AuthenticationFailed("the session has ended: log in again")
         return Session(
-            token, account.username, account.role, float(doc["issued"]), None, str(doc["scope"])
+            token,
+            account.username,
+            account.role,
+            float(doc["issued"]),
+            None,
+            str(doc["scope"]),
+            SessionCheck(self, account, now),
         )
 
     # -- second factors ------------------------------------------------------------------

@@ -126,6 +126,17 @@ class AccountStoreContract:
         assert storage.get_session(session_key(b"b")) is None
         assert storage.count_sessions() == 1
 
+    def test_a_session_is_read_with_its_account_in_one_go(self, storage: AccountStore) -> None:
+        holder = account("inspector.ode", disabled=True)
+        storage.add_account(holder)
+        with_account, orphan = session_row(b"a"), session_row(b"b", username="gone.away")
+        storage.put_session(with_account)
+        storage.put_session(orphan)
+        assert storage.get_session_account(with_account.key) == (with_account, holder)
+        # A session whose account is gone (a restored copy, a fault) comes back alone.
+        assert storage.get_session_account(orphan.key) == (orphan, None)
+        assert storage.get_session_account(session_key(b"c")) is None
+
     def test_a_session_key_is_stored_once(self, storage: AccountStore) -> None:
         storage.put_session(session_row(b"a"))
         with pytest.raises(ConfigurationError):

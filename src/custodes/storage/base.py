@@ -139,6 +139,11 @@ class AccountStore(Protocol):
 
     def get_session(self, key: bytes) -> SessionRow | None: ...
 
+    def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
+        """A session and the account its row names (None if there is no such account), in
+        one read: what every request checks first."""
+        ...
+
     def touch_session(self, key: bytes, last_seen: float) -> None:
         """Move a session's last_seen forward (never back); no-op if it has ended."""
         ...

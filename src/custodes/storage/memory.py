@@ -189,6 +189,14 @@ class MemoryStorage:
             self._check_open()
             return self._sessions.get(key)
 
+    def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
+        with self._lock:
+            self._check_open()
+            session = self._sessions.get(key)
+            if session is None:
+                return None
+            return session, self._accounts.get(session.username)
+
     def touch_session(self, key: bytes, last_seen: float) -> None:
         with self._lock:
             self._check_open()

@@ -220,6 +220,11 @@ _TOKEN_TYPES = ("int8", "int8", "text", "int8")
 
 _ACCOUNT_COLUMNS = "username, role, password_hash, attributes, created_at, disabled"
 _SESSION_COLUMNS = "key, username, role, issued_at, expires, last_seen, client"
+_SESSION_ACCOUNT = (
+    "SELECT s.key, s.username, s.role, s.issued_at, s.expires, s.last_seen, s.client,"
+    " a.username, a.role, a.password_hash, a.attributes, a.created_at, a.disabled"
+    " FROM sessions s LEFT JOIN accounts a ON a.username = s.username WHERE s.key = %s"
+)
 
 
 class PostgresStorage:
@@ -528,6 +533,13 @@ class PostgresStorage:
             (key,),
         )
         return None if row is None else _session_from_row(row)
+
+    def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
+        row = self._one(_SESSION_ACCOUNT, (key,))
+        if row is None:
+            return None
+        session = _session_from_row(row[:7])
+        return session, None if row[7] is None else account_from_row(row[7:])
 
     def touch_session(self, key: bytes, last_seen: float) -> None:
         self._write(

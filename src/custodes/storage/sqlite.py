@@ -627,6 +627,18 @@ class SQLiteStorage:
         )
         return None if row is None else SessionRow(bytes(row[0]), *row[1:])
 
+    def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
+        row = self._one(
+            "SELECT s.key, s.username, s.role, s.issued_at, s.expires, s.last_seen, s.client,"
+            " a.username, a.role, a.password_hash, a.attributes, a.created_at, a.disabled"
+            " FROM sessions s LEFT JOIN accounts a ON a.username = s.username WHERE s.key = ?",
+            (key,),
+        )
+        if row is None:
+            return None
+        session = SessionRow(bytes(row[0]), *row[1:7])
+        return session, None if row[7] is None else account_from_row(row[7:])
+
     def touch_session(self, key: bytes, last_seen: float) -> None:
         self._write(
             lambda c: c.execute(
