@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ def login(
     *,
     district: str = "*",
     cases: list[str] | None = None,
+    budget: Mapping[str, int | None] | None = None,
 ) -> Session:
     """Add an account, enrol its second factor and log in with password and code.
 
@@ -121,6 +122,8 @@ def login(
     attributes: dict[str, object] = {"district": district}
     if cases is not None:
         attributes["cases"] = cases
+    if budget is not None:
+        attributes["budget"] = dict(budget)
     vault.admin.add_account(vault.operator, name, PASSWORD, role, attributes)
     secret = enrol(vault, name)
     return vault.login(name, PASSWORD, totp=totp_now(vault, secret))

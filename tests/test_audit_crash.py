@@ -22,6 +22,7 @@ import pytest
 
 from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault
+from custodes.policy.budgets import NO_LIMITS
 from custodes.vault import Vault
 from tests.conftest import (
     FAST_HASH,
@@ -115,7 +116,8 @@ def prepared_vault(tmp_path: Path, population_file: Path) -> tuple[str, list[lis
     )
     try:
         vault.ingest(vault.operator, population_file)
-        session = login(vault, username="t.crash")
+        # Its reader reads without pause until it is killed: no budget would let it.
+        session = login(vault, username="t.crash", budget=NO_LIMITS)
         people = []
         for person in [r for r in read_records(population_file) if r["type"] == "person"][:8]:
             national_id = str(person["national_id"])

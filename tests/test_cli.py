@@ -236,7 +236,13 @@ def test_account_list_shows_no_hashes(vault_env: dict[str, str]) -> None:
     done = run("account", "list", "--json", env=vault_env)
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout) == [
-        {"username": "li.lei", "role": "supervisor", "disabled": False, "district": "310101"}
+        {
+            "username": "li.lei",
+            "role": "supervisor",
+            "disabled": False,
+            "locked": False,
+            "district": "310101",
+        }
     ]
     assert "argon2" not in done.stdout
 
@@ -267,6 +273,7 @@ def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
             "username": "li.lei",
             "role": "officer",
             "disabled": False,
+            "locked": False,
             "district": "110101",
             "cases": ["A3101042025000017"],
         }

@@ -14,6 +14,7 @@ import pytest
 
 from custodes.audit.report import BundleInvalid, as_json, report_from_json
 from custodes.policy import AccessPurpose, Role
+from custodes.policy.budgets import NO_LIMITS
 from tests.conftest import PASSPHRASE, login
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
@@ -144,7 +145,7 @@ def test_audit_log_walks_every_page_of_the_log(
     officials: dict[str, dict[str, str]],
 ) -> None:
     # More entries than the API's largest page, by one account, all on the log.
-    session = login(served.vault, Role.INVESTIGATOR, "page.turner")
+    session = login(served.vault, Role.INVESTIGATOR, "page.turner", budget=NO_LIMITS)
     stated = AccessPurpose("a page of the log", "T-1")
     for n in range(230):
         served.vault.search(

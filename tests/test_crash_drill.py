@@ -45,6 +45,7 @@ from custodes.audit.verify import verify_log
 from custodes.bootstrap import create_vault, open_vault, unlock_vault
 from custodes.cli import cli
 from custodes.policy import Action, Role
+from custodes.policy.budgets import NO_LIMITS
 from custodes.synth import write_jsonl as synth_jsonl
 from custodes.vault import Vault
 from custodes.web import serve
@@ -637,7 +638,8 @@ def test_audited_serving_killed_at_random_moments_answers_no_read_it_did_not_log
         vault.ingest(vault.operator, source, workers=1)
         people = [(nid, vault._codec.record_id("person", [nid])) for nid in national_ids[:30]]
         sessions = [
-            (name, login(vault, Role.INVESTIGATOR, name).token)
+            # Reading without pause for minutes: no budget would let them.
+            (name, login(vault, Role.INVESTIGATOR, name, budget=NO_LIMITS).token)
             for name in ("t.drill.north", "t.drill.south")
         ]
         port = _free_port()

@@ -16,11 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from custodes.accounts import Account, AccountBook
+from custodes.accounts import BUDGET, Account, AccountBook
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.errors import (
     AccessDenied,
     AuthenticationFailed,
+    BudgetExceeded,
     CustodesError,
     DatabaseRefused,
     RecordNotFound,
@@ -35,7 +36,9 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
+from custodes.policy.budgets import budget_for, charge_for, crossed
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
+from custodes.storage.base import UsageStore
 
 T = TypeVar("T")
 
@@ -49,6 +52,10 @@ DATABASE_REFUSED = "database:refused"
 
 # Reads whose log entry counts the records withheld by the record-level rules.
 _RECORD_READS = frozenset({Action.SEARCH, Action.READ})
+# Reads that show records, charged to the reader's budgets (custodes.policy.budgets).
+_BUDGETED = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
+# The alert a refusal carries when the read would have crossed a budget.
+BUDGET_ALERT = "guard:budget"
 # The most records one entry names: a write of more is announced in several entries, so
 # that no leaf of the log grows without bound (an ingest batch is 2,000 by default).
 MAX_ENTRY_RECORDS = 5_000
@@ -75,6 +82,19 @@ def _report_alert(exc: BaseException, action: Action, index: int) -> None:
             action.value,
             index,
         )
+
+
+def _report_budget(who: Session, action: Action, limits: list[str], index: int) -> None:
+    """Log the alert of a read refused at a budget: the account, the limits crossed and
+    where the refusal is on the access log, never a value."""
+    logger.error(
+        "alert %s: account %s crossed %s during %s and was locked; on the access log at entry %d",
+        BUDGET_ALERT,
+        who.username,
+        ", ".join(limits),
+        action.value,
+        index,
+    )
 
 
 class OutOfReach(RecordNotFound):
@@ -157,8 +177,10 @@ class AccessGate:
         clock: Clock,
         operator: Operator | None,
         case_scope: Callable[[str], frozenset[str]],
+        usage: UsageStore,
     ) -> None:
         self._keeper = keeper
+        self._usage = usage
         self._case_scope = case_scope
         self._accounts = accounts
         self._log = log
@@ -326,9 +348,49 @@ class AccessGate:
             index = append(entry(Outcome.ERROR, extra=failed), private=private)
             _report_alert(exc, action, index)
             raise
+        if action in _BUDGETED and isinstance(who, Session) and account is not None:
+            crossed_limits = self._spend(who, account, action, done)
+            if crossed_limits:
+                # Locked first: should the entry fail to be written, the account stays
+                # locked all the same (and the read is refused either way).
+                self._keeper.lock_out(who.username, {"limits": crossed_limits})
+                spent = {
+                    "reason": "budget",
+                    "alert": BUDGET_ALERT,
+                    "limits": crossed_limits,
+                    "locked": True,
+                }
+                index = append(entry(Outcome.DENIED, extra=spent), private=private)
+                _report_budget(who, action, crossed_limits, index)
+                raise BudgetExceeded(
+                    "this account has been shown as many records as its budget allows; it "
+                    "is locked until an administrator unlocks it"
+                )
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
         index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
         return done.result, index
+
+    def _spend(self, who: Session, account: Account, action: Action, done: Done[Any]) -> list[str]:
+        """Charge what a read showed (its records, or a miss: a search that found nothing)
+        to the account's counters, shared by every server process; the budget limits the
+        totals now cross, by name (none: the read may be answered)."""
+        budget = budget_for(who.role, account.attributes.get(BUDGET))
+        if budget is None:
+            return []
+        views = len(done.records)
+        charge = charge_for(
+            budget, self._clock(), views=views, missed=action is Action.SEARCH and not views
+        )
+        if not charge.items:
+            return []
+        totals = self._usage.charge_usage(
+            who.username,
+            [
+                (key, start, amount)
+                for (key, start), (*_, amount) in zip(charge.keys, charge.items, strict=True)
+            ],
+        )
+        return crossed(budget, charge, totals)
 
     def check(self, principal: Principal) -> Session | Operator:
         """The principal, checked afresh, for operations that log nothing themselves."""

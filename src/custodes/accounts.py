@@ -19,7 +19,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, wraps
 from importlib import resources
@@ -48,6 +48,7 @@ from custodes.errors import (
     WeakPassword,
 )
 from custodes.policy import ACCOUNT_ROLES, Role, reads_records
+from custodes.policy.budgets import checked_budget
 from custodes.records.normalise import Refusal
 from custodes.records.normalise import case_no as canonical_case_no
 from custodes.storage.base import AccountRow, AccountStore
@@ -67,6 +68,8 @@ _SECURITY = "security"
 # The cases an account is assigned to: their records open to it wherever they live, when
 # the case is the stated purpose (custodes.policy.records.may_see).
 CASES = "cases"
+# An account's own budget limits, where its administrator set any (policy.budgets).
+BUDGET = "budget"
 MAX_ASSIGNED_CASES = 200
 # The row's tag (custodes.crypto.row_mac) rides in its attributes, so that the storage
 # shape stays as it is; it is never an attribute one can set or see.
@@ -289,6 +292,10 @@ class AccountBook:
                 raise ConfigurationError(f"{reserved!r} is not an account attribute one can set")
         if CASES in public:
             public[CASES] = _case_list(role, public[CASES])
+        if BUDGET in public:
+            if not isinstance(public[BUDGET], dict):
+                raise ConfigurationError("an account's budget is a table of limits")
+            public[BUDGET] = checked_budget(public[BUDGET])
         row = AccountRow(
             username=username,
             role=role.value,
@@ -362,10 +369,23 @@ class AccountBook:
             self._save(row, state)
 
     @_one_change
+    def lock_out(self, username: str, why: Mapping[str, Any]) -> None:
+        """Lock an account for what its reads did (a budget crossed, with where that is on
+        the access log): no login, no API token, until an administrator unlocks it."""
+        row = self._fetch(username)
+        if row is None:
+            return
+        state = _security(row)
+        state["locked"] = True
+        state["held"] = dict(why)
+        self._save(row, state)
+
+    @_one_change
     def unlock(self, username: str) -> None:
         row = self._require(username)
         state = _security(row)
         state.pop("locked", None)
+        state.pop("held", None)
         state["failures"] = 0
         self._save(row, state)
 

@@ -95,7 +95,9 @@ class Administration:
         )
 
     def unlock_account(self, actor: Principal, username: str) -> None:
-        """Lift a lock left by repeated failed logins."""
+        """Lift a lock left by repeated failed logins or by a budget the account crossed;
+        its counters go on, so an account still over a limit is locked again at its next
+        read."""
 
         def change() -> None:
             self._accounts.unlock(username)

@@ -126,6 +126,11 @@ class PurposeRequired(AccessDenied):
     """A read of personal data was attempted without a stated purpose."""
 
 
+class BudgetExceeded(AccessDenied):
+    """The read would take the account past a budget of record views or misses
+    (custodes.policy.budgets): nothing of it is returned, and the account is locked."""
+
+
 class RecordNotFound(CustodesError):
     """No record with that id (or not one this account may know exists)."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -507,6 +507,12 @@ class Gatekeeper:
             self._log_tampered(forged.kind, forged.username)
             raise AuthenticationFailed("the session has ended: log in again") from None
         return replace(session, check=SessionCheck(self, account, now))
+
+    def lock_out(self, username: str, why: Mapping[str, Any]) -> None:
+        """Lock an account and end every session it has (its API tokens die with the
+        lock): what the access function does to an account that crossed a budget."""
+        self._accounts.lock_out(username, why)
+        self.sessions.end_all(username)
 
     def live(self, session: object) -> Session:
         """The session again, checked afresh: it may have ended since it was presented."""

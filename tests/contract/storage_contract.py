@@ -15,10 +15,15 @@ from tests.contract.accounts_contract import AccountStoreContract
 from tests.contract.log_contract import LogStoreContract, log_batch
 from tests.contract.meta_contract import MetaStoreContract
 from tests.contract.records_contract import RecordStoreContract, sealed
+from tests.contract.usage_contract import UsageStoreContract
 
 
 class StorageContract(
-    RecordStoreContract, AccountStoreContract, LogStoreContract, MetaStoreContract
+    RecordStoreContract,
+    AccountStoreContract,
+    LogStoreContract,
+    MetaStoreContract,
+    UsageStoreContract,
 ):
     """Every documented behaviour of the Storage Protocol."""
 

@@ -74,7 +74,13 @@ def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> N
         vault.close()
     if as_json:
         rows = [
-            {"username": a.username, "role": a.role.value, "disabled": a.disabled, **a.attributes}
+            {
+                "username": a.username,
+                "role": a.role.value,
+                "disabled": a.disabled,
+                "locked": a.locked,
+                **a.attributes,
+            }
             for a in accounts
         ]
         sys.stdout.write(orjson.dumps(rows).decode() + "\n")
@@ -86,7 +92,7 @@ def account_list(vault_dir: str | None, keyring: str | None, as_json: bool) -> N
             a.role.value,
             str(a.attributes.get("district", "")),
             ", ".join(sorted(assigned_cases(a.attributes.get("cases")))),
-            "disabled" if a.disabled else "active",
+            "disabled" if a.disabled else "locked" if a.locked else "active",
         )
     out.print(table)
 
@@ -163,7 +169,7 @@ def enable(username: str, vault_dir: str | None, keyring: str | None) -> None:
 @click.argument("username")
 @vault_options
 def unlock(username: str, vault_dir: str | None, keyring: str | None) -> None:
-    """Unlock an account locked by repeated failed logins."""
+    """Unlock an account locked by repeated failed logins or by a budget it crossed."""
     _account_change(
         vault_dir, keyring, lambda v: v.admin.unlock_account(v.operator, username), "unlocked"
     )

@@ -17,6 +17,7 @@ from custodes.storage.base import (
     SessionRow,
     Storage,
     StoredRecord,
+    UsageStore,
 )
 from custodes.storage.memory import MemoryStorage
 from custodes.storage.sqlite import SQLiteStorage
@@ -39,6 +40,7 @@ __all__ = [
     "SessionRow",
     "Storage",
     "StoredRecord",
+    "UsageStore",
 ]
 
 

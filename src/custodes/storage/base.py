@@ -61,6 +61,19 @@ class BatchOutcome(NamedTuple):
     already_present: int  # records skipped because their id was stored already
 
 
+def checked_charges(charges: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """UsageStore.charge_usage's charges as given, or ValueError: whole amounts not below
+    zero, 64-bit window starts, each counter once."""
+    seen: set[str] = set()
+    for counter, start, amount in charges:
+        if not isinstance(counter, str) or counter in seen:
+            raise ValueError("each usage counter is charged once per call")
+        if not (fits_int64(start) and fits_int64(amount)) or amount < 0:
+            raise ValueError("a usage charge is a whole amount, not below zero")
+        seen.add(counter)
+    return list(charges)
+
+
 class LogAppend(NamedTuple):
     """One group commit to the access log."""
 
@@ -294,7 +307,25 @@ class MetaStore(Protocol):
 
 
 @runtime_checkable
-class Storage(RecordStore, AccountStore, LogStore, MetaStore, Protocol):
+@runtime_checkable
+class UsageStore(Protocol):
+    """Counters of what each official has been shown (custodes.policy.budgets), shared by
+    every process serving the vault and kept across restarts."""
+
+    def charge_usage(self, account: str, charges: Sequence[tuple[str, int, int]]) -> list[int]:
+        """Add to the account's counters, each charge (counter, window start, amount), all
+        at once, and return the totals after, in the charges' order. A counter holds one
+        window at a time: a charge for a later window starts it again from its amount;
+        one for an earlier window (a process whose clock is behind) adds to the stored
+        one. Amounts are whole and not negative, each counter named once per call
+        (ValueError otherwise).
+
+        Written without waiting for the disk: a crash of the machine may forget the last
+        moments' charges (the access log, which is synced, keeps every read)."""
+        ...
+
+
+class Storage(RecordStore, AccountStore, LogStore, MetaStore, UsageStore, Protocol):
     """A whole backend. Every method is atomic; write_batch is all-or-nothing."""
 
     def close(self) -> None: ...

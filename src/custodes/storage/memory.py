@@ -29,6 +29,7 @@ from custodes.storage.base import (
     SealedRecord,
     SessionRow,
     StoredRecord,
+    checked_charges,
 )
 
 # The durable backends store integers as signed 64-bit values; refusing the same range
@@ -56,6 +57,7 @@ class MemoryStorage:
         self._sessions: dict[bytes, SessionRow] = {}
         self._login_failures: dict[str, tuple[int, float]] = {}
         self._spent: dict[bytes, float] = {}
+        self._usage: dict[tuple[str, str], tuple[int, int]] = {}  # -> (window start, total)
         self._log_entries: list[bytes] = []
         self._log_nodes: dict[tuple[int, int], bytes] = {}
         self._log_subjects: dict[bytes, list[int]] = {}
@@ -381,6 +383,22 @@ class MemoryStorage:
         with self._lock:
             self._check_open()
             return sorted(self._checkpoints.items())
+
+    # -- usage --------------------------------------------------------------------
+
+    def charge_usage(self, account: str, charges: Sequence[tuple[str, int, int]]) -> list[int]:
+        checked = checked_charges(charges)
+        with self._lock:
+            self._check_open()
+            totals = []
+            for counter, start, amount in checked:
+                stored_start, total = self._usage.get((account, counter), (start, 0))
+                if stored_start < start:
+                    stored_start, total = start, 0
+                total += amount
+                self._usage[(account, counter)] = (stored_start, total)
+                totals.append(total)
+            return totals
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from custodes.storage.base import (
     SealedRecord,
     SessionRow,
     StoredRecord,
+    checked_charges,
     fits_int64,
 )
 from custodes.storage.memory import (
@@ -199,6 +200,17 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER log_details_no_truncate BEFORE TRUNCATE ON log_details
         FOR EACH STATEMENT EXECUTE FUNCTION log_details_erase_only();
     """,
+    # 2: the officials' usage counters (custodes.policy.budgets): one row per account and
+    # counter, updated in place.
+    """
+    CREATE TABLE usage(
+        account text COLLATE "C",
+        counter text COLLATE "C",
+        window_start bigint NOT NULL,
+        total bigint NOT NULL,
+        PRIMARY KEY(account, counter)
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -218,6 +230,16 @@ _RECORD_TYPES = ("text", "int8", "text", "bytea")
 _KEY_TYPES = ("text", "int8", "bytea")
 _TOKEN_TYPES = ("int8", "int8", "text", "int8")
 
+# A later window starts the counter again; an earlier one adds to the stored window.
+_CHARGE_USAGE = (
+    "INSERT INTO usage AS u (account, counter, window_start, total)"
+    " SELECT %s, c, w, n FROM unnest(%s::text[], %s::int8[], %s::int8[]) AS t(c, w, n)"
+    " ON CONFLICT (account, counter) DO UPDATE SET"
+    " total = CASE WHEN u.window_start >= excluded.window_start"
+    " THEN u.total + excluded.total ELSE excluded.total END,"
+    " window_start = GREATEST(u.window_start, excluded.window_start)"
+    " RETURNING counter, total"
+)
 _ACCOUNT_COLUMNS = "username, role, password_hash, attributes, created_at, disabled"
 _SESSION_COLUMNS = "key, username, role, issued_at, expires, last_seen, client"
 _SESSION_ACCOUNT = (
@@ -306,6 +328,24 @@ class PostgresStorage:
             ),
             "metadata was not stored",
         )
+
+    # -- usage --------------------------------------------------------------------
+
+    def charge_usage(self, account: str, charges: Sequence[tuple[str, int, int]]) -> list[int]:
+        checked = checked_charges(charges)
+        if not checked:
+            return []
+        counters, starts, amounts = (list(column) for column in zip(*checked, strict=True))
+
+        def charge(conn: _Connection) -> list[int]:
+            # Not waited for on the disk: the charge holds no history (the log, synced,
+            # does), and a read should not pay a second flush for its budget.
+            conn.execute("SET LOCAL synchronous_commit TO off")
+            rows = conn.execute(_CHARGE_USAGE, (account, counters, starts, amounts)).fetchall()
+            totals = {str(counter): int(total) for counter, total in rows}
+            return [totals[counter] for counter in counters]
+
+        return self._write(charge, "usage was not charged")
 
     # -- records ------------------------------------------------------------------
 
@@ -1012,6 +1052,8 @@ _APP_GRANTS: tuple[str, ...] = (
     "GRANT SELECT, INSERT, UPDATE (failures, last_failure), DELETE ON login_failures TO {app}",
     # One-time marks are spent by inserting; expired ones are deleted by the next spend.
     "GRANT SELECT, INSERT, DELETE ON spent TO {app}",
+    # Usage counters are charged in place, a row per account and counter, never deleted.
+    "GRANT SELECT, INSERT, UPDATE (window_start, total) ON usage TO {app}",
 )
 
 # Tables whose rows are history: a role opened as the application must hold no right to
@@ -1041,6 +1083,7 @@ _OBJECTS = frozenset(
         "sessions",
         "login_failures",
         "spent",
+        "usage",
         "log_head",
         "log_entries",
         "log_nodes",

@@ -32,6 +32,7 @@ from custodes.storage.base import (
     SealedRecord,
     SessionRow,
     StoredRecord,
+    checked_charges,
 )
 from custodes.storage.memory import (
     LOG_PAGE,
@@ -287,6 +288,28 @@ _LOG_PRAGMAS = (
     "PRAGMA log.cache_size=-65536",
 )
 
+# The usage counters' file (SQLiteStorage._usage_connection): one row per account and
+# counter, updated in place.
+_USAGE_SCHEMA = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA temp_store=MEMORY",
+    "CREATE TABLE IF NOT EXISTS usage("
+    " account TEXT NOT NULL, counter TEXT NOT NULL,"
+    " window_start INTEGER NOT NULL, total INTEGER NOT NULL,"
+    " PRIMARY KEY(account, counter)) WITHOUT ROWID",
+)
+# A later window starts the counter again; an earlier one adds to the stored window.
+_CHARGE_USAGE = (
+    "INSERT INTO usage(account, counter, window_start, total) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT(account, counter) DO UPDATE SET"
+    " total = CASE WHEN usage.window_start >= excluded.window_start"
+    " THEN usage.total + excluded.total ELSE excluded.total END,"
+    " window_start = max(usage.window_start, excluded.window_start)"
+    " RETURNING total"
+)
+
 _PRAGMAS = (
     # Only takes effect on a new, empty file, so it comes before WAL mode is set. Pages
     # of 8 KiB measured fastest for ingest: fewer, shallower pages for the appended
@@ -348,6 +371,8 @@ class SQLiteStorage:
         _create_private_file(self._log_path)
         self._writer = _WriterLock(self._path.with_name(self._path.name + "-writer"))
         self._log_checkpointer: _LogCheckpointer | None = None
+        self._usage_lock = threading.Lock()
+        self._usage: sqlite3.Connection | None = None
         try:
             # isolation_level=None: no implicit transactions; every one is explicit here.
             self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -922,13 +947,60 @@ class SQLiteStorage:
             ]
         )
 
+    # -- usage --------------------------------------------------------------------
+
+    def charge_usage(self, account: str, charges: Sequence[tuple[str, int, int]]) -> list[int]:
+        checked = checked_charges(charges)
+        if not checked:
+            return []
+        with self._usage_lock:
+            if self._closed:
+                raise StorageError("usage was not charged: storage is closed")
+            conn = self._usage_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    totals = [
+                        int(conn.execute(_CHARGE_USAGE, (account, *charge)).fetchone()[0])
+                        for charge in checked
+                    ]
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"usage was not charged: {exc}") from exc
+            return totals
+
+    def _usage_connection(self) -> sqlite3.Connection:
+        """The counters' own file, opened at the first charge. Apart from the records'
+        file, whose every write would empty each reader's page cache for it, and synced
+        less: in WAL mode with synchronous=NORMAL a commit survives the process, and a
+        crash of the machine loses at most the last moments' charges."""
+        if self._usage is None:
+            path = usage_path(self._path)
+            _create_private_file(path)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                for statement in _USAGE_SCHEMA:
+                    conn.execute(statement).fetchall()
+            except BaseException:
+                conn.close()
+                raise
+            self._usage = conn
+        return self._usage
+
     # -- lifecycle ----------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock, self._read_lock, self._usage_lock:
             if self._closed:
                 return
             self._closed = True
+            if self._usage is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._usage.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                self._usage.close()
             if self._log_checkpointer is not None:
                 self._log_checkpointer.stop()
             with contextlib.suppress(AttributeError):  # opening failed before the reader
@@ -1166,6 +1238,11 @@ def _fits_int64(*values: int) -> bool:
 def log_path(database: Path) -> Path:
     """The access log's file beside a vault database."""
     return database.with_name(database.name + "-log")
+
+
+def usage_path(database: Path) -> Path:
+    """The file of the officials' usage counters beside a vault database."""
+    return database.with_name(database.name + "-usage")
 
 
 def _in_transaction(conn: sqlite3.Connection, action: Callable[[], object]) -> None:

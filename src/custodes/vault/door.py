@@ -114,6 +114,7 @@ class Vault:
             clock=clock,
             operator=operator,
             case_scope=self._reader.case_scope,
+            usage=storage,
         )
         self.admin = Administration(
             gate=self._gate,

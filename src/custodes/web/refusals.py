@@ -16,6 +16,7 @@ from custodes.errors import (
     AccessDenied,
     AuditUnavailable,
     AuthenticationFailed,
+    BudgetExceeded,
     CustodesError,
     InvalidQuery,
     LoginThrottled,
@@ -68,6 +69,14 @@ REFUSALS: dict[type[BaseException], Refusal] = {
     ),
     # Also InvalidAssignment, a subclass: a malformed or unchanged case assignment.
     InvalidQuery: Refusal(422, "invalid_query", "Check the form", "The request is malformed."),
+    # The account is locked, not asked to wait: no Retry-After would be true.
+    BudgetExceeded: Refusal(
+        403,
+        "budget_exceeded",
+        "Budget spent",
+        "This account has been shown as many records as its budget allows; it is locked "
+        "until an administrator unlocks it.",
+    ),
     AccessDenied: Refusal(403, "access_denied", "Refused", "This account may not do this."),
     # A record outside the official's district is answered exactly like a missing one;
     # pages say so in the same words whichever it was.

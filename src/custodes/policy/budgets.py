@@ -1,0 +1,180 @@
+"""How much of the population an official may see: budgets of record views and of misses.
+
+A stolen or corrupt account that may read records at all may read them one at a time
+until it has the population; the seed leak took 23 TB that way, through a dashboard
+nobody limited. So every record an official is shown counts against budgets per minute,
+hour and day, and so does every search that found nothing (a miss): an account walking
+valid-checksum ID numbers, guessing, finds mostly nothing, and is stopped after a burst
+of misses no clerk at work produces.
+
+Pure: the budgets per role (and an account's own, where its administrator set one), the
+counters a read charges, and which limits the totals cross. The vault charges the
+counters in its storage (shared by every server process, kept across restarts) inside
+its single access function, and refuses a read whose charge crosses a limit: nothing of
+it is returned, the refusal is logged with the limits crossed, an alert is raised and the
+account is locked, its sessions and tokens ended, until an administrator unlocks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from custodes.errors import ConfigurationError
+from custodes.policy.decisions import Role
+
+
+class Counter(StrEnum):
+    """What a read charges: records shown, or a search that found nothing."""
+
+    VIEWS = "views"
+    MISSES = "misses"
+
+
+# The windows counted over, in seconds; each counter starts again at each window's start.
+MINUTE, HOUR, DAY = 60, 3600, 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Limits for one account; None: no limit of that kind."""
+
+    views_per_minute: int | None = None
+    views_per_hour: int | None = None
+    views_per_day: int | None = None
+    misses_per_hour: int | None = None
+    misses_per_day: int | None = None
+
+    def limits(self) -> list[tuple[str, Counter, int, int]]:
+        """(name, counter, window, limit) of every limit set."""
+        found = []
+        for name, counter, window in _LIMITS:
+            limit = getattr(self, name)
+            if limit is not None:
+                found.append((name, counter, window, limit))
+        return found
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Budget:
+        """This budget with an account's own limits put in (checked: CheckedBudget)."""
+        return replace(self, **checked_budget(overrides))
+
+
+_LIMITS: tuple[tuple[str, Counter, int], ...] = (
+    ("views_per_minute", Counter.VIEWS, MINUTE),
+    ("views_per_hour", Counter.VIEWS, HOUR),
+    ("views_per_day", Counter.VIEWS, DAY),
+    ("misses_per_hour", Counter.MISSES, HOUR),
+    ("misses_per_day", Counter.MISSES, DAY),
+)
+LIMIT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _LIMITS)
+# Every limit lifted: an account's own budget for work no person does by hand (a
+# measurement, a drill), set by an administrator and on the log like any account change.
+NO_LIMITS: Mapping[str, None] = dict.fromkeys(LIMIT_NAMES)
+# Whatever an administrator sets, a limit is at most this (a day's work of a busy desk
+# is a few hundred records; beyond this a "budget" stops nothing).
+MAX_LIMIT = 1_000_000
+
+# What a role may see without anyone asking for more. A desk officer answers the public
+# one person at a time; an investigator works through a case's people; a supervisor
+# reviews both. Roles that read no records (auditor, admin) have nothing to spend.
+DEFAULT_BUDGETS: Mapping[Role, Budget] = {
+    Role.OFFICER: Budget(
+        views_per_minute=30,
+        views_per_hour=300,
+        views_per_day=1000,
+        misses_per_hour=30,
+        misses_per_day=100,
+    ),
+    Role.INVESTIGATOR: Budget(
+        views_per_minute=60,
+        views_per_hour=600,
+        views_per_day=2000,
+        misses_per_hour=60,
+        misses_per_day=200,
+    ),
+    Role.SUPERVISOR: Budget(
+        views_per_minute=60,
+        views_per_hour=600,
+        views_per_day=2000,
+        misses_per_hour=60,
+        misses_per_day=200,
+    ),
+}
+
+
+def checked_budget(overrides: Mapping[str, Any]) -> dict[str, int | None]:
+    """An account's own limits as stored or typed: known names, whole numbers from 0 to
+    MAX_LIMIT, or None to lift one. ConfigurationError naming the limit, never silently
+    kept otherwise."""
+    known = {f.name for f in fields(Budget)}
+    checked: dict[str, int | None] = {}
+    for name, value in overrides.items():
+        if name not in known:
+            raise ConfigurationError(f"no budget limit is called {name!r}")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LIMIT
+        ):
+            raise ConfigurationError(
+                f"the budget limit {name} is a whole number, 0 to {MAX_LIMIT:,}"
+            )
+        checked[name] = value
+    return checked
+
+
+def budget_for(role: Role, overrides: Mapping[str, Any] | None = None) -> Budget | None:
+    """The budget of an account of `role` with its own limits put in; None for a role that
+    reads no records."""
+    base = DEFAULT_BUDGETS.get(role)
+    if base is None:
+        return None
+    return base.with_overrides(overrides) if overrides else base
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one read adds to its account's counters: (counter, window, window start,
+    amount) for every limit the budget sets."""
+
+    items: tuple[tuple[Counter, int, int, int], ...]
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """The storage counters it adds to: (counter/window, window start)."""
+        return [(counter_key(c, w), start) for c, w, start, _ in self.items]
+
+
+def counter_key(counter: Counter, window: int) -> str:
+    return f"{counter.value}/{window}"
+
+
+def charge_for(budget: Budget, now: float, *, views: int, missed: bool) -> Charge:
+    """The charge of a read that showed `views` records (or found none: missed)."""
+    windows = {(counter, window) for _, counter, window, _ in budget.limits()}
+    amounts = {Counter.VIEWS: views, Counter.MISSES: 1 if missed else 0}
+    return Charge(
+        tuple(
+            (counter, window, window_start(now, window), amounts[counter])
+            for counter, window in sorted(windows)
+            if amounts[counter]
+        )
+    )
+
+
+def window_start(now: float, window: int) -> int:
+    """The start of the window `now` falls in: windows align on UTC multiples."""
+    return int(now // window) * window
+
+
+def crossed(budget: Budget, charge: Charge, totals: Sequence[int]) -> list[str]:
+    """The limits that the totals after a charge cross, by name: empty if within."""
+    after = {
+        (counter, window): total
+        for (counter, window, _, _), total in zip(charge.items, totals, strict=True)
+    }
+    return [
+        name
+        for name, counter, window, limit in budget.limits()
+        if after.get((counter, window), 0) > limit
+    ]
