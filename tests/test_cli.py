@@ -317,6 +317,61 @@ def test_account_assign_and_unassign_a_case_shown_by_list_and_logged(
     ]
 
 
+def test_account_budget_sets_an_accounts_own_limits_and_puts_its_roles_back(
+    vault_env: dict[str, str],
+) -> None:
+    added = run(
+        "account",
+        "add",
+        "wang.fang",
+        "--role",
+        "officer",
+        "--district",
+        "110101",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    assert added.returncode == 0, added.stderr
+    done = run(
+        "account",
+        "budget",
+        "wang.fang",
+        "--views-per-hour",
+        "50",
+        "--misses-per-day",
+        "none",
+        env=vault_env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "given its own budget" in done.stdout
+    listed = orjson.loads(run("account", "list", "--json", env=vault_env).stdout)
+    assert listed[0]["budget"] == {"views_per_hour": 50, "misses_per_day": None}
+    for bad in (("--views-per-hour", "-3"), ("--views-per-hour", "many"), ()):
+        refused = run("account", "budget", "wang.fang", *bad, env=vault_env)
+        assert refused.returncode == 2, refused.stdout
+    both = run(
+        "account", "budget", "wang.fang", "--role-default", "--views-per-day", "9", env=vault_env
+    )
+    assert both.returncode == 2
+    back = run("account", "budget", "wang.fang", "--role-default", env=vault_env)
+    assert back.returncode == 0, back.stderr
+    assert "budget" not in orjson.loads(run("account", "list", "--json", env=vault_env).stdout)[0]
+    vault = open_vault(
+        Path(vault_env["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
+    )
+    try:
+        events = [e for _, e in vault._log.entries() if e.action == Action.ACCOUNT_BUDGET]
+    finally:
+        vault.close()
+    assert [(e.actor, e.outcome, e.detail) for e in events] == [
+        (
+            "operator",
+            Outcome.GRANTED,
+            {"account": "wang.fang", "limits": {"views_per_hour": 50, "misses_per_day": None}},
+        ),
+        ("operator", Outcome.GRANTED, {"account": "wang.fang", "limits": "role"}),
+    ]
+
+
 def test_init_refuses_a_keyring_inside_the_vault(tmp_path: Path) -> None:
     target = tmp_path / "v"
     done = run(

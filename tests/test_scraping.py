@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 
 from custodes.audit import Outcome
-from custodes.errors import AuthenticationFailed, BudgetExceeded, ConfigurationError
+from custodes.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BudgetExceeded,
+    ConfigurationError,
+)
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.policy.budgets import DEFAULT_BUDGETS, MINUTE, NO_LIMITS, window_start
 from custodes.records.idnumber import check_char
@@ -229,3 +234,17 @@ def test_walking_valid_checksum_id_numbers_is_blocked_after_the_burst_of_misses(
     ]
     assert refusal.detail["limits"] == ["misses_per_hour"]
     assert refusal.detail["alert"] == "guard:budget"
+
+
+def test_an_accounts_own_budget_set_by_an_administrator_holds_at_its_next_read(
+    vault: Vault, population_file: Path, clock: _Time
+) -> None:
+    session = login(vault, Role.INVESTIGATOR, "t.narrow")
+    people = _national_ids(population_file)
+    assert len(_search(vault, session, people[0])) == 1
+    vault.admin.set_budget(vault.operator, "t.narrow", {"views_per_hour": 2})
+    assert len(_search(vault, session, people[1])) == 1
+    with pytest.raises(BudgetExceeded):
+        _search(vault, session, people[2])
+    with pytest.raises(AccessDenied):  # administrators set budgets; readers do not
+        vault.admin.set_budget(login(vault, Role.SUPERVISOR, "t.boss"), "t.narrow", None)

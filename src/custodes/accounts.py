@@ -369,6 +369,22 @@ class AccountBook:
             self._save(row, state)
 
     @_one_change
+    def set_budget(self, username: str, limits: Mapping[str, int | None] | None) -> None:
+        """Give an account limits of its own (custodes.policy.budgets), over any it has
+        already; None: none of its own, its role's budget again."""
+        row = self._require(username)
+        attributes = _attributes(row)
+        if limits is None:
+            attributes.pop(BUDGET, None)
+        else:
+            own = attributes.get(BUDGET)
+            attributes[BUDGET] = {
+                **checked_budget(own if isinstance(own, dict) else {}),
+                **checked_budget(limits),
+            }
+        self._put(row, attributes=orjson.dumps(attributes))
+
+    @_one_change
     def lock_out(self, username: str, why: Mapping[str, Any]) -> None:
         """Lock an account for what its reads did (a budget crossed, with where that is on
         the access log): no login, no API token, until an administrator unlocks it."""

@@ -8,13 +8,14 @@ it, and puts it on the access log, naming the account and never a secret.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from custodes.access import AccessGate, Done, Grant
 from custodes.accounts import Account, AccountBook
 from custodes.errors import RecordNotFound
 from custodes.policy import Action, Role, check_account_change
+from custodes.policy.budgets import checked_budget
 from custodes.sessions import Clock, Gatekeeper, Principal
 
 T = TypeVar("T")
@@ -104,6 +105,24 @@ class Administration:
             self._keeper.clear_failures(username)
 
         self._change(actor, Action.ACCOUNT_UNLOCK, username, change)
+
+    def set_budget(
+        self, actor: Principal, username: str, limits: Mapping[str, int | None] | None
+    ) -> None:
+        """Give an account budget limits of its own (None for a limit: none of that kind),
+        or with `limits` None put it back on its role's budget; logged with the limits.
+        Holds from the account's next read, in every session it has."""
+        checked = None if limits is None else checked_budget(limits)
+
+        def run(grant: Grant) -> Done[None]:
+            check_account_change(grant.username, username, Action.ACCOUNT_BUDGET)
+            if self._accounts.get(username) is None:
+                raise RecordNotFound("no account with that name")
+            self._accounts.set_budget(username, checked)
+            return Done(None)
+
+        detail = {"account": username, "limits": checked if checked is not None else "role"}
+        self._gate.access(actor, Action.ACCOUNT_BUDGET, run, detail=detail)
 
     def assign_case(self, actor: Principal, username: str, case_no: str) -> str:
         """Assign a case to an account: with the case as the stated purpose, its records

@@ -15,6 +15,7 @@ from rich.table import Table
 from custodes import settings
 from custodes.cli.common import log, open_host_vault, out, secret, vault_options
 from custodes.policy import ACCOUNT_ROLES, API_SCOPES, Role, assigned_cases, district_prefix
+from custodes.policy.budgets import LIMIT_NAMES, MAX_LIMIT
 
 
 @click.group()
@@ -172,6 +173,62 @@ def unlock(username: str, vault_dir: str | None, keyring: str | None) -> None:
     """Unlock an account locked by repeated failed logins or by a budget it crossed."""
     _account_change(
         vault_dir, keyring, lambda v: v.admin.unlock_account(v.operator, username), "unlocked"
+    )
+
+
+def _limit(_ctx: object, param: click.Parameter, value: str | None) -> int | str | None:
+    """A budget limit as typed: a whole number, or 'none' for no limit of that kind."""
+    if value is None:
+        return _UNSET
+    if value.strip().lower() == "none":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter("a whole number, or none", param=param) from None
+    if not 0 <= number <= MAX_LIMIT:
+        raise click.BadParameter(f"0 to {MAX_LIMIT:,}, or none", param=param)
+    return number
+
+
+_UNSET = "unset"
+
+
+def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
+    for name in reversed(LIMIT_NAMES):
+        command = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            callback=_limit,
+            metavar="N|none",
+            help=f"At most N record {name.replace('_', ' ')} (none: no limit of this kind).",
+        )(command)
+    return command
+
+
+@account.command("budget")
+@click.argument("username")
+@vault_options
+@_limit_options
+@click.option(
+    "--role-default",
+    is_flag=True,
+    help="Drop the account's own limits: its role's budget holds again.",
+)
+def budget(
+    username: str, vault_dir: str | None, keyring: str | None, role_default: bool, **limits: Any
+) -> None:
+    """Set USERNAME's own budget limits, over its role's: record views per minute, hour
+    and day, and misses (searches that found nothing) per hour and day. A read that
+    crosses one returns nothing and locks the account. Logged."""
+    given = {name: value for name, value in limits.items() if value != _UNSET}
+    if role_default == bool(given):
+        raise click.UsageError("give the limits to set, or --role-default, not both")
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.admin.set_budget(v.operator, username, None if role_default else given),
+        "given its role's budget" if role_default else "given its own budget",
     )
 
 

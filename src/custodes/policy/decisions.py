@@ -58,6 +58,8 @@ class Action(StrEnum):
     ACCOUNT_DISABLE = "account:account:disable"
     ACCOUNT_ENABLE = "account:account:enable"
     ACCOUNT_UNLOCK = "account:account:unlock"
+    # An account's own budget limits set, or put back to its role's (policy.budgets).
+    ACCOUNT_BUDGET = "account:budget:set"
     PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
     MFA_ENROL_ISSUE = "account:mfa:issue"
     MFA_ENROL = "account:mfa:enrol"
@@ -110,6 +112,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.ACCOUNT_DISABLE: _ADMINISTRATORS,
     Action.ACCOUNT_ENABLE: _ADMINISTRATORS,
     Action.ACCOUNT_UNLOCK: _ADMINISTRATORS,
+    Action.ACCOUNT_BUDGET: _ADMINISTRATORS,
     Action.PASSWORD_CHANGE: _ADMINISTRATORS,
     Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
     Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
