@@ -124,6 +124,25 @@ def test_the_ingest_bench_measures_custodes_beside_its_baseline_and_leaves_nothi
     assert re.search(rf"{backend} custodes, 1 worker\(s\): +[\d,]+ records/s", output), output
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_guard_bench_measures_budgets_against_lookups_without_them_and_leaves_nothing(
+    backend: str, bench_server: list[str], tmp_path: Path, private_home: Path
+) -> None:
+    output = run_bench(
+        "guard.py",
+        tmp_path,
+        private_home,
+        *bench_server,
+        *("--people", "300", "--seconds", "0.3", "--warmup", "0.1", "--rounds", "2"),
+        *("--threads", "2"),
+    )
+    for name in ("lookups/s without the guard", "lookups/s with budgets charged"):
+        (rate,) = row(output, name)
+        assert float(rate.replace(",", "")) > 0, f"{name}: nothing was answered"
+    (overhead,) = row(output, "overhead of the guard")
+    assert overhead.endswith("%")
+
+
 @contextlib.contextmanager
 def cluster_scratch(backend: str) -> Iterator[Path | None]:
     """For PostgreSQL, the backup bench's temporary directory: one its cluster's OS user

@@ -231,9 +231,14 @@ _KEY_TYPES = ("text", "int8", "bytea")
 _TOKEN_TYPES = ("int8", "int8", "text", "int8")
 
 # A later window starts the counter again; an earlier one adds to the stored window.
+# Its commit is not waited for on the disk (set_config(..., true) holds for this
+# statement's own transaction): the charge holds no history, the synced log does, and a
+# read should not pay a second flush for its budget.
 _CHARGE_USAGE = (
-    "INSERT INTO usage AS u (account, counter, window_start, total)"
-    " SELECT %s, c, w, n FROM unnest(%s::text[], %s::int8[], %s::int8[]) AS t(c, w, n)"
+    "WITH unsynced AS (SELECT set_config('synchronous_commit', 'off', true))"
+    " INSERT INTO usage AS u (account, counter, window_start, total)"
+    " SELECT %s, c, w, n FROM unsynced,"
+    " unnest(%s::text[], %s::int8[], %s::int8[]) AS t(c, w, n)"
     " ON CONFLICT (account, counter) DO UPDATE SET"
     " total = CASE WHEN u.window_start >= excluded.window_start"
     " THEN u.total + excluded.total ELSE excluded.total END,"
@@ -338,14 +343,13 @@ class PostgresStorage:
         counters, starts, amounts = (list(column) for column in zip(*checked, strict=True))
 
         def charge(conn: _Connection) -> list[int]:
-            # Not waited for on the disk: the charge holds no history (the log, synced,
-            # does), and a read should not pay a second flush for its budget.
-            conn.execute("SET LOCAL synchronous_commit TO off")
             rows = conn.execute(_CHARGE_USAGE, (account, counters, starts, amounts)).fetchall()
             totals = {str(counter): int(total) for counter, total in rows}
             return [totals[counter] for counter in counters]
 
-        return self._write(charge, "usage was not charged")
+        # One statement, its own transaction: one round trip. Should a dropped
+        # connection make it run again, the account is charged twice, never less.
+        return self._run(charge, "usage was not charged", transaction=False)
 
     # -- records ------------------------------------------------------------------
 

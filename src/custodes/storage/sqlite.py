@@ -292,6 +292,8 @@ _LOG_PRAGMAS = (
 # counter, updated in place.
 _USAGE_SCHEMA = (
     "PRAGMA journal_mode=WAL",
+    # A commit is not synced; the WAL is synced only at a checkpoint (NORMAL), and a
+    # process that dies loses nothing it committed.
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",
     "PRAGMA temp_store=MEMORY",
@@ -302,12 +304,12 @@ _USAGE_SCHEMA = (
 )
 # A later window starts the counter again; an earlier one adds to the stored window.
 _CHARGE_USAGE = (
-    "INSERT INTO usage(account, counter, window_start, total) VALUES (?, ?, ?, ?)"
+    "INSERT INTO usage(account, counter, window_start, total) VALUES {rows}"
     " ON CONFLICT(account, counter) DO UPDATE SET"
     " total = CASE WHEN usage.window_start >= excluded.window_start"
     " THEN usage.total + excluded.total ELSE excluded.total END,"
     " window_start = max(usage.window_start, excluded.window_start)"
-    " RETURNING total"
+    " RETURNING counter, total"
 )
 
 _PRAGMAS = (
@@ -957,20 +959,15 @@ class SQLiteStorage:
             if self._closed:
                 raise StorageError("usage was not charged: storage is closed")
             conn = self._usage_connection()
+            # One statement, its own transaction.
+            statement = _CHARGE_USAGE.format(rows=", ".join(["(?, ?, ?, ?)"] * len(checked)))
+            params = [value for charge in checked for value in (account, *charge)]
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    totals = [
-                        int(conn.execute(_CHARGE_USAGE, (account, *charge)).fetchone()[0])
-                        for charge in checked
-                    ]
-                    conn.execute("COMMIT")
-                except BaseException:
-                    _rollback(conn)
-                    raise
+                rows = conn.execute(statement, params).fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"usage was not charged: {exc}") from exc
-            return totals
+            totals = {str(counter): int(total) for counter, total in rows}
+            return [totals[counter] for counter, _, _ in checked]
 
     def _usage_connection(self) -> sqlite3.Connection:
         """The counters' own file, opened at the first charge. Apart from the records'
