@@ -28,6 +28,7 @@ from custodes.bootstrap import create_vault, open_vault
 from custodes.errors import AuthenticationFailed, LoginThrottled
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.policy.budgets import NO_LIMITS
+from custodes.records.idnumber import check_char
 from custodes.sessions import Session, token_key
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
@@ -394,7 +395,9 @@ def _wait_up(base: str, server: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the server did not answer in time")
 
 
-def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[bytes], str]:
+def _serve_two_workers(
+    shared: Path, output: int, *options: str
+) -> tuple[subprocess.Popen[bytes], str]:
     """`custodes serve --workers 2` on a free loopback port, and its base URL."""
     port = _free_port()
     env = {**os.environ, "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
@@ -402,6 +405,7 @@ def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[byte
         [
             *(sys.executable, "-m", "custodes", "serve"),
             *("--vault", str(_vault_dir(shared)), "--port", str(port), "--workers", "2"),
+            *options,
         ],
         env=env,
         stdout=output,
@@ -410,14 +414,15 @@ def _serve_two_workers(shared: Path, output: int) -> tuple[subprocess.Popen[byte
     return server, f"http://127.0.0.1:{port}"
 
 
-def _web_investigator(shared: Path) -> tuple[str, str]:
+def _web_investigator(shared: Path, budget: dict[str, int] | None = None) -> tuple[str, str]:
     """An investigator t.web for the shared vault: a one-time code, and a national ID to
     search for."""
     vault = _open(shared)
     try:
-        vault.admin.add_account(
-            vault.operator, "t.web", PASSWORD, Role.INVESTIGATOR, {"district": "*"}
-        )
+        attributes: dict[str, object] = {"district": "*"}
+        if budget is not None:
+            attributes["budget"] = budget
+        vault.admin.add_account(vault.operator, "t.web", PASSWORD, Role.INVESTIGATOR, attributes)
         secret = enrol(vault, "t.web")
         return totp_now(vault, secret), _national_ids(shared)[0]
     finally:
@@ -484,6 +489,33 @@ def test_serve_with_two_workers_shares_sessions_and_one_access_log(shared: Path)
             server.kill()
             server.wait()
     assert _logged_searches(shared) == 40
+
+
+def test_a_server_worker_sends_the_alert_of_a_crossed_budget_to_syslog(shared: Path) -> None:
+    code, nid = _web_investigator(shared, budget={"misses_per_hour": 1})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(("127.0.0.1", 0))
+        syslog.settimeout(30)
+        address = f"udp://127.0.0.1:{syslog.getsockname()[1]}"
+        server, base = _serve_two_workers(shared, subprocess.DEVNULL, "--alert-syslog", address)
+        try:
+            _wait_up(base, server)
+            auth, body = _web_search(base, code, nid)
+            absent = "11010519800101007"  # a valid number no one in the vault holds
+            missing = {**body, "values": {"national_id": absent + check_char(absent)}}
+            answers = [
+                httpx.post(f"{base}/api/v1/search", json=missing, headers=auth, timeout=30)
+                for _ in range(2)
+            ]
+            assert [a.status_code for a in answers] == [200, 403]
+            assert answers[1].json()["error"]["code"] == "budget_exceeded"
+            message = syslog.recv(65536).decode()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    assert " custodes " in message and " guard:budget - " in message
+    alert = orjson.loads(message.split(" - ", 1)[1])
+    assert alert["account"] == "t.web" and alert["signals"] == ["misses_per_hour"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from custodes.accounts import BUDGET, Account, AccountBook
+from custodes.alerts import Alert
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.errors import (
     AccessDenied,
@@ -95,6 +96,11 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
         action.value,
         index,
     )
+
+
+def _nowhere(_alert: Alert) -> None:
+    """Where alerts go when no destination is configured: the access log and the
+    operational log hold them already."""
 
 
 class OutOfReach(RecordNotFound):
@@ -181,6 +187,7 @@ class AccessGate:
     ) -> None:
         self._keeper = keeper
         self._usage = usage
+        self._alerts: Callable[[Alert], None] = _nowhere
         self._case_scope = case_scope
         self._accounts = accounts
         self._log = log
@@ -347,6 +354,17 @@ class AccessGate:
             failed = {"error": type(exc).__name__, **_alert(exc)}
             index = append(entry(Outcome.ERROR, extra=failed), private=private)
             _report_alert(exc, action, index)
+            if "alert" in failed:
+                self._alerts(
+                    Alert(
+                        str(failed["alert"]),
+                        "critical",
+                        who.username,
+                        action.value,
+                        [type(exc).__name__],
+                        index,
+                    )
+                )
             raise
         if action in _BUDGETED and isinstance(who, Session) and account is not None:
             crossed_limits = self._spend(who, account, action, done)
@@ -362,6 +380,9 @@ class AccessGate:
                 }
                 index = append(entry(Outcome.DENIED, extra=spent), private=private)
                 _report_budget(who, action, crossed_limits, index)
+                self._alerts(
+                    Alert(BUDGET_ALERT, "high", who.username, action.value, crossed_limits, index)
+                )
                 raise BudgetExceeded(
                     "this account has been shown as many records as its budget allows; it "
                     "is locked until an administrator unlocks it"
@@ -391,6 +412,11 @@ class AccessGate:
             ],
         )
         return crossed(budget, charge, totals)
+
+    def send_alerts_to(self, raise_alert: Callable[[Alert], None]) -> None:
+        """Hand every alert this door raises (after its entry is on the log) to
+        `raise_alert`, which must not wait (custodes.alerts.Dispatcher)."""
+        self._alerts = raise_alert
 
     def check(self, principal: Principal) -> Session | Operator:
         """The principal, checked afresh, for operations that log nothing themselves."""

@@ -26,6 +26,7 @@ ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
 ENV_NEW_PASSWORD = "CUSTODES_NEW_PASSWORD"  # noqa: S105 - a variable name
 ENV_TOTP = "CUSTODES_TOTP"  # the current one-time code from the official's authenticator
 ENV_ENROLMENT_CODE = "CUSTODES_ENROLMENT_CODE"  # for 'account mfa' without a prompt
+ENV_ALERT_SECRET = "CUSTODES_ALERT_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 ENV_SESSION_FILE = "CUSTODES_SESSION_FILE"  # where 'custodes login' keeps its session
 
 VAULT_FILE = "vault.toml"

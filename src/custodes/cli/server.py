@@ -5,11 +5,13 @@ Runs on the host and unlocks the vault once with the keyring passphrase.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import platformdirs
 
+from custodes import settings
 from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_options
 
 
@@ -53,6 +55,17 @@ from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_o
     "(repeatable; loopback only until TLS). Each server process sends it within about a "
     "minute of signing, retries while it is down, and logs every failure.",
 )
+@click.option(
+    "--alert-webhook",
+    metavar="URL",
+    help="Send each alert to this address as a signed JSON POST (https://, or http:// on "
+    f"this host), retried with backoff; the secret comes from ${settings.ENV_ALERT_SECRET}.",
+)
+@click.option(
+    "--alert-syslog",
+    metavar="udp://HOST:PORT|tcp://HOST:PORT",
+    help="Send each alert to syslog as an RFC 5424 message (facility auth).",
+)
 def serve(
     vault_dir: str | None,
     keyring: str | None,
@@ -65,6 +78,8 @@ def serve(
     tls_dir: str | None,
     trusted_proxies: tuple[str, ...],
     witnesses: tuple[str, ...],
+    alert_webhook: str | None,
+    alert_syslog: str | None,
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
@@ -86,6 +101,16 @@ def serve(
             check_witness_url(url)
         except ConfigurationError as exc:
             raise click.BadParameter(str(exc), param_hint="--witness") from None
+    from custodes.alerts import AlertRoutes
+
+    secret = os.environ.get(settings.ENV_ALERT_SECRET, "").encode()
+    if alert_webhook and not secret:
+        raise click.UsageError(f"--alert-webhook needs its secret in ${settings.ENV_ALERT_SECRET}")
+    routes = AlertRoutes(alert_webhook, secret, alert_syslog)
+    try:
+        routes.check()
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--alert-webhook/--alert-syslog") from None
     if tls_self_signed and tls_cert:
         raise click.UsageError("choose --tls-cert/--tls-key or --tls-self-signed, not both")
     tls = web.TlsFiles(Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
@@ -116,5 +141,6 @@ def serve(
         workers=workers,
         trusted_proxies=trusted_proxies,
         witnesses=witnesses,
+        alerts=routes,
         ready=ready,
     )

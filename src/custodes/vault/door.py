@@ -20,6 +20,7 @@ from custodes import passkeys
 from custodes.access import AccessGate, Done, Grant, OutOfReach
 from custodes.accounts import AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
+from custodes.alerts import Dispatcher
 from custodes.audit import AccessEntry, AccessLog, sequencer
 from custodes.audit.checkpoint import LogLoss
 from custodes.audit.report import (
@@ -97,6 +98,7 @@ class Vault:
         self._operator = operator
         self._stop_signing: list[threading.Event] = []
         self._sequencer: SequencerClient | None = None
+        self._dispatcher: Dispatcher | None = None
         self._keeper = Gatekeeper(
             store=storage,
             meta=storage,
@@ -175,7 +177,15 @@ class Vault:
         ).start()
         return stop
 
+    def send_alerts(self, dispatcher: Dispatcher) -> None:
+        """Send every alert raised from now on to the dispatcher's destinations (a
+        webhook, syslog), once its refusal is on the access log; closed with the vault."""
+        self._dispatcher = dispatcher
+        self._gate.send_alerts_to(dispatcher.raise_alert)
+
     def close(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         for stop in self._stop_signing:
             stop.set()
         if self._sequencer is not None:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from custodes.alerts import AlertRoutes, Dispatcher
 from custodes.audit.sequencer import SequencerAddress
 from custodes.audit.witness import check_witness_url
 from custodes.bootstrap import UnlockedVault, assemble_vault, for_server, runs_as_schema_owner
@@ -134,6 +135,7 @@ def serve(
     workers: int = 1,
     trusted_proxies: Sequence[str] = (),
     witnesses: Sequence[str] = (),
+    alerts: AlertRoutes | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
@@ -164,7 +166,9 @@ def serve(
             "drop the records and the access log. Give the server a role of its own: "
             "'custodes database grant --owner-database URL --app-role NAME'"
         )
-    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses))
+    routes = alerts or AlertRoutes()
+    routes.check()
+    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes)
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
         if workers == 1:
@@ -190,6 +194,7 @@ class _Listen:
     tls: TlsFiles | None
     trusted_proxies: tuple[str, ...] = ()
     witnesses: tuple[str, ...] = ()  # where each worker sends the checkpoints signed
+    alerts: AlertRoutes = field(default_factory=AlertRoutes)  # where each worker alerts
 
 
 def _check_tls(tls: TlsFiles) -> None:
@@ -373,6 +378,8 @@ def _run_worker(
     vault = assemble_vault(unlocked)
     if sequencer is not None:
         vault.sequence_log_through(sequencer)
+    if destinations := listen.alerts.destinations():
+        vault.send_alerts(Dispatcher(destinations))
     vault.keep_signing(witnesses=listen.witnesses)
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
