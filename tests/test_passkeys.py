@@ -42,8 +42,9 @@ def clocked(vault: Vault) -> tuple[Vault, Clock]:
 
 
 def with_passkey(vault: Vault, name: str = "t.officer") -> tuple[Session, SoftAuthenticator]:
-    """An enrolled account, logged in with its code, that registers a passkey."""
-    session = login(vault, Role.OFFICER, name)
+    """An enrolled account, logged in with its code, that registers a passkey. The tests
+    log it in again and again, beyond an officer's two sessions: it has no such cap."""
+    session = login(vault, Role.OFFICER, name, budget={"sessions": None})
     device = SoftAuthenticator()
     options = vault.passkey_registration_options(session, SITE)
     vault.register_passkey(session, SITE, device.create(options, SITE.origin), label="laptop")

@@ -20,9 +20,16 @@ from custodes.errors import (
     AuthenticationFailed,
     BudgetExceeded,
     ConfigurationError,
+    SessionLimit,
 )
 from custodes.policy import AccessPurpose, Action, Role
-from custodes.policy.budgets import DEFAULT_BUDGETS, MINUTE, NO_LIMITS, window_start
+from custodes.policy.budgets import (
+    DEFAULT_BUDGETS,
+    DEFAULT_SESSIONS,
+    MINUTE,
+    NO_LIMITS,
+    window_start,
+)
 from custodes.records.idnumber import check_char
 from custodes.vault import Vault
 from custodes.web.app import create_app
@@ -248,3 +255,32 @@ def test_an_accounts_own_budget_set_by_an_administrator_holds_at_its_next_read(
         _search(vault, session, people[2])
     with pytest.raises(AccessDenied):  # administrators set budgets; readers do not
         vault.admin.set_budget(login(vault, Role.SUPERVISOR, "t.boss"), "t.narrow", None)
+
+
+def test_a_stolen_password_cannot_open_sessions_beside_the_officials_own(
+    vault: Vault, clock: _Time
+) -> None:
+    first = login(vault, Role.OFFICER, "t.counter")  # officers may have two open
+    assert DEFAULT_SESSIONS[Role.OFFICER] == 2
+
+    def again() -> Any:
+        clock.advance(30)  # a new one-time code
+        return vault.login("t.counter", PASSWORD, totp=totp_now(vault, TOTP_SECRETS["t.counter"]))
+
+    second = again()
+    with pytest.raises(SessionLimit, match="2 sessions open"):
+        again()
+    refused = [
+        e
+        for _, e in vault._log.entries()
+        if e.actor == "t.counter" and e.action == Action.LOGIN.value
+    ]
+    assert [(e.outcome, e.detail.get("reason")) for e in refused][-1] == (
+        Outcome.DENIED.value,
+        "sessions",
+    )
+    vault.logout(first)
+    third = again()
+    assert {second.token, third.token} and second.token != third.token
+    vault.admin.set_budget(vault.operator, "t.counter", {"sessions": 3})
+    again()

@@ -25,6 +25,7 @@ from custodes.errors import (
     LogMoved,
     PurposeRequired,
     RecordNotFound,
+    SessionLimit,
     WeakPassword,
 )
 from custodes.vault import Vault
@@ -52,6 +53,7 @@ CASES: dict[str, tuple[BaseException, str]] = {
     "bad-assignment": (InvalidAssignment("that case is already assigned"), "invalid_query"),
     "denied": (AccessDenied("only an auditor reads the access log"), "access_denied"),
     "budget": (BudgetExceeded("this account's budget is spent"), "budget_exceeded"),
+    "sessions": (SessionLimit("this account has its sessions open"), "session_limit"),
     "not-found": (RecordNotFound("no such record"), "record_not_found"),
     "log-down": (AuditUnavailable("the access log is closed"), "audit_unavailable"),
     "log-moved": (LogMoved("the access log kept moving"), "audit_unavailable"),

@@ -260,26 +260,27 @@ def assemble_vault(
     vault has none, so no request can act as the operator."""
     layout = VaultLayout(unlocked.directory)
     storage = _unlocked_storage(unlocked)
+    # Whatever stops the assembly (a bad setting, or an interrupt while a server starts)
+    # closes the storage it opened: a PostgreSQL pool left open keeps its connections.
     try:
         schema_text, bits = _read_meta(storage, unlocked.material)
-        schema = parse_schema(schema_text)
-    except Exception:
+        return _assemble(
+            storage,
+            parse_schema(schema_text),
+            schema_text,
+            unlocked.material,
+            unlocked.signer,
+            bits,
+            hash_cost,
+            layout.directory,
+            checkpoint_every,
+            clock=clock,
+            random=random,
+            operator=Operator() if host else None,
+        )
+    except BaseException:
         storage.close()
         raise
-    return _assemble(
-        storage,
-        schema,
-        schema_text,
-        unlocked.material,
-        unlocked.signer,
-        bits,
-        hash_cost,
-        layout.directory,
-        checkpoint_every,
-        clock=clock,
-        random=random,
-        operator=Operator() if host else None,
-    )
 
 
 def open_vault(

@@ -131,6 +131,11 @@ class BudgetExceeded(AccessDenied):
     (custodes.policy.budgets): nothing of it is returned, and the account is locked."""
 
 
+class SessionLimit(AccessDenied):
+    """The account has as many sessions open as it may: one must end before another
+    starts."""
+
+
 class RecordNotFound(CustodesError):
     """No record with that id (or not one this account may know exists)."""
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes import passkeys
-from custodes.accounts import Account, AccountBook, Enrolment, Passkey, RowTampered
+from custodes.accounts import BUDGET, Account, AccountBook, Enrolment, Passkey, RowTampered
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowKind, RowMacs
@@ -34,8 +34,10 @@ from custodes.errors import (
     AuthenticationFailed,
     ConfigurationError,
     LoginThrottled,
+    SessionLimit,
 )
 from custodes.policy import API_SCOPES, Action, Role
+from custodes.policy.budgets import sessions_for
 from custodes.storage.base import AccountRow, AccountStore, LoginCounts, MetaStore, SessionRow
 
 Clock = Callable[[], float]
@@ -430,9 +432,17 @@ class Gatekeeper:
         self._throttle.succeeded(keys)
         self._throttle.forget_quiet(now)
         self._accounts.record_success(username)
+        self.sessions.purge(now)
+        most = sessions_for(account.role, account.attributes.get(BUDGET))
+        if most is not None and self._store.count_account_sessions(username) >= most:
+            # The holder proved who they are: they are told why, and the refusal is logged.
+            self._log_login(username, account.role, Outcome.DENIED, now, client, "sessions")
+            raise SessionLimit(
+                f"this account already has {most} sessions open, as many as it may: log out "
+                "of one, or wait until one times out"
+            )
         factor = "passkey" if passkey is not None else "totp"
         self._log_login(username, account.role, Outcome.GRANTED, now, client, factor=factor)
-        self.sessions.purge(now)
         return self.sessions.open(username, account.role, now, client)
 
     def _login_failed(self, username: str, now: float, client: str | None, reason: str) -> None:

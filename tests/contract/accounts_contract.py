@@ -137,6 +137,16 @@ class AccountStoreContract:
         assert storage.get_session_account(orphan.key) == (orphan, None)
         assert storage.get_session_account(session_key(b"c")) is None
 
+    def test_sessions_are_counted_per_account(self, storage: AccountStore) -> None:
+        assert storage.count_account_sessions("inspector.ode") == 0
+        storage.put_session(session_row(b"a"))
+        storage.put_session(session_row(b"b"))
+        storage.put_session(session_row(b"c", username="inspector.other"))
+        assert storage.count_account_sessions("inspector.ode") == 2
+        storage.end_session(session_key(b"a"))
+        assert storage.count_account_sessions("inspector.ode") == 1
+        assert storage.count_account_sessions("nobody") == 0
+
     def test_a_session_key_is_stored_once(self, storage: AccountStore) -> None:
         storage.put_session(session_row(b"a"))
         with pytest.raises(ConfigurationError):

@@ -15,7 +15,7 @@ from rich.table import Table
 from custodes import settings
 from custodes.cli.common import log, open_host_vault, out, secret, vault_options
 from custodes.policy import ACCOUNT_ROLES, API_SCOPES, Role, assigned_cases, district_prefix
-from custodes.policy.budgets import LIMIT_NAMES, MAX_LIMIT
+from custodes.policy.budgets import MAX_LIMIT, SETTING_NAMES
 
 
 @click.group()
@@ -195,13 +195,14 @@ _UNSET = "unset"
 
 
 def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
-    for name in reversed(LIMIT_NAMES):
+    for name in reversed(SETTING_NAMES):
+        what = "sessions open at once" if name == "sessions" else f"record {name.replace('_', ' ')}"
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
             callback=_limit,
             metavar="N|none",
-            help=f"At most N record {name.replace('_', ' ')} (none: no limit of this kind).",
+            help=f"At most N {what} (none: no limit of this kind).",
         )(command)
     return command
 
@@ -219,8 +220,9 @@ def budget(
     username: str, vault_dir: str | None, keyring: str | None, role_default: bool, **limits: Any
 ) -> None:
     """Set USERNAME's own budget limits, over its role's: record views per minute, hour
-    and day, and misses (searches that found nothing) per hour and day. A read that
-    crosses one returns nothing and locks the account. Logged."""
+    and day, misses (searches that found nothing) per hour and day, and sessions open at
+    once. A read that crosses a limit returns nothing and locks the account; a login
+    beyond the sessions is refused. Logged."""
     given = {name: value for name, value in limits.items() if value != _UNSET}
     if role_default == bool(given):
         raise click.UsageError("give the limits to set, or --role-default, not both")

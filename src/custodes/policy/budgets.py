@@ -46,6 +46,7 @@ class Budget:
     views_per_day: int | None = None
     misses_per_hour: int | None = None
     misses_per_day: int | None = None
+    sessions: int | None = None  # open at once; checked at login, not charged
 
     def limits(self) -> list[tuple[str, Counter, int, int]]:
         """(name, counter, window, limit) of every limit set."""
@@ -69,9 +70,21 @@ _LIMITS: tuple[tuple[str, Counter, int], ...] = (
     ("misses_per_day", Counter.MISSES, DAY),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _LIMITS)
+# What an account may be given of its own: the counters' limits and its open sessions.
+SETTING_NAMES: tuple[str, ...] = (*LIMIT_NAMES, "sessions")
+# Sessions an account of each role may have open at once: a desk and a phone, say, and
+# a third for an investigator in the field. A thief holding a stolen password cannot
+# open more beside the official's own.
+DEFAULT_SESSIONS: Mapping[Role, int] = {
+    Role.OFFICER: 2,
+    Role.INVESTIGATOR: 3,
+    Role.SUPERVISOR: 3,
+    Role.AUDITOR: 3,
+    Role.ADMIN: 3,
+}
 # Every limit lifted: an account's own budget for work no person does by hand (a
 # measurement, a drill), set by an administrator and on the log like any account change.
-NO_LIMITS: Mapping[str, None] = dict.fromkeys(LIMIT_NAMES)
+NO_LIMITS: Mapping[str, None] = dict.fromkeys(SETTING_NAMES)
 # Whatever an administrator sets, a limit is at most this (a day's work of a busy desk
 # is a few hundred records; beyond this a "budget" stops nothing).
 MAX_LIMIT = 1_000_000
@@ -121,6 +134,13 @@ def checked_budget(overrides: Mapping[str, Any]) -> dict[str, int | None]:
             )
         checked[name] = value
     return checked
+
+
+def sessions_for(role: Role, overrides: Mapping[str, Any] | None = None) -> int | None:
+    """How many sessions an account of `role` may have open at once, its own setting
+    put in; None: as many as it likes."""
+    own = checked_budget(overrides or {})
+    return own["sessions"] if "sessions" in own else DEFAULT_SESSIONS.get(role)
 
 
 def budget_for(role: Role, overrides: Mapping[str, Any] | None = None) -> Budget | None:

@@ -175,6 +175,10 @@ class AccountStore(Protocol):
 
     def count_sessions(self) -> int: ...
 
+    def count_account_sessions(self, username: str) -> int:
+        """How many sessions of this account are stored (ended ones are deleted)."""
+        ...
+
     def list_sessions(self) -> list[SessionRow]:
         """Every stored session, ended or not, by account name (for deployment checks)."""
         ...

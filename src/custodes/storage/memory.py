@@ -191,6 +191,11 @@ class MemoryStorage:
             self._check_open()
             return self._sessions.get(key)
 
+    def count_account_sessions(self, username: str) -> int:
+        with self._lock:
+            self._check_open()
+            return sum(1 for row in self._sessions.values() if row.username == username)
+
     def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
         with self._lock:
             self._check_open()

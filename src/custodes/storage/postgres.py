@@ -578,6 +578,10 @@ class PostgresStorage:
         )
         return None if row is None else _session_from_row(row)
 
+    def count_account_sessions(self, username: str) -> int:
+        row = self._one("SELECT count(*) FROM sessions WHERE username = %s", (username,))
+        return int(row[0])
+
     def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
         row = self._one(_SESSION_ACCOUNT, (key,))
         if row is None:

@@ -654,6 +654,10 @@ class SQLiteStorage:
         )
         return None if row is None else SessionRow(bytes(row[0]), *row[1:])
 
+    def count_account_sessions(self, username: str) -> int:
+        row = self._one("SELECT count(*) FROM sessions WHERE username = ?", (username,))
+        return int(row[0])
+
     def get_session_account(self, key: bytes) -> tuple[SessionRow, AccountRow | None] | None:
         row = self._one(
             "SELECT s.key, s.username, s.role, s.issued_at, s.expires, s.last_seen, s.client,"

@@ -22,6 +22,7 @@ from custodes.errors import (
     LoginThrottled,
     PurposeRequired,
     RecordNotFound,
+    SessionLimit,
 )
 from custodes.web import deps
 
@@ -69,6 +70,12 @@ REFUSALS: dict[type[BaseException], Refusal] = {
     ),
     # Also InvalidAssignment, a subclass: a malformed or unchanged case assignment.
     InvalidQuery: Refusal(422, "invalid_query", "Check the form", "The request is malformed."),
+    SessionLimit: Refusal(
+        403,
+        "session_limit",
+        "Too many sessions",
+        "This account has as many sessions open as it may: log out of one first.",
+    ),
     # The account is locked, not asked to wait: no Retry-After would be true.
     BudgetExceeded: Refusal(
         403,
