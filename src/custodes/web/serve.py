@@ -146,8 +146,9 @@ def serve(
     any worker may answer any request. Workers are forked after the keys are unsealed,
     so the passphrase is asked for once and the keys never leave memory. Every worker
     signs the log on a timer and sends what is signed on to each of `witnesses`.
-    The port is claimed first (a port another custodes server holds is refused), and
-    `ready` is called once it is this server's.
+    The port is claimed first (a port another custodes server holds is refused); `ready`
+    is called, with one worker, once it serves, and with several once the port is this
+    server's, before the workers start (the supervisor takes the stop signals itself).
     """
     check_bind(host, tls)
     if not 1 <= workers <= MAX_WORKERS:
@@ -172,9 +173,7 @@ def serve(
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
         if workers == 1:
-            if ready is not None:
-                ready()
-            _run_worker(unlocked, listen, own_socket=False)
+            _run_worker(unlocked, listen, own_socket=False, ready=ready)
             return
         # Restarts never give up, so what restarting cannot fix must stop the server here,
         # before any fork: a vault that does not open (a tampered setting, a rolled-back
@@ -368,6 +367,7 @@ def _run_worker(
     *,
     own_socket: bool,
     sequencer: SequencerAddress | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     from custodes.web.app import create_app
 
@@ -384,7 +384,7 @@ def _run_worker(
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
         config = _config(app, listen)
-        server = uvicorn.Server(config)
+        server = _Server(config, ready)
         _stop.server = server
         if _stop.asked:
             return  # asked to stop while starting, and the exception was lost (_stop_worker)
@@ -393,6 +393,21 @@ def _run_worker(
         vault.close()
         if sock is not None:
             sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling `ready` once it serves: by then it has taken SIGINT and
+    SIGTERM for itself. Said earlier, a stop sent at once could land while asyncio's own
+    handler holds SIGINT, and be spent cancelling a startup that goes on regardless."""
+
+    def __init__(self, config: uvicorn.Config, ready: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._ready is not None:
+            self._ready()
 
 
 # From <linux/prctl.h>: the signal a process gets when the thread that forked it exits.
