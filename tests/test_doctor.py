@@ -31,7 +31,7 @@ from custodes.doctor import (
 )
 from custodes.policy import Role
 from custodes.settings import VaultLayout
-from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PASSWORD, enrol
+from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PASSWORD, enrol, login
 
 
 @pytest.fixture
@@ -155,6 +155,35 @@ def test_locked_and_disabled_accounts_are_reported(deployment: Path) -> None:
     found = tags(check(deployment))
     assert found["accounts:disabled"] is Severity.LOW
     assert found["accounts:locked"] is Severity.MEDIUM
+    assert "accounts:budget-locked" not in found
+
+
+def test_an_account_locked_at_its_budget_is_reported_as_a_possible_scraper(
+    deployment: Path,
+) -> None:
+    from custodes.bootstrap import open_vault
+    from custodes.errors import BudgetExceeded
+    from custodes.policy import AccessPurpose
+    from custodes.records.idnumber import check_char
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        session = login(vault, Role.INVESTIGATOR, "d.walker", budget={"misses_per_hour": 0})
+        absent = "11010519800101007"
+        with pytest.raises(BudgetExceeded):
+            vault.search(
+                session,
+                AccessPurpose("checking a reported burglary", "C-2026-17"),
+                record_type="person",
+                index="national_id",
+                values={"national_id": absent + check_char(absent)},
+            )
+    finally:
+        vault.close()
+    [finding] = [f for f in check(deployment) if f.check == "accounts:budget-locked"]
+    assert finding.severity is Severity.HIGH
+    assert "'d.walker'" in finding.message and "misses_per_hour" in finding.message
+    assert "custodes account unlock d.walker" in finding.fix
 
 
 # -- listeners and TLS -------------------------------------------------------------------

@@ -206,6 +206,9 @@ class Account:
     disabled: bool
     mfa_enrolled: bool = False
     locked: bool = False
+    # The budget limits a read crossed when the account was locked for it; empty if it
+    # was not (policy.budgets).
+    crossed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -849,7 +852,13 @@ def _account(row: AccountRow) -> Account:
         disabled=row.disabled,
         mfa_enrolled=isinstance(state.get("totp"), dict),
         locked=bool(state.get("locked")),
+        crossed=_crossed(state.get("held")),
     )
+
+
+def _crossed(held: object) -> tuple[str, ...]:
+    limits = held.get("limits") if isinstance(held, dict) else None
+    return tuple(str(name) for name in limits) if isinstance(limits, list) else ()
 
 
 def _check_username(username: str) -> None:

@@ -556,7 +556,17 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 "nothing to do if that is intended; it keeps its place in the log",
             )
             continue
-        if account.locked:
+        if account.locked and account.crossed:
+            yield Finding(
+                "accounts:budget-locked",
+                Severity.HIGH,
+                f"account {name!r} was locked when a read would have crossed its budget "
+                f"({', '.join(account.crossed)}): it may have been scraping records",
+                f"check its reads ('custodes audit log --actor {name}'), then give it a budget "
+                f"of its own ('custodes account budget {name} ...') or "
+                f"'custodes account unlock {name}'",
+            )
+        elif account.locked:
             yield Finding(
                 "accounts:locked",
                 Severity.MEDIUM,
