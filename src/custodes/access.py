@@ -404,14 +404,7 @@ class AccessGate:
         )
         if not charge.items:
             return []
-        totals = self._usage.charge_usage(
-            who.username,
-            [
-                (key, start, amount)
-                for (key, start), (*_, amount) in zip(charge.keys, charge.items, strict=True)
-            ],
-        )
-        return crossed(budget, charge, totals)
+        return crossed(budget, charge, self._usage.charge_usage(who.username, charge.rows))
 
     def send_alerts_to(self, raise_alert: Callable[[Alert], None]) -> None:
         """Hand every alert this door raises (after its entry is on the log) to

@@ -91,7 +91,15 @@ MAX_LIMIT = 1_000_000
 
 # What a role may see without anyone asking for more. A desk officer answers the public
 # one person at a time; an investigator works through a case's people; a supervisor
-# reviews both. Roles that read no records (auditor, admin) have nothing to spend.
+# reviews both, on the same budget. Roles that read no records (auditor, admin) have
+# nothing to spend.
+_CASEWORK = Budget(
+    views_per_minute=60,
+    views_per_hour=600,
+    views_per_day=2000,
+    misses_per_hour=60,
+    misses_per_day=200,
+)
 DEFAULT_BUDGETS: Mapping[Role, Budget] = {
     Role.OFFICER: Budget(
         views_per_minute=30,
@@ -100,20 +108,8 @@ DEFAULT_BUDGETS: Mapping[Role, Budget] = {
         misses_per_hour=30,
         misses_per_day=100,
     ),
-    Role.INVESTIGATOR: Budget(
-        views_per_minute=60,
-        views_per_hour=600,
-        views_per_day=2000,
-        misses_per_hour=60,
-        misses_per_day=200,
-    ),
-    Role.SUPERVISOR: Budget(
-        views_per_minute=60,
-        views_per_hour=600,
-        views_per_day=2000,
-        misses_per_hour=60,
-        misses_per_day=200,
-    ),
+    Role.INVESTIGATOR: _CASEWORK,
+    Role.SUPERVISOR: _CASEWORK,
 }
 
 
@@ -160,9 +156,14 @@ class Charge:
     items: tuple[tuple[Counter, int, int, int], ...]
 
     @property
+    def rows(self) -> list[tuple[str, int, int]]:
+        """As UsageStore.charge_usage takes them: (counter/window, window start, amount)."""
+        return [(counter_key(c, w), start, amount) for c, w, start, amount in self.items]
+
+    @property
     def keys(self) -> list[tuple[str, int]]:
         """The storage counters it adds to: (counter/window, window start)."""
-        return [(counter_key(c, w), start) for c, w, start, _ in self.items]
+        return [(key, start) for key, start, _ in self.rows]
 
 
 def counter_key(counter: Counter, window: int) -> str:
