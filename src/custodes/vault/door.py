@@ -584,6 +584,14 @@ class Vault:
 
         return self._gate.access(session, Action.ALERT_LIST, run)
 
+    def alert(self, session: Principal, alert_id: str) -> RecordedAlert:
+        """One alert, as the vault holds it (RecordNotFound if none). Logged."""
+
+        def run(_: Grant) -> Done[RecordedAlert]:
+            return Done(self._alert_book.get(alert_id), detail={"alert_id": alert_id})
+
+        return self._gate.access(session, Action.ALERT_LIST, run)
+
     def acknowledge_alert(self, session: Principal, alert_id: str) -> None:
         """Say that someone is looking into an alert; logged, then kept with the alert."""
         self._step_alert(session, alert_id, AlertState.ACKNOWLEDGED, Action.ALERT_ACKNOWLEDGE)
@@ -600,7 +608,7 @@ class Vault:
             if found.alert.account == grant.username:
                 # The watched do not close their own file.
                 raise AccessDenied("an alert about your own account is handled by someone else")
-            return Done(None, detail={"alert": found.id, "kind": found.alert.kind})
+            return Done(None, detail={"alert_id": found.id, "kind": found.alert.kind})
 
         _, index = self._gate.access_then(session, action, run)
         who = self._gate.check(session)
