@@ -29,6 +29,7 @@ from custodes.errors import (
     DatabaseRefused,
     RecordNotFound,
 )
+from custodes.metering import UsageMeter
 from custodes.policy import (
     AccessPurpose,
     Action,
@@ -192,7 +193,7 @@ class AccessGate:
         canaries: CanaryList,
     ) -> None:
         self._keeper = keeper
-        self._usage = usage
+        self._meter = UsageMeter(usage)
         self._alert_book = alert_book
         self._canaries = canaries
         self._send: Callable[[Alert], None] = _nowhere
@@ -453,7 +454,13 @@ class AccessGate:
         )
         if not charge.items:
             return []
-        return crossed(budget, charge, self._usage.charge_usage(who.username, charge.rows))
+        limits = {(counter, window): limit for _, counter, window, limit in budget.limits()}
+        caps = [limits[(counter, window)] for counter, window, _, _ in charge.items]
+        return crossed(budget, charge, self._meter.charge(who.username, charge.rows, caps))
+
+    def close(self) -> None:
+        """Charge what the meter holds, before storage closes."""
+        self._meter.close()
 
     def send_alerts_to(self, send: Callable[[Alert], None]) -> None:
         """Hand every alert this door raises (after its entry is on the log, and once it

@@ -200,7 +200,10 @@ class Vault:
         if self._sequencer is not None:
             self._log.sequence_through(None)
             self._sequencer.close()
-        self._storage.close()
+        try:
+            self._gate.close()
+        finally:
+            self._storage.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------
 
