@@ -450,13 +450,20 @@ class AccessGate:
             return []
         views = len(done.records)
         charge = charge_for(
-            budget, self._clock(), views=views, missed=action is Action.SEARCH and not views
+            budget,
+            self._clock(),
+            views=views,
+            missed=action is Action.SEARCH and not views,
+            subjects=done.records,
         )
         if not charge.items:
             return []
         limits = {(counter, window): limit for _, counter, window, limit in budget.limits()}
         caps = [limits[(counter, window)] for counter, window, _, _ in charge.items]
-        return crossed(budget, charge, self._meter.charge(who.username, charge.rows, caps))
+        totals = self._meter.charge(
+            who.username, charge.rows, caps, distinct=charge.distinct, subjects=charge.subjects
+        )
+        return crossed(budget, charge, totals)
 
     def close(self) -> None:
         """Charge what the meter holds, before storage closes."""

@@ -27,9 +27,11 @@ from custodes.policy.decisions import Role
 
 
 class Counter(StrEnum):
-    """What a read charges: records shown, or a search that found nothing."""
+    """What a read charges: records shown, the distinct records among them (a person
+    looked at twice in a day is one subject), or a search that found nothing."""
 
     VIEWS = "views"
+    SUBJECTS = "subjects"
     MISSES = "misses"
 
 
@@ -44,6 +46,7 @@ class Budget:
     views_per_minute: int | None = None
     views_per_hour: int | None = None
     views_per_day: int | None = None
+    subjects_per_day: int | None = None
     misses_per_hour: int | None = None
     misses_per_day: int | None = None
     sessions: int | None = None  # open at once; checked at login, not charged
@@ -66,6 +69,7 @@ _LIMITS: tuple[tuple[str, Counter, int], ...] = (
     ("views_per_minute", Counter.VIEWS, MINUTE),
     ("views_per_hour", Counter.VIEWS, HOUR),
     ("views_per_day", Counter.VIEWS, DAY),
+    ("subjects_per_day", Counter.SUBJECTS, DAY),
     ("misses_per_hour", Counter.MISSES, HOUR),
     ("misses_per_day", Counter.MISSES, DAY),
 )
@@ -97,6 +101,7 @@ _CASEWORK = Budget(
     views_per_minute=60,
     views_per_hour=600,
     views_per_day=2000,
+    subjects_per_day=1000,
     misses_per_hour=60,
     misses_per_day=200,
 )
@@ -105,6 +110,7 @@ DEFAULT_BUDGETS: Mapping[Role, Budget] = {
         views_per_minute=30,
         views_per_hour=300,
         views_per_day=1000,
+        subjects_per_day=400,
         misses_per_hour=30,
         misses_per_day=100,
     ),
@@ -151,9 +157,11 @@ def budget_for(role: Role, overrides: Mapping[str, Any] | None = None) -> Budget
 @dataclass(frozen=True, slots=True)
 class Charge:
     """What one read adds to its account's counters: (counter, window, window start,
-    amount) for every limit the budget sets."""
+    amount) for every limit the budget sets, and the records it showed, which a counter
+    of distinct subjects counts (its amount is at most their number)."""
 
     items: tuple[tuple[Counter, int, int, int], ...]
+    subjects: tuple[str, ...] = ()
 
     @property
     def rows(self) -> list[tuple[str, int, int]]:
@@ -165,21 +173,34 @@ class Charge:
         """The storage counters it adds to: (counter/window, window start)."""
         return [(key, start) for key, start, _ in self.rows]
 
+    @property
+    def distinct(self) -> str | None:
+        """The storage counter of distinct subjects it adds to, if any."""
+        for counter, window, _, _ in self.items:
+            if counter is Counter.SUBJECTS:
+                return counter_key(counter, window)
+        return None
+
 
 def counter_key(counter: Counter, window: int) -> str:
     return f"{counter.value}/{window}"
 
 
-def charge_for(budget: Budget, now: float, *, views: int, missed: bool) -> Charge:
-    """The charge of a read that showed `views` records (or found none: missed)."""
+def charge_for(
+    budget: Budget, now: float, *, views: int, missed: bool, subjects: Sequence[str] = ()
+) -> Charge:
+    """The charge of a read that showed `views` records (or found none: missed), the
+    records shown being `subjects`."""
     windows = {(counter, window) for _, counter, window, _ in budget.limits()}
-    amounts = {Counter.VIEWS: views, Counter.MISSES: 1 if missed else 0}
+    shown = tuple(dict.fromkeys(subjects))
+    amounts = {Counter.VIEWS: views, Counter.SUBJECTS: len(shown), Counter.MISSES: int(missed)}
     return Charge(
         tuple(
             (counter, window, window_start(now, window), amounts[counter])
             for counter, window in sorted(windows)
             if amounts[counter]
-        )
+        ),
+        shown,
     )
 
 
