@@ -40,7 +40,7 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
-from custodes.policy.budgets import budget_for, charge_for, crossed
+from custodes.policy.budgets import budget_for, charge_for, crossed, paging_crossed
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 from custodes.storage.base import UsageStore
 
@@ -101,6 +101,17 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
         action.value,
         index,
     )
+
+
+def _paging(who: Session | Operator, account: Account) -> str:
+    """An account's paging limits, as a refusal says them."""
+    budget = budget_for(who.role, account.attributes.get(BUDGET))
+    said = []
+    if budget is not None and budget.page_size is not None:
+        said.append(f"{budget.page_size} records a page")
+    if budget is not None and budget.search_depth is not None:
+        said.append(f"{budget.search_depth} in all")
+    return " and ".join(said)
 
 
 def _nowhere(_alert: Alert) -> None:
@@ -217,16 +228,18 @@ class AccessGate:
         detail: Mapping[str, Any] | None = None,
         private: dict[str, Any] | None = None,
         target: str | None = None,
+        page: tuple[int, int] | None = None,
     ) -> T:
         """Decide, run, log durably, then return. Nothing leaves before the entry exists.
 
         `private` (such as the values searched for) is sealed beside the entry, so that
         a subject's report can show it while the log itself names no one. `target` is the
         record an operation on one record names, so that a refused or failed attempt
-        reaches that person's subject report.
+        reaches that person's subject report. `page` is a search's (offset, size), held
+        against the account's paging limits (policy.budgets) before anything is read.
         """
         result, _ = self._access(
-            principal, action, run, purpose, record_type, detail, private, target
+            principal, action, run, purpose, record_type, detail, private, target, page
         )
         return result
 
@@ -241,7 +254,7 @@ class AccessGate:
     ) -> tuple[T, int]:
         """Like access, and also the index of the entry that records it, for an operation
         whose answer is read from the log after its own entry (a subject report)."""
-        return self._access(principal, action, run, purpose, None, None, None, target)
+        return self._access(principal, action, run, purpose, None, None, None, target, None)
 
     def access_write(
         self,
@@ -315,6 +328,7 @@ class AccessGate:
         detail: Mapping[str, Any] | None,
         private: dict[str, Any] | None,
         target: str | None,
+        page: tuple[int, int] | None,
     ) -> tuple[T, int]:
         who, account = self._check(principal)
         attempted = (target,) if target else ()
@@ -347,6 +361,15 @@ class AccessGate:
         except AccessDenied:
             append(entry(Outcome.DENIED), private=private)
             raise
+        if page is not None and account is not None:
+            deep = paging_crossed(budget_for(who.role, account.attributes.get(BUDGET)), *page)
+            if deep:
+                refused = {"reason": "paging", "limits": deep}
+                append(entry(Outcome.DENIED, extra=refused), private=private)
+                raise AccessDenied(
+                    f"this account's searches show at most {_paging(who, account)}: ask for "
+                    "fewer, or narrow the search"
+                )
         reach = self._reach(who, purpose, account)
         try:
             done = run(Grant(who, reach))

@@ -50,6 +50,8 @@ class Budget:
     misses_per_hour: int | None = None
     misses_per_day: int | None = None
     sessions: int | None = None  # open at once; checked at login, not charged
+    page_size: int | None = None  # records one page of a search shows
+    search_depth: int | None = None  # records a search may page through, from its first
 
     def limits(self) -> list[tuple[str, Counter, int, int]]:
         """(name, counter, window, limit) of every limit set."""
@@ -74,8 +76,10 @@ _LIMITS: tuple[tuple[str, Counter, int], ...] = (
     ("misses_per_day", Counter.MISSES, DAY),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _LIMITS)
-# What an account may be given of its own: the counters' limits and its open sessions.
-SETTING_NAMES: tuple[str, ...] = (*LIMIT_NAMES, "sessions")
+# What an account may be given of its own: the counters' limits, its open sessions, and
+# how far its searches page.
+PAGING_NAMES: tuple[str, ...] = ("page_size", "search_depth")
+SETTING_NAMES: tuple[str, ...] = (*LIMIT_NAMES, "sessions", *PAGING_NAMES)
 # Sessions an account of each role may have open at once: a desk and a phone, say, and
 # a third for an investigator in the field. A thief holding a stolen password cannot
 # open more beside the official's own.
@@ -104,6 +108,8 @@ _CASEWORK = Budget(
     subjects_per_day=1000,
     misses_per_hour=60,
     misses_per_day=200,
+    page_size=50,
+    search_depth=100,
 )
 DEFAULT_BUDGETS: Mapping[Role, Budget] = {
     Role.OFFICER: Budget(
@@ -113,6 +119,10 @@ DEFAULT_BUDGETS: Mapping[Role, Budget] = {
         subjects_per_day=400,
         misses_per_hour=30,
         misses_per_day=100,
+        # A desk answers for the person in front of it: a name shared by more than a
+        # page of people is narrowed by a birth date, not paged through.
+        page_size=20,
+        search_depth=40,
     ),
     Role.INVESTIGATOR: _CASEWORK,
     Role.SUPERVISOR: _CASEWORK,
@@ -202,6 +212,19 @@ def charge_for(
         ),
         shown,
     )
+
+
+def paging_crossed(budget: Budget | None, offset: int, size: int) -> list[str]:
+    """The paging limits a search page asking for `size` records from position `offset`
+    would cross, by name: empty if within (or for a role with no budget)."""
+    if budget is None:
+        return []
+    found = []
+    if budget.page_size is not None and size > budget.page_size:
+        found.append("page_size")
+    if budget.search_depth is not None and offset + size > budget.search_depth:
+        found.append("search_depth")
+    return found
 
 
 def window_start(now: float, window: int) -> int:
