@@ -40,7 +40,13 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
-from custodes.policy.budgets import budget_for, charge_for, crossed, paging_crossed
+from custodes.policy.budgets import (
+    Budget,
+    budget_for,
+    charge_for,
+    crossed,
+    paging_crossed,
+)
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 from custodes.storage.base import UsageStore
 
@@ -103,9 +109,8 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
     )
 
 
-def _paging(who: Session | Operator, account: Account) -> str:
+def _paging(budget: Budget | None) -> str:
     """An account's paging limits, as a refusal says them."""
-    budget = budget_for(who.role, account.attributes.get(BUDGET))
     said = []
     if budget is not None and budget.page_size is not None:
         said.append(f"{budget.page_size} records a page")
@@ -362,12 +367,13 @@ class AccessGate:
             append(entry(Outcome.DENIED), private=private)
             raise
         if page is not None and account is not None:
-            deep = paging_crossed(budget_for(who.role, account.attributes.get(BUDGET)), *page)
+            budget = self._budget(who, account)
+            deep = paging_crossed(budget, *page)
             if deep:
                 refused = {"reason": "paging", "limits": deep}
                 append(entry(Outcome.DENIED, extra=refused), private=private)
                 raise AccessDenied(
-                    f"this account's searches show at most {_paging(who, account)}: ask for "
+                    f"this account's searches show at most {_paging(budget)}: ask for "
                     "fewer, or narrow the search"
                 )
         reach = self._reach(who, purpose, account)
@@ -468,7 +474,7 @@ class AccessGate:
         """Charge what a read showed (its records, or a miss: a search that found nothing)
         to the account's counters, shared by every server process; the budget limits the
         totals now cross, by name (none: the read may be answered)."""
-        budget = budget_for(who.role, account.attributes.get(BUDGET))
+        budget = self._budget(who, account)
         if budget is None:
             return []
         views = len(done.records)
@@ -487,6 +493,12 @@ class AccessGate:
             who.username, charge.rows, caps, distinct=charge.distinct, subjects=charge.subjects
         )
         return crossed(budget, charge, totals)
+
+    def _budget(self, who: Session | Operator, account: Account) -> Budget | None:
+        """The account's budget: its role's in this vault, with its own limits put in."""
+        return budget_for(
+            who.role, account.attributes.get(BUDGET), self._keeper.role_budgets.current()
+        )
 
     def close(self) -> None:
         """Charge what the meter holds, before storage closes."""

@@ -60,6 +60,8 @@ class Action(StrEnum):
     ACCOUNT_UNLOCK = "account:account:unlock"
     # An account's own budget limits set, or put back to its role's (policy.budgets).
     ACCOUNT_BUDGET = "account:budget:set"
+    # A role's own budget limits in this vault set, or put back to the defaults.
+    ROLE_BUDGET = "account:budget:role"
     PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
     MFA_ENROL_ISSUE = "account:mfa:issue"
     MFA_ENROL = "account:mfa:enrol"
@@ -121,6 +123,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.ACCOUNT_ENABLE: _ADMINISTRATORS,
     Action.ACCOUNT_UNLOCK: _ADMINISTRATORS,
     Action.ACCOUNT_BUDGET: _ADMINISTRATORS,
+    Action.ROLE_BUDGET: _ADMINISTRATORS,
     Action.PASSWORD_CHANGE: _ADMINISTRATORS,
     Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
     Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
