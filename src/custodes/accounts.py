@@ -209,6 +209,9 @@ class Account:
     # The budget limits a read crossed when the account was locked for it; empty if it
     # was not (policy.budgets).
     crossed: tuple[str, ...] = ()
+    # The alert its reads raised when the account was locked for them (a canary read,
+    # an anomaly), if any.
+    locked_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -853,7 +856,13 @@ def _account(row: AccountRow) -> Account:
         mfa_enrolled=isinstance(state.get("totp"), dict),
         locked=bool(state.get("locked")),
         crossed=_crossed(state.get("held")),
+        locked_by=_locked_by(state.get("held")),
     )
+
+
+def _locked_by(held: object) -> str | None:
+    alert = held.get("alert") if isinstance(held, dict) else None
+    return alert if isinstance(alert, str) else None
 
 
 def _crossed(held: object) -> tuple[str, ...]:
