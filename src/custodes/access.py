@@ -169,6 +169,9 @@ class Done(Generic[T]):
     records: Sequence[str] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     record_type: str | None = None  # known only once the record is read
+    # Sealed beside the granted entry with the access's own `private`: what only the
+    # operation knows once it has run (the records a bulk export holds, its canaries).
+    private: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AccessGate:
@@ -388,7 +391,8 @@ class AccessGate:
                     "is locked until an administrator unlocks it"
                 )
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
-        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
+        sealed = {**(private or {}), **done.private} if done.private else private
+        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=sealed)
         return done.result, index
 
     def _spend(self, who: Session, account: Account, action: Action, done: Done[Any]) -> list[str]:
