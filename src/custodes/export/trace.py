@@ -31,9 +31,10 @@ from custodes.errors import InvalidInput
 # Each canary found: the chance that an unrelated sample holds a synthetic row of this
 # export's own on every shared column, taken as at most one in 2^32.
 _CANARY_CHANCE = 2.0**-32
-# What it takes to name an export: a confidence of this much, and this share of the
-# sample explained by it.
-NAMED_CONFIDENCE = 0.999
+# What it takes to name an export: a confidence of this much (an unrelated export reaches
+# it by chance once in a million; with many exports compared, once in a million each),
+# and this share of the sample explained by it.
+NAMED_CONFIDENCE = 1 - 1e-6
 NAMED_COVERAGE = 0.5
 # Columns shared with an export below which it is not compared at all.
 MIN_SHARED_COLUMNS = 2
