@@ -18,6 +18,11 @@ from custodes.export.requests import ExportState
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.vault import Session, Vault
 from tests.conftest import login
+from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
+    Served,
+    run,
+    served,
+)
 
 PURPOSE = AccessPurpose("census of marital status by county", "STAT-2026")
 
@@ -235,3 +240,110 @@ def test_bad_requests_are_refused_without_repeating_the_input(
             purpose_class="statistics",
             recipient=base64.b64encode(b"short").decode(),
         )
+
+
+# -- the adapters: the API, the client and local commands, the host's trace -------------
+
+
+def test_the_api_asks_approves_and_produces_once_and_refuses_self_approval(
+    tmp_path: Path, population_file: Path, recipient: tuple[bytes, str]
+) -> None:
+    from tests.test_web_api import TestClient, build_app, headers_for, make_vault
+
+    vault = make_vault(tmp_path, "memory")
+    try:
+        vault.ingest(vault.operator, population_file)
+        with TestClient(build_app(vault)) as client:
+            asker = headers_for(client, vault, Role.INVESTIGATOR)
+            second = headers_for(client, vault, Role.SUPERVISOR)
+            body = {
+                "record_type": "person",
+                "purpose_class": "statistics",
+                "recipient": recipient[1],
+                "purpose": PURPOSE.reason,
+                "case_ref": PURPOSE.case_ref,
+            }
+            asked = client.post("/api/v1/exports", json=body, headers=asker)
+            assert asked.status_code == 201, asked.text
+            export_id = asked.json()["export_id"]
+            path = f"/api/v1/exports/{export_id}"
+            unapproved = client.post(path + "/produce", headers=asker)
+            assert unapproved.status_code == 403
+            assert unapproved.json()["error"]["code"] == "access_denied"
+            assert client.post(path + "/approve", headers=asker).status_code == 403
+            approved = client.post(path + "/approve", headers=second)
+            assert approved.status_code == 200 and approved.json()["state"] == "approved"
+            assert client.post(path + "/produce", headers=second).status_code == 403
+            made = client.post(path + "/produce", headers=asker)
+            assert made.status_code == 200
+            assert made.headers["content-type"] == "application/octet-stream"
+            assert _rows(made.content, recipient[0])
+            assert client.post(path + "/produce", headers=asker).status_code == 403
+            assert client.get(path, headers=asker).json()["state"] == "produced"
+            bad = client.post("/api/v1/exports", json={**body, "recipient": "AAAA"}, headers=asker)
+            assert bad.status_code == 422
+    finally:
+        vault.close()
+
+
+def test_the_client_asks_and_fetches_the_supervisor_approves_and_only_the_recipient_opens(
+    served: Served,  # noqa: F811 - the fixture
+) -> None:
+    asker = served.official("ex.asker", Role.INVESTIGATOR)
+    approver = served.official("ex.approver", Role.SUPERVISOR)
+    keys = served.root / "recipient"
+    assert run("export", "keygen", str(keys)).returncode == 0
+    assert (keys.parent / "recipient.key").stat().st_mode & 0o077 == 0
+    for env in (asker, approver):
+        assert run("login", "--server", served.url, env=env).returncode == 0, "login"
+    asked = run(
+        "export", "request", "--class", "research", "--recipient", f"{keys}.pub",
+        "--purpose", PURPOSE.reason, "--case", "STAT-2026", "--json", env=asker,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    export_id = orjson.loads(asked.stdout)["export_id"]
+    sealed = served.root / "out.export"
+    refused = run("export", "fetch", export_id, "--out", str(sealed), env=asker)
+    assert refused.returncode == AccessDenied.exit_code and not sealed.exists()
+    assert "not been approved" in refused.stderr
+    assert run("export", "approve", export_id, env=asker).returncode == AccessDenied.exit_code
+    assert run("export", "approve", export_id, env=approver).returncode == 0
+    fetched = run("export", "fetch", export_id, "--out", str(sealed), env=asker)
+    assert fetched.returncode == 0, fetched.stderr
+    opened = run("export", "open", str(sealed), "--key", f"{keys}.key")
+    assert opened.returncode == 0, opened.stderr
+    rows = [orjson.loads(line) for line in opened.stdout.splitlines()]
+    assert len(rows) == len(served.people) + 3
+    assert set().union(*rows) <= set(served.vault.schema.export_rules("research", "person"))
+    assert run("export", "keygen", str(served.root / "other")).returncode == 0
+    wrong = run("export", "open", str(sealed), "--key", str(served.root / "other.key"))
+    assert wrong.returncode == TamperDetected.exit_code and not wrong.stdout
+
+
+def test_the_host_traces_a_leaked_csv_to_its_export(
+    tmp_path: Path, population_file: Path, recipient: tuple[bytes, str]
+) -> None:
+    from tests.conftest import PASSPHRASE, make_vault
+
+    vault = make_vault(tmp_path, "sqlite")
+    vault.ingest(vault.operator, population_file)
+    asker, second = _officials(vault)
+    export_id = vault.exports.request(
+        asker, PURPOSE, record_type="person", purpose_class="research", recipient=recipient[1]
+    )
+    vault.exports.approve(second, export_id)
+    rows = _rows(vault.exports.produce(asker, export_id).sealed, recipient[0])
+    vault.close()
+    leaked = tmp_path / "leak.csv"
+    columns = [c for c in rows[0] if c not in ("national_id", "gender")]
+    lines = [",".join(reversed(columns))]
+    lines += [",".join(r.get(c, "") for c in reversed(columns)) for r in rows[::-1][:250]]
+    leaked.write_text("\n".join(lines) + "\n", "utf-8")
+    env = {"CUSTODES_VAULT": str(tmp_path / "vault"), "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    done = run("trace", str(leaked), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["verdict"] == "export" and report["export"]["export"] == export_id
+    assert report["export"]["requester"] == "an.investigator"
+    text = run("trace", str(leaked), env=env)
+    assert text.returncode == 0 and export_id in text.stdout

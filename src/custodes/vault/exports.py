@@ -26,13 +26,19 @@ from custodes.audit import AccessLog, Outcome
 from custodes.codec import RecordCodec
 from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowMacs
-from custodes.errors import AccessDenied, CustodesError, InvalidQuery, RecordNotFound
+from custodes.errors import (
+    AccessDenied,
+    CustodesError,
+    InvalidInput,
+    InvalidQuery,
+    RecordNotFound,
+)
 from custodes.export.canaries import canary_count, placed, synthetic_records
 from custodes.export.envelope import fingerprint, public_key_bytes, seal_for
 from custodes.export.pseudonymise import ExportKeys, carriers, generalise, redact, watermark_bit
 from custodes.export.requests import ExportRequest, ExportRequests, ExportState
 from custodes.export.trace import RebuiltExport, RebuiltRow, TraceReport, trace_leak
-from custodes.policy import AccessPurpose, Action
+from custodes.policy import AccessPurpose, Action, Role
 from custodes.records import query_parts
 from custodes.schema import RecordType, Schema
 from custodes.sessions import Clock, Principal, Random
@@ -124,7 +130,10 @@ class Exports:
             known = ", ".join(sorted(self._schema.exports)) or "none"
             raise InvalidQuery(f"unknown export class (known: {known})")
         self._schema.export_rules(purpose_class, rt.name)
-        raw_key = public_key_bytes(recipient)
+        try:
+            raw_key = public_key_bytes(recipient)
+        except InvalidInput as exc:
+            raise InvalidQuery(exc.reason) from None
         if district is not None and not _DISTRICT.fullmatch(district):
             raise InvalidQuery("a district is a 2, 4 or 6-digit division code")
         ids: tuple[str, ...] | None = None
@@ -193,8 +202,8 @@ class Exports:
         """Where a request stands, for the officials it concerns."""
         live = self._gate.check(session)
         request = self._stored(_checked_id(export_id))
-        if live.username not in (request.requester, request.approver) and live.role.value != (
-            "supervisor"
+        if live.username not in (request.requester, request.approver) and (
+            live.role is not Role.SUPERVISOR
         ):
             raise RecordNotFound("no such export request")
         return _status(request)
