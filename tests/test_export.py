@@ -10,10 +10,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from custodes.audit import Outcome
-from custodes.errors import AccessDenied, InvalidQuery, TamperDetected
-from custodes.export.envelope import keygen, open_sealed, private_key
+from custodes.errors import AccessDenied, InvalidInput, InvalidQuery, TamperDetected
+from custodes.export.envelope import keygen, open_sealed, private_key, public_key_bytes, seal_for
 from custodes.export.requests import ExportState
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.vault import Session, Vault
@@ -232,7 +234,11 @@ def test_bad_requests_are_refused_without_repeating_the_input(
             record_ids=["王小明 11010119900307003X"],
         )
     assert "王小明" not in str(bad_id.value)
-    with pytest.raises(Exception, match="32 bytes"):
+    with pytest.raises(InvalidQuery, match="does not export records of type 'case'"):
+        loaded.exports.request(
+            asker, PURPOSE, record_type="case", purpose_class="statistics", recipient=recipient[1]
+        )
+    with pytest.raises(InvalidQuery, match="32 bytes"):
         loaded.exports.request(
             asker,
             PURPOSE,
@@ -240,6 +246,19 @@ def test_bad_requests_are_refused_without_repeating_the_input(
             purpose_class="statistics",
             recipient=base64.b64encode(b"short").decode(),
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=300), st.data())
+def test_any_bit_flipped_in_a_sealed_export_is_refused(plain: bytes, data: st.DataObject) -> None:
+    private_pem, public_pem, _ = keygen()
+    sealed = seal_for(public_key_bytes(public_pem), plain)
+    assert open_sealed(private_key(private_pem), sealed) == plain
+    bit = data.draw(st.integers(0, len(sealed) * 8 - 1))
+    flipped = bytearray(sealed)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises((TamperDetected, InvalidInput)):
+        open_sealed(private_key(private_pem), bytes(flipped))
 
 
 # -- the adapters: the API, the client and local commands, the host's trace -------------

@@ -32,6 +32,7 @@ from custodes.errors import (
     InvalidInput,
     InvalidQuery,
     RecordNotFound,
+    SchemaError,
 )
 from custodes.export.canaries import canary_count, placed, synthetic_records
 from custodes.export.envelope import fingerprint, public_key_bytes, seal_for
@@ -53,6 +54,9 @@ _DISTRICT = re.compile(r"[0-9]{2}(?:[0-9]{2}){0,2}")
 _INFO = b"custodes/export/v1/"
 # The most record ids a request may name; a larger scope is a district or a whole type.
 MAX_SCOPE_IDS = 100_000
+# The most rows one export holds: its record ids are sealed beside its log entry, and a
+# trace rebuilds it in memory. A larger need is several exports, each approved.
+MAX_EXPORT_ROWS = 1_000_000
 _CHUNK = 500
 # What the access log shows of the reads a trace holds a sample against.
 _READS = frozenset({Action.SEARCH.value, Action.READ.value, Action.REVEAL.value})
@@ -129,7 +133,10 @@ class Exports:
         if purpose_class not in self._schema.exports:
             known = ", ".join(sorted(self._schema.exports)) or "none"
             raise InvalidQuery(f"unknown export class (known: {known})")
-        self._schema.export_rules(purpose_class, rt.name)
+        try:
+            self._schema.export_rules(purpose_class, rt.name)
+        except SchemaError as exc:
+            raise InvalidQuery(str(exc)) from None
         try:
             raw_key = public_key_bytes(recipient)
         except InvalidInput as exc:
@@ -225,6 +232,10 @@ class Exports:
             rows: list[dict[str, str]] = []
             ids: list[str] = []
             for record_id, values in self._in_scope(request, rt, grant):
+                if len(rows) == MAX_EXPORT_ROWS:
+                    raise InvalidQuery(
+                        f"an export holds at most {MAX_EXPORT_ROWS:,} rows: narrow its scope"
+                    )
                 rows.append(redact(rt, rules, values, record_id, keys))
                 ids.append(record_id)
             seed = int.from_bytes(self._random(8), "big")
