@@ -6,6 +6,7 @@ Runs on the in-memory and the SQLite backend alike.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -20,6 +21,10 @@ from custodes.export.requests import ExportState
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.vault import Session, Vault
 from tests.conftest import login
+from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
+    postgres_dsn_fixture,
+    postgres_server_fixture,
+)
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
     run,
@@ -366,3 +371,45 @@ def test_the_host_traces_a_leaked_csv_to_its_export(
     assert report["export"]["requester"] == "an.investigator"
     text = run("trace", str(leaked), env=env)
     assert text.returncode == 0 and export_id in text.stdout
+
+
+def test_on_postgresql_an_export_is_produced_once_and_a_forged_approval_is_refused(
+    tmp_path: Path,
+    postgres_dsn: Callable[[], str],
+    population_file: Path,
+    recipient: tuple[bytes, str],
+) -> None:
+    from custodes.bootstrap import create_vault
+    from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE
+
+    vault = create_vault(
+        tmp_path / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "vault.keyring",
+        log_key_path=tmp_path / "keys" / "log.key",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        database=postgres_dsn(),
+    )
+    try:
+        assert type(vault._storage).__name__ == "PostgresStorage"
+        vault.ingest(vault.operator, population_file, workers=1)
+        asker, second = _officials(vault)
+        forged = vault.exports.request(
+            asker, PURPOSE, record_type="person", purpose_class="statistics", recipient=recipient[1]
+        )
+        key = f"export/{forged}"
+        fields, tag = orjson.loads(vault._storage.get_meta(key) or b"")
+        fields[10] = "approved"
+        vault._storage.set_meta(key, orjson.dumps([fields, tag]))
+        with pytest.raises(TamperDetected):
+            vault.exports.produce(asker, forged)
+        export_id = vault.exports.request(
+            asker, PURPOSE, record_type="person", purpose_class="statistics", recipient=recipient[1]
+        )
+        vault.exports.approve(second, export_id)
+        assert _rows(vault.exports.produce(asker, export_id).sealed, recipient[0])
+        with pytest.raises(AccessDenied):
+            vault.exports.produce(asker, export_id)
+    finally:
+        vault.close()
