@@ -137,6 +137,8 @@ def test_a_sample_with_its_pseudonyms_is_traced_whatever_else_is_removed(world: 
     sample = _sample(rows, seed=3, size=1_000)
     for row in sample:
         row.pop("address", None)  # the watermark's carrier removed instead
+    for row in sample[:100]:  # and some rows edited
+        row["education"], row["marital_status"] = "博士", "single"
     report = world.vault.exports.trace(world.vault.operator, read_leak(_jsonl(sample)))
     assert report.export is not None and report.export.export_id == world.exports[7]
     assert report.export.coverage > 0.95

@@ -60,6 +60,7 @@ class RebuiltExport:
     rows: Sequence[RebuiltRow]
     canaries: Sequence[Mapping[str, str]]
     carriers: tuple[str, ...]
+    pseudonyms: tuple[str, ...] = ()  # the fields that hold the export's pseudonym
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,19 +216,30 @@ def compare_export(
     def key(row: Mapping[str, str], columns: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(row.get(c, "") for c in columns)
 
+    # A pseudonym is the export's own and names one record (or canary) outright, whatever
+    # else in the row was edited; without one, a row is matched on every shared column.
+    named = tuple(c for c in export.pseudonyms if c in present)
     canaries = {key(c, shared): n for n, c in enumerate(export.canaries)}
+    canary_names = {c[f]: n for n, c in enumerate(export.canaries) for f in named if f in c}
     by_plain: dict[tuple[str, ...], list[RebuiltRow]] = {}
+    by_name: dict[str, RebuiltRow] = {}
     for rebuilt in export.rows:
         by_plain.setdefault(key(rebuilt.values, plain), []).append(rebuilt)
+        by_name.update((rebuilt.values[f], rebuilt) for f in named if f in rebuilt.values)
     found: set[int] = set()
     matched = agree = compared = 0
     for row in leak:
         canary = canaries.get(key(row, shared))
+        if canary is None:
+            canary = next(
+                (canary_names[v] for f in named if (v := row.get(f)) in canary_names), None
+            )
         if canary is not None:
             found.add(canary)
             matched += 1
             continue
-        candidates = by_plain.get(key(row, plain))
+        by_pseudonym = [by_name[v] for f in named if (v := row.get(f)) in by_name][:1]
+        candidates = by_pseudonym or by_plain.get(key(row, plain))
         if not candidates:
             continue
         matched += 1

@@ -436,7 +436,10 @@ class Exports:
             for c in sealed.get("canaries", [])
             if isinstance(c, dict)
         ]
-        return RebuiltExport(export_id, requester, rt.name, purpose_class, rows, canaries, marked)
+        named = tuple(name for name, rule in rules.items() if rule == "pseudonym")
+        return RebuiltExport(
+            export_id, requester, rt.name, purpose_class, rows, canaries, marked, named
+        )
 
     def _matching_records(
         self, row: Mapping[str, str], cache: dict[str, dict[str, object]]
