@@ -413,3 +413,59 @@ def test_on_postgresql_an_export_is_produced_once_and_a_forged_approval_is_refus
             vault.exports.produce(asker, export_id)
     finally:
         vault.close()
+
+
+# -- the schema's export classes and the redaction they make -----------------------------
+
+
+def _schema_with(exports: str) -> str:
+    from importlib import resources
+
+    text = resources.files("custodes").joinpath("schemas/population.toml").read_text("utf-8")
+    return text.split("\n[exports.", 1)[0] + "\n" + exports
+
+
+@pytest.mark.parametrize(
+    ("exports", "says"),
+    [
+        ('[exports.s.person]\nnational_id = "pseudonym"\nshoe_size = "keep"\n', "no such field"),
+        ('[exports.s.person]\nnational_id = "pseudonym"\ngender = "generalise"\n', "no general"),
+        ('[exports.s.person]\nnational_id = "pseudonym"\nname = "blur"\n', "the rule is one of"),
+        ('[exports.s.person]\ngender = "keep"\n', "needs one field as a pseudonym"),
+        ('[exports.s.case]\ncase_no = "pseudonym"\npersons = "keep"\n', "never exported"),
+        ('[exports.s.pet]\nname = "pseudonym"\n', "unknown record type"),
+    ],
+)
+def test_an_export_class_that_could_leak_more_than_it_says_is_refused(
+    exports: str, says: str
+) -> None:
+    from custodes.errors import SchemaError
+    from custodes.schema import parse_schema
+
+    with pytest.raises(SchemaError, match=says):
+        parse_schema(_schema_with(exports))
+
+
+def test_redaction_coarsens_keeps_and_pseudonymises_as_the_class_says() -> None:
+    from custodes.export.pseudonymise import ExportKeys, pseudonym, redact
+    from custodes.schema import load_schema
+
+    schema = load_schema()
+    rt = schema.types["person"]
+    person = {
+        "name": "王小明",
+        "national_id": "11010119900307003X",
+        "phone": "13812345678",
+        "gender": "male",
+        "birth_date": "1990-03-07",
+        "address": "北京市东城区东华门街道100号",
+        "ethnicity": "汉族",
+    }
+    keys = ExportKeys(b"p" * 32, b"w" * 32)
+    row = redact(rt, schema.export_rules("research", "person"), person, "rid-1", keys)
+    assert row["national_id"] == pseudonym(b"p" * 32, "rid-1") != pseudonym(b"q" * 32, "rid-1")
+    assert row["phone"] == "138" and row["birth_date"] == "1990-03-07"  # research keeps it
+    assert row["address"] in ("北京市东城区", "北京市东城区东")
+    assert "name" not in row
+    stats = redact(rt, schema.export_rules("statistics", "person"), person, "rid-1", keys)
+    assert stats["birth_date"] == "1990" and "phone" not in stats and "ethnicity" not in stats
