@@ -469,3 +469,20 @@ def test_redaction_coarsens_keeps_and_pseudonymises_as_the_class_says() -> None:
     assert "name" not in row
     stats = redact(rt, schema.export_rules("statistics", "person"), person, "rid-1", keys)
     assert stats["birth_date"] == "1990" and "phone" not in stats and "ethnicity" not in stats
+
+
+def test_an_export_holds_only_records_its_asker_may_see_and_counts_the_rest(
+    loaded: Vault, recipient: tuple[bytes, str], people: list[dict[str, object]]
+) -> None:
+    district = str(people[0]["national_id"])[:2]
+    asker = login(loaded, Role.INVESTIGATOR, "a.district.investigator", district=district)
+    second = login(loaded, Role.SUPERVISOR, "a.supervisor")
+    export_id = loaded.exports.request(
+        asker, PURPOSE, record_type="person", purpose_class="statistics", recipient=recipient[1]
+    )
+    loaded.exports.approve(second, export_id)
+    made = loaded.exports.produce(asker, export_id)
+    inside = sum(1 for p in people if str(p["national_id"]).startswith(district))
+    assert made.rows == inside + 3 < len(people)
+    [(_, entry)] = _entries(loaded, Action.EXPORT_CREATE)
+    assert entry.detail["filtered"] == len(people) - inside

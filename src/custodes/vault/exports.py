@@ -261,6 +261,8 @@ class Exports:
                     "recipient": recipient_fp,
                     "class": request.purpose_class,
                     "approver": request.approver,
+                    # Records of the scope out of the asker's reach: counted, never named.
+                    "filtered": grant.reach.withheld,
                     "ids_digest": ids_digest(ids),
                 },
                 record_type=rt.name,
