@@ -132,7 +132,13 @@ def export() -> None:
     recipient's key pair and open an export with it (here, no server)."""
 
 
+@click.group(cls=_LazyGroup, lazy={"plant": f"{_HOST}:canary_plant"})
+def canary() -> None:
+    """Canary records: synthetic people whose every read raises an alarm."""
+
+
 cli.add_command(audit)
+cli.add_command(canary)
 cli.add_command(export)
 cli.add_command(backup)
 cli.add_command(database)

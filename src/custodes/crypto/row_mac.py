@@ -1,7 +1,7 @@
-"""Authentication of the stored rows that decide access: the vault's settings, accounts,
-sessions, API tokens and export requests. Each kind has its own HMAC-SHA256 key, derived
-with HKDF from the keyring's index root, so a database writer without the keyring can
-forge or edit none.
+"""Authentication of the stored rows that decide access (the vault's settings, accounts,
+sessions, API tokens and export requests) and of the alerts raised on its use. Each kind
+has its own HMAC-SHA256 key, derived with HKDF from the keyring's index root, so a
+database writer without the keyring can forge or edit none.
 
 A tag covers a row's fields as one canonical JSON list headed by its kind, so a tag made
 for one kind or one row never verifies for another.
@@ -33,6 +33,7 @@ class RowKind(StrEnum):
     # A bulk export's request: its scope, its recipient and whether a second person
     # approved it (custodes.export.requests).
     EXPORT_REQUEST = "export_request"
+    ALERT = "alert"
 
 
 class RowMacs:

@@ -80,6 +80,13 @@ class Action(StrEnum):
     EXPORT_CREATE = "export:bulk:create"
     # A leaked sample matched against the vault and the log: which export or account.
     LEAK_TRACE = "audit:leak:trace"
+    # Alerts on officials' use of the vault (custodes.alerts): listed, then acknowledged
+    # (someone is looking) and resolved (dealt with), each step by a watcher.
+    ALERT_LIST = "guard:alert:list"
+    ALERT_ACKNOWLEDGE = "guard:alert:acknowledge"
+    ALERT_RESOLVE = "guard:alert:resolve"
+    # Synthetic people stored like real ones, whose every read trips an alarm.
+    CANARY_PLANT = "guard:canary:plant"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -96,6 +103,7 @@ _CLEARANCE: dict[Role, Sensitivity | None] = {
 _READERS = frozenset({Role.OFFICER, Role.INVESTIGATOR, Role.SUPERVISOR})
 _ADMINISTRATORS = frozenset({Role.ADMIN, Role.OPERATOR})
 _OFFICIALS = frozenset(ACCOUNT_ROLES)
+_WATCHERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 
 # Who may perform each action. An action missing here is refused to everyone.
 PERMISSIONS: Mapping[Action, frozenset[Role]] = {
@@ -134,6 +142,12 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.EXPORT_CREATE: frozenset({Role.INVESTIGATOR, Role.SUPERVISOR}),
     # Opens records and the log's sealed details in memory; reports ids and names only.
     Action.LEAK_TRACE: frozenset({Role.OPERATOR}),
+    # The watchers: a supervisor answers for the officials of a unit, an auditor for all.
+    Action.ALERT_LIST: _WATCHERS,
+    Action.ALERT_ACKNOWLEDGE: _WATCHERS,
+    Action.ALERT_RESOLVE: _WATCHERS,
+    # Planted on the host, with the keyring: no official learns which records are canaries.
+    Action.CANARY_PLANT: frozenset({Role.OPERATOR}),
 }
 
 # Reads of personal records must name the case they serve as well as a reason: the case
@@ -179,6 +193,10 @@ _REFUSALS: Mapping[Action, str] = {
     Action.EXPORT_APPROVE: "only a supervisor approves a bulk export",
     Action.EXPORT_CREATE: "only an investigator or a supervisor produces a bulk export",
     Action.LEAK_TRACE: "only the host operator traces a leak",
+    Action.ALERT_LIST: "only a supervisor or an auditor handles alerts",
+    Action.ALERT_ACKNOWLEDGE: "only a supervisor or an auditor handles alerts",
+    Action.ALERT_RESOLVE: "only a supervisor or an auditor handles alerts",
+    Action.CANARY_PLANT: "only the host operator plants canary records",
 }
 _ADMIN_REFUSAL = "only an administrator manages accounts"
 

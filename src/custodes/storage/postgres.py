@@ -31,6 +31,7 @@ from custodes.errors import (
 )
 from custodes.storage.base import (
     AccountRow,
+    AlertRow,
     BatchOutcome,
     LogAppend,
     LoginCounts,
@@ -45,6 +46,7 @@ from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -211,6 +213,15 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY(account, counter)
     );
     """,
+    # 3: the alerts raised on officials' use of the vault (custodes.alerts).
+    """
+    CREATE TABLE alerts(
+        alert_id text COLLATE "C" PRIMARY KEY,
+        raised_at double precision NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -350,6 +361,55 @@ class PostgresStorage:
         # One statement, its own transaction: one round trip. Should a dropped
         # connection make it run again, the account is charged twice, never less.
         return self._run(charge, "usage was not charged", transaction=False)
+
+    # -- alerts -------------------------------------------------------------------
+
+    def put_alert(self, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO alerts(alert_id, raised_at, body) VALUES (%s, %s, %s)"
+                    " ON CONFLICT(alert_id) DO NOTHING",
+                    (alert_id, raised_at, body),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        _, was_raised, was = checked_alert(expected)
+        if alert_id != expected.alert_id:
+            raise StorageError("an alert is replaced only by a row of the same id")
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE alerts SET raised_at = %s, body = %s"
+                    " WHERE alert_id = %s AND raised_at = %s AND body = %s",
+                    (raised_at, body, alert_id, was_raised, was),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def get_alert(self, alert_id: str) -> AlertRow | None:
+        row = self._one(
+            "SELECT alert_id, raised_at, body FROM alerts WHERE alert_id = %s", (alert_id,)
+        )
+        return None if row is None else AlertRow(str(row[0]), float(row[1]), bytes(row[2]))
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        rows = self._read(
+            lambda c: c.execute(
+                "SELECT alert_id, raised_at, body FROM alerts"
+                " ORDER BY raised_at DESC, alert_id DESC LIMIT %s",
+                (max(int(limit), 0),),
+            ).fetchall()
+        )
+        return [AlertRow(str(a), float(t), bytes(b)) for a, t, b in rows]
 
     # -- records ------------------------------------------------------------------
 
@@ -1062,6 +1122,8 @@ _APP_GRANTS: tuple[str, ...] = (
     "GRANT SELECT, INSERT, DELETE ON spent TO {app}",
     # Usage counters are charged in place, a row per account and counter, never deleted.
     "GRANT SELECT, INSERT, UPDATE (window_start, total) ON usage TO {app}",
+    # Alerts are raised, then acknowledged and resolved in place; never deleted.
+    "GRANT SELECT, INSERT, UPDATE (raised_at, body) ON alerts TO {app}",
 )
 
 # Tables whose rows are history: a role opened as the application must hold no right to
@@ -1092,6 +1154,7 @@ _OBJECTS = frozenset(
         "login_failures",
         "spent",
         "usage",
+        "alerts",
         "log_head",
         "log_entries",
         "log_nodes",

@@ -25,6 +25,7 @@ from custodes.errors import (
 )
 from custodes.storage.base import (
     AccountRow,
+    AlertRow,
     BatchOutcome,
     LogAppend,
     LoginCounts,
@@ -38,6 +39,7 @@ from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -226,7 +228,14 @@ BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
 CREATE INDEX IF NOT EXISTS log.log_subjects_by_entry ON log_subjects(idx, commitment);
 """
 
-SCHEMA_VERSION = len(_MIGRATIONS) + 3
+# 8: the alerts raised on officials' use of the vault (custodes.alerts), in the records'
+# file: they are few, and each is written once and acted on a couple of times.
+_ALERTS_SCHEMA = (
+    "CREATE TABLE alerts(alert_id TEXT PRIMARY KEY, raised_at REAL NOT NULL, body BLOB NOT NULL)",
+    "CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id)",
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS) + 4
 
 _LOG_TABLES = ("log_entries", "log_nodes", "log_subjects", "log_details", "checkpoints")
 # The log's own file, attached to every connection as schema "log": the same tables and
@@ -991,6 +1000,55 @@ class SQLiteStorage:
             self._usage = conn
         return self._usage
 
+    # -- alerts -------------------------------------------------------------------
+
+    def put_alert(self, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO alerts(alert_id, raised_at, body) VALUES (?, ?, ?)"
+                    " ON CONFLICT(alert_id) DO NOTHING",
+                    (alert_id, raised_at, body),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        _, was_raised, was = checked_alert(expected)
+        if alert_id != expected.alert_id:
+            raise StorageError("an alert is replaced only by a row of the same id")
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE alerts SET raised_at = ?, body = ?"
+                    " WHERE alert_id = ? AND raised_at = ? AND body = ?",
+                    (raised_at, body, alert_id, was_raised, was),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def get_alert(self, alert_id: str) -> AlertRow | None:
+        row = self._one(
+            "SELECT alert_id, raised_at, body FROM alerts WHERE alert_id = ?", (alert_id,)
+        )
+        return None if row is None else AlertRow(str(row[0]), float(row[1]), bytes(row[2]))
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT alert_id, raised_at, body FROM alerts"
+                " ORDER BY raised_at DESC, alert_id DESC LIMIT ?",
+                (max(int(limit), 0),),
+            ).fetchall()
+        )
+        return [AlertRow(str(a), float(t), bytes(b)) for a, t, b in rows]
+
     # -- lifecycle ----------------------------------------------------------------
 
     def close(self) -> None:
@@ -1057,6 +1115,14 @@ class SQLiteStorage:
                 _set_version(conn, len(_MIGRATIONS) + 3)
 
             _in_transaction(conn, guard_subjects)
+        if version < len(_MIGRATIONS) + 4:
+
+            def add_alerts() -> None:
+                for statement in _ALERTS_SCHEMA:
+                    conn.execute(statement)
+                _set_version(conn, len(_MIGRATIONS) + 4)
+
+            _in_transaction(conn, add_alerts)
 
     def _attach_log(self, conn: sqlite3.Connection) -> None:
         conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))

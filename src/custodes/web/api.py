@@ -24,6 +24,7 @@ from fastapi.security.base import SecurityBase
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from custodes.alert_book import RecordedAlert
 from custodes.audit.entry import AccessEntry
 from custodes.audit.report import SubjectReport, as_json
 from custodes.errors import InvalidQuery
@@ -518,6 +519,95 @@ def audit_log(
         entries=page,
         next_cursor=_encode_cursor("l", page[-1].index) if more and page else None,
     )
+
+
+# -- alerts, for the watchers -------------------------------------------------------
+
+AlertId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class AlertStepOut(BaseModel):
+    state: str
+    by: str
+    time: str
+    entry: int = Field(description="The step's own entry on the access log.")
+
+
+class AlertOut(BaseModel):
+    id: str
+    kind: str = Field(examples=["guard:budget", "guard:canary"])
+    severity: str
+    time: str
+    account: str
+    action: str
+    signals: list[str]
+    entry: int = Field(description="The access-log entry that raised the alert.")
+    records: list[str] = Field(description="The records involved, by keyed id.")
+    state: str = Field(description="open, acknowledged or resolved")
+    steps: list[AlertStepOut]
+    tampered: bool = Field(description="The stored row fails its seal: believe the log.")
+
+
+class AlertList(BaseModel):
+    alerts: list[AlertOut]
+
+
+def _alert_out(found: RecordedAlert) -> AlertOut:
+    alert = found.alert
+    return AlertOut(
+        id=alert.id,
+        kind=alert.kind,
+        severity=alert.severity,
+        time=_iso(alert.time),
+        account=alert.account,
+        action=alert.action,
+        signals=list(alert.signals),
+        entry=alert.entry,
+        records=list(alert.records),
+        state=found.state.value,
+        steps=[
+            AlertStepOut(state=s.state.value, by=s.by, time=_iso(s.time), entry=s.entry)
+            for s in found.steps
+        ],
+        tampered=found.tampered,
+    )
+
+
+@router.get(
+    "/alerts",
+    response_model=AlertList,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 422, 503),
+    summary="The latest alerts, newest first; supervisors and auditors, and logged",
+)
+def list_alerts(
+    session: Authenticated,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AlertList:
+    found = deps.vault_of(request).alerts(session, limit=limit)
+    return AlertList(alerts=[_alert_out(a) for a in found])
+
+
+@router.post(
+    "/alerts/{alert_id}/{step}",
+    response_model=AlertOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Acknowledge or resolve an alert; supervisors and auditors, each step logged",
+)
+def step_alert(
+    alert_id: AlertId,
+    step: Literal["acknowledge", "resolve"],
+    session: Authenticated,
+    request: Request,
+) -> AlertOut:
+    vault = deps.vault_of(request)
+    if step == "acknowledge":
+        vault.acknowledge_alert(session, alert_id)
+    else:
+        vault.resolve_alert(session, alert_id)
+    return _alert_out(vault.alert(session, alert_id))
 
 
 def _subject_report(
