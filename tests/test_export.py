@@ -486,3 +486,40 @@ def test_an_export_holds_only_records_its_asker_may_see_and_counts_the_rest(
     assert made.rows == inside + 3 < len(people)
     [(_, entry)] = _entries(loaded, Action.EXPORT_CREATE)
     assert entry.detail["filtered"] == len(people) - inside
+
+
+def test_planted_canaries_stay_out_of_a_swept_export_and_named_by_id_they_trip_the_alarm(
+    loaded: Vault, recipient: tuple[bytes, str], people: list[dict[str, object]]
+) -> None:
+    from custodes.access import CANARY_ALERT
+    from custodes.errors import AuthenticationFailed
+
+    loaded.plant_canaries(loaded.operator, 4)
+    planted = sorted(loaded._canaries.ids())
+    asker, second = _officials(loaded)
+    swept = loaded.exports.request(
+        asker, PURPOSE, record_type="person", purpose_class="statistics", recipient=recipient[1]
+    )
+    loaded.exports.approve(second, swept)
+    assert loaded.exports.produce(asker, swept).rows == len(people) + 3  # no planted one
+    [(_, entry)] = _entries(loaded, Action.EXPORT_CREATE)
+    assert "alert" not in entry.detail
+
+    ids = [loaded._codec.record_id("person", [str(p["national_id"])]) for p in people[:20]]
+    dumped = loaded.exports.request(
+        asker,
+        PURPOSE,
+        record_type="person",
+        purpose_class="statistics",
+        recipient=recipient[1],
+        record_ids=[*ids, planted[0]],
+    )
+    loaded.exports.approve(second, dumped)
+    made = loaded.exports.produce(asker, dumped)  # answered as any other export
+    assert made.rows == 21 + 3
+    auditor = login(loaded, Role.AUDITOR, "an.auditor")
+    [alert] = loaded.alerts(auditor)
+    assert alert.alert.kind == CANARY_ALERT and alert.alert.account == "an.investigator"
+    assert alert.alert.action == Action.EXPORT_CREATE and planted[0] in alert.alert.records
+    with pytest.raises(AuthenticationFailed):  # locked: its session ended
+        loaded.exports.status(asker, dumped)

@@ -218,7 +218,11 @@ class Exports:
     def produce(self, session: Principal, export_id: str) -> ProducedExport:
         """The export, sealed to its recipient: once, by its asker, after its approval."""
 
+        named_canaries: list[str] = []
+        asker: list[str] = []
+
         def run(grant: Grant) -> Done[ProducedExport]:
+            asker.append(grant.username)
             request = self._stored(export_id)
             if grant.username != request.requester:
                 raise AccessDenied("only the official who asked for an export produces it")
@@ -231,7 +235,7 @@ class Exports:
             keys = self.keys_of(export_id)
             rows: list[dict[str, str]] = []
             ids: list[str] = []
-            for record_id, values in self._in_scope(request, rt, grant):
+            for record_id, values in self._in_scope(request, rt, grant, named_canaries):
                 if len(rows) == MAX_EXPORT_ROWS:
                     raise InvalidQuery(
                         f"an export holds at most {MAX_EXPORT_ROWS:,} rows: narrow its scope"
@@ -278,7 +282,12 @@ class Exports:
                 },
             )
 
-        return self._stepped(session, Action.EXPORT_CREATE, export_id, run)
+        made, index = self._stepped_then(session, Action.EXPORT_CREATE, export_id, run)
+        if named_canaries:
+            self._gate.canaries_exported(
+                asker[0], Action.EXPORT_CREATE, index, tuple(named_canaries)
+            )
+        return made
 
     def keys_of(self, export_id: str) -> ExportKeys:
         """An export's own pseudonym and watermark keys, from the keyring and its id."""
@@ -295,9 +304,14 @@ class Exports:
     def _stepped(
         self, session: Principal, action: Action, export_id: str, run: Callable[[Grant], Done[T]]
     ) -> T:
+        return self._stepped_then(session, action, export_id, run)[0]
+
+    def _stepped_then(
+        self, session: Principal, action: Action, export_id: str, run: Callable[[Grant], Done[T]]
+    ) -> tuple[T, int]:
         """Approve or produce through the access function, with the request's own purpose
         and case on the entry: a request that is missing or fails its tag is logged as the
-        step's failure all the same."""
+        step's failure all the same. The answer and its entry's index."""
         export_id = _checked_id(export_id)
         try:
             request = self._requests.get(export_id)
@@ -308,7 +322,7 @@ class Exports:
             if request is not None
             else AccessPurpose("bulk export", export_id)
         )
-        return self._gate.access(
+        return self._gate.access_then(
             session,
             action,
             run,
@@ -324,16 +338,26 @@ class Exports:
         return request
 
     def _in_scope(
-        self, request: ExportRequest, rt: RecordType, grant: Grant
+        self, request: ExportRequest, rt: RecordType, grant: Grant, named_canaries: list[str]
     ) -> Iterator[tuple[str, Mapping[str, object]]]:
-        """The records of the request's scope that its asker may see, opened."""
+        """The records of the request's scope that its asker may see, opened.
+
+        Canary records (custodes.canaries) swept up by a district or a whole type are left
+        out: they are no one, and no legitimate export should carry them. Named by id, they
+        are exported like any record, and noted in `named_canaries` for the alarm: ids of
+        people no one is looking for come from a dump of the database."""
         tag = self._codec.type_tag(rt.name)
         for batch in self._scope_batches(request):
             held = self._storage.get_records(batch)
+            planted = self._gate.canaries_among(batch)
             for record_id in batch:
                 stored = held.get(record_id)
                 if stored is None or stored.record_type != tag:
                     continue
+                if record_id in planted:
+                    if request.record_ids is None:
+                        continue
+                    named_canaries.append(record_id)
                 values = self._codec.open(stored)
                 facts = self._reader.facts(rt, values, grant.reach)
                 if request.district is not None and not (facts.district or "").startswith(
