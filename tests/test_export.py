@@ -523,3 +523,60 @@ def test_planted_canaries_stay_out_of_a_swept_export_and_named_by_id_they_trip_t
     assert alert.alert.action == Action.EXPORT_CREATE and planted[0] in alert.alert.records
     with pytest.raises(AuthenticationFailed):  # locked: its session ended
         loaded.exports.status(asker, dumped)
+
+
+def test_the_recipients_and_officials_export_commands_load_no_key_code(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli_client import KEY_CODE, client_env
+
+    probe = (
+        "import atexit, sys\n"
+        f"KEY_CODE = {KEY_CODE!r}\n"
+        "atexit.register(lambda: sys.stderr.write('loaded: ' + ','.join(sorted(\n"
+        "    m for m in sys.modules if m.startswith(KEY_CODE))) + '\\n'))\n"
+        "from custodes.cli import main\n"
+        "sys.argv[0] = 'custodes'\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    env.update(client_env(tmp_path / "home"))
+    keys, sealed = tmp_path / "lab", tmp_path / "x.export"
+    private_pem, public_pem, _ = keygen()
+    sealed.write_bytes(seal_for(public_key_bytes(public_pem), b'{"gender": "female"}\n'))
+    for args, code in (
+        (["export", "keygen", str(keys)], 0),
+        (["export", "open", str(sealed), "--key", f"{keys}.key"], TamperDetected.exit_code),
+        (["export", "status", "0" * 32], 1),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert done.stderr.endswith("loaded: \n"), (args, done.stderr)
+        assert (done.returncode == 0) is (code == 0), (args, done.stderr)
+    assert (tmp_path / "lab.key").exists() and (tmp_path / "lab.pub").exists()
+    (tmp_path / "mine.key").write_bytes(private_pem)
+    opened = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "custodes",
+            "export",
+            "open",
+            str(sealed),
+            "--key",
+            str(tmp_path / "mine.key"),
+        ],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert opened.returncode == 0 and opened.stdout == b'{"gender": "female"}\n'
