@@ -580,3 +580,21 @@ def test_the_recipients_and_officials_export_commands_load_no_key_code(tmp_path:
         check=False,
     )
     assert opened.returncode == 0 and opened.stdout == b'{"gender": "female"}\n'
+
+
+def test_an_approved_row_put_back_after_its_export_was_made_does_not_make_it_again(
+    loaded: Vault, recipient: tuple[bytes, str]
+) -> None:
+    asker, second = _officials(loaded)
+    export_id = loaded.exports.request(
+        asker, PURPOSE, record_type="person", purpose_class="statistics", recipient=recipient[1]
+    )
+    loaded.exports.approve(second, export_id)
+    key = f"export/{export_id}"
+    approved = loaded._storage.get_meta(key) or b""
+    loaded.exports.produce(asker, export_id)
+    loaded._storage.set_meta(key, approved)  # a validly tagged, older copy
+    with pytest.raises(AccessDenied, match="produced already"):
+        loaded.exports.produce(asker, export_id)
+    outcomes = [e.outcome for _, e in _entries(loaded, Action.EXPORT_CREATE)]
+    assert outcomes == [Outcome.GRANTED, Outcome.DENIED]

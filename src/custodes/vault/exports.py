@@ -12,6 +12,7 @@ are sealed beside it, which is what tracing reads back.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ MAX_SCOPE_IDS = 100_000
 # trace rebuilds it in memory. A larger need is several exports, each approved.
 MAX_EXPORT_ROWS = 1_000_000
 _CHUNK = 500
+# How long an export's use-once mark is kept: longer than any request waits.
+_SPENT_FOR = 10 * 365 * 86400.0
 # What the access log shows of the reads a trace holds a sample against.
 _READS = frozenset({Action.SEARCH.value, Action.READ.value, Action.REVEAL.value})
 
@@ -228,7 +231,12 @@ class Exports:
                 raise AccessDenied("only the official who asked for an export produces it")
             if request.state is ExportState.REQUESTED:
                 raise AccessDenied("this export has not been approved by a second official")
-            if request.state is not ExportState.APPROVED:
+            if request.state is not ExportState.APPROVED or not self._storage.spend(
+                _spent_mark(export_id), self._clock(), _SPENT_FOR
+            ):
+                # The use-once mark is taken by one process only: two productions racing in
+                # two server processes, or an approved row put back after its export was
+                # made, find it taken.
                 raise AccessDenied("this export has been produced already; ask for a new one")
             rt = self._schema.record_type(request.record_type)
             rules = self._schema.export_rules(request.purpose_class, rt.name)
@@ -502,6 +510,10 @@ def _opened(
     if values is None:
         values = cache[stored.record_id] = codec.open(stored)
     return values
+
+
+def _spent_mark(export_id: str) -> bytes:
+    return hashlib.sha256(b"custodes/export/produced/" + export_id.encode()).digest()
 
 
 def _checked_id(export_id: str) -> str:
