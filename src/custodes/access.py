@@ -40,7 +40,7 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
-from custodes.policy.budgets import budget_for, charge_for, crossed
+from custodes.policy.budgets import budget_for, charge_for, crossed, paging_crossed
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 from custodes.storage.base import UsageStore
 
@@ -101,6 +101,17 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
         action.value,
         index,
     )
+
+
+def _paging(who: Session | Operator, account: Account) -> str:
+    """An account's paging limits, as a refusal says them."""
+    budget = budget_for(who.role, account.attributes.get(BUDGET))
+    said = []
+    if budget is not None and budget.page_size is not None:
+        said.append(f"{budget.page_size} records a page")
+    if budget is not None and budget.search_depth is not None:
+        said.append(f"{budget.search_depth} in all")
+    return " and ".join(said)
 
 
 def _nowhere(_alert: Alert) -> None:
@@ -220,16 +231,18 @@ class AccessGate:
         detail: Mapping[str, Any] | None = None,
         private: dict[str, Any] | None = None,
         target: str | None = None,
+        page: tuple[int, int] | None = None,
     ) -> T:
         """Decide, run, log durably, then return. Nothing leaves before the entry exists.
 
         `private` (such as the values searched for) is sealed beside the entry, so that
         a subject's report can show it while the log itself names no one. `target` is the
         record an operation on one record names, so that a refused or failed attempt
-        reaches that person's subject report.
+        reaches that person's subject report. `page` is a search's (offset, size), held
+        against the account's paging limits (policy.budgets) before anything is read.
         """
         result, _ = self._access(
-            principal, action, run, purpose, record_type, detail, private, target
+            principal, action, run, purpose, record_type, detail, private, target, page
         )
         return result
 
@@ -247,7 +260,9 @@ class AccessGate:
         """Like access, and also the index of the entry that records it, for an operation
         whose answer is read from the log after its own entry (a subject report), or that
         raises an alert pointing at it (an export naming canaries)."""
-        return self._access(principal, action, run, purpose, record_type, detail, None, target)
+        return self._access(
+            principal, action, run, purpose, record_type, detail, None, target, None
+        )
 
     def canaries_among(self, record_ids: Sequence[str]) -> frozenset[str]:
         """The canary records among these ids (custodes.canaries)."""
@@ -345,6 +360,7 @@ class AccessGate:
         detail: Mapping[str, Any] | None,
         private: dict[str, Any] | None,
         target: str | None,
+        page: tuple[int, int] | None,
     ) -> tuple[T, int]:
         who, account = self._check(principal)
         attempted = (target,) if target else ()
@@ -377,6 +393,15 @@ class AccessGate:
         except AccessDenied:
             append(entry(Outcome.DENIED), private=private)
             raise
+        if page is not None and account is not None:
+            deep = paging_crossed(budget_for(who.role, account.attributes.get(BUDGET)), *page)
+            if deep:
+                refused = {"reason": "paging", "limits": deep}
+                append(entry(Outcome.DENIED, extra=refused), private=private)
+                raise AccessDenied(
+                    f"this account's searches show at most {_paging(who, account)}: ask for "
+                    "fewer, or narrow the search"
+                )
         reach = self._reach(who, purpose, account)
         try:
             done = run(Grant(who, reach))
@@ -481,13 +506,20 @@ class AccessGate:
             return []
         views = len(done.records)
         charge = charge_for(
-            budget, self._clock(), views=views, missed=action is Action.SEARCH and not views
+            budget,
+            self._clock(),
+            views=views,
+            missed=action is Action.SEARCH and not views,
+            subjects=done.records,
         )
         if not charge.items:
             return []
         limits = {(counter, window): limit for _, counter, window, limit in budget.limits()}
         caps = [limits[(counter, window)] for counter, window, _, _ in charge.items]
-        return crossed(budget, charge, self._meter.charge(who.username, charge.rows, caps))
+        totals = self._meter.charge(
+            who.username, charge.rows, caps, distinct=charge.distinct, subjects=charge.subjects
+        )
+        return crossed(budget, charge, totals)
 
     def close(self) -> None:
         """Charge what the meter holds, before storage closes."""

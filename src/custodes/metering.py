@@ -42,23 +42,36 @@ _Key = tuple[str, str]  # (account, counter)
 
 
 class _Window:
-    """A counter's amount in one window: (window start, amount)."""
+    """A counter's amount in one window: (window start, amount), and for a counter of
+    distinct subjects, the subjects that make up the amount."""
 
-    __slots__ = ("amount", "start")
+    __slots__ = ("amount", "start", "subjects")
 
-    def __init__(self, start: int, amount: int) -> None:
+    def __init__(self, start: int, amount: int, subjects: Sequence[str] = ()) -> None:
         self.start = start
         self.amount = amount
+        self.subjects = list(subjects)
 
-    def add(self, start: int, amount: int) -> None:
+    def add(self, start: int, amount: int, subjects: Sequence[str] = ()) -> None:
         # As storage does: a later window starts again, an earlier one adds to this one.
         if start > self.start:
-            self.start, self.amount = start, amount
+            self.start, self.amount, self.subjects = start, amount, list(subjects)
         else:
             self.amount += amount
+            self.subjects += subjects
+
+    def copy(self) -> _Window:
+        return _Window(self.start, self.amount, self.subjects)
 
     def at(self, start: int) -> int:
         return self.amount if self.start == start else 0
+
+
+def _merge(batch: dict[str, _Window], key: str, window: _Window) -> None:
+    if key in batch:
+        batch[key].add(window.start, window.amount, window.subjects)
+    else:
+        batch[key] = window.copy()
 
 
 class UsageMeter:
@@ -75,6 +88,8 @@ class UsageMeter:
         self._known: dict[_Key, _Window] = {}  # storage's last total per counter
         self._pending: dict[str, dict[str, _Window]] = {}  # not sent yet, by account
         self._sent: dict[_Key, _Window] = {}  # sent, not answered yet
+        # The subjects this process has counted in a counter's current window.
+        self._seen: dict[_Key, tuple[int, set[str]]] = {}
         self._wake = threading.Event()
         self._closed = False
         self._flusher: threading.Thread | None = None
@@ -83,12 +98,29 @@ class UsageMeter:
         return "UsageMeter()"
 
     def charge(
-        self, account: str, rows: Sequence[tuple[str, int, int]], limits: Sequence[int]
+        self,
+        account: str,
+        rows: Sequence[tuple[str, int, int]],
+        limits: Sequence[int],
+        *,
+        distinct: str | None = None,
+        subjects: Sequence[str] = (),
     ) -> list[int]:
         """Charge (counter, window start, amount) rows to the account; the totals after,
-        in the rows' order, each judged against its limit in `limits` by the caller."""
+        in the rows' order, each judged against its limit in `limits` by the caller. The
+        row of counter `distinct`, if any, counts `subjects` (record ids) not counted
+        yet in its window, whatever its amount says."""
         with self._lock:
-            views = [self._view(account, key, start) + amount for key, start, amount in rows]
+            windows = [
+                self._counted(account, key, start, subjects)
+                if key == distinct
+                else _Window(start, amount)
+                for key, start, amount in rows
+            ]
+            views = [
+                self._view(account, key, w.start) + w.amount
+                for (key, _, _), w in zip(rows, windows, strict=True)
+            ]
             exact = any(
                 (known := self._known.get((account, key))) is None
                 or known.start < start
@@ -97,24 +129,18 @@ class UsageMeter:
             )
             if not exact and not self._closed:
                 held = self._pending.setdefault(account, {})
-                for key, start, amount in rows:
-                    if key in held:
-                        held[key].add(start, amount)
-                    else:
-                        held[key] = _Window(start, amount)
+                for (key, _, _), window in zip(rows, windows, strict=True):
+                    _merge(held, key, window)
                 self._start_flusher()
                 return views
             # Sent now together with whatever the account has held back, in one call.
             earlier = self._take(account)
-            batch = {key: _Window(w.start, w.amount) for key, w in earlier.items()}
-            for key, start, amount in rows:
-                if key in batch:
-                    batch[key].add(start, amount)
-                else:
-                    batch[key] = _Window(start, amount)
+            batch = {key: w.copy() for key, w in earlier.items()}
+            for (key, _, _), window in zip(rows, windows, strict=True):
+                _merge(batch, key, window)
             self._mark_sent(account, batch)
         try:
-            self._send(account, batch)
+            self._send(account, batch, distinct)
         except CustodesError:
             # This read fails and is charged nothing; what was held before it is kept.
             self._hold(account, earlier)
@@ -131,7 +157,7 @@ class UsageMeter:
                 self._mark_sent(account, batch)
         for account, batch in batches:
             try:
-                self._send(account, batch)
+                self._send(account, batch, None)
             except CustodesError as exc:
                 logger.error(
                     "usage of account %s was not charged (%s); kept to charge again",
@@ -169,10 +195,19 @@ class UsageMeter:
         with self._lock:
             held = self._pending.setdefault(account, {})
             for key, window in batch.items():
-                if key in held:
-                    held[key].add(window.start, window.amount)
-                else:
-                    held[key] = _Window(window.start, window.amount)
+                _merge(held, key, window)
+
+    def _counted(self, account: str, key: str, start: int, subjects: Sequence[str]) -> _Window:
+        """The subjects of a read not counted yet in this process, in this window."""
+        at, seen = self._seen.get((account, key), (start, set()))
+        if at != start:
+            if at > start:
+                return _Window(start, 0)  # a late read of a past window adds nothing
+            seen = set()
+        new = [s for s in dict.fromkeys(subjects) if s not in seen]
+        seen.update(new)
+        self._seen[(account, key)] = (start, seen)
+        return _Window(start, len(new), new)
 
     def _take(self, account: str) -> dict[str, _Window]:
         return self._pending.pop(account, {})
@@ -185,11 +220,20 @@ class UsageMeter:
             else:
                 sent.add(window.start, window.amount)
 
-    def _send(self, account: str, batch: dict[str, _Window]) -> dict[str, int]:
-        """Charge a batch in storage; storage's totals, which now include it."""
-        rows = [(key, w.start, w.amount) for key, w in batch.items()]
+    def _send(
+        self, account: str, batch: dict[str, _Window], distinct: str | None
+    ) -> dict[str, int]:
+        """Charge a batch in storage; storage's totals, which now include it. A counter
+        of distinct subjects (`distinct`, or one whose window holds subjects) is noted
+        subject by subject, so that storage counts each once across processes."""
+        counted = {k: w for k, w in batch.items() if k == distinct or w.subjects}
+        rows = [(key, w.start, w.amount) for key, w in batch.items() if key not in counted]
         try:
-            totals = self._store.charge_usage(account, rows) if rows else []
+            totals = list(self._store.charge_usage(account, rows)) if rows else []
+            for key, window in counted.items():
+                total = self._store.note_subjects(account, key, window.start, window.subjects)
+                rows.append((key, window.start, window.amount))
+                totals.append(total)
         finally:
             with self._lock:
                 for key, window in batch.items():

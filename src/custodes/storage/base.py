@@ -70,6 +70,15 @@ class BatchOutcome(NamedTuple):
     already_present: int  # records skipped because their id was stored already
 
 
+def checked_subjects(start: int, subjects: Sequence[str]) -> list[str]:
+    """UsageStore.note_subjects's subjects, each once, or ValueError."""
+    if not fits_int64(start) or isinstance(subjects, str):
+        raise ValueError("subjects are noted as a sequence of record ids in a 64-bit window")
+    if not all(isinstance(s, str) for s in subjects):
+        raise ValueError("a noted subject is a record id")
+    return list(dict.fromkeys(subjects))
+
+
 def checked_charges(charges: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     """UsageStore.charge_usage's charges as given, or ValueError: whole amounts not below
     zero, 64-bit window starts, each counter once."""
@@ -334,6 +343,14 @@ class UsageStore(Protocol):
 
         Written without waiting for the disk: a crash of the machine may forget the last
         moments' charges (the access log, which is synced, keeps every read)."""
+        ...
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        """Count distinct subjects (record ids) on one of the account's counters, for the
+        window starting at `start`: each subject not yet noted on it in this window adds
+        one (a subject noted in an earlier window counts again), and the counter's total
+        after is returned; counted once across every process sharing the store. Notes of
+        earlier windows are forgotten on the way. Written like charge_usage, unsynced."""
         ...
 
 

@@ -31,6 +31,7 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
 )
 
 # The durable backends store integers as signed 64-bit values; refusing the same range
@@ -60,6 +61,8 @@ class MemoryStorage:
         self._spent: dict[bytes, float] = {}
         self._usage: dict[tuple[str, str], tuple[int, int]] = {}  # -> (window start, total)
         self._alerts: dict[str, AlertRow] = {}
+        # (account, counter) -> subject -> the window it was last noted in
+        self._subjects: dict[tuple[str, str], dict[str, int]] = {}
         self._log_entries: list[bytes] = []
         self._log_nodes: dict[tuple[int, int], bytes] = {}
         self._log_subjects: dict[bytes, list[int]] = {}
@@ -439,6 +442,20 @@ class MemoryStorage:
                 self._usage[(account, counter)] = (stored_start, total)
                 totals.append(total)
             return totals
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+        with self._lock:
+            self._check_open()
+            noted = self._subjects.setdefault((account, counter), {})
+            for subject in [s for s, at in noted.items() if at < start]:
+                del noted[subject]
+            new = 0
+            for subject in checked:
+                if noted.get(subject, start - 1) < start:
+                    noted[subject] = start
+                    new += 1
+        return self.charge_usage(account, [(counter, start, new)])[0]
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
     fits_int64,
 )
 from custodes.storage.memory import (
@@ -222,6 +223,17 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id);
     """,
+    # 4: the distinct subjects an account was shown, per counter, in the current window.
+    """
+    CREATE TABLE usage_subjects(
+        account text COLLATE "C",
+        counter text COLLATE "C",
+        subject text COLLATE "C",
+        window_start bigint NOT NULL,
+        PRIMARY KEY(account, counter, subject)
+    );
+    CREATE INDEX usage_subjects_by_window ON usage_subjects(account, counter, window_start);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -255,6 +267,28 @@ _CHARGE_USAGE = (
     " THEN u.total + excluded.total ELSE excluded.total END,"
     " window_start = GREATEST(u.window_start, excluded.window_start)"
     " RETURNING counter, total"
+)
+# One statement: note the subjects not noted in this window yet (a note of an earlier
+# window is moved on to this one, and counts), add how many were new to the counter,
+# and forget the account's other notes of earlier windows; unsynced as _CHARGE_USAGE is.
+# The delete spares the subjects being noted, so that no row is changed twice.
+_NOTE_SUBJECTS = (
+    "WITH unsynced AS (SELECT set_config('synchronous_commit', 'off', true)),"
+    " args AS (SELECT %s::text AS a, %s::text AS c, %s::int8 AS w, %s::text[] AS ids),"
+    " forgotten AS (DELETE FROM usage_subjects s USING args"
+    " WHERE s.account = args.a AND s.counter = args.c AND s.window_start < args.w"
+    " AND NOT (s.subject = ANY(args.ids))),"
+    " noted AS (INSERT INTO usage_subjects AS n (account, counter, subject, window_start)"
+    " SELECT args.a, args.c, x, args.w FROM args, unsynced, unnest(args.ids) AS x"
+    " ON CONFLICT (account, counter, subject) DO UPDATE SET window_start = excluded.window_start"
+    " WHERE n.window_start < excluded.window_start RETURNING 1)"
+    " INSERT INTO usage AS u (account, counter, window_start, total)"
+    " SELECT args.a, args.c, args.w, (SELECT count(*) FROM noted) FROM args"
+    " ON CONFLICT (account, counter) DO UPDATE SET"
+    " total = CASE WHEN u.window_start >= excluded.window_start"
+    " THEN u.total + excluded.total ELSE excluded.total END,"
+    " window_start = GREATEST(u.window_start, excluded.window_start)"
+    " RETURNING total"
 )
 _ACCOUNT_COLUMNS = "username, role, password_hash, attributes, created_at, disabled"
 _SESSION_COLUMNS = "key, username, role, issued_at, expires, last_seen, client"
@@ -361,6 +395,17 @@ class PostgresStorage:
         # One statement, its own transaction: one round trip. Should a dropped
         # connection make it run again, the account is charged twice, never less.
         return self._run(charge, "usage was not charged", transaction=False)
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+
+        def note(conn: _Connection) -> int:
+            row = conn.execute(_NOTE_SUBJECTS, (account, counter, start, checked)).fetchone()
+            if row is None:
+                raise StorageError("usage was not charged: the counter was not returned")
+            return int(row[0])
+
+        return self._run(note, "usage was not charged", transaction=False)
 
     # -- alerts -------------------------------------------------------------------
 
@@ -1124,6 +1169,8 @@ _APP_GRANTS: tuple[str, ...] = (
     "GRANT SELECT, INSERT, UPDATE (window_start, total) ON usage TO {app}",
     # Alerts are raised, then acknowledged and resolved in place; never deleted.
     "GRANT SELECT, INSERT, UPDATE (raised_at, body) ON alerts TO {app}",
+    # Subjects noted in a window are forgotten when a later window starts.
+    "GRANT SELECT, INSERT, DELETE ON usage_subjects TO {app}",
 )
 
 # Tables whose rows are history: a role opened as the application must hold no right to
@@ -1155,6 +1202,7 @@ _OBJECTS = frozenset(
         "spent",
         "usage",
         "alerts",
+        "usage_subjects",
         "log_head",
         "log_entries",
         "log_nodes",

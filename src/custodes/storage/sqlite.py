@@ -34,6 +34,7 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
 )
 from custodes.storage.memory import (
     LOG_PAGE,
@@ -310,6 +311,20 @@ _USAGE_SCHEMA = (
     " account TEXT NOT NULL, counter TEXT NOT NULL,"
     " window_start INTEGER NOT NULL, total INTEGER NOT NULL,"
     " PRIMARY KEY(account, counter)) WITHOUT ROWID",
+    # The distinct subjects an account was shown, per counter, in the current window.
+    "CREATE TABLE IF NOT EXISTS usage_subjects("
+    " account TEXT NOT NULL, counter TEXT NOT NULL, subject TEXT NOT NULL,"
+    " window_start INTEGER NOT NULL,"
+    " PRIMARY KEY(account, counter, subject)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS usage_subjects_by_window"
+    " ON usage_subjects(account, counter, window_start)",
+)
+# At most this many subjects a statement, well within SQLite's bound on parameters.
+_SUBJECTS_PER_STATEMENT = 1000
+# The subjects not noted yet in this window (the earlier windows' notes are deleted first).
+_NOTE_SUBJECTS = (
+    "INSERT INTO usage_subjects(account, counter, subject, window_start) VALUES {rows}"
+    " ON CONFLICT DO NOTHING RETURNING subject"
 )
 # A later window starts the counter again; an earlier one adds to the stored window.
 _CHARGE_USAGE = (
@@ -981,6 +996,39 @@ class SQLiteStorage:
                 raise StorageError(f"usage was not charged: {exc}") from exc
             totals = {str(counter): int(total) for counter, total in rows}
             return [totals[counter] for counter, _, _ in checked]
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+        with self._usage_lock:
+            if self._closed:
+                raise StorageError("usage was not charged: storage is closed")
+            conn = self._usage_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(
+                        "DELETE FROM usage_subjects"
+                        " WHERE account = ? AND counter = ? AND window_start < ?",
+                        (account, counter, start),
+                    )
+                    new = 0
+                    for first in range(0, len(checked), _SUBJECTS_PER_STATEMENT):
+                        part = checked[first : first + _SUBJECTS_PER_STATEMENT]
+                        statement = _NOTE_SUBJECTS.format(
+                            rows=", ".join(["(?, ?, ?, ?)"] * len(part))
+                        )
+                        params = [v for subject in part for v in (account, counter, subject, start)]
+                        new += len(conn.execute(statement, params).fetchall())
+                    [(_, total)] = conn.execute(
+                        _CHARGE_USAGE.format(rows="(?, ?, ?, ?)"), (account, counter, start, new)
+                    ).fetchall()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"usage was not charged: {exc}") from exc
+            return int(total)
 
     def _usage_connection(self) -> sqlite3.Connection:
         """The counters' own file, opened at the first charge. Apart from the records'

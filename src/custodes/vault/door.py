@@ -298,11 +298,17 @@ class Vault:
         index: str,
         values: Mapping[str, str],
         limit: int = 20,
+        offset: int = 0,
     ) -> list[RecordView]:
-        """Records whose indexed fields equal the given values, masked."""
+        """Records whose indexed fields equal the given values, masked: at most `limit`,
+        after the first `offset` (a later page of the same search). A page beyond the
+        account's paging limits is refused, and logged; none goes beyond MAX_RESULTS."""
         rt = self._reader.type(record_type)
         spec = self._reader.index(rt, index, values)
-        limit = max(1, min(limit, MAX_RESULTS))
+        limit = max(1, limit)
+        if offset < 0 or offset + limit > MAX_RESULTS:
+            raise InvalidQuery(f"a search shows at most {MAX_RESULTS} records in all")
+        wanted = offset + limit
 
         def run(grant: Grant) -> Done[list[RecordView]]:
             reach = grant.reach
@@ -313,7 +319,7 @@ class Vault:
             token = self._codec.token(spec, parts)
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self._storage.find_records(spec.index_id, token, limit * 4 + 16)
+            candidates = self._storage.find_records(spec.index_id, token, wanted * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
@@ -337,9 +343,11 @@ class Vault:
                     continue
                 views.append(self._reader.view(rt, stored.record_id, opened, reach))
                 touched.append(stored.record_id)
-                if len(views) >= limit:
+                if len(views) >= wanted:
                     break
-            return Done(views, touched)
+            # The earlier pages' records were opened to count them, not shown: only this
+            # page is returned, and only it is logged as returned.
+            return Done(views[offset:], touched[offset:])
 
         return self._gate.access(
             session,
@@ -347,8 +355,9 @@ class Vault:
             run,
             purpose=purpose,
             record_type=record_type,
-            detail={"index": spec.name},
+            detail={"index": spec.name, **({"offset": offset} if offset else {})},
             private={"values": dict(values)},
+            page=(offset, limit),
         )
 
     def record(self, session: Principal, purpose: AccessPurpose, record_id: str) -> RecordView:

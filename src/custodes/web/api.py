@@ -320,10 +320,10 @@ async def search(session: Authenticated, request: Request) -> Response:
     offset = _decode_cursor(body.cursor, "s") if body.cursor else 0
     if offset >= MAX_RESULTS:
         raise InvalidQuery(f"a search returns at most {MAX_RESULTS} results in all")
-    # The vault returns at most MAX_RESULTS from the start; later pages re-read from the
-    # start, and each read is logged with every record it returned.
-    wanted = min(offset + body.limit, MAX_RESULTS)
-    views = await deps.in_vault_thread(
+    # A later page is the same search again from the start, of which the vault returns
+    # (and logs) only the page; the account's paging limits are the vault's to hold.
+    size = min(body.limit, MAX_RESULTS - offset)
+    page = await deps.in_vault_thread(
         request,
         functools.partial(
             deps.vault_of(request).search,
@@ -332,11 +332,12 @@ async def search(session: Authenticated, request: Request) -> Response:
             record_type=body.record_type,
             index=body.index,
             values=body.values,
-            limit=wanted,
+            limit=size,
+            offset=offset,
         ),
     )
-    page = views[offset:wanted]
-    more = len(views) == wanted and wanted < MAX_RESULTS
+    wanted = offset + size
+    more = len(page) == size and wanted < MAX_RESULTS
     results = {
         "results": [_record_json(v) for v in page],
         "next_cursor": _encode_cursor("s", wanted) if more else None,
