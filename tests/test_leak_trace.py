@@ -123,6 +123,9 @@ def test_a_sample_of_an_export_is_traced_to_that_export_by_its_canaries_and_wate
     assert report.export.canaries_found >= 1
     assert report.export.confidence >= 0.999
     assert report.export.watermark_agree / report.export.watermark_rows > 0.95
+    # Whose data left, by record id: the export's own records, nearly every row's.
+    scope = set(world.ids[leaked_from * 100 : leaked_from * 100 + EXPORT_SIZE])
+    assert len(report.records) > 800 and set(report.records) <= scope
     # Its neighbours hold most of the same people, yet the watermark tells them apart.
     neighbour = next(e for e in report.exports if e.export_id == world.exports[leaked_from + 1])
     assert neighbour.confidence < 0.99 and neighbour.canaries_found == 0
@@ -156,6 +159,12 @@ def test_a_sample_of_records_an_account_viewed_ranks_that_account_first(world: W
 
     assert report.verdict == "accounts" and report.export is None
     assert report.records_matched == len(sample)
+    ids = {
+        world.ids[world.people.index(p)]
+        for p in viewed
+        if p["national_id"] in {r["national_id"] for r in sample}
+    }
+    assert set(report.records) == ids
     first, second = report.accounts[0], report.accounts[1]
     assert first.account == world.accounts[viewer] and first.coverage == 1.0
     assert second.coverage < first.coverage

@@ -83,7 +83,12 @@ def trace(leaked: str, vault_dir: str | None, keyring: str | None, as_json: bool
     if as_json:
         sys.stdout.write(orjson.dumps(report.as_json()).decode() + "\n")
         return
-    out.print(shown(f"{report.rows:,} rows; {report.records_matched:,} records of the vault named"))
+    out.print(
+        shown(
+            f"{report.rows:,} rows; {len(report.records):,} records of the vault named "
+            "(their ids with --json)"
+        )
+    )
     out.print(shown(f"columns the schema knows: {', '.join(report.columns) or 'none'}"))
     if report.export is not None:
         e = report.export

@@ -75,6 +75,8 @@ class ExportFinding:
     matched_rows: int
     coverage: float
     confidence: float
+    # The export's records the sample's rows were matched to (one record each), by id.
+    records: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +119,9 @@ class TraceReport:
     export: ExportFinding | None  # the export named, if the evidence suffices
     exports: tuple[ExportFinding, ...]  # every export compared, best first
     accounts: tuple[AccountFinding, ...]  # best first
+    # The records the sample names, by id: those matched through the blind indexes, and
+    # the named export's records its rows were matched to. Whose data left.
+    records: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -133,6 +138,7 @@ class TraceReport:
             "export": None if self.export is None else self.export.as_json(),
             "exports": [e.as_json() for e in self.exports],
             "accounts": [a.as_json() for a in self.accounts],
+            "records": list(self.records),
         }
 
 
@@ -227,6 +233,7 @@ def compare_export(
         by_plain.setdefault(key(rebuilt.values, plain), []).append(rebuilt)
         by_name.update((rebuilt.values[f], rebuilt) for f in named if f in rebuilt.values)
     found: set[int] = set()
+    records: set[str] = set()
     matched = agree = compared = 0
     for row in leak:
         canary = canaries.get(key(row, shared))
@@ -243,9 +250,10 @@ def compare_export(
         if not candidates:
             continue
         matched += 1
-        if len(candidates) != 1 or not carriers:
-            continue  # a watermark bit counts only where one record is meant
+        if len(candidates) != 1:
+            continue  # neither a record nor a watermark bit where several are alike
         (rebuilt,) = candidates
+        records.add(rebuilt.record_id)
         for carrier in carriers:
             ours, other = rebuilt.values.get(carrier), rebuilt.other.get(carrier)
             if ours is None or other is None or ours == other:
@@ -268,6 +276,7 @@ def compare_export(
         matched_rows=matched,
         coverage=matched / len(leak) if leak else 0.0,
         confidence=max(0.0, 1.0 - chance),
+        records=tuple(sorted(records)),
     )
 
 
@@ -317,6 +326,7 @@ def trace_leak(
         else None
     )
     records = {rid for found in matched_records for rid in found}
+    named_records = set(named.records) if named is not None else set()
     # A column the schema does not name is input like a value (a person's name makes a
     # fine CSV header): counted, never shown.
     columns = tuple(sorted({name for row in leak for name in row} & known_fields))
@@ -327,4 +337,5 @@ def trace_leak(
         export=named,
         exports=tuple(findings[:top]),
         accounts=rank_accounts(records, histories)[:top],
+        records=tuple(sorted(records | named_records)),
     )
