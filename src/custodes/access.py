@@ -190,6 +190,9 @@ class Done(Generic[T]):
     records: Sequence[str] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     record_type: str | None = None  # known only once the record is read
+    # Sealed beside the granted entry with the access's own `private`: what only the
+    # operation knows once it has run (the records a bulk export holds, its canaries).
+    private: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AccessGate:
@@ -256,10 +259,39 @@ class AccessGate:
         *,
         purpose: AccessPurpose | None = None,
         target: str | None = None,
+        record_type: str | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> tuple[T, int]:
         """Like access, and also the index of the entry that records it, for an operation
-        whose answer is read from the log after its own entry (a subject report)."""
-        return self._access(principal, action, run, purpose, None, None, None, target, None)
+        whose answer is read from the log after its own entry (a subject report), or that
+        raises an alert pointing at it (an export naming canaries)."""
+        return self._access(
+            principal, action, run, purpose, record_type, detail, None, target, None
+        )
+
+    def canaries_among(self, record_ids: Sequence[str]) -> frozenset[str]:
+        """The canary records among these ids (custodes.canaries)."""
+        return frozenset(self._canaries.among(record_ids))
+
+    def canaries_exported(
+        self, username: str, action: Action, index: int, records: Sequence[str]
+    ) -> None:
+        """An export that named canary records among the ids it asked for, now on the log
+        at `index`: the same alarm as a read that returned one. The account is locked and
+        a critical alert raised; the export was answered as any other, so that whoever
+        holds the account learns nothing from it."""
+        self._keeper.lock_out(username, {"alert": CANARY_ALERT})
+        logger.critical(
+            "alert %s: account %s named canary records in %s and was locked; on the access "
+            "log at entry %d",
+            CANARY_ALERT,
+            username,
+            action.value,
+            index,
+        )
+        self.raise_alert(
+            Alert(CANARY_ALERT, "critical", username, action.value, ["canary"], index, records)
+        )
 
     def access_write(
         self,
@@ -429,7 +461,8 @@ class AccessGate:
                     "is locked until an administrator unlocks it"
                 )
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
-        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
+        sealed = {**(private or {}), **done.private} if done.private else private
+        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=sealed)
         return done.result, index
 
     def _tripped(
