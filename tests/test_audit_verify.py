@@ -309,7 +309,10 @@ def test_subject_index_cannot_be_rewritten_through_sql(copy: Path, statement: st
 
 def test_a_vault_from_before_the_subject_guards_gets_them_when_opened(tmp_path: Path) -> None:
     """A log written before the subject index was guarded is guarded from its next open."""
-    from custodes.storage.sqlite import SCHEMA_VERSION, SCHEMA_VERSION_KEY, SQLiteStorage
+    from custodes.storage.sqlite import _MIGRATIONS, SCHEMA_VERSION_KEY, SQLiteStorage
+
+    # The version before the subject index's guards (see storage/sqlite.py, step 7).
+    before_guards = len(_MIGRATIONS) + 2
 
     SQLiteStorage(tmp_path / "vault.db").close()
     db = sqlite3.connect(tmp_path / "vault.db-log")
@@ -321,7 +324,7 @@ def test_a_vault_from_before_the_subject_guards_gets_them_when_opened(tmp_path: 
     db = sqlite3.connect(tmp_path / "vault.db")
     db.execute(
         "UPDATE meta SET value = ? WHERE key = ?",
-        (str(SCHEMA_VERSION - 1).encode(), SCHEMA_VERSION_KEY),
+        (str(before_guards).encode(), SCHEMA_VERSION_KEY),
     )
     db.commit()
     db.close()

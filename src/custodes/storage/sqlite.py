@@ -232,8 +232,9 @@ CREATE INDEX IF NOT EXISTS log.log_subjects_by_entry ON log_subjects(idx, commit
 # 8: the alerts raised on officials' use of the vault (custodes.alerts), in the records'
 # file: they are few, and each is written once and acted on a couple of times.
 _ALERTS_SCHEMA = (
-    "CREATE TABLE alerts(alert_id TEXT PRIMARY KEY, raised_at REAL NOT NULL, body BLOB NOT NULL)",
-    "CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id)",
+    "CREATE TABLE IF NOT EXISTS alerts("
+    "alert_id TEXT PRIMARY KEY, raised_at REAL NOT NULL, body BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(raised_at, alert_id)",
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS) + 4
