@@ -57,6 +57,8 @@ _RECORD_READS = frozenset({Action.SEARCH, Action.READ})
 _BUDGETED = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
 # The alert a refusal carries when the read would have crossed a budget.
 BUDGET_ALERT = "guard:budget"
+# The alert an entry carries when the anomaly guard acted on an account.
+ANOMALY_ALERT = "guard:anomaly"
 # The most records one entry names: a write of more is announced in several entries, so
 # that no leaf of the log grows without bound (an ingest batch is 2,000 by default).
 MAX_ENTRY_RECORDS = 5_000
@@ -405,6 +407,70 @@ class AccessGate:
         if not charge.items:
             return []
         return crossed(budget, charge, self._usage.charge_usage(who.username, charge.rows))
+
+    def act_on_anomaly(
+        self,
+        account: str,
+        role: str,
+        *,
+        verdict: str,
+        severity: str,
+        score: float,
+        signals: Sequence[str],
+        explained: Sequence[str],
+        records: Sequence[str] = (),
+        end_sessions: bool = False,
+        lock: bool = False,
+    ) -> int:
+        """What the anomaly guard does about an account, done and logged here like a read
+        refused at its budget: locked (sessions and tokens ended) or its sessions ended
+        (it logs in again, with its second factor), then the entry, with the score and its
+        explanation (counts, never a value), then the alert. The entry's position."""
+        # Acted on first: should the entry fail to be written, the account stays locked.
+        if lock:
+            self._keeper.lock_out(account, {"guard": list(signals), "score": score})
+        elif end_sessions:
+            self._keeper.sessions.end_all(account)
+        index = self._log.append(
+            AccessEntry(
+                actor=account,
+                role=role,
+                action=Action.GUARD_ACT.value,
+                outcome=Outcome.GRANTED,
+                time=self._clock(),
+                records=tuple(records),
+                detail={
+                    "alert": ANOMALY_ALERT,
+                    "guard": verdict,
+                    "score": score,
+                    "signals": list(signals),
+                    "explained": list(explained),
+                    "locked": lock,
+                    "sessions_ended": lock or end_sessions,
+                },
+            )
+        )
+        logger.error(
+            "alert %s: account %s scored %.1f (%s), guard %s; on the access log at entry %d",
+            ANOMALY_ALERT,
+            account,
+            score,
+            ", ".join(signals),
+            verdict,
+            index,
+        )
+        self._alerts(
+            Alert(
+                ANOMALY_ALERT,
+                severity,
+                account,
+                Action.GUARD_ACT.value,
+                list(signals),
+                index,
+                tuple(records),
+            )
+        )
+        return index
 
     def send_alerts_to(self, raise_alert: Callable[[Alert], None]) -> None:
         """Hand every alert this door raises (after its entry is on the log) to

@@ -29,6 +29,8 @@ class RowKind(StrEnum):
     ACCOUNT = "account"
     SESSION = "session"
     API_TOKEN = "api_token"  # noqa: S105 - a row kind, not a secret
+    # The anomaly guard's kept state and its list of flagged records (custodes.vault.guard).
+    GUARD = "guard"
 
 
 class RowMacs:

@@ -73,6 +73,12 @@ class Action(StrEnum):
     BACKUP_CREATE = "vault:backup:create"
     # A vault, or its lost key files, put back from a backup: on the restored log.
     BACKUP_RESTORE = "vault:backup:restore"
+    # The anomaly guard acted on an account: an alert, its sessions ended, or a lock.
+    GUARD_ACT = "guard:account:act"
+    # Every official's anomaly score, with its explanation, read on the host.
+    GUARD_SCORE = "guard:account:score"
+    # A record flagged for the guard: the first read of it by any account raises an alert.
+    GUARD_FLAG = "guard:record:flag"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -106,6 +112,9 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
+    # Counts and explanations, no entry and no value: like verifying the log.
+    Action.GUARD_SCORE: frozenset({Role.AUDITOR, Role.OPERATOR}),
+    Action.GUARD_FLAG: frozenset({Role.OPERATOR}),
     Action.INGEST_BATCH: frozenset({Role.OPERATOR}),
     Action.ACCOUNT_ADD: _ADMINISTRATORS,
     Action.ACCOUNT_LIST: _ADMINISTRATORS,
@@ -152,6 +161,9 @@ _REFUSALS: Mapping[Action, str] = {
     Action.INGEST: "only the host operator ingests records",
     Action.INGEST_BATCH: "only the host operator stores records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
+    Action.GUARD_SCORE: "only an auditor or the host operator reads the guard's scores",
+    Action.GUARD_FLAG: "only the host operator flags records for the guard",
+    Action.GUARD_ACT: "only the vault's own guard acts on an account",
 }
 _ADMIN_REFUSAL = "only an administrator manages accounts"
 
