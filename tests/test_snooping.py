@@ -16,12 +16,23 @@ import pytest
 
 from custodes.access import ANOMALY_ALERT
 from custodes.alerts import Alert
+from custodes.bootstrap import open_vault
 from custodes.errors import AccessDenied, AuthenticationFailed
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.records.idnumber import check_char
 from custodes.vault import Session, Vault
 from custodes.vault.guard import FLAGGED_KEY, STATE_KEY
-from tests.conftest import PASSWORD, TOTP_SECRETS, login, make_vault, totp_now, write_jsonl
+from tests.conftest import (
+    FAST_HASH,
+    PASSPHRASE,
+    PASSWORD,
+    TOTP_SECRETS,
+    MovableClock,
+    login,
+    make_vault,
+    totp_now,
+    write_jsonl,
+)
 
 PURPOSE = AccessPurpose("check a resident's address", "C-1")
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -222,3 +233,112 @@ def test_only_the_host_operator_flags_and_officials_read_no_scores(vault: Vault)
         vault.score_accounts(officer)
     with pytest.raises(AccessDenied):
         vault.flag_record(officer, "whatever")
+
+
+def test_a_short_walk_ends_the_sessions_and_the_official_logs_in_again_with_the_second_factor(
+    vault: Vault, moment: Moment, alerts: list[Alert]
+) -> None:
+    prober = login(vault, Role.OFFICER, "o.prober")
+    for n in range(200, 210):
+        assert search(vault, prober, resident_id("310104", "19800101", f"{n:03d}"), moment) == []
+    [acted] = vault.guard_round()
+    assert vault._guard_settings.step_up_at <= acted.points < vault._guard_settings.lock_at
+    [alert] = alerts
+    assert alert.severity == "high" and {"id_probes", "miss_ratio"} <= set(alert.signals)
+    [entry] = guard_entries(vault)
+    assert entry.detail["guard"] == "step_up" and entry.detail["sessions_ended"] is True
+    with pytest.raises(AuthenticationFailed):
+        search(vault, prober, BEIJING_PEOPLE[0], moment)
+    # Not locked: a login, whose second factor every role must give, opens a session.
+    assert search(vault, again(vault, "o.prober"), BEIJING_PEOPLE[0], moment)
+
+
+def test_past_days_survive_a_restart_and_a_tampered_state_is_rebuilt_from_the_log(
+    tmp_path: Path,
+) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    moment = Moment(vault)
+    vault.ingest(vault.operator, write_jsonl(tmp_path / "people.jsonl", RECORDS))
+    login(vault, Role.OFFICER, "o.steady", district="110101")
+    for day in (1, 2, 3, 4):
+        moment.set(day, 10)
+        session = again(vault, "o.steady")
+        for number in BEIJING_PEOPLE[:5]:
+            search(vault, session, number, moment)
+    vault.guard_round()
+    kept = vault._storage.get_meta(STATE_KEY)
+    vault.close()
+
+    clock = MovableClock()
+    clock.moved = lambda: moment.now
+    reopened = open_vault(
+        tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH, clock=clock
+    )
+    try:
+        [steady] = reopened.score_accounts(reopened.operator)
+        assert steady.account == "o.steady" and steady.points == 0
+        # Held against its own three past days, kept across the restart.
+        guard = reopened._new_guard()
+        assert sorted(guard._kept.history["o.steady"]) == ["2026-12-01", "2026-12-02", "2026-12-03"]
+        assert reopened._storage.get_meta(STATE_KEY) == kept
+        # A database writer raising its baselines (to hide a burst) breaks the tag: the
+        # guard starts again from the log, which it cannot rewrite unnoticed.
+        doc = orjson.loads(kept or b"")
+        doc["doc"]["history"]["o.steady"]["2026-12-01"]["views"] = 100_000
+        reopened._storage.set_meta(STATE_KEY, orjson.dumps(doc))
+        rebuilt = reopened._new_guard()
+        assert rebuilt._kept.history == {}
+        rebuilt.catch_up(keep=False)
+        assert rebuilt._kept.history["o.steady"]["2026-12-01"]["views"] == 5
+    finally:
+        reopened.close()
+
+
+def test_guard_score_on_the_host_prints_each_account_with_its_explanation_and_no_value(
+    tmp_path: Path,
+) -> None:
+    from tests.test_cli_client import run
+
+    vault = make_vault(tmp_path, "sqlite")
+    vault.ingest(vault.operator, write_jsonl(tmp_path / "people.jsonl", RECORDS))
+    walker = login(vault, Role.OFFICER, "o.walker")
+    walked = [resident_id("310104", "19800101", f"{n:03d}") for n in range(300, 312)]
+    for number in walked:
+        vault.search(
+            walker,
+            PURPOSE,
+            record_type="person",
+            index="national_id",
+            values={"national_id": number},
+        )
+    [star] = vault.search(
+        walker,
+        PURPOSE,
+        record_type="person",
+        index="national_id",
+        values={"national_id": CELEBRITY},
+    )
+    vault.close()
+    env = {"CUSTODES_VAULT": str(tmp_path / "vault"), "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+
+    done = run("guard", "score", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    [scored] = orjson.loads(done.stdout)
+    assert scored["account"] == "o.walker" and scored["verdict"] != "none"
+    probes = next(s for s in scored["signals"] if s["signal"] == "id_probes")
+    assert probes["explanation"].startswith("id_probes: 11 searched ID numbers")
+    table = run("guard", "score", env=env)
+    assert table.returncode == 0 and "o.walker" in table.stdout and "id_probes" in table.stdout
+    assert all("19800101" not in text for text in (done.stdout, table.stdout, table.stderr))
+
+    flagged = run("guard", "flag", star.record_id, env=env)
+    assert flagged.returncode == 0 and "flagged" in flagged.stdout, flagged.stderr
+    missing = run("guard", "flag", "no-such-record", env=env)
+    assert missing.returncode != 0 and "no such record" in missing.stderr
+    reopened = open_vault(tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        actions = [e.action for _, e in reopened._log.entries()]
+    finally:
+        reopened.close()
+    assert actions.count(Action.GUARD_SCORE.value) == 2
+    assert actions.count(Action.GUARD_FLAG.value) == 2  # the refused one too

@@ -381,6 +381,10 @@ def _run_worker(
     if destinations := listen.alerts.destinations():
         vault.send_alerts(Dispatcher(destinations))
     vault.keep_signing(witnesses=listen.witnesses)
+    if sequencer is None:
+        # The only process: it scores the log as well. With several workers the log
+        # sequencer does, so that one guard acts once on each account.
+        vault.keep_guarding()
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
         config = _config(app, listen)
@@ -457,7 +461,12 @@ def _forked_sequencer(
         ctypes.CDLL(None).prctl(_PR_SET_NAME, SEQUENCER_NAME, 0, 0, 0)
     vault = assemble_vault(unlocked)
     try:
+        if destinations := listen.alerts.destinations():
+            vault.send_alerts(Dispatcher(destinations))
         vault.run_log_sequencer(sequencer.listener, sequencer.address.secret)
+        # The one process that sees every worker's entries as they are appended: the
+        # anomaly guard runs here, reading the log, never in a read's path.
+        vault.keep_guarding()
         if _stop.asked:
             return
         while True:
