@@ -209,6 +209,9 @@ class Account:
     # The budget limits a read crossed when the account was locked for it; empty if it
     # was not (policy.budgets).
     crossed: tuple[str, ...] = ()
+    # The anomaly guard's signals when it locked the account (custodes.vault.guard); empty
+    # if it did not.
+    anomaly: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -853,11 +856,12 @@ def _account(row: AccountRow) -> Account:
         mfa_enrolled=isinstance(state.get("totp"), dict),
         locked=bool(state.get("locked")),
         crossed=_crossed(state.get("held")),
+        anomaly=_crossed(state.get("held"), "guard"),
     )
 
 
-def _crossed(held: object) -> tuple[str, ...]:
-    limits = held.get("limits") if isinstance(held, dict) else None
+def _crossed(held: object, why: str = "limits") -> tuple[str, ...]:
+    limits = held.get(why) if isinstance(held, dict) else None
     return tuple(str(name) for name in limits) if isinstance(limits, list) else ()
 
 
