@@ -342,3 +342,26 @@ def test_guard_score_on_the_host_prints_each_account_with_its_explanation_and_no
         reopened.close()
     assert actions.count(Action.GUARD_SCORE.value) == 2
     assert actions.count(Action.GUARD_FLAG.value) == 2  # the refused one too
+
+
+def test_a_guard_with_nothing_kept_reads_only_the_days_it_keeps_of_a_long_log(
+    vault: Vault, moment: Moment
+) -> None:
+    old = login(vault, Role.OFFICER, "o.old", district="110101")
+    for number in BEIJING_PEOPLE[:3]:
+        search(vault, old, number, moment)  # 1 December
+    moment.set(31, 10)
+    late = again(vault, "o.old")
+    for number in BEIJING_PEOPLE[3:6]:
+        search(vault, late, number, moment)
+    guard = vault._new_guard()
+    first_late = next(
+        i
+        for i, e in vault._log.entries()
+        if e.action == Action.SEARCH.value and e.records and e.time > moment.now - 3600
+    )
+    assert 0 < guard._cursor <= first_late
+    guard.catch_up(keep=False)
+    assert "2026-12-01" not in guard._kept.history.get("o.old", {})
+    [today] = guard.scores(moment.now)
+    assert today.account == "o.old" and today.day == "2026-12-31"

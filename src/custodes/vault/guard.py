@@ -142,11 +142,11 @@ class AnomalyGuard:
         try:
             document = _untagged(self._macs, "state", self._meta.get_meta(STATE_KEY))
         except TamperDetected:
-            # The state is only a cache of the log: read the log again from its start.
+            # The state is only a cache of the log: read the log again.
             log.error("the guard's stored state failed its tag; rebuilding it from the log")
-            return _Kept()
+            document = None
         if document is None:
-            return _Kept()
+            return _Kept(through=self._first_kept_entry())
         return _Kept(
             through=int(document.get("through", 0)),
             day=document.get("day"),
@@ -155,6 +155,20 @@ class AnomalyGuard:
             vip_seen=document.get("vip_seen", {}),
             acted=document.get("acted", {}),
         )
+
+    def _first_kept_entry(self) -> int:
+        """Where a guard with nothing kept starts reading: the first entry of the days it
+        keeps, found by halving (entries are appended in time order, give or take the
+        moments between processes), so that a long log is not read from its start."""
+        since = self._log.clock() - (self.settings.history_days + 1) * 86_400
+        low, high = 0, self._log.size
+        while low < high:
+            middle = (low + high) // 2
+            if AccessEntry.decode(self._log.raw_entry(middle)).time < since:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
     def _save(self) -> None:
         self._meta.set_meta(STATE_KEY, _tagged(self._macs, "state", self._kept.document()))
