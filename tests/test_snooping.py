@@ -102,6 +102,26 @@ def alerts(vault: Vault) -> list[Alert]:
     return raised
 
 
+@pytest.fixture
+def hook() -> Iterator[Any]:
+    """A webhook receiver on loopback, answering every alert at once (test_alert_delivery's)."""
+    import http.server
+    import threading
+
+    from tests.test_alert_delivery import _Receiver
+
+    handler = type(
+        "Receiver", (_Receiver,), {"answers": [], "received": [], "arrived": threading.Event()}
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}/alerts"  # type: ignore[attr-defined]
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
 def search(vault: Vault, session: Session, number: str, moment: Moment) -> list[Any]:
     moment.tick()
     return vault.search(
@@ -365,3 +385,35 @@ def test_a_guard_with_nothing_kept_reads_only_the_days_it_keeps_of_a_long_log(
     assert "2026-12-01" not in guard._kept.history.get("o.old", {})
     [today] = guard.scores(moment.now)
     assert today.account == "o.old" and today.day == "2026-12-31"
+
+
+def test_the_guards_alert_reaches_a_webhook_signed_naming_the_entry_and_no_value(
+    vault: Vault, moment: Moment, hook: Any
+) -> None:
+    from custodes.alerts import SIGNATURE_HEADER, TIMESTAMP_HEADER, Dispatcher, Webhook, signature
+    from tests.test_alert_delivery import SECRET
+
+    receiver = hook
+    vault.send_alerts(Dispatcher([Webhook(receiver.url, SECRET)]))
+    walker = login(vault, Role.OFFICER, "o.hook")
+    walked = [resident_id("310104", "19800101", f"{n:03d}") for n in range(500, 520)]
+    for number in walked:
+        search(vault, walker, number, moment)
+    vault.guard_round()
+    assert receiver.arrived.wait(10), "the alert never arrived"
+    [(headers, body)] = receiver.received
+    assert headers[SIGNATURE_HEADER] == "sha256=" + signature(
+        SECRET, headers[TIMESTAMP_HEADER], body
+    )
+    sent = orjson.loads(body)
+    assert (sent["kind"], sent["severity"], sent["account"]) == (
+        ANOMALY_ALERT,
+        "critical",
+        "o.hook",
+    )
+    assert sent["action"] == Action.GUARD_ACT.value and "id_probes" in sent["signals"]
+    [(index, entry)] = [
+        (i, e) for i, e in vault._log.entries() if e.action == Action.GUARD_ACT.value
+    ]
+    assert sent["entry"] == index and entry.detail["guard"] == "lock"
+    assert all(number[:14] not in body.decode() for number in walked)
