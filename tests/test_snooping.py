@@ -417,3 +417,39 @@ def test_the_guards_alert_reaches_a_webhook_signed_naming_the_entry_and_no_value
     ]
     assert sent["entry"] == index and entry.detail["guard"] == "lock"
     assert all(number[:14] not in body.decode() for number in walked)
+
+
+def test_an_account_whose_views_an_administrator_left_unlimited_is_alerted_on_not_stopped(
+    vault: Vault, moment: Moment, alerts: list[Alert]
+) -> None:
+    from custodes.policy.budgets import NO_LIMITS
+
+    drill = login(vault, Role.INVESTIGATOR, "t.drill", budget=NO_LIMITS)
+    for n in range(600, 620):
+        search(vault, drill, resident_id("310104", "19800101", f"{n:03d}"), moment)
+    [acted] = vault.guard_round()
+    assert acted.verdict.name == "LOCK"
+    [entry] = guard_entries(vault)
+    assert (entry.detail["guard"], entry.detail["called_for"]) == ("alert", "lock")
+    assert entry.detail["locked"] is False and entry.detail["sessions_ended"] is False
+    [alert] = alerts
+    assert alert.severity == "warning" and "id_probes" in alert.signals
+    assert search(vault, drill, BEIJING_PEOPLE[0], moment)  # still working
+    assert vault.guard_round() == []  # told once
+
+
+def test_a_vault_that_keeps_guarding_acts_on_its_own_and_closes_cleanly(
+    vault: Vault, moment: Moment, alerts: list[Alert]
+) -> None:
+    import time
+
+    walker = login(vault, Role.OFFICER, "o.timed")
+    for n in range(700, 720):
+        search(vault, walker, resident_id("310104", "19800101", f"{n:03d}"), moment)
+    vault.keep_guarding(every=0.05)
+    deadline = time.monotonic() + 10
+    while not alerts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [a.account for a in alerts] == ["o.timed"]
+    with pytest.raises(AuthenticationFailed):
+        search(vault, walker, BEIJING_PEOPLE[0], moment)

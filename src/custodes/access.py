@@ -414,6 +414,7 @@ class AccessGate:
         role: str,
         *,
         verdict: str,
+        called_for: str,
         severity: str,
         score: float,
         signals: Sequence[str],
@@ -442,6 +443,7 @@ class AccessGate:
                 detail={
                     "alert": ANOMALY_ALERT,
                     "guard": verdict,
+                    "called_for": called_for,
                     "score": score,
                     "signals": list(signals),
                     "explained": list(explained),
