@@ -453,3 +453,75 @@ def test_a_vault_that_keeps_guarding_acts_on_its_own_and_closes_cleanly(
     assert [a.account for a in alerts] == ["o.timed"]
     with pytest.raises(AuthenticationFailed):
         search(vault, walker, BEIJING_PEOPLE[0], moment)
+
+
+def test_a_server_with_two_workers_locks_an_id_walker_and_sends_the_alert_to_syslog(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import socket
+    import subprocess
+
+    import httpx
+
+    from custodes.bootstrap import create_vault
+    from tests.conftest import FAST_KDF, enrol
+    from tests.test_shared_vault import _serve_two_workers, _wait_up
+
+    vault = create_vault(
+        tmp_path / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "test.keyring",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+    )
+    try:
+        vault.ingest(vault.operator, write_jsonl(tmp_path / "people.jsonl", RECORDS))
+        vault.admin.add_account(vault.operator, "t.web", PASSWORD, Role.OFFICER, {"district": "*"})
+        code = totp_now(vault, enrol(vault, "t.web"))
+    finally:
+        vault.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(("127.0.0.1", 0))
+        syslog.settimeout(30)
+        address = f"udp://127.0.0.1:{syslog.getsockname()[1]}"
+        options = ("--alert-syslog", address, "--guard-every", "0.2")
+        server, base = _serve_two_workers(tmp_path, subprocess.DEVNULL, *options)
+        try:
+            _wait_up(base, server)
+            opened = httpx.post(
+                f"{base}/api/v1/session",
+                json={"username": "t.web", "password": PASSWORD, "totp": code},
+                timeout=30,
+            )
+            auth = {"Authorization": f"Bearer {opened.json()['token']}"}
+            walked = [resident_id("310104", "19800101", f"{n:03d}") for n in range(800, 820)]
+            for number in walked:
+                answer = httpx.post(
+                    f"{base}/api/v1/search",
+                    headers=auth,
+                    json={
+                        "record_type": "person",
+                        "index": "national_id",
+                        "values": {"national_id": number},
+                        "purpose": PURPOSE.reason,
+                        "case_ref": PURPOSE.case_ref,
+                    },
+                    timeout=30,
+                )
+                if answer.status_code != 200:
+                    break  # stopped while still walking: the guard was quicker
+            # A warning may come first; the alert that ended the session follows it.
+            sent = []
+            while not sent or sent[-1]["severity"] == "warning":
+                message = syslog.recv(65536).decode()
+                assert f" {ANOMALY_ALERT} - " in message and "19800101" not in message
+                sent.append(orjson.loads(message.split(" - ", 1)[1]))
+            refused = httpx.post(f"{base}/api/v1/search", headers=auth, json={}, timeout=30)
+            assert refused.status_code == 401
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    assert {a["account"] for a in sent} == {"t.web"}
+    assert sent[-1]["severity"] in ("high", "critical")  # sessions ended, or locked
+    assert "id_probes" in sent[-1]["signals"]
