@@ -1,13 +1,14 @@
-"""What the guard costs: audited lookups with budgets charged, against the same lookups
-through the same vault with the guard taken out, in one run.
+"""What the guard costs: audited lookups with budgets charged and canaries watched for,
+against the same lookups through the same vault with the guard taken out, in one run.
 
 For each --backend, builds a vault of synthetic people (on PostgreSQL in a schema of its
-own, dropped after), adds an investigator whose budget has every limit set, and so high
-that the run never crosses one (each lookup is charged to five counters, as any
-official's is), logs in, and drives Vault.search in --threads threads of this process:
-no HTTP, so that the guard's share is not hidden behind a server's. The baseline is the
-same vault and session with the access function's budget step replaced by one that
-charges nothing: a construction of this bench only, not a setting of custodes. The two
+own, dropped after) with canary records planted among them, adds an investigator whose
+budget has every limit set, and so high that the run never crosses one (each lookup is
+charged to five counters, as any official's is), logs in, and drives Vault.search in
+--threads threads of this process: no HTTP, so that the guard's share is not hidden
+behind a server's. The baseline is the same vault and session with the access
+function's budget step replaced by one that charges nothing and its canary list by one
+that holds none: a construction of this bench only, not a setting of custodes. The two
 alternate, --rounds times each, and the medians are compared:
 
     overhead = 1 - (lookups/s with the guard) / (lookups/s without it)
@@ -42,6 +43,7 @@ from baseline import LOCAL_SERVER, drop_schema, fresh_schema
 from serve import BACKENDS, PASSPHRASE, PASSWORD, PURPOSE, USER, sample_ids, synthesise
 
 TARGET_OVERHEAD = 0.15
+CANARIES = 20
 
 
 @contextmanager
@@ -74,6 +76,7 @@ def open_guarded_vault(area: Path, source: Path, people: int, database: str | No
     )
     try:
         vault.ingest(vault.operator, source, workers=1)
+        vault.plant_canaries(vault.operator, CANARIES)
         # Every limit set, all beyond reach: each lookup charges every counter.
         budget = dict.fromkeys(LIMIT_NAMES, MAX_LIMIT)
         vault.admin.add_account(
@@ -91,13 +94,17 @@ def open_guarded_vault(area: Path, source: Path, people: int, database: str | No
 
 @contextmanager
 def without_the_guard(vault: Any) -> Iterator[None]:
-    """The access function with its budget step charging nothing: this bench's baseline."""
+    """The access function with its budget step charging nothing and no canary to watch
+    for: this bench's baseline."""
     gate = vault._gate
     gate._spend = lambda *_args: []
+    canaries = gate._canaries
+    canaries.among = lambda _ids: []
     try:
         yield
     finally:
         del gate._spend
+        del canaries.among
 
 
 def lookups_per_second(

@@ -27,7 +27,7 @@ def test_roles_that_read_no_records_have_no_budget_and_readers_have_every_limit(
     assert budget_for(Role.AUDITOR) is None and budget_for(Role.ADMIN) is None
     for role in (Role.OFFICER, Role.INVESTIGATOR, Role.SUPERVISOR):
         budget = budget_for(role)
-        assert budget is not None and len(budget.limits()) == 5
+        assert budget is not None and len(budget.limits()) == 6
 
 
 def test_an_accounts_own_limits_replace_its_roles_and_are_checked() -> None:
@@ -51,6 +51,17 @@ def test_a_read_charges_its_views_and_a_search_that_found_nothing_charges_a_miss
     assert shown.keys == [("views/60", int(NOON) + 60), ("views/86400", int(NOON) - 12 * HOUR)]
     missed = charge_for(budget, NOON, views=0, missed=True)
     assert missed.items == ((Counter.MISSES, HOUR, int(NOON), 1),)
+
+
+def test_a_read_names_its_subjects_once_for_the_distinct_subjects_counter() -> None:
+    budget = Budget(views_per_day=10, subjects_per_day=4)
+    charge = charge_for(budget, NOON, views=3, missed=False, subjects=["r1", "r2", "r1"])
+    assert charge.items == (
+        (Counter.SUBJECTS, DAY, int(NOON) - 12 * HOUR, 2),
+        (Counter.VIEWS, DAY, int(NOON) - 12 * HOUR, 3),
+    )
+    assert charge.subjects == ("r1", "r2") and charge.distinct == "subjects/86400"
+    assert charge_for(budget, NOON, views=0, missed=True).distinct is None
 
 
 def test_a_charge_crosses_a_limit_only_beyond_it() -> None:

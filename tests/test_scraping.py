@@ -24,6 +24,7 @@ from custodes.errors import (
 )
 from custodes.policy import AccessPurpose, Action, Role
 from custodes.policy.budgets import (
+    DAY,
     DEFAULT_BUDGETS,
     DEFAULT_SESSIONS,
     MINUTE,
@@ -209,6 +210,32 @@ def _search(vault: Vault, session: Any, nid: str) -> list[Any]:
     return vault.search(
         session, PURPOSE, record_type="person", index="national_id", values={"national_id": nid}
     )
+
+
+def test_an_account_shown_many_different_people_is_stopped_at_its_distinct_subjects(
+    vault: Vault, population_file: Path, clock: _Time
+) -> None:
+    """Looking one person up again and again is a clerk's day; a new person every time,
+    within every views limit, is a walk through the population."""
+    own = {**NO_LIMITS, "subjects_per_day": 5}
+    session = login(vault, Role.INVESTIGATOR, "t.browser", budget=own)
+    people = _national_ids(population_file)
+    for _ in range(40):
+        assert len(_search(vault, session, people[0])) == 1  # one subject, forty views
+    for nid in people[1:5]:
+        assert len(_search(vault, session, nid)) == 1
+    with pytest.raises(BudgetExceeded):
+        _search(vault, session, people[5])
+    [refused] = [
+        e for e in _entries(vault) if e.actor == "t.browser" and e.outcome == Outcome.DENIED.value
+    ]
+    assert refused.detail["limits"] == ["subjects_per_day"]
+    # A new day, a new count: after an administrator's unlock, the same people again.
+    vault.admin.unlock_account(vault.operator, "t.browser")
+    clock.advance(DAY)
+    again = vault.login("t.browser", PASSWORD, totp=totp_now(vault, TOTP_SECRETS["t.browser"]))
+    for nid in people[:5]:
+        assert len(_search(vault, again, nid)) == 1
 
 
 def _walked_ids(start: int, count: int) -> Iterator[str]:

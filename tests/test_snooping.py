@@ -173,6 +173,10 @@ def test_an_officer_walking_sequential_id_numbers_is_scored_and_locked(
     kept = stored_everywhere(vault) + orjson.dumps(alert.document())
     assert b"19800101" not in kept
     assert all(n.encode() not in kept for n in walked)
+    # The watchers find it in the vault's alert book, by the same id.
+    watcher = login(vault, Role.AUDITOR, "a.watch")
+    [kept_alert] = [a for a in vault.alerts(watcher) if a.alert.kind == ANOMALY_ALERT]
+    assert kept_alert.id == alert.id and kept_alert.alert.entry == alert.entry
     # The next round acts no more on what it acted on already.
     assert vault.guard_round() == []
     [locked] = [a for a in vault.admin.list_accounts(vault.operator) if a.username == "o.walker"]

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from custodes.audit import Outcome
 from custodes.audit.report import verify_bundle
 from custodes.policy import Role
+from custodes.policy.budgets import DEFAULT_BUDGETS, NO_LIMITS
 from custodes.vault import Vault
 from custodes.web import api, deps
 from custodes.web.app import create_app
@@ -39,10 +40,13 @@ def build_app(vault: Vault) -> FastAPI:
 _accounts = itertools.count()
 
 
-def new_account(vault: Vault, role: Role) -> str:
+def new_account(vault: Vault, role: Role, budget: dict[str, Any] | None = None) -> str:
     """A fresh, enrolled account: each login spends a TOTP step, and a secret has few."""
     name = f"api.{role.value}.{next(_accounts)}"
-    vault.admin.add_account(vault.operator, name, PASSWORD, role, {"district": "*"})
+    attributes: dict[str, Any] = {"district": "*"}
+    if budget is not None:
+        attributes["budget"] = budget
+    vault.admin.add_account(vault.operator, name, PASSWORD, role, attributes)
     enrol(vault, name)
     return name
 
@@ -376,10 +380,45 @@ def test_an_unknown_record_is_404_in_the_error_shape(client: TestClient, vault: 
 # -- threat 11: hard caps on every page ---------------------------------------------------
 
 
+def test_an_officer_pages_no_deeper_than_the_roles_paging_limits(
+    client: TestClient, vault: Vault, people: list[dict[str, Any]]
+) -> None:
+    officer = DEFAULT_BUDGETS[Role.OFFICER]
+    assert officer.page_size == 20 and officer.search_depth == 40
+    name = new_account(vault, Role.OFFICER)
+    headers = session_headers(client, vault, name)
+    adult = next(p for p in people if str(p.get("birth_date", "2020")) < "2000")
+    body = {
+        "record_type": "person",
+        "index": "national_id",
+        "values": {"national_id": adult["national_id"]},
+        **PURPOSE,
+    }
+    assert client.post("/api/v1/search", headers=headers, json={**body, "limit": 20}).is_success
+    error = assert_error(
+        client.post("/api/v1/search", headers=headers, json={**body, "limit": 21}), 403
+    )
+    assert "20 records a page" in error["message"]
+    deep = {**body, "limit": 20, "cursor": api._encode_cursor("s", 40)}
+    assert_error(client.post("/api/v1/search", headers=headers, json=deep), 403)
+    refused = [
+        e for _, e in vault._log.entries() if e.actor == name and e.outcome == Outcome.DENIED.value
+    ]
+    assert [e.detail["limits"] for e in refused] == [["page_size"], ["search_depth"]]
+    # Refused before anything was read: no record is named, nothing was charged.
+    assert all(e.records == () for e in refused)
+    # An account of its own limits pages as they say.
+    wide = session_headers(
+        client, vault, new_account(vault, Role.OFFICER, {"page_size": 50, "search_depth": 100})
+    )
+    assert client.post("/api/v1/search", headers=wide, json={**body, "limit": 50}).is_success
+
+
 def test_a_search_page_is_capped_at_one_hundred(
     client: TestClient, vault: Vault, people: list[dict[str, Any]]
 ) -> None:
-    headers = headers_for(client, vault, Role.INVESTIGATOR)
+    # Whatever an account's own paging limits, no search shows more than a hundred.
+    headers = session_headers(client, vault, new_account(vault, Role.INVESTIGATOR, NO_LIMITS))
     body = {
         "record_type": "person",
         "index": "national_id",

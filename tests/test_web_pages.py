@@ -25,7 +25,9 @@ with warnings.catch_warnings():
 
 from custodes.audit import Outcome
 from custodes.audit.report import verify_bundle
+from custodes.errors import BudgetExceeded
 from custodes.policy import ACCOUNT_ROLES, AccessPurpose, Action, Role, is_minor
+from custodes.records.idnumber import check_char
 from custodes.vault import Vault
 from custodes.web import deps
 from custodes.web.app import create_app
@@ -346,15 +348,70 @@ def test_audit_log_filters_pages_and_verifies(site: Site) -> None:
     assert site.client(Role.SUPERVISOR).get(f"/audit/log?{query}").status_code == 403
 
 
-def test_alerts_list_refused_accesses_and_say_alerts_come_later(site: Site) -> None:
-    rid = record_id_of(site, str(site.people[9]["national_id"]))
-    form = {"csrf_token": site.csrf(Role.OFFICER), "reason": REASON, "case_ref": CASE}
-    site.client(Role.OFFICER).post(f"/records/{rid}/reveal/ethnicity", data=form)
-    response = site.client(Role.AUDITOR).get("/alerts")
-    assert response.status_code == 200
-    assert "not built yet" in response.text
-    assert "denied" in response.text and Action.REVEAL.value in response.text
+def _raise_budget_alert(site: Site, username: str) -> None:
+    """An investigator allowed one miss an hour misses twice: locked, and an alert."""
+    site.vault.admin.add_account(
+        site.vault.operator,
+        username,
+        PASSWORD,
+        Role.INVESTIGATOR,
+        {"district": "*", "budget": {"misses_per_hour": 1}},
+    )
+    code = site.vault.admin.issue_enrolment(site.vault.operator, username)
+    secret = site.vault.enrolment(code).secret
+    site.vault.complete_enrolment(code, pyotp.TOTP(secret).at(time.time() - 30))
+    session = site.vault.login(username, PASSWORD, totp=pyotp.TOTP(secret).now())
+    with pytest.raises(BudgetExceeded):
+        for serial in ("001", "002"):
+            body = f"11010519800101{serial}"
+            site.vault.search(
+                session,
+                AccessPurpose("walking numbers", "T-1"),
+                record_type="person",
+                index="national_id",
+                values={"national_id": body + check_char(body)},
+            )
+
+
+def test_alerts_are_acknowledged_and_resolved_by_the_watchers_each_step_logged(
+    site: Site,
+) -> None:
+    _raise_budget_alert(site, "w.walker")
+    supervisor, auditor = site.client(Role.SUPERVISOR), site.client(Role.AUDITOR)
+    page = supervisor.get("/alerts")
+    assert page.status_code == 200
+    assert (
+        "guard:budget" in page.text and "w.walker" in page.text and "misses_per_hour" in page.text
+    )
+    # The supervisor sees the alerts, not the access log's refusals: that is the auditor's.
+    assert "Refused and failed accesses" not in page.text
+    [found] = [
+        a
+        for a in site.vault.alerts(site.vault.session_for(supervisor.cookies[deps.SESSION_COOKIE]))
+        if a.alert.account == "w.walker"
+    ]
+    url = f"/alerts/{found.id}"
+    acked = supervisor.post(f"{url}/acknowledge", data={"csrf_token": site.csrf(Role.SUPERVISOR)})
+    assert acked.status_code == 200 and "acknowledged by w.supervisor" in acked.text
+    # Without the form's token, nothing is done.
+    assert auditor.post(f"{url}/resolve", data={}).status_code == 403
+    resolved = auditor.post(f"{url}/resolve", data={"csrf_token": site.csrf(Role.AUDITOR)})
+    assert resolved.status_code == 200 and "resolved by w.auditor" in resolved.text
+    assert "Refused and failed accesses" in resolved.text and "denied" in resolved.text
+    again = supervisor.post(f"{url}/resolve", data={"csrf_token": site.csrf(Role.SUPERVISOR)})
+    assert again.status_code == 409 and "resolved already" in again.text
+    steps = [
+        (e.actor, e.action, e.detail.get("alert_id"))
+        for _, e in site.vault._log.entries()
+        if e.action in (Action.ALERT_ACKNOWLEDGE.value, Action.ALERT_RESOLVE.value)
+        and e.outcome == "granted"
+    ]
+    assert steps == [
+        ("w.supervisor", Action.ALERT_ACKNOWLEDGE.value, found.id),
+        ("w.auditor", Action.ALERT_RESOLVE.value, found.id),
+    ]
     assert site.client(Role.OFFICER).get("/alerts").status_code == 403
+    assert site.client(Role.ADMIN).get("/alerts").status_code == 403
 
 
 # -- administrators -----------------------------------------------------------------------
@@ -408,7 +465,7 @@ def page_urls(site: Site) -> dict[Role, list[str]]:
     audit = urlencode({"reason": "weekly review"})
     return {
         Role.OFFICER: ["/", "/search", f"/records/{rid}?{PURPOSE_QUERY}", f"/records/{rid}"],
-        Role.SUPERVISOR: ["/", f"/records/{rid}?{PURPOSE_QUERY}"],
+        Role.SUPERVISOR: ["/", f"/records/{rid}?{PURPOSE_QUERY}", "/alerts"],
         Role.AUDITOR: [
             "/",
             "/audit/log",

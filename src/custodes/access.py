@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from custodes.accounts import BUDGET, Account, AccountBook
+from custodes.alert_book import AlertBook
 from custodes.alerts import Alert
 from custodes.audit import AccessEntry, AccessLog, Outcome
+from custodes.canaries import CanaryList
 from custodes.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -27,6 +29,7 @@ from custodes.errors import (
     DatabaseRefused,
     RecordNotFound,
 )
+from custodes.metering import UsageMeter
 from custodes.policy import (
     AccessPurpose,
     Action,
@@ -37,7 +40,7 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
-from custodes.policy.budgets import budget_for, charge_for, crossed
+from custodes.policy.budgets import budget_for, charge_for, crossed, paging_crossed
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 from custodes.storage.base import UsageStore
 
@@ -57,6 +60,8 @@ _RECORD_READS = frozenset({Action.SEARCH, Action.READ})
 _BUDGETED = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
 # The alert a refusal carries when the read would have crossed a budget.
 BUDGET_ALERT = "guard:budget"
+# The alert a read carries when it returned a canary record (custodes.canaries).
+CANARY_ALERT = "guard:canary"
 # The alert an entry carries when the anomaly guard acted on an account.
 ANOMALY_ALERT = "guard:anomaly"
 # The most records one entry names: a write of more is announced in several entries, so
@@ -100,9 +105,20 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
     )
 
 
+def _paging(who: Session | Operator, account: Account) -> str:
+    """An account's paging limits, as a refusal says them."""
+    budget = budget_for(who.role, account.attributes.get(BUDGET))
+    said = []
+    if budget is not None and budget.page_size is not None:
+        said.append(f"{budget.page_size} records a page")
+    if budget is not None and budget.search_depth is not None:
+        said.append(f"{budget.search_depth} in all")
+    return " and ".join(said)
+
+
 def _nowhere(_alert: Alert) -> None:
-    """Where alerts go when no destination is configured: the access log and the
-    operational log hold them already."""
+    """Where alerts go when no destination is configured: the access log, the vault's
+    alert book and the operational log hold them already."""
 
 
 class OutOfReach(RecordNotFound):
@@ -186,10 +202,14 @@ class AccessGate:
         operator: Operator | None,
         case_scope: Callable[[str], frozenset[str]],
         usage: UsageStore,
+        alert_book: AlertBook,
+        canaries: CanaryList,
     ) -> None:
         self._keeper = keeper
-        self._usage = usage
-        self._alerts: Callable[[Alert], None] = _nowhere
+        self._meter = UsageMeter(usage)
+        self._alert_book = alert_book
+        self._canaries = canaries
+        self._send: Callable[[Alert], None] = _nowhere
         self._case_scope = case_scope
         self._accounts = accounts
         self._log = log
@@ -210,16 +230,18 @@ class AccessGate:
         detail: Mapping[str, Any] | None = None,
         private: dict[str, Any] | None = None,
         target: str | None = None,
+        page: tuple[int, int] | None = None,
     ) -> T:
         """Decide, run, log durably, then return. Nothing leaves before the entry exists.
 
         `private` (such as the values searched for) is sealed beside the entry, so that
         a subject's report can show it while the log itself names no one. `target` is the
         record an operation on one record names, so that a refused or failed attempt
-        reaches that person's subject report.
+        reaches that person's subject report. `page` is a search's (offset, size), held
+        against the account's paging limits (policy.budgets) before anything is read.
         """
         result, _ = self._access(
-            principal, action, run, purpose, record_type, detail, private, target
+            principal, action, run, purpose, record_type, detail, private, target, page
         )
         return result
 
@@ -234,7 +256,7 @@ class AccessGate:
     ) -> tuple[T, int]:
         """Like access, and also the index of the entry that records it, for an operation
         whose answer is read from the log after its own entry (a subject report)."""
-        return self._access(principal, action, run, purpose, None, None, None, target)
+        return self._access(principal, action, run, purpose, None, None, None, target, None)
 
     def access_write(
         self,
@@ -308,6 +330,7 @@ class AccessGate:
         detail: Mapping[str, Any] | None,
         private: dict[str, Any] | None,
         target: str | None,
+        page: tuple[int, int] | None,
     ) -> tuple[T, int]:
         who, account = self._check(principal)
         attempted = (target,) if target else ()
@@ -340,6 +363,15 @@ class AccessGate:
         except AccessDenied:
             append(entry(Outcome.DENIED), private=private)
             raise
+        if page is not None and account is not None:
+            deep = paging_crossed(budget_for(who.role, account.attributes.get(BUDGET)), *page)
+            if deep:
+                refused = {"reason": "paging", "limits": deep}
+                append(entry(Outcome.DENIED, extra=refused), private=private)
+                raise AccessDenied(
+                    f"this account's searches show at most {_paging(who, account)}: ask for "
+                    "fewer, or narrow the search"
+                )
         reach = self._reach(who, purpose, account)
         try:
             done = run(Grant(who, reach))
@@ -357,7 +389,7 @@ class AccessGate:
             index = append(entry(Outcome.ERROR, extra=failed), private=private)
             _report_alert(exc, action, index)
             if "alert" in failed:
-                self._alerts(
+                self.raise_alert(
                     Alert(
                         str(failed["alert"]),
                         "critical",
@@ -369,6 +401,9 @@ class AccessGate:
                 )
             raise
         if action in _BUDGETED and isinstance(who, Session) and account is not None:
+            tripped = self._canaries.among(done.records)
+            if tripped:
+                return self._tripped(who, action, done, tripped, entry, private)
             crossed_limits = self._spend(who, account, action, done)
             if crossed_limits:
                 # Locked first: should the entry fail to be written, the account stays
@@ -382,7 +417,7 @@ class AccessGate:
                 }
                 index = append(entry(Outcome.DENIED, extra=spent), private=private)
                 _report_budget(who, action, crossed_limits, index)
-                self._alerts(
+                self.raise_alert(
                     Alert(BUDGET_ALERT, "high", who.username, action.value, crossed_limits, index)
                 )
                 raise BudgetExceeded(
@@ -391,6 +426,44 @@ class AccessGate:
                 )
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
         index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
+        return done.result, index
+
+    def _tripped(
+        self,
+        who: Session,
+        action: Action,
+        done: Done[T],
+        tripped: list[str],
+        entry: Callable[..., AccessEntry],
+        private: dict[str, Any] | None,
+    ) -> tuple[T, int]:
+        """A read that returned a canary: the account is locked first (its sessions and
+        tokens end), then the read is logged with the alert and answered as any other,
+        so that whoever holds the account learns nothing from this answer; the next
+        request finds the account locked. The alert is critical: no legitimate search
+        returns a canary (custodes.canaries)."""
+        self._keeper.lock_out(who.username, {"alert": CANARY_ALERT})
+        extra = {"alert": CANARY_ALERT, "locked": True}
+        index = self._log.append(entry(Outcome.GRANTED, done, extra=extra), private=private)
+        logger.critical(
+            "alert %s: account %s was shown a canary record during %s and was locked; on "
+            "the access log at entry %d",
+            CANARY_ALERT,
+            who.username,
+            action.value,
+            index,
+        )
+        self.raise_alert(
+            Alert(
+                CANARY_ALERT,
+                "critical",
+                who.username,
+                action.value,
+                ["canary"],
+                index,
+                tuple(done.records),
+            )
+        )
         return done.result, index
 
     def _spend(self, who: Session, account: Account, action: Action, done: Done[Any]) -> list[str]:
@@ -402,11 +475,20 @@ class AccessGate:
             return []
         views = len(done.records)
         charge = charge_for(
-            budget, self._clock(), views=views, missed=action is Action.SEARCH and not views
+            budget,
+            self._clock(),
+            views=views,
+            missed=action is Action.SEARCH and not views,
+            subjects=done.records,
         )
         if not charge.items:
             return []
-        return crossed(budget, charge, self._usage.charge_usage(who.username, charge.rows))
+        limits = {(counter, window): limit for _, counter, window, limit in budget.limits()}
+        caps = [limits[(counter, window)] for counter, window, _, _ in charge.items]
+        totals = self._meter.charge(
+            who.username, charge.rows, caps, distinct=charge.distinct, subjects=charge.subjects
+        )
+        return crossed(budget, charge, totals)
 
     def act_on_anomaly(
         self,
@@ -461,7 +543,7 @@ class AccessGate:
             verdict,
             index,
         )
-        self._alerts(
+        self.raise_alert(
             Alert(
                 ANOMALY_ALERT,
                 severity,
@@ -474,10 +556,30 @@ class AccessGate:
         )
         return index
 
-    def send_alerts_to(self, raise_alert: Callable[[Alert], None]) -> None:
-        """Hand every alert this door raises (after its entry is on the log) to
-        `raise_alert`, which must not wait (custodes.alerts.Dispatcher)."""
-        self._alerts = raise_alert
+    def close(self) -> None:
+        """Charge what the meter holds, before storage closes."""
+        self._meter.close()
+
+    def send_alerts_to(self, send: Callable[[Alert], None]) -> None:
+        """Hand every alert this door raises (after its entry is on the log, and once it
+        is in the alert book) to `send`, which must not wait (custodes.alerts.Dispatcher)."""
+        self._send = send
+
+    def raise_alert(self, alert: Alert) -> None:
+        """The one way an alert is raised, once its entry is on the access log: kept in
+        the vault's alert book for the watchers, then sent out. An alert the book cannot
+        take is still sent (and stays on the access log)."""
+        try:
+            self._alert_book.record(alert)
+        except CustodesError as exc:
+            logger.error(
+                "alert %s (entry %d) was not stored in the alert book (%s); it is on the "
+                "access log",
+                alert.kind,
+                alert.entry,
+                type(exc).__name__,
+            )
+        self._send(alert)
 
     def check(self, principal: Principal) -> Session | Operator:
         """The principal, checked afresh, for operations that log nothing themselves."""

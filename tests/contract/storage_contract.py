@@ -12,6 +12,7 @@ import pytest
 from custodes.errors import AuditUnavailable, StorageError
 from custodes.storage import Storage
 from tests.contract.accounts_contract import AccountStoreContract
+from tests.contract.alerts_contract import AlertStoreContract
 from tests.contract.log_contract import LogStoreContract, log_batch
 from tests.contract.meta_contract import MetaStoreContract
 from tests.contract.records_contract import RecordStoreContract, sealed
@@ -24,6 +25,7 @@ class StorageContract(
     LogStoreContract,
     MetaStoreContract,
     UsageStoreContract,
+    AlertStoreContract,
 ):
     """Every documented behaviour of the Storage Protocol."""
 

@@ -85,3 +85,44 @@ class UsageStoreContract:
             storage.charge_usage("clerk.a", [("views/3600", T0, -1)])
         with pytest.raises((StorageError, ValueError)):
             storage.charge_usage("clerk.a", [("views/3600", T0, 1), ("views/3600", T0, 1)])
+
+    def test_distinct_subjects_count_once_per_window(self, storage: UsageStore) -> None:
+        day = 86_400
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0, ["r1", "r2", "r1"]) == 2
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0, ["r2", "r3"]) == 3
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0, []) == 3
+        # Another account's notes are its own.
+        assert storage.note_subjects("clerk.b", "subjects/86400", T0, ["r1"]) == 1
+        # A new window counts every subject again, from nothing.
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0 + day, ["r1"]) == 1
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0 + day, ["r2", "r1"]) == 2
+        # The counter is one of the account's usage counters like any other.
+        assert storage.charge_usage("clerk.a", [("subjects/86400", T0 + day, 0)]) == [2]
+
+    def test_subjects_noted_at_once_are_counted_once(self, storage: UsageStore) -> None:
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def note(lane: int) -> None:
+            try:
+                start.wait()
+                for n in range(20):
+                    # Every lane notes the same 30 subjects, in its own order.
+                    ids = [f"r{(n * 7 + lane + k) % 30}" for k in range(3)]
+                    storage.note_subjects("clerk.a", "subjects/86400", T0, ids)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=note, args=(lane,)) for lane in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert storage.note_subjects("clerk.a", "subjects/86400", T0, []) == 30
+
+    def test_noted_subjects_are_record_ids(self, storage: UsageStore) -> None:
+        with pytest.raises((StorageError, ValueError)):
+            storage.note_subjects("clerk.a", "subjects/86400", T0, "r1")
+        with pytest.raises((StorageError, ValueError)):
+            storage.note_subjects("clerk.a", "subjects/86400", T0, [1])  # type: ignore[list-item]

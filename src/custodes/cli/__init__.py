@@ -122,7 +122,13 @@ def database() -> None:
     """A vault's PostgreSQL database: grant the server's own least-privileged role."""
 
 
+@click.group(cls=_LazyGroup, lazy={"plant": f"{_HOST}:canary_plant"})
+def canary() -> None:
+    """Canary records: synthetic people whose every read raises an alarm."""
+
+
 cli.add_command(audit)
+cli.add_command(canary)
 cli.add_command(backup)
 cli.add_command(database)
 cli.add_command(guard)

@@ -196,7 +196,12 @@ _UNSET = "unset"
 
 def _limit_options(command: Callable[..., None]) -> Callable[..., None]:
     for name in reversed(SETTING_NAMES):
-        what = "sessions open at once" if name == "sessions" else f"record {name.replace('_', ' ')}"
+        what = {
+            "sessions": "sessions open at once",
+            "subjects_per_day": "different records shown per day",
+            "page_size": "records on one page of a search",
+            "search_depth": "records a search may page through",
+        }.get(name, f"record {name.replace('_', ' ')}")
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
@@ -220,9 +225,11 @@ def budget(
     username: str, vault_dir: str | None, keyring: str | None, role_default: bool, **limits: Any
 ) -> None:
     """Set USERNAME's own budget limits, over its role's: record views per minute, hour
-    and day, misses (searches that found nothing) per hour and day, and sessions open at
-    once. A read that crosses a limit returns nothing and locks the account; a login
-    beyond the sessions is refused. Logged."""
+    and day, different records (subjects) shown per day, misses (searches that found
+    nothing) per hour and day, sessions open at once, and how far a search pages (its
+    page size and depth). A read that crosses a limit returns nothing and locks the
+    account; a login beyond the sessions, or a page beyond the paging limits, is
+    refused. Logged."""
     given = {name: value for name, value in limits.items() if value != _UNSET}
     if role_default == bool(given):
         raise click.UsageError("give the limits to set, or --role-default, not both")

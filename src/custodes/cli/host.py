@@ -247,6 +247,31 @@ def ingest(
         sys.exit(5)
 
 
+@click.command("plant")
+@vault_options
+@click.option(
+    "--count",
+    type=click.IntRange(min=1, max=10_000),
+    default=20,
+    show_default=True,
+    help="How many canary records to plant.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def canary_plant(vault_dir: str | None, keyring: str | None, count: int, as_json: bool) -> None:
+    """Plant synthetic people as canary records: stored exactly like real people, none
+    sharing an indexed value with anyone stored, listed only in a sealed list. Any read
+    that returns one locks the reading account and raises a critical alert."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        held = vault.plant_canaries(vault.operator, count)
+    finally:
+        vault.close()
+    if as_json:
+        click.echo(orjson.dumps({"planted": count, "canaries": held}).decode())
+    else:
+        out.print(f"{count} canary records planted ({held} in the vault)")
+
+
 def _ingest_with_progress(vault: Vault, source: str, **options: Any) -> IngestReport:
     assert vault.directory is not None
     rejects_dir = settings.VaultLayout(vault.directory).rejects

@@ -27,9 +27,11 @@ from custodes.policy.decisions import Role
 
 
 class Counter(StrEnum):
-    """What a read charges: records shown, or a search that found nothing."""
+    """What a read charges: records shown, the distinct records among them (a person
+    looked at twice in a day is one subject), or a search that found nothing."""
 
     VIEWS = "views"
+    SUBJECTS = "subjects"
     MISSES = "misses"
 
 
@@ -44,9 +46,12 @@ class Budget:
     views_per_minute: int | None = None
     views_per_hour: int | None = None
     views_per_day: int | None = None
+    subjects_per_day: int | None = None
     misses_per_hour: int | None = None
     misses_per_day: int | None = None
     sessions: int | None = None  # open at once; checked at login, not charged
+    page_size: int | None = None  # records one page of a search shows
+    search_depth: int | None = None  # records a search may page through, from its first
 
     def limits(self) -> list[tuple[str, Counter, int, int]]:
         """(name, counter, window, limit) of every limit set."""
@@ -66,12 +71,15 @@ _LIMITS: tuple[tuple[str, Counter, int], ...] = (
     ("views_per_minute", Counter.VIEWS, MINUTE),
     ("views_per_hour", Counter.VIEWS, HOUR),
     ("views_per_day", Counter.VIEWS, DAY),
+    ("subjects_per_day", Counter.SUBJECTS, DAY),
     ("misses_per_hour", Counter.MISSES, HOUR),
     ("misses_per_day", Counter.MISSES, DAY),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _LIMITS)
-# What an account may be given of its own: the counters' limits and its open sessions.
-SETTING_NAMES: tuple[str, ...] = (*LIMIT_NAMES, "sessions")
+# What an account may be given of its own: the counters' limits, its open sessions, and
+# how far its searches page.
+PAGING_NAMES: tuple[str, ...] = ("page_size", "search_depth")
+SETTING_NAMES: tuple[str, ...] = (*LIMIT_NAMES, "sessions", *PAGING_NAMES)
 # Sessions an account of each role may have open at once: a desk and a phone, say, and
 # a third for an investigator in the field. A thief holding a stolen password cannot
 # open more beside the official's own.
@@ -97,16 +105,24 @@ _CASEWORK = Budget(
     views_per_minute=60,
     views_per_hour=600,
     views_per_day=2000,
+    subjects_per_day=1000,
     misses_per_hour=60,
     misses_per_day=200,
+    page_size=50,
+    search_depth=100,
 )
 DEFAULT_BUDGETS: Mapping[Role, Budget] = {
     Role.OFFICER: Budget(
         views_per_minute=30,
         views_per_hour=300,
         views_per_day=1000,
+        subjects_per_day=400,
         misses_per_hour=30,
         misses_per_day=100,
+        # A desk answers for the person in front of it: a name shared by more than a
+        # page of people is narrowed by a birth date, not paged through.
+        page_size=20,
+        search_depth=40,
     ),
     Role.INVESTIGATOR: _CASEWORK,
     Role.SUPERVISOR: _CASEWORK,
@@ -151,9 +167,11 @@ def budget_for(role: Role, overrides: Mapping[str, Any] | None = None) -> Budget
 @dataclass(frozen=True, slots=True)
 class Charge:
     """What one read adds to its account's counters: (counter, window, window start,
-    amount) for every limit the budget sets."""
+    amount) for every limit the budget sets, and the records it showed, which a counter
+    of distinct subjects counts (its amount is at most their number)."""
 
     items: tuple[tuple[Counter, int, int, int], ...]
+    subjects: tuple[str, ...] = ()
 
     @property
     def rows(self) -> list[tuple[str, int, int]]:
@@ -165,22 +183,48 @@ class Charge:
         """The storage counters it adds to: (counter/window, window start)."""
         return [(key, start) for key, start, _ in self.rows]
 
+    @property
+    def distinct(self) -> str | None:
+        """The storage counter of distinct subjects it adds to, if any."""
+        for counter, window, _, _ in self.items:
+            if counter is Counter.SUBJECTS:
+                return counter_key(counter, window)
+        return None
+
 
 def counter_key(counter: Counter, window: int) -> str:
     return f"{counter.value}/{window}"
 
 
-def charge_for(budget: Budget, now: float, *, views: int, missed: bool) -> Charge:
-    """The charge of a read that showed `views` records (or found none: missed)."""
+def charge_for(
+    budget: Budget, now: float, *, views: int, missed: bool, subjects: Sequence[str] = ()
+) -> Charge:
+    """The charge of a read that showed `views` records (or found none: missed), the
+    records shown being `subjects`."""
     windows = {(counter, window) for _, counter, window, _ in budget.limits()}
-    amounts = {Counter.VIEWS: views, Counter.MISSES: 1 if missed else 0}
+    shown = tuple(dict.fromkeys(subjects))
+    amounts = {Counter.VIEWS: views, Counter.SUBJECTS: len(shown), Counter.MISSES: int(missed)}
     return Charge(
         tuple(
             (counter, window, window_start(now, window), amounts[counter])
             for counter, window in sorted(windows)
             if amounts[counter]
-        )
+        ),
+        shown,
     )
+
+
+def paging_crossed(budget: Budget | None, offset: int, size: int) -> list[str]:
+    """The paging limits a search page asking for `size` records from position `offset`
+    would cross, by name: empty if within (or for a role with no budget)."""
+    if budget is None:
+        return []
+    found = []
+    if budget.page_size is not None and size > budget.page_size:
+        found.append("page_size")
+    if budget.search_depth is not None and offset + size > budget.search_depth:
+        found.append("search_depth")
+    return found
 
 
 def window_start(now: float, window: int) -> int:

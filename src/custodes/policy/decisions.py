@@ -73,6 +73,13 @@ class Action(StrEnum):
     BACKUP_CREATE = "vault:backup:create"
     # A vault, or its lost key files, put back from a backup: on the restored log.
     BACKUP_RESTORE = "vault:backup:restore"
+    # Alerts on officials' use of the vault (custodes.alerts): listed, then acknowledged
+    # (someone is looking) and resolved (dealt with), each step by a watcher.
+    ALERT_LIST = "guard:alert:list"
+    ALERT_ACKNOWLEDGE = "guard:alert:acknowledge"
+    ALERT_RESOLVE = "guard:alert:resolve"
+    # Synthetic people stored like real ones, whose every read trips an alarm.
+    CANARY_PLANT = "guard:canary:plant"
     # The anomaly guard acted on an account: an alert, its sessions ended, or a lock.
     GUARD_ACT = "guard:account:act"
     # Every official's anomaly score, with its explanation, read on the host.
@@ -95,6 +102,7 @@ _CLEARANCE: dict[Role, Sensitivity | None] = {
 _READERS = frozenset({Role.OFFICER, Role.INVESTIGATOR, Role.SUPERVISOR})
 _ADMINISTRATORS = frozenset({Role.ADMIN, Role.OPERATOR})
 _OFFICIALS = frozenset(ACCOUNT_ROLES)
+_WATCHERS = frozenset({Role.SUPERVISOR, Role.AUDITOR})
 
 # Who may perform each action. An action missing here is refused to everyone.
 PERMISSIONS: Mapping[Action, frozenset[Role]] = {
@@ -129,6 +137,12 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.CASE_UNASSIGN: _ADMINISTRATORS,
     # Self-service: an official on their own account, from a session of their own.
     Action.PASSKEY_REGISTER: _OFFICIALS,
+    # The watchers: a supervisor answers for the officials of a unit, an auditor for all.
+    Action.ALERT_LIST: _WATCHERS,
+    Action.ALERT_ACKNOWLEDGE: _WATCHERS,
+    Action.ALERT_RESOLVE: _WATCHERS,
+    # Planted on the host, with the keyring: no official learns which records are canaries.
+    Action.CANARY_PLANT: frozenset({Role.OPERATOR}),
 }
 
 # Reads of personal records must name the case they serve as well as a reason: the case
@@ -161,6 +175,10 @@ _REFUSALS: Mapping[Action, str] = {
     Action.INGEST: "only the host operator ingests records",
     Action.INGEST_BATCH: "only the host operator stores records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
+    Action.ALERT_LIST: "only a supervisor or an auditor handles alerts",
+    Action.ALERT_ACKNOWLEDGE: "only a supervisor or an auditor handles alerts",
+    Action.ALERT_RESOLVE: "only a supervisor or an auditor handles alerts",
+    Action.CANARY_PLANT: "only the host operator plants canary records",
     Action.GUARD_SCORE: "only an auditor or the host operator reads the guard's scores",
     Action.GUARD_FLAG: "only the host operator flags records for the guard",
     Action.GUARD_ACT: "only the vault's own guard acts on an account",

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from custodes.storage.base import (
     AccountRow,
     AccountStore,
+    AlertRow,
+    AlertStore,
     BatchOutcome,
     LogAppend,
     LogStore,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AccountRow",
     "AccountStore",
+    "AlertRow",
+    "AlertStore",
     "BatchOutcome",
     "LogAppend",
     "LogStore",

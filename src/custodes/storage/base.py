@@ -56,9 +56,27 @@ class SessionRow(NamedTuple):
     client: str | None  # the network address it was opened from
 
 
+class AlertRow(NamedTuple):
+    """An alert as stored: what someone must look at, and how far it has been dealt with.
+    Names accounts, signals and records by keyed id, never a personal value."""
+
+    alert_id: str
+    raised_at: float
+    body: bytes  # JSON object: the alert, its state, and its tag (custodes.alerts)
+
+
 class BatchOutcome(NamedTuple):
     inserted: int  # records newly stored
     already_present: int  # records skipped because their id was stored already
+
+
+def checked_subjects(start: int, subjects: Sequence[str]) -> list[str]:
+    """UsageStore.note_subjects's subjects, each once, or ValueError."""
+    if not fits_int64(start) or isinstance(subjects, str):
+        raise ValueError("subjects are noted as a sequence of record ids in a 64-bit window")
+    if not all(isinstance(s, str) for s in subjects):
+        raise ValueError("a noted subject is a record id")
+    return list(dict.fromkeys(subjects))
 
 
 def checked_charges(charges: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
@@ -311,7 +329,6 @@ class MetaStore(Protocol):
 
 
 @runtime_checkable
-@runtime_checkable
 class UsageStore(Protocol):
     """Counters of what each official has been shown (custodes.policy.budgets), shared by
     every process serving the vault and kept across restarts."""
@@ -328,8 +345,38 @@ class UsageStore(Protocol):
         moments' charges (the access log, which is synced, keeps every read)."""
         ...
 
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        """Count distinct subjects (record ids) on one of the account's counters, for the
+        window starting at `start`: each subject not yet noted on it in this window adds
+        one (a subject noted in an earlier window counts again), and the counter's total
+        after is returned; counted once across every process sharing the store. Notes of
+        earlier windows are forgotten on the way. Written like charge_usage, unsynced."""
+        ...
 
-class Storage(RecordStore, AccountStore, LogStore, MetaStore, UsageStore, Protocol):
+
+@runtime_checkable
+class AlertStore(Protocol):
+    """The alerts raised on officials' use of the vault, shared by every process serving
+    it, for supervisors and auditors to acknowledge and resolve (custodes.alerts)."""
+
+    def put_alert(self, row: AlertRow) -> bool:
+        """Store a new alert, durably; False (and nothing changed) if its id is stored."""
+        ...
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        """Replace an alert only if its stored row is still exactly `expected`; whether it
+        was. Atomic across processes, so that two supervisors acting on one alert at once
+        never lose one another's step."""
+        ...
+
+    def get_alert(self, alert_id: str) -> AlertRow | None: ...
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        """The latest alerts, at most `limit`, newest first (by time raised, then id)."""
+        ...
+
+
+class Storage(RecordStore, AccountStore, LogStore, MetaStore, UsageStore, AlertStore, Protocol):
     """A whole backend. Every method is atomic; write_batch is all-or-nothing."""
 
     def close(self) -> None: ...

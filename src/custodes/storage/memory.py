@@ -22,6 +22,7 @@ from custodes.errors import (
 )
 from custodes.storage.base import (
     AccountRow,
+    AlertRow,
     BatchOutcome,
     LogAppend,
     LoginCounts,
@@ -30,6 +31,7 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
 )
 
 # The durable backends store integers as signed 64-bit values; refusing the same range
@@ -58,6 +60,9 @@ class MemoryStorage:
         self._login_failures: dict[str, tuple[int, float]] = {}
         self._spent: dict[bytes, float] = {}
         self._usage: dict[tuple[str, str], tuple[int, int]] = {}  # -> (window start, total)
+        self._alerts: dict[str, AlertRow] = {}
+        # (account, counter) -> subject -> the window it was last noted in
+        self._subjects: dict[tuple[str, str], dict[str, int]] = {}
         self._log_entries: list[bytes] = []
         self._log_nodes: dict[tuple[int, int], bytes] = {}
         self._log_subjects: dict[bytes, list[int]] = {}
@@ -389,6 +394,39 @@ class MemoryStorage:
             self._check_open()
             return sorted(self._checkpoints.items())
 
+    # -- alerts -------------------------------------------------------------------
+
+    def put_alert(self, row: AlertRow) -> bool:
+        row = checked_alert(row)
+        with self._lock:
+            self._check_open()
+            if row.alert_id in self._alerts:
+                return False
+            self._alerts[row.alert_id] = row
+            return True
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        row = checked_alert(row)
+        if row.alert_id != expected.alert_id:
+            raise StorageError("an alert is replaced only by a row of the same id")
+        with self._lock:
+            self._check_open()
+            if self._alerts.get(row.alert_id) != checked_alert(expected):
+                return False
+            self._alerts[row.alert_id] = row
+            return True
+
+    def get_alert(self, alert_id: str) -> AlertRow | None:
+        with self._lock:
+            self._check_open()
+            return self._alerts.get(alert_id)
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        with self._lock:
+            self._check_open()
+            rows = sorted(self._alerts.values(), key=lambda r: (r.raised_at, r.alert_id))
+            return rows[::-1][: max(limit, 0)]
+
     # -- usage --------------------------------------------------------------------
 
     def charge_usage(self, account: str, charges: Sequence[tuple[str, int, int]]) -> list[int]:
@@ -404,6 +442,20 @@ class MemoryStorage:
                 self._usage[(account, counter)] = (stored_start, total)
                 totals.append(total)
             return totals
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+        with self._lock:
+            self._check_open()
+            noted = self._subjects.setdefault((account, counter), {})
+            for subject in [s for s, at in noted.items() if at < start]:
+                del noted[subject]
+            new = 0
+            for subject in checked:
+                if noted.get(subject, start - 1) < start:
+                    noted[subject] = start
+                    new += 1
+        return self.charge_usage(account, [(counter, start, new)])[0]
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -422,6 +474,20 @@ def checked_spend(key: bytes, now: float, keep: float) -> bytes:
     if not keep > 0 or now != now:  # NaN compares unequal to itself
         raise StorageError("a one-time mark is kept for a positive time")
     return key
+
+
+def checked_alert(row: AlertRow) -> AlertRow:
+    """An alert row with its types checked, as every backend stores it."""
+    alert_id, raised_at, body = row
+    if not isinstance(alert_id, str) or not 0 < len(alert_id) <= 64:
+        raise StorageError("an alert's id is text of at most 64 characters")
+    if not isinstance(body, bytes):
+        raise StorageError("an alert's body is bytes")
+    try:
+        when = float(raised_at)
+    except (TypeError, ValueError):
+        raise StorageError("an alert's time is a number") from None
+    return AlertRow(alert_id, when, body)
 
 
 def checked_session(session: SessionRow) -> SessionRow:

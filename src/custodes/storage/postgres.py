@@ -31,6 +31,7 @@ from custodes.errors import (
 )
 from custodes.storage.base import (
     AccountRow,
+    AlertRow,
     BatchOutcome,
     LogAppend,
     LoginCounts,
@@ -39,12 +40,14 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
     fits_int64,
 )
 from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -211,6 +214,26 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY(account, counter)
     );
     """,
+    # 3: the alerts raised on officials' use of the vault (custodes.alerts).
+    """
+    CREATE TABLE alerts(
+        alert_id text COLLATE "C" PRIMARY KEY,
+        raised_at double precision NOT NULL,
+        body bytea NOT NULL
+    );
+    CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id);
+    """,
+    # 4: the distinct subjects an account was shown, per counter, in the current window.
+    """
+    CREATE TABLE usage_subjects(
+        account text COLLATE "C",
+        counter text COLLATE "C",
+        subject text COLLATE "C",
+        window_start bigint NOT NULL,
+        PRIMARY KEY(account, counter, subject)
+    );
+    CREATE INDEX usage_subjects_by_window ON usage_subjects(account, counter, window_start);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -244,6 +267,28 @@ _CHARGE_USAGE = (
     " THEN u.total + excluded.total ELSE excluded.total END,"
     " window_start = GREATEST(u.window_start, excluded.window_start)"
     " RETURNING counter, total"
+)
+# One statement: note the subjects not noted in this window yet (a note of an earlier
+# window is moved on to this one, and counts), add how many were new to the counter,
+# and forget the account's other notes of earlier windows; unsynced as _CHARGE_USAGE is.
+# The delete spares the subjects being noted, so that no row is changed twice.
+_NOTE_SUBJECTS = (
+    "WITH unsynced AS (SELECT set_config('synchronous_commit', 'off', true)),"
+    " args AS (SELECT %s::text AS a, %s::text AS c, %s::int8 AS w, %s::text[] AS ids),"
+    " forgotten AS (DELETE FROM usage_subjects s USING args"
+    " WHERE s.account = args.a AND s.counter = args.c AND s.window_start < args.w"
+    " AND NOT (s.subject = ANY(args.ids))),"
+    " noted AS (INSERT INTO usage_subjects AS n (account, counter, subject, window_start)"
+    " SELECT args.a, args.c, x, args.w FROM args, unsynced, unnest(args.ids) AS x"
+    " ON CONFLICT (account, counter, subject) DO UPDATE SET window_start = excluded.window_start"
+    " WHERE n.window_start < excluded.window_start RETURNING 1)"
+    " INSERT INTO usage AS u (account, counter, window_start, total)"
+    " SELECT args.a, args.c, args.w, (SELECT count(*) FROM noted) FROM args"
+    " ON CONFLICT (account, counter) DO UPDATE SET"
+    " total = CASE WHEN u.window_start >= excluded.window_start"
+    " THEN u.total + excluded.total ELSE excluded.total END,"
+    " window_start = GREATEST(u.window_start, excluded.window_start)"
+    " RETURNING total"
 )
 _ACCOUNT_COLUMNS = "username, role, password_hash, attributes, created_at, disabled"
 _SESSION_COLUMNS = "key, username, role, issued_at, expires, last_seen, client"
@@ -350,6 +395,66 @@ class PostgresStorage:
         # One statement, its own transaction: one round trip. Should a dropped
         # connection make it run again, the account is charged twice, never less.
         return self._run(charge, "usage was not charged", transaction=False)
+
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+
+        def note(conn: _Connection) -> int:
+            row = conn.execute(_NOTE_SUBJECTS, (account, counter, start, checked)).fetchone()
+            if row is None:
+                raise StorageError("usage was not charged: the counter was not returned")
+            return int(row[0])
+
+        return self._run(note, "usage was not charged", transaction=False)
+
+    # -- alerts -------------------------------------------------------------------
+
+    def put_alert(self, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO alerts(alert_id, raised_at, body) VALUES (%s, %s, %s)"
+                    " ON CONFLICT(alert_id) DO NOTHING",
+                    (alert_id, raised_at, body),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        _, was_raised, was = checked_alert(expected)
+        if alert_id != expected.alert_id:
+            raise StorageError("an alert is replaced only by a row of the same id")
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE alerts SET raised_at = %s, body = %s"
+                    " WHERE alert_id = %s AND raised_at = %s AND body = %s",
+                    (raised_at, body, alert_id, was_raised, was),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def get_alert(self, alert_id: str) -> AlertRow | None:
+        row = self._one(
+            "SELECT alert_id, raised_at, body FROM alerts WHERE alert_id = %s", (alert_id,)
+        )
+        return None if row is None else AlertRow(str(row[0]), float(row[1]), bytes(row[2]))
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        rows = self._read(
+            lambda c: c.execute(
+                "SELECT alert_id, raised_at, body FROM alerts"
+                " ORDER BY raised_at DESC, alert_id DESC LIMIT %s",
+                (max(int(limit), 0),),
+            ).fetchall()
+        )
+        return [AlertRow(str(a), float(t), bytes(b)) for a, t, b in rows]
 
     # -- records ------------------------------------------------------------------
 
@@ -1062,6 +1167,10 @@ _APP_GRANTS: tuple[str, ...] = (
     "GRANT SELECT, INSERT, DELETE ON spent TO {app}",
     # Usage counters are charged in place, a row per account and counter, never deleted.
     "GRANT SELECT, INSERT, UPDATE (window_start, total) ON usage TO {app}",
+    # Alerts are raised, then acknowledged and resolved in place; never deleted.
+    "GRANT SELECT, INSERT, UPDATE (raised_at, body) ON alerts TO {app}",
+    # Subjects noted in a window are forgotten when a later window starts.
+    "GRANT SELECT, INSERT, DELETE ON usage_subjects TO {app}",
 )
 
 # Tables whose rows are history: a role opened as the application must hold no right to
@@ -1092,6 +1201,8 @@ _OBJECTS = frozenset(
         "login_failures",
         "spent",
         "usage",
+        "alerts",
+        "usage_subjects",
         "log_head",
         "log_entries",
         "log_nodes",

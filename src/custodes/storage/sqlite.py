@@ -25,6 +25,7 @@ from custodes.errors import (
 )
 from custodes.storage.base import (
     AccountRow,
+    AlertRow,
     BatchOutcome,
     LogAppend,
     LoginCounts,
@@ -33,11 +34,13 @@ from custodes.storage.base import (
     SessionRow,
     StoredRecord,
     checked_charges,
+    checked_subjects,
 )
 from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
@@ -226,7 +229,14 @@ BEGIN SELECT RAISE(ABORT, 'the access log is append-only'); END;
 CREATE INDEX IF NOT EXISTS log.log_subjects_by_entry ON log_subjects(idx, commitment);
 """
 
-SCHEMA_VERSION = len(_MIGRATIONS) + 3
+# 8: the alerts raised on officials' use of the vault (custodes.alerts), in the records'
+# file: they are few, and each is written once and acted on a couple of times.
+_ALERTS_SCHEMA = (
+    "CREATE TABLE alerts(alert_id TEXT PRIMARY KEY, raised_at REAL NOT NULL, body BLOB NOT NULL)",
+    "CREATE INDEX alerts_by_time ON alerts(raised_at, alert_id)",
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS) + 4
 
 _LOG_TABLES = ("log_entries", "log_nodes", "log_subjects", "log_details", "checkpoints")
 # The log's own file, attached to every connection as schema "log": the same tables and
@@ -301,6 +311,20 @@ _USAGE_SCHEMA = (
     " account TEXT NOT NULL, counter TEXT NOT NULL,"
     " window_start INTEGER NOT NULL, total INTEGER NOT NULL,"
     " PRIMARY KEY(account, counter)) WITHOUT ROWID",
+    # The distinct subjects an account was shown, per counter, in the current window.
+    "CREATE TABLE IF NOT EXISTS usage_subjects("
+    " account TEXT NOT NULL, counter TEXT NOT NULL, subject TEXT NOT NULL,"
+    " window_start INTEGER NOT NULL,"
+    " PRIMARY KEY(account, counter, subject)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS usage_subjects_by_window"
+    " ON usage_subjects(account, counter, window_start)",
+)
+# At most this many subjects a statement, well within SQLite's bound on parameters.
+_SUBJECTS_PER_STATEMENT = 1000
+# The subjects not noted yet in this window (the earlier windows' notes are deleted first).
+_NOTE_SUBJECTS = (
+    "INSERT INTO usage_subjects(account, counter, subject, window_start) VALUES {rows}"
+    " ON CONFLICT DO NOTHING RETURNING subject"
 )
 # A later window starts the counter again; an earlier one adds to the stored window.
 _CHARGE_USAGE = (
@@ -973,6 +997,39 @@ class SQLiteStorage:
             totals = {str(counter): int(total) for counter, total in rows}
             return [totals[counter] for counter, _, _ in checked]
 
+    def note_subjects(self, account: str, counter: str, start: int, subjects: Sequence[str]) -> int:
+        checked = checked_subjects(start, subjects)
+        with self._usage_lock:
+            if self._closed:
+                raise StorageError("usage was not charged: storage is closed")
+            conn = self._usage_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(
+                        "DELETE FROM usage_subjects"
+                        " WHERE account = ? AND counter = ? AND window_start < ?",
+                        (account, counter, start),
+                    )
+                    new = 0
+                    for first in range(0, len(checked), _SUBJECTS_PER_STATEMENT):
+                        part = checked[first : first + _SUBJECTS_PER_STATEMENT]
+                        statement = _NOTE_SUBJECTS.format(
+                            rows=", ".join(["(?, ?, ?, ?)"] * len(part))
+                        )
+                        params = [v for subject in part for v in (account, counter, subject, start)]
+                        new += len(conn.execute(statement, params).fetchall())
+                    [(_, total)] = conn.execute(
+                        _CHARGE_USAGE.format(rows="(?, ?, ?, ?)"), (account, counter, start, new)
+                    ).fetchall()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"usage was not charged: {exc}") from exc
+            return int(total)
+
     def _usage_connection(self) -> sqlite3.Connection:
         """The counters' own file, opened at the first charge. Apart from the records'
         file, whose every write would empty each reader's page cache for it, and synced
@@ -990,6 +1047,55 @@ class SQLiteStorage:
                 raise
             self._usage = conn
         return self._usage
+
+    # -- alerts -------------------------------------------------------------------
+
+    def put_alert(self, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO alerts(alert_id, raised_at, body) VALUES (?, ?, ?)"
+                    " ON CONFLICT(alert_id) DO NOTHING",
+                    (alert_id, raised_at, body),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def replace_alert(self, expected: AlertRow, row: AlertRow) -> bool:
+        alert_id, raised_at, body = checked_alert(row)
+        _, was_raised, was = checked_alert(expected)
+        if alert_id != expected.alert_id:
+            raise StorageError("an alert is replaced only by a row of the same id")
+        return self._write(
+            lambda c: (
+                c.execute(
+                    "UPDATE alerts SET raised_at = ?, body = ?"
+                    " WHERE alert_id = ? AND raised_at = ? AND body = ?",
+                    (raised_at, body, alert_id, was_raised, was),
+                ).rowcount
+                == 1
+            ),
+            "the alert was not stored",
+        )
+
+    def get_alert(self, alert_id: str) -> AlertRow | None:
+        row = self._one(
+            "SELECT alert_id, raised_at, body FROM alerts WHERE alert_id = ?", (alert_id,)
+        )
+        return None if row is None else AlertRow(str(row[0]), float(row[1]), bytes(row[2]))
+
+    def list_alerts(self, limit: int) -> list[AlertRow]:
+        rows = self._run(
+            lambda c: c.execute(
+                "SELECT alert_id, raised_at, body FROM alerts"
+                " ORDER BY raised_at DESC, alert_id DESC LIMIT ?",
+                (max(int(limit), 0),),
+            ).fetchall()
+        )
+        return [AlertRow(str(a), float(t), bytes(b)) for a, t, b in rows]
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -1057,6 +1163,14 @@ class SQLiteStorage:
                 _set_version(conn, len(_MIGRATIONS) + 3)
 
             _in_transaction(conn, guard_subjects)
+        if version < len(_MIGRATIONS) + 4:
+
+            def add_alerts() -> None:
+                for statement in _ALERTS_SCHEMA:
+                    conn.execute(statement)
+                _set_version(conn, len(_MIGRATIONS) + 4)
+
+            _in_transaction(conn, add_alerts)
 
     def _attach_log(self, conn: sqlite3.Connection) -> None:
         conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))

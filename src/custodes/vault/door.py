@@ -11,6 +11,7 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from custodes import passkeys
 from custodes.access import AccessGate, Done, Grant, OutOfReach
 from custodes.accounts import BUDGET, AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
+from custodes.alert_book import AlertBook, AlertState, RecordedAlert
 from custodes.alerts import Dispatcher
 from custodes.audit import AccessEntry, AccessLog, sequencer
 from custodes.audit.checkpoint import LogLoss
@@ -35,10 +37,12 @@ from custodes.audit.sequencer import SequencerAddress, SequencerClient
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.audit.witness import Witnessed, WitnessPusher, witness_checkpoint
 from custodes.backup.manifest import BackupMade, BackupSource
+from custodes.canaries import CanaryList, canary_people
 from custodes.codec import RecordCodec
 from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowMacs
 from custodes.errors import (
+    AccessDenied,
     AuthenticationFailed,
     ConfigurationError,
     InvalidQuery,
@@ -123,6 +127,8 @@ class Vault:
             random=random,
             session_ttl=session_ttl,
         )
+        self._alert_book = AlertBook(storage, RowMacs(material))
+        self._canaries = CanaryList(storage, material)
         self._gate = AccessGate(
             keeper=self._keeper,
             accounts=accounts,
@@ -131,6 +137,8 @@ class Vault:
             operator=operator,
             case_scope=self._reader.case_scope,
             usage=storage,
+            alert_book=self._alert_book,
+            canaries=self._canaries,
         )
         self.admin = Administration(
             gate=self._gate,
@@ -313,7 +321,10 @@ class Vault:
         if self._sequencer is not None:
             self._log.sequence_through(None)
             self._sequencer.close()
-        self._storage.close()
+        try:
+            self._gate.close()
+        finally:
+            self._storage.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------
 
@@ -395,11 +406,17 @@ class Vault:
         index: str,
         values: Mapping[str, str],
         limit: int = 20,
+        offset: int = 0,
     ) -> list[RecordView]:
-        """Records whose indexed fields equal the given values, masked."""
+        """Records whose indexed fields equal the given values, masked: at most `limit`,
+        after the first `offset` (a later page of the same search). A page beyond the
+        account's paging limits is refused, and logged; none goes beyond MAX_RESULTS."""
         rt = self._reader.type(record_type)
         spec = self._reader.index(rt, index, values)
-        limit = max(1, min(limit, MAX_RESULTS))
+        limit = max(1, limit)
+        if offset < 0 or offset + limit > MAX_RESULTS:
+            raise InvalidQuery(f"a search shows at most {MAX_RESULTS} records in all")
+        wanted = offset + limit
 
         def run(grant: Grant) -> Done[list[RecordView]]:
             reach = grant.reach
@@ -410,7 +427,7 @@ class Vault:
             token = self._codec.token(spec, parts)
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self._storage.find_records(spec.index_id, token, limit * 4 + 16)
+            candidates = self._storage.find_records(spec.index_id, token, wanted * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
@@ -434,9 +451,11 @@ class Vault:
                     continue
                 views.append(self._reader.view(rt, stored.record_id, opened, reach))
                 touched.append(stored.record_id)
-                if len(views) >= limit:
+                if len(views) >= wanted:
                     break
-            return Done(views, touched)
+            # The earlier pages' records were opened to count them, not shown: only this
+            # page is returned, and only it is logged as returned.
+            return Done(views[offset:], touched[offset:])
 
         return self._gate.access(
             session,
@@ -444,8 +463,9 @@ class Vault:
             run,
             purpose=purpose,
             record_type=record_type,
-            detail={"index": spec.name},
+            detail={"index": spec.name, **({"offset": offset} if offset else {})},
             private={"values": dict(values)},
+            page=(offset, limit),
         )
 
     def record(self, session: Principal, purpose: AccessPurpose, record_id: str) -> RecordView:
@@ -683,6 +703,100 @@ class Vault:
             return Done(result, detail=result.counts())
 
         return self._gate.access(principal, Action.RECORDS_VERIFY, run)
+
+    # -- alerts, for the watchers -------------------------------------------------------
+
+    def alerts(self, session: Principal, *, limit: int = 100) -> list[RecordedAlert]:
+        """The latest alerts raised on officials' use of the vault, newest first, with
+        how far each has been dealt with. Supervisors and auditors; logged."""
+        limit = max(1, min(limit, 1000))
+
+        def run(_: Grant) -> Done[list[RecordedAlert]]:
+            found = self._alert_book.recent(limit)
+            return Done(found, detail={"shown": len(found)})
+
+        return self._gate.access(session, Action.ALERT_LIST, run)
+
+    def alert(self, session: Principal, alert_id: str) -> RecordedAlert:
+        """One alert, as the vault holds it (RecordNotFound if none). Logged."""
+
+        def run(_: Grant) -> Done[RecordedAlert]:
+            return Done(self._alert_book.get(alert_id), detail={"alert_id": alert_id})
+
+        return self._gate.access(session, Action.ALERT_LIST, run)
+
+    def acknowledge_alert(self, session: Principal, alert_id: str) -> None:
+        """Say that someone is looking into an alert; logged, then kept with the alert."""
+        self._step_alert(session, alert_id, AlertState.ACKNOWLEDGED, Action.ALERT_ACKNOWLEDGE)
+
+    def resolve_alert(self, session: Principal, alert_id: str) -> None:
+        """Close an alert as dealt with; logged, then kept with the alert."""
+        self._step_alert(session, alert_id, AlertState.RESOLVED, Action.ALERT_RESOLVE)
+
+    def _step_alert(
+        self, session: Principal, alert_id: str, state: AlertState, action: Action
+    ) -> None:
+        def run(grant: Grant) -> Done[None]:
+            found = self._alert_book.check_step(alert_id, state)
+            if found.alert.account == grant.username:
+                # The watched do not close their own file.
+                raise AccessDenied("an alert about your own account is handled by someone else")
+            return Done(None, detail={"alert_id": found.id, "kind": found.alert.kind})
+
+        _, index = self._gate.access_then(session, action, run)
+        who = self._gate.check(session)
+        self._alert_book.step(alert_id, state, by=who.username, time=self._clock(), entry=index)
+
+    # -- canary records (custodes.canaries) ------------------------------------------------
+
+    def plant_canaries(self, operator: Principal, count: int, *, seed: int | None = None) -> int:
+        """Store `count` synthetic people as canary records, sealed and indexed exactly as
+        real people are, none sharing an indexed value with any stored record, and add
+        them to the sealed list the access function watches. Host operator only; the
+        batch is logged like an ingest batch (counted, its ids sealed beside the entry).
+        How many canaries the vault holds now."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10_000:
+            raise InvalidQuery("plant between 1 and 10,000 canary records at a time")
+        who = self._gate.check(operator)
+        try:
+            authorise(who.role, Action.CANARY_PLANT, scope=who.scope)
+        except AccessDenied:
+            # Refused before a record is opened to draw them, and logged as refused.
+            self._gate.access_write(operator, Action.CANARY_PLANT, (), lambda _: Done(0))
+            raise
+        drawn = canary_people(
+            self.schema,
+            self._codec,
+            count,
+            seed=secrets.randbits(63) if seed is None else seed,
+            taken=self._values_stored,
+        )
+        ids = [record.record_id for record in drawn]
+
+        def write(_: Grant) -> Done[int]:
+            held = self._canaries.add(ids)
+            outcome = self._storage.write_batch(drawn)
+            if outcome.inserted != len(drawn):
+                raise ConfigurationError(
+                    "another writer stored records under the canaries' ids meanwhile; plant again"
+                )
+            return Done(held, ids)
+
+        return self._gate.access_write(
+            operator, Action.CANARY_PLANT, ids, write, detail={"count": len(ids)}
+        )
+
+    def _values_stored(self, record_type: str, index: str, values: Mapping[str, str]) -> bool:
+        """Whether any stored record carries these values in this index (opened in memory
+        within the operator's planting; no value leaves)."""
+        rt = self._reader.type(record_type)
+        spec = rt.indexes[index]
+        parts = query_parts(rt, spec, values)
+        token = self._codec.token(spec, parts)
+        for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
+            if self._reader.matches(rt, spec, parts, stored.record_id, self._codec.open(stored)):
+                return True
+        return False
 
     # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
 

@@ -24,6 +24,7 @@ from fastapi.security.base import SecurityBase
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from custodes.alert_book import RecordedAlert
 from custodes.audit.entry import AccessEntry
 from custodes.audit.report import SubjectReport, as_json
 from custodes.errors import InvalidQuery
@@ -319,10 +320,10 @@ async def search(session: Authenticated, request: Request) -> Response:
     offset = _decode_cursor(body.cursor, "s") if body.cursor else 0
     if offset >= MAX_RESULTS:
         raise InvalidQuery(f"a search returns at most {MAX_RESULTS} results in all")
-    # The vault returns at most MAX_RESULTS from the start; later pages re-read from the
-    # start, and each read is logged with every record it returned.
-    wanted = min(offset + body.limit, MAX_RESULTS)
-    views = await deps.in_vault_thread(
+    # A later page is the same search again from the start, of which the vault returns
+    # (and logs) only the page; the account's paging limits are the vault's to hold.
+    size = min(body.limit, MAX_RESULTS - offset)
+    page = await deps.in_vault_thread(
         request,
         functools.partial(
             deps.vault_of(request).search,
@@ -331,11 +332,12 @@ async def search(session: Authenticated, request: Request) -> Response:
             record_type=body.record_type,
             index=body.index,
             values=body.values,
-            limit=wanted,
+            limit=size,
+            offset=offset,
         ),
     )
-    page = views[offset:wanted]
-    more = len(views) == wanted and wanted < MAX_RESULTS
+    wanted = offset + size
+    more = len(page) == size and wanted < MAX_RESULTS
     results = {
         "results": [_record_json(v) for v in page],
         "next_cursor": _encode_cursor("s", wanted) if more else None,
@@ -518,6 +520,95 @@ def audit_log(
         entries=page,
         next_cursor=_encode_cursor("l", page[-1].index) if more and page else None,
     )
+
+
+# -- alerts, for the watchers -------------------------------------------------------
+
+AlertId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class AlertStepOut(BaseModel):
+    state: str
+    by: str
+    time: str
+    entry: int = Field(description="The step's own entry on the access log.")
+
+
+class AlertOut(BaseModel):
+    id: str
+    kind: str = Field(examples=["guard:budget", "guard:canary"])
+    severity: str
+    time: str
+    account: str
+    action: str
+    signals: list[str]
+    entry: int = Field(description="The access-log entry that raised the alert.")
+    records: list[str] = Field(description="The records involved, by keyed id.")
+    state: str = Field(description="open, acknowledged or resolved")
+    steps: list[AlertStepOut]
+    tampered: bool = Field(description="The stored row fails its seal: believe the log.")
+
+
+class AlertList(BaseModel):
+    alerts: list[AlertOut]
+
+
+def _alert_out(found: RecordedAlert) -> AlertOut:
+    alert = found.alert
+    return AlertOut(
+        id=alert.id,
+        kind=alert.kind,
+        severity=alert.severity,
+        time=_iso(alert.time),
+        account=alert.account,
+        action=alert.action,
+        signals=list(alert.signals),
+        entry=alert.entry,
+        records=list(alert.records),
+        state=found.state.value,
+        steps=[
+            AlertStepOut(state=s.state.value, by=s.by, time=_iso(s.time), entry=s.entry)
+            for s in found.steps
+        ],
+        tampered=found.tampered,
+    )
+
+
+@router.get(
+    "/alerts",
+    response_model=AlertList,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 422, 503),
+    summary="The latest alerts, newest first; supervisors and auditors, and logged",
+)
+def list_alerts(
+    session: Authenticated,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AlertList:
+    found = deps.vault_of(request).alerts(session, limit=limit)
+    return AlertList(alerts=[_alert_out(a) for a in found])
+
+
+@router.post(
+    "/alerts/{alert_id}/{step}",
+    response_model=AlertOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Acknowledge or resolve an alert; supervisors and auditors, each step logged",
+)
+def step_alert(
+    alert_id: AlertId,
+    step: Literal["acknowledge", "resolve"],
+    session: Authenticated,
+    request: Request,
+) -> AlertOut:
+    vault = deps.vault_of(request)
+    if step == "acknowledge":
+        vault.acknowledge_alert(session, alert_id)
+    else:
+        vault.resolve_alert(session, alert_id)
+    return _alert_out(vault.alert(session, alert_id))
 
 
 def _subject_report(

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from custodes.alert_book import AlertState, RecordedAlert
 from custodes.audit import AccessEntry, Outcome
 from custodes.audit.report import BundleInvalid, verify_bundle
 from custodes.audit.verify import LogTampered
@@ -513,14 +514,79 @@ def audit_verify(
     return render(request, template, result=result, error=error)
 
 
+_ALERT_VERBS = {"acknowledge": "Acknowledge", "resolve": "Resolve"}
+
+
+def alert_row(found: RecordedAlert) -> dict[str, Any]:
+    """An alert as the page shows it: names, signals and keyed ids, never a value."""
+    alert = found.alert
+
+    def when(moment: float) -> str:
+        return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    state = found.state
+    verbs = {
+        AlertState.OPEN: list(_ALERT_VERBS.items()),
+        AlertState.ACKNOWLEDGED: [("resolve", _ALERT_VERBS["resolve"])],
+        AlertState.RESOLVED: [],
+    }[state]
+    return {
+        "id": shown(alert.id),
+        "time": when(alert.time),
+        "severity": shown(alert.severity),
+        "kind": shown(alert.kind),
+        "action": shown(alert.action),
+        "account": shown(alert.account),
+        "signals": ", ".join(shown(s) for s in alert.signals),
+        "entry": alert.entry,
+        "records": ", ".join(shown(r) for r in alert.records[:5])
+        + (f" and {len(alert.records) - 5} more" if len(alert.records) > 5 else ""),
+        "state": state.value,
+        "steps": [f"{s.state.value} by {shown(s.by)}, {when(s.time)}" for s in found.steps],
+        "tampered": found.tampered,
+        "verbs": verbs,
+    }
+
+
+def render_alerts(request: Request, me: Session, status_code: int = 200, **extra: Any) -> Response:
+    vault = deps.vault_of(request)
+    found = vault.alerts(me, limit=ALERTS_SHOWN)
+    rows = None
+    if me.role is Role.AUDITOR:
+        # Auditors also see every refusal and failure from the log, alerts or not.
+        refused = (Outcome.DENIED, Outcome.ERROR)
+        entries = vault.read_log(me, ALERTS_PURPOSE)
+        latest = deque(
+            (entry_row(i, e) for i, e in entries if e.outcome in refused), maxlen=ALERTS_SHOWN
+        )
+        rows = list(reversed(latest))
+    return render(
+        request,
+        "alerts.html",
+        status_code=status_code,
+        alerts=[alert_row(a) for a in found],
+        rows=rows,
+        shown=ALERTS_SHOWN,
+        **extra,
+    )
+
+
 @router.get("/alerts", response_class=HTMLResponse)
 def alerts(request: Request, me: Me) -> Response:
+    return render_alerts(request, me)
+
+
+@router.post("/alerts/{alert_id}/{verb}", response_class=HTMLResponse, dependencies=[Csrf])
+def alert_step(request: Request, alert_id: str, verb: str, me: Me) -> Response:
     vault = deps.vault_of(request)
-    found = vault.read_log(me, ALERTS_PURPOSE)
-    refused = (Outcome.DENIED, Outcome.ERROR)
-    # Newest first, and only the latest few: the full history is on the access log page.
-    latest = deque((entry_row(i, e) for i, e in found if e.outcome in refused), maxlen=ALERTS_SHOWN)
-    return render(request, "alerts.html", rows=list(reversed(latest)), shown=ALERTS_SHOWN)
+    if verb not in _ALERT_VERBS:
+        raise InvalidQuery("a step on an alert is 'acknowledge' or 'resolve'")
+    step = vault.acknowledge_alert if verb == "acknowledge" else vault.resolve_alert
+    try:
+        step(me, alert_id)
+    except AccessDenied as exc:
+        return render_alerts(request, me, status_code=409, error=f"Not done: {exc}.")
+    return render_alerts(request, me, done=f"Alert {verb}d; the step is on the access log.")
 
 
 # -- administrators ---------------------------------------------------------------------
