@@ -62,12 +62,15 @@ def day_of(*seen: Observation, vip: list[str] | None = None) -> DayActivity:
     return day
 
 
-def reads(n: int, hour: int = 10, *, filtered: int = 0, distinct: bool = True) -> list[Observation]:
+def reads(
+    n: int, hour: int | None = None, *, filtered: int = 0, distinct: bool = True
+) -> list[Observation]:
+    """`n` reads in one hour, or (no hour) spread over a working day, 09:00 to 17:00."""
     return [
         Observation(
             "a.wu",
             "officer",
-            at(hour, i % 60),
+            at(hour, i % 60) if hour is not None else at(9 + i % 8, i // 8 % 60),
             records=(f"r{i if distinct else 0}",),
             filtered=filtered,
             search=True,
@@ -77,8 +80,11 @@ def reads(n: int, hour: int = 10, *, filtered: int = 0, distinct: bool = True) -
 
 
 def test_a_burst_of_views_is_explained_against_own_and_role_baselines() -> None:
-    day = day_of(*reads(480))
+    day = day_of(*reads(480, hour=10))
     result = score("a.wu", "officer", day, {"a.wu": steady_history()}, {"a.wu": "officer"})
+    burst = next(c for c in result.contributions if c.signal is Signal.BURST)
+    # A busy hour of its usual day (the role's 80 views a day, above its own 41) is 20.
+    assert burst.explanation.startswith("views_hour: 480 between 10:00 and 11:00, 24.0× ")
     views = next(c for c in result.contributions if c.signal is Signal.VIEWS)
     assert views.explanation.startswith("views: 480 today, ")
     assert "× own baseline (" in views.explanation and "× role default" in views.explanation
@@ -222,3 +228,13 @@ def test_scores_are_the_sum_of_their_contributions_and_capped_per_signal() -> No
     result = score("a.wu", "officer", day_of(*walk), {}, {})
     assert all(c.points <= SETTINGS.max_points for c in result.contributions)
     assert result.points == pytest.approx(sum(c.points for c in result.contributions), abs=0.2)
+
+
+def test_a_burst_in_one_hour_is_seen_before_the_day_adds_up() -> None:
+    early = day_of(*reads(70, hour=8))
+    result = score("a.wu", "officer", early, {"a.wu": steady_history()}, {"a.wu": "officer"})
+    # Under a usual day's views so far, but most of them in one hour.
+    assert result.signals == [Signal.BURST.value]
+    assert result.contributions[0].explanation.startswith("views_hour: 70 between 08:00 and")
+    spread = score("a.wu", "officer", day_of(*reads(70)), {"a.wu": steady_history()}, {})
+    assert Signal.BURST.value not in spread.signals

@@ -26,6 +26,7 @@ class Signal(StrEnum):
     """What a score is made of; the names an explanation and an alert use."""
 
     VIEWS = "views"  # records shown today
+    BURST = "views_hour"  # records shown in the busiest hour today
     SUBJECTS = "subjects"  # distinct records shown today
     FILTERED = "filtered"  # records withheld today as outside the official's reach
     OFF_HOURS = "off_hours"  # reads outside working hours today
@@ -68,6 +69,9 @@ _ROLE_DAY: Mapping[str, Mapping[Signal, float]] = {
 }
 _ANY_ROLE_DAY = _ROLE_DAY["officer"]
 _COUNTED = (Signal.VIEWS, Signal.SUBJECTS, Signal.FILTERED, Signal.OFF_HOURS)
+# The share of a usual day's views that a busy hour of it holds: a desk's work comes in
+# waves, so an hour of a quarter of the day is ordinary, and a burst is held against that.
+_BUSY_HOUR_SHARE = 0.25
 # Points per doubling over the baseline, for the counted signals.
 _WEIGHTS: Mapping[Signal, float] = {
     Signal.VIEWS: 1.5,
@@ -151,6 +155,7 @@ class DayActivity:
     misses: int = 0
     probes: int = 0
     subjects: set[str] = field(default_factory=set)
+    hours: dict[int, int] = field(default_factory=dict)  # local hour -> records shown
     recent_ids: list[str] = field(default_factory=list)
     vip_first: list[str] = field(default_factory=list)
 
@@ -192,6 +197,9 @@ def observe(
     records that this account had never opened before (the caller keeps who saw what)."""
     shown = len(seen.records)
     day.views += shown
+    if shown:
+        hour = settings.local(seen.time).hour
+        day.hours[hour] = day.hours.get(hour, 0) + shown
     day.subjects.update(seen.records)
     day.filtered += seen.filtered
     if settings.off_hours(seen.time):
@@ -357,6 +365,22 @@ def score(
                 f"{signal.value}: {value:g} today, {own_text}, {role_text} → +{points:.1f}",
             )
         )
+    if today.hours:
+        hour, value = max(today.hours.items(), key=lambda item: (item[1], -item[0]))
+        b = base[Signal.VIEWS.value]
+        day_usual = max(b.own if b.own is not None else 0.0, b.role, floors[Signal.VIEWS] / 4)
+        usual = day_usual * _BUSY_HOUR_SHARE
+        if value >= 2 * usual:
+            points = min(cap, _WEIGHTS[Signal.VIEWS] * math.log2(value / usual))
+            parts.append(
+                Contribution(
+                    Signal.BURST,
+                    round(points, 1),
+                    f"{Signal.BURST.value}: {value:g} between {hour:02d}:00 and "
+                    f"{hour + 1:02d}:00, {value / usual:.1f}× a busy hour of its usual day "
+                    f"({usual:g}) → +{points:.1f}",
+                )
+            )
     searches, misses = totals["searches"], totals["misses"]
     if searches >= settings.min_searches:
         b = base[Signal.MISSES.value]
