@@ -238,3 +238,20 @@ def test_a_burst_in_one_hour_is_seen_before_the_day_adds_up() -> None:
     assert result.contributions[0].explanation.startswith("views_hour: 70 between 08:00 and")
     spread = score("a.wu", "officer", day_of(*reads(70)), {"a.wu": steady_history()}, {})
     assert Signal.BURST.value not in spread.signals
+
+
+@given(
+    st.from_regex(r"[1-6][0-9]{13}", fullmatch=True),
+    st.from_regex(r"[1-6][0-9]{13}", fullmatch=True),
+    st.integers(0, 999),
+    st.integers(0, 999),
+)
+def test_a_probe_step_needs_the_same_division_and_birth_date(
+    first: str, second: str, a: int, b: int
+) -> None:
+    one, other = number(first, a), number(second, b)
+    assert probe_step(one, other) == probe_step(other, one)
+    if first != second:
+        assert not probe_step(one, other)
+    else:
+        assert probe_step(one, other) == (0 < abs(a - b) <= 3)

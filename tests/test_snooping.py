@@ -146,13 +146,16 @@ def stored_everywhere(vault: Vault) -> bytes:
 
 
 def test_an_officer_walking_sequential_id_numbers_is_scored_and_locked(
-    vault: Vault, moment: Moment, alerts: list[Alert]
+    vault: Vault, moment: Moment, alerts: list[Alert], caplog: pytest.LogCaptureFixture
 ) -> None:
     walker = login(vault, Role.OFFICER, "o.walker")
     walked = [resident_id("310104", "19800101", f"{n:03d}") for n in range(100, 120)]
     for number in walked:
         assert search(vault, walker, number, moment) == []  # each under every budget
-    [acted] = vault.guard_round()
+    with caplog.at_level("DEBUG"):
+        [acted] = vault.guard_round()
+    assert "o.walker" in caplog.text and "id_probes" in caplog.text
+    assert "19800101" not in caplog.text  # the operational log names no number
     assert acted.account == "o.walker"
     assert "id_probes" in acted.signals
     # Locked, its session ended: the password and a fresh code open nothing.
