@@ -255,3 +255,12 @@ def test_a_probe_step_needs_the_same_division_and_birth_date(
         assert not probe_step(one, other)
     else:
         assert probe_step(one, other) == (0 < abs(a - b) <= 3)
+
+
+def test_peers_who_never_reach_outside_their_district_make_a_role_median_of_zero() -> None:
+    history = {name: steady_history() for name in ("p1", "p2", "p3", "a.wu")}
+    result = score(
+        "a.wu", "officer", day_of(*reads(6, filtered=1)), history, dict.fromkeys(history, "officer")
+    )
+    [filtered] = [c for c in result.contributions if c.signal is Signal.FILTERED]
+    assert "none on its own usual day, role median 0 →" in filtered.explanation

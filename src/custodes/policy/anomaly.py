@@ -323,7 +323,7 @@ def baselines(
 
 
 def _times(value: float, base: float) -> str:
-    return f"{value / base:.1f}×" if base > 0 else "∞×"
+    return f"{value / base:.1f}×"
 
 
 def score(
@@ -357,7 +357,8 @@ def score(
             own_text = "none on its own usual day"
         else:
             own_text = f"{_times(value, b.own)} own baseline ({b.own:g}/day)"
-        role_text = f"{_times(value, b.role)} role {'median' if b.role_from_peers else 'default'}"
+        kind = "median" if b.role_from_peers else "default"
+        role_text = f"{_times(value, b.role)} role {kind}" if b.role else f"role {kind} 0"
         parts.append(
             Contribution(
                 signal,
