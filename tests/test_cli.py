@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
@@ -15,15 +16,19 @@ import pytest
 
 from custodes.audit import Outcome
 from custodes.bootstrap import open_vault
-from custodes.policy import Action, Role
+from custodes.errors import BudgetExceeded, SessionLimit, TamperDetected
+from custodes.policy import AccessPurpose, Action, Role
 from tests.conftest import (
     FAST_HASH,
     PASSPHRASE,
     PASSWORD,
+    TOTP_SECRETS,
     free_port,
+    login,
     make_vault,
     read_records,
     serving,
+    totp_now,
     write_jsonl,
 )
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
@@ -397,3 +402,71 @@ def test_synth_to_stdout_is_deterministic() -> None:
     b = run("synth", "--count", "50", "--seed", "3")
     assert a.returncode == 0 and a.stdout == b.stdout
     assert sum(1 for line in a.stdout.splitlines() if '"person"' in line) == 50
+
+
+def test_account_role_budget_sets_a_roles_limits_in_this_vault_and_a_forged_one_stops_reads(
+    vault_env: dict[str, str], population_file: Path
+) -> None:
+    assert run("ingest", str(population_file), env=vault_env).returncode == 0
+    done = run(
+        "account",
+        "role-budget",
+        "officer",
+        "--views-per-minute",
+        "2",
+        "--sessions",
+        "1",
+        env=vault_env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "views_per_minute 2" in done.stdout and "sessions 1" in done.stdout
+    assert (
+        run("account", "role-budget", "operator", "--sessions", "1", env=vault_env).returncode == 2
+    )
+    vault = open_vault(
+        Path(vault_env["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
+    )
+    try:
+        # Every officer now has the role's limits in this vault; an account's own still win.
+        session = login(vault, Role.OFFICER, "t.desk")
+        wide = login(vault, Role.OFFICER, "t.wide", budget={"views_per_minute": 100})
+        with pytest.raises(SessionLimit):
+            vault.login("t.desk", PASSWORD, totp=totp_now(vault, TOTP_SECRETS["t.desk"]))
+        adults = [
+            str(p["national_id"])
+            for p in read_records(population_file)
+            if p["type"] == "person" and str(p.get("birth_date", "2020")) < "2000"
+        ]
+        purpose = AccessPurpose("checking a reported burglary", "C-2026-17")
+
+        def search(who: Any, nid: str) -> list[Any]:
+            return vault.search(
+                who,
+                purpose,
+                record_type="person",
+                index="national_id",
+                values={"national_id": nid},
+            )
+
+        for nid in adults[:3]:
+            assert len(search(wide, nid)) == 1
+        assert len(search(session, adults[0])) == 1
+        assert len(search(session, adults[1])) == 1
+        with pytest.raises(BudgetExceeded):
+            search(session, adults[2])
+        [event] = [e for _, e in vault._log.entries() if e.action == Action.ROLE_BUDGET]
+        assert event.detail == {
+            "role": "officer",
+            "limits": {"views_per_minute": 2, "sessions": 1},
+        }
+        # A database writer who lifts the role's budget stops every officer's read.
+        stored = vault._storage.get_meta("role_budgets")
+        assert stored is not None
+        vault._storage.set_meta("role_budgets", stored.replace(b":2", b":9"))
+        vault._keeper.role_budgets._read_at = None
+        with pytest.raises(TamperDetected):
+            search(wide, adults[0])
+    finally:
+        vault.close()
+    back = run("account", "role-budget", "officer", "--defaults", env=vault_env)
+    assert back.returncode == 0 and "default budget" in back.stdout

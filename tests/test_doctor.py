@@ -186,6 +186,27 @@ def test_an_account_locked_at_its_budget_is_reported_as_a_possible_scraper(
     assert "custodes account unlock d.walker" in finding.fix
 
 
+def test_an_account_that_read_a_canary_is_reported_as_stolen_or_misused(
+    deployment: Path,
+) -> None:
+    from custodes.bootstrap import open_vault
+    from custodes.policy import AccessPurpose
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        vault.plant_canaries(vault.operator, 2)
+        session = login(vault, Role.SUPERVISOR, "d.dumper")
+        canary = sorted(vault._canaries.ids())[0]
+        vault.record(session, AccessPurpose("looking around", "C-2026-17"), canary)
+    finally:
+        vault.close()
+    [finding] = [f for f in check(deployment) if f.check == "accounts:canary-read"]
+    assert finding.severity is Severity.HIGH
+    assert "'d.dumper'" in finding.message and "canary" in finding.message
+    assert "custodes audit log --actor d.dumper" in finding.fix
+    assert "accounts:budget-locked" not in tags(check(deployment))
+
+
 def test_an_account_locked_by_the_anomaly_guard_is_reported_with_its_signals(
     deployment: Path,
 ) -> None:

@@ -40,7 +40,13 @@ from custodes.policy import (
     may_see,
     sees_reporters,
 )
-from custodes.policy.budgets import budget_for, charge_for, crossed, paging_crossed
+from custodes.policy.budgets import (
+    Budget,
+    budget_for,
+    charge_for,
+    crossed,
+    paging_crossed,
+)
 from custodes.sessions import Clock, Gatekeeper, Operator, Principal, Session
 from custodes.storage.base import UsageStore
 
@@ -105,9 +111,8 @@ def _report_budget(who: Session, action: Action, limits: list[str], index: int) 
     )
 
 
-def _paging(who: Session | Operator, account: Account) -> str:
+def _paging(budget: Budget | None) -> str:
     """An account's paging limits, as a refusal says them."""
-    budget = budget_for(who.role, account.attributes.get(BUDGET))
     said = []
     if budget is not None and budget.page_size is not None:
         said.append(f"{budget.page_size} records a page")
@@ -187,6 +192,9 @@ class Done(Generic[T]):
     records: Sequence[str] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     record_type: str | None = None  # known only once the record is read
+    # Sealed beside the granted entry with the access's own `private`: what only the
+    # operation knows once it has run (the records a bulk export holds, its canaries).
+    private: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AccessGate:
@@ -253,10 +261,39 @@ class AccessGate:
         *,
         purpose: AccessPurpose | None = None,
         target: str | None = None,
+        record_type: str | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> tuple[T, int]:
         """Like access, and also the index of the entry that records it, for an operation
-        whose answer is read from the log after its own entry (a subject report)."""
-        return self._access(principal, action, run, purpose, None, None, None, target, None)
+        whose answer is read from the log after its own entry (a subject report), or that
+        raises an alert pointing at it (an export naming canaries)."""
+        return self._access(
+            principal, action, run, purpose, record_type, detail, None, target, None
+        )
+
+    def canaries_among(self, record_ids: Sequence[str]) -> frozenset[str]:
+        """The canary records among these ids (custodes.canaries)."""
+        return frozenset(self._canaries.among(record_ids))
+
+    def canaries_exported(
+        self, username: str, action: Action, index: int, records: Sequence[str]
+    ) -> None:
+        """An export that named canary records among the ids it asked for, now on the log
+        at `index`: the same alarm as a read that returned one. The account is locked and
+        a critical alert raised; the export was answered as any other, so that whoever
+        holds the account learns nothing from it."""
+        self._keeper.lock_out(username, {"alert": CANARY_ALERT})
+        logger.critical(
+            "alert %s: account %s named canary records in %s and was locked; on the access "
+            "log at entry %d",
+            CANARY_ALERT,
+            username,
+            action.value,
+            index,
+        )
+        self.raise_alert(
+            Alert(CANARY_ALERT, "critical", username, action.value, ["canary"], index, records)
+        )
 
     def access_write(
         self,
@@ -364,12 +401,13 @@ class AccessGate:
             append(entry(Outcome.DENIED), private=private)
             raise
         if page is not None and account is not None:
-            deep = paging_crossed(budget_for(who.role, account.attributes.get(BUDGET)), *page)
+            budget = self._budget(who, account)
+            deep = paging_crossed(budget, *page)
             if deep:
                 refused = {"reason": "paging", "limits": deep}
                 append(entry(Outcome.DENIED, extra=refused), private=private)
                 raise AccessDenied(
-                    f"this account's searches show at most {_paging(who, account)}: ask for "
+                    f"this account's searches show at most {_paging(budget)}: ask for "
                     "fewer, or narrow the search"
                 )
         reach = self._reach(who, purpose, account)
@@ -425,7 +463,8 @@ class AccessGate:
                     "is locked until an administrator unlocks it"
                 )
         withheld = {"filtered": reach.withheld} if action in _RECORD_READS else {}
-        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=private)
+        sealed = {**(private or {}), **done.private} if done.private else private
+        index = append(entry(Outcome.GRANTED, done, extra=withheld), private=sealed)
         return done.result, index
 
     def _tripped(
@@ -470,7 +509,7 @@ class AccessGate:
         """Charge what a read showed (its records, or a miss: a search that found nothing)
         to the account's counters, shared by every server process; the budget limits the
         totals now cross, by name (none: the read may be answered)."""
-        budget = budget_for(who.role, account.attributes.get(BUDGET))
+        budget = self._budget(who, account)
         if budget is None:
             return []
         views = len(done.records)
@@ -489,6 +528,12 @@ class AccessGate:
             who.username, charge.rows, caps, distinct=charge.distinct, subjects=charge.subjects
         )
         return crossed(budget, charge, totals)
+
+    def _budget(self, who: Session | Operator, account: Account) -> Budget | None:
+        """The account's budget: its role's in this vault, with its own limits put in."""
+        return budget_for(
+            who.role, account.attributes.get(BUDGET), self._keeper.role_budgets.current()
+        )
 
     def act_on_anomaly(
         self,
@@ -511,7 +556,8 @@ class AccessGate:
         explanation (counts, never a value), then the alert. The entry's position."""
         # Acted on first: should the entry fail to be written, the account stays locked.
         if lock:
-            self._keeper.lock_out(account, {"guard": list(signals), "score": score})
+            why = {"alert": ANOMALY_ALERT, "signals": list(signals), "score": score}
+            self._keeper.lock_out(account, why)
         elif end_sessions:
             self._keeper.sessions.end_all(account)
         index = self._log.append(

@@ -124,6 +124,22 @@ class Administration:
         detail = {"account": username, "limits": checked if checked is not None else "role"}
         self._gate.access(actor, Action.ACCOUNT_BUDGET, run, detail=detail)
 
+    def set_role_budget(
+        self, actor: Principal, role: Role, limits: Mapping[str, int | None] | None
+    ) -> dict[str, int | None]:
+        """Give every account of a role these budget limits in this vault, over the
+        defaults (None for a limit: none of that kind; an account's own limits still
+        win), or with `limits` None put the role back on the defaults. Logged with the
+        limits; holds from the next read of every process within seconds. The role's
+        own limits as now set."""
+        checked = None if limits is None else checked_budget(limits)
+
+        def run(_: Grant) -> Done[dict[str, int | None]]:
+            return Done(self._keeper.role_budgets.set(role, checked))
+
+        detail = {"role": role.value, "limits": checked if checked is not None else "defaults"}
+        return self._gate.access(actor, Action.ROLE_BUDGET, run, detail=detail)
+
     def assign_case(self, actor: Principal, username: str, case_no: str) -> str:
         """Assign a case to an account: with the case as the stated purpose, its records
         open to the account wherever they live. Returns the canonical number. Holds from

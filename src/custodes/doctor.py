@@ -556,7 +556,16 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 "nothing to do if that is intended; it keeps its place in the log",
             )
             continue
-        if account.locked and account.crossed:
+        if account.locked and account.locked_by == "guard:canary":
+            yield Finding(
+                "accounts:canary-read",
+                Severity.HIGH,
+                f"account {name!r} was locked when it was shown a canary record: no "
+                "legitimate search returns one, so it was walking or dumping records",
+                f"treat it as stolen or misused: check its reads ('custodes audit log "
+                f"--actor {name}') and the alert on the dashboard before anyone unlocks it",
+            )
+        elif account.locked and account.crossed:
             yield Finding(
                 "accounts:budget-locked",
                 Severity.HIGH,

@@ -52,6 +52,14 @@ REFERENCE_KINDS = frozenset({"person_ref", "person_links"})
 # Transforms an index component may apply to a field's canonical value.
 INDEX_TRANSFORMS = frozenset({"", "pinyin"})
 
+# What a bulk export does with a field (custodes.export.pseudonymise): leave it out, copy
+# it, coarsen it, or replace it with a keyed pseudonym of the record that no other export
+# shares. A field an export class does not name is left out.
+EXPORT_RULES = frozenset({"drop", "keep", "generalise", "pseudonym"})
+# The kinds whose values have a coarser form: a date its year, an ID number its 6-digit
+# division code, a phone its first 3 digits, a text (an address) its first characters.
+GENERALISED_KINDS = frozenset({"date", "national_id", "phone", "text"})
+
 
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
@@ -126,6 +134,8 @@ class Schema:
     version: int
     types: Mapping[str, RecordType]
     digest: str = field(default="")  # SHA-256 of the source text; pins a vault to its schema
+    # Export purpose class -> record type -> field -> rule (one of EXPORT_RULES).
+    exports: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)
 
     def record_type(self, name: str) -> RecordType:
         try:
@@ -136,6 +146,19 @@ class Schema:
 
     def all_indexes(self) -> list[IndexSpec]:
         return [ix for rt in self.types.values() for ix in rt.indexes.values()]
+
+    def export_rules(self, purpose_class: str, record_type: str) -> Mapping[str, str]:
+        """What an export of this class does with each field of this type that it keeps
+        (fields absent are dropped)."""
+        rules = self.exports.get(purpose_class)
+        if rules is None:
+            known = ", ".join(sorted(self.exports)) or "none"
+            raise SchemaError(f"unknown export class {purpose_class!r} (known: {known})")
+        if record_type not in rules:
+            raise SchemaError(
+                f"export class {purpose_class!r} does not export records of type {record_type!r}"
+            )
+        return {name: rule for name, rule in rules[record_type].items() if rule != "drop"}
 
 
 def load_schema(path: Path | None = None) -> Schema:
@@ -166,9 +189,50 @@ def parse_schema(text: str) -> Schema:
         version=version,
         types=types,
         digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        exports=_parse_exports(doc.get("exports", {}), types),
     )
     _check_references(schema)
     return schema
+
+
+def _parse_exports(
+    raw: Any, types: Mapping[str, RecordType]
+) -> dict[str, dict[str, dict[str, str]]]:
+    if not isinstance(raw, dict):
+        raise SchemaError("exports: must be a table of export classes")
+    classes: dict[str, dict[str, dict[str, str]]] = {}
+    for cname, per_type in raw.items():
+        where = f"export class {cname!r}"
+        if not cname.isidentifier():
+            raise SchemaError(f"{where}: name must be an identifier")
+        if not isinstance(per_type, dict) or not per_type:
+            raise SchemaError(f"{where}: must be a table naming record types")
+        classes[cname] = {}
+        for tname, rules in per_type.items():
+            rt = types.get(tname)
+            if rt is None:
+                raise SchemaError(f"{where}: unknown record type {tname!r}")
+            if not isinstance(rules, dict):
+                raise SchemaError(f"{where} type {tname!r}: must be a table of fields")
+            checked: dict[str, str] = {}
+            for fname, rule in rules.items():
+                at = f"{where} type {tname!r} field {fname!r}"
+                spec = rt.fields.get(fname)
+                if spec is None:
+                    raise SchemaError(f"{at}: no such field")
+                if rule not in EXPORT_RULES:
+                    raise SchemaError(f"{at}: the rule is one of {', '.join(sorted(EXPORT_RULES))}")
+                if rule == "generalise" and spec.kind not in GENERALISED_KINDS:
+                    raise SchemaError(f"{at}: a {spec.kind} field has no general form")
+                if rule != "drop" and spec.kind in MULTI_VALUED_KINDS:
+                    raise SchemaError(f"{at}: a list of links is never exported")
+                checked[fname] = rule
+            if not any(r == "pseudonym" for r in checked.values()):
+                # Without one, two rows of an export could not be told apart from two
+                # people, nor a leaked row be traced to its export.
+                raise SchemaError(f"{where} type {tname!r}: needs one field as a pseudonym")
+            classes[cname][tname] = checked
+    return classes
 
 
 def _parse_type(tname: str, spec: Any) -> RecordType:

@@ -38,6 +38,7 @@ from custodes.errors import (
 )
 from custodes.policy import API_SCOPES, Action, Role
 from custodes.policy.budgets import sessions_for
+from custodes.role_budgets import RoleBudgets
 from custodes.storage.base import AccountRow, AccountStore, LoginCounts, MetaStore, SessionRow
 
 Clock = Callable[[], float]
@@ -378,6 +379,8 @@ class Gatekeeper:
         macs = RowMacs(material)
         self.sessions = SessionBook(store, material, session_ttl, random, macs)
         self.tokens = ApiTokens(meta, random, macs)
+        # Read here for the session cap at login, and by the access function for reads.
+        self.role_budgets = RoleBudgets(meta, macs)
         accounts.watch_tampering(self._log_tampered)
         self._throttle = Throttle(store)
         self._challenges = passkeys.ChallengeMint(material, random)
@@ -433,7 +436,9 @@ class Gatekeeper:
         self._throttle.forget_quiet(now)
         self._accounts.record_success(username)
         self.sessions.purge(now)
-        most = sessions_for(account.role, account.attributes.get(BUDGET))
+        most = sessions_for(
+            account.role, account.attributes.get(BUDGET), self.role_budgets.current()
+        )
         if most is not None and self._store.count_account_sessions(username) >= most:
             # The holder proved who they are: they are told why, and the refusal is logged.
             self._log_login(username, account.role, Outcome.DENIED, now, client, "sessions")

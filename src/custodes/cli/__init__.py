@@ -52,6 +52,7 @@ _CLIENT = "custodes.cli.client"
 _AUDIT = "custodes.cli.audit"
 _BACKUP = "custodes.cli.backup"
 _DATABASE = "custodes.cli.database"
+_EXPORTS = "custodes.cli.exports"
 
 
 @click.group(
@@ -101,6 +102,7 @@ def backup() -> None:
         "show": f"{_CLIENT}:show",
         "reveal": f"{_CLIENT}:reveal",
         "restore": f"{_BACKUP}:restore",
+        "trace": f"{_EXPORTS}:trace",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -122,6 +124,22 @@ def database() -> None:
     """A vault's PostgreSQL database: grant the server's own least-privileged role."""
 
 
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "keygen": f"{_EXPORTS}:export_keygen",
+        "open": f"{_EXPORTS}:export_open",
+        "request": f"{_CLIENT}:export_request",
+        "approve": f"{_CLIENT}:export_approve",
+        "status": f"{_CLIENT}:export_status",
+        "fetch": f"{_CLIENT}:export_fetch",
+    },
+)
+def export() -> None:
+    """Bulk exports: ask for one, approve another's, fetch yours (from the server); make a
+    recipient's key pair and open an export with it (here, no server)."""
+
+
 @click.group(cls=_LazyGroup, lazy={"plant": f"{_HOST}:canary_plant"})
 def canary() -> None:
     """Canary records: synthetic people whose every read raises an alarm."""
@@ -129,6 +147,7 @@ def canary() -> None:
 
 cli.add_command(audit)
 cli.add_command(canary)
+cli.add_command(export)
 cli.add_command(backup)
 cli.add_command(database)
 cli.add_command(guard)

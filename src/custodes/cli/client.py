@@ -9,6 +9,7 @@ server holds the keys, decides, and logs every access before it answers.
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -114,6 +115,28 @@ class _Api:
         params: Mapping[str, str | int] | None = None,
     ) -> Any:
         """The answer's JSON (None for an empty answer), or the error the server meant."""
+        response = self._request(method, path, body=body, params=params)
+        if not response.content:
+            return None
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise ServerUnreachable(
+                f"{self.server} answered something other than JSON: is it a custodes server?"
+            ) from None
+
+    def call_bytes(self, method: str, path: str) -> bytes:
+        """The answer's bytes as sent (a sealed export), or the error the server meant."""
+        return self._request(method, path).content
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> httpx.Response:
         try:
             response = self._http.request(
                 method,
@@ -139,14 +162,7 @@ class _Api:
             ) from None
         if response.status_code >= 400:
             raise self._refusal(response)
-        if not response.content:
-            return None
-        try:
-            return orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise ServerUnreachable(
-                f"{self.server} answered something other than JSON: is it a custodes server?"
-            ) from None
+        return response
 
     def _refusal(self, response: httpx.Response) -> CustodesError:
         status = response.status_code
@@ -568,3 +584,119 @@ def audit_subject(
         out.print(
             shown(f"bundle written to {bundle_path}; check it with 'custodes audit verify-bundle'")
         )
+
+
+# -- bulk exports ------------------------------------------------------------------------
+
+
+def _export_path(export_id: str) -> str:
+    return f"/exports/{quote(export_id, safe='')}"
+
+
+def _print_export(status: Mapping[str, Any]) -> None:
+    out.print(shown(f"export {status['export_id']}: {status['state']}"))
+    out.print(shown(f"  asked by {status['requester']}; approved by {status['approver'] or '-'}"))
+    out.print(
+        shown(
+            f"  {status['record_type']} records, class {status['purpose_class']}, "
+            f"for recipient key {status['recipient']}"
+        )
+    )
+
+
+@click.command("request")
+@click.option("--type", "record_type", default="person", show_default=True)
+@click.option(
+    "--class", "purpose_class", required=True, help="The schema's export class, e.g. statistics."
+)
+@click.option(
+    "--recipient",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The recipient's public key file (from 'custodes export keygen').",
+)
+@click.option("--district", help="Only records of this 2, 4 or 6-digit division code.")
+@click.option(
+    "--ids",
+    "ids_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Only these records: a file of record ids, one a line.",
+)
+@reader_options
+def export_request(
+    record_type: str,
+    purpose_class: str,
+    recipient: str,
+    district: str | None,
+    ids_file: str | None,
+    purpose: str,
+    case_ref: str | None,
+    as_json: bool,
+) -> None:
+    """Ask for a bulk export; a supervisor other than you must approve it before you fetch
+    it. Prints the export's id."""
+    body: dict[str, Any] = {
+        "record_type": record_type,
+        "purpose_class": purpose_class,
+        "recipient": Path(recipient).read_text("utf-8", errors="replace"),
+        **_asked(purpose, case_ref),
+    }
+    if district:
+        body["district"] = district
+    if ids_file:
+        lines = Path(ids_file).read_text("utf-8", errors="replace").splitlines()
+        body["record_ids"] = [line.strip() for line in lines if line.strip()]
+    with _logged_in() as api:
+        status = api.call("POST", "/exports", body=body)
+    if as_json:
+        _print_json(status)
+    else:
+        _print_export(status)
+
+
+@click.command("approve")
+@click.argument("export_id")
+@click.option("--json", "as_json", is_flag=True)
+def export_approve(export_id: str, as_json: bool) -> None:
+    """Approve another official's export request (supervisors)."""
+    with _logged_in() as api:
+        status = api.call("POST", _export_path(export_id) + "/approve")
+    if as_json:
+        _print_json(status)
+    else:
+        _print_export(status)
+
+
+@click.command("status")
+@click.argument("export_id")
+@click.option("--json", "as_json", is_flag=True)
+def export_status(export_id: str, as_json: bool) -> None:
+    """Where an export request stands."""
+    with _logged_in() as api:
+        status = api.call("GET", _export_path(export_id))
+    if as_json:
+        _print_json(status)
+    else:
+        _print_export(status)
+
+
+@click.command("fetch")
+@click.argument("export_id")
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the sealed export (only its recipient's key opens it).",
+)
+def export_fetch(export_id: str, out_file: str) -> None:
+    """Produce your approved export, once, sealed to its recipient, and write it."""
+    target = Path(out_file)
+    if target.exists():
+        raise ConfigurationError(f"{target} exists already; choose another name")
+    with _logged_in() as api:
+        sealed = api.call_bytes("POST", _export_path(export_id) + "/produce")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(sealed)
+    out.print(shown(f"export {export_id} written to {target}, sealed to its recipient"))

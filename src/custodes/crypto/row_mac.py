@@ -1,7 +1,7 @@
 """Authentication of the stored rows that decide access (the vault's settings, accounts,
-sessions and API tokens) and of the alerts raised on its use. Each kind has its own
-HMAC-SHA256 key, derived with HKDF from the keyring's index root, so a database writer
-without the keyring can forge or edit none.
+sessions, API tokens and export requests) and of the alerts raised on its use. Each kind
+has its own HMAC-SHA256 key, derived with HKDF from the keyring's index root, so a
+database writer without the keyring can forge or edit none.
 
 A tag covers a row's fields as one canonical JSON list headed by its kind, so a tag made
 for one kind or one row never verifies for another.
@@ -30,6 +30,9 @@ class RowKind(StrEnum):
     ACCOUNT = "account"
     SESSION = "session"
     API_TOKEN = "api_token"  # noqa: S105 - a row kind, not a secret
+    # A bulk export's request: its scope, its recipient and whether a second person
+    # approved it (custodes.export.requests).
+    EXPORT_REQUEST = "export_request"
     ALERT = "alert"
     # The anomaly guard's kept state and its list of flagged records (custodes.vault.guard).
     GUARD = "guard"

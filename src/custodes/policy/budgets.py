@@ -148,19 +148,35 @@ def checked_budget(overrides: Mapping[str, Any]) -> dict[str, int | None]:
     return checked
 
 
-def sessions_for(role: Role, overrides: Mapping[str, Any] | None = None) -> int | None:
-    """How many sessions an account of `role` may have open at once, its own setting
-    put in; None: as many as it likes."""
-    own = checked_budget(overrides or {})
-    return own["sessions"] if "sessions" in own else DEFAULT_SESSIONS.get(role)
+def sessions_for(
+    role: Role,
+    overrides: Mapping[str, Any] | None = None,
+    roles: Mapping[str, Mapping[str, Any]] | None = None,
+) -> int | None:
+    """How many sessions an account of `role` may have open at once: its own setting,
+    else its role's in this vault (`roles`, by role name), else the default; None: as
+    many as it likes."""
+    for own in (overrides, (roles or {}).get(role.value)):
+        checked = checked_budget(own or {})
+        if "sessions" in checked:
+            return checked["sessions"]
+    return DEFAULT_SESSIONS.get(role)
 
 
-def budget_for(role: Role, overrides: Mapping[str, Any] | None = None) -> Budget | None:
-    """The budget of an account of `role` with its own limits put in; None for a role that
+def budget_for(
+    role: Role,
+    overrides: Mapping[str, Any] | None = None,
+    roles: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Budget | None:
+    """The budget of an account of `role`: the default, with its role's limits in this
+    vault put in (`roles`, by role name), then the account's own; None for a role that
     reads no records."""
     base = DEFAULT_BUDGETS.get(role)
     if base is None:
         return None
+    role_own = (roles or {}).get(role.value)
+    if role_own:
+        base = base.with_overrides(role_own)
     return base.with_overrides(overrides) if overrides else base
 
 

@@ -60,6 +60,8 @@ class Action(StrEnum):
     ACCOUNT_UNLOCK = "account:account:unlock"
     # An account's own budget limits set, or put back to its role's (policy.budgets).
     ACCOUNT_BUDGET = "account:budget:set"
+    # A role's own budget limits in this vault set, or put back to the defaults.
+    ROLE_BUDGET = "account:budget:role"
     PASSWORD_CHANGE = "account:password:change"  # noqa: S105 - a log tag
     MFA_ENROL_ISSUE = "account:mfa:issue"
     MFA_ENROL = "account:mfa:enrol"
@@ -73,6 +75,13 @@ class Action(StrEnum):
     BACKUP_CREATE = "vault:backup:create"
     # A vault, or its lost key files, put back from a backup: on the restored log.
     BACKUP_RESTORE = "vault:backup:restore"
+    # A bulk export: asked for by one official, approved by a second, produced by the
+    # first, encrypted to its recipient and fingerprinted (custodes.export).
+    EXPORT_REQUEST = "export:bulk:request"
+    EXPORT_APPROVE = "export:bulk:approve"
+    EXPORT_CREATE = "export:bulk:create"
+    # A leaked sample matched against the vault and the log: which export or account.
+    LEAK_TRACE = "audit:leak:trace"
     # Alerts on officials' use of the vault (custodes.alerts): listed, then acknowledged
     # (someone is looking) and resolved (dealt with), each step by a watcher.
     ALERT_LIST = "guard:alert:list"
@@ -130,6 +139,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.ACCOUNT_ENABLE: _ADMINISTRATORS,
     Action.ACCOUNT_UNLOCK: _ADMINISTRATORS,
     Action.ACCOUNT_BUDGET: _ADMINISTRATORS,
+    Action.ROLE_BUDGET: _ADMINISTRATORS,
     Action.PASSWORD_CHANGE: _ADMINISTRATORS,
     Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
     Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
@@ -137,6 +147,13 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.CASE_UNASSIGN: _ADMINISTRATORS,
     # Self-service: an official on their own account, from a session of their own.
     Action.PASSKEY_REGISTER: _OFFICIALS,
+    # Two people: one asks, a supervisor who is not the asker approves, and only the
+    # asker produces (checked against the stored request by the vault).
+    Action.EXPORT_REQUEST: frozenset({Role.INVESTIGATOR, Role.SUPERVISOR}),
+    Action.EXPORT_APPROVE: frozenset({Role.SUPERVISOR}),
+    Action.EXPORT_CREATE: frozenset({Role.INVESTIGATOR, Role.SUPERVISOR}),
+    # Opens records and the log's sealed details in memory; reports ids and names only.
+    Action.LEAK_TRACE: frozenset({Role.OPERATOR}),
     # The watchers: a supervisor answers for the officials of a unit, an auditor for all.
     Action.ALERT_LIST: _WATCHERS,
     Action.ALERT_ACKNOWLEDGE: _WATCHERS,
@@ -147,7 +164,16 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
 
 # Reads of personal records must name the case they serve as well as a reason: the case
 # reference is what an assignment is checked against and what an auditor follows up.
-CASE_REQUIRED: frozenset[Action] = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
+CASE_REQUIRED: frozenset[Action] = frozenset(
+    {
+        Action.SEARCH,
+        Action.READ,
+        Action.REVEAL,
+        Action.EXPORT_REQUEST,
+        Action.EXPORT_APPROVE,
+        Action.EXPORT_CREATE,
+    }
+)
 # Actions that must state why: every read of records or of the access log.
 PURPOSE_REQUIRED: frozenset[Action] = CASE_REQUIRED | {Action.LOG_READ, Action.SUBJECT_REPORT}
 
@@ -175,6 +201,10 @@ _REFUSALS: Mapping[Action, str] = {
     Action.INGEST: "only the host operator ingests records",
     Action.INGEST_BATCH: "only the host operator stores records",
     Action.PASSKEY_REGISTER: "the host operator has no passkeys",
+    Action.EXPORT_REQUEST: "only an investigator or a supervisor asks for a bulk export",
+    Action.EXPORT_APPROVE: "only a supervisor approves a bulk export",
+    Action.EXPORT_CREATE: "only an investigator or a supervisor produces a bulk export",
+    Action.LEAK_TRACE: "only the host operator traces a leak",
     Action.ALERT_LIST: "only a supervisor or an auditor handles alerts",
     Action.ALERT_ACKNOWLEDGE: "only a supervisor or an auditor handles alerts",
     Action.ALERT_RESOLVE: "only a supervisor or an auditor handles alerts",

@@ -70,6 +70,7 @@ from custodes.sessions import (
     Session,
 )
 from custodes.storage.base import SealedRecord, Storage, StoredRecord
+from custodes.vault.exports import Exports
 from custodes.vault.guard import AnomalyGuard, flagged_records, store_flagged
 from custodes.vault.integrity import IndexAudit, IndexCheck
 from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain, without_reporters
@@ -146,6 +147,18 @@ class Vault:
             keeper=self._keeper,
             clock=clock,
             case_exists=lambda case_no: bool(self._reader.case_scope(case_no)),
+        )
+        # Bulk exports (two people, sealed to a recipient, fingerprinted) and leak tracing.
+        self.exports = Exports(
+            gate=self._gate,
+            storage=storage,
+            codec=codec,
+            reader=self._reader,
+            log=access_log,
+            schema=schema,
+            material=material,
+            clock=clock,
+            random=random,
         )
 
     def __repr__(self) -> str:

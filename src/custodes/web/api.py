@@ -660,6 +660,131 @@ def audit_subject_bundle(
     return PlainTextResponse(report.bundle().decode("utf-8"), headers={"Cache-Control": "no-store"})
 
 
+# -- bulk exports: asked for, approved by a second official, produced once ------------
+
+ExportId = Annotated[str, Path(min_length=32, max_length=32, pattern=r"^[0-9a-f]{32}$")]
+
+
+class ExportRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    record_type: str = Field(min_length=1, max_length=64, examples=["person"])
+    purpose_class: str = Field(
+        min_length=1,
+        max_length=64,
+        description="An export class of the schema.",
+        examples=["statistics"],
+    )
+    recipient: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The recipient's X25519 public key: base64 of its 32 bytes, or PEM.",
+    )
+    district: str | None = Field(default=None, pattern=r"^[0-9]{2}([0-9]{2}){0,2}$")
+    record_ids: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        default=None, max_length=100_000
+    )
+    purpose: Reason
+    case_ref: CaseRef = None
+
+
+class ExportStatusOut(BaseModel):
+    export_id: str
+    state: str = Field(description="requested, approved or produced")
+    requester: str
+    approver: str | None
+    record_type: str
+    purpose_class: str
+    recipient: str = Field(description="The recipient key's fingerprint.")
+
+
+def _export_out(status: Any) -> ExportStatusOut:
+    return ExportStatusOut(
+        export_id=status.export_id,
+        state=status.state,
+        requester=status.requester,
+        approver=status.approver,
+        record_type=status.record_type,
+        purpose_class=status.purpose_class,
+        recipient=status.recipient,
+    )
+
+
+@router.post(
+    "/exports",
+    response_model=ExportStatusOut,
+    status_code=201,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 403, 422, 503),
+    summary="Ask for a bulk export; a second official (a supervisor) must approve it",
+)
+def export_request(
+    body: ExportRequestIn, session: Authenticated, request: Request
+) -> ExportStatusOut:
+    stated = deps.purpose_from(body.purpose, body.case_ref)
+    vault = deps.vault_of(request)
+    export_id = vault.exports.request(
+        session,
+        stated,
+        record_type=body.record_type,
+        purpose_class=body.purpose_class,
+        recipient=body.recipient,
+        district=body.district,
+        record_ids=body.record_ids,
+    )
+    return _export_out(vault.exports.status(session, export_id))
+
+
+@router.get(
+    "/exports/{export_id}",
+    response_model=ExportStatusOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 404, 422),
+    summary="Where an export request stands",
+)
+def export_status(export_id: ExportId, session: Authenticated, request: Request) -> ExportStatusOut:
+    return _export_out(deps.vault_of(request).exports.status(session, export_id))
+
+
+@router.post(
+    "/exports/{export_id}/approve",
+    response_model=ExportStatusOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Approve another official's export request; supervisors only",
+)
+def export_approve(
+    export_id: ExportId, session: Authenticated, request: Request
+) -> ExportStatusOut:
+    return _export_out(deps.vault_of(request).exports.approve(session, export_id))
+
+
+@router.post(
+    "/exports/{export_id}/produce",
+    response_class=Response,
+    dependencies=[NoStore],
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            "description": "The export, sealed to its recipient's key; produced once.",
+        },
+        **_errors(401, 403, 404, 422, 503, json_route=False),
+    },
+    summary="Produce an approved export, once, by its asker: sealed to the recipient",
+)
+def export_produce(export_id: ExportId, session: Authenticated, request: Request) -> Response:
+    made = deps.vault_of(request).exports.produce(session, export_id)
+    return Response(
+        made.sealed,
+        media_type="application/octet-stream",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{made.export_id}.export"',
+            "X-Export-Rows": str(made.rows),
+        },
+    )
+
+
 # -- the OpenAPI document, for callers with a session ---------------------------------
 
 
