@@ -207,6 +207,35 @@ def test_an_account_that_read_a_canary_is_reported_as_stolen_or_misused(
     assert "accounts:budget-locked" not in tags(check(deployment))
 
 
+def test_an_account_locked_by_the_anomaly_guard_is_reported_with_its_signals(
+    deployment: Path,
+) -> None:
+    from custodes.bootstrap import open_vault
+    from custodes.policy import AccessPurpose
+    from custodes.records.idnumber import check_char
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        session = login(vault, Role.OFFICER, "d.prober")
+        for serial in range(100, 120):
+            body = f"31010419800101{serial:03d}"
+            vault.search(
+                session,
+                AccessPurpose("checking a reported burglary", "C-2026-17"),
+                record_type="person",
+                index="national_id",
+                values={"national_id": body + check_char(body)},
+            )
+        assert [s.account for s in vault.guard_round()] == ["d.prober"]
+    finally:
+        vault.close()
+    [finding] = [f for f in check(deployment) if f.check == "accounts:anomaly-locked"]
+    assert finding.severity is Severity.HIGH
+    assert "'d.prober'" in finding.message and "id_probes" in finding.message
+    assert "19800101" not in finding.message + finding.fix
+    assert "custodes account unlock d.prober" in finding.fix
+
+
 # -- listeners and TLS -------------------------------------------------------------------
 
 

@@ -68,6 +68,8 @@ _BUDGETED = frozenset({Action.SEARCH, Action.READ, Action.REVEAL})
 BUDGET_ALERT = "guard:budget"
 # The alert a read carries when it returned a canary record (custodes.canaries).
 CANARY_ALERT = "guard:canary"
+# The alert an entry carries when the anomaly guard acted on an account.
+ANOMALY_ALERT = "guard:anomaly"
 # The most records one entry names: a write of more is announced in several entries, so
 # that no leaf of the log grows without bound (an ingest batch is 2,000 by default).
 MAX_ENTRY_RECORDS = 5_000
@@ -532,6 +534,73 @@ class AccessGate:
         return budget_for(
             who.role, account.attributes.get(BUDGET), self._keeper.role_budgets.current()
         )
+
+    def act_on_anomaly(
+        self,
+        account: str,
+        role: str,
+        *,
+        verdict: str,
+        called_for: str,
+        severity: str,
+        score: float,
+        signals: Sequence[str],
+        explained: Sequence[str],
+        records: Sequence[str] = (),
+        end_sessions: bool = False,
+        lock: bool = False,
+    ) -> int:
+        """What the anomaly guard does about an account, done and logged here like a read
+        refused at its budget: locked (sessions and tokens ended) or its sessions ended
+        (it logs in again, with its second factor), then the entry, with the score and its
+        explanation (counts, never a value), then the alert. The entry's position."""
+        # Acted on first: should the entry fail to be written, the account stays locked.
+        if lock:
+            why = {"alert": ANOMALY_ALERT, "signals": list(signals), "score": score}
+            self._keeper.lock_out(account, why)
+        elif end_sessions:
+            self._keeper.sessions.end_all(account)
+        index = self._log.append(
+            AccessEntry(
+                actor=account,
+                role=role,
+                action=Action.GUARD_ACT.value,
+                outcome=Outcome.GRANTED,
+                time=self._clock(),
+                records=tuple(records),
+                detail={
+                    "alert": ANOMALY_ALERT,
+                    "guard": verdict,
+                    "called_for": called_for,
+                    "score": score,
+                    "signals": list(signals),
+                    "explained": list(explained),
+                    "locked": lock,
+                    "sessions_ended": lock or end_sessions,
+                },
+            )
+        )
+        logger.error(
+            "alert %s: account %s scored %.1f (%s), guard %s; on the access log at entry %d",
+            ANOMALY_ALERT,
+            account,
+            score,
+            ", ".join(signals),
+            verdict,
+            index,
+        )
+        self.raise_alert(
+            Alert(
+                ANOMALY_ALERT,
+                severity,
+                account,
+                Action.GUARD_ACT.value,
+                list(signals),
+                index,
+                tuple(records),
+            )
+        )
+        return index
 
     def close(self) -> None:
         """Charge what the meter holds, before storage closes."""

@@ -212,6 +212,9 @@ class Account:
     # The alert its reads raised when the account was locked for them (a canary read,
     # an anomaly), if any.
     locked_by: str | None = None
+    # The anomaly guard's signals when it locked the account (custodes.vault.guard); empty
+    # if it did not.
+    anomaly: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,12 +860,21 @@ def _account(row: AccountRow) -> Account:
         locked=bool(state.get("locked")),
         crossed=_crossed(state.get("held")),
         locked_by=_locked_by(state.get("held")),
+        anomaly=_anomaly(state.get("held")),
     )
 
 
 def _locked_by(held: object) -> str | None:
     alert = held.get("alert") if isinstance(held, dict) else None
     return alert if isinstance(alert, str) else None
+
+
+def _anomaly(held: object) -> tuple[str, ...]:
+    """The anomaly guard's signals, if it was the guard that locked the account."""
+    if not isinstance(held, dict) or held.get("alert") != "guard:anomaly":
+        return ()
+    signals = held.get("signals")
+    return tuple(str(s) for s in signals) if isinstance(signals, list) else ()
 
 
 def _crossed(held: object) -> tuple[str, ...]:

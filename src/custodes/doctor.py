@@ -575,6 +575,15 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 f"of its own ('custodes account budget {name} ...') or "
                 f"'custodes account unlock {name}'",
             )
+        elif account.locked and account.anomaly:
+            yield Finding(
+                "accounts:anomaly-locked",
+                Severity.HIGH,
+                f"account {name!r} was locked by the anomaly guard "
+                f"({', '.join(account.anomaly)}): it may have been snooping or enumerating",
+                f"read why ('custodes audit log --actor {name}', the guard:account:act entry), "
+                f"then 'custodes account unlock {name}' or disable it",
+            )
         elif account.locked:
             yield Finding(
                 "accounts:locked",

@@ -111,6 +111,14 @@ def cli() -> None:
     """custodes: an encrypted, searchable, accountable vault of personal records."""
 
 
+@click.group(
+    cls=_LazyGroup,
+    lazy={"score": "custodes.cli.guard:guard_score", "flag": "custodes.cli.guard:guard_flag"},
+)
+def guard() -> None:
+    """The anomaly guard: officials' scores today, records flagged for an alert."""
+
+
 @click.group(cls=_LazyGroup, lazy={"grant": f"{_DATABASE}:database_grant"})
 def database() -> None:
     """A vault's PostgreSQL database: grant the server's own least-privileged role."""
@@ -142,6 +150,7 @@ cli.add_command(canary)
 cli.add_command(export)
 cli.add_command(backup)
 cli.add_command(database)
+cli.add_command(guard)
 
 
 def main() -> None:

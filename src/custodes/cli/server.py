@@ -66,6 +66,14 @@ from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_o
     metavar="udp://HOST:PORT|tcp://HOST:PORT",
     help="Send each alert to syslog as an RFC 5424 message (facility auth).",
 )
+@click.option(
+    "--guard-every",
+    type=click.FloatRange(0.1, 3600),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often the anomaly guard reads the access log, scores officials and acts.",
+)
 def serve(
     vault_dir: str | None,
     keyring: str | None,
@@ -80,6 +88,7 @@ def serve(
     witnesses: tuple[str, ...],
     alert_webhook: str | None,
     alert_syslog: str | None,
+    guard_every: float,
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
@@ -142,5 +151,6 @@ def serve(
         trusted_proxies=trusted_proxies,
         witnesses=witnesses,
         alerts=routes,
+        guard_every=guard_every,
         ready=ready,
     )

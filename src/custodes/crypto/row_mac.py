@@ -34,6 +34,8 @@ class RowKind(StrEnum):
     # approved it (custodes.export.requests).
     EXPORT_REQUEST = "export_request"
     ALERT = "alert"
+    # The anomaly guard's kept state and its list of flagged records (custodes.vault.guard).
+    GUARD = "guard"
 
 
 class RowMacs:

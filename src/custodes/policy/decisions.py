@@ -89,6 +89,12 @@ class Action(StrEnum):
     ALERT_RESOLVE = "guard:alert:resolve"
     # Synthetic people stored like real ones, whose every read trips an alarm.
     CANARY_PLANT = "guard:canary:plant"
+    # The anomaly guard acted on an account: an alert, its sessions ended, or a lock.
+    GUARD_ACT = "guard:account:act"
+    # Every official's anomaly score, with its explanation, read on the host.
+    GUARD_SCORE = "guard:account:score"
+    # A record flagged for the guard: the first read of it by any account raises an alert.
+    GUARD_FLAG = "guard:record:flag"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -123,6 +129,9 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
+    # Counts and explanations, no entry and no value: like verifying the log.
+    Action.GUARD_SCORE: frozenset({Role.AUDITOR, Role.OPERATOR}),
+    Action.GUARD_FLAG: frozenset({Role.OPERATOR}),
     Action.INGEST_BATCH: frozenset({Role.OPERATOR}),
     Action.ACCOUNT_ADD: _ADMINISTRATORS,
     Action.ACCOUNT_LIST: _ADMINISTRATORS,
@@ -200,6 +209,9 @@ _REFUSALS: Mapping[Action, str] = {
     Action.ALERT_ACKNOWLEDGE: "only a supervisor or an auditor handles alerts",
     Action.ALERT_RESOLVE: "only a supervisor or an auditor handles alerts",
     Action.CANARY_PLANT: "only the host operator plants canary records",
+    Action.GUARD_SCORE: "only an auditor or the host operator reads the guard's scores",
+    Action.GUARD_FLAG: "only the host operator flags records for the guard",
+    Action.GUARD_ACT: "only the vault's own guard acts on an account",
 }
 _ADMIN_REFUSAL = "only an administrator manages accounts"
 

@@ -10,6 +10,7 @@ are private to it; logins and sessions are custodes.sessions', reached through h
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 from custodes import passkeys
 from custodes.access import AccessGate, Done, Grant, OutOfReach
-from custodes.accounts import AccountBook, Enrolment, Passkey
+from custodes.accounts import BUDGET, AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
 from custodes.alert_book import AlertBook, AlertState, RecordedAlert
 from custodes.alerts import Dispatcher
@@ -45,6 +46,7 @@ from custodes.errors import (
     AuthenticationFailed,
     ConfigurationError,
     InvalidQuery,
+    RecordNotFound,
     SchemaError,
     TamperDetected,
 )
@@ -55,6 +57,8 @@ from custodes.policy import (
     Action,
     authorise,
 )
+from custodes.policy.anomaly import GuardSettings, Score, Verdict
+from custodes.policy.budgets import budget_for
 from custodes.records import query_parts
 from custodes.schema import Schema
 from custodes.sessions import (
@@ -67,9 +71,13 @@ from custodes.sessions import (
 )
 from custodes.storage.base import SealedRecord, Storage, StoredRecord
 from custodes.vault.exports import Exports
+from custodes.vault.guard import AnomalyGuard, flagged_records, store_flagged
 from custodes.vault.integrity import IndexAudit, IndexCheck
 from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain, without_reporters
 from custodes.vault.views import LogExtract, RecordView
+
+# The operational log: counts and kinds of failure, never a value.
+logger = logging.getLogger("custodes.vault")
 
 
 class Vault:
@@ -89,6 +97,7 @@ class Vault:
         operator: Operator | None = None,
         directory: Path | None = None,
         session_ttl: float = 8 * 3600,
+        guard_settings: GuardSettings | None = None,
     ) -> None:
         self.schema = schema  # public: field names, masks and labels are no secret
         self.directory = directory
@@ -105,6 +114,10 @@ class Vault:
         self._stop_signing: list[threading.Event] = []
         self._sequencer: SequencerClient | None = None
         self._dispatcher: Dispatcher | None = None
+        self._guard_settings = guard_settings or GuardSettings()
+        self._guard: AnomalyGuard | None = None
+        self._guard_thread: threading.Thread | None = None
+        self._macs = RowMacs(material)
         self._keeper = Gatekeeper(
             store=storage,
             meta=storage,
@@ -205,11 +218,119 @@ class Vault:
         self._dispatcher = dispatcher
         self._gate.send_alerts_to(dispatcher.raise_alert)
 
+    # -- the anomaly guard (custodes.vault.guard, custodes.policy.anomaly) ----------------
+
+    def _new_guard(self) -> AnomalyGuard:
+        return AnomalyGuard(
+            log=self._log,
+            meta=self._storage,
+            accounts=self._accounts,
+            macs=self._macs,
+            settings=self._guard_settings,
+        )
+
+    def guard_round(self) -> list[Score]:
+        """One round of the guard: read the log since its last round, score every official
+        active today, and act on each score above a threshold it has not yet acted on today
+        (AccessGate.act_on_anomaly: logged, alerted); the scores acted on. What a server's
+        guard thread runs (keep_guarding); it opens no record and adds nothing to a read."""
+        if self._guard is None:
+            self._guard = self._new_guard()
+        guard = self._guard
+        guard.catch_up(keep=True)
+        acted = []
+        for finding in guard.findings(self._clock()):
+            found = finding.score
+            verdict = finding.verdict
+            if verdict > Verdict.ALERT and self._unmetered(found.account):
+                # An administrator lifted every limit of this account's views (a
+                # measurement, a drill: work no person does by hand, on the log): the
+                # guard tells, but does not stop what was allowed on purpose.
+                verdict = Verdict.ALERT
+            self._gate.act_on_anomaly(
+                found.account,
+                found.role,
+                verdict=verdict.name.lower(),
+                called_for=finding.verdict.name.lower(),
+                severity=verdict.severity,
+                score=found.points,
+                signals=found.signals,
+                explained=found.explained(),
+                records=found.records,
+                end_sessions=verdict >= Verdict.STEP_UP,
+                lock=verdict is Verdict.LOCK,
+            )
+            guard.acted(finding)
+            acted.append(found)
+        return acted
+
+    def _unmetered(self, username: str) -> bool:
+        """Whether the account's own budget lifts every limit of its views."""
+        account = self._accounts.get(username)
+        if account is None:
+            return False
+        try:
+            budget = budget_for(account.role, account.attributes.get(BUDGET))
+        except ConfigurationError:  # a budget that no read would pass either
+            return False
+        return budget is not None and not any(
+            name.startswith("views_") for name, *_ in budget.limits()
+        )
+
+    def keep_guarding(self, every: float = 10.0) -> None:
+        """Run a guard round every `every` seconds until the vault closes: one process of
+        a server does (its single worker, or the log sequencer beside several)."""
+        stop = threading.Event()
+        self._stop_signing.append(stop)
+
+        def run() -> None:
+            while not stop.wait(every):
+                try:
+                    self.guard_round()
+                except Exception as exc:  # the next round tries again
+                    logger.error("the anomaly guard's round failed (%s)", type(exc).__name__)
+
+        thread = threading.Thread(target=run, name="custodes-guard", daemon=True)
+        thread.start()
+        # Closing waits for a round under way: it must not find its storage closed.
+        self._guard_thread = thread
+
+    def score_accounts(self, principal: Principal) -> list[Score]:
+        """Every official active today, scored with its explanation, highest first; read
+        from the log afresh, acting on none (`custodes guard score`). Logged, with counts."""
+
+        def run(_: Grant) -> Done[list[Score]]:
+            guard = self._new_guard()
+            guard.catch_up(keep=False)
+            scores = guard.scores(self._clock())
+            above = sum(1 for s in scores if s.verdict is not Verdict.NONE)
+            return Done(scores, detail={"accounts": len(scores), "above_alert": above})
+
+        return self._gate.access(principal, Action.GUARD_SCORE, run)
+
+    def flag_record(self, operator: Principal, record_id: str) -> bool:
+        """Flag a record for the guard (a public figure's, say): any account's first read of
+        it raises an alert. Whether it was not flagged already. Logged, naming the record."""
+
+        def run(_: Grant) -> Done[bool]:
+            if not self._storage.get_records([record_id]):
+                raise RecordNotFound("no such record")
+            flagged = flagged_records(self._storage, self._macs)
+            if record_id in flagged:
+                return Done(False, detail={"flagged": len(flagged)})
+            flagged[record_id] = self._log.size
+            store_flagged(self._storage, self._macs, flagged)
+            return Done(True, detail={"flagged": len(flagged)})
+
+        return self._gate.access(operator, Action.GUARD_FLAG, run, target=record_id)
+
     def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.close()
         for stop in self._stop_signing:
             stop.set()
+        if self._guard_thread is not None:
+            self._guard_thread.join(30)
         if self._sequencer is not None:
             self._log.sequence_through(None)
             self._sequencer.close()

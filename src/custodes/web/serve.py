@@ -136,6 +136,7 @@ def serve(
     trusted_proxies: Sequence[str] = (),
     witnesses: Sequence[str] = (),
     alerts: AlertRoutes | None = None,
+    guard_every: float = 10.0,
     ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
@@ -145,7 +146,9 @@ def serve(
     workers; sessions, failed-login counts and the access log live in the database, so
     any worker may answer any request. Workers are forked after the keys are unsealed,
     so the passphrase is asked for once and the keys never leave memory. Every worker
-    signs the log on a timer and sends what is signed on to each of `witnesses`.
+    signs the log on a timer and sends what is signed on to each of `witnesses`. One
+    process (the single worker, or the log sequencer beside several) runs the anomaly
+    guard every `guard_every` seconds.
     The port is claimed first (a port another custodes server holds is refused); `ready`
     is called, with one worker, once it serves, and with several once the port is this
     server's, before the workers start (the supervisor takes the stop signals itself).
@@ -169,7 +172,7 @@ def serve(
         )
     routes = alerts or AlertRoutes()
     routes.check()
-    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes)
+    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes, guard_every)
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
         if workers == 1:
@@ -194,6 +197,7 @@ class _Listen:
     trusted_proxies: tuple[str, ...] = ()
     witnesses: tuple[str, ...] = ()  # where each worker sends the checkpoints signed
     alerts: AlertRoutes = field(default_factory=AlertRoutes)  # where each worker alerts
+    guard_every: float = 10.0  # seconds between the anomaly guard's rounds
 
 
 def _check_tls(tls: TlsFiles) -> None:
@@ -381,6 +385,10 @@ def _run_worker(
     if destinations := listen.alerts.destinations():
         vault.send_alerts(Dispatcher(destinations))
     vault.keep_signing(witnesses=listen.witnesses)
+    if sequencer is None:
+        # The only process: it scores the log as well. With several workers the log
+        # sequencer does, so that one guard acts once on each account.
+        vault.keep_guarding(listen.guard_every)
     try:
         app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
         config = _config(app, listen)
@@ -457,7 +465,12 @@ def _forked_sequencer(
         ctypes.CDLL(None).prctl(_PR_SET_NAME, SEQUENCER_NAME, 0, 0, 0)
     vault = assemble_vault(unlocked)
     try:
+        if destinations := listen.alerts.destinations():
+            vault.send_alerts(Dispatcher(destinations))
         vault.run_log_sequencer(sequencer.listener, sequencer.address.secret)
+        # The one process that sees every worker's entries as they are appended: the
+        # anomaly guard runs here, reading the log, never in a read's path.
+        vault.keep_guarding(listen.guard_every)
         if _stop.asked:
             return
         while True:
