@@ -136,7 +136,7 @@ def test_the_guard_bench_measures_budgets_against_lookups_without_them_and_leave
         *("--people", "300", "--seconds", "0.3", "--warmup", "0.1", "--rounds", "2"),
         *("--threads", "2"),
     )
-    for name in ("lookups/s without the guard", "lookups/s with budgets charged"):
+    for name in ("lookups/s without the guard", "lookups/s with budgets and scores"):
         (rate,) = row(output, name)
         assert float(rate.replace(",", "")) > 0, f"{name}: nothing was answered"
     (overhead,) = row(output, "overhead of the guard")

@@ -12,7 +12,7 @@ import pytest
 
 from custodes.errors import ConfigurationError
 from custodes.storage import PostgresStorage
-from custodes.storage.base import LoginCounts
+from custodes.storage.base import AlertRow, LoginCounts
 from custodes.storage.postgres import SCHEMA_VERSION, grant_app_role
 from tests.contract.accounts_contract import account, session_key, session_row
 from tests.contract.log_contract import SUBJECT_A, entry, log_batch, node_hash
@@ -158,6 +158,18 @@ def test_the_server_runs_its_whole_flow_as_the_least_privileged_role(
         assert not storage.spend(session_key(b"code 1"), now=110.0, keep=30.0)
         assert storage.spend(session_key(b"code 2"), now=200.0, keep=30.0)
         assert storage.spend(session_key(b"code 1"), now=200.0, keep=30.0)
+
+        # Usage: counters charged; distinct subjects noted, moved on to a later window,
+        # and the earlier window's others forgotten.
+        assert storage.charge_usage("inspector.ode", [("views/60", 60, 2)]) == [2]
+        assert storage.note_subjects("inspector.ode", "subjects/86400", 0, ["r1", "r2"]) == 2
+        assert storage.note_subjects("inspector.ode", "subjects/86400", 86400, ["r1"]) == 1
+
+        # Alerts: raised, stepped on by compare-and-swap, listed.
+        raised = AlertRow("alert-1", 1.0, b"{}")
+        assert storage.put_alert(raised)
+        assert storage.replace_alert(raised, AlertRow("alert-1", 1.0, b'{"s":1}'))
+        assert [a.alert_id for a in storage.list_alerts(5)] == ["alert-1"]
     finally:
         storage.close()
 

@@ -1169,8 +1169,9 @@ _APP_GRANTS: tuple[str, ...] = (
     "GRANT SELECT, INSERT, UPDATE (window_start, total) ON usage TO {app}",
     # Alerts are raised, then acknowledged and resolved in place; never deleted.
     "GRANT SELECT, INSERT, UPDATE (raised_at, body) ON alerts TO {app}",
-    # Subjects noted in a window are forgotten when a later window starts.
-    "GRANT SELECT, INSERT, DELETE ON usage_subjects TO {app}",
+    # A subject noted in an earlier window is moved on to the current one; the others
+    # of earlier windows are forgotten.
+    "GRANT SELECT, INSERT, UPDATE (window_start), DELETE ON usage_subjects TO {app}",
 )
 
 # Tables whose rows are history: a role opened as the application must hold no right to
