@@ -465,7 +465,7 @@ def page_urls(site: Site) -> dict[Role, list[str]]:
     audit = urlencode({"reason": "weekly review"})
     return {
         Role.OFFICER: ["/", "/search", f"/records/{rid}?{PURPOSE_QUERY}", f"/records/{rid}"],
-        Role.SUPERVISOR: ["/", f"/records/{rid}?{PURPOSE_QUERY}", "/alerts"],
+        Role.SUPERVISOR: ["/", f"/records/{rid}?{PURPOSE_QUERY}", "/alerts", "/exports"],
         Role.AUDITOR: [
             "/",
             "/audit/log",

@@ -596,12 +596,19 @@ def _export_path(export_id: str) -> str:
 def _print_export(status: Mapping[str, Any]) -> None:
     out.print(shown(f"export {status['export_id']}: {status['state']}"))
     out.print(shown(f"  asked by {status['requester']}; approved by {status['approver'] or '-'}"))
+    scope = (
+        f"in district {status['district']}" if status.get("district") else "all the asker may see"
+    )
+    if status.get("named_records") is not None:
+        scope = f"{status['named_records']} named"
     out.print(
         shown(
-            f"  {status['record_type']} records, class {status['purpose_class']}, "
+            f"  {status['record_type']} records, {scope}, class {status['purpose_class']}, "
             f"for recipient key {status['recipient']}"
         )
     )
+    case = f" (case {status['case_ref']})" if status.get("case_ref") else ""
+    out.print(shown(f"  purpose: {status.get('purpose', '')}{case}"))
 
 
 @click.command("request")

@@ -78,7 +78,8 @@ class ProducedExport:
 
 @dataclass(frozen=True, slots=True)
 class ExportStatus:
-    """What an official may be told of a request: no record, no value."""
+    """What an official may be told of a request: what is asked, why and for whom, so
+    that an approver decides on it; no record, no value."""
 
     export_id: str
     state: str
@@ -87,6 +88,11 @@ class ExportStatus:
     record_type: str
     purpose_class: str
     recipient: str
+    reason: str = ""
+    case_ref: str | None = None
+    district: str | None = None
+    named_records: int | None = None  # how many record ids the scope names, if it does
+    requested_at: float = 0.0
 
 
 class Exports:
@@ -535,4 +541,9 @@ def _status(request: ExportRequest) -> ExportStatus:
         record_type=request.record_type,
         purpose_class=request.purpose_class,
         recipient=fingerprint(public_key_bytes(request.recipient)),
+        reason=request.reason,
+        case_ref=request.case_ref,
+        district=request.district,
+        named_records=None if request.record_ids is None else len(request.record_ids),
+        requested_at=request.requested_at,
     )

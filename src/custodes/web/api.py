@@ -696,6 +696,11 @@ class ExportStatusOut(BaseModel):
     record_type: str
     purpose_class: str
     recipient: str = Field(description="The recipient key's fingerprint.")
+    purpose: str = Field(description="Why the asker wants it, as stated.")
+    case_ref: str | None
+    district: str | None = Field(description="The division code the scope is limited to.")
+    named_records: int | None = Field(description="How many record ids the scope names.")
+    requested_at: str
 
 
 def _export_out(status: Any) -> ExportStatusOut:
@@ -707,6 +712,11 @@ def _export_out(status: Any) -> ExportStatusOut:
         record_type=status.record_type,
         purpose_class=status.purpose_class,
         recipient=status.recipient,
+        purpose=status.reason,
+        case_ref=status.case_ref,
+        district=status.district,
+        named_records=status.named_records,
+        requested_at=_iso(status.requested_at),
     )
 
 

@@ -6,6 +6,7 @@ personal data or of the access log goes through a vault method that logs it firs
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from custodes.policy import (
 )
 from custodes.schema import REFERENCE_KINDS, FieldSpec, RecordType, Sensitivity
 from custodes.vault import LinkView, LogExtract, RecordView, Session, Vault
+from custodes.vault.exports import ExportStatus
 from custodes.web import deps
 from custodes.web.templating import render
 
@@ -587,6 +589,132 @@ def alert_step(request: Request, alert_id: str, verb: str, me: Me) -> Response:
     except AccessDenied as exc:
         return render_alerts(request, me, status_code=409, error=f"Not done: {exc}.")
     return render_alerts(request, me, done=f"Alert {verb}d; the step is on the access log.")
+
+
+# -- bulk exports: asked for, approved by a second official, produced once ------------
+
+_EXPORT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def export_row(status: ExportStatus) -> dict[str, Any]:
+    """A request as the page shows it: what is asked, why and by whom; never a value."""
+    scope = f"in district {status.district}" if status.district else "all the asker may see"
+    if status.named_records is not None:
+        scope = f"{status.named_records} named records"
+    return {
+        "export_id": status.export_id,
+        "state": status.state,
+        "requester": shown(status.requester),
+        "approver": shown(status.approver) if status.approver else None,
+        "record_type": shown(status.record_type),
+        "purpose_class": shown(status.purpose_class),
+        "recipient": shown(status.recipient),
+        "reason": shown(status.reason),
+        "case_ref": shown(status.case_ref) if status.case_ref else None,
+        "scope": scope,
+        "requested": datetime.fromtimestamp(status.requested_at, tz=UTC).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+    }
+
+
+def render_exports(request: Request, me: Session, status_code: int = 200, **extra: Any) -> Response:
+    vault = deps.vault_of(request)
+    # Only the officials who may ask see the form; the vault decides all the same.
+    if me.role not in (Role.INVESTIGATOR, Role.SUPERVISOR):
+        raise AccessDenied("only an investigator or a supervisor works with bulk exports")
+    classes = sorted(vault.schema.exports)
+    types = sorted({t for c in classes for t in vault.schema.exports[c]})
+    return render(
+        request,
+        "exports.html",
+        status_code=status_code,
+        classes=classes,
+        record_types=types,
+        **extra,
+    )
+
+
+@router.get("/exports", response_class=HTMLResponse)
+def exports_page(request: Request, me: Me) -> Response:
+    return render_exports(request, me)
+
+
+@router.post("/exports", response_class=HTMLResponse, dependencies=[Csrf])
+def export_request(
+    request: Request,
+    me: Me,
+    record_type: FormText = None,
+    purpose_class: FormText = None,
+    district: FormText = None,
+    recipient: FormText = None,
+    reason: FormText = None,
+    case_ref: FormText = None,
+) -> Response:
+    vault = deps.vault_of(request)
+    try:
+        purpose = stated_purpose(reason, case_ref)
+        export_id = vault.exports.request(
+            me,
+            purpose,
+            record_type=record_type or "",
+            purpose_class=purpose_class or "",
+            recipient=(recipient or "").strip(),
+            district=(district or "").strip() or None,
+        )
+    except (InvalidQuery, PurposeRequired) as exc:
+        return render_exports(request, me, status_code=422, error=f"Not asked: {exc}.")
+    status = export_row(vault.exports.status(me, export_id))
+    done = (
+        "Asked. Give this id to a supervisor, who approves it here or with "
+        "'custodes export approve'."
+    )
+    return render_exports(request, me, status=status, done=done)
+
+
+@router.get("/exports/lookup", response_class=HTMLResponse)
+def export_lookup(request: Request, me: Me, export_id: OptionalText = None) -> Response:
+    wanted = (export_id or "").strip().lower()
+    if not _EXPORT_ID.fullmatch(wanted):
+        return render_exports(
+            request, me, status_code=422, error="An export id is 32 hexadecimal characters."
+        )
+    return export_page(request, wanted, me)
+
+
+@router.get("/exports/{export_id}", response_class=HTMLResponse)
+def export_page(request: Request, export_id: str, me: Me) -> Response:
+    status = deps.vault_of(request).exports.status(me, export_id)
+    return render_exports(request, me, status=export_row(status))
+
+
+@router.post("/exports/{export_id}/approve", response_class=HTMLResponse, dependencies=[Csrf])
+def export_approve(request: Request, export_id: str, me: Me) -> Response:
+    vault = deps.vault_of(request)
+    try:
+        status = vault.exports.approve(me, export_id)
+    except AccessDenied as exc:
+        if isinstance(exc, PurposeRequired):
+            raise
+        current = export_row(vault.exports.status(me, export_id))
+        return render_exports(
+            request, me, status_code=409, status=current, error=f"Not approved: {exc}."
+        )
+    done = "Approved: its asker may now produce it, once. Your approval is on the access log."
+    return render_exports(request, me, status=export_row(status), done=done)
+
+
+@router.post("/exports/{export_id}/produce", dependencies=[Csrf])
+def export_produce(request: Request, export_id: str, me: Me) -> Response:
+    made = deps.vault_of(request).exports.produce(me, export_id)
+    return Response(
+        made.sealed,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="export-{made.export_id}.custodes"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 # -- administrators ---------------------------------------------------------------------
