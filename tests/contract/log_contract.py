@@ -144,6 +144,10 @@ class LogStoreContract:
         assert storage.log_subject_entries(SUBJECT_A) == [0, 4]
         assert storage.log_subject_entries(SUBJECT_B) == [1]
         assert [storage.log_detail(i) for i in range(6)] == [None, b"d1", None, b"d3", None, None]
+        # A range of entries' details in one read, in order, those without left out.
+        assert list(storage.log_detail_range(0, 6)) == [(1, b"d1"), (3, b"d3")]
+        assert list(storage.log_detail_range(2, 3)) == []
+        assert list(storage.log_detail_range(3, 2**70)) == [(3, b"d3")]
 
     def test_log_nodes_read_many_positions_at_once(self, storage: LogStore) -> None:
         storage.log_append(log_batch(0, 5))

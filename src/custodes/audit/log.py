@@ -568,6 +568,14 @@ class AccessLog:
         blob = self._storage.log_detail(index)
         return None if blob is None else self._keys.open_private(blob)
 
+    def sealed_details(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, sealed details) for the entries start <= index < end that have them,
+        in order, a page a query: open the ones needed with open_details."""
+        return self._storage.log_detail_range(start, end)
+
+    def open_details(self, sealed: bytes) -> dict[str, Any]:
+        return self._keys.open_private(sealed)
+
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         return inclusion_proof(index, size, self._proof_node)
 

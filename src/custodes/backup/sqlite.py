@@ -328,6 +328,16 @@ class SQLiteCopy:
         ).fetchone()
         return None if row is None or row[0] is None else _bytes(row[0])
 
+    def log_detail_range(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        rows = self._query(
+            self._log,
+            "SELECT idx, blob FROM log_details WHERE idx >= ? AND idx < ?"
+            " AND blob IS NOT NULL ORDER BY idx",
+            (max(start, 0), min(end, 2**63 - 1)),
+        )
+        for index, blob in rows:
+            yield int(index), _bytes(blob)
+
     def checkpoints(self) -> list[tuple[int, bytes]]:
         sql = "SELECT size, note FROM checkpoints ORDER BY size"
         return [(int(size), _bytes(note)) for size, note in self._query(self._log, sql)]

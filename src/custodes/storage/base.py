@@ -304,6 +304,12 @@ class LogStore(Protocol):
         """The sealed private details of an entry, or None (none, or erased)."""
         ...
 
+    def log_detail_range(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(index, sealed details) of every entry with details (not erased) for start <=
+        index < end, in order, streamed: a reader of many entries' details (the anomaly
+        guard) makes a query a page, not one an entry."""
+        ...
+
     def put_checkpoint(self, size: int, note: bytes) -> None:
         """Store the signed checkpoint note for a tree size, durably; a later call for the
         same size replaces it (to add cosignatures)."""

@@ -383,6 +383,16 @@ class MemoryStorage:
             self._check_open()
             return self._log_details.get(index)
 
+    def log_detail_range(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        with self._lock:
+            self._check_open()
+            found = sorted(
+                (i, blob)
+                for i, blob in self._log_details.items()
+                if start <= i < end and blob is not None
+            )
+        return iter(found)
+
     def put_checkpoint(self, size: int, note: bytes) -> None:
         checked_checkpoint(size, note)
         with self._lock:

@@ -957,6 +957,21 @@ class PostgresStorage:
         row = self._one("SELECT blob FROM log_details WHERE idx = %s", (index,))
         return None if row is None or row[0] is None else bytes(row[0])
 
+    def log_detail_range(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        self._check_usable()
+        start, end = max(start, 0), min(end, _INT64_MAX)
+        while start < end:
+            page = self._rows(
+                "SELECT idx, blob FROM log_details WHERE idx >= %s AND idx < %s"
+                " AND blob IS NOT NULL ORDER BY idx LIMIT %s",
+                (start, end, LOG_PAGE),
+            )
+            for index, blob in page:
+                yield int(index), bytes(blob)
+            if len(page) < LOG_PAGE:
+                return
+            start = int(page[-1][0]) + 1
+
     def put_checkpoint(self, size: int, note: bytes) -> None:
         checked_checkpoint(size, note)
         self._write(

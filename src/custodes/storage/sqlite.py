@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
@@ -958,6 +959,18 @@ class SQLiteStorage:
         row = self._one("SELECT blob FROM log_details WHERE idx = ?", (index,))
         return None if row is None or row[0] is None else bytes(row[0])
 
+    def log_detail_range(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        start, end = max(start, 0), min(end, 2**63 - 1)
+        while start < end:
+            page: list[tuple[int, bytes]] = self._run(
+                functools.partial(_detail_page, start=start, end=end)
+            )
+            for index, blob in page:
+                yield int(index), bytes(blob)
+            if len(page) < LOG_PAGE:
+                return
+            start = int(page[-1][0]) + 1
+
     def put_checkpoint(self, size: int, note: bytes) -> None:
         checked_checkpoint(size, note)
         # An upsert, not INSERT OR REPLACE: the row is updated in place, never deleted.
@@ -1377,6 +1390,15 @@ def _set_version(conn: sqlite3.Connection, version: int) -> None:
         " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         (SCHEMA_VERSION_KEY, str(version).encode("ascii")),
     )
+
+
+def _detail_page(conn: sqlite3.Connection, *, start: int, end: int) -> list[tuple[int, bytes]]:
+    rows = conn.execute(
+        "SELECT idx, blob FROM log_details WHERE idx >= ? AND idx < ?"
+        " AND blob IS NOT NULL ORDER BY idx LIMIT ?",
+        (start, end, LOG_PAGE),
+    ).fetchall()
+    return [(int(index), bytes(blob)) for index, blob in rows]
 
 
 def _run_scripts(conn: sqlite3.Connection, version: int) -> None:

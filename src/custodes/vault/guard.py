@@ -186,14 +186,28 @@ class AnomalyGuard:
         with self._lock:
             flagged = self._flagged()
             read = 0
-            for index, entry in self._log.entries(self._cursor):
-                self._take(index, entry, flagged, keep=keep)
+            end = self._log.size
+            # The sealed details of the same entries, a page a query beside them (not a
+            # query an entry): only those of ID-number searches are opened.
+            details = self._log.sealed_details(self._cursor, end)
+            held = next(details, None)
+            for index, entry in self._log.entries(self._cursor, end):
+                while held is not None and held[0] < index:
+                    held = next(details, None)
+                sealed = held[1] if held is not None and held[0] == index else None
+                self._take(index, entry, flagged, sealed, keep=keep)
                 self._cursor = index + 1
                 read += 1
             return read
 
     def _take(
-        self, index: int, entry: AccessEntry, flagged: Mapping[str, int], *, keep: bool
+        self,
+        index: int,
+        entry: AccessEntry,
+        flagged: Mapping[str, int],
+        sealed: bytes | None,
+        *,
+        keep: bool,
     ) -> None:
         day = self.settings.day_of(entry.time)
         kept = self._kept
@@ -216,9 +230,9 @@ class AnomalyGuard:
         kept.roles[entry.actor] = entry.role
         searched = None
         search = entry.action == Action.SEARCH.value
-        if search and entry.detail.get("index") == _ID_INDEX and entry.private_hash:
+        if search and entry.detail.get("index") == _ID_INDEX and sealed is not None:
             # In memory only, compared with the account's last few and dropped.
-            values = (self._log.private_details(index) or {}).get("values", {})
+            values = self._log.open_details(sealed).get("values", {})
             found = values.get(_ID_INDEX) if isinstance(values, dict) else None
             searched = found if isinstance(found, str) else None
         seen = set(kept.vip_seen.get(entry.actor, ())) | self._vip_today.get(entry.actor, set())
