@@ -24,7 +24,12 @@ from custodes.records.idnumber import check_char
 from custodes.storage import AlertRow
 from custodes.vault import Session, Vault
 from custodes.web.app import create_app
-from tests.conftest import PASSWORD, TOTP_SECRETS, login, make_vault, totp_now
+from tests.conftest import PASSWORD, TOTP_SECRETS, enrol, login, make_vault, totp_now
+from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
+    Served,
+    run,
+    served,
+)
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*httpx2")
@@ -158,3 +163,37 @@ def test_the_api_lists_and_steps_alerts_for_watchers_only(vault: Vault) -> None:
         assert client.post(f"/api/v1/alerts/{alert['id']}/delete", headers=auth).status_code == 422
         other = {"Authorization": f"Bearer {officer.token}"}
         assert client.get("/api/v1/alerts", headers=other).status_code == 403
+
+
+def test_a_supervisor_handles_alerts_from_the_official_cli_without_a_key(
+    served: Served,  # noqa: F811 - the fixture
+) -> None:
+    served.vault.admin.add_account(
+        served.vault.operator,
+        "t.walker",
+        PASSWORD,
+        Role.INVESTIGATOR,
+        {"district": "*", "budget": {"misses_per_hour": 1}},
+    )
+    secret = enrol(served.vault, "t.walker")
+    _walk(
+        served.vault, served.vault.login("t.walker", PASSWORD, totp=totp_now(served.vault, secret))
+    )
+    supervisor = served.official("t.super", Role.SUPERVISOR)
+    assert "CUSTODES_KEYRING_PASSPHRASE" not in supervisor
+    served.login(supervisor)
+    listed = run("alerts", "list", "--json", env=supervisor)
+    assert listed.returncode == 0, listed.stderr
+    [alert] = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert alert["kind"] == BUDGET_ALERT and alert["account"] == "t.walker"
+    done = run("alerts", "acknowledge", alert["id"], env=supervisor)
+    assert done.returncode == 0 and "acknowledged" in done.stdout
+    done = run("alerts", "resolve", alert["id"], env=supervisor)
+    assert done.returncode == 0 and "resolved" in done.stdout
+    again = run("alerts", "resolve", alert["id"], env=supervisor)
+    assert again.returncode != 0 and "resolved already" in again.stderr
+    table = run("alerts", "list", env=supervisor)
+    assert "1 alerts" in table.stdout and "t.walker" in table.stdout
+    officer = served.official("t.officer", Role.OFFICER)
+    served.login(officer)
+    assert run("alerts", "list", env=officer).returncode != 0

@@ -145,6 +145,20 @@ def canary() -> None:
     """Canary records: synthetic people whose every read raises an alarm."""
 
 
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "list": f"{_CLIENT}:alerts_list",
+        "acknowledge": f"{_CLIENT}:alerts_acknowledge",
+        "resolve": f"{_CLIENT}:alerts_resolve",
+    },
+)
+def alerts() -> None:
+    """Alerts on officials' use of the vault, for supervisors and auditors (a client of
+    the server: log in first)."""
+
+
+cli.add_command(alerts)
 cli.add_command(audit)
 cli.add_command(canary)
 cli.add_command(export)

@@ -513,6 +513,56 @@ def audit_log(
         out.print(f"{count:,} entries")
 
 
+# -- alerts, for supervisors and auditors ------------------------------------------------
+
+
+@click.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def alerts_list(limit: int, as_json: bool) -> None:
+    """The latest alerts, newest first, with how far each has been dealt with."""
+    with _logged_in() as api:
+        found = api.call("GET", "/alerts", params={"limit": limit})["alerts"]
+    for alert in found:
+        if as_json:
+            _print_json(alert)
+        else:
+            out.print(shown(_alert_line(alert)))
+    if not as_json:
+        out.print(f"{len(found):,} alerts")
+
+
+def _alert_line(alert: Mapping[str, Any]) -> str:
+    when = datetime.fromisoformat(alert["time"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    state = "TAMPERED" if alert["tampered"] else alert["state"]
+    signals = ",".join(escape_hidden(str(s)) for s in alert["signals"])
+    return (
+        f"{escape_hidden(str(alert['id']))} {when} {escape_hidden(str(alert['severity'])):<8} "
+        f"{escape_hidden(str(alert['kind'])):<14} {escape_hidden(str(alert['account'])):<18} "
+        f"{state:<12} entry {alert['entry']} {signals}"
+    )
+
+
+def _step_alert(alert_id: str, step: str) -> None:
+    with _logged_in() as api:
+        alert = api.call("POST", f"/alerts/{quote(alert_id, safe='')}/{step}")
+    out.print(shown(_alert_line(alert)))
+
+
+@click.command("acknowledge")
+@click.argument("alert_id")
+def alerts_acknowledge(alert_id: str) -> None:
+    """Say that you are looking into an alert; logged."""
+    _step_alert(alert_id, "acknowledge")
+
+
+@click.command("resolve")
+@click.argument("alert_id")
+def alerts_resolve(alert_id: str) -> None:
+    """Close an alert as dealt with; logged."""
+    _step_alert(alert_id, "resolve")
+
+
 def _cursor(cursor: str | None) -> dict[str, str]:
     return {"cursor": cursor} if cursor else {}
 
