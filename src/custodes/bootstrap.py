@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -24,8 +24,15 @@ from custodes.audit.log import stored_root
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
+from custodes.crypto.key_shares import (
+    KeyShare,
+    new_shares,
+    passphrase_from_shares,
+    write_share_file,
+)
+from custodes.crypto.keyring import ShareMode, read_share_mode
 from custodes.crypto.row_mac import RowKind, RowMacs
-from custodes.errors import ConfigurationError, StorageError, TamperDetected
+from custodes.errors import ConfigurationError, KeyringError, StorageError, TamperDetected
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
@@ -74,6 +81,8 @@ def create_vault(
     directory: Path,
     *,
     passphrase: str,
+    key_shares: ShareMode | None = None,
+    vault_id: bytes | None = None,
     keyring_path: Path | None = None,
     log_key_path: Path | None = None,
     schema_path: Path | None = None,
@@ -90,7 +99,8 @@ def create_vault(
     comes with its host operator: whoever creates it holds the passphrase. With
     `database` (a PostgreSQL URL), the records and the log live there, in the schema the
     URL's search_path names, which must hold no vault yet; the directory keeps the
-    vault's settings file, rejects and operational logs.
+    vault's settings file, rejects and operational logs. With `key_shares` the passphrase
+    is a key split among officers (create_shared_vault) and the keyring says so.
 
     With `app_role` too, `database` is the schema owner's URL: the vault is made as the
     owner, app_role is granted what a server needs and no more (grant_app_role), and the
@@ -109,7 +119,7 @@ def create_vault(
     # Whoever holds this passphrase and the files reads everything: no weaker than a
     # password, which only opens one account.
     check_password_strength(passphrase, what="keyring passphrase")
-    vault_id = random(16)
+    vault_id = vault_id if vault_id is not None else random(16)
     keyring_path = Path(keyring_path) if keyring_path else default_keyring_path(vault_id)
     log_key_path = Path(log_key_path) if log_key_path else default_log_key_path(vault_id)
     for key_path in (keyring_path, log_key_path):
@@ -132,7 +142,11 @@ def create_vault(
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     keyring = Keyring.create(
-        keyring_path, vault_id=vault_id, passphrase=passphrase, kdf=kdf or KdfParams()
+        keyring_path,
+        vault_id=vault_id,
+        passphrase=passphrase,
+        kdf=kdf or KdfParams(),
+        shares=key_shares,
     )
     signer = create_log_key(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
@@ -169,6 +183,69 @@ def create_vault(
     )
 
 
+def default_share_path(vault_id: bytes, officer: str) -> Path:
+    """Where an officer's share file goes unless told: beside the keyring's default place."""
+    return default_keyring_path(vault_id).parent / f"{vault_id.hex()}.shares" / f"{officer}.share"
+
+
+def create_shared_vault(
+    directory: Path,
+    *,
+    mode: ShareMode,
+    officers: Sequence[str],
+    share_paths: Sequence[Path] | None = None,
+    share_passphrases: Sequence[str | None] | None = None,
+    random: Random = SYSTEM_RANDOM,
+    **options: Any,
+) -> tuple[Vault, list[Path]]:
+    """Create a vault whose keyring (and log key) are sealed under a random key split
+    M-of-N among `officers`: one share file each, outside the vault directory, sealed
+    under that officer's passphrase if given. The whole key is never written anywhere.
+    Returns the vault and the share files, in the officers' order."""
+    directory = Path(directory)
+    vault_id = random(16)
+    passphrase, shares = new_shares(vault_id, mode, officers)
+    paths = [Path(p) for p in share_paths] if share_paths else []
+    if not paths:
+        paths = [default_share_path(vault_id, officer) for officer in officers]
+    secrets_for = list(share_passphrases) if share_passphrases else [None] * len(officers)
+    if len(paths) != len(shares) or len(secrets_for) != len(shares):
+        raise ConfigurationError("one share file and one passphrase (or none) per officer")
+    for path in paths:
+        if is_within(path, directory):
+            raise ConfigurationError(
+                "share files must live outside the vault directory: keys are never kept "
+                "beside the data they protect"
+            )
+        if path.exists():
+            raise ConfigurationError(f"a share file already exists there: {path}")
+    for officer_secret in secrets_for:
+        if officer_secret is not None:
+            check_password_strength(officer_secret, what="share passphrase")
+    vault = create_vault(
+        directory,
+        passphrase=passphrase,
+        key_shares=mode,
+        vault_id=vault_id,
+        random=random,
+        **options,
+    )
+    try:
+        kdf = options.get("kdf") or KdfParams()
+        for path, share, officer_secret in zip(paths, shares, secrets_for, strict=True):
+            write_share_file(path, share, passphrase=officer_secret, kdf=kdf)
+    except BaseException:
+        vault.close()
+        raise
+    return vault, paths
+
+
+def keyring_share_mode(directory: Path, keyring_path: Path | None = None) -> ShareMode | None:
+    """How the vault's keyring is unsealed: None for a passphrase, else its M-of-N shares."""
+    recorded = VaultLayout(Path(directory)).read()
+    return read_share_mode(Path(keyring_path) if keyring_path else recorded.keyring)
+
+
 @dataclass(frozen=True, slots=True)
 class UnlockedVault:
     """A vault's keys, unsealed, and where the vault lives: what a server process needs to
@@ -191,12 +268,14 @@ class UnlockedVault:
 def unlock_vault(
     directory: Path,
     *,
-    passphrase: str,
+    passphrase: str | None = None,
+    shares: Sequence[KeyShare] = (),
     keyring_path: Path | None = None,
     log_key_path: Path | None = None,
     database: str | None = None,
 ) -> UnlockedVault:
-    """Unseal an existing vault's keyring and log signing key (the slow part of opening).
+    """Unseal an existing vault's keyring and log signing key (the slow part of opening),
+    with the keyring passphrase or, for a shares-mode keyring, its threshold of shares.
     `database` overrides the PostgreSQL URL the vault recorded (see _database_choice)."""
     layout = VaultLayout(Path(directory))
     recorded = layout.read()
@@ -204,11 +283,27 @@ def unlock_vault(
     database, least_privilege = _database_choice(recorded, database)
     if database is None and not layout.database.exists():
         raise ConfigurationError("the vault database is missing")
-    keyring = Keyring.open(
-        Path(keyring_path) if keyring_path else recorded.keyring,
-        passphrase=passphrase,
-        vault_id=vault_id,
-    )
+    keyring_file = Path(keyring_path) if keyring_path else recorded.keyring
+    mode = read_share_mode(keyring_file)
+    if mode is not None:
+        if passphrase is not None:
+            raise KeyringError(
+                f"this keyring is sealed under {mode.threshold} of {mode.parts} officers' "
+                "shares, not a passphrase"
+            )
+        passphrase = passphrase_from_shares(shares, vault_id=vault_id)
+    elif passphrase is None:
+        raise KeyringError("this keyring is sealed under a passphrase, not shares")
+    try:
+        keyring = Keyring.open(keyring_file, passphrase=passphrase, vault_id=vault_id)
+    except KeyringError:
+        if mode is None:
+            raise
+        raise KeyringError(
+            "the shares do not open this keyring (a wrong or damaged share)"
+        ) from None
+    if mode is not None and keyring.shares != mode:
+        raise KeyringError("the keyring's share settings do not match its seal")
     signer = open_log_key(
         Path(log_key_path) if log_key_path else recorded.log_key, passphrase=passphrase
     )

@@ -88,6 +88,7 @@ def examine(deployment: Deployment) -> list[Finding]:
     for check in (
         check_vault_files,
         check_keys,
+        check_shares_held_here,
         check_database,
         check_listeners,
         check_url,
@@ -252,6 +253,47 @@ def check_keys(d: Deployment) -> Iterator[Finding]:
 
 def _tag(what: str) -> str:
     return what.replace(" ", "-")
+
+
+def unseal_mode(vault_dir: Path) -> str | None:
+    """Which unseal mode is in force, in words (from the keyring's header; no key read):
+    one passphrase, or M of N officers' shares. None if the keyring cannot be read."""
+    from custodes.crypto.keyring import read_share_mode
+
+    try:
+        mode = read_share_mode(VaultLayout(vault_dir).read().keyring)
+    except CustodesError:
+        return None
+    if mode is None:
+        return "unseal: the keyring opens with one passphrase (its holder alone reads everything)"
+    return (
+        f"unseal: the keyring opens with {mode.threshold} of {mode.parts} officers' key shares "
+        "(M-of-N)"
+    )
+
+
+def check_shares_held_here(d: Deployment) -> Iterator[Finding]:
+    """All the shares a shares-mode keyring needs, left where 'init' wrote them by default,
+    make this host's administrator the one holder that M-of-N was meant to rule out."""
+    from custodes.crypto.keyring import read_share_mode
+
+    try:
+        recorded = VaultLayout(d.vault_dir).read()
+        mode = read_share_mode(recorded.keyring)
+    except CustodesError:
+        return
+    if mode is None:
+        return
+    held = recorded.keyring.parent / f"{recorded.vault_id.hex()}.shares"
+    files = sorted(held.glob("*.share")) if held.is_dir() else []
+    if len(files) >= mode.threshold:
+        yield Finding(
+            "keys:shares:held-together",
+            Severity.HIGH,
+            f"{len(files)} key shares lie together in {held}, as many as the {mode.threshold} "
+            "that open the keyring: whoever reads this host reads everything",
+            f"hand each share file to its officer and remove them from {held}",
+        )
 
 
 # -- the database's roles ------------------------------------------------------------------

@@ -28,6 +28,8 @@ ENV_TOTP = "CUSTODES_TOTP"  # the current one-time code from the official's auth
 ENV_ENROLMENT_CODE = "CUSTODES_ENROLMENT_CODE"  # for 'account mfa' without a prompt
 ENV_ALERT_SECRET = "CUSTODES_ALERT_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 ENV_SESSION_FILE = "CUSTODES_SESSION_FILE"  # where 'custodes login' keeps its session
+# An officer's passphrase for their key share file (M-of-N unseal); else a prompt per share.
+ENV_SHARE_PASSPHRASE = "CUSTODES_SHARE_PASSPHRASE"  # noqa: S105 - a variable name
 
 VAULT_FILE = "vault.toml"
 DATABASE_FILE = "vault.db"

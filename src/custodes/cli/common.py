@@ -74,7 +74,25 @@ def _remember_database(ctx: click.Context, _: click.Parameter, value: str | None
         ctx.meta[_DATABASE] = settings.check_database_url(value)
 
 
+_SHARES = "custodes.shares"  # the --share files given for this run
+
+
+def _remember_shares(ctx: click.Context, _: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta[_SHARES] = [Path(v) for v in value]
+
+
 def vault_options(fn: F) -> F:
+    fn = click.option(
+        "--share",
+        "shares",
+        multiple=True,
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_remember_shares,
+        help="An officer's key share file, for a keyring sealed M-of-N (repeat: M distinct "
+        "shares); a sealed share's passphrase comes from CUSTODES_SHARE_PASSPHRASE or a prompt.",
+    )(fn)
     fn = click.option(
         "--database",
         metavar="URL",
@@ -104,18 +122,49 @@ def database_override() -> str | None:
 
 
 def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
-    """The vault's keys, unlocked with the keyring passphrase: host commands only."""
-    from custodes.bootstrap import unlock_vault
+    """The vault's keys, unlocked with the keyring passphrase or, for a keyring sealed
+    M-of-N, the officers' --share files: host commands only."""
+    from custodes.bootstrap import keyring_share_mode, unlock_vault
 
     directory = vault_directory(vault)
     settings.VaultLayout(directory).read()  # a clear error before any prompt
-    passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+    keyring_path = Path(keyring) if keyring else None
+    if keyring_share_mode(directory, keyring_path) is None:
+        passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+        return unlock_vault(
+            directory,
+            passphrase=passphrase,
+            keyring_path=keyring_path,
+            database=database_override(),
+        )
     return unlock_vault(
         directory,
-        passphrase=passphrase,
-        keyring_path=Path(keyring) if keyring else None,
+        shares=read_shares(),
+        keyring_path=keyring_path,
         database=database_override(),
     )
+
+
+def read_shares() -> list[Any]:
+    """The --share files given for this run, each opened with its officer's passphrase
+    if sealed (host commands only: this loads key code)."""
+    from custodes.crypto.key_shares import is_sealed, parse_share
+    from custodes.crypto.sealed_file import read_sealed_file
+
+    ctx = click.get_current_context(silent=True)
+    paths: list[Path] = ctx.meta.get(_SHARES, []) if ctx is not None else []
+    if not paths:
+        raise ConfigurationError(
+            "this vault's keyring is sealed M-of-N: give its officers' shares with --share FILE"
+        )
+    shares = []
+    for path in paths:
+        data = read_sealed_file(path, what="key share file")
+        passphrase = None
+        if is_sealed(data):
+            passphrase = secret(settings.ENV_SHARE_PASSPHRASE, f"Passphrase for share {path.name}")
+        shares.append(parse_share(data, passphrase=passphrase))
+    return shares
 
 
 def open_host_vault(vault: str | None, keyring: str | None) -> Vault:

@@ -13,7 +13,7 @@ import orjson
 from rich.text import Text
 
 from custodes.cli.common import out, vault_directory
-from custodes.doctor import Deployment, Severity, examine, worst
+from custodes.doctor import Deployment, Severity, examine, unseal_mode, worst
 from custodes.web.serve import DEFAULT_PORT
 
 _STYLE = {Severity.HIGH: "bold red", Severity.MEDIUM: "yellow", Severity.LOW: "dim"}
@@ -77,6 +77,9 @@ def doctor(
         line.append(f"{finding.message}\n       fix: {finding.fix}")
         out.print(line)
     if not as_json:
+        mode = unseal_mode(vault_directory(vault_dir))
+        if mode is not None:
+            out.print(mode)
         counts = {s: sum(f.severity is s for f in findings) for s in Severity}
         out.print(
             "no findings"

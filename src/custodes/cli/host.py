@@ -74,6 +74,35 @@ from custodes.vault import Vault
     "exactly what the server needs (append and read; never update, delete, truncate or "
     "drop history) and record the URL with NAME as its user, never the owner's.",
 )
+@click.option(
+    "--shares",
+    type=click.IntRange(min=2, max=255),
+    help="Seal the keyring under a random key split among N officers (M-of-N unseal) "
+    "instead of a passphrase; no one person can open it.",
+)
+@click.option(
+    "--threshold",
+    type=click.IntRange(min=2, max=255),
+    help="With --shares: how many officers' shares open the keyring (M).",
+)
+@click.option(
+    "--officer",
+    "officers",
+    multiple=True,
+    metavar="NAME",
+    help="With --shares: an officer's name, once per share (default officer-1..N).",
+)
+@click.option(
+    "--share-dir",
+    type=click.Path(file_okay=False),
+    help="With --shares: where to write the share files (outside DIRECTORY).",
+)
+@click.option(
+    "--seal-shares",
+    is_flag=True,
+    help="With --shares: seal each share file under its officer's passphrase (asked for "
+    "each officer, or CUSTODES_SHARE_PASSPHRASE).",
+)
 def init(
     directory: str,
     keyring: str | None,
@@ -81,8 +110,30 @@ def init(
     population: int,
     database: str | None,
     app_role: str | None,
+    shares: int | None,
+    threshold: int | None,
+    officers: tuple[str, ...],
+    share_dir: str | None,
+    seal_shares: bool,
 ) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
+    if shares is not None or threshold is not None:
+        _init_shared(
+            directory,
+            keyring,
+            schema,
+            population,
+            database,
+            app_role,
+            shares,
+            threshold,
+            officers,
+            share_dir,
+            seal_shares,
+        )
+        return
+    if officers or share_dir or seal_shares:
+        raise click.UsageError("--officer, --share-dir and --seal-shares go with --shares")
     if app_role is not None and database is None:
         raise click.UsageError("--app-role goes with --database")
     if database is not None:
@@ -120,6 +171,65 @@ def init(
         )
     out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
     out.print(f"Access-log signing key: {recorded.log_key}")
+
+
+def _init_shared(
+    directory: str,
+    keyring: str | None,
+    schema: str | None,
+    population: int,
+    database: str | None,
+    app_role: str | None,
+    shares: int | None,
+    threshold: int | None,
+    officers: tuple[str, ...],
+    share_dir: str | None,
+    seal_shares: bool,
+) -> None:
+    from custodes.bootstrap import create_shared_vault
+    from custodes.crypto.keyring import ShareMode
+
+    if shares is None or threshold is None:
+        raise click.UsageError("--shares and --threshold go together")
+    if threshold > shares:
+        raise click.UsageError("--threshold cannot exceed --shares")
+    if app_role is not None and database is None:
+        raise click.UsageError("--app-role goes with --database")
+    if database is not None:
+        settings.check_database_url(database)
+    names = list(officers) or [f"officer-{n}" for n in range(1, shares + 1)]
+    if len(names) != shares:
+        raise click.UsageError(f"--shares {shares} needs {shares} --officer names (or none)")
+    paths = [Path(share_dir) / f"{name}.share" for name in names] if share_dir else None
+    passphrases: list[str | None] = [
+        secret(settings.ENV_SHARE_PASSPHRASE, f"New passphrase for {name}'s share", confirm=True)
+        if seal_shares
+        else None
+        for name in names
+    ]
+    vault, written = create_shared_vault(
+        Path(directory),
+        mode=ShareMode(shares, threshold),
+        officers=names,
+        share_paths=paths,
+        share_passphrases=passphrases,
+        keyring_path=Path(keyring) if keyring else None,
+        schema_path=Path(schema) if schema else None,
+        expected_population=population,
+        database=database,
+        app_role=app_role,
+    )
+    recorded = settings.VaultLayout(Path(directory)).read()
+    vault.close()
+    out.print(f"Vault created in {directory}")
+    out.print(
+        f"Keyring: {recorded.keyring}  (sealed {threshold} of {shares}: any {threshold} "
+        "officers' shares open it, fewer open nothing)"
+    )
+    out.print(f"Access-log signing key: {recorded.log_key}")
+    for name, path in zip(names, written, strict=True):
+        out.print(Text(f"Share of {name}: {path}"))
+    out.print("Hand each share file to its officer and delete it from this host.")
 
 
 @click.command()

@@ -27,6 +27,8 @@ __all__ = [
     "KdfParams",
     "KeyMaterial",
     "Keyring",
+    "ShareMode",
+    "read_share_mode",
 ]
 
 FORMAT = "custodes-keyring"
@@ -54,15 +56,57 @@ class KeyMaterial(NamedTuple):
         )
 
 
+class ShareMode(NamedTuple):
+    """A keyring sealed under a random key split into `parts` shares, `threshold` to open."""
+
+    parts: int
+    threshold: int
+
+    def check(self) -> ShareMode:
+        for value in self:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise KeyringError("share counts must be integers")
+        if not 2 <= self.threshold <= self.parts <= 255:
+            raise KeyringError("shares need 2 <= threshold <= parts <= 255")
+        return self
+
+
+def read_share_mode(path: Path) -> ShareMode | None:
+    """The unseal mode a keyring file's header names: None for a passphrase keyring.
+
+    Read before the seal is opened, to know what to ask for; the seal authenticates the
+    header when the keyring is opened, so an edited mode only makes opening fail.
+    """
+    raw = sealed_file.read_sealed_file(Path(path), what=_FILE)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise KeyringError("not a custodes keyring (not a JSON document)") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise KeyringError("not a custodes keyring")
+    return _share_mode(doc.get("shares"))
+
+
+def _share_mode(value: Any) -> ShareMode | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"parts", "threshold"}:
+        raise KeyringError("damaged keyring: malformed share settings")
+    return ShareMode(value["parts"], value["threshold"]).check()
+
+
 class Keyring:
     """An opened keyring file. Create one with `create`, open one with `open`."""
 
-    __slots__ = ("_kdf", "_material", "_path")
+    __slots__ = ("_kdf", "_material", "_path", "_shares")
 
-    def __init__(self, path: Path, material: KeyMaterial, kdf: KdfParams) -> None:
+    def __init__(
+        self, path: Path, material: KeyMaterial, kdf: KdfParams, shares: ShareMode | None = None
+    ) -> None:
         self._path = path
         self._material = material
         self._kdf = kdf
+        self._shares = shares
 
     def __repr__(self) -> str:
         return f"Keyring(vault_id={self._material.vault_id.hex()})"
@@ -75,6 +119,11 @@ class Keyring:
     def material(self) -> KeyMaterial:
         return self._material
 
+    @property
+    def shares(self) -> ShareMode | None:
+        """M-of-N shares seal this keyring (their key given as the passphrase), or None."""
+        return self._shares
+
     @classmethod
     def create(
         cls,
@@ -83,14 +132,20 @@ class Keyring:
         vault_id: bytes,
         passphrase: str,
         kdf: KdfParams = DEFAULT_KDF,
+        shares: ShareMode | None = None,
     ) -> Keyring:
-        """Generate fresh keys for a vault and write them sealed to a new file."""
+        """Generate fresh keys for a vault and write them sealed to a new file.
+
+        With `shares`, the passphrase is the text of a random key split into shares
+        (custodes.crypto.key_shares) and the header says so."""
         path = Path(path)
         sealed_file.check_passphrase(passphrase)
         if not isinstance(vault_id, bytes) or len(vault_id) != VAULT_ID_BYTES:
             raise KeyringError(f"vault id must be {VAULT_ID_BYTES} bytes")
         if not isinstance(kdf, KdfParams):
             raise KeyringError("kdf must be KdfParams")
+        if shares is not None:
+            shares = ShareMode(*shares).check()
         if path.exists():
             raise KeyringError(f"keyring file already exists, refusing to overwrite: {path}")
         material = KeyMaterial(
@@ -100,8 +155,8 @@ class Keyring:
             index_root=os.urandom(KEY_BYTES),
         )
         sealed_file.make_private_directory(path.parent, what=_DIRECTORY)
-        sealed_file.write_new_file(path, _seal(material, passphrase, kdf), what=_FILE)
-        return cls(path, material, kdf)
+        sealed_file.write_new_file(path, _seal(material, passphrase, kdf, shares), what=_FILE)
+        return cls(path, material, kdf, shares)
 
     @classmethod
     def open(cls, path: Path, *, passphrase: str, vault_id: bytes | None = None) -> Keyring:
@@ -109,8 +164,8 @@ class Keyring:
         path = Path(path)
         sealed_file.check_passphrase(passphrase)
         raw = sealed_file.read_sealed_file(path, what=_FILE)
-        material, kdf = _unseal(raw, passphrase, vault_id)
-        return cls(path, material, kdf)
+        material, kdf, shares = _unseal(raw, passphrase, vault_id)
+        return cls(path, material, kdf, shares)
 
     def rotate_kek(self, passphrase: str) -> int:
         """Add a new key-encryption key and make it current; return its version.
@@ -136,14 +191,14 @@ class Keyring:
                 raise KeyringError("keyring file changed on disk; open it again before rotating")
             with os.fdopen(os.dup(fd), "rb") as locked:
                 raw = locked.read()
-            on_disk, _ = _unseal(raw, passphrase, self._material.vault_id)
+            on_disk, _, _ = _unseal(raw, passphrase, self._material.vault_id)
             if not _same_material(on_disk, self._material):
                 raise KeyringError("keyring file changed on disk; open it again before rotating")
             version = max(on_disk.keks) + 1
             keks = dict(on_disk.keks)
             keks[version] = os.urandom(KEY_BYTES)
             material = on_disk._replace(kek_version=version, keks=keks)
-            document = _seal(material, passphrase, self._kdf)
+            document = _seal(material, passphrase, self._kdf, self._shares)
             sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:
             os.close(fd)
@@ -160,23 +215,28 @@ def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
     return same
 
 
-def _header(vault_id: bytes) -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "vault_id": vault_id.hex()}
+def _header(vault_id: bytes, shares: ShareMode | None) -> dict[str, Any]:
+    header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "vault_id": vault_id.hex()}
+    if shares is not None:
+        header["shares"] = shares._asdict()
+    return header
 
 
-def _seal(material: KeyMaterial, passphrase: str, kdf: KdfParams) -> bytes:
+def _seal(
+    material: KeyMaterial, passphrase: str, kdf: KdfParams, shares: ShareMode | None
+) -> bytes:
     secrets_doc = {
         "kek_version": material.kek_version,
         "keks": {str(v): sealed_file.b64encode(k) for v, k in sorted(material.keks.items())},
         "index_root": sealed_file.b64encode(material.index_root),
     }
     plain = json.dumps(secrets_doc, sort_keys=True).encode()
-    return sealed_file.seal_document(_header(material.vault_id), plain, passphrase, kdf)
+    return sealed_file.seal_document(_header(material.vault_id, shares), plain, passphrase, kdf)
 
 
 def _unseal(
     raw: bytes, passphrase: str, expected_vault_id: bytes | None
-) -> tuple[KeyMaterial, KdfParams]:
+) -> tuple[KeyMaterial, KdfParams, ShareMode | None]:
     header, plain = sealed_file.unseal_document(
         raw,
         passphrase=passphrase,
@@ -185,7 +245,8 @@ def _unseal(
         unseal_failed=_UNSEAL_FAILED,
     )
     vault_id = bytes.fromhex(header.fields["vault_id"])
-    return _parse_secrets(plain, vault_id), header.kdf
+    shares = _share_mode(header.fields.get("shares"))
+    return _parse_secrets(plain, vault_id), header.kdf, shares
 
 
 def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
@@ -194,8 +255,10 @@ def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
     version = doc.get("version")
     if version != VERSION or isinstance(version, bool):
         raise KeyringError(f"unsupported keyring version {version!r} (supported: {VERSION})")
-    if set(doc) != {"format", "version", "vault_id", "kdf", "nonce", "sealed"}:
+    fields = {"format", "version", "vault_id", "kdf", "nonce", "sealed"}
+    if set(doc) not in (fields, fields | {"shares"}):
         raise KeyringError("damaged keyring: unexpected or missing header fields")
+    shares = _share_mode(doc.get("shares"))
     vault_id = _unhex(doc["vault_id"], VAULT_ID_BYTES)
     if expected_vault_id is not None and not secrets.compare_digest(vault_id, expected_vault_id):
         raise KeyringError("keyring belongs to another vault")
@@ -210,7 +273,9 @@ def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
         raise KeyringError("damaged keyring: malformed KDF settings")
     if kdf_doc["alg"] != "argon2id":
         raise KeyringError(f"unsupported keyring KDF {kdf_doc['alg']!r}")
-    return SealedHeader.from_document(_header(vault_id), doc, decode=_unb64, sealed_length=None)
+    return SealedHeader.from_document(
+        _header(vault_id, shares), doc, decode=_unb64, sealed_length=None
+    )
 
 
 def _parse_secrets(plain: bytes, vault_id: bytes) -> KeyMaterial:
