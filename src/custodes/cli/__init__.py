@@ -94,6 +94,8 @@ def backup() -> None:
         "upgrade": f"{_HOST}:upgrade",
         "account": "custodes.cli.accounts:account",
         "serve": "custodes.cli.server:serve",
+        "unseal": "custodes.cli.server:unseal",
+        "seal-status": "custodes.cli.server:seal_status",
         "doctor": "custodes.cli.doctor:doctor",
         "witness": f"{_AUDIT}:witness",
         "login": f"{_CLIENT}:login",

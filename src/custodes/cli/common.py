@@ -32,9 +32,11 @@ __all__ = [
     "err",
     "log",
     "log_to",
+    "log_to_directory",
     "open_host_vault",
     "out",
     "print_record",
+    "read_shares",
     "secret",
     "shown",
     "unlock_host_vault",
@@ -179,9 +181,15 @@ def open_host_vault(vault: str | None, keyring: str | None) -> Vault:
 
 def log_to(vault: Vault) -> None:
     """Operational log in the vault's logs/ directory: counts and outcomes, never values."""
-    if vault.directory is None or log.handlers:
+    if vault.directory is not None:
+        log_to_directory(vault.directory)
+
+
+def log_to_directory(directory: Path) -> None:
+    """Operational log in the logs/ directory of the vault at `directory`."""
+    if log.handlers:
         return
-    logs = settings.VaultLayout(vault.directory).logs
+    logs = settings.VaultLayout(directory).logs
     logs.mkdir(mode=0o700, exist_ok=True)
     path = logs / "custodes.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

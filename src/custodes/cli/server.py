@@ -12,7 +12,17 @@ import click
 import platformdirs
 
 from custodes import settings
-from custodes.cli.common import out, unlock_host_vault, vault_directory, vault_options
+from custodes.cli.common import (
+    database_override,
+    log_to_directory,
+    out,
+    secret,
+    unlock_host_vault,
+    vault_directory,
+    vault_options,
+)
+from custodes.crypto.keyring import ShareMode
+from custodes.errors import AccessDenied, ConfigurationError
 
 
 @click.command()
@@ -132,8 +142,39 @@ def serve(
         out.print(f"self-signed certificate: {tls.cert}")
         out.print(f"SHA-256 fingerprint: {web.fingerprint(tls.cert.read_bytes())}")
         out.print("  check this fingerprint in the browser before logging in")
-    unlocked = unlock_host_vault(vault_dir, keyring)
     scheme = "https" if tls else "http"
+    if _serves_sealed(vault_dir, keyring):
+        directory = vault_directory(vault_dir)
+        recorded = settings.VaultLayout(directory).read()
+        mode = _share_mode(vault_dir, keyring)
+        assert mode is not None
+        log_to_directory(directory)
+
+        def ready_sealed() -> None:
+            out.print(
+                f"serving SEALED on {scheme}://{host}:{port}/ : {mode.threshold} of "
+                f"{mode.parts} officers unseal it with 'custodes unseal --server URL --share "
+                "FILE'; 'kill -USR1' this process to seal it again"
+            )
+
+        web.serve_sealed(
+            directory,
+            vault_id=recorded.vault_id,
+            mode=mode,
+            keyring_path=Path(keyring) if keyring else None,
+            database=database_override(),
+            host=host,
+            port=port,
+            tls=tls,
+            workers=workers,
+            trusted_proxies=trusted_proxies,
+            witnesses=witnesses,
+            alerts=routes,
+            guard_every=guard_every,
+            ready=ready_sealed,
+        )
+        return
+    unlocked = unlock_host_vault(vault_dir, keyring)
     plural = "es" if workers > 1 else ""
 
     def ready() -> None:
@@ -154,3 +195,112 @@ def serve(
         guard_every=guard_every,
         ready=ready,
     )
+
+
+def _share_mode(vault_dir: str | None, keyring: str | None) -> ShareMode | None:
+    from custodes.bootstrap import keyring_share_mode
+
+    return keyring_share_mode(vault_directory(vault_dir), Path(keyring) if keyring else None)
+
+
+def _serves_sealed(vault_dir: str | None, keyring: str | None) -> bool:
+    """A keyring sealed M-of-N with no --share given: the server starts sealed."""
+    if _share_mode(vault_dir, keyring) is None:
+        return False
+    ctx = click.get_current_context()
+    return not ctx.meta.get("custodes.shares")
+
+
+@click.command()
+@click.option("--server", "server_url", required=True, metavar="URL", help="The server's address.")
+@click.option(
+    "--share",
+    "share_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="This officer's key share file (its passphrase from CUSTODES_SHARE_PASSPHRASE or a "
+    "prompt, if sealed).",
+)
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA for HTTPS.")
+def unseal(server_url: str, share_file: str, ca_cert: str | None) -> None:
+    """Give one officer's key share to a server that started sealed (M-of-N).
+
+    The share is opened here (with its officer's passphrase if sealed) and sent over
+    loopback or HTTPS only; the server says how many shares it holds."""
+    import json
+
+    import httpx
+
+    from custodes.crypto.key_shares import is_sealed, parse_share
+    from custodes.crypto.sealed_file import b64encode, read_sealed_file
+
+    base = _checked_server(server_url)
+    data = read_sealed_file(Path(share_file), what="key share file")
+    passphrase = None
+    if is_sealed(data):
+        passphrase = secret(settings.ENV_SHARE_PASSPHRASE, "Passphrase for this share")
+    share = parse_share(data, passphrase=passphrase)
+    plain = {
+        "format": "custodes-key-share",
+        "version": 1,
+        "vault_id": share.vault_id.hex(),
+        "officer": share.officer,
+        "index": share.number,
+        "parts": share.mode.parts,
+        "threshold": share.mode.threshold,
+        "share": b64encode(share.share),
+    }
+    try:
+        answer = httpx.post(
+            f"{base}/api/v1/sys/unseal",
+            json={"share": json.dumps(plain)},
+            timeout=120,
+            verify=ca_cert or True,
+        )
+        doc = answer.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ConfigurationError(
+            f"the server at {base} did not answer: {type(exc).__name__}"
+        ) from None
+    if answer.status_code != 200:
+        raise AccessDenied(
+            f"share refused: {doc.get('error', answer.status_code)} "
+            f"({doc.get('progress', 0)} of {doc.get('threshold', '?')} held)"
+        )
+    if doc.get("sealed"):
+        out.print(f"share taken: {doc['progress']} of {doc['threshold']}; still sealed")
+    else:
+        out.print("unsealed: the server serves")
+
+
+@click.command()
+@click.option("--server", "server_url", required=True, metavar="URL", help="The server's address.")
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), help="CA for HTTPS.")
+def seal_status(server_url: str, ca_cert: str | None) -> None:
+    """Whether a server is sealed, and how many shares it holds of how many it needs."""
+    import httpx
+
+    base = _checked_server(server_url)
+    try:
+        doc = httpx.get(f"{base}/api/v1/sys/seal-status", timeout=30, verify=ca_cert or True).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ConfigurationError(
+            f"the server at {base} did not answer: {type(exc).__name__}"
+        ) from None
+    state = "sealed" if doc.get("sealed") else "unsealed"
+    out.print(f"{state}: {doc.get('progress')} of {doc.get('threshold')} shares held")
+
+
+def _checked_server(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    from custodes.web.serve import is_loopback
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter("an http(s) URL", param_hint="--server")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise click.BadParameter(
+            "a share goes over HTTPS, or plain HTTP on this host only", param_hint="--server"
+        )
+    return url.rstrip("/")

@@ -52,6 +52,8 @@ class Action(StrEnum):
     WITNESS_PUBLISH = "audit:checkpoint:witness"
     # The host operator accepts that the log lost entries its signer had signed.
     LOG_LOSS_ACKNOWLEDGE = "audit:log:acknowledge-loss"
+    # Officers' shares opened a keyring sealed M-of-N in a server that started sealed.
+    UNSEAL = "vault:keys:unseal"
     SUBJECT_REPORT = "audit:subject:report"
     ACCOUNT_ADD = "account:account:add"
     ACCOUNT_LIST = "account:account:list"
@@ -126,6 +128,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.LOG_CHECKPOINT: frozenset({Role.OPERATOR}),
     Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
     Action.LOG_LOSS_ACKNOWLEDGE: frozenset({Role.OPERATOR}),
+    Action.UNSEAL: frozenset({Role.OPERATOR}),
     Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
@@ -196,6 +199,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",
     Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
     Action.LOG_LOSS_ACKNOWLEDGE: "only the host operator acknowledges a loss of the log",
+    Action.UNSEAL: "only the officers' shares unseal the vault",
     Action.BACKUP_CREATE: "only the host operator backs the vault up",
     Action.BACKUP_RESTORE: "only the host operator restores the vault",
     Action.INGEST: "only the host operator ingests records",

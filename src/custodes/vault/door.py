@@ -902,6 +902,13 @@ class Vault:
         )
         self._log.checkpoint()
 
+    def record_unseal(self, operator: Principal, officers: Sequence[str]) -> None:
+        """Put on the log who unsealed a server's keys (officers' names and share numbers,
+        never a share): the log cannot be written while the keys are sealed."""
+        self._gate.access(
+            operator, Action.UNSEAL, lambda _: Done(None), detail={"officers": list(officers)}
+        )
+
     def checkpoint(self, operator: Principal) -> bytes:
         """Sign a checkpoint of the log as it is now; the signed note."""
         return self._gate.access(

@@ -36,8 +36,10 @@ from custodes.alerts import AlertRoutes, Dispatcher
 from custodes.audit.sequencer import SequencerAddress
 from custodes.audit.witness import check_witness_url
 from custodes.bootstrap import UnlockedVault, assemble_vault, for_server, runs_as_schema_owner
+from custodes.crypto.keyring import ShareMode
 from custodes.errors import ConfigurationError
 from custodes.settings import is_within
+from custodes.vault import Vault
 from custodes.web.security import trusted_networks
 
 log = logging.getLogger("custodes.serve")
@@ -186,6 +188,82 @@ def serve(
             ready()
         _supervise(unlocked, listen, workers, claim)
     finally:
+        claim.close()
+
+
+def serve_sealed(
+    directory: Path,
+    *,
+    vault_id: bytes,
+    mode: ShareMode,
+    keyring_path: Path | None = None,
+    database: str | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls: TlsFiles | None = None,
+    workers: int = 1,
+    trusted_proxies: Sequence[str] = (),
+    witnesses: Sequence[str] = (),
+    alerts: AlertRoutes | None = None,
+    guard_every: float = 10.0,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve a vault whose keyring is sealed M-of-N, starting sealed (web.unseal): only
+    the seal status and officers' shares are answered until the threshold of shares opens
+    the keyring; then the vault is served as by `serve`. SIGUSR1 seals it again.
+
+    One worker only for now: forked workers would each need the shares, or the keys
+    handed to them after the fork."""
+    from custodes.web.unseal import SealedServer
+
+    check_bind(host, tls)
+    if workers != 1:
+        raise ConfigurationError(
+            "a vault sealed M-of-N is served by one worker for now: drop --workers (or give "
+            "the officers' shares with --share to unseal before the workers fork)"
+        )
+    trusted_networks(trusted_proxies)
+    for url in witnesses:
+        check_witness_url(url)
+    if tls is not None:
+        _check_tls(tls)
+    routes = alerts or AlertRoutes()
+    routes.check()
+    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes, guard_every)
+
+    def open_app(unlocked: UnlockedVault, officers: list[str]) -> tuple[Any, Callable[[], None]]:
+        # The officers act together as the host operator would: the entry is made by a
+        # host vault of its own, closed before the server's vault (which has none) opens.
+        host_vault = assemble_vault(unlocked, host=True)
+        try:
+            host_vault.record_unseal(host_vault.operator, officers)
+        finally:
+            host_vault.close()
+        vault = _serving_vault(for_server(unlocked), listen, sequencer=None)
+        try:
+            app = _app_for(vault, listen)
+        except BaseException:
+            vault.close()
+            raise
+        return app, vault.close
+
+    gate = SealedServer(
+        directory,
+        vault_id=vault_id,
+        mode=mode,
+        open_app=open_app,
+        keyring_path=keyring_path,
+        database=database,
+    )
+    claim = _claim_port(directory, host, port, reserve=False)
+    try:
+        server = _Server(_config(gate, listen), ready)
+        _stop.server = server
+        if _stop.asked:
+            return
+        server.run()
+    finally:
+        gate.seal()
         claim.close()
 
 
@@ -373,24 +451,13 @@ def _run_worker(
     sequencer: SequencerAddress | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    from custodes.web.app import create_app
-
     sock = None
     if own_socket:
         sock = _port_socket(listen.host, listen.port)
         sock.listen(LISTEN_BACKLOG)
-    vault = assemble_vault(unlocked)
-    if sequencer is not None:
-        vault.sequence_log_through(sequencer)
-    if destinations := listen.alerts.destinations():
-        vault.send_alerts(Dispatcher(destinations))
-    vault.keep_signing(witnesses=listen.witnesses)
-    if sequencer is None:
-        # The only process: it scores the log as well. With several workers the log
-        # sequencer does, so that one guard acts once on each account.
-        vault.keep_guarding(listen.guard_every)
+    vault = _serving_vault(unlocked, listen, sequencer=sequencer)
     try:
-        app = create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
+        app = _app_for(vault, listen)
         config = _config(app, listen)
         server = _Server(config, ready)
         _stop.server = server
@@ -401,6 +468,28 @@ def _run_worker(
         vault.close()
         if sock is not None:
             sock.close()
+
+
+def _serving_vault(
+    unlocked: UnlockedVault, listen: _Listen, *, sequencer: SequencerAddress | None
+) -> Vault:
+    vault = assemble_vault(unlocked)
+    if sequencer is not None:
+        vault.sequence_log_through(sequencer)
+    if destinations := listen.alerts.destinations():
+        vault.send_alerts(Dispatcher(destinations))
+    vault.keep_signing(witnesses=listen.witnesses)
+    if sequencer is None:
+        # The only process: it scores the log as well. With several workers the log
+        # sequencer does, so that one guard acts once on each account.
+        vault.keep_guarding(listen.guard_every)
+    return vault
+
+
+def _app_for(vault: Vault, listen: _Listen) -> Any:
+    from custodes.web.app import create_app
+
+    return create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
 
 
 class _Server(uvicorn.Server):
