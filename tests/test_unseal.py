@@ -3,16 +3,23 @@ keyring file with fewer shares, a repeated share or a wrong one opens nothing.""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from custodes.bootstrap import create_shared_vault, unlock_vault
+from custodes.bootstrap import assemble_vault, create_shared_vault, unlock_vault
 from custodes.crypto import Keyring
 from custodes.crypto.key_shares import (
     KeyShare,
@@ -23,8 +30,9 @@ from custodes.crypto.key_shares import (
 from custodes.crypto.keyring import ShareMode, read_share_mode
 from custodes.crypto.shamir import combine
 from custodes.errors import KeyringError
+from custodes.policy import Role
 from custodes.settings import VaultLayout
-from tests.conftest import FAST_HASH, FAST_KDF
+from tests.conftest import FAST_HASH, FAST_KDF, PASSWORD, enrol, free_port, totp_code
 
 OFFICERS = ["ada", "bo", "cy", "di", "ed"]
 SHARE_PASSPHRASE = "quartz mango velvet harbour 1987"
@@ -190,3 +198,224 @@ def test_init_with_five_shares_then_host_commands_need_three(
     assert refused.returncode != 0 and "3 shares are needed" in refused.stderr
     none = _custodes("account", "list", "--vault", "v", cwd=tmp_path)
     assert none.returncode != 0 and "--share" in none.stderr
+
+
+# -- a server that starts sealed -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sealed_server(directory: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`custodes serve` on a free loopback port, no share given: it starts sealed."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "custodes",
+                "serve",
+                "--vault",
+                str(directory),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                httpx.get(f"{base}/api/v1/sys/seal-status", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.2)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _give(base: str, path: Path) -> httpx.Response:
+    return httpx.post(f"{base}/api/v1/sys/unseal", json={"share": path.read_text()}, timeout=60)
+
+
+def _reads_refused(base: str) -> None:
+    for method, path in (
+        ("GET", "/api/v1/me"),
+        ("POST", "/api/v1/session"),
+        ("GET", "/api/v1/records/x"),
+        ("GET", "/"),
+    ):
+        answer = httpx.request(method, f"{base}{path}", timeout=10)
+        assert answer.status_code == 503 and answer.json()["error"] == "sealed", path
+
+
+def test_a_sealed_server_refuses_reads_until_three_officers_unseal_it(
+    private_home: Path,
+    shared: tuple[Path, list[Path]],
+    population_file: Path,
+    people: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    directory, paths = shared
+    host = assemble_vault(unlock_vault(directory, shares=_shares(paths[:3])), host=True)
+    try:
+        assert host.ingest(host.operator, population_file).rejected == 0
+        host.admin.add_account(
+            host.operator, "li.na", PASSWORD, Role.INVESTIGATOR, {"district": "*"}
+        )
+        totp = enrol(host, "li.na")
+    finally:
+        host.close()
+    log = tmp_path / "serve.out"
+    with contextlib.ExitStack() as stack, _sealed_server(directory, log) as (base, process):
+        status = httpx.get(f"{base}/api/v1/sys/seal-status", timeout=10).json()
+        assert status == {"sealed": True, "threshold": 3, "parts": 5, "progress": 0}
+        _reads_refused(base)
+
+        assert _give(base, paths[0]).json()["progress"] == 1
+        repeated = _give(base, paths[0])
+        assert repeated.status_code == 409 and repeated.json()["progress"] == 1
+        assert _give(base, paths[4]).json()["progress"] == 2
+        _reads_refused(base)  # two shares leave it sealed
+
+        # A wrong third share: the keyring's seal refuses the key, and progress starts over.
+        forged = json.loads(paths[2].read_text())
+        forged["share"] = base64.b64encode(os.urandom(32) + bytes([forged["index"]])).decode()
+        wrong = httpx.post(
+            f"{base}/api/v1/sys/unseal", json={"share": json.dumps(forged)}, timeout=60
+        )
+        assert wrong.status_code == 400 and wrong.json()["progress"] == 0
+        _reads_refused(base)
+
+        # Three officers, the third with the client command.
+        _give(base, paths[1])
+        _give(base, paths[3])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "custodes",
+                "unseal",
+                "--server",
+                base,
+                "--share",
+                str(paths[2]),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0 and "unsealed" in done.stdout, done.stderr
+        assert httpx.get(f"{base}/api/v1/sys/seal-status", timeout=10).json()["sealed"] is False
+
+        # Now a login and a search work.
+        client = httpx.Client(base_url=base, timeout=30)
+        stack.callback(client.close)
+        login = client.post(
+            "/api/v1/session",
+            json={"username": "li.na", "password": PASSWORD, "totp": totp_code(totp)},
+        )
+        assert login.status_code == 201, login.text
+        token = login.json()["token"]
+        found = client.post(
+            "/api/v1/search",
+            json={
+                "record_type": "person",
+                "index": "national_id",
+                "values": {"national_id": str(people[0]["national_id"])},
+                "purpose": "burglary follow-up",
+                "case_ref": "T-1",
+            },
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert found.status_code == 200, found.text
+        assert found.json()["results"], found.text
+
+        # Sealed again: every read is refused once more, the session's included.
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/api/v1/sys/seal-status", timeout=10).json()["sealed"] is False:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        _reads_refused(base)
+        again = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+        assert again.status_code == 503
+
+    operational = (VaultLayout(directory).logs / "custodes.log").read_text()
+    assert "share 1 of officer ada taken" in operational
+    assert "refused share 1 (ada) given again" in operational
+    assert "do not open the keyring" in operational
+    assert "unsealed by" in operational and "sealed: the keys are dropped" in operational
+    for path in paths:  # no share's bytes reach the log
+        assert json.loads(path.read_text())["share"] not in operational
+
+    # The unseal is on the access log, naming officers and share numbers only.
+    auditor = assemble_vault(unlock_vault(directory, shares=_shares(paths[:3])), host=True)
+    try:
+        entries = [e for _, e in auditor._log.entries() if e.action == "vault:keys:unseal"]
+    finally:
+        auditor.close()
+    assert len(entries) == 1
+
+
+def test_wrong_shares_are_limited_to_a_few_a_minute(shared: tuple[Path, list[Path]]) -> None:
+    from custodes.web.unseal import WRONG_SHARES_PER_MINUTE, SealedServer
+
+    directory, paths = shared
+    now = [1000.0]
+    gate = SealedServer(
+        directory,
+        vault_id=VaultLayout(directory).read().vault_id,
+        mode=ShareMode(5, 3),
+        open_app=lambda unlocked, officers: pytest.fail("no share here opens anything"),
+        clock=lambda: now[0],
+    )
+    for _ in range(WRONG_SHARES_PER_MINUTE):
+        assert gate.unseal(b'{"share": "not a share"}')[0] == 400
+    good = json.dumps({"share": paths[0].read_text()}).encode()
+    status, doc = gate.unseal(good)
+    assert status == 429 and doc["progress"] == 0  # refused unread, even a good share
+    now[0] += 61
+    assert gate.unseal(good) == (200, {"sealed": True, "threshold": 3, "parts": 5, "progress": 1})
+
+
+def test_a_shares_mode_vault_is_not_served_sealed_by_several_workers(
+    private_home: Path, shared: tuple[Path, list[Path]]
+) -> None:
+    directory, _ = shared
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "custodes",
+            "serve",
+            "--vault",
+            str(directory),
+            "--workers",
+            "2",
+            "--port",
+            str(free_port()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0 and "one worker for now" in done.stderr

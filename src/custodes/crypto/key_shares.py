@@ -120,8 +120,12 @@ def write_share_file(
 
 
 def is_sealed(data: bytes) -> bool:
-    """Whether a share file's bytes are sealed under a passphrase."""
-    return b'"sealed"' in data
+    """Whether a share file's bytes are sealed under a passphrase (False if not JSON)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and "sealed" in doc
 
 
 def read_share_file(path: Path, *, passphrase: str | None = None) -> KeyShare:
