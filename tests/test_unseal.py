@@ -299,10 +299,16 @@ def test_a_sealed_server_refuses_reads_until_three_officers_unseal_it(
         assert wrong.status_code == 400 and wrong.json()["progress"] == 0
         _reads_refused(base)
 
-        # Three officers, the third with the client command.
+        # Three officers, the third with the command, from a share sealed under their
+        # own passphrase (opened on the officer's side, never sent sealed or whole).
         _give(base, paths[1])
         _give(base, paths[3])
+        sealed = tmp_path / "officer" / "cy.share"
+        write_share_file(
+            sealed, read_share_file(paths[2]), passphrase=SHARE_PASSPHRASE, kdf=FAST_KDF
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+        env["CUSTODES_SHARE_PASSPHRASE"] = SHARE_PASSPHRASE
         done = subprocess.run(
             [
                 sys.executable,
@@ -312,7 +318,7 @@ def test_a_sealed_server_refuses_reads_until_three_officers_unseal_it(
                 "--server",
                 base,
                 "--share",
-                str(paths[2]),
+                str(sealed),
             ],
             env=env,
             capture_output=True,
