@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache, wraps
 from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -194,6 +195,14 @@ class SecretBox:
         except (InvalidTag, ValueError):
             raise TamperDetected() from None
         return plain.decode()
+
+
+class TotpCheck(Enum):
+    """What a one-time code turned out to be."""
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong"
+    USED = "used"  # right for these moments, but used already
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,24 +532,32 @@ class AccountBook:
     @_one_change
     def verify_totp(self, username: str, totp: str | None, *, now: float) -> bool:
         """Whether totp is a valid, unused code for the account; if so it is used up."""
+        return self.check_totp(username, totp, now=now) is TotpCheck.ACCEPTED
+
+    def check_totp(self, username: str, totp: str | None, *, now: float) -> TotpCheck:
+        """A code checked: accepted (and used up), wrong, or right for these moments but
+        used already (this code, or a later one: a replay, or a second login within the
+        same half-minute)."""
         if not totp:
-            return False
+            return TotpCheck.WRONG
         box = self._secret_box()
         row = self._fetch(username)
         if row is None:
-            return False
+            return TotpCheck.WRONG
         state = _security(row)
         factor = state.get("totp")
         if not isinstance(factor, dict):
-            return False
+            return TotpCheck.WRONG
         secret = box.open(str(factor["secret"]), username=username, purpose="totp")
         step = _matching_step(secret, totp, now, after=int(factor["last_step"]))
         if step is None:
-            return False
+            if _matching_step(secret, totp, now, after=-1) is not None:
+                return TotpCheck.USED
+            return TotpCheck.WRONG
         # Remembering the step refuses a replay of this code, or of any earlier one.
         factor["last_step"] = step
         self._save(row, state)
-        return True
+        return TotpCheck.ACCEPTED
 
     # -- passkeys (WebAuthn), a second factor beside the TOTP -----------------------------
 
