@@ -182,3 +182,24 @@ def test_audit_log_walks_every_page_of_the_log(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith(f"{len(indexes):,} entries\n")
+
+
+def test_audit_key_prints_the_public_key_that_verify_and_verify_bundle_take(
+    tmp_path: Path,
+) -> None:
+    """A newcomer reads the log's public key from the host, with no passphrase, and hands
+    it to the verifier as printed."""
+    from tests.conftest import make_vault
+
+    vault = make_vault(tmp_path, "sqlite")
+    try:
+        published = vault.log_verifier_key
+        vault.checkpoint(vault.operator)
+    finally:
+        vault.close()
+    env = {"CUSTODES_VAULT": str(tmp_path / "vault")}  # no passphrase, no keyring
+    done = run("audit", "key", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == published
+    verified = run("audit", "verify", "--log-key", done.stdout.strip(), env=env)
+    assert verified.returncode == 0, verified.stderr
