@@ -48,7 +48,7 @@ from custodes.errors import (
     TamperDetected,
     WeakPassword,
 )
-from custodes.policy import ACCOUNT_ROLES, Role, reads_records
+from custodes.policy import ACCOUNT_ROLES, Role, district_prefix, reads_records
 from custodes.policy.budgets import checked_budget
 from custodes.records.normalise import Refusal
 from custodes.records.normalise import case_no as canonical_case_no
@@ -385,6 +385,20 @@ class AccountBook:
             state = _security(row)
             state["failures"] = 0
             self._save(row, state)
+
+    @_one_change
+    def set_district(self, username: str, district: str | None) -> None:
+        """Move an account to another division (a code prefix, or * for a national unit),
+        or with None take its district away: it then reads no records but its cases'."""
+        if district is not None and district_prefix(district) is None:
+            raise ConfigurationError("a district is * or a division code of 2, 4 or 6 digits")
+        row = self._require(username)
+        attributes = _attributes(row)
+        if district is None:
+            attributes.pop("district", None)
+        else:
+            attributes["district"] = district
+        self._put(row, attributes=orjson.dumps(attributes))
 
     @_one_change
     def set_budget(self, username: str, limits: Mapping[str, int | None] | None) -> None:

@@ -14,7 +14,14 @@ from rich.table import Table
 
 from custodes import settings
 from custodes.cli.common import log, open_host_vault, out, secret, vault_options
-from custodes.policy import ACCOUNT_ROLES, API_SCOPES, Role, assigned_cases, district_prefix
+from custodes.policy import (
+    ACCOUNT_ROLES,
+    API_SCOPES,
+    Role,
+    assigned_cases,
+    district_prefix,
+    reads_records,
+)
 from custodes.policy.budgets import MAX_LIMIT, SETTING_NAMES
 
 
@@ -58,9 +65,33 @@ def account_add(
         vault.close()
     log.info("account added role=%s", role)
     out.print(f"account {username} ({role}) created")
+    if district is None and reads_records(Role(role)):
+        out.print(
+            f"  it has no district, so it reads no records until it has one: "
+            f"'custodes account district {username} CODE' (or '*' for a national unit)"
+        )
     out.print(f"enrolment code (one use, valid 24 h): {code}")
     out.print("  the account's holder opens /enrol?code=<code> on the dashboard, or runs")
     out.print("  'custodes account mfa' on this host, to add the second factor it needs to log in")
+
+
+@account.command("district")
+@click.argument("username")
+@click.argument("district")
+@vault_options
+def account_district(
+    username: str, district: str, vault_dir: str | None, keyring: str | None
+) -> None:
+    """Move USERNAME to DISTRICT: a division-code prefix of 2, 4 or 6 digits, * for a
+    national unit, or 'none' to take the district away (it then reads only its assigned
+    cases' records). Holds at the account's next access. Logged."""
+    chosen = None if district.lower() == "none" else _district(district)
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.admin.set_district(v.operator, username, chosen),
+        f"{username} moved to district {chosen}" if chosen else f"{username} left with no district",
+    )
 
 
 @account.command("list")

@@ -66,6 +66,8 @@ class Action(StrEnum):
     MFA_ENROL_ISSUE = "account:mfa:issue"
     MFA_ENROL = "account:mfa:enrol"
     API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
+    # An account moved to another division (its district), or its district taken away.
+    ACCOUNT_DISTRICT = "account:district:set"
     CASE_ASSIGN = "account:case:assign"
     CASE_UNASSIGN = "account:case:unassign"
     PASSKEY_REGISTER = "account:passkey:register"
@@ -143,6 +145,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.PASSWORD_CHANGE: _ADMINISTRATORS,
     Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
     Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
+    Action.ACCOUNT_DISTRICT: _ADMINISTRATORS,
     Action.CASE_ASSIGN: _ADMINISTRATORS,
     Action.CASE_UNASSIGN: _ADMINISTRATORS,
     # Self-service: an official on their own account, from a session of their own.
