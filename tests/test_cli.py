@@ -531,3 +531,51 @@ def test_an_account_added_without_a_district_is_told_so_and_moved_by_account_dis
         vault.close()
     taken = run("account", "district", "li.na", "none", env=vault_env)
     assert taken.returncode == 0 and "li.na left with no district" in taken.stdout
+
+
+def test_account_mfa_takes_the_accounts_name_and_refuses_anothers_code(
+    vault_env: dict[str, str],
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import pyotp
+
+    added = run(
+        "account",
+        "add",
+        "li.na",
+        "--role",
+        "investigator",
+        "--district",
+        "*",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    code = next(
+        line.split(":", 1)[1].strip()
+        for line in added.stdout.splitlines()
+        if line.startswith("enrolment code")
+    )
+    env = {**vault_env, "CUSTODES_ENROLMENT_CODE": code}
+    wrong = run("account", "mfa", "wang.fang", env=env)
+    assert wrong.returncode == 2 and "not wang.fang's" in wrong.stderr
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "custodes", "account", "mfa", "li.na"],
+        env={**full_env, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as enrolling:
+        assert enrolling.stdout is not None and enrolling.stdin is not None
+        for line in enrolling.stdout:
+            if line.startswith("key (to type instead of scanning):"):
+                key = line.split(":", 1)[1].strip()
+                break
+        enrolling.stdin.write(pyotp.TOTP(key).now() + "\n")
+        enrolling.stdin.flush()
+        rest, _ = enrolling.communicate(timeout=60)
+    assert enrolling.returncode == 0, rest
+    assert "second factor enrolled" in rest

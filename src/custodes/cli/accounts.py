@@ -144,15 +144,22 @@ def enrol(username: str, vault_dir: str | None, keyring: str | None) -> None:
 
 
 @account.command("mfa")
+@click.argument("username", required=False)
 @vault_options
-def mfa(vault_dir: str | None, keyring: str | None) -> None:
-    """Enrol a second factor in this terminal, with an enrolment code (prompted)."""
+def mfa(username: str | None, vault_dir: str | None, keyring: str | None) -> None:
+    """Enrol a second factor in this terminal, with an enrolment code (prompted). The
+    code names its account; USERNAME, if given, must be that account."""
     import segno
 
     code = secret(settings.ENV_ENROLMENT_CODE, "Enrolment code")
     vault = open_host_vault(vault_dir, keyring)
     try:
         enrolment = vault.enrolment(code)
+        if username is not None and username != enrolment.username:
+            raise click.UsageError(
+                f"that enrolment code is not {username}'s: ask an administrator for "
+                f"'custodes account enrol {username}'"
+            )
         segno.make(enrolment.uri, error="m").terminal(compact=True)
         out.print(f"account: {enrolment.username}")
         out.print(f"key (to type instead of scanning): {enrolment.secret}")
