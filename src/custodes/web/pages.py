@@ -341,7 +341,7 @@ def subject_report(
             status_code=422,
             error=str(exc) if reason else None,
             action=f"/audit/subject/{record_id}",
-            reason=reason if reason is not None else "subject access request",
+            reason=reason or "",
             case_ref=case_ref or "",
             case_required=case_required(Action.SUBJECT_REPORT),
             heading="Why do you need this subject access report?",
@@ -515,7 +515,6 @@ def audit_log(
         next_href=f"/audit/log?{urlencode({**base, 'page': page + 1, 'size': size})}"
         if len(window) > size and page < LOG_MAX_PAGE
         else None,
-        subject_query=urlencode({"reason": "subject access request"}),
     )
 
 
