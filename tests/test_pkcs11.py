@@ -222,3 +222,24 @@ def test_token_kek_is_not_extractable(hsm: SoftHsm, tmp_path: Path) -> None:
         assert key[Attribute.NEVER_EXTRACTABLE] is True
         with pytest.raises(pkcs11.exceptions.AttributeSensitive):
             key[Attribute.VALUE]
+
+
+def test_doctor_says_where_the_keks_live(hsm: SoftHsm, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from custodes.cli.doctor import doctor
+
+    token_vault(tmp_path).close()
+    result = CliRunner().invoke(doctor, ["--vault", str(tmp_path / "vault"), "--port", "1"])
+    first = result.output.splitlines()[0]
+    assert f"PKCS#11 token {LABEL!r}" in first and MODULE in first, result.output
+    assert PIN not in result.output
+
+
+def test_doctor_says_a_keyring_file_holds_the_keks(tmp_path: Path) -> None:
+    from custodes.doctor import where_keks_live
+    from tests.conftest import make_vault
+
+    make_vault(tmp_path, "sqlite").close()
+    where = where_keks_live(tmp_path / "vault")
+    assert where is not None and where.startswith("in the keyring file ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import time
 from typing import Any, NamedTuple
 
 from custodes.errors import KeyringError, TamperDetected
@@ -61,13 +62,7 @@ def _session(token: TokenKeks, *, rw: bool = False) -> Any:
         lib = pkcs11.lib(token.module)
     except (RuntimeError, OSError) as exc:
         raise KeyStoreUnavailable(f"cannot load the PKCS#11 module of {where}: {exc}") from None
-    try:
-        found = lib.get_token(token_label=token.token_label)
-    except pkcs11.exceptions.NoSuchToken:
-        raise KeyStoreUnavailable(
-            f"the {where} that holds this vault's key-encryption keys is not present: "
-            "no record opens without it"
-        ) from None
+    found = _token(pkcs11, lib, token)
     try:
         session = found.open(user_pin=token.pin, rw=rw)
     except pkcs11.exceptions.UserAlreadyLoggedIn:
@@ -85,6 +80,28 @@ def _session(token: TokenKeks, *, rw: bool = False) -> Any:
     _logins[_slot(token)] = token.pin
     return session
 
+
+def _token(pkcs11: Any, lib: Any, token: TokenKeks) -> Any:
+    # SoftHSM2's file store can fail a read with CKR_GENERAL_ERROR while another process
+    # reads the same token (softhsm/SoftHSMv2#757): try again a few times before giving up.
+    for attempt in range(_ATTEMPTS):
+        try:
+            return lib.get_token(token_label=token.token_label)
+        except pkcs11.exceptions.NoSuchToken:
+            raise KeyStoreUnavailable(
+                f"the {token.describe()} that holds this vault's key-encryption keys is not "
+                "present: no record opens without it"
+            ) from None
+        except pkcs11.exceptions.GeneralError:
+            if attempt == _ATTEMPTS - 1:
+                raise KeyStoreUnavailable(
+                    f"the {token.describe()} fails to answer (CKR_GENERAL_ERROR)"
+                ) from None
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+_ATTEMPTS = 5
 
 # The PIN each token was logged in with by this process (see _session).
 _logins: dict[tuple[str, str], str] = {}
