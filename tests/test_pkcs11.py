@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from custodes.bootstrap import assemble_vault, create_vault, unlock_vault
-from custodes.crypto import Keyring
+from custodes.crypto import Keyring, RecordSealer
 from custodes.crypto.pkcs11 import KeyStoreUnavailable
 from custodes.errors import ConfigurationError, KeyringError
 from custodes.vault import Vault
@@ -180,6 +180,13 @@ def test_keyring_and_database_without_the_token_open_nothing(
     assert LABEL in str(missing.value) and "not present" in str(missing.value)
     assert not any(v in str(missing.value) for v in values)
 
+    # Nor can the key material alone, unsealed, be made to open a record.
+    material = Keyring.open(
+        tmp_path / "keys" / "test.keyring", passphrase=PASSPHRASE, token_pin=PIN
+    ).material
+    with pytest.raises(KeyStoreUnavailable, match=LABEL):
+        RecordSealer(material)
+
     # A token of the same label, made afresh: it lacks the vault's key.
     hsm.init_token()
     with pytest.raises(KeyStoreUnavailable) as no_key:
@@ -243,3 +250,38 @@ def test_doctor_says_a_keyring_file_holds_the_keks(tmp_path: Path) -> None:
     make_vault(tmp_path, "sqlite").close()
     where = where_keks_live(tmp_path / "vault")
     assert where is not None and where.startswith("in the keyring file ")
+
+
+def test_a_forked_worker_opens_a_session_of_its_own(
+    hsm: SoftHsm, tmp_path: Path, population_file: Path
+) -> None:
+    # As a server does: unlock and check in the parent, then fork workers that each
+    # assemble the vault (and reach the token) for themselves.
+    vault = token_vault(tmp_path)
+    try:
+        vault.ingest(vault.operator, population_file)
+    finally:
+        vault.close()
+    person = first_person(population_file)
+    unlocked = unlock_vault(tmp_path / "vault", passphrase=PASSPHRASE)
+    assemble_vault(unlocked, hash_cost=FAST_HASH).close()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status
+        status = 1
+        try:
+            worker = assemble_vault(unlocked, hash_cost=FAST_HASH, host=True)
+            session = login(worker)
+            found = worker.search(
+                session,
+                PURPOSE,
+                record_type="person",
+                index="national_id",
+                values={"national_id": str(person["national_id"])},
+            )
+            shown = worker.reveal(session, PURPOSE, found[0].record_id, "address")
+            worker.close()
+            status = 0 if shown == person["address"] else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

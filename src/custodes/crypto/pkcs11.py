@@ -8,6 +8,7 @@ PIN, no record opens (threat 19).
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 import time
 from typing import Any, NamedTuple
@@ -60,6 +61,12 @@ def _session(token: TokenKeks, *, rw: bool = False) -> Any:
     where = token.describe()
     try:
         lib = pkcs11.lib(token.module)
+        # A forked child inherits the parent's initialised module, which PKCS#11 says it
+        # must not use (a server forks its workers after unlocking): start it afresh here.
+        if _initialised_in.setdefault(token.module, os.getpid()) != os.getpid():
+            lib.reinitialize()
+            _initialised_in[token.module] = os.getpid()
+            _logins.clear()
     except (RuntimeError, OSError) as exc:
         raise KeyStoreUnavailable(f"cannot load the PKCS#11 module of {where}: {exc}") from None
     found = _token(pkcs11, lib, token)
@@ -103,6 +110,8 @@ def _token(pkcs11: Any, lib: Any, token: TokenKeks) -> Any:
 
 _ATTEMPTS = 5
 
+# The process that initialised each module (see _session).
+_initialised_in: dict[str, int] = {}
 # The PIN each token was logged in with by this process (see _session).
 _logins: dict[tuple[str, str], str] = {}
 
