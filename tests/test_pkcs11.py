@@ -285,3 +285,40 @@ def test_a_forked_worker_opens_a_session_of_its_own(
             os._exit(status)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_init_puts_the_kek_in_the_token_and_takes_the_pin_only_from_the_environment(
+    hsm: SoftHsm, tmp_path: Path
+) -> None:
+    from tests.test_cli_client import run
+
+    target = tmp_path / "cli-vault"
+    keyring = tmp_path / "cli-keys" / "k.keyring"
+    token = ["--pkcs11-module", MODULE, "--pkcs11-token", LABEL]
+    base = {"CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+    no_pin = run("init", str(target), "--keyring", str(keyring), *token, env=base)
+    assert no_pin.returncode == 2 and "CUSTODES_PKCS11_PIN" in no_pin.stderr
+    assert not keyring.exists()
+    flag = run("init", str(target), "--keyring", str(keyring), *token, "--pkcs11-pin", PIN)
+    assert flag.returncode == 2 and "--pkcs11-pin" in flag.stderr
+
+    done = run(
+        "init",
+        str(target),
+        "--keyring",
+        str(keyring),
+        *token,
+        env={**base, "CUSTODES_PKCS11_PIN": PIN},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"PKCS#11 token {LABEL!r}" in done.stdout and PIN not in done.stdout
+    assert Keyring.token_of(keyring) is not None
+    # Every later host command needs the PIN as well as the passphrase.
+    listed = run("account", "list", env={**base, "CUSTODES_VAULT": str(target)})
+    assert listed.returncode == 3 and "CUSTODES_PKCS11_PIN" in listed.stderr
+    listed = run(
+        "account",
+        "list",
+        env={**base, "CUSTODES_VAULT": str(target), "CUSTODES_PKCS11_PIN": PIN},
+    )
+    assert listed.returncode == 0, listed.stderr
