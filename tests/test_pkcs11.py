@@ -322,3 +322,25 @@ def test_init_puts_the_kek_in_the_token_and_takes_the_pin_only_from_the_environm
         env={**base, "CUSTODES_VAULT": str(target), "CUSTODES_PKCS11_PIN": PIN},
     )
     assert listed.returncode == 0, listed.stderr
+
+
+def test_a_wrapped_key_changed_in_storage_fails_as_tampering_and_a_lost_session_does_not(
+    hsm: SoftHsm, tmp_path: Path
+) -> None:
+    from custodes.errors import TamperDetected
+
+    token_vault(tmp_path).close()
+    material = Keyring.open(
+        tmp_path / "keys" / "test.keyring", passphrase=PASSPHRASE, token_pin=PIN
+    ).material
+    sealer = RecordSealer(material)
+    version, wrapped, payload = sealer.seal("person", "r1", {"name": b"synthetic"})
+    assert sealer.open("person", "r1", version, wrapped, payload) == {"name": b"synthetic"}
+    flipped = wrapped[:20] + bytes([wrapped[20] ^ 1]) + wrapped[21:]
+    with pytest.raises(TamperDetected):
+        sealer.open("person", "r1", version, flipped, payload)
+    with pytest.raises(TamperDetected):
+        sealer.open("person", "r2", version, wrapped, payload)
+    sealer.close()
+    with pytest.raises(KeyStoreUnavailable, match=LABEL):
+        sealer.open("person", "r1", version, wrapped, payload)

@@ -149,6 +149,18 @@ def generate_token_kek(token: TokenKeks, label: str) -> None:
         )
 
 
+def _gone(pkcs11: Any) -> tuple[type[Exception], ...]:
+    errors = pkcs11.exceptions
+    return (
+        errors.DeviceRemoved,
+        errors.TokenNotPresent,
+        errors.DeviceError,
+        errors.SessionClosed,
+        errors.SessionHandleInvalid,
+        errors.UserNotLoggedIn,
+    )
+
+
 class Pkcs11Keks:
     """A `KekProvider` whose KEKs are in a token; one session per instance (and process)."""
 
@@ -187,10 +199,18 @@ class Pkcs11Keks:
         return frozenset(self._keys)
 
     def wrap(self, version: int, nonce: bytes, data_key: bytes, aad: bytes) -> bytes:
-        with self._lock:
-            result: bytes = self._keys[version].encrypt(
-                data_key, mechanism=self._mechanism, mechanism_param=self._params(nonce, aad, 128)
-            )
+        pkcs11 = _pkcs11()
+        try:
+            with self._lock:
+                result: bytes = self._keys[version].encrypt(
+                    data_key,
+                    mechanism=self._mechanism,
+                    mechanism_param=self._params(nonce, aad, 128),
+                )
+        except pkcs11.exceptions.PKCS11Error as exc:
+            raise KeyStoreUnavailable(
+                f"the {self._token.describe()} refused to wrap a data key: {type(exc).__name__}"
+            ) from None
         return result
 
     def unwrap(self, version: int, nonce: bytes, wrapped: bytes, aad: bytes) -> bytes:
@@ -205,8 +225,14 @@ class Pkcs11Keks:
                     mechanism=self._mechanism,
                     mechanism_param=self._params(nonce, aad, 128),
                 )
+        except _gone(pkcs11) as exc:
+            # The token went away: that is no tampering, and no record opens until it is back.
+            raise KeyStoreUnavailable(
+                f"the {self._token.describe()} is gone: {type(exc).__name__}"
+            ) from None
         except pkcs11.exceptions.PKCS11Error:
-            # A failed tag and a damaged blob look the same from here: one opaque error.
+            # A failed tag and a damaged blob look the same from here (SoftHSM2 answers a
+            # bad tag with CKR_GENERAL_ERROR, others with ENCRYPTED_DATA_INVALID): opaque.
             raise TamperDetected() from None
         return result
 
