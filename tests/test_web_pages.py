@@ -525,3 +525,12 @@ def test_pages_without_a_session_redirect_to_login(site: Site) -> None:
         assert response.status_code in (303, 401, 403), url
         assert str(site.people[0]["national_id"])[:4] + "*" not in response.text
     anonymous.close()
+
+
+def test_every_logged_action_has_words_for_the_pages() -> None:
+    from custodes.web.labels import ACTION_LABELS, action_label
+
+    assert set(ACTION_LABELS) == set(Action)
+    assert action_label(Action.REVEAL.value) == "Reveal field"
+    # A tag the software does not know (a later version's) is shown as itself.
+    assert action_label("vault:something:new") == "vault:something:new"
