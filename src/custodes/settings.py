@@ -28,6 +28,7 @@ ENV_TOTP = "CUSTODES_TOTP"  # the current one-time code from the official's auth
 ENV_ENROLMENT_CODE = "CUSTODES_ENROLMENT_CODE"  # for 'account mfa' without a prompt
 ENV_ALERT_SECRET = "CUSTODES_ALERT_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 ENV_SESSION_FILE = "CUSTODES_SESSION_FILE"  # where 'custodes login' keeps its session
+ENV_PKCS11_PIN = "CUSTODES_PKCS11_PIN"  # the user PIN of the token holding the KEKs
 
 VAULT_FILE = "vault.toml"
 DATABASE_FILE = "vault.db"

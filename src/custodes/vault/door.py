@@ -337,7 +337,11 @@ class Vault:
         try:
             self._gate.close()
         finally:
-            self._storage.close()
+            try:
+                self._storage.close()
+            finally:
+                # A token session of this vault's, if its KEKs are in one.
+                self._codec.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------
 
