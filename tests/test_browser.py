@@ -13,7 +13,8 @@ from typing import Any
 import pyotp
 import pytest
 
-from custodes.policy import Action, Role
+from custodes.errors import AccessDenied
+from custodes.policy import AccessPurpose, Action, Role
 from custodes.vault import Vault
 from tests.conftest import PASSWORD, make_vault, read_records, serving
 from tests.test_web_pages import enrol
@@ -133,6 +134,9 @@ def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: An
 
     page.click("tr:has(#value-phone) summary")
     page.wait_for_selector("tr:has(#value-phone) form button")
+    # A reveal states its own reason: the search's is not copied in.
+    assert page.input_value("#r-phone-reason") == ""
+    page.fill("#r-phone-reason", "call the witness back")
     shot(page, "person-reveal-form")
     page.click("tr:has(#value-phone) form button")
     page.wait_for_selector("#value-phone .revealed")
@@ -149,7 +153,7 @@ def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: An
     context.close()
 
     reveals = [e for _, e in vault._log.entries() if e.action == Action.REVEAL.value]
-    assert reveals[-1].purpose == REASON and reveals[-1].detail["field"] == "phone"
+    assert reveals[-1].purpose == "call the witness back" and reveals[-1].detail["field"] == "phone"
 
     # An auditor opens the person's subject access report and finds the reveal.
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -164,7 +168,8 @@ def test_search_reveal_and_see_it_in_the_subject_report(server: Any, browser: An
     page.click("main form button[type=submit]")
     page.wait_for_selector("table.log")
     report = page.inner_text("table.log")
-    assert Action.REVEAL.value in report and "b.investigator" in report and REASON in report
+    assert Action.REVEAL.value in report and "b.investigator" in report
+    assert "call the witness back" in report
     assert phone not in page.content() and nid not in page.content()
     shot(page, "subject-report")
 
@@ -270,6 +275,52 @@ def test_register_a_passkey_then_log_in_with_it(server: Any, browser: Any) -> No
     assert "account:passkey:register" in page.inner_text("table.log")
     actions = page.locator("table.log tbody tr td:nth-child(5)").all_inner_texts()
     logins = [" ".join(a.split()) for a in actions if "login" in a]
-    assert logins == ["account:session:login totp", "account:session:login passkey"], logins
+    assert logins == [
+        "Log in totp account:session:login",
+        "Log in passkey account:session:login",
+    ], logins
     shot(page, "audit-log-passkeys")
+    context.close()
+
+
+def test_a_refused_read_is_visible_on_the_access_log_at_1280_pixels_without_scrolling(
+    server: Any, browser: Any
+) -> None:
+    base, vault, _, people = server
+    officer = enrol(vault, "b.officer1280", Role.OFFICER)
+    session = vault.login("b.officer1280", PASSWORD, totp=pyotp.TOTP(officer).now())
+    found = vault.search(
+        session,
+        AccessPurpose(REASON, CASE),
+        record_type="person",
+        index="national_id",
+        # An adult's: an officer is not shown minors.
+        values={
+            "national_id": next(
+                str(p["national_id"]) for p in people if str(p.get("birth_date", "2020")) < "2000"
+            )
+        },
+    )
+    with pytest.raises(AccessDenied):  # above an officer's clearance: refused, logged
+        vault.reveal(session, AccessPurpose(REASON, CASE), found[0].record_id, "ethnicity")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    log_in(page, base, "b.auditor1280", enrol(vault, "b.auditor1280", Role.AUDITOR), "auditor-1280")
+    page.goto(f"{base}/audit/log")
+    page.fill("#l-reason", "review of refused reveals")
+    page.fill("#f-actor", "b.officer1280")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_selector("table.log")
+    denied = page.locator("table.log tbody tr", has_text="denied").first
+    outcome = denied.locator("span.outcome")
+    box = outcome.bounding_box()
+    assert box is not None and outcome.inner_text() == "denied"
+    # Inside the window as it opens, with no sideways scroll, at a laptop's width.
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, box
+    assert page.evaluate("window.scrollX") == 0
+    # Said in words, with the stable tag beside them, and in local time with UTC on hover.
+    row = " ".join(denied.inner_text().split())
+    assert "Reveal field" in row and "record:field:reveal" in row
+    assert "UTC" in (denied.locator("td").nth(1).get_attribute("title") or "")
+    shot(page, "audit-log-1280")
     context.close()

@@ -470,3 +470,112 @@ def test_account_role_budget_sets_a_roles_limits_in_this_vault_and_a_forged_one_
         vault.close()
     back = run("account", "role-budget", "officer", "--defaults", env=vault_env)
     assert back.returncode == 0 and "default budget" in back.stdout
+
+
+def test_an_account_added_without_a_district_is_told_so_and_moved_by_account_district(
+    vault_env: dict[str, str], population_file: Path
+) -> None:
+    assert run("ingest", str(population_file), env=vault_env).returncode == 0
+    added = run(
+        "account",
+        "add",
+        "li.na",
+        "--role",
+        "investigator",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    assert added.returncode == 0, added.stderr
+    assert "no district, so it reads no records" in added.stdout
+    assert "custodes account district li.na" in added.stdout
+    person = next(r for r in read_records(population_file) if r["type"] == "person")
+    home = str(person["national_id"])[:6]
+    vault = open_vault(
+        Path(vault_env["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
+    )
+    purpose = AccessPurpose("checking a reported burglary", "C-2026-17")
+
+    def found() -> int:
+        from tests.conftest import enrol
+
+        secret = TOTP_SECRETS.get("li.na") or enrol(vault, "li.na")
+        session = vault.login("li.na", PASSWORD, totp=totp_now(vault, secret))
+        try:
+            return len(
+                vault.search(
+                    session,
+                    purpose,
+                    record_type="person",
+                    index="national_id",
+                    values={"national_id": str(person["national_id"])},
+                )
+            )
+        finally:
+            vault.logout(session)
+
+    try:
+        assert found() == 0  # no district: nothing
+    finally:
+        vault.close()
+    moved = run("account", "district", "li.na", home, env=vault_env)
+    assert moved.returncode == 0, moved.stderr
+    assert f"li.na moved to district {home}" in moved.stdout
+    assert run("account", "district", "li.na", "31x", env=vault_env).returncode == 2
+    vault = open_vault(
+        Path(vault_env["CUSTODES_VAULT"]), passphrase=PASSPHRASE, hash_cost=FAST_HASH
+    )
+    try:
+        assert found() == 1
+        [event] = [e for _, e in vault._log.entries() if e.action == "account:district:set"]
+        assert event.detail == {"account": "li.na", "district": home}
+    finally:
+        vault.close()
+    taken = run("account", "district", "li.na", "none", env=vault_env)
+    assert taken.returncode == 0 and "li.na left with no district" in taken.stdout
+
+
+def test_account_mfa_takes_the_accounts_name_and_refuses_anothers_code(
+    vault_env: dict[str, str],
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import pyotp
+
+    added = run(
+        "account",
+        "add",
+        "li.na",
+        "--role",
+        "investigator",
+        "--district",
+        "*",
+        env={**vault_env, "CUSTODES_NEW_PASSWORD": PASSWORD},
+    )
+    code = next(
+        line.split(":", 1)[1].strip()
+        for line in added.stdout.splitlines()
+        if line.startswith("enrolment code")
+    )
+    env = {**vault_env, "CUSTODES_ENROLMENT_CODE": code}
+    wrong = run("account", "mfa", "wang.fang", env=env)
+    assert wrong.returncode == 2 and "not wang.fang's" in wrong.stderr
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODES_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "custodes", "account", "mfa", "li.na"],
+        env={**full_env, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as enrolling:
+        assert enrolling.stdout is not None and enrolling.stdin is not None
+        for line in enrolling.stdout:
+            if line.startswith("key (to type instead of scanning):"):
+                key = line.split(":", 1)[1].strip()
+                break
+        enrolling.stdin.write(pyotp.TOTP(key).now() + "\n")
+        enrolling.stdin.flush()
+        rest, _ = enrolling.communicate(timeout=60)
+    assert enrolling.returncode == 0, rest
+    assert "second factor enrolled" in rest

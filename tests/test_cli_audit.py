@@ -15,6 +15,7 @@ import pytest
 from custodes.audit.report import BundleInvalid, as_json, report_from_json
 from custodes.policy import AccessPurpose, Role
 from custodes.policy.budgets import NO_LIMITS
+from custodes.records.idnumber import check_char
 from tests.conftest import PASSPHRASE, login
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
@@ -182,3 +183,60 @@ def test_audit_log_walks_every_page_of_the_log(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith(f"{len(indexes):,} entries\n")
+
+
+def test_audit_key_prints_the_public_key_that_verify_and_verify_bundle_take(
+    tmp_path: Path,
+) -> None:
+    """A newcomer reads the log's public key from the host, with no passphrase, and hands
+    it to the verifier as printed."""
+    from tests.conftest import make_vault
+
+    vault = make_vault(tmp_path, "sqlite")
+    try:
+        published = vault.log_verifier_key
+        vault.checkpoint(vault.operator)
+    finally:
+        vault.close()
+    env = {"CUSTODES_VAULT": str(tmp_path / "vault")}  # no passphrase, no keyring
+    done = run("audit", "key", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == published
+    verified = run("audit", "verify", "--log-key", done.stdout.strip(), env=env)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_an_auditor_starts_a_subject_access_request_from_the_id_number_a_citizen_brings(
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
+) -> None:
+    person = served.people[0]
+    number = str(person["national_id"])
+    auditor = officials["auditor"]
+    done = run(
+        "audit", "subject", "--national-id", number, "--case", "SAR-9", "--json", env=auditor
+    )
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    # The lookup itself is in the person's report: they see who looked them up, and why.
+    lookups = [a for a in report["accesses"] if a["action"] == "audit:subject:lookup"]
+    assert [(a["actor"], a["purpose"]) for a in lookups] == [
+        ("zhao.audit", "subject access request")
+    ]
+    assert number not in done.stdout.replace(report["subject"], "")
+    # Only the id comes back: no field of the record.
+    vault = served.vault
+    [entry] = [e for _, e in vault._log.entries() if e.action == "audit:subject:lookup"]
+    assert entry.records == (report["subject"],) and entry.result_count == 1
+    # A number nobody holds: not found, and logged all the same.
+    body = "11010519800101001"
+    nobody = body + check_char(body)
+    absent = run("audit", "subject", "--national-id", nobody, env=auditor)
+    assert absent.returncode != 0 and "no person" in absent.stderr
+    assert nobody not in absent.stderr
+    # Officials who read records cannot use it as a back door to search: auditors only.
+    officer = officials["officer"]
+    refused = run("audit", "subject", "--national-id", number, env=officer)
+    assert refused.returncode != 0
+    both = run("audit", "subject", "RECORD", "--national-id", number, env=auditor)
+    assert both.returncode == 2

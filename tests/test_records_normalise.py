@@ -392,3 +392,16 @@ def test_is_han_tells_han_from_latin_names() -> None:
     assert is_han("𠮷田")  # an extension B character
     assert not is_han("Zhang Wei")
     assert not is_han("Ольга")
+
+
+def test_a_first_generation_15_digit_number_is_the_18_character_one_it_became() -> None:
+    from custodes.records.idnumber import check_char
+    from custodes.records.normalise import Refusal, national_id
+
+    # 310104 (a Shanghai county), born 1985-03-12, sequence 123: the old card's number.
+    old = "310104850312123"
+    body = "310104" + "19" + "850312123"
+    assert national_id(old) == body + check_char(body)
+    assert national_id(" 310104 850312 123 ") == body + check_char(body)
+    with pytest.raises(Refusal, match="calendar date"):
+        national_id("310104851312123")  # month 13

@@ -26,6 +26,7 @@ from custodes.errors import (
     PurposeRequired,
     RecordNotFound,
     SessionLimit,
+    TamperDetected,
     WeakPassword,
 )
 from custodes.vault import Vault
@@ -57,6 +58,10 @@ CASES: dict[str, tuple[BaseException, str]] = {
     "not-found": (RecordNotFound("no such record"), "record_not_found"),
     "log-down": (AuditUnavailable("the access log is closed"), "audit_unavailable"),
     "log-moved": (LogMoved("the access log kept moving"), "audit_unavailable"),
+    "tampered": (
+        TamperDetected("the export request failed its integrity check"),
+        "integrity_failed",
+    ),
     "malformed": (
         RequestValidationError(
             [{"type": "missing", "loc": ("query", "reason"), "msg": "Field required"}]

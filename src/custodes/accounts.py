@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache, wraps
 from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -47,7 +48,7 @@ from custodes.errors import (
     TamperDetected,
     WeakPassword,
 )
-from custodes.policy import ACCOUNT_ROLES, Role, reads_records
+from custodes.policy import ACCOUNT_ROLES, Role, district_prefix, reads_records
 from custodes.policy.budgets import checked_budget
 from custodes.records.normalise import Refusal
 from custodes.records.normalise import case_no as canonical_case_no
@@ -194,6 +195,14 @@ class SecretBox:
         except (InvalidTag, ValueError):
             raise TamperDetected() from None
         return plain.decode()
+
+
+class TotpCheck(Enum):
+    """What a one-time code turned out to be."""
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong"
+    USED = "used"  # right for these moments, but used already
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +387,20 @@ class AccountBook:
             self._save(row, state)
 
     @_one_change
+    def set_district(self, username: str, district: str | None) -> None:
+        """Move an account to another division (a code prefix, or * for a national unit),
+        or with None take its district away: it then reads no records but its cases'."""
+        if district is not None and district_prefix(district) is None:
+            raise ConfigurationError("a district is * or a division code of 2, 4 or 6 digits")
+        row = self._require(username)
+        attributes = _attributes(row)
+        if district is None:
+            attributes.pop("district", None)
+        else:
+            attributes["district"] = district
+        self._put(row, attributes=orjson.dumps(attributes))
+
+    @_one_change
     def set_budget(self, username: str, limits: Mapping[str, int | None] | None) -> None:
         """Give an account limits of its own (custodes.policy.budgets), over any it has
         already; None: none of its own, its role's budget again."""
@@ -523,24 +546,32 @@ class AccountBook:
     @_one_change
     def verify_totp(self, username: str, totp: str | None, *, now: float) -> bool:
         """Whether totp is a valid, unused code for the account; if so it is used up."""
+        return self.check_totp(username, totp, now=now) is TotpCheck.ACCEPTED
+
+    def check_totp(self, username: str, totp: str | None, *, now: float) -> TotpCheck:
+        """A code checked: accepted (and used up), wrong, or right for these moments but
+        used already (this code, or a later one: a replay, or a second login within the
+        same half-minute)."""
         if not totp:
-            return False
+            return TotpCheck.WRONG
         box = self._secret_box()
         row = self._fetch(username)
         if row is None:
-            return False
+            return TotpCheck.WRONG
         state = _security(row)
         factor = state.get("totp")
         if not isinstance(factor, dict):
-            return False
+            return TotpCheck.WRONG
         secret = box.open(str(factor["secret"]), username=username, purpose="totp")
         step = _matching_step(secret, totp, now, after=int(factor["last_step"]))
         if step is None:
-            return False
+            if _matching_step(secret, totp, now, after=-1) is not None:
+                return TotpCheck.USED
+            return TotpCheck.WRONG
         # Remembering the step refuses a replay of this code, or of any earlier one.
         factor["last_step"] = step
         self._save(row, state)
-        return True
+        return TotpCheck.ACCEPTED
 
     # -- passkeys (WebAuthn), a second factor beside the TOTP -----------------------------
 

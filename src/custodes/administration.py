@@ -140,6 +140,21 @@ class Administration:
         detail = {"role": role.value, "limits": checked if checked is not None else "defaults"}
         return self._gate.access(actor, Action.ROLE_BUDGET, run, detail=detail)
 
+    def set_district(self, actor: Principal, username: str, district: str | None) -> None:
+        """Move an account to another division (None: no district, so no records but its
+        cases'). Holds from the account's next access, in every session it has; logged
+        with the district set."""
+
+        def run(grant: Grant) -> Done[None]:
+            check_account_change(grant.username, username, Action.ACCOUNT_DISTRICT)
+            if self._accounts.get(username) is None:
+                raise RecordNotFound("no account with that name")
+            self._accounts.set_district(username, district)
+            return Done(None)
+
+        detail = {"account": username, "district": district}
+        self._gate.access(actor, Action.ACCOUNT_DISTRICT, run, detail=detail)
+
     def assign_case(self, actor: Principal, username: str, case_no: str) -> str:
         """Assign a case to an account: with the case as the stated purpose, its records
         open to the account wherever they live. Returns the canonical number. Holds from

@@ -24,6 +24,7 @@ from custodes.audit.log import stored_root
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
 from custodes.crypto import KdfParams, KeyMaterial, Keyring, plan_token_bits
+from custodes.crypto.kek import kek_provider
 from custodes.crypto.key_shares import (
     KeyShare,
     new_shares,
@@ -31,12 +32,14 @@ from custodes.crypto.key_shares import (
     write_share_file,
 )
 from custodes.crypto.keyring import ShareMode, read_share_mode
+from custodes.crypto.pkcs11 import TokenKeks
 from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import ConfigurationError, KeyringError, StorageError, TamperDetected
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
     ENV_DATABASE,
+    ENV_PKCS11_PIN,
     VaultFile,
     VaultLayout,
     check_database_url,
@@ -94,6 +97,8 @@ def create_vault(
     random: Random = SYSTEM_RANDOM,
     database: str | None = None,
     app_role: str | None = None,
+    pkcs11_module: str | None = None,
+    pkcs11_token: str | None = None,
 ) -> Vault:
     """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
     comes with its host operator: whoever creates it holds the passphrase. With
@@ -105,8 +110,14 @@ def create_vault(
     With `app_role` too, `database` is the schema owner's URL: the vault is made as the
     owner, app_role is granted what a server needs and no more (grant_app_role), and the
     settings record the same URL with app_role as its user, never the owner's: no later
-    command finds the owner's credentials in the vault's configuration."""
+    command finds the owner's credentials in the vault's configuration.
+
+    With `pkcs11_module` and `pkcs11_token` (a token's label), the key-encryption key is
+    made inside that PKCS#11 token, non-extractable, and the keyring file holds only the
+    blind-index root and where the KEK is; the token's user PIN comes from
+    CUSTODES_PKCS11_PIN, never an argument."""
     directory = Path(directory)
+    token = _token_settings(pkcs11_module, pkcs11_token)
     recorded_database = database
     if database is not None:
         database = check_database_url(database)
@@ -139,6 +150,15 @@ def create_vault(
         from custodes.storage.postgres import check_app_role
 
         check_app_role(database, app_role)
+    if token is not None:
+        from custodes.crypto.pkcs11 import generate_token_kek
+
+        if keyring_path.exists():
+            raise ConfigurationError(
+                f"keyring file already exists, refusing to overwrite: {keyring_path}"
+            )
+        token = token._replace(key_labels={1: f"custodes-kek-{vault_id.hex()}-v1"})
+        generate_token_kek(token, token.key_labels[1])
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     keyring = Keyring.create(
@@ -147,6 +167,7 @@ def create_vault(
         passphrase=passphrase,
         kdf=kdf or KdfParams(),
         shares=key_shares,
+        token=token,
     )
     signer = create_log_key(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
@@ -295,7 +316,12 @@ def unlock_vault(
     elif passphrase is None:
         raise KeyringError("this keyring is sealed under a passphrase, not shares")
     try:
-        keyring = Keyring.open(keyring_file, passphrase=passphrase, vault_id=vault_id)
+        keyring = Keyring.open(
+            keyring_file,
+            passphrase=passphrase,
+            vault_id=vault_id,
+            token_pin=env(ENV_PKCS11_PIN),
+        )
     except KeyringError:
         if mode is None:
             raise
@@ -304,6 +330,10 @@ def unlock_vault(
         ) from None
     if mode is not None and keyring.shares != mode:
         raise KeyringError("the keyring's share settings do not match its seal")
+    if keyring.material.token is not None:
+        # Reach the token now, so that a missing token or key stops the unlock with its
+        # name rather than every record failing later.
+        kek_provider(keyring.material).close()
     signer = open_log_key(
         Path(log_key_path) if log_key_path else recorded.log_key, passphrase=passphrase
     )
@@ -572,6 +602,17 @@ def _recorded_storage(directory: Path) -> Storage | None:
         app_role=recorded.app_role,
         migrate=False,
     )
+
+
+def _token_settings(module: str | None, label: str | None) -> TokenKeks | None:
+    if module is None and label is None:
+        return None
+    if not module or not label:
+        raise ConfigurationError("a PKCS#11 key store needs both its module and its token label")
+    pin = env(ENV_PKCS11_PIN)
+    if pin is None:
+        raise ConfigurationError(f"set {ENV_PKCS11_PIN} to the token's user PIN")
+    return TokenKeks(module, label, {}, pin)
 
 
 def log_origin(vault_id: bytes) -> str:

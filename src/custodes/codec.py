@@ -66,6 +66,10 @@ class RecordCodec:
         if len(self._types_by_tag) != len(self._tags):
             raise ConfigurationError("two record types share a type tag; rename one")
 
+    def close(self) -> None:
+        """Let go of the KEKs (a token's session, when a token holds them)."""
+        self._sealer.close()
+
     def record_id(self, record_type: str, source_key: Sequence[str]) -> str:
         return self._indexer.record_id(record_type, source_key)
 

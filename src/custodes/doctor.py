@@ -251,6 +251,25 @@ def check_keys(d: Deployment) -> Iterator[Finding]:
             )
 
 
+def where_keks_live(vault_dir: Path) -> str | None:
+    """Where the vault's key-encryption keys are, as its keyring file's header says: the
+    keyring file itself, or a PKCS#11 token (its module and label; never a PIN). Read
+    without the passphrase, so not authenticated: unlocking is what checks it. None if
+    the vault's settings or keyring cannot be read."""
+    from custodes.crypto import Keyring
+
+    try:
+        recorded = VaultLayout(vault_dir).read()
+    except ConfigurationError:
+        return None
+    if not recorded.keyring.is_file():
+        return None
+    token = Keyring.token_of(recorded.keyring)
+    if token is None:
+        return f"in the keyring file {recorded.keyring}, sealed under its passphrase"
+    return f"in the {token.describe()}, not extractable; the keyring file holds none"
+
+
 def _tag(what: str) -> str:
     return what.replace(" ", "-")
 

@@ -99,6 +99,18 @@ class AuthenticationFailed(CustodesError):
         super().__init__(message)
 
 
+class CodeUsed(AuthenticationFailed):
+    """The right password, and a one-time code right for these moments but used already:
+    said to its holder so that they wait for the next code. Counted and throttled like
+    any failed login."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "that one-time code was used already: wait for the next code in your app, then "
+            "log in with it"
+        )
+
+
 class LoginThrottled(AuthenticationFailed):
     """Too many failed logins from this account name or address: wait before trying again.
 

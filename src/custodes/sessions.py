@@ -26,12 +26,21 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodes import passkeys
-from custodes.accounts import BUDGET, Account, AccountBook, Enrolment, Passkey, RowTampered
+from custodes.accounts import (
+    BUDGET,
+    Account,
+    AccountBook,
+    Enrolment,
+    Passkey,
+    RowTampered,
+    TotpCheck,
+)
 from custodes.audit import AccessEntry, AccessLog, Outcome
 from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import (
     AuthenticationFailed,
+    CodeUsed,
     ConfigurationError,
     LoginThrottled,
     SessionLimit,
@@ -52,6 +61,10 @@ TOUCH_EVERY = 60.0
 FREE_FAILURES = 3  # failed logins before backoff starts
 # A one-time code is accepted for three 30-second steps; its use-once mark outlives them.
 TOTP_KEEP = 4 * 30.0
+# What the holder of the right password is told of a code used already.
+CODE_USED = (
+    "that one-time code was used already: wait for the next code in your app, then log in with it"
+)
 MAX_BACKOFF = 15 * 60.0
 
 _CSRF_INFO = b"custodes session csrf v1"
@@ -426,9 +439,18 @@ class Gatekeeper:
         if passkey is not None:
             factor_ok = self._passkey_ok(username, passkey, now)
         else:
-            factor_ok = self._accounts.verify_totp(username, totp, now=now) and self._spend(
+            checked = self._accounts.check_totp(username, totp, now=now)
+            if checked is TotpCheck.ACCEPTED and not self._spend(
                 b"custodes totp code", f"{username.casefold()}\0{totp}", now, TOTP_KEEP
-            )
+            ):
+                checked = TotpCheck.USED  # another process took this very code first
+            if checked is TotpCheck.USED:
+                # Counted and throttled like any wrong code; only its holder, who typed
+                # the right password, is told why, so that they wait for the next code
+                # instead of retyping this one.
+                self._login_failed(username, now, client, "second_factor_used")
+                raise CodeUsed()
+            factor_ok = checked is TotpCheck.ACCEPTED
         if not factor_ok:
             self._login_failed(username, now, client, "second_factor")
             raise AuthenticationFailed()

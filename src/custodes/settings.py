@@ -30,6 +30,7 @@ ENV_ALERT_SECRET = "CUSTODES_ALERT_WEBHOOK_SECRET"  # noqa: S105 - a variable na
 ENV_SESSION_FILE = "CUSTODES_SESSION_FILE"  # where 'custodes login' keeps its session
 # An officer's passphrase for their key share file (M-of-N unseal); else a prompt per share.
 ENV_SHARE_PASSPHRASE = "CUSTODES_SHARE_PASSPHRASE"  # noqa: S105 - a variable name
+ENV_PKCS11_PIN = "CUSTODES_PKCS11_PIN"  # the user PIN of the token holding the KEKs
 
 VAULT_FILE = "vault.toml"
 DATABASE_FILE = "vault.db"

@@ -59,6 +59,7 @@ _EXPORTS = "custodes.cli.exports"
     cls=_LazyGroup,
     lazy={
         "verify": f"{_AUDIT}:audit_verify",
+        "key": f"{_AUDIT}:audit_key",
         "checkpoint": f"{_AUDIT}:audit_checkpoint",
         "witness": f"{_AUDIT}:audit_witness",
         "acknowledge-loss": f"{_AUDIT}:audit_acknowledge_loss",

@@ -14,7 +14,14 @@ from rich.table import Table
 
 from custodes import settings
 from custodes.cli.common import log, open_host_vault, out, secret, vault_options
-from custodes.policy import ACCOUNT_ROLES, API_SCOPES, Role, assigned_cases, district_prefix
+from custodes.policy import (
+    ACCOUNT_ROLES,
+    API_SCOPES,
+    Role,
+    assigned_cases,
+    district_prefix,
+    reads_records,
+)
 from custodes.policy.budgets import MAX_LIMIT, SETTING_NAMES
 
 
@@ -58,9 +65,33 @@ def account_add(
         vault.close()
     log.info("account added role=%s", role)
     out.print(f"account {username} ({role}) created")
+    if district is None and reads_records(Role(role)):
+        out.print(
+            f"  it has no district, so it reads no records until it has one: "
+            f"'custodes account district {username} CODE' (or '*' for a national unit)"
+        )
     out.print(f"enrolment code (one use, valid 24 h): {code}")
     out.print("  the account's holder opens /enrol?code=<code> on the dashboard, or runs")
     out.print("  'custodes account mfa' on this host, to add the second factor it needs to log in")
+
+
+@account.command("district")
+@click.argument("username")
+@click.argument("district")
+@vault_options
+def account_district(
+    username: str, district: str, vault_dir: str | None, keyring: str | None
+) -> None:
+    """Move USERNAME to DISTRICT: a division-code prefix of 2, 4 or 6 digits, * for a
+    national unit, or 'none' to take the district away (it then reads only its assigned
+    cases' records). Holds at the account's next access. Logged."""
+    chosen = None if district.lower() == "none" else _district(district)
+    _account_change(
+        vault_dir,
+        keyring,
+        lambda v: v.admin.set_district(v.operator, username, chosen),
+        f"{username} moved to district {chosen}" if chosen else f"{username} left with no district",
+    )
 
 
 @account.command("list")
@@ -113,15 +144,22 @@ def enrol(username: str, vault_dir: str | None, keyring: str | None) -> None:
 
 
 @account.command("mfa")
+@click.argument("username", required=False)
 @vault_options
-def mfa(vault_dir: str | None, keyring: str | None) -> None:
-    """Enrol a second factor in this terminal, with an enrolment code (prompted)."""
+def mfa(username: str | None, vault_dir: str | None, keyring: str | None) -> None:
+    """Enrol a second factor in this terminal, with an enrolment code (prompted). The
+    code names its account; USERNAME, if given, must be that account."""
     import segno
 
     code = secret(settings.ENV_ENROLMENT_CODE, "Enrolment code")
     vault = open_host_vault(vault_dir, keyring)
     try:
         enrolment = vault.enrolment(code)
+        if username is not None and username != enrolment.username:
+            raise click.UsageError(
+                f"that enrolment code is not {username}'s: ask an administrator for "
+                f"'custodes account enrol {username}'"
+            )
         segno.make(enrolment.uri, error="m").terminal(compact=True)
         out.print(f"account: {enrolment.username}")
         out.print(f"key (to type instead of scanning): {enrolment.secret}")

@@ -195,6 +195,21 @@ def audit_checkpoint(vault_dir: str | None, out_path: str | None) -> None:
     sys.stdout.write(note.decode("utf-8"))
 
 
+@click.command("key")
+@click.option("--vault", "vault_dir", type=click.Path(file_okay=False))
+def audit_key(vault_dir: str | None) -> None:
+    """Print the access log's public key: what 'audit verify --log-key',
+    'backup verify --log-key' and 'verify-bundle --log-key' check signatures against, and
+    what to publish for auditors and witnesses. Read from the log signer's own record
+    beside its key, with no passphrase; publish it once, then compare, never re-read."""
+    from custodes.audit.checkpoint import signed_state
+    from custodes.settings import VaultLayout
+
+    recorded = VaultLayout(vault_directory(vault_dir)).read()
+    key, _ = signed_state(recorded.log_key)
+    click.echo(key)
+
+
 @click.command("witness")
 @click.option("--vault", "vault_dir", type=click.Path(file_okay=False))
 @click.option("--url", required=True, help="The witness's address, e.g. http://127.0.0.1:7380/")

@@ -599,7 +599,12 @@ def _time(value: str | None) -> str | None:
 
 
 @click.command("subject")
-@click.argument("record_id")
+@click.argument("record_id", required=False)
+@click.option(
+    "--national-id",
+    help="Find the person by the resident ID number they bring, instead of RECORD_ID "
+    "(the lookup is logged too, and returns nothing but the record id).",
+)
 @click.option("--purpose", default="subject access request", show_default=True)
 @click.option("--case", "case_ref", help="The request or inquiry this report answers.")
 @click.option(
@@ -610,10 +615,22 @@ def _time(value: str | None) -> str | None:
 )
 @click.option("--json", "as_json", is_flag=True)
 def audit_subject(
-    record_id: str, purpose: str, case_ref: str | None, bundle_path: str | None, as_json: bool
+    record_id: str | None,
+    national_id: str | None,
+    purpose: str,
+    case_ref: str | None,
+    bundle_path: str | None,
+    as_json: bool,
 ) -> None:
-    """Every access to one person's records (RECORD_ID is the person's), with proofs."""
+    """Every access to one person's records (RECORD_ID is the person's, or find it with
+    --national-id), with proofs."""
+    if (record_id is None) == (national_id is None):
+        raise click.UsageError("give the person's RECORD_ID or --national-id, one of them")
     with _logged_in() as api:
+        if national_id is not None:
+            body = {"national_id": national_id, **_asked(purpose, case_ref)}
+            record_id = str(api.call("POST", "/audit/subject/lookup", body=body)["record_id"])
+        assert record_id is not None
         doc = api.call(
             "GET", f"/audit/subject/{quote(record_id, safe='')}", params=_asked(purpose, case_ref)
         )

@@ -13,7 +13,7 @@ import orjson
 from rich.text import Text
 
 from custodes.cli.common import out, vault_directory
-from custodes.doctor import Deployment, Severity, examine, unseal_mode, worst
+from custodes.doctor import Deployment, Severity, examine, unseal_mode, where_keks_live, worst
 from custodes.web.serve import DEFAULT_PORT
 
 _STYLE = {Severity.HIGH: "bold red", Severity.MEDIUM: "yellow", Severity.LOW: "dim"}
@@ -52,9 +52,13 @@ def doctor(
 
     Prints every finding with its severity and a fix; exits 1 if any is high.
     """
+    directory = vault_directory(vault_dir)
+    keks = where_keks_live(directory)
+    if keks is not None and not as_json:
+        out.print(Text(f"Key-encryption keys: {keks}"))
     findings = examine(
         Deployment(
-            vault_dir=vault_directory(vault_dir),
+            vault_dir=directory,
             port=port,
             url=url,
             tls_cert=Path(tls_cert) if tls_cert else None,

@@ -103,6 +103,18 @@ from custodes.vault import Vault
     help="With --shares: seal each share file under its officer's passphrase (asked for "
     "each officer, or CUSTODES_SHARE_PASSPHRASE).",
 )
+@click.option(
+    "--pkcs11-module",
+    metavar="PATH",
+    help="Keep the key-encryption key in a PKCS#11 token, made there and never extractable: "
+    "the token's module (a .so file). The keyring then holds no KEK.",
+)
+@click.option(
+    "--pkcs11-token",
+    metavar="LABEL",
+    help="With --pkcs11-module: the label of the token; its user PIN is read from "
+    "CUSTODES_PKCS11_PIN, never a flag.",
+)
 def init(
     directory: str,
     keyring: str | None,
@@ -115,9 +127,13 @@ def init(
     officers: tuple[str, ...],
     share_dir: str | None,
     seal_shares: bool,
+    pkcs11_module: str | None,
+    pkcs11_token: str | None,
 ) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
     if shares is not None or threshold is not None:
+        if pkcs11_module is not None or pkcs11_token is not None:
+            raise click.UsageError("--shares and --pkcs11-module: one or the other, for now")
         _init_shared(
             directory,
             keyring,
@@ -136,6 +152,8 @@ def init(
         raise click.UsageError("--officer, --share-dir and --seal-shares go with --shares")
     if app_role is not None and database is None:
         raise click.UsageError("--app-role goes with --database")
+    if (pkcs11_module is None) != (pkcs11_token is None):
+        raise click.UsageError("--pkcs11-module and --pkcs11-token go together")
     if database is not None:
         # Before the passphrase is asked for: a wrong URL is the caller's to fix first.
         settings.check_database_url(database)
@@ -150,6 +168,8 @@ def init(
         expected_population=population,
         database=database,
         app_role=app_role,
+        pkcs11_module=pkcs11_module,
+        pkcs11_token=pkcs11_token,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
@@ -170,6 +190,10 @@ def init(
             "--app-role NAME'"
         )
     out.print(f"Keyring: {recorded.keyring}  (keep it and its passphrase apart from the vault)")
+    if pkcs11_token is not None:
+        out.print(
+            Text(f"Key-encryption key: inside the PKCS#11 token {pkcs11_token!r}, not extractable")
+        )
     out.print(f"Access-log signing key: {recorded.log_key}")
 
 

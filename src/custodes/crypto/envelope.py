@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from custodes.crypto.kek import KekProvider, kek_provider
 from custodes.crypto.keyring import KeyMaterial
 from custodes.errors import TamperDetected
 
@@ -114,12 +115,18 @@ class RecordSealer:
     )
 
     def __init__(
-        self, material: KeyMaterial, *, random: Callable[[int], bytes] = os.urandom
+        self,
+        material: KeyMaterial,
+        *,
+        random: Callable[[int], bytes] = os.urandom,
+        keks: KekProvider | None = None,
     ) -> None:
-        if material.kek_version not in material.keks:
+        # The KEKs are reached through a provider (the keyring's, or a token's), so that
+        # this object never needs to hold a KEK's bytes.
+        self._keks = kek_provider(material) if keks is None else keks
+        if material.kek_version not in self._keks.versions():
             raise ValueError("key material has no key-encryption key of its current version")
         self._kek_version = material.kek_version
-        self._keks = {version: AESGCM(key) for version, key in material.keks.items()}
         self._random = random
         self._record_prefix = _lp(RECORD_LABEL) + _lp(material.vault_id)
         self._wrap_prefix = _lp(WRAP_LABEL) + _lp(material.vault_id)
@@ -133,6 +140,10 @@ class RecordSealer:
     def kek_version(self) -> int:
         """The KEK version new records are wrapped under."""
         return self._kek_version
+
+    def close(self) -> None:
+        """Let go of the KEKs (a token's session, when a token holds them)."""
+        self._keks.close()
 
     def type_tag(self, record_type: str) -> str:
         """The keyed tag stored in place of a record type's name."""
@@ -227,14 +238,15 @@ class RecordSealer:
 
     def _wrap(self, rid: bytes, kek_version: int, data_key: bytes, nonce: bytes) -> bytes:
         aad = self._wrap_prefix + _lp(rid) + kek_version.to_bytes(4, "big")
-        return _WRAP_HEAD + nonce + self._keks[kek_version].encrypt(nonce, data_key, aad)
+        return _WRAP_HEAD + nonce + self._keks.wrap(kek_version, nonce, data_key, aad)
 
     def _unwrap(self, rid: bytes, kek_version: int, wrapped_key: bytes) -> bytes:
-        kek = self._keks.get(kek_version)
-        if kek is None or len(wrapped_key) != WRAPPED_KEY_BYTES or wrapped_key[0] != WRAP_FORMAT:
+        if len(wrapped_key) != WRAPPED_KEY_BYTES or wrapped_key[0] != WRAP_FORMAT:
             raise TamperDetected()
         aad = self._wrap_prefix + _lp(rid) + kek_version.to_bytes(4, "big")
-        return kek.decrypt(wrapped_key[1 : 1 + NONCE_BYTES], wrapped_key[1 + NONCE_BYTES :], aad)
+        return self._keks.unwrap(
+            kek_version, wrapped_key[1 : 1 + NONCE_BYTES], wrapped_key[1 + NONCE_BYTES :], aad
+        )
 
     def _open(
         self,

@@ -1,7 +1,8 @@
 """The keyring: a vault's key-encryption keys and blind-index root, sealed under a passphrase.
 
 It lives in its own file, apart from the data it protects; the file holds nothing in
-the clear but a header (vault id, KDF settings) that is authenticated by the seal.
+the clear but a header (vault id, KDF settings, and where the KEKs are when a PKCS#11
+token holds them) that is authenticated by the seal. A token's KEKs are never in it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from custodes.crypto import sealed_file
+from custodes.crypto.pkcs11 import TokenKeks
 from custodes.crypto.sealed_file import DEFAULT_KDF, KEY_BYTES, KdfParams, SealedHeader
 from custodes.errors import KeyringError
 
@@ -28,6 +30,7 @@ __all__ = [
     "KeyMaterial",
     "Keyring",
     "ShareMode",
+    "TokenKeks",
     "read_share_mode",
 ]
 
@@ -44,15 +47,17 @@ class KeyMaterial(NamedTuple):
 
     vault_id: bytes
     kek_version: int
-    keks: dict[int, bytes]
+    keks: dict[int, bytes]  # empty when a token holds the KEKs
     index_root: bytes
+    token: TokenKeks | None = None  # the PKCS#11 token that holds the KEKs, if one does
 
     def __repr__(self) -> str:
         # Key bytes must never reach a log line or a traceback through repr().
         versions = ", ".join(str(v) for v in sorted(self.keks))
+        where = "" if self.token is None else f", token={self.token!r}"
         return (
             f"KeyMaterial(vault_id={self.vault_id.hex()}, kek_version={self.kek_version}, "
-            f"keks=<versions {versions}>, index_root=<hidden>)"
+            f"keks=<versions {versions}>, index_root=<hidden>{where})"
         )
 
 
@@ -84,7 +89,10 @@ def read_share_mode(path: Path) -> ShareMode | None:
         raise KeyringError("not a custodes keyring (not a JSON document)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KeyringError("not a custodes keyring")
-    return _share_mode(doc.get("shares"))
+    return _share_mode(doc.get(_SHARES))
+
+
+_SHARES = "shares"
 
 
 def _share_mode(value: Any) -> ShareMode | None:
@@ -132,12 +140,14 @@ class Keyring:
         vault_id: bytes,
         passphrase: str,
         kdf: KdfParams = DEFAULT_KDF,
+        token: TokenKeks | None = None,
         shares: ShareMode | None = None,
     ) -> Keyring:
-        """Generate fresh keys for a vault and write them sealed to a new file.
-
-        With `shares`, the passphrase is the text of a random key split into shares
-        (custodes.crypto.key_shares) and the header says so."""
+        """Generate fresh keys for a vault and write them sealed to a new file. With
+        `token`, the KEKs are the token's (made there already): the file records which,
+        with the blind-index root, and holds no KEK. With `shares`, the passphrase is the
+        text of a random key split into shares (custodes.crypto.key_shares) and the
+        header says so."""
         path = Path(path)
         sealed_file.check_passphrase(passphrase)
         if not isinstance(vault_id, bytes) or len(vault_id) != VAULT_ID_BYTES:
@@ -148,24 +158,58 @@ class Keyring:
             shares = ShareMode(*shares).check()
         if path.exists():
             raise KeyringError(f"keyring file already exists, refusing to overwrite: {path}")
+        if token is not None and (not token.key_labels or min(token.key_labels) < 1):
+            raise KeyringError("a token keyring needs the label of at least one KEK")
         material = KeyMaterial(
             vault_id=vault_id,
-            kek_version=1,
-            keks={1: os.urandom(KEY_BYTES)},
+            kek_version=1 if token is None else max(token.key_labels),
+            keks={1: os.urandom(KEY_BYTES)} if token is None else {},
             index_root=os.urandom(KEY_BYTES),
+            token=token,
         )
         sealed_file.make_private_directory(path.parent, what=_DIRECTORY)
         sealed_file.write_new_file(path, _seal(material, passphrase, kdf, shares), what=_FILE)
         return cls(path, material, kdf, shares)
 
     @classmethod
-    def open(cls, path: Path, *, passphrase: str, vault_id: bytes | None = None) -> Keyring:
-        """Read and unseal a keyring file; with vault_id, refuse another vault's keyring."""
+    def open(
+        cls,
+        path: Path,
+        *,
+        passphrase: str,
+        vault_id: bytes | None = None,
+        token_pin: str | None = None,
+    ) -> Keyring:
+        """Read and unseal a keyring file; with vault_id, refuse another vault's keyring.
+        A keyring whose KEKs are in a token needs the token's PIN too."""
         path = Path(path)
         sealed_file.check_passphrase(passphrase)
         raw = sealed_file.read_sealed_file(path, what=_FILE)
         material, kdf, shares = _unseal(raw, passphrase, vault_id)
+        if material.token is not None:
+            if not token_pin:
+                raise KeyringError(
+                    f"this vault's key-encryption keys are in the {material.token.describe()}: "
+                    "give its user PIN (CUSTODES_PKCS11_PIN)"
+                )
+            material = material._replace(token=material.token._replace(pin=token_pin))
         return cls(path, material, kdf, shares)
+
+    @staticmethod
+    def token_of(path: Path) -> TokenKeks | None:
+        """Where a keyring file says its KEKs are, read from its header without the
+        passphrase (for doctor): a token, or None for the file itself. Not verified:
+        only unsealing authenticates the header."""
+        try:
+            doc = json.loads(Path(path).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict):
+            return None
+        try:
+            return _token_from_header(doc)
+        except KeyringError:
+            return None
 
     def rotate_kek(self, passphrase: str) -> int:
         """Add a new key-encryption key and make it current; return its version.
@@ -176,6 +220,11 @@ class Keyring:
         rotated already: rewriting from a stale copy would lose its new key).
         """
         sealed_file.check_passphrase(passphrase)
+        if self._material.token is not None:
+            raise KeyringError(
+                f"this vault's KEKs are in the {self._material.token.describe()}: "
+                "rotating them in the token is not supported yet"
+            )
         try:
             fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
@@ -209,21 +258,54 @@ class Keyring:
 def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
     if a.vault_id != b.vault_id or a.kek_version != b.kek_version or a.keks.keys() != b.keks.keys():
         return False
+    if a.token != b.token:
+        return False
     same = secrets.compare_digest(a.index_root, b.index_root)
     for version, key in a.keks.items():
         same &= secrets.compare_digest(key, b.keks[version])
     return same
 
 
-def _header(vault_id: bytes, shares: ShareMode | None) -> dict[str, Any]:
+_KEKS_IN = "keks_in"
+
+
+def _header(
+    vault_id: bytes, token: TokenKeks | None = None, shares: ShareMode | None = None
+) -> dict[str, Any]:
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "vault_id": vault_id.hex()}
     if shares is not None:
-        header["shares"] = shares._asdict()
+        header[_SHARES] = shares._asdict()
+    if token is not None:
+        # Where the KEKs are is no secret, and doctor reads it without the passphrase;
+        # the seal authenticates it, and the PIN is never written.
+        header[_KEKS_IN] = {
+            "pkcs11_module": token.module,
+            "token_label": token.token_label,
+            "key_labels": {str(v): label for v, label in sorted(token.key_labels.items())},
+        }
     return header
 
 
+def _token_from_header(doc: dict[str, Any]) -> TokenKeks | None:
+    where = doc.get(_KEKS_IN)
+    if where is None:
+        return None
+    try:
+        module, label, keys = where["pkcs11_module"], where["token_label"], where["key_labels"]
+        if set(where) != {"pkcs11_module", "token_label", "key_labels"}:
+            raise TypeError
+        if not (isinstance(module, str) and isinstance(label, str) and isinstance(keys, dict)):
+            raise TypeError
+        key_labels = {int(v): str(k) for v, k in keys.items() if isinstance(k, str)}
+        if len(key_labels) != len(keys) or not key_labels:
+            raise TypeError
+    except (TypeError, KeyError, ValueError):
+        raise KeyringError("damaged keyring: malformed token settings") from None
+    return TokenKeks(module, label, key_labels)
+
+
 def _seal(
-    material: KeyMaterial, passphrase: str, kdf: KdfParams, shares: ShareMode | None
+    material: KeyMaterial, passphrase: str, kdf: KdfParams, shares: ShareMode | None = None
 ) -> bytes:
     secrets_doc = {
         "kek_version": material.kek_version,
@@ -231,7 +313,8 @@ def _seal(
         "index_root": sealed_file.b64encode(material.index_root),
     }
     plain = json.dumps(secrets_doc, sort_keys=True).encode()
-    return sealed_file.seal_document(_header(material.vault_id, shares), plain, passphrase, kdf)
+    header = _header(material.vault_id, material.token, shares)
+    return sealed_file.seal_document(header, plain, passphrase, kdf)
 
 
 def _unseal(
@@ -245,8 +328,8 @@ def _unseal(
         unseal_failed=_UNSEAL_FAILED,
     )
     vault_id = bytes.fromhex(header.fields["vault_id"])
-    shares = _share_mode(header.fields.get("shares"))
-    return _parse_secrets(plain, vault_id), header.kdf, shares
+    material = _parse_secrets(plain, vault_id, _token_from_header(header.fields))
+    return material, header.kdf, _share_mode(header.fields.get(_SHARES))
 
 
 def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
@@ -255,10 +338,15 @@ def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
     version = doc.get("version")
     if version != VERSION or isinstance(version, bool):
         raise KeyringError(f"unsupported keyring version {version!r} (supported: {VERSION})")
-    fields = {"format", "version", "vault_id", "kdf", "nonce", "sealed"}
-    if set(doc) not in (fields, fields | {"shares"}):
+    if set(doc) - {_KEKS_IN, _SHARES} != {
+        "format",
+        "version",
+        "vault_id",
+        "kdf",
+        "nonce",
+        "sealed",
+    }:
         raise KeyringError("damaged keyring: unexpected or missing header fields")
-    shares = _share_mode(doc.get("shares"))
     vault_id = _unhex(doc["vault_id"], VAULT_ID_BYTES)
     if expected_vault_id is not None and not secrets.compare_digest(vault_id, expected_vault_id):
         raise KeyringError("keyring belongs to another vault")
@@ -273,12 +361,11 @@ def _check_header(doc: Any, expected_vault_id: bytes | None) -> SealedHeader:
         raise KeyringError("damaged keyring: malformed KDF settings")
     if kdf_doc["alg"] != "argon2id":
         raise KeyringError(f"unsupported keyring KDF {kdf_doc['alg']!r}")
-    return SealedHeader.from_document(
-        _header(vault_id, shares), doc, decode=_unb64, sealed_length=None
-    )
+    header = _header(vault_id, _token_from_header(doc), _share_mode(doc.get(_SHARES)))
+    return SealedHeader.from_document(header, doc, decode=_unb64, sealed_length=None)
 
 
-def _parse_secrets(plain: bytes, vault_id: bytes) -> KeyMaterial:
+def _parse_secrets(plain: bytes, vault_id: bytes, token: TokenKeks | None) -> KeyMaterial:
     # The seal authenticated these bytes, so a failure here means a bug in whatever
     # wrote them, not an attack; still refuse rather than run with odd keys.
     try:
@@ -288,9 +375,14 @@ def _parse_secrets(plain: bytes, vault_id: bytes) -> KeyMaterial:
         index_root = _unb64(doc["index_root"], KEY_BYTES)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise KeyringError("damaged keyring: malformed sealed contents") from None
-    if not isinstance(kek_version, int) or kek_version not in keks or min(keks) < 1:
+    versions = keks if token is None else token.key_labels
+    if token is not None and keks:
+        raise KeyringError("damaged keyring: KEK bytes beside a token's KEKs")
+    if not isinstance(kek_version, int) or kek_version not in versions or min(versions) < 1:
         raise KeyringError("damaged keyring: malformed sealed contents")
-    return KeyMaterial(vault_id=vault_id, kek_version=kek_version, keks=keks, index_root=index_root)
+    return KeyMaterial(
+        vault_id=vault_id, kek_version=kek_version, keks=keks, index_root=index_root, token=token
+    )
 
 
 def _unb64(text: Any, length: int | None) -> bytes:

@@ -55,6 +55,9 @@ class Action(StrEnum):
     # Officers' shares opened a keyring sealed M-of-N in a server that started sealed.
     UNSEAL = "vault:keys:unseal"
     SUBJECT_REPORT = "audit:subject:report"
+    # The record id of the person a subject access request names, from their ID number:
+    # the one field an auditor may look up, and only the id comes back.
+    SUBJECT_LOOKUP = "audit:subject:lookup"
     ACCOUNT_ADD = "account:account:add"
     ACCOUNT_LIST = "account:account:list"
     ACCOUNT_DISABLE = "account:account:disable"
@@ -68,6 +71,8 @@ class Action(StrEnum):
     MFA_ENROL_ISSUE = "account:mfa:issue"
     MFA_ENROL = "account:mfa:enrol"
     API_TOKEN_ISSUE = "account:token:issue"  # noqa: S105 - a log tag
+    # An account moved to another division (its district), or its district taken away.
+    ACCOUNT_DISTRICT = "account:district:set"
     CASE_ASSIGN = "account:case:assign"
     CASE_UNASSIGN = "account:case:unassign"
     PASSKEY_REGISTER = "account:passkey:register"
@@ -122,6 +127,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.REVEAL: _READERS,
     Action.LOG_READ: frozenset({Role.AUDITOR}),
     Action.SUBJECT_REPORT: frozenset({Role.AUDITOR}),
+    Action.SUBJECT_LOOKUP: frozenset({Role.AUDITOR}),
     Action.LOG_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
     # Opens every record in memory but hands out counts only, like verifying the log.
     Action.RECORDS_VERIFY: frozenset({Role.AUDITOR, Role.OPERATOR}),
@@ -146,6 +152,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.PASSWORD_CHANGE: _ADMINISTRATORS,
     Action.MFA_ENROL_ISSUE: _ADMINISTRATORS,
     Action.API_TOKEN_ISSUE: _ADMINISTRATORS,
+    Action.ACCOUNT_DISTRICT: _ADMINISTRATORS,
     Action.CASE_ASSIGN: _ADMINISTRATORS,
     Action.CASE_UNASSIGN: _ADMINISTRATORS,
     # Self-service: an official on their own account, from a session of their own.
@@ -178,14 +185,18 @@ CASE_REQUIRED: frozenset[Action] = frozenset(
     }
 )
 # Actions that must state why: every read of records or of the access log.
-PURPOSE_REQUIRED: frozenset[Action] = CASE_REQUIRED | {Action.LOG_READ, Action.SUBJECT_REPORT}
+PURPOSE_REQUIRED: frozenset[Action] = CASE_REQUIRED | {
+    Action.LOG_READ,
+    Action.SUBJECT_REPORT,
+    Action.SUBJECT_LOOKUP,
+}
 
 # What an integration's API token may do: a scope names the actions it allows.
 API_SCOPES: Mapping[str, frozenset[Action]] = {
     "search": frozenset({Action.SEARCH}),
     "read": frozenset({Action.SEARCH, Action.READ}),
     "reveal": frozenset({Action.SEARCH, Action.READ, Action.REVEAL}),
-    "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT}),
+    "audit": frozenset({Action.LOG_READ, Action.SUBJECT_REPORT, Action.SUBJECT_LOOKUP}),
 }
 
 _REFUSALS: Mapping[Action, str] = {
@@ -194,6 +205,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.REVEAL: "the {role} role cannot read personal records",
     Action.LOG_READ: "only an auditor reads the access log",
     Action.SUBJECT_REPORT: "only an auditor reads the access log",
+    Action.SUBJECT_LOOKUP: "only an auditor looks a subject up for their report",
     Action.LOG_VERIFY: "only an auditor or the host operator verifies the access log",
     Action.RECORDS_VERIFY: "only an auditor or the host operator verifies the search index",
     Action.LOG_CHECKPOINT: "only the host operator signs checkpoints",

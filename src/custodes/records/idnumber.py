@@ -42,6 +42,15 @@ def sex_of(number: str) -> str:
     return "male" if int(number[16]) % 2 else "female"
 
 
+def from_first_generation(number: str) -> str:
+    """The 18-character number of a first-generation, 15-digit resident ID (GB 11643-1989:
+    region, birth date as YYMMDD, sequence): every holder was born in the 1900s, so the
+    century is 19, and the check character is computed. A clerk types what is on the
+    card; the vault stores and searches the one form."""
+    body = number[:6] + "19" + number[6:15]
+    return body + check_char(body)
+
+
 def problem_with(number: str) -> str | None:
     """Why an upper-cased, 18-character candidate is not a valid number, or None.
 

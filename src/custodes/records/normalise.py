@@ -78,11 +78,14 @@ def _nfkc(raw: str) -> str:
 
 
 def national_id(raw: str) -> str:
-    """A resident ID number: 18 ASCII characters, check character upper-cased."""
+    """A resident ID number: 18 ASCII characters, check character upper-cased; a
+    first-generation 15-digit number becomes the 18-character one it was replaced by."""
     s = _nfkc(raw)
     if len(s) != 18 or not s.isalnum():
         s = "".join(s.split())
     s = s.upper()
+    if len(s) == 15 and s.isdigit() and s.isascii():
+        s = idnumber.from_first_generation(s)
     problem = idnumber.problem_with(s)
     if problem is not None:
         raise Refusal(problem)

@@ -337,7 +337,11 @@ class Vault:
         try:
             self._gate.close()
         finally:
-            self._storage.close()
+            try:
+                self._storage.close()
+            finally:
+                # A token session of this vault's, if its KEKs are in one.
+                self._codec.close()
 
     # -- logging in (custodes.sessions) -------------------------------------------------
 
@@ -662,6 +666,38 @@ class Vault:
             target=record_id,
         )
         return self._report(record_id, records, index)
+
+    def subject_lookup(
+        self, session: Principal, purpose: AccessPurpose, national_id: str
+    ) -> str | None:
+        """The record id of the person whose resident ID number this is, or None: how an
+        auditor starts a subject access request from the number a citizen brings. Only
+        the id is returned; the record is opened for its ID number alone, and the lookup
+        is logged (naming the person, the number sealed beside the entry). Auditors only."""
+        rt = self._reader.type("person")
+        spec = self._reader.index(rt, "national_id", {"national_id": national_id})
+
+        def run(_: Grant) -> Done[str | None]:
+            try:
+                parts = query_parts(rt, spec, {"national_id": national_id})
+            except SchemaError as exc:
+                raise InvalidQuery(str(exc)) from None
+            token = self._codec.token(spec, parts)
+            probe = set(spec.field_names)
+            for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
+                opened = self._codec.open(stored, probe)
+                if self._reader.matches(rt, spec, parts, stored.record_id, opened):
+                    return Done(stored.record_id, (stored.record_id,))
+            return Done(None)
+
+        return self._gate.access(
+            session,
+            Action.SUBJECT_LOOKUP,
+            run,
+            purpose=purpose,
+            record_type=rt.name,
+            private={"values": {"national_id": national_id}},
+        )
 
     def _report(self, subject: str, records: list[str], report_index: int) -> SubjectReport:
         log = self._log

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from custodes.alert_book import RecordedAlert
 from custodes.audit.entry import AccessEntry
 from custodes.audit.report import SubjectReport, as_json
-from custodes.errors import InvalidQuery
+from custodes.errors import InvalidQuery, RecordNotFound
 from custodes.vault import MAX_RESULTS, RecordView, Session
 from custodes.web import deps, refusals
 
@@ -616,6 +616,36 @@ def _subject_report(
 ) -> SubjectReport:
     stated = deps.purpose_from(purpose, case)
     return deps.vault_of(request).subject_report(session, stated, record_id)
+
+
+class SubjectLookupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    national_id: str = Field(min_length=1, max_length=32, description="The resident ID number.")
+    purpose: Reason = "subject access request"
+    case_ref: CaseRef = None
+
+
+class SubjectFound(BaseModel):
+    record_id: str = Field(description="The person's record id, for GET /audit/subject/{id}.")
+
+
+@router.post(
+    "/audit/subject/lookup",
+    response_model=SubjectFound,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 403, 404, 422, 503),
+    summary="The record id of a subject, from the ID number a citizen brings; auditors only",
+)
+def audit_subject_lookup(
+    body: SubjectLookupIn, session: Authenticated, request: Request
+) -> SubjectFound:
+    # In the body, not the query string: an ID number must not reach a proxy's access log.
+    stated = deps.purpose_from(body.purpose, body.case_ref)
+    found = deps.vault_of(request).subject_lookup(session, stated, body.national_id)
+    if found is None:
+        raise RecordNotFound("no person with that ID number is stored")
+    return SubjectFound(record_id=found)
 
 
 @router.get(

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from markupsafe import Markup
 
-from custodes.errors import AuthenticationFailed, LoginThrottled
+from custodes.errors import AuthenticationFailed, CodeUsed, LoginThrottled
 from custodes.passkeys import MAX_CREDENTIAL_JSON, Assertion
 from custodes.vault import Session
 from custodes.web import deps
@@ -87,6 +87,8 @@ def login(
         response = _with_form_token(request, "login.html", 429, error=str(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
+    except CodeUsed as exc:
+        return _with_form_token(request, "login.html", 401, error=f"{str(exc).capitalize()}.")
     except AuthenticationFailed:
         return _with_form_token(
             request,

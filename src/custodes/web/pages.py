@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -37,6 +38,7 @@ from custodes.schema import REFERENCE_KINDS, FieldSpec, RecordType, Sensitivity
 from custodes.vault import LinkView, LogExtract, RecordView, Session, Vault
 from custodes.vault.exports import ExportStatus
 from custodes.web import deps
+from custodes.web.labels import action_label
 from custodes.web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -51,6 +53,10 @@ LOG_MAX_PAGE_SIZE = 200
 # Pages deeper than this are refused: narrow the filters instead of paging through millions.
 LOG_MAX_PAGE = 200
 ALERTS_SHOWN = 200
+# Times on the pages are in the zone the officials work in, UTC beside them: the log
+# itself keeps seconds since the epoch.
+LOCAL_ZONE_NAME = "Asia/Shanghai"
+LOCAL_ZONE = ZoneInfo(LOCAL_ZONE_NAME)
 ALERTS_PURPOSE = AccessPurpose("review of refused and failed accesses")
 
 # What each role is for, in the words shown on the home page.
@@ -335,7 +341,7 @@ def subject_report(
             status_code=422,
             error=str(exc) if reason else None,
             action=f"/audit/subject/{record_id}",
-            reason=reason if reason is not None else "subject access request",
+            reason=reason or "",
             case_ref=case_ref or "",
             case_required=case_required(Action.SUBJECT_REPORT),
             heading="Why do you need this subject access report?",
@@ -412,13 +418,24 @@ def shown(text: object) -> str:
     return escape_hidden(text) if isinstance(text, str) else ""
 
 
+def local_time(moment: float) -> tuple[str, str]:
+    """A logged time as the page shows it: in the vault's own zone (LOCAL_ZONE), and in
+    UTC for the tooltip and for comparing with other logs."""
+    local = datetime.fromtimestamp(moment, tz=LOCAL_ZONE).strftime("%Y-%m-%d %H:%M:%S")
+    utc = datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return local, utc
+
+
 def entry_row(index: int, entry: AccessEntry) -> dict[str, Any]:
+    local, utc = local_time(entry.time)
     return {
         "index": index,
-        "time": datetime.fromtimestamp(entry.time, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "time": local,
+        "time_utc": utc,
         "actor": shown(entry.actor),
         "role": shown(entry.role) or "-",
         "action": shown(entry.action),
+        "action_label": shown(action_label(entry.action)),
         "purpose": shown(entry.purpose),
         "case": shown(entry.case_ref),
         "outcome": entry.outcome.value,
@@ -461,7 +478,8 @@ def audit_log(
     }
     context: dict[str, Any] = {
         "filters": filters,
-        "actions": [a.value for a in Action],
+        "actions": [(a.value, action_label(a.value)) for a in Action],
+        "zone": LOCAL_ZONE_NAME,
         "rows": None,
         "page": page,
         "size": size,
@@ -497,7 +515,6 @@ def audit_log(
         next_href=f"/audit/log?{urlencode({**base, 'page': page + 1, 'size': size})}"
         if len(window) > size and page < LOG_MAX_PAGE
         else None,
-        subject_query=urlencode({"reason": "subject access request"}),
     )
 
 
@@ -524,7 +541,7 @@ def alert_row(found: RecordedAlert) -> dict[str, Any]:
     alert = found.alert
 
     def when(moment: float) -> str:
-        return datetime.fromtimestamp(moment, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return local_time(moment)[0]
 
     state = found.state
     verbs = {
@@ -535,6 +552,7 @@ def alert_row(found: RecordedAlert) -> dict[str, Any]:
     return {
         "id": shown(alert.id),
         "time": when(alert.time),
+        "time_utc": local_time(alert.time)[1],
         "severity": shown(alert.severity),
         "kind": shown(alert.kind),
         "action": shown(alert.action),
@@ -568,6 +586,7 @@ def render_alerts(request: Request, me: Session, status_code: int = 200, **extra
         status_code=status_code,
         alerts=[alert_row(a) for a in found],
         rows=rows,
+        zone=LOCAL_ZONE_NAME,
         shown=ALERTS_SHOWN,
         **extra,
     )

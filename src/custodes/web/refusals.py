@@ -23,6 +23,7 @@ from custodes.errors import (
     PurposeRequired,
     RecordNotFound,
     SessionLimit,
+    TamperDetected,
 )
 from custodes.web import deps
 
@@ -93,6 +94,15 @@ REFUSALS: dict[type[BaseException], Refusal] = {
         "audit_unavailable",
         "Unavailable",
         "The access log cannot record this access, so it was refused.",
+        fixed_on_pages=True,
+    ),
+    # A stored row that failed its seal (a tampered request, setting or record): the
+    # access is refused and on the log; which check failed is not said.
+    TamperDetected: Refusal(
+        503,
+        "integrity_failed",
+        "Unavailable",
+        "Stored data failed its integrity check, so nothing was done; the refusal is logged.",
         fixed_on_pages=True,
     ),
     RequestValidationError: Refusal(
