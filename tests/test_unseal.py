@@ -352,8 +352,17 @@ def test_a_sealed_server_refuses_reads_until_three_officers_unseal_it(
         assert found.status_code == 200, found.text
         assert found.json()["results"], found.text
 
-        # Sealed again: every read is refused once more, the session's included.
-        process.send_signal(signal.SIGUSR1)
+        # Sealed again, by the host: every read is refused once more, the session's too.
+        port = base.rsplit(":", 1)[1]
+        sealing = subprocess.run(
+            [sys.executable, "-m", "custodes", "seal", "--vault", str(directory), "--port", port],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert sealing.returncode == 0 and str(process.pid) in sealing.stdout, sealing.stderr
         deadline = time.monotonic() + 10
         while httpx.get(f"{base}/api/v1/sys/seal-status", timeout=10).json()["sealed"] is False:
             assert time.monotonic() < deadline

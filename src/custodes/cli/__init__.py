@@ -96,6 +96,7 @@ def backup() -> None:
         "account": "custodes.cli.accounts:account",
         "serve": "custodes.cli.server:serve",
         "unseal": "custodes.cli.server:unseal",
+        "seal": "custodes.cli.server:seal",
         "seal-status": "custodes.cli.server:seal_status",
         "doctor": "custodes.cli.doctor:doctor",
         "witness": f"{_AUDIT}:witness",

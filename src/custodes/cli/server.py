@@ -154,7 +154,7 @@ def serve(
             out.print(
                 f"serving SEALED on {scheme}://{host}:{port}/ : {mode.threshold} of "
                 f"{mode.parts} officers unseal it with 'custodes unseal --server URL --share "
-                "FILE'; 'kill -USR1' this process to seal it again"
+                "FILE'; 'custodes seal' seals it again"
             )
 
         web.serve_sealed(
@@ -304,3 +304,21 @@ def _checked_server(url: str) -> str:
             "a share goes over HTTPS, or plain HTTP on this host only", param_hint="--server"
         )
     return url.rstrip("/")
+
+
+@click.command()
+@click.option(
+    "--vault",
+    "vault_dir",
+    type=click.Path(file_okay=False),
+    help=f"Vault directory (default: ${settings.ENV_VAULT} or the current directory).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="The server's address.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+def seal(vault_dir: str | None, host: str, port: int) -> None:
+    """Seal a server started sealed (M-of-N) again: it drops its keys and answers only
+    its seal status and officers' shares until M of them unseal it. On the server's host."""
+    from custodes.web.serve import seal_server
+
+    pid = seal_server(vault_directory(vault_dir), host, port)
+    out.print(f"asked the server (process {pid}) to seal itself")

@@ -375,6 +375,41 @@ def _claim_port(directory: Path, host: str, port: int, *, reserve: bool) -> _Por
     return _PortClaim(lock, reservation)
 
 
+def seal_server(directory: Path, host: str, port: int) -> int:
+    """Ask the server of this vault on host:port to seal itself (SIGUSR1: drop its keys;
+    only a server started sealed, M-of-N, acts on it); the server's process id.
+
+    Found through its port lock in the vault directory, so only an account that may read
+    the vault directory and signal the server's processes (its own, or root) can."""
+    address = _address(host, port)
+    named = re.sub(r"[^0-9A-Za-z.]", "_", str(address.sockaddr[0]))
+    path = directory / f"serving-{named}-{port}.lock"
+    try:
+        lock = os.open(path, os.O_RDONLY)
+    except OSError:
+        raise ConfigurationError(f"no custodes server of this vault on {host}:{port}") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: a server runs
+        else:
+            raise ConfigurationError(f"no custodes server of this vault on {host}:{port}")
+        written = os.pread(lock, 32, 0).decode("ascii", "replace").strip()
+    finally:
+        os.close(lock)
+    if not written.isdigit():
+        raise ConfigurationError(f"the server on {host}:{port} did not say its process id")
+    pid = int(written)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot signal the server (process {pid}): {exc.strerror}"
+        ) from None
+    return pid
+
+
 def _holder(lock: int) -> str:
     """The process holding a server's lock, as it wrote itself into the file."""
     try:
