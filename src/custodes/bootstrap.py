@@ -261,6 +261,12 @@ def create_shared_vault(
     return vault, paths
 
 
+def keyring_passphrase_from_shares(directory: Path, shares: Sequence[KeyShare]) -> str:
+    """The text a shares-mode keyring (and its log key) is sealed under, rebuilt from
+    `shares`; held in memory by the command that needs it, never written."""
+    return passphrase_from_shares(shares, vault_id=VaultLayout(Path(directory)).read().vault_id)
+
+
 def keyring_share_mode(directory: Path, keyring_path: Path | None = None) -> ShareMode | None:
     """How the vault's keyring is unsealed: None for a passphrase, else its M-of-N shares."""
     recorded = VaultLayout(Path(directory)).read()
@@ -307,12 +313,10 @@ def unlock_vault(
     keyring_file = Path(keyring_path) if keyring_path else recorded.keyring
     mode = read_share_mode(keyring_file)
     if mode is not None:
-        if passphrase is not None:
-            raise KeyringError(
-                f"this keyring is sealed under {mode.threshold} of {mode.parts} officers' "
-                "shares, not a passphrase"
-            )
-        passphrase = passphrase_from_shares(shares, vault_id=vault_id)
+        # A passphrase here can only be the text of the key the shares rebuild
+        # (keyring_passphrase_from_shares), for commands that need it again later.
+        if passphrase is None:
+            passphrase = passphrase_from_shares(shares, vault_id=vault_id)
     elif passphrase is None:
         raise KeyringError("this keyring is sealed under a passphrase, not shares")
     try:

@@ -21,6 +21,7 @@ from custodes import settings
 from custodes.cli.common import (
     F,
     database_override,
+    keyring_passphrase,
     log_to,
     out,
     secret,
@@ -109,7 +110,7 @@ def backup_create(
     recorded = settings.VaultLayout(directory).read()  # a clear error before any prompt
     database = database_override() or recorded.database
     pgbackrest = _pgbackrest(stanza, pgbackrest_command) if database else None
-    passphrase = secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+    passphrase = keyring_passphrase(directory, keyring)
     keyring_path = Path(keyring) if keyring else None
     unlocked = unlock_vault(
         directory, passphrase=passphrase, keyring_path=keyring_path, database=database

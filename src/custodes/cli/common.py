@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "err",
+    "keyring_passphrase",
     "log",
     "log_to",
     "log_to_directory",
@@ -145,6 +146,16 @@ def unlock_host_vault(vault: str | None, keyring: str | None) -> UnlockedVault:
         keyring_path=keyring_path,
         database=database_override(),
     )
+
+
+def keyring_passphrase(directory: Path, keyring: str | None) -> str:
+    """What opens the vault's keyring: its passphrase, or for a keyring sealed M-of-N the
+    key its --share files rebuild (host commands only: this loads key code)."""
+    from custodes.bootstrap import keyring_passphrase_from_shares, keyring_share_mode
+
+    if keyring_share_mode(directory, Path(keyring) if keyring else None) is None:
+        return secret(settings.ENV_KEYRING_PASSPHRASE, "Keyring passphrase")
+    return keyring_passphrase_from_shares(directory, read_shares())
 
 
 def read_shares() -> list[Any]:
