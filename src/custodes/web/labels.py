@@ -41,6 +41,7 @@ ACTION_LABELS: Mapping[Action, str] = {
     Action.ROW_TAMPERED: "Tampered row found",
     Action.BACKUP_CREATE: "Back up",
     Action.BACKUP_RESTORE: "Restore",
+    Action.UNSEAL: "Unseal keys",
     Action.EXPORT_REQUEST: "Ask for export",
     Action.EXPORT_APPROVE: "Approve export",
     Action.EXPORT_CREATE: "Produce export",
