@@ -682,13 +682,8 @@ class Vault:
                 parts = query_parts(rt, spec, {"national_id": national_id})
             except SchemaError as exc:
                 raise InvalidQuery(str(exc)) from None
-            token = self._codec.token(spec, parts)
-            probe = set(spec.field_names)
-            for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
-                opened = self._codec.open(stored, probe)
-                if self._reader.matches(rt, spec, parts, stored.record_id, opened):
-                    return Done(stored.record_id, (stored.record_id,))
-            return Done(None)
+            found = self._reader.first_match(rt, spec, parts)
+            return Done(found, (found,) if found is not None else ())
 
         return self._gate.access(
             session,
@@ -840,12 +835,7 @@ class Vault:
         within the operator's planting; no value leaves)."""
         rt = self._reader.type(record_type)
         spec = rt.indexes[index]
-        parts = query_parts(rt, spec, values)
-        token = self._codec.token(spec, parts)
-        for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
-            if self._reader.matches(rt, spec, parts, stored.record_id, self._codec.open(stored)):
-                return True
-        return False
+        return self._reader.first_match(rt, spec, query_parts(rt, spec, values)) is not None
 
     # -- the host operator's work: ingest, checkpoints, witnesses ----------------------------
 

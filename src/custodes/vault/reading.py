@@ -76,6 +76,16 @@ class RecordReader:
                     found[candidate.record_id] = None
         return list(found)
 
+    def first_match(self, rt: RecordType, spec: IndexSpec, parts: tuple[str, ...]) -> str | None:
+        """The id of a stored record that truly carries these index values, or None:
+        the bucket's other records are dropped after opening their indexed fields alone."""
+        token = self._codec.token(spec, parts)
+        probe = set(spec.field_names)
+        for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
+            if self.matches(rt, spec, parts, stored.record_id, self._codec.open(stored, probe)):
+                return stored.record_id
+        return None
+
     def find_all(self, index_id: int, token: int) -> list[StoredRecord]:
         limit = _FIRST_PAGE
         while True:
