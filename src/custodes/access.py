@@ -121,6 +121,10 @@ def _paging(budget: Budget | None) -> str:
     return " and ".join(said)
 
 
+def _nothing() -> None:
+    """No keyring to follow (a vault on keys handed in whole, as tests build)."""
+
+
 def _nowhere(_alert: Alert) -> None:
     """Where alerts go when no destination is configured: the access log, the vault's
     alert book and the operational log hold them already."""
@@ -212,8 +216,12 @@ class AccessGate:
         usage: UsageStore,
         alert_book: AlertBook,
         canaries: CanaryList,
+        keys: Callable[[], None] | None = None,
     ) -> None:
         self._keeper = keeper
+        # Before every access: the record keys in step with the keyring, which a
+        # rotation on the host changes under a running server (custodes.key_watch).
+        self._keys = keys or _nothing
         self._meter = UsageMeter(usage)
         self._alert_book = alert_book
         self._canaries = canaries
@@ -632,6 +640,7 @@ class AccessGate:
         return self._check(principal)[0]
 
     def _check(self, principal: object) -> tuple[Session | Operator, Account | None]:
+        self._keys()
         if isinstance(principal, Operator):
             # Only the operator this vault was opened with on the host; a server's vault
             # has none, so no request can act as one.

@@ -35,6 +35,7 @@ from custodes.crypto.keyring import ShareMode, read_share_mode
 from custodes.crypto.pkcs11 import TokenKeks
 from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import ConfigurationError, KeyringError, StorageError, TamperDetected
+from custodes.key_watch import KeyWatch
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
@@ -287,9 +288,21 @@ class UnlockedVault:
     # names (see _storage_at): for the URL the vault recorded with its app_role, and for a
     # server (for_server).
     least_privilege: bool = False
+    # The keyring file and what opens it, so that each process follows a rotation done on
+    # the host while it runs (custodes.key_watch); None for keys handed in whole.
+    keyring_file: Path | None = None
+    keyring_secret: str | None = None
 
     def __repr__(self) -> str:
         return f"UnlockedVault(origin={self.signer.origin!r})"
+
+    def key_watch(self) -> KeyWatch | None:
+        """A watch on this vault's keyring for one process (each builds its own)."""
+        if self.keyring_file is None or self.keyring_secret is None:
+            return None
+        return KeyWatch(
+            self.keyring_file, self.keyring_secret, self.material, token_pin=env(ENV_PKCS11_PIN)
+        )
 
 
 def unlock_vault(
@@ -350,6 +363,8 @@ def unlock_vault(
         database,
         app_role=recorded.app_role,
         least_privilege=least_privilege,
+        keyring_file=keyring_file,
+        keyring_secret=passphrase,
     )
 
 
@@ -406,6 +421,7 @@ def assemble_vault(
             clock=clock,
             random=random,
             operator=Operator() if host else None,
+            key_watch=unlocked.key_watch(),
         )
     except BaseException:
         storage.close()
@@ -487,6 +503,7 @@ def _assemble(
     clock: Clock,
     random: Random,
     operator: Operator | None,
+    key_watch: KeyWatch | None = None,
 ) -> Vault:
     access_log = AccessLog(
         storage,
@@ -511,6 +528,7 @@ def _assemble(
         random=random,
         operator=operator,
         directory=directory,
+        key_watch=key_watch,
     )
 
 

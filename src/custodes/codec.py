@@ -12,12 +12,16 @@ from collections.abc import Collection, Mapping, Sequence
 import orjson
 
 from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
+from custodes.crypto.blind_index import stored_index_id
 from custodes.errors import ConfigurationError, TamperDetected
 from custodes.records import CanonicalRecord, index_parts
 from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import SealedRecord, StoredRecord
 
 Values = dict[str, object]
+# What a search looks up for one value: (stored index id, token) under each live version
+# of the index keys, the current one first (more than one only while they rotate).
+Probe = tuple[tuple[int, int], ...]
 
 # Tokens per index per record, whatever the record holds: one for a single-valued index
 # (a decoy when the field is absent), and for a multi-valued one (a case's persons) at
@@ -42,6 +46,7 @@ def token_slots(count: int, multi_valued: bool) -> int:
 class RecordCodec:
     def __init__(self, schema: Schema, material: KeyMaterial, token_bits: Mapping[int, int]):
         self.schema = schema
+        self._token_bits = dict(token_bits)
         self._sealer = RecordSealer(material)
         self._indexer = BlindIndexer(material, token_bits)
         # Per type: (field name, kind, referenced type) and (index, multi-valued) pairs,
@@ -69,6 +74,34 @@ class RecordCodec:
     def close(self) -> None:
         """Let go of the KEKs (a token's session, when a token holds them)."""
         self._sealer.close()
+
+    def rekey(self, material: KeyMaterial) -> None:
+        """Use a rotated keyring's versions from now on (see custodes.vault.rotation).
+        Record ids and type tags come from the index root, which never rotates."""
+        sealer = RecordSealer(material)
+        indexer = BlindIndexer(material, self._token_bits)
+        old, self._sealer, self._indexer = self._sealer, sealer, indexer
+        old.close()
+
+    @property
+    def key_versions(self) -> tuple[int, int, int]:
+        """(KEK version, data key generation, index key version) new records get."""
+        return self._sealer.kek_version, self._sealer.data_generation, self._indexer.version
+
+    def rewrap(self, stored: StoredRecord) -> tuple[int, bytes]:
+        """A stored record's data key wrapped under the current KEK; TamperDetected if it
+        does not unwrap."""
+        return self._sealer.rewrap(stored.record_id, stored.kek_version, stored.wrapped_key)
+
+    def reseal(self, stored: StoredRecord) -> tuple[int, bytes, bytes]:
+        """A stored record sealed again under a fresh data key of the current generation:
+        (kek_version, wrapped_key, payload). Authenticated whole first."""
+        rt = self.type_of(stored)
+        sealer = self._sealer
+        fields = sealer.open(
+            rt.name, stored.record_id, stored.kek_version, stored.wrapped_key, stored.payload
+        )
+        return sealer.seal(rt.name, stored.record_id, fields)
 
     def record_id(self, record_type: str, source_key: Sequence[str]) -> str:
         return self._indexer.record_id(record_type, source_key)
@@ -106,23 +139,37 @@ class RecordCodec:
         return SealedRecord(record_id, self._tags[rtype], payload, kek_version, wrapped, tokens)
 
     def tokens_of(
-        self, record_type: str, record_id: str, values: Mapping[str, object]
+        self,
+        record_type: str,
+        record_id: str,
+        values: Mapping[str, object],
+        version: int | None = None,
     ) -> tuple[tuple[int, int], ...]:
-        """The (index id, token) pairs a record writes, from its canonical values: its
-        values' tokens and its decoys. A check that re-derives stored tokens must count
-        the decoys too, or it will take them for planted rows.
+        """The (stored index id, token) pairs a record writes, from its canonical values,
+        under the current index key version or the one named: its values' tokens and its
+        decoys. A check that re-derives stored tokens must count the decoys too, or it
+        will take them for planted rows.
         """
         rt = self.schema.types[record_type]
-        token = self._indexer.token
+        indexer = self._indexer
+        version = indexer.version if version is None else version
+        token = indexer.token
         tokens: list[tuple[int, int]] = []
         for index, multi in self._plan[record_type][1]:
             index_id = index.index_id
+            stored_id = stored_index_id(index_id, version)
             real = index_parts(rt, index, values)
             for parts in real:
-                tokens.append((index_id, token(index_id, parts)))
+                tokens.append((stored_id, token(index_id, parts, version)))
             for slot in range(len(real), token_slots(len(real), multi)):
-                tokens.append((index_id, token(index_id, (_DECOY, record_id, str(slot)))))
+                decoy = (_DECOY, record_id, str(slot))
+                tokens.append((stored_id, token(index_id, decoy, version)))
         return tuple(tokens)
+
+    @property
+    def index_versions(self) -> tuple[int, ...]:
+        """Every live index key version, the current one first."""
+        return self._indexer.versions
 
     def type_tag(self, record_type: str) -> str:
         """The keyed tag storage holds in place of a record type's name."""
@@ -163,19 +210,20 @@ class RecordCodec:
                 raise TamperDetected() from None
         return values
 
-    def token(self, index: IndexSpec, parts: Sequence[str]) -> int:
-        return self._indexer.token(index.index_id, parts)
+    def probe(self, index: IndexSpec, parts: Sequence[str]) -> Probe:
+        """What a search for these index values looks up (see Probe)."""
+        return self._indexer.probes(index.index_id, parts)
 
-    def link_tokens(
+    def link_probes(
         self, target_type: str, source_value: str
-    ) -> list[tuple[RecordType, IndexSpec, int]]:
-        """Tokens that find records referring to a target record, in every referring index."""
+    ) -> list[tuple[RecordType, IndexSpec, Probe]]:
+        """Probes that find records referring to a target record, in every referring index."""
         found = []
         for rt in self.schema.types.values():
             for index in rt.indexes.values():
                 spec = rt.fields[index.components[0].field]
                 if spec.ref == target_type and len(index.components) == 1:
-                    found.append((rt, index, self.token(index, (source_value,))))
+                    found.append((rt, index, self.probe(index, (source_value,))))
         return found
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from custodes.errors import StorageError
 from custodes.storage import BatchOutcome, RecordStore, SealedRecord, StoredRecord
+from custodes.storage.base import Rekeyed
 from tests.contract import close_backend
 
 PERSON = "person"
@@ -225,6 +226,83 @@ class RecordStoreContract:
             seen.extend((rid, pairs) for _, rid, pairs in page)
         assert sorted(seen) == sorted((r.record_id, tuple(sorted(r.tokens))) for r in batch)
         assert storage.record_tokens(0, 0) == []
+
+    def test_records_page_walks_every_record_in_storage_order(self, storage: RecordStore) -> None:
+        batch = [sealed(n) for n in range(25)]
+        storage.write_batch(batch[:10])
+        storage.write_batch(batch[10:])
+        seen: list[StoredRecord] = []
+        after = 0
+        while page := storage.records_page(after, 7):
+            assert len(page) <= 7
+            assert all(position > after for position, _ in page)
+            after = page[-1][0]
+            seen.extend(record for _, record in page)
+        assert sorted(seen) == sorted(stored(r) for r in batch)
+        assert storage.records_page(0, 0) == []
+
+    def test_rekey_replaces_keys_payloads_and_adds_tokens_in_one_step(
+        self, storage: RecordStore
+    ) -> None:
+        batch = [sealed(n) for n in range(4)]
+        storage.write_batch(batch)
+        changes = [
+            Rekeyed(batch[0].record_id, batch[0].wrapped_key, 2, b"rewrapped-0", None),
+            Rekeyed(
+                batch[1].record_id,
+                batch[1].wrapped_key,
+                2,
+                b"rewrapped-1",
+                b"resealed-1",
+                ((NAME_INDEX + (1 << 32), 5), (PHONE_INDEX + (1 << 32), 6)),
+            ),
+            # Read before another change landed: left alone.
+            Rekeyed(batch[2].record_id, b"not what is stored", 2, b"rewrapped-2", b"x"),
+            Rekeyed("rec-unknown", b"wrapped", 2, b"rewrapped", None),
+        ]
+        assert storage.rekey_records(changes) == 2
+        got = storage.get_records([r.record_id for r in batch])
+        assert got[batch[0].record_id] == stored(batch[0])._replace(
+            kek_version=2, wrapped_key=b"rewrapped-0"
+        )
+        assert got[batch[1].record_id] == stored(batch[1])._replace(
+            kek_version=2, wrapped_key=b"rewrapped-1", payload=b"resealed-1"
+        )
+        assert got[batch[2].record_id] == stored(batch[2])
+        assert storage.find(NAME_INDEX + (1 << 32), 5, 10) == [batch[1].record_id]
+        assert storage.find(NAME_INDEX, 1001, 10) == [batch[1].record_id]
+        # Applying the same page again changes nothing: the wrapped keys moved on.
+        assert storage.rekey_records(changes) == 0
+        census = storage.key_census()
+        assert census.kek_versions == {1: 2, 2: 2}
+        assert census.token_index_ids[NAME_INDEX + (1 << 32)] == 1
+
+    def test_a_malformed_rekey_changes_nothing(self, storage: RecordStore) -> None:
+        record = sealed(1)
+        storage.write_batch([record])
+        good = Rekeyed(record.record_id, record.wrapped_key, 2, b"rewrapped", None)
+        bad = good._replace(wrapped_key="SECRET-VALUE")  # type: ignore[arg-type]
+        with pytest.raises(StorageError) as caught:
+            storage.rekey_records([good, bad])
+        assert "SECRET-VALUE" not in str(caught.value)
+        assert "change 1" in str(caught.value)
+        assert storage.get_records([record.record_id])[record.record_id] == stored(record)
+
+    def test_drop_tokens_deletes_only_the_named_index_ids(self, storage: RecordStore) -> None:
+        storage.write_batch([sealed(n) for n in range(5)])
+        assert storage.drop_tokens([NAME_INDEX]) == 5
+        assert storage.drop_tokens([NAME_INDEX]) == 0
+        assert storage.find(NAME_INDEX, 1002, 10) == []
+        assert storage.find(PHONE_INDEX, 2, 10) == ["rec-000002"]
+        assert storage.key_census().token_index_ids == {PHONE_INDEX: 5}
+
+    def test_key_census_counts_generations_from_the_payload(self, storage: RecordStore) -> None:
+        storage.write_batch(
+            [sealed(1, payload=b"\x02\x01rest"), sealed(2, payload=b"\x02\x03rest")]
+        )
+        census = storage.key_census()
+        assert census.data_generations == {1: 1, 3: 1}
+        assert census.kek_versions == {1: 2}
 
     def test_count_records_by_type(self, storage: RecordStore) -> None:
         storage.write_batch(

@@ -144,6 +144,14 @@ def export() -> None:
     recipient's key pair and open an export with it (here, no server)."""
 
 
+@click.group(
+    cls=_LazyGroup,
+    lazy={"status": "custodes.cli.keys:keys_status", "rotate": "custodes.cli.keys:keys_rotate"},
+)
+def keys() -> None:
+    """The vault's keys: their versions, and rotating them online."""
+
+
 @click.group(cls=_LazyGroup, lazy={"plant": f"{_HOST}:canary_plant"})
 def canary() -> None:
     """Canary records: synthetic people whose every read raises an alarm."""
@@ -169,6 +177,7 @@ cli.add_command(export)
 cli.add_command(backup)
 cli.add_command(database)
 cli.add_command(guard)
+cli.add_command(keys)
 
 
 def main() -> None:

@@ -85,14 +85,42 @@ def _derive(root: bytes, salt: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(root)
 
 
+# Index ids fit 32 bits (31 in practice, see schema.IndexSpec); the version of the key
+# a token was computed under is stored above them (version 1 as the bare index id, as
+# before tokens had versions), so that tokens of two versions live side by side while
+# `keys rotate --index` rebuilds them.
+INDEX_ID_BITS = 32
+MAX_TOKEN_VERSION = 0x7F
+
+
+def stored_index_id(index_id: int, version: int) -> int:
+    """The index id a token of `version` is stored under."""
+    return index_id | ((version - 1) << INDEX_ID_BITS)
+
+
+def token_version_of(stored_id: int) -> int:
+    """The key version of a stored index id (see stored_index_id)."""
+    return (stored_id >> INDEX_ID_BITS) + 1
+
+
 class BlindIndexer:
     """Computes tokens and record ids for one vault.
 
     `bits` maps each index id to its token length; the vault fixes this plan when it
-    is created, because changing it would orphan every stored token.
+    is created, because changing it would orphan every stored token. Tokens are
+    computed under every live version of the index keys (material.index_roots()): new
+    ones are stored under the current version, and a search probes every live one.
     """
 
-    __slots__ = ("_bits", "_index_keys", "_record_id_mac", "_root", "_vault_id")
+    __slots__ = (
+        "_bits",
+        "_current",
+        "_index_keys",
+        "_record_id_mac",
+        "_roots",
+        "_vault_id",
+        "_versions",
+    )
 
     def __init__(self, material: KeyMaterial, bits: Mapping[int, int]) -> None:
         for index_id, width in bits.items():
@@ -104,21 +132,55 @@ class BlindIndexer:
                     f"and {MAX_TOKEN_BITS}"
                 )
         self._bits = dict(bits)
-        self._root = material.index_root
+        self._roots = dict(material.index_roots())
+        if not all(1 <= v <= MAX_TOKEN_VERSION for v in self._roots):
+            raise ConfigurationError("an index key version is out of range")
+        self._current = material.token_version
+        # The current version first: a search probes it first.
+        self._versions = (self._current, *sorted(set(self._roots) - {self._current}))
         self._vault_id = material.vault_id
-        self._index_keys: dict[int, tuple[_HmacSha256, int]] = {}
-        self._record_id_mac = _HmacSha256(_derive(self._root, self._vault_id, RECORD_ID_INFO))
+        self._index_keys: dict[tuple[int, int], tuple[_HmacSha256, int]] = {}
+        # Record ids are keyed by the index root itself, which never rotates: they name
+        # records on the access log for good.
+        self._record_id_mac = _HmacSha256(
+            _derive(material.index_root, self._vault_id, RECORD_ID_INFO)
+        )
 
     def __repr__(self) -> str:
         return f"BlindIndexer(indexes={len(self._bits)})"
 
-    def token(self, index_id: int, parts: Sequence[str]) -> int:
-        """The blind token of a value (one part per index component) in one index."""
-        entry = self._index_keys.get(index_id)
+    @property
+    def version(self) -> int:
+        """The version new tokens are computed under."""
+        return self._current
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Every live version, the current one first."""
+        return self._versions
+
+    def token(self, index_id: int, parts: Sequence[str], version: int | None = None) -> int:
+        """The blind token of a value (one part per index component) in one index, under
+        the current key version or the one named."""
+        key = (index_id, self._current if version is None else version)
+        entry = self._index_keys.get(key)
         if entry is None:
-            entry = self._index_key(index_id)
+            entry = self._index_key(*key)
         mac, shift = entry
         return int.from_bytes(mac.digest(_encode_parts(parts))[:8], "big") >> shift
+
+    def probes(self, index_id: int, parts: Sequence[str]) -> tuple[tuple[int, int], ...]:
+        """(stored index id, token) under every live version: what a search looks up."""
+        encoded = _encode_parts(parts)
+        found = []
+        for version in self._versions:
+            entry = self._index_keys.get((index_id, version))
+            if entry is None:
+                entry = self._index_key(index_id, version)
+            mac, shift = entry
+            token = int.from_bytes(mac.digest(encoded)[:8], "big") >> shift
+            found.append((stored_index_id(index_id, version), token))
+        return tuple(found)
 
     def bits(self, index_id: int) -> int:
         """The token length of an index."""
@@ -133,9 +195,12 @@ class BlindIndexer:
         digest = self._record_id_mac.digest(message)[:RECORD_ID_BYTES]
         return base64.b32encode(digest).decode("ascii").lower()
 
-    def _index_key(self, index_id: int) -> tuple[_HmacSha256, int]:
+    def _index_key(self, index_id: int, version: int) -> tuple[_HmacSha256, int]:
         width = self.bits(index_id)
-        key = _derive(self._root, self._vault_id, INDEX_INFO_PREFIX + index_id.to_bytes(4, "big"))
+        root = self._roots.get(version)
+        if root is None:
+            raise ConfigurationError(f"no index key of version {version}")
+        key = _derive(root, self._vault_id, INDEX_INFO_PREFIX + index_id.to_bytes(4, "big"))
         entry = (_HmacSha256(key), 64 - width)
-        self._index_keys[index_id] = entry
+        self._index_keys[(index_id, version)] = entry
         return entry

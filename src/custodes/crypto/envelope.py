@@ -36,9 +36,12 @@ from custodes.errors import TamperDetected
 #
 # Payload (format 2; format 1 sealed each field apart and no longer opens):
 #
-#     u8 format (2) | u8 key generation | nonce[12] | AES-GCM(data key, body)[len + 16]
+#     u8 format (2) | u8 data key generation | nonce[12] | AES-GCM(data key, body)[len + 16]
 #     body:  u16 count | count * (u8 name_len | name (UTF-8) | u32 value_len | value)
 #            | zero bytes up to the bucket
+#
+# The data key generation starts at 1 and rises by one each time `keys rotate --data`
+# re-encrypts every record under new data keys; a record of any generation opens.
 #
 # Buckets (the body's padded length): 512 bytes for every record of every type, then
 # the next power of two. One size for all types, so that length does not tell a person
@@ -79,9 +82,7 @@ RECORD_LABEL = b"custodes/record/v2"
 WRAP_LABEL = b"custodes/data-key/v1"
 TYPE_TAG_INFO = b"custodes/record-type/v1"
 
-_HEAD = bytes((FRAME_FORMAT, DATA_KEY_GENERATION))
 _WRAP_HEAD = bytes((WRAP_FORMAT,))
-_GEN = bytes((DATA_KEY_GENERATION,))
 _NAME_CACHE_LIMIT = 4096
 
 
@@ -105,6 +106,8 @@ class RecordSealer:
     """
 
     __slots__ = (
+        "_data_generation",
+        "_head",
         "_kek_version",
         "_keks",
         "_name_heads",
@@ -127,6 +130,12 @@ class RecordSealer:
         if material.kek_version not in self._keks.versions():
             raise ValueError("key material has no key-encryption key of its current version")
         self._kek_version = material.kek_version
+        # New records are sealed under fresh data keys of the current generation; a
+        # record of any generation opens, its payload naming its own (authenticated).
+        self._data_generation = material.data_generation
+        if not DATA_KEY_GENERATION <= material.data_generation <= 0xFF:
+            raise ValueError("the data key generation does not fit its byte")
+        self._head = bytes((FRAME_FORMAT, material.data_generation))
         self._random = random
         self._record_prefix = _lp(RECORD_LABEL) + _lp(material.vault_id)
         self._wrap_prefix = _lp(WRAP_LABEL) + _lp(material.vault_id)
@@ -140,6 +149,16 @@ class RecordSealer:
     def kek_version(self) -> int:
         """The KEK version new records are wrapped under."""
         return self._kek_version
+
+    @property
+    def data_generation(self) -> int:
+        """The data key generation new records are sealed under."""
+        return self._data_generation
+
+    @staticmethod
+    def generation_of(payload: bytes) -> int:
+        """The data key generation a stored payload names (unauthenticated until opened)."""
+        return payload[1] if len(payload) > 1 else 0
 
     def close(self) -> None:
         """Let go of the KEKs (a token's session, when a token holds them)."""
@@ -178,9 +197,10 @@ class RecordSealer:
         body = b"".join(parts)
         body += bytes(bucket(len(body)) - len(body))
         nonce = nonces[NONCE_BYTES:]
-        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + _GEN
+        head = self._head
+        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + head[1:]
         sealed = AESGCM(data_key).encrypt(nonce, body, aad)
-        return self._kek_version, wrapped_key, _HEAD + nonce + sealed
+        return self._kek_version, wrapped_key, head + nonce + sealed
 
     def _remember_name(self, name: str) -> bytes:
         """The body bytes before a field's value length: its name, length-prefixed."""
@@ -260,9 +280,12 @@ class RecordSealer:
         rid = record_id.encode("utf-8")
         data_key = self._unwrap(rid, kek_version, _as_bytes(wrapped_key))
         payload = _as_bytes(payload)
-        if len(payload) < PAYLOAD_HEAD_BYTES + BUCKET_BYTES + TAG_BYTES or payload[:2] != _HEAD:
+        if len(payload) < PAYLOAD_HEAD_BYTES + BUCKET_BYTES + TAG_BYTES:
             raise TamperDetected()
-        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + _GEN
+        if payload[0] != FRAME_FORMAT or not payload[1] >= DATA_KEY_GENERATION:
+            raise TamperDetected()
+        # The generation byte is bound into the associated data, so it cannot be edited.
+        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + payload[1:2]
         # AES-GCM checks the tag over the whole payload before it returns any plaintext.
         body = AESGCM(data_key).decrypt(
             payload[2:PAYLOAD_HEAD_BYTES], payload[PAYLOAD_HEAD_BYTES:], aad

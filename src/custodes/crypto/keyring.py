@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +38,8 @@ __all__ = [
 FORMAT = "custodes-keyring"
 VERSION = 1
 VAULT_ID_BYTES = 16
+# A record's payload names its data key generation in one byte (crypto.envelope).
+MAX_DATA_GENERATION = 255
 _FILE = "keyring file"
 _DIRECTORY = "keyring directory"
 _UNSEAL_FAILED = "wrong passphrase or damaged keyring"
@@ -50,6 +53,11 @@ class KeyMaterial(NamedTuple):
     keks: dict[int, bytes]  # empty when a token holds the KEKs
     index_root: bytes
     token: TokenKeks | None = None  # the PKCS#11 token that holds the KEKs, if one does
+    # The roots of the blind-index token keys, by version; None for a keyring written
+    # before index keys rotated, whose only version (1) is rooted in the index root.
+    token_roots: dict[int, bytes] | None = None
+    token_version: int = 1  # the version new tokens are computed under
+    data_generation: int = 1  # the generation new data keys are sealed under
 
     def __repr__(self) -> str:
         # Key bytes must never reach a log line or a traceback through repr().
@@ -57,8 +65,18 @@ class KeyMaterial(NamedTuple):
         where = "" if self.token is None else f", token={self.token!r}"
         return (
             f"KeyMaterial(vault_id={self.vault_id.hex()}, kek_version={self.kek_version}, "
-            f"keks=<versions {versions}>, index_root=<hidden>{where})"
+            f"keks=<versions {versions}>, index_root=<hidden>, "
+            f"token_versions=<{', '.join(str(v) for v in sorted(self.index_roots()))}>, "
+            f"data_generation={self.data_generation}{where})"
         )
+
+    def index_roots(self) -> dict[int, bytes]:
+        """The live roots of the blind-index token keys, by version."""
+        return {1: self.index_root} if self.token_roots is None else self.token_roots
+
+    def kek_versions(self) -> frozenset[int]:
+        """The KEK versions this material can unwrap under: its own, or its token's."""
+        return frozenset(self.keks if self.token is None else self.token.key_labels)
 
 
 class ShareMode(NamedTuple):
@@ -166,6 +184,9 @@ class Keyring:
             keks={1: os.urandom(KEY_BYTES)} if token is None else {},
             index_root=os.urandom(KEY_BYTES),
             token=token,
+            # A root of its own, not the index root, so that rotating the index keys
+            # can destroy version 1 while record ids (keyed by the index root) stay.
+            token_roots={1: os.urandom(KEY_BYTES)},
         )
         sealed_file.make_private_directory(path.parent, what=_DIRECTORY)
         sealed_file.write_new_file(path, _seal(material, passphrase, kdf, shares), what=_FILE)
@@ -215,16 +236,72 @@ class Keyring:
         """Add a new key-encryption key and make it current; return its version.
 
         Older versions stay in the keyring so that data wrapped under them still
-        opens. The passphrase must open the file as it is on disk now, and the file
-        must not have changed since this keyring was opened (another process may have
-        rotated already: rewriting from a stale copy would lose its new key).
+        opens, until `retire` destroys them.
         """
-        sealed_file.check_passphrase(passphrase)
+        return self.rotate(passphrase).kek_version
+
+    def rotate(self, passphrase: str, *, data: bool = False, index: bool = False) -> KeyMaterial:
+        """Start a rotation: a new KEK version made current, and with `data` a new data
+        key generation, with `index` a new blind-index root. Older versions stay live
+        until `retire` destroys them, once nothing stored uses them.
+
+        The passphrase must open the file as it is on disk now, and the file must not
+        have changed since this keyring was opened (another process may have rotated
+        already: rewriting from a stale copy would lose its new key).
+        """
         if self._material.token is not None:
             raise KeyringError(
                 f"this vault's KEKs are in the {self._material.token.describe()}: "
                 "rotating them in the token is not supported yet"
             )
+
+        def start(material: KeyMaterial) -> KeyMaterial:
+            keks = dict(material.keks)
+            version = max(keks) + 1
+            keks[version] = os.urandom(KEY_BYTES)
+            material = material._replace(kek_version=version, keks=keks)
+            if data:
+                if material.data_generation >= MAX_DATA_GENERATION:
+                    raise KeyringError("the data keys have rotated as often as they can")
+                material = material._replace(data_generation=material.data_generation + 1)
+            if index:
+                roots = dict(material.index_roots())
+                token_version = max(roots) + 1
+                roots[token_version] = os.urandom(KEY_BYTES)
+                material = material._replace(token_roots=roots, token_version=token_version)
+            return material
+
+        return self._rewrite(passphrase, start)
+
+    def retire(
+        self, passphrase: str, *, keks: Collection[int] = (), token_versions: Collection[int] = ()
+    ) -> KeyMaterial:
+        """Destroy old KEK and index-root versions: they leave the keyring file for good.
+        The current versions cannot be retired; the caller has checked that nothing
+        stored still uses what it names."""
+        keks, token_versions = set(keks), set(token_versions)
+        if not keks and not token_versions:
+            return self._material
+
+        def drop(material: KeyMaterial) -> KeyMaterial:
+            if material.kek_version in keks or material.token_version in token_versions:
+                raise KeyringError("the current key versions cannot be retired")
+            roots = material.index_roots()
+            if not keks <= material.keks.keys() or not token_versions <= roots.keys():
+                raise KeyringError("no such key version to retire")
+            return material._replace(
+                keks={v: k for v, k in material.keks.items() if v not in keks},
+                token_roots={v: r for v, r in roots.items() if v not in token_versions},
+            )
+
+        return self._rewrite(passphrase, drop)
+
+    def _rewrite(
+        self, passphrase: str, change: Callable[[KeyMaterial], KeyMaterial]
+    ) -> KeyMaterial:
+        """Reseal the keyring file with `change` applied to what it holds, under a lock,
+        refusing a file that changed since this keyring read it."""
+        sealed_file.check_passphrase(passphrase)
         try:
             fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
@@ -232,7 +309,7 @@ class Keyring:
         except OSError as exc:
             raise KeyringError(f"cannot open keyring file {self._path}: {exc.strerror}") from None
         try:
-            # Serialise rotations; the lock is on the current file's inode, so a waiter
+            # Serialise rewrites; the lock is on the current file's inode, so a waiter
             # must also check that the path still names the inode it locked.
             fcntl.flock(fd, fcntl.LOCK_EX)
             locked_stat, path_stat = os.fstat(fd), os.stat(self._path)
@@ -243,24 +320,36 @@ class Keyring:
             on_disk, _, _ = _unseal(raw, passphrase, self._material.vault_id)
             if not _same_material(on_disk, self._material):
                 raise KeyringError("keyring file changed on disk; open it again before rotating")
-            version = max(on_disk.keks) + 1
-            keks = dict(on_disk.keks)
-            keks[version] = os.urandom(KEY_BYTES)
-            material = on_disk._replace(kek_version=version, keks=keks)
+            material = change(on_disk)
             document = _seal(material, passphrase, self._kdf, self._shares)
             sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:
             os.close(fd)
-        self._material = material
-        return version
+        self._material = material._replace(token=self._material.token)
+        return self._material
+
+    def reload(self, passphrase: str) -> KeyMaterial:
+        """The keyring as it is on disk now (after another process rotated or retired)."""
+        raw = sealed_file.read_sealed_file(self._path, what=_FILE)
+        material, _, _ = _unseal(raw, passphrase, self._material.vault_id)
+        self._material = material._replace(token=self._material.token)
+        return self._material
 
 
 def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
     if a.vault_id != b.vault_id or a.kek_version != b.kek_version or a.keks.keys() != b.keks.keys():
         return False
-    if a.token != b.token:
+    if a.token != b.token or (a.token_version, a.data_generation) != (
+        b.token_version,
+        b.data_generation,
+    ):
+        return False
+    a_roots, b_roots = a.index_roots(), b.index_roots()
+    if a_roots.keys() != b_roots.keys():
         return False
     same = secrets.compare_digest(a.index_root, b.index_root)
+    for version, root in a_roots.items():
+        same &= secrets.compare_digest(root, b_roots[version])
     for version, key in a.keks.items():
         same &= secrets.compare_digest(key, b.keks[version])
     return same
@@ -312,6 +401,13 @@ def _seal(
         "keks": {str(v): sealed_file.b64encode(k) for v, k in sorted(material.keks.items())},
         "index_root": sealed_file.b64encode(material.index_root),
     }
+    if material.token_roots is not None:
+        secrets_doc["token_roots"] = {
+            str(v): sealed_file.b64encode(k) for v, k in sorted(material.token_roots.items())
+        }
+        secrets_doc["token_version"] = material.token_version
+    if material.data_generation != 1:
+        secrets_doc["data_generation"] = material.data_generation
     plain = json.dumps(secrets_doc, sort_keys=True).encode()
     header = _header(material.vault_id, material.token, shares)
     return sealed_file.seal_document(header, plain, passphrase, kdf)
@@ -373,6 +469,12 @@ def _parse_secrets(plain: bytes, vault_id: bytes, token: TokenKeks | None) -> Ke
         kek_version = doc["kek_version"]
         keks = {int(v): _unb64(k, KEY_BYTES) for v, k in doc["keks"].items()}
         index_root = _unb64(doc["index_root"], KEY_BYTES)
+        roots = doc.get("token_roots")
+        token_roots = (
+            None if roots is None else {int(v): _unb64(k, KEY_BYTES) for v, k in roots.items()}
+        )
+        token_version = doc.get("token_version", 1)
+        data_generation = doc.get("data_generation", 1)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise KeyringError("damaged keyring: malformed sealed contents") from None
     versions = keks if token is None else token.key_labels
@@ -380,8 +482,20 @@ def _parse_secrets(plain: bytes, vault_id: bytes, token: TokenKeks | None) -> Ke
         raise KeyringError("damaged keyring: KEK bytes beside a token's KEKs")
     if not isinstance(kek_version, int) or kek_version not in versions or min(versions) < 1:
         raise KeyringError("damaged keyring: malformed sealed contents")
+    live_roots = {1: b""} if token_roots is None else token_roots
+    if not isinstance(token_version, int) or token_version not in live_roots:
+        raise KeyringError("damaged keyring: malformed sealed contents")
+    if not isinstance(data_generation, int) or not 1 <= data_generation <= MAX_DATA_GENERATION:
+        raise KeyringError("damaged keyring: malformed sealed contents")
     return KeyMaterial(
-        vault_id=vault_id, kek_version=kek_version, keks=keks, index_root=index_root, token=token
+        vault_id=vault_id,
+        kek_version=kek_version,
+        keks=keks,
+        index_root=index_root,
+        token=token,
+        token_roots=token_roots,
+        token_version=token_version,
+        data_generation=data_generation,
     )
 
 

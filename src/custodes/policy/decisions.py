@@ -54,6 +54,9 @@ class Action(StrEnum):
     LOG_LOSS_ACKNOWLEDGE = "audit:log:acknowledge-loss"
     # Officers' shares opened a keyring sealed M-of-N in a server that started sealed.
     UNSEAL = "vault:keys:unseal"
+    # A key rotation's steps: started, a pass over the records, old tokens dropped, old
+    # keys destroyed; each step one entry.
+    KEYS_ROTATE = "vault:keys:rotate"
     SUBJECT_REPORT = "audit:subject:report"
     # The record id of the person a subject access request names, from their ID number:
     # the one field an auditor may look up, and only the id comes back.
@@ -135,6 +138,7 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.WITNESS_PUBLISH: frozenset({Role.OPERATOR}),
     Action.LOG_LOSS_ACKNOWLEDGE: frozenset({Role.OPERATOR}),
     Action.UNSEAL: frozenset({Role.OPERATOR}),
+    Action.KEYS_ROTATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_CREATE: frozenset({Role.OPERATOR}),
     Action.BACKUP_RESTORE: frozenset({Role.OPERATOR}),
     Action.INGEST: frozenset({Role.OPERATOR}),
@@ -212,6 +216,7 @@ _REFUSALS: Mapping[Action, str] = {
     Action.WITNESS_PUBLISH: "only the host operator sends checkpoints to witnesses",
     Action.LOG_LOSS_ACKNOWLEDGE: "only the host operator acknowledges a loss of the log",
     Action.UNSEAL: "only the officers' shares unseal the vault",
+    Action.KEYS_ROTATE: "only the host operator rotates the vault's keys",
     Action.BACKUP_CREATE: "only the host operator backs the vault up",
     Action.BACKUP_RESTORE: "only the host operator restores the vault",
     Action.INGEST: "only the host operator ingests records",

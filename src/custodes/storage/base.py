@@ -5,7 +5,7 @@ metadata, never a key or a plaintext value; tests/contract/ holds a suite per Pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 # Counted login attempts per key: (how many, time of the last).
@@ -63,6 +63,28 @@ class AlertRow(NamedTuple):
     alert_id: str
     raised_at: float
     body: bytes  # JSON object: the alert, its state, and its tag (custodes.alerts)
+
+
+class Rekeyed(NamedTuple):
+    """One record's keys after a rotation step, applied only if the record still holds
+    `expected_wrapped` (the wrapped key it was read with): a record changed or erased in
+    the meantime is left alone."""
+
+    record_id: str
+    expected_wrapped: bytes
+    kek_version: int
+    wrapped_key: bytes
+    payload: bytes | None  # re-encrypted under a new data key, or None: unchanged
+    tokens: tuple[tuple[int, int], ...] = ()  # (index id, token) pairs to add
+
+
+class KeyCensus(NamedTuple):
+    """Which key versions the stored rows use: what a rotation must finish before an old
+    version is destroyed. Counts only."""
+
+    kek_versions: dict[int, int]  # records per KEK version wrapping their data key
+    data_generations: dict[int, int]  # records per data key generation (payload byte 1)
+    token_index_ids: dict[int, int]  # token rows per stored index id
 
 
 class BatchOutcome(NamedTuple):
@@ -137,6 +159,27 @@ class RecordStore(Protocol):
         """Stored records in storage order after position `after` (0: from the first), at
         most `limit`: (position, record id, its (index_id, token) pairs as a search finds
         them, sorted). For checking the search index against the records themselves."""
+        ...
+
+    def records_page(self, after: int, limit: int) -> list[tuple[int, StoredRecord]]:
+        """Stored records in storage order after position `after` (0: from the first), at
+        most `limit`, with their positions (as record_tokens numbers them)."""
+        ...
+
+    def rekey_records(self, changes: Sequence[Rekeyed]) -> int:
+        """Apply a page of rotated keys, all in one transaction: each record's KEK version
+        and wrapped key, its payload when given, and its added tokens (already present:
+        ignored), where the record still holds the expected wrapped key. Returns how
+        many records changed. Raises StorageError if nothing was applied."""
+        ...
+
+    def drop_tokens(self, index_ids: Collection[int]) -> int:
+        """Delete every token row of these stored index ids (a retired index key
+        version's); returns how many went."""
+        ...
+
+    def key_census(self) -> KeyCensus:
+        """How many rows use each key version (a full read: for finishing a rotation)."""
         ...
 
 

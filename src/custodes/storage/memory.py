@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from custodes.errors import (
@@ -24,9 +24,11 @@ from custodes.storage.base import (
     AccountRow,
     AlertRow,
     BatchOutcome,
+    KeyCensus,
     LogAppend,
     LoginCounts,
     Rebuild,
+    Rekeyed,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -143,6 +145,55 @@ class MemoryStorage:
                     held[rid].append(pair)
         start = max(after, 0) + 1
         return [(start + n, rid, tuple(sorted(held[rid]))) for n, rid in enumerate(page)]
+
+    def records_page(self, after: int, limit: int) -> list[tuple[int, StoredRecord]]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            self._check_open()
+            page = list(self._records.values())[max(after, 0) : max(after, 0) + limit]
+        start = max(after, 0) + 1
+        return [(start + n, record) for n, record in enumerate(page)]
+
+    def rekey_records(self, changes: Sequence[Rekeyed]) -> int:
+        checked = checked_rekeyed(changes)
+        with self._lock:
+            self._check_open()
+            applied = 0
+            for change in checked:
+                stored = self._records.get(change.record_id)
+                if stored is None or stored.wrapped_key != change.expected_wrapped:
+                    continue
+                payload = stored.payload if change.payload is None else change.payload
+                self._records[change.record_id] = stored._replace(
+                    kek_version=change.kek_version, wrapped_key=change.wrapped_key, payload=payload
+                )
+                for pair in change.tokens:
+                    self._tokens.setdefault(pair, set()).add(change.record_id)
+                applied += 1
+            return applied
+
+    def drop_tokens(self, index_ids: Collection[int]) -> int:
+        dropped = set(index_ids)
+        with self._lock:
+            self._check_open()
+            gone = [pair for pair in self._tokens if pair[0] in dropped]
+            count = 0
+            for pair in gone:
+                count += len(self._tokens.pop(pair))
+            return count
+
+    def key_census(self) -> KeyCensus:
+        with self._lock:
+            self._check_open()
+            keks = Counter(r.kek_version for r in self._records.values())
+            generations = Counter(
+                r.payload[1] if len(r.payload) > 1 else 0 for r in self._records.values()
+            )
+            tokens: Counter[int] = Counter()
+            for (index_id, _), ids in self._tokens.items():
+                tokens[index_id] += len(ids)
+        return census_of(keks.items(), generations.items(), tokens.items())
 
     def add_account(self, account: AccountRow) -> None:
         row = account_from_row(account)
@@ -553,6 +604,41 @@ def checked_record(
         raise refuse("tokens are not (index_id, token) pairs") from None
     stored = StoredRecord(record_id, record_type, payload, kek_version, wrapped_key)
     return stored, frozenset(pairs)
+
+
+def checked_rekeyed(changes: Sequence[Rekeyed]) -> list[Rekeyed]:
+    """A page of rotated keys as every backend accepts it, or StorageError naming the
+    position and field, never a value."""
+    checked: list[Rekeyed] = []
+    for position, change in enumerate(changes):
+        try:
+            rid, expected, version, wrapped, payload, tokens = change
+        except (TypeError, ValueError):
+            raise StorageError(f"rekey refused: change {position}: not a Rekeyed") from None
+        record = SealedRecord(rid, "-", payload or b"-", version, wrapped, tokens)
+        try:
+            checked_record(position, record)
+        except StorageError as exc:
+            raise StorageError(
+                str(exc).replace("batch refused: record", "rekey refused: change")
+            ) from None
+        if type(expected) is not bytes or (payload is not None and type(payload) is not bytes):
+            raise StorageError(f"rekey refused: change {position}: a key or payload is not bytes")
+        checked.append(Rekeyed(rid, expected, version, wrapped, payload, tuple(tokens)))
+    return checked
+
+
+def census_of(
+    kek_versions: Iterable[tuple[Any, Any]],
+    generations: Iterable[tuple[Any, Any]],
+    token_ids: Iterable[tuple[Any, Any]],
+) -> KeyCensus:
+    """A KeyCensus from (value, count) rows, as a database's GROUP BY returns them."""
+    return KeyCensus(
+        {int(v): int(n) for v, n in kek_versions},
+        {int(v): int(n) for v, n in generations},
+        {int(v): int(n) for v, n in token_ids},
+    )
 
 
 class CheckedLogAppend(NamedTuple):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -33,9 +33,11 @@ from custodes.storage.base import (
     AccountRow,
     AlertRow,
     BatchOutcome,
+    KeyCensus,
     LogAppend,
     LoginCounts,
     Rebuild,
+    Rekeyed,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -47,10 +49,12 @@ from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    census_of,
     checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
+    checked_rekeyed,
     checked_session,
     checked_spend,
     stored_record_from_row,
@@ -601,6 +605,104 @@ class PostgresStorage:
             return [(int(seq), str(rid), tuple(sorted(held[str(rid)]))) for seq, rid in rows]
 
         return self._read(page)
+
+    def records_page(self, after: int, limit: int) -> list[tuple[int, StoredRecord]]:
+        self._check_usable()
+        if limit <= 0 or after >= _INT64_MAX:
+            return []
+        rows = self._rows(
+            "SELECT r.seq, r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
+            " FROM records AS r JOIN data_keys AS k ON k.record_id = r.record_id"
+            " WHERE r.seq > %s ORDER BY r.seq LIMIT %s",
+            (max(after, 0), min(limit, _INT64_MAX)),
+        )
+        return [(int(row[0]), stored_record_from_row(row[1:])) for row in rows]
+
+    def rekey_records(self, changes: Sequence[Rekeyed]) -> int:
+        checked = checked_rekeyed(changes)
+        if not checked:
+            return 0
+        self._check_owner("rotating keys rewrites stored records")
+
+        def apply(conn: _Connection) -> int:
+            by_id = {c.record_id: c for c in checked}
+            held = {
+                str(rid): (int(seq), bytes(wrapped))
+                for rid, seq, wrapped in conn.execute(
+                    "SELECT k.record_id, r.seq, k.wrapped FROM data_keys AS k"
+                    " JOIN records AS r ON r.record_id = k.record_id"
+                    " WHERE k.record_id = ANY(%s) FOR UPDATE OF k",
+                    (list(by_id),),
+                )
+            }
+            due = [
+                c for rid, c in by_id.items() if rid in held and held[rid][1] == c.expected_wrapped
+            ]
+            if not due:
+                return 0
+            conn.execute(
+                "UPDATE data_keys AS k SET kek_version = v.version, wrapped = v.wrapped"
+                " FROM unnest(%s::text[], %s::bigint[], %s::bytea[]) AS v(id, version, wrapped)"
+                " WHERE k.record_id = v.id",
+                (
+                    [c.record_id for c in due],
+                    [c.kek_version for c in due],
+                    [c.wrapped_key for c in due],
+                ),
+            )
+            resealed = [c for c in due if c.payload is not None]
+            if resealed:
+                conn.execute(
+                    "UPDATE records AS r SET payload = v.payload"
+                    " FROM unnest(%s::text[], %s::bytea[]) AS v(id, payload)"
+                    " WHERE r.record_id = v.id",
+                    ([c.record_id for c in resealed], [c.payload for c in resealed]),
+                )
+            rows = [
+                (token, index_id, c.record_id, held[c.record_id][0])
+                for c in due
+                for index_id, token in c.tokens
+            ]
+            if rows:
+                conn.execute(
+                    "INSERT INTO tokens(token, index_id, record_id, seq)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING",
+                    tuple(list(column) for column in zip(*rows, strict=True)),
+                )
+            return len(due)
+
+        return self._write(apply, "the rotated keys were not stored")
+
+    def drop_tokens(self, index_ids: Collection[int]) -> int:
+        ids = sorted({i for i in index_ids if fits_int64(i)})
+        if not ids:
+            return 0
+        self._check_owner("retiring index keys deletes their tokens")
+        return self._write(
+            lambda c: c.execute("DELETE FROM tokens WHERE index_id = ANY(%s)", (ids,)).rowcount,
+            "the retired tokens were not deleted",
+        )
+
+    def key_census(self) -> KeyCensus:
+        def count(conn: _Connection) -> KeyCensus:
+            return census_of(
+                conn.execute("SELECT kek_version, count(*) FROM data_keys GROUP BY 1").fetchall(),
+                conn.execute(
+                    "SELECT get_byte(payload, 1), count(*) FROM records GROUP BY 1"
+                ).fetchall(),
+                conn.execute("SELECT index_id, count(*) FROM tokens GROUP BY 1").fetchall(),
+            )
+
+        # One snapshot, so the three counts agree.
+        return self._run(count, "database read failed", transaction=True)
+
+    def _check_owner(self, what: str) -> None:
+        if self.privileges != "owner":
+            raise ConfigurationError(
+                f"{what}, which the server's role may not do: run it with the schema "
+                "owner's database URL (CUSTODES_DATABASE)"
+            )
 
     # -- accounts -----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +28,11 @@ from custodes.storage.base import (
     AccountRow,
     AlertRow,
     BatchOutcome,
+    KeyCensus,
     LogAppend,
     LoginCounts,
     Rebuild,
+    Rekeyed,
     SealedRecord,
     SessionRow,
     StoredRecord,
@@ -41,10 +43,12 @@ from custodes.storage.memory import (
     LOG_PAGE,
     CheckedLogAppend,
     account_from_row,
+    census_of,
     checked_alert,
     checked_checkpoint,
     checked_log_append,
     checked_record,
+    checked_rekeyed,
     checked_session,
     checked_spend,
     stored_record_from_row,
@@ -584,6 +588,92 @@ class SQLiteStorage:
             return [(int(seq), str(rid), tuple(sorted(held[int(seq)]))) for seq, rid in rows]
 
         return self._run(page, snapshot=True)
+
+    def records_page(self, after: int, limit: int) -> list[tuple[int, StoredRecord]]:
+        if limit <= 0:
+            return []
+        rows = self._rows(
+            "SELECT r.seq, r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
+            " FROM records AS r JOIN data_keys AS k ON k.seq = r.seq"
+            " WHERE r.seq > ? ORDER BY r.seq LIMIT ?",
+            (max(after, 0), limit),
+        )
+        return [(int(row[0]), stored_record_from_row(row[1:])) for row in rows]
+
+    def rekey_records(self, changes: Sequence[Rekeyed]) -> int:
+        checked = checked_rekeyed(changes)
+
+        def apply(conn: sqlite3.Connection) -> int:
+            applied = 0
+            tokens: list[tuple[int, int, int, int]] = []
+            for change in checked:
+                row = conn.execute(
+                    "SELECT r.seq, k.wrapped FROM records AS r JOIN data_keys AS k"
+                    " ON k.seq = r.seq WHERE r.record_id = ?",
+                    (change.record_id,),
+                ).fetchone()
+                if row is None or bytes(row[1]) != change.expected_wrapped:
+                    continue
+                seq = int(row[0])
+                conn.execute(
+                    "UPDATE data_keys SET kek_version = ?, wrapped = ? WHERE seq = ?",
+                    (change.kek_version, change.wrapped_key, seq),
+                )
+                if change.payload is not None:
+                    conn.execute(
+                        "UPDATE records SET payload = ? WHERE seq = ?", (change.payload, seq)
+                    )
+                generation = seq >> _GENERATION_BITS
+                tokens.extend((generation, i, t, seq) for i, t in change.tokens)
+                applied += 1
+            tokens.sort()
+            conn.executemany(
+                "INSERT OR IGNORE INTO tokens(generation, index_id, token, seq)"
+                " VALUES (?, ?, ?, ?)",
+                tokens,
+            )
+            return applied
+
+        if not checked:
+            return 0
+        return self._write(apply, "the rotated keys were not stored")
+
+    def drop_tokens(self, index_ids: Collection[int]) -> int:
+        ids = sorted({i for i in index_ids if _fits_int64(i)})
+
+        def drop(conn: sqlite3.Connection) -> int:
+            (last,) = conn.execute("SELECT max(seq) FROM records").fetchone()
+            dropped = 0
+            # By generation and index: each a range of the key, never a scan.
+            for generation in range(((last or 0) >> _GENERATION_BITS) + 1):
+                for index_id in ids:
+                    dropped += conn.execute(
+                        "DELETE FROM tokens WHERE generation = ? AND index_id = ?",
+                        (generation, index_id),
+                    ).rowcount
+            return dropped
+
+        if not ids:
+            return 0
+        return self._write(drop, "the retired tokens were not deleted")
+
+    def key_census(self) -> KeyCensus:
+        def count(conn: sqlite3.Connection) -> KeyCensus:
+            keks = conn.execute(
+                "SELECT kek_version, count(*) FROM data_keys GROUP BY kek_version"
+            ).fetchall()
+            generations = [
+                (int(byte or "0", 16), n)
+                for byte, n in conn.execute(
+                    "SELECT hex(substr(payload, 2, 1)), count(*) FROM records GROUP BY 1"
+                )
+            ]
+            tokens = conn.execute(
+                "SELECT index_id, count(*) FROM tokens GROUP BY index_id"
+            ).fetchall()
+            return census_of(keks, generations, tokens)
+
+        return self._run(count, snapshot=True)
 
     # -- accounts -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from custodes.errors import (
 )
 from custodes.freetext import HiddenCharacter, one_line
 from custodes.ingest import IngestReport, IngestTarget, run_ingest
+from custodes.key_watch import GRACE_SECONDS, KeyWatch
 from custodes.policy import (
     AccessPurpose,
     Action,
@@ -74,6 +76,18 @@ from custodes.vault.exports import Exports
 from custodes.vault.guard import AnomalyGuard, flagged_records, store_flagged
 from custodes.vault.integrity import IndexAudit, IndexCheck
 from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain, without_reporters
+from custodes.vault.rotation import (
+    CURSOR_KEY,
+    MAX_PASSES,
+    RotationState,
+    Sweeper,
+    behind,
+    check_rotatable,
+    old_index_ids,
+)
+from custodes.vault.rotation import (
+    PAGE as ROTATION_PAGE,
+)
 from custodes.vault.views import LogExtract, RecordView
 
 # The operational log: counts and kinds of failure, never a value.
@@ -98,6 +112,7 @@ class Vault:
         directory: Path | None = None,
         session_ttl: float = 8 * 3600,
         guard_settings: GuardSettings | None = None,
+        key_watch: KeyWatch | None = None,
     ) -> None:
         self.schema = schema  # public: field names, masks and labels are no secret
         self.directory = directory
@@ -140,7 +155,11 @@ class Vault:
             usage=storage,
             alert_book=self._alert_book,
             canaries=self._canaries,
+            keys=None if key_watch is None else key_watch.check,
         )
+        self._key_watch = key_watch
+        if key_watch is not None:
+            key_watch.on_change(self._adopt_keys)
         self.admin = Administration(
             gate=self._gate,
             accounts=accounts,
@@ -441,10 +460,9 @@ class Vault:
                 parts = query_parts(rt, spec, values)
             except SchemaError as exc:
                 raise InvalidQuery(str(exc)) from None
-            token = self._codec.token(spec, parts)
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self._storage.find_records(spec.index_id, token, wanted * 4 + 16)
+            candidates = self._reader.bucket(self._codec.probe(spec, parts), wanted * 4 + 16)
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
@@ -735,6 +753,120 @@ class Vault:
             accesses=tuple(accesses),
             report_index=report_index,
         )
+
+    # -- key rotation, on the host ---------------------------------------------------------
+
+    def _adopt_keys(self, material: KeyMaterial) -> None:
+        """A rotated keyring's versions, read by this process's KeyWatch."""
+        self._material = material
+        self._codec.rekey(material)
+
+    def key_state(self, operator: Principal) -> RotationState:
+        """Where the vault's keys stand: current versions, old ones still live, and the
+        rows under them (a count by the database). Host operator only; logged."""
+
+        def run(_: Grant) -> Done[RotationState]:
+            state = behind(self._material, self._storage.key_census())
+            return Done(state, detail={"step": "status", **state.counts()})
+
+        return self._gate.access(operator, Action.KEYS_ROTATE, run)
+
+    def rotate_keys(
+        self,
+        operator: Principal,
+        *,
+        data: bool = False,
+        index: bool = False,
+        resume: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        page: int = ROTATION_PAGE,
+    ) -> RotationState:
+        """Rotate the vault's keys online (see custodes.vault.rotation): a new KEK, with
+        `data` new data keys for every record, with `index` a new blind-index key; or,
+        with `resume`, finish a rotation that stopped. Searches and reads go on
+        meanwhile. Host operator only; each step is on the access log. Returns the state
+        at the end, which is finished."""
+        watch = self._key_watch
+        if watch is None:
+            raise ConfigurationError("this vault was opened without its keyring file")
+        who = self._gate.check(operator)
+        authorise(who.role, Action.KEYS_ROTATE, scope=who.scope)
+        keyring = watch.keyring()
+        check_rotatable(keyring.material)
+        state = behind(keyring.material, self._storage.key_census())
+
+        def step(name: str, **counts: int) -> None:
+            self._gate.access_write(
+                operator,
+                Action.KEYS_ROTATE,
+                (),
+                lambda _: Done(None),
+                detail={"step": name, **counts},
+            )
+
+        start = 0
+        if resume:
+            if state.finished:
+                return state
+            raw = self._storage.get_meta(CURSOR_KEY)
+            start = int(raw) if raw and raw.isdigit() else 0
+            step("resume", **state.counts())
+        else:
+            if state.old_keks or state.old_token_versions:
+                raise ConfigurationError(
+                    "an earlier rotation is unfinished: finish it with 'custodes keys rotate "
+                    "--resume'"
+                )
+            step("start", data=int(data), index=int(index))
+            keyring.rotate(watch.secret, data=data, index=index)
+            watch.refresh()
+            sleep(GRACE_SECONDS)
+        total = self._storage.count_records()
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        sweeper = Sweeper(self.schema, self._storage, self._codec, advance, max(1, page))
+        for _ in range(MAX_PASSES):
+            state = behind(self._material, self._storage.key_census())
+            if state.behind_kek or state.behind_data or state.old_tokens:
+                step("pass", start=start, **state.counts())
+                done = 0
+                swept = sweeper.sweep(reindex=state.old_tokens > 0, start=start)
+                start = 0
+                step("swept", **swept.counts())
+                state = behind(self._material, self._storage.key_census())
+            old_ids = old_index_ids(self.schema, state.old_token_versions)
+            if state.old_token_versions and state.old_tokens:
+                dropped = self._storage.drop_tokens(old_ids)
+                step("tokens-dropped", tokens=dropped)
+            # Whatever a process not yet in step wrote under an old version, it wrote
+            # before this grace ends; a census after it is the last word.
+            sleep(GRACE_SECONDS)
+            state = behind(self._material, self._storage.key_census())
+            if not (state.behind_kek or state.behind_data or state.old_tokens):
+                break
+        else:
+            raise ConfigurationError(
+                "records are still under old keys after repeated passes (some do not open: "
+                "run 'custodes audit verify-records'); the old keys are kept"
+            )
+        if state.old_keks or state.old_token_versions:
+            step(
+                "retired",
+                keks=len(state.old_keks),
+                index_versions=len(state.old_token_versions),
+            )
+            keyring.retire(
+                watch.secret, keks=state.old_keks, token_versions=state.old_token_versions
+            )
+            watch.refresh()
+        return behind(self._material, self._storage.key_census())
 
     def verify_records(self, principal: Principal) -> IndexCheck:
         """Re-derive every stored record's blind-index tokens with the vault's keys and hold

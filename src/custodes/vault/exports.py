@@ -500,8 +500,7 @@ class Exports:
                     parts = query_parts(rt, spec, {n: row[n] for n in names})
                 except CustodesError:
                     continue  # a coarsened or edited value names no one
-                token = self._codec.token(spec, parts)
-                for stored in self._storage.find_records(spec.index_id, token, 16):
+                for stored in self._reader.bucket(self._codec.probe(spec, parts), 16):
                     if self._reader.matches(
                         rt, spec, parts, stored.record_id, _opened(self._codec, stored, cache)
                     ):

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from custodes.codec import RecordCodec
+from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.errors import (
     TamperDetected,
 )
@@ -106,14 +107,23 @@ class IndexAudit:
         while page := self._storage.record_tokens(after, _CHECK_PAGE):
             after = page[-1][0]
             stored = self._storage.get_records([row[1] for row in page])
-            names = self._linked_source_keys(stored.values())
+            names = self.linked_source_keys(stored.values())
+            live = self._codec.index_versions
             for _position, rid, held in page:
                 record = stored.get(rid)
-                expected = None if record is None else self._expected_tokens(record, names)
+                # While the index keys rotate a record holds its tokens under the old
+                # version, the new one, or both; each version it holds must be whole. A
+                # version no longer live is held against nothing, so its rows are extra.
+                versions = {token_version_of(index_id) for index_id, _ in held} & set(live)
+                expected = (
+                    None
+                    if record is None
+                    else self._expected_tokens(record, names, versions or {live[0]})
+                )
                 check.record(expected, held)
         return check.result()
 
-    def _linked_source_keys(self, records: Iterable[StoredRecord]) -> dict[str, str]:
+    def linked_source_keys(self, records: Iterable[StoredRecord]) -> dict[str, str]:
         """The source-key value of every record the given ones link to (a link is stored
         as the keyed id, the token is made from the value): record id -> value."""
         wanted: dict[str, RecordType] = {}
@@ -148,15 +158,47 @@ class IndexAudit:
         return found
 
     def _expected_tokens(
-        self, stored: StoredRecord, linked: Mapping[str, str]
+        self, stored: StoredRecord, linked: Mapping[str, str], versions: Iterable[int]
     ) -> tuple[frozenset[tuple[int, int]], frozenset[int]] | None:
         """The tokens ingest wrote for a stored record and the indexes left out (a link to
         a record not stored), or None if the record does not open."""
         try:
-            rt = self._codec.type_of(stored)
-            values = self._codec.open(stored)
+            rt, canonical, skipped_ids = self._canonical(stored, linked)
         except TamperDetected:
             return None
+        versions = sorted(versions)
+        skipped = frozenset(
+            stored_index_id(index_id, version) for index_id in skipped_ids for version in versions
+        )
+        tokens = frozenset(
+            t
+            for version in versions
+            for t in self._codec.tokens_of(rt.name, stored.record_id, canonical, version)
+            if t[0] not in skipped
+        )
+        return tokens, skipped
+
+    def tokens_under(
+        self, stored: StoredRecord, linked: Mapping[str, str], version: int
+    ) -> tuple[tuple[int, int], ...]:
+        """A stored record's tokens under one index key version, as ingest would write
+        them, less those of a link to a record not stored (its value is not known);
+        TamperDetected if the record does not open. For rotating the index keys."""
+        rt, canonical, skipped_ids = self._canonical(stored, linked)
+        skipped = {stored_index_id(index_id, version) for index_id in skipped_ids}
+        return tuple(
+            t
+            for t in self._codec.tokens_of(rt.name, stored.record_id, canonical, version)
+            if t[0] not in skipped
+        )
+
+    def _canonical(
+        self, stored: StoredRecord, linked: Mapping[str, str]
+    ) -> tuple[RecordType, dict[str, object], frozenset[int]]:
+        """A stored record's canonical values as ingest had them (links by their linked
+        record's value), and the index ids of links to records not stored."""
+        rt = self._codec.type_of(stored)
+        values = self._codec.open(stored)
         canonical: dict[str, object] = dict(values)
         unresolved: set[str] = set()
         for spec in rt.fields.values():
@@ -178,9 +220,8 @@ class IndexAudit:
             for ix in rt.indexes.values()
             if any(c.field in unresolved for c in ix.components)
         )
-        # Sealed afresh only for its tokens: the same code that wrote them at ingest, decoys
-        # included, so the check cannot drift from what ingest does.
-        sealed = self._codec.seal(CanonicalRecord(rt.name, canonical, 0))
-        if sealed.record_id != stored.record_id:
-            return None
-        return frozenset(t for t in sealed.tokens if t[0] not in skipped), skipped
+        # The same code that wrote the tokens at ingest, decoys included, so the check
+        # cannot drift from what ingest does.
+        if self._codec.id_of(CanonicalRecord(rt.name, canonical, 0)) != stored.record_id:
+            raise TamperDetected()
+        return rt, canonical, skipped

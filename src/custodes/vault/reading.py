@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from custodes.access import Reach
-from custodes.codec import RecordCodec, Values, role_of_link
+from custodes.codec import Probe, RecordCodec, Values, role_of_link
 from custodes.errors import (
     InvalidQuery,
     RecordNotFound,
@@ -64,11 +64,11 @@ class RecordReader:
         if value is None:
             return []
         found: dict[str, None] = {}  # ordered and free of repeats
-        for other_rt, index, token in self._codec.link_tokens(rt.name, str(value)):
+        for other_rt, index, probe in self._codec.link_probes(rt.name, str(value)):
             link_field = other_rt.fields[index.components[0].field]
             if kinds is not None and link_field.kind not in kinds:
                 continue
-            for candidate in self.find_all(index.index_id, token):
+            for candidate in self.find_all(probe):
                 # Tokens are truncated, so a bucket may hold records naming someone else:
                 # only the decrypted link field decides.
                 opened = self._codec.open(candidate, (link_field.name,))
@@ -79,21 +79,37 @@ class RecordReader:
     def first_match(self, rt: RecordType, spec: IndexSpec, parts: tuple[str, ...]) -> str | None:
         """The id of a stored record that truly carries these index values, or None:
         the bucket's other records are dropped after opening their indexed fields alone."""
-        token = self._codec.token(spec, parts)
-        probe = set(spec.field_names)
-        for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
-            if self.matches(rt, spec, parts, stored.record_id, self._codec.open(stored, probe)):
+        names = set(spec.field_names)
+        for stored in self.bucket(self._codec.probe(spec, parts), MAX_RESULTS):
+            if self.matches(rt, spec, parts, stored.record_id, self._codec.open(stored, names)):
                 return stored.record_id
         return None
 
-    def find_all(self, index_id: int, token: int) -> list[StoredRecord]:
-        limit = _FIRST_PAGE
-        while True:
-            ids = self._storage.find(index_id, token, limit)
-            if len(ids) < limit:
-                break
-            limit *= 4
-        return self.load(ids)
+    def bucket(self, probe: Probe, limit: int) -> list[StoredRecord]:
+        """The stored records carrying a probe's tokens, at most `limit`, by id: every
+        search's one way into the index. While index keys rotate a record may carry its
+        tokens under two versions, and is returned once."""
+        if len(probe) == 1:
+            (index_id, token), *_ = probe
+            return self._storage.find_records(index_id, token, limit)
+        found: dict[str, StoredRecord] = {}
+        for index_id, token in probe:
+            for stored in self._storage.find_records(index_id, token, limit):
+                found.setdefault(stored.record_id, stored)
+        return [found[rid] for rid in sorted(found)[:limit]]
+
+    def find_all(self, probe: Probe) -> list[StoredRecord]:
+        """Every record carrying a probe's tokens, however many: ids first, then records."""
+        ids: set[str] = set()
+        for index_id, token in probe:
+            limit = _FIRST_PAGE
+            while True:
+                page = self._storage.find(index_id, token, limit)
+                if len(page) < limit:
+                    break
+                limit *= 4
+            ids.update(page)
+        return self.load(sorted(ids))
 
     # -- what an assigned case opens ---------------------------------------------------
 
@@ -124,8 +140,7 @@ class RecordReader:
                     parts = query_parts(rt, spec, {spec.field_names[0]: case_no})
                 except SchemaError:
                     continue
-                token = self._codec.token(spec, parts)
-                for stored in self._storage.find_records(spec.index_id, token, MAX_RESULTS):
+                for stored in self.bucket(self._codec.probe(spec, parts), MAX_RESULTS):
                     opened = self._codec.open(stored)
                     if self.matches(rt, spec, parts, stored.record_id, opened):
                         yield stored.record_id, rt, opened
@@ -307,9 +322,9 @@ class RecordReader:
         # Incoming: records that name this one, found through their link indexes.
         if len(rt.source_key) == 1 and rt.source_key[0] in values:
             source_value = str(values[rt.source_key[0]])
-            for other_rt, index, token in self._codec.link_tokens(rt.name, source_value):
+            for other_rt, index, probe in self._codec.link_probes(rt.name, source_value):
                 link_field = other_rt.fields[index.components[0].field]
-                for stored in self._storage.find_records(index.index_id, token, MAX_RESULTS):
+                for stored in self.bucket(probe, MAX_RESULTS):
                     opened = self._codec.open(stored)
                     role = role_of_link(link_field, opened.get(link_field.name), record_id)
                     if role is None:

@@ -42,6 +42,7 @@ ACTION_LABELS: Mapping[Action, str] = {
     Action.BACKUP_CREATE: "Back up",
     Action.BACKUP_RESTORE: "Restore",
     Action.UNSEAL: "Unseal keys",
+    Action.KEYS_ROTATE: "Rotate keys",
     Action.EXPORT_REQUEST: "Ask for export",
     Action.EXPORT_APPROVE: "Approve export",
     Action.EXPORT_CREATE: "Produce export",

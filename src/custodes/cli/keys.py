@@ -1,0 +1,90 @@
+"""Host commands for the vault's keys: keys status (current versions, and the rows still
+under older ones), keys rotate (a new KEK, with --data new data keys, with --index a new
+blind-index key; --resume finishes one that stopped). Online: a server keeps serving.
+"""
+
+from __future__ import annotations
+
+import click
+import orjson
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from custodes.cli.common import err, open_host_vault, out, vault_options
+from custodes.vault.rotation import RotationState
+
+
+def _show(state: RotationState, as_json: bool) -> None:
+    if as_json:
+        click.echo(orjson.dumps({"finished": state.finished, **state.counts()}).decode())
+        return
+    out.print(
+        f"KEK version {state.kek_version}, data key generation {state.data_generation}, "
+        f"index key version {state.token_version}"
+    )
+    if state.finished:
+        out.print("no older key is live and no record uses one")
+        return
+    out.print(
+        f"older versions still live: {len(state.old_keks)} KEK, "
+        f"{len(state.old_token_versions)} index key; records under an older KEK: "
+        f"{state.behind_kek:,}, under older data keys: {state.behind_data:,}; "
+        f"token rows under an older index key: {state.old_tokens:,}"
+    )
+    out.print("a rotation is unfinished: 'custodes keys rotate --resume' finishes it")
+
+
+@click.command("status")
+@vault_options
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def keys_status(vault_dir: str | None, keyring: str | None, as_json: bool) -> None:
+    """The vault's key versions, and how many records are still under older ones."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        state = vault.key_state(vault.operator)
+    finally:
+        vault.close()
+    _show(state, as_json)
+
+
+@click.command("rotate")
+@vault_options
+@click.option("--data", is_flag=True, help="Also re-encrypt every record under new data keys.")
+@click.option("--index", is_flag=True, help="Also rebuild every blind-index token under a new key.")
+@click.option("--resume", is_flag=True, help="Finish a rotation that stopped, with no new key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON.")
+def keys_rotate(
+    vault_dir: str | None, keyring: str | None, data: bool, index: bool, resume: bool, as_json: bool
+) -> None:
+    """Rotate the vault's keys while it serves: a new key-encryption key rewraps every
+    record's data key (no record is re-encrypted); --data re-encrypts every record under
+    new data keys, --index rebuilds the blind-index tokens under a new index key. The old
+    keys are destroyed once nothing uses them. Killed or stopped, it resumes with
+    --resume. Every step is on the access log."""
+    if resume and (data or index):
+        raise click.UsageError(
+            "--resume finishes the rotation already begun; it takes no --data or --index"
+        )
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        with Progress(
+            TextColumn("rotate"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} records"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=as_json,
+        ) as bar:
+            task = bar.add_task("rotate", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=max(total, done))
+
+            state = vault.rotate_keys(
+                vault.operator, data=data, index=index, resume=resume, progress=progress
+            )
+    finally:
+        vault.close()
+    if not as_json:
+        out.print("rotation finished: the old keys are destroyed")
+    _show(state, as_json)
