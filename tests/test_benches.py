@@ -204,3 +204,27 @@ def test_the_backup_bench_measures_custodes_beside_its_baseline_and_leaves_nothi
     for name in ("backup custodes MiB", "backup baseline MiB"):
         (size,) = row(output, name)
         assert float(size.replace(",", "")) > 0, f"{name}: the backup holds nothing"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_keys_bench_measures_rotation_and_lookups_beside_it_and_leaves_nothing(
+    backend: str, bench_server: list[str], tmp_path: Path, private_home: Path
+) -> None:
+    output = run_bench(
+        "keys.py",
+        tmp_path,
+        private_home,
+        *bench_server,
+        *("--people", "1200", "--threads", "2", "--seconds", "0.5", "--warmup", "0.2"),
+    )
+    assert any(line.split() == [backend] for line in output.splitlines()), output
+    for name in (
+        "rewrapped/s (keys rotate)",
+        "re-encrypted and re-indexed/s",
+        "lookups/s, no rotation",
+        "lookups/s during --data --index",
+    ):
+        (rate,) = row(output, name)
+        assert float(rate.replace(",", "")) > 0, f"{name}: nothing was measured"
+    (ratio,) = row(output, "lookups during / alone")
+    assert float(ratio) > 0

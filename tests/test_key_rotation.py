@@ -5,6 +5,7 @@ uses them, every record stays readable and findable, and each step is on the log
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ def _find_everyone(vault: Vault, people: list[dict[str, Any]]) -> int:
         found += len(views) == 1
     vault.logout(session)
     return found
+
+
+def _doctor(vault: Vault) -> set[str]:
+    from custodes.doctor import Deployment, examine
+
+    return {f.check for f in examine(Deployment(vault_dir=vault.directory or Path()))}
 
 
 def _keyring(vault: Vault) -> Keyring:
@@ -159,6 +166,7 @@ def test_an_interrupted_rotation_is_finished_by_resume_and_refuses_a_new_one(
         )
     state = stocked.key_state(stocked.operator)
     assert not state.finished
+    assert "keys:rotation-unfinished" in _doctor(stocked)
     assert 0 < state.behind_data < sum(stocked._storage.key_census().kek_versions.values())
     # Every record reads and is found meanwhile, under whichever keys it holds now.
     assert _find_everyone(stocked, people) == len(people)
@@ -167,6 +175,7 @@ def test_an_interrupted_rotation_is_finished_by_resume_and_refuses_a_new_one(
 
     state = stocked.rotate_keys(stocked.operator, resume=True, sleep=lambda _s: None)
     assert state.finished
+    assert "keys:rotation-unfinished" not in _doctor(stocked)
     assert _find_everyone(stocked, people) == len(people)
     assert stocked.verify_records(stocked.operator).ok
     material = _keyring(stocked).material
@@ -194,3 +203,50 @@ def test_a_server_process_follows_a_rotation_done_beside_it(
             assert len(views) == 1
     finally:
         other.close()
+
+
+def test_an_ingest_sealed_under_keys_destroyed_meanwhile_is_refused_whole(
+    stocked: Vault, tmp_path: Path
+) -> None:
+    from custodes.synth import write_jsonl
+
+    stale = stocked._material  # what ingest workers started before the rotation hold
+    stocked.rotate_keys(stocked.operator, data=True, index=True, sleep=lambda _s: None)
+    more = tmp_path / "more.jsonl"
+    with more.open("wb") as f:
+        write_jsonl(f, 40, seed=99)
+    held = stocked._storage.count_records()
+    stocked._material = stale
+    with pytest.raises(ConfigurationError, match="rotated while this ingest ran"):
+        stocked.ingest(stocked.operator, more, workers=1)
+    assert stocked._storage.count_records() == held
+    # Run again with the keys of today, it lands.
+    stocked._material = _keyring(stocked).material
+    report = stocked.ingest(stocked.operator, more, workers=1)
+    assert report.accepted > 0 and report.rejected == 0
+    assert stocked.verify_records(stocked.operator).ok
+
+
+def test_the_keys_commands_rotate_and_report_as_the_host_runs_them(
+    stocked: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import custodes.vault.door as door
+    from custodes.cli import cli
+
+    directory = str(stocked.directory)
+    stocked.close()
+    monkeypatch.setenv("CUSTODES_KEYRING_PASSPHRASE", PASSPHRASE)
+    runner = CliRunner()
+    # No server runs beside it here, so no grace is waited for.
+    monkeypatch.setattr(door, "GRACE_SECONDS", 0.0)
+    done = runner.invoke(cli, ["keys", "rotate", "--index", "--vault", directory, "--json"])
+    assert done.exit_code == 0, done.output
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state["finished"] and state["kek_version"] == 2 and state["index_version"] == 2
+    status = runner.invoke(cli, ["keys", "status", "--vault", directory])
+    assert status.exit_code == 0, status.output
+    assert "no older key is live" in status.stdout
+    refused = runner.invoke(cli, ["keys", "rotate", "--resume", "--data", "--vault", directory])
+    assert refused.exit_code != 0 and "--resume" in refused.output

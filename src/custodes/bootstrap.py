@@ -54,6 +54,7 @@ from custodes.settings import (
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
 from custodes.storage.base import SessionRow
 from custodes.vault import Vault
+from custodes.vault.rotation import STARTED_KEY as ROTATION_STARTED
 
 if TYPE_CHECKING:
     from custodes.storage.postgres import RoleStanding
@@ -202,6 +203,9 @@ def create_vault(
         clock=clock,
         random=random,
         operator=Operator(),
+        key_watch=KeyWatch(
+            keyring_path, passphrase, keyring.material, token_pin=env(ENV_PKCS11_PIN)
+        ),
     )
 
 
@@ -844,6 +848,7 @@ class DeploymentFacts:
     signed_size: int = 0  # the largest size a stored checkpoint covers
     verifier_key: str | None = None  # the log's public key as the vault stores it
     checkpoints: tuple[tuple[int, bytes], ...] = ()  # stored (size, note), with cosignatures
+    rotation_unfinished: bool = False  # a key rotation began and has not destroyed its old keys
 
 
 def deployment_facts(directory: Path) -> DeploymentFacts | None:
@@ -866,6 +871,7 @@ def deployment_facts(directory: Path) -> DeploymentFacts | None:
             signed_size=checkpoints[-1][0] if checkpoints else 0,
             verifier_key=stored_key.decode() if stored_key else None,
             checkpoints=tuple(checkpoints),
+            rotation_unfinished=bool(storage.get_meta(ROTATION_STARTED)),
         )
     finally:
         storage.close()

@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 import orjson
 
 from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
-from custodes.crypto.blind_index import stored_index_id
+from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.errors import ConfigurationError, TamperDetected
 from custodes.records import CanonicalRecord, index_parts
 from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
@@ -82,6 +82,17 @@ class RecordCodec:
         indexer = BlindIndexer(material, self._token_bits)
         old, self._sealer, self._indexer = self._sealer, sealer, indexer
         old.close()
+
+    def current_enough(self, records: Sequence[SealedRecord]) -> bool:
+        """Whether records sealed elsewhere (by ingest workers, with the key material they
+        were handed) are under key versions still live here: a KEK this codec can unwrap,
+        tokens of a live index key version. A rotation destroys the rest."""
+        keks = self._sealer.kek_versions
+        versions = set(self._indexer.versions)
+        return all(
+            r.kek_version in keks and all(token_version_of(i) in versions for i, _ in r.tokens)
+            for r in records
+        )
 
     @property
     def key_versions(self) -> tuple[int, int, int]:

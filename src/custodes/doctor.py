@@ -94,6 +94,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_url,
         check_certificate,
         check_accounts,
+        check_rotation,
         check_log,
         check_witnesses,
         check_schema,
@@ -663,6 +664,19 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 + (": it can see personal data" if reads else ""),
                 f"'custodes account enrol {name}' and have its holder enrol, or disable it",
             )
+
+
+def check_rotation(d: Deployment) -> Iterator[Finding]:
+    facts = _facts(d)
+    if facts is not None and facts.rotation_unfinished:
+        yield Finding(
+            "keys:rotation-unfinished",
+            Severity.MEDIUM,
+            "a key rotation began and has not finished: the old keys it replaces are "
+            "still live, and records may still be under them",
+            "'custodes keys status' says how far it got; 'custodes keys rotate --resume' "
+            "finishes it",
+        )
 
 
 def _check_sessions(

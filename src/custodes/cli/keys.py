@@ -75,7 +75,7 @@ def keys_rotate(
             console=err,
             transient=as_json,
         ) as bar:
-            task = bar.add_task("rotate", total=None)
+            task = bar.add_task("rotate", total=0)
 
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=max(total, done))

@@ -151,6 +151,11 @@ class RecordSealer:
         return self._kek_version
 
     @property
+    def kek_versions(self) -> frozenset[int]:
+        """The KEK versions this sealer can unwrap under."""
+        return self._keks.versions()
+
+    @property
     def data_generation(self) -> int:
         """The data key generation new records are sealed under."""
         return self._data_generation

@@ -79,6 +79,7 @@ from custodes.vault.reading import MAX_RESULTS, RecordReader, fact_fields, plain
 from custodes.vault.rotation import (
     CURSOR_KEY,
     MAX_PASSES,
+    STARTED_KEY,
     RotationState,
     Sweeper,
     behind,
@@ -819,6 +820,7 @@ class Vault:
                     "--resume'"
                 )
             step("start", data=int(data), index=int(index))
+            self._storage.set_meta(STARTED_KEY, b"1")
             keyring.rotate(watch.secret, data=data, index=index)
             watch.refresh()
             sleep(GRACE_SECONDS)
@@ -866,6 +868,7 @@ class Vault:
                 watch.secret, keks=state.old_keks, token_versions=state.old_token_versions
             )
             watch.refresh()
+        self._storage.set_meta(STARTED_KEY, b"")
         return behind(self._material, self._storage.key_census())
 
     def verify_records(self, principal: Principal) -> IndexCheck:
@@ -982,6 +985,15 @@ class Vault:
 
         def write_batch(records: Sequence[SealedRecord]) -> frozenset[str]:
             def write(_: Grant) -> Done[frozenset[str]]:
+                # The workers seal under the keys they were started with; a rotation
+                # finished since may have destroyed those (the access function has read
+                # the keyring afresh just now). Refused whole, and an ingest run again
+                # skips what is stored.
+                if not self._codec.current_enough(records):
+                    raise ConfigurationError(
+                        "the vault's keys were rotated while this ingest ran: run it again "
+                        "(records already stored are skipped)"
+                    )
                 outcome = self._storage.write_batch(records)
                 if outcome.inserted == len(records):
                     stored = frozenset(r.record_id for r in records)

@@ -40,6 +40,7 @@ __all__ = [
     "CURSOR_KEY",
     "MAX_PASSES",
     "PAGE",
+    "STARTED_KEY",
     "RotationState",
     "RotationStep",
     "Sweeper",
@@ -50,6 +51,9 @@ __all__ = [
 
 PAGE = 1000
 CURSOR_KEY = "rotation.cursor"
+# Set when a rotation begins, emptied when it has destroyed the old keys: only a hint, for
+# `doctor` (which holds no key); the keyring and the census decide what is finished.
+STARTED_KEY = "rotation.started"
 # Passes over the records before giving up: one normally, another if records were written
 # under old keys by a process that had not yet read the keyring (it reads it within the
 # grace period, so a third pass finds nothing new).
