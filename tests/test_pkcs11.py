@@ -344,3 +344,49 @@ def test_a_wrapped_key_changed_in_storage_fails_as_tampering_and_a_lost_session_
     sealer.close()
     with pytest.raises(KeyStoreUnavailable, match=LABEL):
         sealer.open("person", "r1", version, wrapped, payload)
+
+
+def test_a_token_kek_rotates_inside_the_token_and_the_old_one_is_destroyed_there(
+    hsm: SoftHsm, tmp_path: Path, population_file: Path
+) -> None:
+    import pkcs11
+
+    vault = token_vault(tmp_path)
+    try:
+        vault.ingest(vault.operator, population_file)
+    finally:
+        vault.close()
+    person = first_person(population_file)
+    keyring_path = tmp_path / "keys" / "test.keyring"
+    before = Keyring.open(keyring_path, passphrase=PASSPHRASE, token_pin=PIN).material
+    assert before.token is not None
+    old_label = before.token.key_labels[1]
+    vault = reopen(tmp_path)
+    try:
+        state = vault.rotate_keys(vault.operator, sleep=lambda _s: None)
+        assert state.finished and state.kek_version == 2
+        assert set(vault._storage.key_census().kek_versions) == {2}
+        session = login(vault)
+        found = vault.search(
+            session,
+            PURPOSE,
+            record_type="person",
+            index="national_id",
+            values={"national_id": str(person["national_id"])},
+        )
+        assert vault.reveal(session, PURPOSE, found[0].record_id, "address") == person["address"]
+    finally:
+        vault.close()
+    after = Keyring.open(keyring_path, passphrase=PASSPHRASE, token_pin=PIN).material
+    assert after.keks == {} and after.token is not None
+    assert set(after.token.key_labels) == {2}
+    new_label = after.token.key_labels[2]
+    lib = pkcs11.lib(MODULE)
+    with lib.get_token(token_label=LABEL).open(user_pin=PIN) as session:
+        labels = {
+            key.label
+            for key in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})
+        }
+    # The old KEK is gone from the token itself; the new one never left it.
+    assert old_label not in labels and new_label in labels
+    assert PIN not in keyring_path.read_text()

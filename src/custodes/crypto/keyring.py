@@ -249,17 +249,27 @@ class Keyring:
         have changed since this keyring was opened (another process may have rotated
         already: rewriting from a stale copy would lose its new key).
         """
-        if self._material.token is not None:
-            raise KeyringError(
-                f"this vault's KEKs are in the {self._material.token.describe()}: "
-                "rotating them in the token is not supported yet"
-            )
+        pin = None if self._material.token is None else self._material.token.pin
 
         def start(material: KeyMaterial) -> KeyMaterial:
-            keks = dict(material.keks)
-            version = max(keks) + 1
-            keks[version] = os.urandom(KEY_BYTES)
-            material = material._replace(kek_version=version, keks=keks)
+            if material.token is None:
+                keks = dict(material.keks)
+                version = max(keks) + 1
+                keks[version] = os.urandom(KEY_BYTES)
+                material = material._replace(kek_version=version, keks=keks)
+            else:
+                # Made inside the token; a random part in its label, so that a key left
+                # by a rotation that died before the keyring named it is never reused.
+                from custodes.crypto.pkcs11 import generate_token_kek
+
+                token = material.token._replace(pin=pin or "")
+                version = max(token.key_labels) + 1
+                label = f"custodes-kek-{material.vault_id.hex()}-v{version}-{os.urandom(4).hex()}"
+                generate_token_kek(token, label)
+                labels = {**token.key_labels, version: label}
+                material = material._replace(
+                    kek_version=version, token=material.token._replace(key_labels=labels)
+                )
             if data:
                 if material.data_generation >= MAX_DATA_GENERATION:
                     raise KeyringError("the data keys have rotated as often as they can")
@@ -287,14 +297,28 @@ class Keyring:
             if material.kek_version in keks or material.token_version in token_versions:
                 raise KeyringError("the current key versions cannot be retired")
             roots = material.index_roots()
-            if not keks <= material.keks.keys() or not token_versions <= roots.keys():
+            if not keks <= material.kek_versions() or not token_versions <= roots.keys():
                 raise KeyringError("no such key version to retire")
+            token = material.token
+            if token is not None:
+                labels = {v: k for v, k in token.key_labels.items() if v not in keks}
+                token = token._replace(key_labels=labels)
             return material._replace(
                 keks={v: k for v, k in material.keks.items() if v not in keks},
                 token_roots={v: r for v, r in roots.items() if v not in token_versions},
+                token=token,
             )
 
-        return self._rewrite(passphrase, drop)
+        before = self._material.token
+        material = self._rewrite(passphrase, drop)
+        if before is not None:
+            # Only once the keyring no longer names them: a crash in between leaves a key
+            # nothing uses in the token, never a keyring naming a key that is gone.
+            from custodes.crypto.pkcs11 import destroy_token_kek
+
+            for version in sorted(keks):
+                destroy_token_kek(before, before.key_labels[version])
+        return material
 
     def _rewrite(
         self, passphrase: str, change: Callable[[KeyMaterial], KeyMaterial]
@@ -325,21 +349,29 @@ class Keyring:
             sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:
             os.close(fd)
-        self._material = material._replace(token=self._material.token)
+        self._material = self._with_pin(material)
         return self._material
+
+    def _with_pin(self, material: KeyMaterial) -> KeyMaterial:
+        """Material read from the file, with the token PIN this keyring was opened with."""
+        if material.token is None or self._material.token is None:
+            return material
+        return material._replace(token=material.token._replace(pin=self._material.token.pin))
 
     def reload(self, passphrase: str) -> KeyMaterial:
         """The keyring as it is on disk now (after another process rotated or retired)."""
         raw = sealed_file.read_sealed_file(self._path, what=_FILE)
         material, _, _ = _unseal(raw, passphrase, self._material.vault_id)
-        self._material = material._replace(token=self._material.token)
+        self._material = self._with_pin(material)
         return self._material
 
 
 def _same_material(a: KeyMaterial, b: KeyMaterial) -> bool:
     if a.vault_id != b.vault_id or a.kek_version != b.kek_version or a.keks.keys() != b.keks.keys():
         return False
-    if a.token != b.token or (a.token_version, a.data_generation) != (
+    a_token = None if a.token is None else a.token._replace(pin="")
+    b_token = None if b.token is None else b.token._replace(pin="")
+    if a_token != b_token or (a.token_version, a.data_generation) != (
         b.token_version,
         b.data_generation,
     ):

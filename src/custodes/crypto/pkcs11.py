@@ -15,7 +15,13 @@ from typing import Any, NamedTuple
 
 from custodes.errors import KeyringError, TamperDetected
 
-__all__ = ["KeyStoreUnavailable", "Pkcs11Keks", "TokenKeks", "generate_token_kek"]
+__all__ = [
+    "KeyStoreUnavailable",
+    "Pkcs11Keks",
+    "TokenKeks",
+    "destroy_token_kek",
+    "generate_token_kek",
+]
 
 KEK_BITS = 256
 
@@ -149,6 +155,32 @@ def generate_token_kek(token: TokenKeks, label: str) -> None:
         )
 
 
+def destroy_token_kek(token: TokenKeks, label: str) -> int:
+    """Destroy the token's key objects labelled `label` (a retired KEK version); returns
+    how many went. The token's own deletion: no copy of the key ever left it."""
+    pkcs11 = _pkcs11()
+    attr = pkcs11.Attribute
+    with _session(token, rw=True) as session:
+        found = list(
+            session.get_objects({attr.LABEL: label, attr.CLASS: pkcs11.ObjectClass.SECRET_KEY})
+        )
+        for key in found:
+            key.destroy()
+        return len(found)
+
+
+def _lost(pkcs11: Any) -> tuple[type[Exception], ...]:
+    """Errors after which a new session on the same token may well succeed."""
+    errors = pkcs11.exceptions
+    return (
+        errors.ObjectHandleInvalid,
+        errors.KeyHandleInvalid,
+        errors.SessionClosed,
+        errors.SessionHandleInvalid,
+        errors.UserNotLoggedIn,
+    )
+
+
 def _gone(pkcs11: Any) -> tuple[type[Exception], ...]:
     errors = pkcs11.exceptions
     return (
@@ -164,17 +196,28 @@ def _gone(pkcs11: Any) -> tuple[type[Exception], ...]:
 class Pkcs11Keks:
     """A `KekProvider` whose KEKs are in a token; one session per instance (and process)."""
 
-    __slots__ = ("_keys", "_lock", "_mechanism", "_params", "_session", "_token")
+    __slots__ = ("_closed", "_keys", "_lock", "_mechanism", "_params", "_session", "_token")
 
     def __init__(self, token: TokenKeks) -> None:
         pkcs11 = _pkcs11()
         self._token = token
-        self._session = _session(token)
-        self._keys: dict[int, Any] = {}
+        self._closed = False
+        self._session, self._keys = self._open()
+        self._mechanism = pkcs11.Mechanism.AES_GCM
+        self._params = pkcs11.mechanisms.GCMParams
+        # A PKCS#11 session runs one operation at a time.
+        self._lock = threading.Lock()
+
+    def _open(self) -> tuple[Any, dict[int, Any]]:
+        """A session on the token and a handle on each of the KEKs."""
+        pkcs11 = _pkcs11()
+        token = self._token
+        session = _session(token)
+        keys: dict[int, Any] = {}
         try:
             for version, label in token.key_labels.items():
                 try:
-                    self._keys[version] = self._session.get_key(
+                    keys[version] = session.get_key(
                         object_class=pkcs11.ObjectClass.SECRET_KEY,
                         key_type=pkcs11.KeyType.AES,
                         label=label,
@@ -185,12 +228,21 @@ class Pkcs11Keks:
                         f"labelled {label!r} (version {version}): no record under it opens"
                     ) from None
         except BaseException:
-            self._session.close()
+            session.close()
             raise
-        self._mechanism = pkcs11.Mechanism.AES_GCM
-        self._params = pkcs11.mechanisms.GCMParams
-        # A PKCS#11 session runs one operation at a time.
-        self._lock = threading.Lock()
+        return session, keys
+
+    def _again(self) -> None:
+        """Open the session again after the token let go of it (held by the lock). A
+        login belongs to the process, and some tokens (SoftHSM2) log the process out
+        when the session that logged in closes, as a rotation closes the old keys'
+        session: the handles then fail, and a new session logs in again."""
+        try:
+            self._session.close()
+        except Exception:
+            pass
+        _logins.pop(_slot(self._token), None)
+        self._session, self._keys = self._open()
 
     def __repr__(self) -> str:
         return f"Pkcs11Keks({self._token!r})"
@@ -202,11 +254,18 @@ class Pkcs11Keks:
         pkcs11 = _pkcs11()
         try:
             with self._lock:
-                result: bytes = self._keys[version].encrypt(
-                    data_key,
-                    mechanism=self._mechanism,
-                    mechanism_param=self._params(nonce, aad, 128),
-                )
+                for attempt in (0, 1):
+                    try:
+                        result: bytes = self._keys[version].encrypt(
+                            data_key,
+                            mechanism=self._mechanism,
+                            mechanism_param=self._params(nonce, aad, 128),
+                        )
+                        break
+                    except _lost(pkcs11):
+                        if attempt or self._closed:
+                            raise
+                        self._again()
         except pkcs11.exceptions.PKCS11Error as exc:
             raise KeyStoreUnavailable(
                 f"the {self._token.describe()} refused to wrap a data key: {type(exc).__name__}"
@@ -220,11 +279,18 @@ class Pkcs11Keks:
         pkcs11 = _pkcs11()
         try:
             with self._lock:
-                result: bytes = key.decrypt(
-                    wrapped,
-                    mechanism=self._mechanism,
-                    mechanism_param=self._params(nonce, aad, 128),
-                )
+                for attempt in (0, 1):
+                    try:
+                        result: bytes = self._keys[version].decrypt(
+                            wrapped,
+                            mechanism=self._mechanism,
+                            mechanism_param=self._params(nonce, aad, 128),
+                        )
+                        break
+                    except _lost(pkcs11):
+                        if attempt or self._closed:
+                            raise
+                        self._again()
         except _gone(pkcs11) as exc:
             # The token went away: that is no tampering, and no record opens until it is back.
             raise KeyStoreUnavailable(
@@ -237,4 +303,5 @@ class Pkcs11Keks:
         return result
 
     def close(self) -> None:
+        self._closed = True
         self._session.close()

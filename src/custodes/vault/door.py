@@ -83,7 +83,6 @@ from custodes.vault.rotation import (
     RotationState,
     Sweeper,
     behind,
-    check_rotatable,
     old_index_ids,
 )
 from custodes.vault.rotation import (
@@ -794,7 +793,6 @@ class Vault:
         who = self._gate.check(operator)
         authorise(who.role, Action.KEYS_ROTATE, scope=who.scope)
         keyring = watch.keyring()
-        check_rotatable(keyring.material)
         state = behind(keyring.material, self._storage.key_census())
 
         def step(name: str, **counts: int) -> None:

@@ -31,7 +31,7 @@ from custodes.codec import RecordCodec
 from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.crypto.envelope import RecordSealer
 from custodes.crypto.keyring import KeyMaterial
-from custodes.errors import ConfigurationError, TamperDetected
+from custodes.errors import TamperDetected
 from custodes.schema import Schema
 from custodes.storage.base import KeyCensus, Rekeyed, Storage, StoredRecord
 from custodes.vault.integrity import IndexAudit
@@ -45,7 +45,6 @@ __all__ = [
     "RotationStep",
     "Sweeper",
     "behind",
-    "check_rotatable",
     "old_index_ids",
 ]
 
@@ -219,11 +218,3 @@ def old_index_ids(schema: Schema, versions: tuple[int, ...]) -> list[int]:
         for index in schema.all_indexes()
         for version in versions
     ]
-
-
-def check_rotatable(material: KeyMaterial) -> None:
-    if material.token is not None:
-        raise ConfigurationError(
-            f"this vault's KEKs are in the {material.token.describe()}: rotating them in "
-            "the token is not supported yet"
-        )
