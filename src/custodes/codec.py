@@ -104,15 +104,16 @@ class RecordCodec:
         does not unwrap."""
         return self._sealer.rewrap(stored.record_id, stored.kek_version, stored.wrapped_key)
 
-    def reseal(self, stored: StoredRecord) -> tuple[int, bytes, bytes]:
-        """A stored record sealed again under a fresh data key of the current generation:
-        (kek_version, wrapped_key, payload). Authenticated whole first."""
+    def reseal(self, stored: StoredRecord) -> tuple[tuple[int, bytes, bytes], Values]:
+        """A stored record sealed again under a fresh data key of the current generation,
+        (kek_version, wrapped_key, payload), and its values (opened to do it, so that a
+        caller needing them opens it once). Authenticated whole first."""
         rt = self.type_of(stored)
         sealer = self._sealer
         fields = sealer.open(
             rt.name, stored.record_id, stored.kek_version, stored.wrapped_key, stored.payload
         )
-        return sealer.seal(rt.name, stored.record_id, fields)
+        return sealer.seal(rt.name, stored.record_id, fields), self._decode(rt, fields)
 
     def record_id(self, record_type: str, source_key: Sequence[str]) -> str:
         return self._indexer.record_id(record_type, source_key)
@@ -206,6 +207,10 @@ class RecordCodec:
             stored.payload,
             names,
         )
+        return self._decode(rt, raw)
+
+    @staticmethod
+    def _decode(rt: RecordType, raw: Mapping[str, bytes]) -> Values:
         values: Values = {}
         for name, data in raw.items():
             spec = rt.fields.get(name)

@@ -7,6 +7,7 @@ PIN, no record opens (threat 19).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import threading
@@ -237,10 +238,9 @@ class Pkcs11Keks:
         login belongs to the process, and some tokens (SoftHSM2) log the process out
         when the session that logged in closes, as a rotation closes the old keys'
         session: the handles then fail, and a new session logs in again."""
-        try:
+        # A session already gone is what is being mended.
+        with contextlib.suppress(Exception):
             self._session.close()
-        except Exception:
-            pass
         _logins.pop(_slot(self._token), None)
         self._session, self._keys = self._open()
 

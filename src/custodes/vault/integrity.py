@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from custodes.codec import RecordCodec
+from custodes.codec import RecordCodec, Values
 from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.errors import (
     TamperDetected,
@@ -179,12 +179,17 @@ class IndexAudit:
         return tokens, skipped
 
     def tokens_under(
-        self, stored: StoredRecord, linked: Mapping[str, str], version: int
+        self,
+        stored: StoredRecord,
+        linked: Mapping[str, str],
+        version: int,
+        values: Values | None = None,
     ) -> tuple[tuple[int, int], ...]:
         """A stored record's tokens under one index key version, as ingest would write
         them, less those of a link to a record not stored (its value is not known);
-        TamperDetected if the record does not open. For rotating the index keys."""
-        rt, canonical, skipped_ids = self._canonical(stored, linked)
+        TamperDetected if the record does not open. For rotating the index keys; `values`
+        are the record's own, if the caller opened it already."""
+        rt, canonical, skipped_ids = self._canonical(stored, linked, values)
         skipped = {stored_index_id(index_id, version) for index_id in skipped_ids}
         return tuple(
             t
@@ -193,12 +198,12 @@ class IndexAudit:
         )
 
     def _canonical(
-        self, stored: StoredRecord, linked: Mapping[str, str]
+        self, stored: StoredRecord, linked: Mapping[str, str], opened: Values | None = None
     ) -> tuple[RecordType, dict[str, object], frozenset[int]]:
         """A stored record's canonical values as ingest had them (links by their linked
         record's value), and the index ids of links to records not stored."""
         rt = self._codec.type_of(stored)
-        values = self._codec.open(stored)
+        values = self._codec.open(stored) if opened is None else opened
         canonical: dict[str, object] = dict(values)
         unresolved: set[str] = set()
         for spec in rt.fields.values():

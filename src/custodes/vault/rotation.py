@@ -188,15 +188,16 @@ class Sweeper:
                 continue
             try:
                 payload: bytes | None = None
+                values = None
                 if reseal:
-                    version, wrapped, payload = self.codec.reseal(stored)
+                    (version, wrapped, payload), values = self.codec.reseal(stored)
                 elif rewrap:
                     version, wrapped = self.codec.rewrap(stored)
                 else:
                     version, wrapped = stored.kek_version, stored.wrapped_key
                 tokens: tuple[tuple[int, int], ...] = ()
                 if reindex:
-                    tokens = audit.tokens_under(stored, linked, index_version)
+                    tokens = audit.tokens_under(stored, linked, index_version, values)
             except TamperDetected:
                 # A record that does not open is left as it is: `audit verify-records`
                 # reports it, and the census keeps its old key from being destroyed.
