@@ -19,6 +19,10 @@ from custodes.policy import Role
 from custodes.settings import VaultLayout
 from custodes.vault import Vault
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PURPOSE, login
+from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
+    postgres_dsn_fixture,
+    postgres_server_fixture,
+)
 
 
 def _open(directory: Path) -> Vault:
@@ -250,3 +254,32 @@ def test_the_keys_commands_rotate_and_report_as_the_host_runs_them(
     assert "no older key is live" in status.stdout
     refused = runner.invoke(cli, ["keys", "rotate", "--resume", "--data", "--vault", directory])
     assert refused.exit_code != 0 and "--resume" in refused.output
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_full_rotation_leaves_every_record_found_and_no_old_key(
+    tmp_path: Path, population_file: Path, people: list[dict[str, Any]], postgres_dsn: Any
+) -> None:
+    created = create_vault(
+        tmp_path / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "pg.keyring",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        database=postgres_dsn(),
+    )
+    try:
+        created.ingest(created.operator, population_file, workers=1)
+    finally:
+        created.close()
+    vault = _open(tmp_path / "vault")
+    try:
+        state = vault.rotate_keys(vault.operator, data=True, index=True, sleep=lambda _s: None)
+        assert state.finished
+        census = vault._storage.key_census()
+        assert set(census.kek_versions) == {2} and set(census.data_generations) == {2}
+        assert {index_id >> 32 for index_id in census.token_index_ids} == {1}
+        assert _find_everyone(vault, people) == len(people)
+        assert vault.verify_records(vault.operator).ok
+    finally:
+        vault.close()
