@@ -139,6 +139,14 @@ class RecordStore(Protocol):
         them, sorted). For checking the search index against the records themselves."""
         ...
 
+    def erase_records(self, record_ids: Sequence[str]) -> int:
+        """Delete these records with their wrapped data keys and every blind-index token
+        of theirs, in one durable transaction; how many were stored (unknown ids are
+        skipped). Crypto-shredding: without its data key the record cannot be opened
+        from any copy of its payload. Sends nothing a database keeps readable that it
+        can avoid keeping (see each backend)."""
+        ...
+
 
 @runtime_checkable
 class AccountStore(Protocol):
