@@ -26,6 +26,7 @@ from custodes.alert_book import AlertBook, AlertState, RecordedAlert
 from custodes.alerts import Dispatcher
 from custodes.audit import AccessEntry, AccessLog, sequencer
 from custodes.audit.checkpoint import LogLoss
+from custodes.audit.erasures import ErasureLedger
 from custodes.audit.report import (
     ReportedAccess,
     SubjectReport,
@@ -70,6 +71,7 @@ from custodes.sessions import (
     Session,
 )
 from custodes.storage.base import SealedRecord, Storage, StoredRecord
+from custodes.vault.erasure import Erasures
 from custodes.vault.exports import Exports
 from custodes.vault.guard import AnomalyGuard, flagged_records, store_flagged
 from custodes.vault.integrity import IndexAudit, IndexCheck
@@ -96,6 +98,7 @@ class Vault:
         random: Random,
         operator: Operator | None = None,
         directory: Path | None = None,
+        erasure_ledger: ErasureLedger,
         session_ttl: float = 8 * 3600,
         guard_settings: GuardSettings | None = None,
     ) -> None:
@@ -130,6 +133,7 @@ class Vault:
         )
         self._alert_book = AlertBook(storage, RowMacs(material))
         self._canaries = CanaryList(storage, material)
+        housekeeper = Operator(username="vault")
         self._gate = AccessGate(
             keeper=self._keeper,
             accounts=accounts,
@@ -140,6 +144,7 @@ class Vault:
             usage=storage,
             alert_book=self._alert_book,
             canaries=self._canaries,
+            housekeeper=housekeeper,
         )
         self.admin = Administration(
             gate=self._gate,
@@ -159,6 +164,18 @@ class Vault:
             material=material,
             clock=clock,
             random=random,
+        )
+        # Erasure on two people's word, retention, and the ledger that outlives restores.
+        self.erasures = Erasures(
+            gate=self._gate,
+            storage=storage,
+            codec=codec,
+            schema=schema,
+            ledger=erasure_ledger,
+            material=material,
+            clock=clock,
+            random=random,
+            housekeeper=housekeeper,
         )
 
     def __repr__(self) -> str:
@@ -655,6 +672,10 @@ class Vault:
         """
 
         def run(_: Grant) -> Done[list[str]]:
+            if self.erasures.erased(record_id) is not None:
+                # Erased: the record's source key went with it, so the records that named
+                # the person cannot be found; the report says it was erased.
+                return Done([record_id], (record_id,))
             records = [record_id, *self._reader.incoming_links(record_id)]
             return Done(records, (record_id,))
 
@@ -726,6 +747,7 @@ class Vault:
                     proof=proof,
                 )
             )
+        erasure = self.erasures.erased(subject)
         return SubjectReport(
             origin=log.origin,
             subject=subject,
@@ -734,6 +756,8 @@ class Vault:
             checkpoint=checkpoint,
             accesses=tuple(accesses),
             report_index=report_index,
+            erased_at=None if erasure is None else iso_time(erasure.at),
+            erased_for=None if erasure is None else erasure.reason,
         )
 
     def verify_records(self, principal: Principal) -> IndexCheck:
@@ -997,8 +1021,16 @@ class Vault:
     def record_restore(self, operator: Principal, detail: Mapping[str, Any]) -> None:
         """Put a restore from a backup on the restored vault's own log (the backup's id,
         counts and checkpoint: the entries after it are not in the backup), then sign a
-        checkpoint over it (custodes.backup)."""
-        self._gate.access(operator, Action.BACKUP_RESTORE, lambda _: Done(None), detail=detail)
+        checkpoint over it (custodes.backup). Opening the restored vault applied the
+        erasure ledger again (each record it erased on the log as `vault:records:erase`);
+        the restore's entry counts the records the ledger names."""
+        self.erasures.reapply()
+        self._gate.access(
+            operator,
+            Action.BACKUP_RESTORE,
+            lambda _: Done(None),
+            detail={**detail, "erased_on_ledger": len(self.erasures.ledgered())},
+        )
         self._log.checkpoint()
 
 

@@ -1,0 +1,322 @@
+"""Erasure and retention: a person erased on two officials' word stays erased, also when
+a backup taken before the erasure is restored; expired records are purged the same way;
+the access log keeps the fact of past accesses and still verifies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from custodes.audit.erasures import erasures_path, read_erasures
+from custodes.audit.report import as_json, render_text, report_from_json
+from custodes.backup.sqlite import restore_sqlite
+from custodes.bootstrap import open_vault, verify_log_files
+from custodes.errors import (
+    AccessDenied,
+    ErasureLedgerBroken,
+    RecordNotFound,
+    SelfApproval,
+)
+from custodes.policy import AccessPurpose, Action, Role
+from custodes.settings import VaultLayout
+from custodes.vault import Session, Vault
+from tests.conftest import FAST_HASH, PASSPHRASE, PURPOSE, login, make_vault
+from tests.test_backup import back_up, log_actions, populated, relogin, search
+from tests.test_stolen_disk import personal_values, scan_bytes
+
+ERASURE = AccessPurpose("the person's own erasure request, letter SAR-2026-17")
+AUDIT = AccessPurpose("review of erasures")
+
+
+def record_id_of(vault: Vault, session: Session, person: dict[str, Any]) -> str:
+    found = vault.search(
+        session,
+        PURPOSE,
+        record_type="person",
+        index="national_id",
+        values={"national_id": str(person["national_id"])},
+    )
+    assert len(found) == 1
+    return found[0].record_id
+
+
+def sealed_bytes(database: Path, record_id: str) -> tuple[bytes, bytes]:
+    """A stored record's sealed payload and wrapped data key, as the file holds them."""
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+        row = conn.execute(
+            "SELECT r.payload, k.wrapped FROM records AS r JOIN data_keys AS k"
+            " ON k.seq = r.seq WHERE r.record_id = ?",
+            (record_id,),
+        ).fetchone()
+    assert row is not None
+    return bytes(row[0]), bytes(row[1])
+
+
+def byte_hits(directory: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in directory.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            hits += [f"{path.name}: {len(n)} bytes" for n in needles if n in data]
+    return hits
+
+
+def ledger_of(vault: Vault) -> Path:
+    assert vault.directory is not None
+    return erasures_path(VaultLayout(vault.directory).read().log_key)
+
+
+def test_a_restored_backup_does_not_bring_an_erased_person_back(tmp_path: Path) -> None:
+    held = populated(tmp_path, count=300)
+    vault, people = held.vault, held.people
+    asker = login(vault, Role.AUDITOR, "wu.min")
+    approver = login(vault, Role.SUPERVISOR, "li.jing")
+    person = people[0]
+    record_id = record_id_of(vault, approver, person)
+    # Past accesses the log must keep: a read of the record and a search.
+    vault.record(approver, PURPOSE, record_id)
+    log_key = vault.log_verifier_key
+    made = back_up(vault, tmp_path / "offsite" / "monday")
+    payload, wrapped = sealed_bytes(held.directory / "vault.db", record_id)
+
+    request_id = vault.erasures.request(asker, ERASURE, record_id)
+    status = vault.erasures.approve(approver, request_id)
+    assert (status.state, status.approver) == ("erased", "li.jing")
+    assert search(vault, approver, person) == 0
+    with pytest.raises(RecordNotFound):
+        vault.record(approver, PURPOSE, record_id)
+    ledger = ledger_of(vault)
+    assert [e.records for e in read_erasures(ledger, log_key)] == [(record_id,)]
+    vault.close()
+
+    restored = restore_sqlite(
+        made.directory,
+        tmp_path / "vault-restored",
+        keys=tmp_path / "keys-restored",
+        passphrase=PASSPHRASE,
+        log_key=log_key,
+        erasures=ledger,
+    )
+    # The backup holds the person; the restored vault does not, in any file: no value of
+    # theirs in clear, and neither their sealed payload nor their wrapped data key.
+    assert byte_hits(made.directory, [payload, wrapped])
+    assert byte_hits(restored.directory, [payload, wrapped]) == []
+    assert byte_hits(tmp_path / "keys-restored", [payload, wrapped]) == []
+    assert scan_bytes(restored.directory, personal_values([person])) == []
+
+    reopened = open_vault(restored.directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        officer = relogin(reopened, "li.jing")
+        assert search(reopened, officer, person) == 0
+        with pytest.raises(RecordNotFound):
+            reopened.record(officer, PURPOSE, record_id)
+        assert reopened.count() == len(held.records) - 1
+        # The log keeps the fact of the past accesses, and says the person was erased.
+        auditor = relogin(reopened, "wu.min")
+        report = reopened.subject_report(auditor, AUDIT, record_id)
+        actions = [a.action for a in report.accesses]
+        assert Action.READ.value in actions
+        # The request was logged after the backup and is lost with the later log; the
+        # ledger, kept with the keys, is what remembers the erasure.
+        assert Action.ERASE_REQUEST.value not in actions
+        assert report.erased_for == f"request {request_id}"
+        assert report.erased_at is not None
+        assert "Erased" in render_text(report)
+        assert report_from_json(as_json(report)).erased_for == report.erased_for
+        restores = log_actions(reopened, auditor, Action.BACKUP_RESTORE)
+        assert restores[-1]["erased_on_ledger"] == 1
+        reapplied = log_actions(reopened, auditor, Action.ERASE)
+        assert [(e["kind"], e["outcome"], e["actor"]) for e in reapplied] == [
+            ("ledger", "granted", "vault")
+        ]
+    finally:
+        reopened.close()
+    assert verify_log_files(restored.directory, log_key=log_key).entries > 0
+
+
+def test_a_restore_finds_the_ledger_kept_with_the_vaults_keys(tmp_path: Path) -> None:
+    held = populated(tmp_path, count=60)
+    vault, people = held.vault, held.people
+    asker = login(vault, Role.SUPERVISOR, "wu.min")
+    approver = login(vault, Role.ADMIN, "zhao.lei")
+    officer = login(vault, Role.SUPERVISOR, "li.jing")
+    record_id = record_id_of(vault, officer, people[1])
+    made = back_up(vault, tmp_path / "offsite" / "monday")
+    vault.erasures.approve(approver, vault.erasures.request(asker, ERASURE, record_id))
+    log_key = vault.log_verifier_key
+    vault.close()
+    # No ledger named: the one beside the vault's log key where keys are kept by default.
+    restored = restore_sqlite(
+        made.directory,
+        tmp_path / "vault-restored",
+        keys=tmp_path / "keys-restored",
+        passphrase=PASSPHRASE,
+        log_key=log_key,
+    )
+    reopened = open_vault(restored.directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        assert search(reopened, relogin(reopened, "li.jing"), people[1]) == 0
+    finally:
+        reopened.close()
+
+
+def test_an_official_cannot_approve_their_own_erasure_request(sqlite_vault: Vault) -> None:
+    vault = sqlite_vault
+    supervisor = login(vault, Role.SUPERVISOR, "li.jing")
+    held = populated_one(vault, supervisor)
+    request_id = vault.erasures.request(supervisor, ERASURE, held)
+    with pytest.raises(SelfApproval):
+        vault.erasures.approve(supervisor, request_id)
+    assert vault.erasures.status(supervisor, request_id).state == "requested"
+    auditor = login(vault, Role.AUDITOR, "wu.min")
+    refused = [
+        e for e in log_actions(vault, auditor, Action.ERASE_APPROVE) if e["outcome"] == "denied"
+    ]
+    assert [e["actor"] for e in refused] == ["li.jing"]
+
+
+@pytest.mark.parametrize("role", [Role.OFFICER, Role.INVESTIGATOR, Role.AUDITOR])
+def test_an_official_without_the_approvers_role_cannot_erase(
+    sqlite_vault: Vault, role: Role
+) -> None:
+    vault = sqlite_vault
+    asker = login(vault, Role.SUPERVISOR, "li.jing")
+    record_id = populated_one(vault, asker)
+    request_id = vault.erasures.request(asker, ERASURE, record_id)
+    other = login(vault, role, "chen.hao")
+    with pytest.raises(AccessDenied):
+        vault.erasures.approve(other, request_id)
+    assert vault.erasures.status(asker, request_id).state == "requested"
+    assert vault.record(asker, PURPOSE, record_id).record_id == record_id
+
+
+def test_an_officer_cannot_even_ask_for_an_erasure(sqlite_vault: Vault) -> None:
+    vault = sqlite_vault
+    supervisor = login(vault, Role.SUPERVISOR, "li.jing")
+    record_id = populated_one(vault, supervisor)
+    officer = login(vault, Role.OFFICER, "chen.hao")
+    with pytest.raises(AccessDenied):
+        vault.erasures.request(officer, ERASURE, record_id)
+
+
+def test_a_tampered_erasure_ledger_stops_the_vault_from_serving(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    supervisor = login(vault, Role.SUPERVISOR, "li.jing")
+    admin = login(vault, Role.ADMIN, "zhao.lei")
+    record_id = populated_one(vault, supervisor)
+    vault.erasures.approve(admin, vault.erasures.request(supervisor, ERASURE, record_id))
+    directory, ledger = vault.directory, ledger_of(vault)
+    assert directory is not None
+    vault.close()
+    original = ledger.read_bytes()
+
+    # A statement's record id changed (to bring the person back under another name).
+    doc = json.loads(original)
+    doc["statements"][0] = doc["statements"][0].replace(record_id, record_id[:-1] + "x")
+    ledger.write_text(json.dumps(doc))
+    with pytest.raises(ErasureLedgerBroken):
+        open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+
+    # A statement dropped from the chain.
+    ledger.write_bytes(original)
+    reopened = open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        second = populated_one(reopened, relogin_supervisor(reopened), index=1)
+        reopened.erasures.approve(
+            relogin_admin(reopened),
+            reopened.erasures.request(relogin_supervisor(reopened), ERASURE, second),
+        )
+    finally:
+        reopened.close()
+    doc = json.loads(ledger.read_bytes())
+    doc["statements"] = doc["statements"][1:]
+    ledger.write_text(json.dumps(doc))
+    with pytest.raises(ErasureLedgerBroken):
+        open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+
+    # Garbage in place of the file.
+    ledger.write_bytes(b"not a ledger")
+    with pytest.raises(ErasureLedgerBroken):
+        open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+
+
+def test_retention_purges_an_expired_delivery_and_keeps_a_fresh_one(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    today = dt.date.today()
+    old = (today - dt.timedelta(days=800)).isoformat()
+    fresh = (today - dt.timedelta(days=30)).isoformat()
+    source = tmp_path / "deliveries.jsonl"
+    rows = [
+        delivery("SF1000000001", old, "13800000001"),
+        delivery("SF1000000002", fresh, "13800000002"),
+        delivery("SF1000000003", None, "13800000003"),
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert vault.ingest(vault.operator, source).accepted == 3
+    officer = login(vault, Role.SUPERVISOR, "li.jing")
+
+    def found(phone: str) -> int:
+        return len(
+            vault.search(
+                officer, PURPOSE, record_type="delivery", index="phone", values={"phone": phone}
+            )
+        )
+
+    assert [found(r["phone"]) for r in rows] == [1, 1, 1]
+    report = vault.erasures.retention_round(vault.operator)
+    assert report.erased == {"delivery": 1}
+    assert [found(r["phone"]) for r in rows] == [0, 1, 1]
+    ledger = read_erasures(ledger_of(vault), vault.log_verifier_key)
+    assert [e.reason for e in ledger] == ["retention delivery"]
+    # A second pass finds nothing more.
+    assert vault.erasures.retention_round(vault.operator).erased == {}
+    auditor = login(vault, Role.AUDITOR, "wu.min")
+    erased = log_actions(vault, auditor, Action.ERASE)
+    assert [(e["kind"], e["reason"], e["outcome"]) for e in erased] == [
+        ("retention", "retention delivery", "granted")
+    ]
+    assert vault.verify_log(auditor, AUDIT).entries > 0
+    vault.close()
+
+
+def delivery(waybill: str, day: str | None, phone: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "type": "delivery",
+        "waybill_no": waybill,
+        "recipient_name": "张三",
+        "phone": phone,
+        "address": "北京市朝阳区建国路1号",
+    }
+    if day is not None:
+        row["delivered_on"] = day
+    return row
+
+
+def populated_one(vault: Vault, session: Session, index: int = 0) -> str:
+    """Ingest a small population once; the record id of one of its people."""
+    from custodes.synth import write_jsonl
+
+    assert vault.directory is not None
+    source = vault.directory.parent / "people.jsonl"
+    if not source.exists():
+        with source.open("wb") as f:
+            write_jsonl(f, 20, seed=7)
+        vault.ingest(vault.operator, source)
+    people = [json.loads(line) for line in source.read_text().splitlines()]
+    people = [p for p in people if p["type"] == "person"]
+    return record_id_of(vault, session, people[index])
+
+
+def relogin_supervisor(vault: Vault) -> Session:
+    return relogin(vault, "li.jing")
+
+
+def relogin_admin(vault: Vault) -> Session:
+    return relogin(vault, "zhao.lei")
