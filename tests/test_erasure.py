@@ -320,3 +320,56 @@ def relogin_supervisor(vault: Vault) -> Session:
 
 def relogin_admin(vault: Vault) -> Session:
     return relogin(vault, "zhao.lei")
+
+
+def test_the_api_asks_approves_and_reports_an_erasure_naming_no_value(tmp_path: Path) -> None:
+    import warnings
+
+    from custodes.web.app import create_app
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*httpx2")
+        from fastapi.testclient import TestClient
+
+    vault = make_vault(tmp_path, "sqlite")
+    try:
+        asker = login(vault, Role.AUDITOR, "wu.min")
+        approver = login(vault, Role.SUPERVISOR, "li.jing")
+        record_id = populated_one(vault, approver)
+        person = next(
+            p
+            for p in (json.loads(x) for x in (tmp_path / "people.jsonl").read_text().splitlines())
+            if p["type"] == "person"
+        )
+        app = create_app(vault)
+
+        def client(session: Session) -> TestClient:
+            return TestClient(
+                app,
+                base_url="https://testserver",
+                headers={"Authorization": f"Bearer {session.token}"},
+            )
+
+        asked = client(asker).post(
+            "/api/v1/erasures",
+            json={"record_id": record_id, "purpose": "the person's own erasure request"},
+        )
+        assert asked.status_code == 201, asked.text
+        request_id = asked.json()["request_id"]
+        assert asked.json()["state"] == "requested"
+        own = client(asker).post(f"/api/v1/erasures/{request_id}/approve")
+        assert own.status_code == 403
+        done = client(approver).post(f"/api/v1/erasures/{request_id}/approve")
+        assert done.status_code == 200, done.text
+        assert done.json()["state"] == "erased" and done.json()["approver"] == "li.jing"
+        status = client(asker).get(f"/api/v1/erasures/{request_id}")
+        assert status.json()["erased_at"] is not None
+        answers = asked.text + own.text + done.text + status.text
+        assert not any(value in answers for value in personal_values([person]))
+        report = client(asker).get(
+            f"/api/v1/audit/subject/{record_id}", params={"purpose": "subject access request"}
+        )
+        assert report.status_code == 200, report.text
+        assert report.json()["erased"]["for"] == f"request {request_id}"
+    finally:
+        vault.close()

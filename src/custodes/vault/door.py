@@ -120,6 +120,7 @@ class Vault:
         self._guard_settings = guard_settings or GuardSettings()
         self._guard: AnomalyGuard | None = None
         self._guard_thread: threading.Thread | None = None
+        self._retention_thread: threading.Thread | None = None
         self._macs = RowMacs(material)
         self._keeper = Gatekeeper(
             store=storage,
@@ -312,6 +313,24 @@ class Vault:
         # Closing waits for a round under way: it must not find its storage closed.
         self._guard_thread = thread
 
+    def keep_retaining(self, every: float = 3600.0) -> None:
+        """Run the schema's retention rules every `every` seconds until the vault closes:
+        one process of a server does, beside its guard. Each expired batch is one short
+        write, so reads go on meanwhile."""
+        stop = threading.Event()
+        self._stop_signing.append(stop)
+
+        def run() -> None:
+            while not stop.wait(every):
+                try:
+                    self.erasures.retention_round(stop=stop)
+                except Exception as exc:  # the next pass tries again
+                    logger.error("the retention pass failed (%s)", type(exc).__name__)
+
+        thread = threading.Thread(target=run, name="custodes-retention", daemon=True)
+        thread.start()
+        self._retention_thread = thread
+
     def score_accounts(self, principal: Principal) -> list[Score]:
         """Every official active today, scored with its explanation, highest first; read
         from the log afresh, acting on none (`custodes guard score`). Logged, with counts."""
@@ -348,6 +367,8 @@ class Vault:
             stop.set()
         if self._guard_thread is not None:
             self._guard_thread.join(30)
+        if self._retention_thread is not None:
+            self._retention_thread.join(30)
         if self._sequencer is not None:
             self._log.sequence_through(None)
             self._sequencer.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -278,7 +279,9 @@ class Erasures:
 
     # -- retention --------------------------------------------------------------------
 
-    def retention_round(self, principal: Principal | None = None) -> RetentionReport:
+    def retention_round(
+        self, principal: Principal | None = None, *, stop: threading.Event | None = None
+    ) -> RetentionReport:
         """Erase every record past its type's retention (schema), a batch at a time, each
         batch on the ledger and the log. Reads go on meanwhile: each batch is one short
         write, and the records are opened outside it. The host operator's, or the
@@ -295,6 +298,8 @@ class Erasures:
         scanned = 0
         erased: dict[str, int] = {}
         for batch in self._pages():
+            if stop is not None and stop.is_set():
+                break
             scanned += len(batch)
             held = self._storage.get_records(batch)
             expired: dict[str, list[str]] = {}
