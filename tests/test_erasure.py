@@ -94,7 +94,10 @@ def test_a_restored_backup_does_not_bring_an_erased_person_back(tmp_path: Path) 
         vault.record(approver, PURPOSE, record_id)
     ledger = ledger_of(vault)
     assert [e.records for e in read_erasures(ledger, log_key)] == [(record_id,)]
+    # Gone from the live vault's files too, WAL included, while it is open.
+    assert byte_hits(held.directory, [payload, wrapped]) == []
     vault.close()
+    assert byte_hits(held.directory, [payload, wrapped]) == []
 
     restored = restore_sqlite(
         made.directory,
