@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from custodes.policy import AccessPurpose, Action, Role
 from custodes.settings import VaultLayout
 from custodes.vault import Session, Vault
 from tests.conftest import FAST_HASH, PASSPHRASE, PURPOSE, login, make_vault
+from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
+    postgres_dsn_fixture,
+    postgres_server_fixture,
+)
 from tests.test_backup import back_up, log_actions, populated, relogin, search
 from tests.test_stolen_disk import personal_values, scan_bytes
 
@@ -376,3 +381,71 @@ def test_the_api_asks_approves_and_reports_an_erasure_naming_no_value(tmp_path: 
         assert report.json()["erased"]["for"] == f"request {request_id}"
     finally:
         vault.close()
+
+
+def test_a_postgresql_database_put_back_from_before_an_erasure_is_erased_again(
+    tmp_path: Path, postgres_dsn: Callable[[], str]
+) -> None:
+    import psycopg
+
+    from custodes.bootstrap import create_vault
+    from tests.conftest import FAST_KDF
+
+    database = postgres_dsn()
+    vault = create_vault(
+        tmp_path / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "vault.keyring",
+        log_key_path=tmp_path / "keys" / "log.key",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        database=database,
+    )
+    try:
+        asker = login(vault, Role.AUDITOR, "wu.min")
+        approver = login(vault, Role.SUPERVISOR, "li.jing")
+        record_id = populated_one(vault, approver)
+        tables = {"records": "", "data_keys": "", "tokens": ""}
+        with psycopg.connect(database, autocommit=True) as conn:
+            # What an older copy of the database holds of the person.
+            kept = {
+                table: conn.execute(
+                    f"SELECT * FROM {table} WHERE record_id = %s",
+                    (record_id,),
+                ).fetchall()
+                for table in tables
+            }
+        assert all(kept.values())
+        vault.erasures.approve(approver, vault.erasures.request(asker, ERASURE, record_id))
+        with pytest.raises(RecordNotFound):
+            vault.record(approver, PURPOSE, record_id)
+    finally:
+        vault.close()
+    with psycopg.connect(database, autocommit=True) as conn:
+        for table, rows in kept.items():
+            assert not conn.execute(
+                f"SELECT 1 FROM {table} WHERE record_id = %s",
+                (record_id,),
+            ).fetchall()
+            marks = ", ".join(["%s"] * len(rows[0]))
+            conn.cursor().executemany(
+                f"INSERT INTO {table} VALUES ({marks})",
+                rows,
+            )
+    reopened = open_vault(tmp_path / "vault", passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        with pytest.raises(RecordNotFound):
+            reopened.record(relogin(reopened, "li.jing"), PURPOSE, record_id)
+        auditor = relogin(reopened, "wu.min")
+        assert [e["kind"] for e in log_actions(reopened, auditor, Action.ERASE)] == [
+            "request",
+            "ledger",
+        ]
+    finally:
+        reopened.close()
+    with psycopg.connect(database, autocommit=True) as conn:
+        for table in tables:
+            assert not conn.execute(
+                f"SELECT 1 FROM {table} WHERE record_id = %s",
+                (record_id,),
+            ).fetchall()
