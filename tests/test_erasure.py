@@ -449,3 +449,54 @@ def test_a_postgresql_database_put_back_from_before_an_erasure_is_erased_again(
                 f"SELECT 1 FROM {table} WHERE record_id = %s",
                 (record_id,),
             ).fetchall()
+
+
+def test_retention_backup_and_restore_carry_the_ledger_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    from tests.test_cli_client import run
+
+    vault = make_vault(tmp_path, "sqlite")
+    today = dt.date.today()
+    source = tmp_path / "deliveries.jsonl"
+    rows = [
+        delivery("SF2000000001", (today - dt.timedelta(days=731 + 30)).isoformat(), "13900000001"),
+        delivery("SF2000000002", today.isoformat(), "13900000002"),
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert vault.ingest(vault.operator, source).accepted == 2
+    directory, ledger, log_key = vault.directory, ledger_of(vault), vault.log_verifier_key
+    assert directory is not None
+    vault.close()
+    env = {"CUSTODES_VAULT": str(directory), "CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE}
+
+    done = run("retention", "run", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["erased"] == {"delivery": 1}
+    assert len(read_erasures(ledger, log_key)) == 1
+
+    backup = tmp_path / "backups" / "nightly"
+    done = run("backup", "create", "--to", str(backup), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (backup / "log.key.erasures").read_bytes() == ledger.read_bytes()
+    done = run("backup", "verify", str(backup), "--log-key", log_key, env=env)
+    assert done.returncode == 0, done.stderr
+
+    done = run(
+        "restore",
+        str(backup),
+        "--vault",
+        str(tmp_path / "restored"),
+        "--keys",
+        str(tmp_path / "restored-keys"),
+        "--log-key",
+        log_key,
+        "--erasures",
+        str(ledger),
+        env={"CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE},
+    )
+    assert done.returncode == 0, done.stderr
+    restored_ledger = next((tmp_path / "restored-keys").glob("*.erasures"))
+    assert restored_ledger.read_bytes() == ledger.read_bytes()
+    for value in ("SF2000000001", "13900000001", "SF2000000002", "13900000002"):
+        assert value not in done.stdout + done.stderr
