@@ -34,6 +34,10 @@ from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
     postgres_server_fixture,
 )
 from tests.test_backup import back_up, log_actions, populated, relogin, search
+from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
+    Served,
+    served,
+)
 from tests.test_stolen_disk import personal_values, scan_bytes
 
 ERASURE = AccessPurpose("the person's own erasure request, letter SAR-2026-17")
@@ -500,3 +504,36 @@ def test_retention_backup_and_restore_carry_the_ledger_from_the_command_line(
     assert restored_ledger.read_bytes() == ledger.read_bytes()
     for value in ("SF2000000001", "13900000001", "SF2000000002", "13900000002"):
         assert value not in done.stdout + done.stderr
+
+
+def test_the_client_asks_and_a_second_official_approves_an_erasure(
+    served: Served,  # noqa: F811 - the fixture
+) -> None:
+    from tests.test_cli_client import run, search_args
+
+    asker = served.official("er.asker", Role.SUPERVISOR)
+    approver = served.official("er.approver", Role.SUPERVISOR)
+    for env in (asker, approver):
+        assert run("login", "--server", served.url, env=env).returncode == 0, "login"
+    person = served.people[0]
+    found = run(*search_args(person, "--json"), env=approver)
+    assert found.returncode == 0, found.stderr
+    [record] = json.loads(found.stdout)
+    record_id = record["record_id"]
+    asked = run(
+        "erase", "request", record_id, "--purpose", "the person's own erasure request",
+        "--json", env=asker,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    request_id = json.loads(asked.stdout)["request_id"]
+    own = run("erase", "approve", request_id, env=asker)
+    assert own.returncode == AccessDenied.exit_code and "asked for it" in own.stderr
+    done = run("erase", "approve", request_id, env=approver)
+    assert done.returncode == 0, done.stderr
+    assert f"erasure {request_id}: erased" in done.stdout
+    status = run("erase", "status", request_id, env=asker)
+    assert status.returncode == 0 and "erased at" in status.stdout
+    again = run(*search_args(person, "--json"), env=approver)
+    assert again.returncode == 0 and json.loads(again.stdout) == []
+    outputs = "".join(p.stdout + p.stderr for p in (asked, own, done, status, again))
+    assert not any(value in outputs for value in personal_values([person]))
