@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
@@ -30,6 +31,7 @@ from custodes.settings import VaultLayout
 from custodes.vault import Session, Vault
 from tests.conftest import FAST_HASH, PASSPHRASE, PURPOSE, login, make_vault
 from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
+    pg_cluster_fixture,
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
@@ -537,3 +539,63 @@ def test_the_client_asks_and_a_second_official_approves_an_erasure(
     assert again.returncode == 0 and json.loads(again.stdout) == []
     outputs = "".join(p.stdout + p.stderr for p in (asked, own, done, status, again))
     assert not any(value in outputs for value in personal_values([person]))
+
+
+def test_a_restored_pgbackrest_backup_does_not_bring_an_erased_person_back(
+    tmp_path: Path,
+    pg_cluster: Callable[..., Any],
+) -> None:
+    import psycopg
+
+    from custodes.backup.postgres import RestoreTarget, restore_postgres
+    from tests.test_backup_postgres import OWNER, _deploy, _restored_cluster
+
+    if shutil.which("pgbackrest") is None:
+        pytest.skip("pgBackRest is not installed")
+    d = _deploy(tmp_path, pg_cluster)
+    # Erasure deletes rows, which only the schema's owner may (see docs/security.md).
+    vault = d.open(OWNER)
+    try:
+        asker = login(vault, Role.AUDITOR, "wu.min")
+        approver = login(vault, Role.SUPERVISOR, "li.jing")
+        record_id = populated_one(vault, approver)
+        vault.record(approver, PURPOSE, record_id)
+        backup = d.backup(vault, tmp_path / "backup")
+        request_id = vault.erasures.request(asker, ERASURE, record_id)
+        vault.erasures.approve(approver, request_id)
+        log_key = vault.log_verifier_key
+    finally:
+        vault.close()
+    ledger = erasures_path(d.keys / "log.key")
+    assert [e.records for e in read_erasures(ledger, log_key)] == [(record_id,)]
+
+    with _restored_cluster(d, "restored") as (pg_data, port):
+        restored = restore_postgres(
+            backup,
+            tmp_path / "restored-vault",
+            keys=tmp_path / "restored-keys",
+            passphrase=PASSPHRASE,
+            database=d.url(OWNER, port=port),
+            pg_data=pg_data,
+            pgbackrest=d.pgbackrest,
+            pg_ctl=d.pg_ctl,
+            to=RestoreTarget.parse("backup"),
+            erasures=ledger,
+        )
+        with psycopg.connect(d.url(OWNER, port=port), autocommit=True) as conn:
+            for table in ("records", "data_keys", "tokens"):
+                assert not conn.execute(
+                    f"SELECT 1 FROM {table} WHERE record_id = %s",
+                    (record_id,),
+                ).fetchall()
+        back = open_vault(restored.directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+        try:
+            with pytest.raises(RecordNotFound):
+                back.record(relogin(back, "li.jing"), PURPOSE, record_id)
+            auditor = relogin(back, "wu.min")
+            report = back.subject_report(auditor, AUDIT, record_id)
+            assert Action.READ.value in [a.action for a in report.accesses]
+            assert report.erased_for == f"request {request_id}"
+            assert back.verify_log(auditor, AUDIT).entries > 0
+        finally:
+            back.close()
