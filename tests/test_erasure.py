@@ -385,6 +385,16 @@ def test_the_api_asks_approves_and_reports_an_erasure_naming_no_value(tmp_path: 
         )
         assert report.status_code == 200, report.text
         assert report.json()["erased"]["for"] == f"request {request_id}"
+        # The dashboard's report page says so too.
+        from custodes.web import deps
+
+        browser = TestClient(app, base_url="https://testserver", follow_redirects=False)
+        browser.cookies.set(deps.SESSION_COOKIE, asker.token)
+        page = browser.get(
+            f"/audit/subject/{record_id}", params={"reason": "subject access request"}
+        )
+        assert page.status_code == 200, page.text
+        assert "Erased" in page.text and f"request {request_id}" in page.text
     finally:
         vault.close()
 
