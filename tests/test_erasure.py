@@ -609,3 +609,43 @@ def test_a_restored_pgbackrest_backup_does_not_bring_an_erased_person_back(
             assert back.verify_log(auditor, AUDIT).entries > 0
         finally:
             back.close()
+
+
+def test_any_change_to_a_signed_erasure_ledger_is_caught(tmp_path: Path) -> None:
+    from custodes.audit.erasures import ErasureLedger
+    from tests.conftest import memory_keys
+
+    _, signer = memory_keys(tmp_path / "one")
+    ledger = ErasureLedger(signer)
+    ledger.append(["rec-a", "rec-b"], at=1_700_000_000, reason="retention delivery")
+    ledger.append(["rec-c"], at=1_700_000_100, reason="request " + "a" * 32)
+    original = ledger.path.read_bytes()
+    kept = ledger.erasures()
+    assert [e.records for e in kept] == [("rec-a", "rec-b"), ("rec-c",)]
+    caught = 0
+    for at in range(len(original)):
+        changed = bytearray(original)
+        changed[at] ^= 0x01
+        ledger.path.write_bytes(bytes(changed))
+        try:
+            assert ledger.erasures() == kept  # a change the reader cannot see is no change
+        except ErasureLedgerBroken:
+            caught += 1
+    assert caught > len(original) * 0.9
+    # Statements in another order, or one from another vault's key, are refused too.
+    doc = json.loads(original)
+    ledger.path.write_text(json.dumps({**doc, "statements": doc["statements"][::-1]}))
+    with pytest.raises(ErasureLedgerBroken):
+        ledger.erasures()
+    _, other = memory_keys(tmp_path / "two")
+    foreign = ErasureLedger(other)
+    foreign.append(["rec-a"], at=1, reason="retention delivery")
+    ledger.path.write_bytes(foreign.path.read_bytes())
+    with pytest.raises(ErasureLedgerBroken):
+        ledger.erasures()
+    # Nothing an official typed is ever signed as a reason.
+    ledger.path.write_bytes(original)
+    for reason in ("request because I said so", "retention two words", "", "request " + "A" * 32):
+        with pytest.raises(ValueError):
+            ledger.append(["rec-d"], at=2, reason=reason)
+    assert ledger.path.read_bytes() == original

@@ -35,7 +35,7 @@ __all__ = ["Erasure", "ErasureLedger", "erasures_path", "read_erasures"]
 _FORMAT = "custodes-erasures"
 _VERSION = 1
 _RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_REASON = re.compile(r"(request [0-9a-f]{32}|retention [a-z][a-z0-9_]{0,63})")
+_REQUEST = re.compile(r"[0-9a-f]{32}")
 _START = "start"
 # Records one statement names at most: a retention pass writes one statement a batch.
 MAX_STATEMENT_RECORDS = 1000
@@ -89,7 +89,7 @@ class Erasure:
                 and at.startswith("at ")
                 and at[3:].isdigit()
                 and reason.startswith("reason ")
-                and _REASON.fullmatch(reason[7:]) is not None
+                and valid_reason(reason[7:])
                 and 1 <= len(ids) <= MAX_STATEMENT_RECORDS
                 and all(
                     line.startswith("record ") and _RECORD_ID.fullmatch(rid)
@@ -101,6 +101,15 @@ class Erasure:
             return cls(int(seq[4:]), previous[9:], int(at[3:]), reason[7:], ids)
         except ValueError:
             raise MalformedNote("not an erasure statement") from None
+
+
+def valid_reason(reason: str) -> bool:
+    """Whether a reason is one the ledger keeps: "request <32 hex digits>" or "retention
+    <record type name>"; nothing an official typed."""
+    kind, _, rest = reason.partition(" ")
+    if kind == "request":
+        return _REQUEST.fullmatch(rest) is not None
+    return kind == "retention" and rest.isidentifier() and len(rest) <= 64
 
 
 def _note_hash(note: str) -> str:
@@ -199,6 +208,12 @@ class ErasureLedger:
         ids = list(dict.fromkeys(records))
         if not ids:
             return []
+        # Checked before anything is signed: a statement the reader would refuse would
+        # stop the vault from opening.
+        if not valid_reason(reason) or not all(
+            isinstance(rid, str) and _RECORD_ID.fullmatch(rid) for rid in ids
+        ):
+            raise ValueError("an erasure names record ids and a request or a retention rule")
         lock = self.path.with_name(self.path.name + ".lock")
         with file_lock(lock):
             notes = _read_notes(self.path)
