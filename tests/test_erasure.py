@@ -649,3 +649,37 @@ def test_any_change_to_a_signed_erasure_ledger_is_caught(tmp_path: Path) -> None
         with pytest.raises(ValueError):
             ledger.append(["rec-d"], at=2, reason=reason)
     assert ledger.path.read_bytes() == original
+
+
+def test_a_least_privileged_postgresql_server_never_serves_past_a_ledgered_erasure(
+    tmp_path: Path,
+    pg_cluster: Callable[..., Any],
+) -> None:
+    from custodes.errors import ConfigurationError, StorageError
+    from tests.test_backup_postgres import OWNER, _deploy
+
+    if shutil.which("pgbackrest") is None:
+        pytest.skip("pgBackRest is not installed")
+    d = _deploy(tmp_path, pg_cluster)
+    vault = d.open()  # the server's own role: it may not delete a record
+    try:
+        asker = login(vault, Role.AUDITOR, "wu.min")
+        approver = login(vault, Role.SUPERVISOR, "li.jing")
+        record_id = populated_one(vault, approver)
+        request_id = vault.erasures.request(asker, ERASURE, record_id)
+        with pytest.raises(StorageError):
+            vault.erasures.approve(approver, request_id)
+    finally:
+        vault.close()
+    # On the ledger already: the server's role cannot open the vault past it ...
+    with pytest.raises(ConfigurationError, match="schema owner"):
+        d.open()
+    # ... until the owner's credentials apply it.
+    owner = d.open(OWNER)
+    try:
+        with pytest.raises(RecordNotFound):
+            owner.record(relogin(owner, "li.jing"), PURPOSE, record_id)
+    finally:
+        owner.close()
+    # Applied: the server's role opens it again.
+    d.open().close()

@@ -30,7 +30,9 @@ from custodes.crypto import KeyMaterial
 from custodes.crypto.row_mac import RowKind, RowMacs
 from custodes.errors import (
     AccessDenied,
+    ConfigurationError,
     CustodesError,
+    DatabaseRefused,
     InvalidQuery,
     RecordNotFound,
     SelfApproval,
@@ -275,7 +277,15 @@ class Erasures:
             present.extend(self._storage.get_records(ids[start : start + _CHUNK]))
         if not present:
             return 0
-        return self._write(self._housekeeper, present, "ledger", {"reapplied": True})
+        try:
+            return self._write(self._housekeeper, present, "ledger", {"reapplied": True})
+        except DatabaseRefused:
+            # PostgreSQL's least-privileged server role deletes no record (threat 5).
+            raise ConfigurationError(
+                "the erasure ledger names records still stored, which this database role "
+                "may not delete: apply it with the schema owner's credentials on the host "
+                "(custodes retention run) before serving"
+            ) from None
 
     # -- retention --------------------------------------------------------------------
 
