@@ -217,11 +217,15 @@ class AccessGate:
         alert_book: AlertBook,
         canaries: CanaryList,
         keys: Callable[[], None] | None = None,
+        housekeeper: Operator | None = None,
     ) -> None:
         self._keeper = keeper
         # Before every access: the record keys in step with the keyring, which a
         # rotation on the host changes under a running server (custodes.key_watch).
         self._keys = keys or _nothing
+        # The vault's own hand (custodes.vault.erasure): erases what its ledger or a
+        # retention rule already decided, also in a server, which has no operator.
+        self._housekeeper = housekeeper
         self._meter = UsageMeter(usage)
         self._alert_book = alert_book
         self._canaries = canaries
@@ -644,7 +648,8 @@ class AccessGate:
         if isinstance(principal, Operator):
             # Only the operator this vault was opened with on the host; a server's vault
             # has none, so no request can act as one.
-            if self._operator is None or principal is not self._operator:
+            held = (self._operator, self._housekeeper)
+            if not any(principal is mine for mine in held if mine is not None):
                 raise AuthenticationFailed("the host operator acts only on the host")
             return principal, None
         live, account = self._keeper.live_with_account(principal)

@@ -20,6 +20,7 @@ import orjson
 from custodes.accounts import Account, AccountBook, HashCost, SecretBox, check_password_strength
 from custodes.audit import AccessLog, AuditKeys
 from custodes.audit.checkpoint import Checkpoint, LogLoss, LogSigner, create_log_key, open_log_key
+from custodes.audit.erasures import ErasureLedger
 from custodes.audit.log import stored_root
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
 from custodes.codec import RecordCodec
@@ -519,7 +520,7 @@ def _assemble(
     )
     accounts = AccountBook(storage, hash_cost or HashCost(), random=random, clock=clock)
     accounts.bind_secrets(SecretBox(material), RowMacs(material))
-    return Vault(
+    vault = Vault(
         schema=schema,
         schema_text=schema_text,
         storage=storage,
@@ -533,7 +534,17 @@ def _assemble(
         operator=operator,
         directory=directory,
         key_watch=key_watch,
+        erasure_ledger=ErasureLedger(signer),
     )
+    # No path serves an erased person: a database put back from a copy older than an
+    # erasure has it erased again before anything is served; a ledger that fails its
+    # chain or a signature stops the opening (ErasureLedgerBroken).
+    try:
+        vault.erasures.reapply()
+    except BaseException:
+        vault.close()
+        raise
+    return vault
 
 
 def _storage_at(

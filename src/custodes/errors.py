@@ -42,6 +42,11 @@ class TamperDetected(CustodesError):
         super().__init__(message)
 
 
+class ErasureLedgerBroken(TamperDetected):
+    """The erasure ledger failed its chain or a signature: the vault does not serve until
+    it is put back (custodes.audit.erasures)."""
+
+
 class InvalidRecord(CustodesError):
     """One input record was refused. Carries line, field and reason; never the value."""
 
@@ -132,6 +137,10 @@ class AccessDenied(CustodesError):
     """The account may not do this, or not for this purpose."""
 
     exit_code = 7
+
+
+class SelfApproval(AccessDenied):
+    """A two-person step approved by the official who asked for it."""
 
 
 class PurposeRequired(AccessDenied):

@@ -105,12 +105,22 @@ class IndexSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a record type is kept: `days` after the date in its field `field`. A
+    record without that date is kept."""
+
+    field: str
+    days: int
+
+
+@dataclass(frozen=True, slots=True)
 class RecordType:
     name: str
     description: str
     fields: Mapping[str, FieldSpec]
     source_key: tuple[str, ...]
     indexes: Mapping[str, IndexSpec]
+    retention: Retention | None = None
 
     def field(self, name: str) -> FieldSpec:
         try:
@@ -263,7 +273,22 @@ def _parse_type(tname: str, spec: Any) -> RecordType:
         fields=fields,
         source_key=source_key,
         indexes=indexes,
+        retention=_parse_retention(where, spec.get("retention"), fields),
     )
+
+
+def _parse_retention(where: str, spec: Any, fields: Mapping[str, FieldSpec]) -> Retention | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise SchemaError(f"{where}: retention must be a table")
+    fname = _require(spec, "field", str, f"{where} retention")
+    days = _require(spec, "days", int, f"{where} retention")
+    if fname not in fields or fields[fname].kind != "date":
+        raise SchemaError(f"{where}: retention counts from a date field of the type")
+    if not 1 <= days <= 100 * 366:
+        raise SchemaError(f"{where}: retention days must be 1 to 36,600")
+    return Retention(fname, days)
 
 
 def _parse_field(tname: str, fname: str, spec: Any) -> FieldSpec:

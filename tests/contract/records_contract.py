@@ -331,3 +331,33 @@ class RecordStoreContract:
             t.join()
         assert errors == []
         assert storage.count_records() == 800
+
+    def test_an_erased_record_leaves_no_key_payload_or_token_to_find(
+        self, storage: RecordStore
+    ) -> None:
+        batch = [sealed(n) for n in range(6)] + [sealed(6, record_type=CASE)]
+        storage.write_batch(batch)
+        gone = batch[2]
+        assert storage.erase_records([gone.record_id, "rec-unknown", gone.record_id]) == 1
+        assert storage.get_records([gone.record_id]) == {}
+        for index_id, token in gone.tokens:
+            assert gone.record_id not in storage.find(index_id, token, 100)
+            assert all(
+                r.record_id != gone.record_id for r in storage.find_records(index_id, token, 100)
+            )
+        assert storage.count_records() == 6
+        assert storage.count_records(PERSON) == 5
+        listed = {rid for _, rid, _ in storage.record_tokens(0, 100)}
+        assert listed == {r.record_id for r in batch} - {gone.record_id}
+        # The others keep everything, including tokens shared with the erased record.
+        kept = batch[3]
+        assert storage.get_records([kept.record_id]) == {kept.record_id: stored(kept)}
+        shared = gone.tokens[1]
+        assert storage.find(*shared, 100) == sorted(
+            r.record_id for r in batch if shared in r.tokens and r is not gone
+        )
+        assert storage.erase_records([gone.record_id]) == 0
+        assert storage.erase_records([]) == 0
+        # Erased ids may be stored again (a new ingest of the same person is a new record).
+        storage.write_batch([gone])
+        assert storage.get_records([gone.record_id]) == {gone.record_id: stored(gone)}

@@ -84,6 +84,8 @@ _LOSSES_FORMAT = "custodes-log-losses"
 # The first line of a signed loss statement: never a log origin (it holds spaces), so no
 # statement can be read as a checkpoint, nor a checkpoint as a statement.
 _LOSS_HEADER = "custodes log loss v1"
+# The first line of a signed erasure statement (custodes.audit.erasures), likewise.
+ERASURE_HEADER = "custodes erasure v1"
 MAX_LOSS_REASON = 500
 _FILE_VERSION = 1
 _SEED_BYTES = 32
@@ -574,6 +576,19 @@ class LogSigner:
                 replace_file_durably(self._state_path, _state_document(note))
             self._last = Checkpoint(cp.origin, cp.size, cp.root)
             return note
+
+    @property
+    def key_path(self) -> Path:
+        """The sealed key file this signer was opened from (its state file lies beside)."""
+        return self._state_path.with_name(self._state_path.name.removesuffix(".state"))
+
+    def sign_erasure(self, body: bytes) -> bytes:
+        """Sign an erasure statement (custodes.audit.erasures). Only a text whose first
+        line is the erasure header: this key signs nothing else that could be read as a
+        checkpoint, a backup statement or a loss."""
+        if not body.startswith(ERASURE_HEADER.encode() + b"\n"):
+            raise MalformedNote("not an erasure statement")
+        return self._signer.sign(body)
 
     def acknowledge_loss(
         self, now: Checkpoint, *, root_at_signed: bytes | None, reason: str, at: float

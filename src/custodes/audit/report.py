@@ -127,6 +127,10 @@ class SubjectReport:
     checkpoint: Checkpoint
     accesses: tuple[ReportedAccess, ...]
     report_index: int  # the log entry recording this report
+    # When the record was erased and why ("request <id>" or "retention <type>"), from the
+    # erasure ledger: the person's data is gone, the fact of past accesses is not.
+    erased_at: str | None = None
+    erased_for: str | None = None
 
     def bundle(self) -> bytes:
         """The self-contained, offline-verifiable bundle (format in the module docstring)."""
@@ -359,6 +363,15 @@ def render_text(report: SubjectReport) -> str:
             f"Log {report.origin}, checkpoint of {report.checkpoint.size} entries; "
             f"{len(rows)} accesses, each proven included"
         ),
+    ]
+    if report.erased_at is not None:
+        out.append(
+            escape_hidden(
+                f"Erased {report.erased_at} ({report.erased_for or 'reason not kept'}): "
+                "the record, its key and its search tokens are destroyed"
+            )
+        )
+    out += [
         "",
         row(_COLUMNS),
         row(["-" * w for w in widths]),
@@ -378,6 +391,9 @@ def as_json(report: SubjectReport) -> dict[str, Any]:
         "subject": report.subject,
         "linked": list(report.linked),
         "report_index": report.report_index,
+        "erased": None
+        if report.erased_at is None
+        else {"at": report.erased_at, "for": report.erased_for},
         "checkpoint": {
             "size": report.checkpoint.size,
             "root": _b64(report.checkpoint.root),
@@ -436,6 +452,9 @@ def _report_from_json(doc: Any) -> SubjectReport:
         or _b64(checkpoint.root) != stated["root"]
     ):
         raise BundleInvalid("the checkpoint note does not state the origin, size and root given")
+    erased = doc.get("erased")
+    if erased is not None and not isinstance(erased, dict):
+        raise TypeError("erased is an object")
     accesses = []
     for access in doc["accesses"]:
         index = _json_int(access["index"])
@@ -473,6 +492,8 @@ def _report_from_json(doc: Any) -> SubjectReport:
         checkpoint=checkpoint,
         accesses=tuple(accesses),
         report_index=_json_int(doc["report_index"]),
+        erased_at=None if erased is None else _json_text(erased["at"]),
+        erased_for=None if erased is None else _json_text(erased["for"]),
     )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "KEYRING",
     "LOG",
     "LOG_KEY",
+    "LOG_KEY_ERASURES",
     "LOG_KEY_LOSSES",
     "LOG_KEY_STATE",
     "MANIFEST",
@@ -65,6 +66,7 @@ KEYRING = "keyring"
 LOG_KEY = "log.key"
 LOG_KEY_STATE = "log.key.state"  # the last checkpoint the log's key signed
 LOG_KEY_LOSSES = "log.key.losses"  # the losses of the log the operator acknowledged
+LOG_KEY_ERASURES = "log.key.erasures"  # the erasure ledger (custodes.audit.erasures)
 MANIFEST = "manifest.sealed"
 STATEMENT = "manifest.note"
 _CHUNK = 1 << 20

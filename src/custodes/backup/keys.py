@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from custodes.audit.erasures import erasures_path, extends
 from custodes.backup.files import (
     KEYRING,
     LOG_KEY,
+    LOG_KEY_ERASURES,
     LOG_KEY_LOSSES,
     LOG_KEY_STATE,
     Signed,
@@ -32,16 +34,19 @@ from custodes.backup.manifest import (
 from custodes.crypto import KeyMaterial, Keyring
 from custodes.crypto.sealed_file import make_private_directory, write_new_file
 from custodes.errors import ConfigurationError
+from custodes.settings import default_log_key_path
 
 __all__ = [
     "PlacedKeys",
     "backup_material",
+    "copy_erasures",
     "copy_keyring",
     "copy_signer_files",
     "open_agreeing",
     "place_keys",
     "record_restore",
     "restore_detail",
+    "take_later_erasures",
 ]
 
 
@@ -56,6 +61,13 @@ def copy_signer_files(staging: Path, log_key: Path) -> None:
         copy_sealed_file(
             signer_losses_path(log_key), staging / LOG_KEY_LOSSES, what="log signer's losses"
         )
+
+
+def copy_erasures(staging: Path, log_key: Path) -> None:
+    """The erasure ledger, if any record was ever erased, copied after the records: a
+    restore applies it again, so a record erased while the copy ran stays erased."""
+    if erasures_path(log_key).exists():
+        copy_sealed_file(erasures_path(log_key), staging / LOG_KEY_ERASURES, what="erasure ledger")
 
 
 def copy_keyring(staging: Path, keyring: Path, vault_id: bytes) -> None:
@@ -114,6 +126,7 @@ class PlacedKeys:
             LOG_KEY: self.log_key,
             LOG_KEY_STATE: signer_state_path(self.log_key),
             LOG_KEY_LOSSES: signer_losses_path(self.log_key),
+            LOG_KEY_ERASURES: erasures_path(self.log_key),
         }
 
     def refuse_present(self, keys: Path) -> None:
@@ -133,6 +146,42 @@ def place_keys(backup: Path, manifest: Manifest, placed: PlacedKeys, written: li
             continue  # no losses were ever acknowledged
         write_new_file(path, read_checked(backup, listed), what="key file")
         written.append(path)
+
+
+def take_later_erasures(
+    placed: PlacedKeys, later: Path | None, manifest: Manifest, written: list[Path]
+) -> int:
+    """Put the vault's current erasure ledger (`later`, kept with its keys) in place of the
+    backup's older copy, so that the restored vault erases again every record erased
+    since the backup; how many statements it holds. Refused unless it is this vault's,
+    every statement signed and chained, and holds the backup's copy whole
+    (ErasureLedgerBroken, ConfigurationError). Without `later`, the ledger kept beside
+    the vault's log key in its default place is taken, if there is one."""
+    from custodes.audit.erasures import read_erasures
+
+    target = erasures_path(placed.log_key)
+    vkey = manifest.log_verifier_key
+    if later is None:
+        # Not named: the ledger beside the vault's log key where keys are kept by default
+        # (the key directory that outlived the vault's), if there is one.
+        kept = erasures_path(default_log_key_path(manifest.vault_id))
+        if not kept.is_file() or kept == target:
+            return len(read_erasures(target, vkey))
+        later = kept
+    later = Path(later)
+    if not later.is_file():
+        raise ConfigurationError("the erasure ledger given is not a file")
+    if not extends(later, target, vkey):
+        raise ConfigurationError(
+            "the erasure ledger given does not hold every erasure the backup's copy holds"
+        )
+    data = later.read_bytes()
+    if target in written:
+        target.unlink()
+        written.remove(target)
+    write_new_file(target, data, what="key file")
+    written.append(target)
+    return len(read_erasures(target, vkey))
 
 
 def restore_detail(manifest: Manifest, scope: str, **more: Any) -> dict[str, Any]:

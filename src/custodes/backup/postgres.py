@@ -59,12 +59,14 @@ from custodes.backup.files import (
 from custodes.backup.keys import (
     PlacedKeys,
     backup_material,
+    copy_erasures,
     copy_keyring,
     copy_signer_files,
     open_agreeing,
     place_keys,
     record_restore,
     restore_detail,
+    take_later_erasures,
 )
 from custodes.backup.manifest import (
     BackupCheck,
@@ -385,6 +387,7 @@ def _write_backup(
         conn.close()
     write_new(staging / PGBACKREST_MANIFEST, pgbackrest.manifest(label))
     copy_keyring(staging, keyring, source.material.vault_id)
+    copy_erasures(staging, log_key)
     names = {tag: name for name, tag in source.type_tags.items()}
     content = snapshot.content
     manifest = Manifest(
@@ -601,6 +604,7 @@ def restore_postgres(
     checkpoints: Sequence[tuple[str, bytes]] = (),
     log_key: str | None = None,
     recovery_timeout: float = 600.0,
+    erasures: Path | None = None,
 ) -> Restored:
     """Restore a PostgreSQL backup: pgBackRest puts the cluster back into `pg_data` (new
     or empty) and replays the archived WAL as far as `to` says; pg_ctl starts it where
@@ -613,6 +617,8 @@ def restore_postgres(
     whole, extending the backup's checkpoint, the signer state it carries and every
     checkpoint in `checkpoints` (a witness's, named). A restore that fails stops the
     restored cluster and leaves no vault directory and no key: it never serves.
+    `erasures` is the vault's current erasure ledger, applied again before the restored
+    vault opens (the backup carries its own, older copy).
     """
     backup, target, keys = Path(backup), Path(target).absolute(), Path(keys).absolute()
     pg_data = Path(pg_data).absolute()
@@ -654,6 +660,7 @@ def restore_postgres(
         staging = staging_directory(target, vault_directory=None)
         VaultLayout(staging).write(manifest.vault_id, placed.keyring, placed.log_key, database)
         place_keys(backup, manifest, placed, written)
+        take_later_erasures(placed, erasures, manifest, written)
         record_restore(
             staging, passphrase, restore_detail(manifest, "vault", backend=BACKEND, to=str(to))
         )

@@ -49,12 +49,14 @@ from custodes.backup.files import (
 from custodes.backup.keys import (
     PlacedKeys,
     backup_material,
+    copy_erasures,
     copy_keyring,
     copy_signer_files,
     open_agreeing,
     place_keys,
     record_restore,
     restore_detail,
+    take_later_erasures,
 )
 from custodes.backup.manifest import (
     BackupCheck,
@@ -149,6 +151,7 @@ def _write_backup(
     _copy_database(layout.database, staging / DATABASE)
     _copy_database(_log_file(layout.database), staging / LOG)
     copy_keyring(staging, keyring, source.material.vault_id)
+    copy_erasures(staging, log_key)
     copy = SQLiteCopy(staging / DATABASE, staging / LOG)
     try:
         if copy.meta("vault_id") != source.material.vault_id:
@@ -506,6 +509,7 @@ def restore_sqlite(
     keys: Path,
     passphrase: str,
     log_key: str | None = None,
+    erasures: Path | None = None,
 ) -> Restored:
     """Restore a SQLite backup into `target` (new or empty), its keys into `keys` (outside
     it; no key file there is ever replaced), and only then let it be opened.
@@ -516,6 +520,9 @@ def restore_sqlite(
     restore is put on the restored vault's own access log (`vault:backup:restore`), and
     the directory is renamed to `target`. Anything that fails leaves no vault at
     `target` and no key written: a restore that does not verify never serves.
+    `erasures` is the vault's current erasure ledger (kept with its keys): the restored
+    vault erases again every record it names before it opens, so a backup taken before
+    an erasure does not bring the person back.
     """
     backup, target, keys = Path(backup), Path(target).absolute(), Path(keys).absolute()
     check_restore_places(backup, target, keys)
@@ -531,6 +538,7 @@ def restore_sqlite(
         check = _check_database(staging, backup, signed, manifest)
         VaultLayout(staging).write(manifest.vault_id, placed.keyring, placed.log_key)
         place_keys(backup, manifest, placed, written)
+        take_later_erasures(placed, erasures, manifest, written)
         record_restore(staging, passphrase, restore_detail(manifest, "vault"))
         publish(staging, target)
     except BaseException:

@@ -152,6 +152,24 @@ def keys() -> None:
     """The vault's keys: their versions, and rotating them online."""
 
 
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "request": f"{_CLIENT}:erase_request",
+        "approve": f"{_CLIENT}:erase_approve",
+        "status": f"{_CLIENT}:erase_status",
+    },
+)
+def erase() -> None:
+    """Erasure on two officials' word: ask for a record's, approve another's (which
+    erases it), see where one stands (a client of the server: log in first)."""
+
+
+@click.group(cls=_LazyGroup, lazy={"run": f"{_HOST}:retention_run"})
+def retention() -> None:
+    """The schema's retention rules: erase every record past its time (on the host)."""
+
+
 @click.group(cls=_LazyGroup, lazy={"plant": f"{_HOST}:canary_plant"})
 def canary() -> None:
     """Canary records: synthetic people whose every read raises an alarm."""
@@ -173,11 +191,13 @@ def alerts() -> None:
 cli.add_command(alerts)
 cli.add_command(audit)
 cli.add_command(canary)
+cli.add_command(erase)
 cli.add_command(export)
 cli.add_command(backup)
 cli.add_command(database)
 cli.add_command(guard)
 cli.add_command(keys)
+cli.add_command(retention)
 
 
 def main() -> None:

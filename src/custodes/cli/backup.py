@@ -278,6 +278,14 @@ def backup_restore_keys(backup: str, vault_dir: str | None, log_key: str | None)
     help="A signed checkpoint held elsewhere (a witness's cosigned note) that the restored "
     "log must extend; repeatable.",
 )
+@click.option(
+    "--erasures",
+    "erasures",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The vault's current erasure ledger (LOGKEY.erasures, kept with its keys): every "
+    "record erased since the backup is erased again before the restored vault opens. "
+    "Default: the ledger beside the log key in its default place, if there is one.",
+)
 def restore(
     backup: str,
     vault_dir: str,
@@ -290,6 +298,7 @@ def restore(
     pg_ctl_command: str | None,
     target: str,
     checkpoints: tuple[str, ...],
+    erasures: str | None,
 ) -> None:
     """Restore a backup into a new vault directory, its keys into a directory of their
     own. Everything is checked before the vault directory exists (every file, the content
@@ -321,6 +330,7 @@ def restore(
             to=to,
             checkpoints=notes,
             log_key=log_key,
+            erasures=Path(erasures) if erasures else None,
         )
     else:
         from custodes.backup.sqlite import restore_sqlite
@@ -334,6 +344,7 @@ def restore(
             keys=Path(key_dir),
             passphrase=passphrase,
             log_key=log_key,
+            erasures=Path(erasures) if erasures else None,
         )
     check = restored.check
     out.print(

@@ -774,3 +774,63 @@ def export_fetch(export_id: str, out_file: str) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(sealed)
     out.print(shown(f"export {export_id} written to {target}, sealed to its recipient"))
+
+
+# -- erasure -----------------------------------------------------------------------------
+
+
+def _erasure_path(request_id: str) -> str:
+    return f"/erasures/{quote(request_id, safe='')}"
+
+
+def _print_erasure(status: Mapping[str, Any]) -> None:
+    out.print(shown(f"erasure {status['request_id']}: {status['state']}"))
+    out.print(shown(f"  record {status['record_id']}"))
+    out.print(shown(f"  asked by {status['requester']}; approved by {status['approver'] or '-'}"))
+    case = f" (case {status['case_ref']})" if status.get("case_ref") else ""
+    out.print(shown(f"  purpose: {status.get('purpose', '')}{case}"))
+    if status.get("erased_at"):
+        out.print(shown(f"  erased at {status['erased_at']}"))
+
+
+@click.command("request")
+@click.argument("record_id")
+@reader_options
+def erase_request(record_id: str, purpose: str, case_ref: str | None, as_json: bool) -> None:
+    """Ask for a record's erasure (supervisors and auditors); a supervisor or an
+    administrator other than you must approve it. Prints the request's id."""
+    with _logged_in() as api:
+        status = api.call(
+            "POST", "/erasures", body={"record_id": record_id, **_asked(purpose, case_ref)}
+        )
+    if as_json:
+        _print_json(status)
+    else:
+        _print_erasure(status)
+
+
+@click.command("approve")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True)
+def erase_approve(request_id: str, as_json: bool) -> None:
+    """Approve another official's erasure request, which erases the record at once: its
+    data key, sealed fields and search tokens are destroyed (supervisors, administrators)."""
+    with _logged_in() as api:
+        status = api.call("POST", _erasure_path(request_id) + "/approve")
+    if as_json:
+        _print_json(status)
+    else:
+        _print_erasure(status)
+
+
+@click.command("status")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True)
+def erase_status(request_id: str, as_json: bool) -> None:
+    """Where an erasure request stands."""
+    with _logged_in() as api:
+        status = api.call("GET", _erasure_path(request_id))
+    if as_json:
+        _print_json(status)
+    else:
+        _print_erasure(status)

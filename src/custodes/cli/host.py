@@ -406,6 +406,25 @@ def canary_plant(vault_dir: str | None, keyring: str | None, count: int, as_json
         out.print(f"{count} canary records planted ({held} in the vault)")
 
 
+@click.command("run")
+@vault_options
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def retention_run(vault_dir: str | None, keyring: str | None, as_json: bool) -> None:
+    """Erase every record past its type's retention rule (the schema's): each on the
+    erasure ledger and the access log, its data key, sealed fields and tokens destroyed.
+    A server runs the same pass on its own (serve --retention-every)."""
+    vault = open_host_vault(vault_dir, keyring)
+    try:
+        report = vault.erasures.retention_round(vault.operator)
+    finally:
+        vault.close()
+    if as_json:
+        click.echo(orjson.dumps({"scanned": report.scanned, "erased": report.erased}).decode())
+        return
+    erased = ", ".join(f"{n} {name}" for name, n in sorted(report.erased.items())) or "none"
+    out.print(f"{report.scanned} records read; erased: {erased}")
+
+
 def _ingest_with_progress(vault: Vault, source: str, **options: Any) -> IngestReport:
     assert vault.directory is not None
     rejects_dir = settings.VaultLayout(vault.directory).rejects

@@ -84,6 +84,14 @@ from custodes.errors import AccessDenied, ConfigurationError
     metavar="SECONDS",
     help="How often the anomaly guard reads the access log, scores officials and acts.",
 )
+@click.option(
+    "--retention-every",
+    type=click.FloatRange(1, 7 * 86400),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often the schema's retention rules erase the records past their time.",
+)
 def serve(
     vault_dir: str | None,
     keyring: str | None,
@@ -99,6 +107,7 @@ def serve(
     alert_webhook: str | None,
     alert_syslog: str | None,
     guard_every: float,
+    retention_every: float,
 ) -> None:
     """Serve the dashboard and the API. Loopback only unless TLS is configured; every
     page and route needs a logged-in account, and no option changes that."""
@@ -171,6 +180,7 @@ def serve(
             witnesses=witnesses,
             alerts=routes,
             guard_every=guard_every,
+            retention_every=retention_every,
             ready=ready_sealed,
         )
         return
@@ -193,6 +203,7 @@ def serve(
         witnesses=witnesses,
         alerts=routes,
         guard_every=guard_every,
+        retention_every=retention_every,
         ready=ready,
     )
 

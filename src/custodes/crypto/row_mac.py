@@ -36,6 +36,9 @@ class RowKind(StrEnum):
     ALERT = "alert"
     # The anomaly guard's kept state and its list of flagged records (custodes.vault.guard).
     GUARD = "guard"
+    # A request to erase a record and whether a second person approved it
+    # (custodes.vault.erasure).
+    ERASURE_REQUEST = "erasure_request"
 
 
 class RowMacs:

@@ -105,6 +105,13 @@ class Action(StrEnum):
     GUARD_SCORE = "guard:account:score"
     # A record flagged for the guard: the first read of it by any account raises an alert.
     GUARD_FLAG = "guard:record:flag"
+    # Erasure: one official asks for a record to be erased, a second (never the asker)
+    # approves, and the vault destroys its data key, payload and tokens, on the erasure
+    # ledger and here. Retention erases expired records the same way, on the host.
+    ERASE_REQUEST = "record:erasure:request"
+    ERASE_APPROVE = "record:erasure:approve"
+    ERASE = "vault:records:erase"
+    RETENTION_RUN = "vault:retention:run"
 
 
 # The most sensitive field class each role may reveal. Masked views are open to every
@@ -174,6 +181,14 @@ PERMISSIONS: Mapping[Action, frozenset[Role]] = {
     Action.ALERT_RESOLVE: _WATCHERS,
     # Planted on the host, with the keyring: no official learns which records are canaries.
     Action.CANARY_PLANT: frozenset({Role.OPERATOR}),
+    # Two people, neither of whom reads the record: a supervisor or an auditor asks, a
+    # supervisor or an administrator who is not the asker approves (checked against the
+    # stored request by the vault), and the approval erases. The host operator erases
+    # only what the ledger or a retention rule already decided.
+    Action.ERASE_REQUEST: _WATCHERS,
+    Action.ERASE_APPROVE: frozenset({Role.SUPERVISOR, Role.ADMIN}),
+    Action.ERASE: frozenset({Role.SUPERVISOR, Role.ADMIN, Role.OPERATOR}),
+    Action.RETENTION_RUN: frozenset({Role.OPERATOR}),
 }
 
 # Reads of personal records must name the case they serve as well as a reason: the case
@@ -193,6 +208,7 @@ PURPOSE_REQUIRED: frozenset[Action] = CASE_REQUIRED | {
     Action.LOG_READ,
     Action.SUBJECT_REPORT,
     Action.SUBJECT_LOOKUP,
+    Action.ERASE_REQUEST,
 }
 
 # What an integration's API token may do: a scope names the actions it allows.
@@ -233,6 +249,10 @@ _REFUSALS: Mapping[Action, str] = {
     Action.GUARD_SCORE: "only an auditor or the host operator reads the guard's scores",
     Action.GUARD_FLAG: "only the host operator flags records for the guard",
     Action.GUARD_ACT: "only the vault's own guard acts on an account",
+    Action.ERASE_REQUEST: "only a supervisor or an auditor asks for a record's erasure",
+    Action.ERASE_APPROVE: "only a supervisor or an administrator approves an erasure",
+    Action.ERASE: "only an approved erasure or a retention rule erases records",
+    Action.RETENTION_RUN: "only the host operator runs the retention rules",
 }
 _ADMIN_REFUSAL = "only an administrator manages accounts"
 

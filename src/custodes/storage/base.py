@@ -182,6 +182,14 @@ class RecordStore(Protocol):
         """How many rows use each key version (a full read: for finishing a rotation)."""
         ...
 
+    def erase_records(self, record_ids: Sequence[str]) -> int:
+        """Delete these records with their wrapped data keys and every blind-index token
+        of theirs, in one durable transaction; how many were stored (unknown ids are
+        skipped). Crypto-shredding: without its data key the record cannot be opened
+        from any copy of its payload. Sends nothing a database keeps readable that it
+        can avoid keeping (see each backend)."""
+        ...
+
 
 @runtime_checkable
 class AccountStore(Protocol):

@@ -195,6 +195,22 @@ class MemoryStorage:
                 tokens[index_id] += len(ids)
         return census_of(keks.items(), generations.items(), tokens.items())
 
+    def erase_records(self, record_ids: Sequence[str]) -> int:
+        wanted = set(record_ids)
+        with self._lock:
+            self._check_open()
+            gone = [self._records.pop(rid) for rid in list(wanted) if rid in self._records]
+            for record in gone:
+                self._type_counts[record.record_type] -= 1
+            if gone:
+                erased = {record.record_id for record in gone}
+                for pair in list(self._tokens):
+                    held = self._tokens[pair]
+                    held -= erased
+                    if not held:
+                        del self._tokens[pair]
+            return len(gone)
+
     def add_account(self, account: AccountRow) -> None:
         row = account_from_row(account)
         with self._lock:

@@ -704,6 +704,30 @@ class PostgresStorage:
                 "owner's database URL (CUSTODES_DATABASE)"
             )
 
+    def erase_records(self, record_ids: Sequence[str]) -> int:
+        ids = [rid for rid in dict.fromkeys(record_ids) if isinstance(rid, str)]
+        self._check_usable()
+        if not ids:
+            return 0
+
+        def erase(conn: _Connection) -> int:
+            found = conn.execute(
+                "DELETE FROM records WHERE record_id = ANY(%s) RETURNING record_id, seq", (ids,)
+            ).fetchall()
+            if not found:
+                return 0
+            gone = [str(rid) for rid, _ in found]
+            # The tokens by their records' seq (the BRIN index), then by id: the primary
+            # key leads with the token, which an erasure does not know.
+            conn.execute(
+                "DELETE FROM tokens WHERE seq = ANY(%s) AND record_id = ANY(%s)",
+                ([int(seq) for _, seq in found], gone),
+            )
+            conn.execute("DELETE FROM data_keys WHERE record_id = ANY(%s)", (gone,))
+            return len(found)
+
+        return self._write(erase, "the records were not erased")
+
     # -- accounts -----------------------------------------------------------------
 
     def add_account(self, account: AccountRow) -> None:

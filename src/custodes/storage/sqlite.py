@@ -675,6 +675,50 @@ class SQLiteStorage:
 
         return self._run(count, snapshot=True)
 
+    def erase_records(self, record_ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(record_ids))
+
+        def erase(conn: sqlite3.Connection) -> int:
+            # secure_delete is on for this file (see _PRAGMAS): the freed cells and pages
+            # are overwritten with zeros, in the file and in the WAL frames written now.
+            found: list[tuple[int, str]] = []
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                query = _in_list(
+                    "SELECT seq, record_id FROM records WHERE record_id IN", len(chunk)
+                )
+                found.extend((int(seq), str(rid)) for seq, rid in conn.execute(query, chunk))
+            for seq, _ in found:
+                conn.execute(
+                    "DELETE FROM tokens WHERE generation = ? AND seq = ?",
+                    (seq >> _GENERATION_BITS, seq),
+                )
+                conn.execute("DELETE FROM data_keys WHERE seq = ?", (seq,))
+                conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
+            return len(found)
+
+        if not ids:
+            return 0
+        erased = self._write(erase, "the records were not erased")
+        if erased:
+            # The WAL may still hold the pages as they were before the erasure (frames of
+            # the ingest that wrote them): copied back and cut to nothing, so that no
+            # earlier frame survives in the WAL file.
+            self._truncate_wal()
+        return erased
+
+    def _truncate_wal(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise StorageError("storage is closed")
+            self._writer.acquire()
+            try:
+                self._conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"the erased records were not checkpointed: {exc}") from exc
+            finally:
+                self._writer.release()
+
     # -- accounts -----------------------------------------------------------------
 
     def add_account(self, account: AccountRow) -> None:

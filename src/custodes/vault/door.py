@@ -27,6 +27,7 @@ from custodes.alert_book import AlertBook, AlertState, RecordedAlert
 from custodes.alerts import Dispatcher
 from custodes.audit import AccessEntry, AccessLog, sequencer
 from custodes.audit.checkpoint import LogLoss
+from custodes.audit.erasures import ErasureLedger
 from custodes.audit.report import (
     ReportedAccess,
     SubjectReport,
@@ -72,6 +73,7 @@ from custodes.sessions import (
     Session,
 )
 from custodes.storage.base import SealedRecord, Storage, StoredRecord
+from custodes.vault.erasure import Erasures
 from custodes.vault.exports import Exports
 from custodes.vault.guard import AnomalyGuard, flagged_records, store_flagged
 from custodes.vault.integrity import IndexAudit, IndexCheck
@@ -110,6 +112,7 @@ class Vault:
         random: Random,
         operator: Operator | None = None,
         directory: Path | None = None,
+        erasure_ledger: ErasureLedger,
         session_ttl: float = 8 * 3600,
         guard_settings: GuardSettings | None = None,
         key_watch: KeyWatch | None = None,
@@ -132,6 +135,7 @@ class Vault:
         self._guard_settings = guard_settings or GuardSettings()
         self._guard: AnomalyGuard | None = None
         self._guard_thread: threading.Thread | None = None
+        self._retention_thread: threading.Thread | None = None
         self._macs = RowMacs(material)
         self._keeper = Gatekeeper(
             store=storage,
@@ -145,6 +149,7 @@ class Vault:
         )
         self._alert_book = AlertBook(storage, RowMacs(material))
         self._canaries = CanaryList(storage, material)
+        housekeeper = Operator(username="vault")
         self._gate = AccessGate(
             keeper=self._keeper,
             accounts=accounts,
@@ -156,6 +161,7 @@ class Vault:
             alert_book=self._alert_book,
             canaries=self._canaries,
             keys=None if key_watch is None else key_watch.check,
+            housekeeper=housekeeper,
         )
         self._key_watch = key_watch
         if key_watch is not None:
@@ -178,6 +184,18 @@ class Vault:
             material=material,
             clock=clock,
             random=random,
+        )
+        # Erasure on two people's word, retention, and the ledger that outlives restores.
+        self.erasures = Erasures(
+            gate=self._gate,
+            storage=storage,
+            codec=codec,
+            schema=schema,
+            ledger=erasure_ledger,
+            material=material,
+            clock=clock,
+            random=random,
+            housekeeper=housekeeper,
         )
 
     def __repr__(self) -> str:
@@ -314,6 +332,24 @@ class Vault:
         # Closing waits for a round under way: it must not find its storage closed.
         self._guard_thread = thread
 
+    def keep_retaining(self, every: float = 3600.0) -> None:
+        """Run the schema's retention rules every `every` seconds until the vault closes:
+        one process of a server does, beside its guard. Each expired batch is one short
+        write, so reads go on meanwhile."""
+        stop = threading.Event()
+        self._stop_signing.append(stop)
+
+        def run() -> None:
+            while not stop.wait(every):
+                try:
+                    self.erasures.retention_round(stop=stop)
+                except Exception as exc:  # the next pass tries again
+                    logger.error("the retention pass failed (%s)", type(exc).__name__)
+
+        thread = threading.Thread(target=run, name="custodes-retention", daemon=True)
+        thread.start()
+        self._retention_thread = thread
+
     def score_accounts(self, principal: Principal) -> list[Score]:
         """Every official active today, scored with its explanation, highest first; read
         from the log afresh, acting on none (`custodes guard score`). Logged, with counts."""
@@ -350,6 +386,8 @@ class Vault:
             stop.set()
         if self._guard_thread is not None:
             self._guard_thread.join(30)
+        if self._retention_thread is not None:
+            self._retention_thread.join(30)
         if self._sequencer is not None:
             self._log.sequence_through(None)
             self._sequencer.close()
@@ -673,6 +711,10 @@ class Vault:
         """
 
         def run(_: Grant) -> Done[list[str]]:
+            if self.erasures.erased(record_id) is not None:
+                # Erased: the record's source key went with it, so the records that named
+                # the person cannot be found; the report says it was erased.
+                return Done([record_id], (record_id,))
             records = [record_id, *self._reader.incoming_links(record_id)]
             return Done(records, (record_id,))
 
@@ -744,6 +786,7 @@ class Vault:
                     proof=proof,
                 )
             )
+        erasure = self.erasures.erased(subject)
         return SubjectReport(
             origin=log.origin,
             subject=subject,
@@ -752,6 +795,8 @@ class Vault:
             checkpoint=checkpoint,
             accesses=tuple(accesses),
             report_index=report_index,
+            erased_at=None if erasure is None else iso_time(erasure.at),
+            erased_for=None if erasure is None else erasure.reason,
         )
 
     # -- key rotation, on the host ---------------------------------------------------------
@@ -1139,8 +1184,16 @@ class Vault:
     def record_restore(self, operator: Principal, detail: Mapping[str, Any]) -> None:
         """Put a restore from a backup on the restored vault's own log (the backup's id,
         counts and checkpoint: the entries after it are not in the backup), then sign a
-        checkpoint over it (custodes.backup)."""
-        self._gate.access(operator, Action.BACKUP_RESTORE, lambda _: Done(None), detail=detail)
+        checkpoint over it (custodes.backup). Opening the restored vault applied the
+        erasure ledger again (each record it erased on the log as `vault:records:erase`);
+        the restore's entry counts the records the ledger names."""
+        self.erasures.reapply()
+        self._gate.access(
+            operator,
+            Action.BACKUP_RESTORE,
+            lambda _: Done(None),
+            detail={**detail, "erased_on_ledger": len(self.erasures.ledgered())},
+        )
         self._log.checkpoint()
 
 

@@ -438,12 +438,25 @@ class ReportedAccessOut(BaseModel):
     proof: list[str] = Field(description="Inclusion proof against the checkpoint, base64.")
 
 
+class ReportErasure(BaseModel):
+    at: str = Field(description="When the record was erased.")
+    for_: str = Field(
+        alias="for",
+        description='Why: "request <erasure request id>" or "retention <record type>".',
+    )
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
 class SubjectReportOut(BaseModel):
     format: str
     origin: str
     subject: str
     linked: list[str]
     report_index: int
+    erased: ReportErasure | None = Field(
+        default=None, description="Set if the record was erased; its past accesses stay."
+    )
     checkpoint: ReportCheckpoint
     accesses: list[ReportedAccessOut]
 
@@ -823,6 +836,88 @@ def export_produce(export_id: ExportId, session: Authenticated, request: Request
             "X-Export-Rows": str(made.rows),
         },
     )
+
+
+# -- erasure: asked for by one official, approved (and carried out) by a second -------
+
+ErasureId = Annotated[str, Path(min_length=32, max_length=32, pattern=r"^[0-9a-f]{32}$")]
+
+
+class ErasureRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    record_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    purpose: Reason
+    case_ref: CaseRef = None
+
+
+class ErasureStatusOut(BaseModel):
+    request_id: str
+    state: str = Field(description="requested or erased")
+    requester: str
+    approver: str | None
+    record_id: str
+    purpose: str = Field(description="Why the asker wants it, as stated.")
+    case_ref: str | None
+    requested_at: str
+    erased_at: str | None
+
+
+def _erasure_out(status: Any) -> ErasureStatusOut:
+    return ErasureStatusOut(
+        request_id=status.request_id,
+        state=status.state,
+        requester=status.requester,
+        approver=status.approver,
+        record_id=status.record_id,
+        purpose=status.reason,
+        case_ref=status.case_ref,
+        requested_at=_iso(status.requested_at),
+        erased_at=None if status.erased_at is None else _iso(status.erased_at),
+    )
+
+
+@router.post(
+    "/erasures",
+    response_model=ErasureStatusOut,
+    status_code=201,
+    dependencies=[NoStore],
+    responses=_errors(400, 401, 403, 404, 422, 503),
+    summary="Ask for a record's erasure; a second official must approve it",
+)
+def erasure_request(
+    body: ErasureRequestIn, session: Authenticated, request: Request
+) -> ErasureStatusOut:
+    stated = deps.purpose_from(body.purpose, body.case_ref)
+    vault = deps.vault_of(request)
+    request_id = vault.erasures.request(session, stated, body.record_id)
+    return _erasure_out(vault.erasures.status(session, request_id))
+
+
+@router.get(
+    "/erasures/{request_id}",
+    response_model=ErasureStatusOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 404, 422),
+    summary="Where an erasure request stands",
+)
+def erasure_status(
+    request_id: ErasureId, session: Authenticated, request: Request
+) -> ErasureStatusOut:
+    return _erasure_out(deps.vault_of(request).erasures.status(session, request_id))
+
+
+@router.post(
+    "/erasures/{request_id}/approve",
+    response_model=ErasureStatusOut,
+    dependencies=[NoStore],
+    responses=_errors(401, 403, 404, 422, 503),
+    summary="Approve another official's erasure request, which erases the record",
+)
+def erasure_approve(
+    request_id: ErasureId, session: Authenticated, request: Request
+) -> ErasureStatusOut:
+    return _erasure_out(deps.vault_of(request).erasures.approve(session, request_id))
 
 
 # -- the OpenAPI document, for callers with a session ---------------------------------

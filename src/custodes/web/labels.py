@@ -54,6 +54,10 @@ ACTION_LABELS: Mapping[Action, str] = {
     Action.GUARD_ACT: "Guard acts on account",
     Action.GUARD_SCORE: "Score accounts",
     Action.GUARD_FLAG: "Flag record",
+    Action.ERASE_REQUEST: "Ask for erasure",
+    Action.ERASE_APPROVE: "Approve erasure",
+    Action.ERASE: "Erase records",
+    Action.RETENTION_RUN: "Run retention",
 }
 
 

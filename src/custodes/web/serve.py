@@ -140,6 +140,7 @@ def serve(
     alerts: AlertRoutes | None = None,
     guard_every: float = 10.0,
     ready: Callable[[], None] | None = None,
+    retention_every: float = 3600.0,
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
 
@@ -150,7 +151,8 @@ def serve(
     so the passphrase is asked for once and the keys never leave memory. Every worker
     signs the log on a timer and sends what is signed on to each of `witnesses`. One
     process (the single worker, or the log sequencer beside several) runs the anomaly
-    guard every `guard_every` seconds.
+    guard every `guard_every` seconds, and the schema's retention rules every
+    `retention_every` seconds.
     The port is claimed first (a port another custodes server holds is refused); `ready`
     is called, with one worker, once it serves, and with several once the port is this
     server's, before the workers start (the supervisor takes the stop signals itself).
@@ -174,7 +176,16 @@ def serve(
         )
     routes = alerts or AlertRoutes()
     routes.check()
-    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes, guard_every)
+    listen = _Listen(
+        host,
+        port,
+        tls,
+        tuple(trusted_proxies),
+        tuple(witnesses),
+        routes,
+        guard_every,
+        retention_every,
+    )
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
         if workers == 1:
@@ -207,6 +218,7 @@ def serve_sealed(
     alerts: AlertRoutes | None = None,
     guard_every: float = 10.0,
     ready: Callable[[], None] | None = None,
+    retention_every: float = 3600.0,
 ) -> None:
     """Serve a vault whose keyring is sealed M-of-N, starting sealed (web.unseal): only
     the seal status and officers' shares are answered until the threshold of shares opens
@@ -229,7 +241,16 @@ def serve_sealed(
         _check_tls(tls)
     routes = alerts or AlertRoutes()
     routes.check()
-    listen = _Listen(host, port, tls, tuple(trusted_proxies), tuple(witnesses), routes, guard_every)
+    listen = _Listen(
+        host,
+        port,
+        tls,
+        tuple(trusted_proxies),
+        tuple(witnesses),
+        routes,
+        guard_every,
+        retention_every,
+    )
 
     def open_app(unlocked: UnlockedVault, officers: list[str]) -> tuple[Any, Callable[[], None]]:
         # The officers act together as the host operator would: the entry is made by a
@@ -276,6 +297,7 @@ class _Listen:
     witnesses: tuple[str, ...] = ()  # where each worker sends the checkpoints signed
     alerts: AlertRoutes = field(default_factory=AlertRoutes)  # where each worker alerts
     guard_every: float = 10.0  # seconds between the anomaly guard's rounds
+    retention_every: float = 3600.0  # seconds between the retention rules' passes
 
 
 def _check_tls(tls: TlsFiles) -> None:
@@ -518,6 +540,7 @@ def _serving_vault(
         # The only process: it scores the log as well. With several workers the log
         # sequencer does, so that one guard acts once on each account.
         vault.keep_guarding(listen.guard_every)
+        vault.keep_retaining(listen.retention_every)
     return vault
 
 
@@ -595,6 +618,7 @@ def _forked_sequencer(
         # The one process that sees every worker's entries as they are appended: the
         # anomaly guard runs here, reading the log, never in a read's path.
         vault.keep_guarding(listen.guard_every)
+        vault.keep_retaining(listen.retention_every)
         if _stop.asked:
             return
         while True:
