@@ -655,31 +655,49 @@ def test_a_least_privileged_postgresql_server_never_serves_past_a_ledgered_erasu
     tmp_path: Path,
     pg_cluster: Callable[..., Any],
 ) -> None:
-    from custodes.errors import ConfigurationError, StorageError
+    from custodes.doctor import Deployment, examine
     from tests.test_backup_postgres import OWNER, _deploy
 
     if shutil.which("pgbackrest") is None:
         pytest.skip("pgBackRest is not installed")
     d = _deploy(tmp_path, pg_cluster)
     vault = d.open()  # the server's own role: it may not delete a record
+    other = d.open()  # another worker of the same server
     try:
         asker = login(vault, Role.AUDITOR, "wu.min")
         approver = login(vault, Role.SUPERVISOR, "li.jing")
         record_id = populated_one(vault, approver)
+        reader = relogin(other, "li.jing")
+        other.record(reader, PURPOSE, record_id)  # read before the erasure
         request_id = vault.erasures.request(asker, ERASURE, record_id)
-        with pytest.raises(StorageError):
-            vault.erasures.approve(approver, request_id)
+        # Approved: on the ledger, so read by no one from this moment, in any worker,
+        # although this role could not delete the bytes.
+        vault.erasures.approve(approver, request_id)
+        with pytest.raises(RecordNotFound):
+            vault.record(approver, PURPOSE, record_id)
+        with pytest.raises(RecordNotFound):
+            other.record(reader, PURPOSE, record_id)
+        assert vault._storage.get_records([record_id])  # the bytes wait for the owner
     finally:
+        other.close()
         vault.close()
-    # On the ledger already: the server's role cannot open the vault past it ...
-    with pytest.raises(ConfigurationError, match="schema owner"):
-        d.open()
-    # ... until the owner's credentials apply it.
-    owner = d.open(OWNER)
+    # The server's role opens the vault again and still serves nothing of the person ...
+    again = d.open()
     try:
         with pytest.raises(RecordNotFound):
-            owner.record(relogin(owner, "li.jing"), PURPOSE, record_id)
+            again.record(relogin(again, "li.jing"), PURPOSE, record_id)
+    finally:
+        again.close()
+    # ... doctor says the bytes remain and who can remove them ...
+    found = {f.check: f for f in examine(Deployment(vault_dir=d.vault_dir))}
+    assert "erasures:still-stored" in found
+    assert "schema owner" in found["erasures:still-stored"].fix
+    # ... and the owner's credentials apply the ledger.
+    owner = d.open(OWNER)
+    try:
+        assert not owner._storage.get_records([record_id])
     finally:
         owner.close()
-    # Applied: the server's role opens it again.
-    d.open().close()
+    assert "erasures:still-stored" not in {
+        f.check for f in examine(Deployment(vault_dir=d.vault_dir))
+    }

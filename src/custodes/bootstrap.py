@@ -35,7 +35,13 @@ from custodes.crypto.key_shares import (
 from custodes.crypto.keyring import ShareMode, read_share_mode
 from custodes.crypto.pkcs11 import TokenKeks
 from custodes.crypto.row_mac import RowKind, RowMacs
-from custodes.errors import ConfigurationError, KeyringError, StorageError, TamperDetected
+from custodes.errors import (
+    ConfigurationError,
+    ErasureLedgerBroken,
+    KeyringError,
+    StorageError,
+    TamperDetected,
+)
 from custodes.key_watch import KeyWatch
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
@@ -860,6 +866,9 @@ class DeploymentFacts:
     verifier_key: str | None = None  # the log's public key as the vault stores it
     checkpoints: tuple[tuple[int, bytes], ...] = ()  # stored (size, note), with cosignatures
     rotation_unfinished: bool = False  # a key rotation began and has not destroyed its old keys
+    # Records the erasure ledger names that storage still holds (a role that may not
+    # delete them); None when the ledger does not verify.
+    erased_still_stored: int | None = 0
 
 
 def deployment_facts(directory: Path) -> DeploymentFacts | None:
@@ -883,9 +892,25 @@ def deployment_facts(directory: Path) -> DeploymentFacts | None:
             verifier_key=stored_key.decode() if stored_key else None,
             checkpoints=tuple(checkpoints),
             rotation_unfinished=bool(storage.get_meta(ROTATION_STARTED)),
+            erased_still_stored=_erased_still_stored(Path(directory), storage, stored_key),
         )
     finally:
         storage.close()
+
+
+def _erased_still_stored(directory: Path, storage: Storage, verifier: bytes | None) -> int | None:
+    """How many records the erasure ledger names are still in storage (None: the ledger
+    does not verify against the log's key as the vault stores it)."""
+    from custodes.audit.erasures import erasures_path, read_erasures
+
+    if verifier is None:
+        return 0
+    path = erasures_path(VaultLayout(directory).read().log_key)
+    try:
+        ids = sorted({rid for e in read_erasures(path, verifier.decode()) for rid in e.records})
+    except ErasureLedgerBroken:
+        return None
+    return sum(len(storage.get_records(ids[i : i + 500])) for i in range(0, len(ids), 500))
 
 
 # -- the database's roles ------------------------------------------------------------------

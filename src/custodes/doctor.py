@@ -95,6 +95,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_certificate,
         check_accounts,
         check_rotation,
+        check_erasures,
         check_log,
         check_witnesses,
         check_schema,
@@ -664,6 +665,31 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 + (": it can see personal data" if reads else ""),
                 f"'custodes account enrol {name}' and have its holder enrol, or disable it",
             )
+
+
+def check_erasures(d: Deployment) -> Iterator[Finding]:
+    facts = _facts(d)
+    if facts is None:
+        return
+    if facts.erased_still_stored is None:
+        yield Finding(
+            "erasures:ledger-broken",
+            Severity.HIGH,
+            "the erasure ledger does not verify against the log's key: it was changed, "
+            "cut or replaced, and the vault will not serve",
+            "put the ledger back from a backup ('custodes backup restore-keys') and compare "
+            "it with the access log's erasure entries",
+        )
+    elif facts.erased_still_stored:
+        yield Finding(
+            "erasures:still-stored",
+            Severity.HIGH,
+            f"{facts.erased_still_stored} records erased on the ledger are still stored: no "
+            "one reads them, but their sealed bytes remain (a database role that may not "
+            "delete, or a copy put back)",
+            "apply the ledger with the schema owner's credentials on the host: "
+            "CUSTODES_DATABASE=<owner URL> custodes retention run",
+        )
 
 
 def check_rotation(d: Deployment) -> Iterator[Finding]:

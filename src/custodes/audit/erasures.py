@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +189,33 @@ class ErasureLedger:
     def __init__(self, signer: LogSigner) -> None:
         self._signer = signer
         self.path = erasures_path(signer.key_path)
+        self._seen: tuple[tuple[int, int, int, int] | None, frozenset[str]] = (None, frozenset())
+        self._seen_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return "ErasureLedger()"
+
+    def current(self) -> frozenset[str]:
+        """Every record id the ledger names, as the file is now: read and checked again
+        only when the file changed (a stat otherwise), so that every read of a record may
+        ask, in every process sharing the ledger. ErasureLedgerBroken if it fails."""
+        try:
+            st = os.stat(self.path)
+            identity: tuple[int, int, int, int] | None = (
+                st.st_dev,
+                st.st_ino,
+                st.st_mtime_ns,
+                st.st_size,
+            )
+        except FileNotFoundError:
+            identity = None
+        seen, ids = self._seen
+        if identity == seen and (identity is not None or not ids):
+            return ids
+        with self._seen_lock:
+            ids = frozenset(self.erased_ids()) if identity is not None else frozenset()
+            self._seen = (identity, ids)
+        return ids
 
     def erasures(self) -> list[Erasure]:
         """Every statement, checked (ErasureLedgerBroken if any fails)."""

@@ -122,7 +122,7 @@ class Vault:
         self._schema_text = schema_text
         self._storage = storage
         self._codec = codec
-        self._reader = RecordReader(schema, storage, codec)
+        self._reader = RecordReader(schema, storage, codec, erasure_ledger.current)
         self._material = material
         self._token_bits = dict(token_bits)
         self._log = access_log

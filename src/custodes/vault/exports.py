@@ -362,7 +362,7 @@ class Exports:
         people no one is looking for come from a dump of the database."""
         tag = self._codec.type_tag(rt.name)
         for batch in self._scope_batches(request):
-            held = self._storage.get_records(batch)
+            held = self._reader.fetch(batch)
             planted = self._gate.canaries_among(batch)
             for record_id in batch:
                 stored = held.get(record_id)
@@ -443,7 +443,7 @@ class Exports:
     def _open(self, record_ids: Sequence[str], cache: dict[str, dict[str, object]]) -> None:
         wanted = [r for r in record_ids if r not in cache]
         for start in range(0, len(wanted), _CHUNK):
-            held = self._storage.get_records(wanted[start : start + _CHUNK])
+            held = self._reader.fetch(wanted[start : start + _CHUNK])
             for record_id, stored in held.items():
                 cache[record_id] = self._codec.open(stored)
 

@@ -6,7 +6,7 @@ function; it decides nothing itself and logs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from custodes.access import Reach
 from custodes.codec import Probe, RecordCodec, Values, role_of_link
@@ -40,10 +40,19 @@ _ABOUT = frozenset({"person_ref"})
 class RecordReader:
     """The vault's reading of its records: storage and codec, never reached from outside."""
 
-    def __init__(self, schema: Schema, storage: Storage, codec: RecordCodec) -> None:
+    def __init__(
+        self,
+        schema: Schema,
+        storage: Storage,
+        codec: RecordCodec,
+        erased: Callable[[], frozenset[str]] = frozenset,
+    ) -> None:
         self.schema = schema
         self._storage = storage
         self._codec = codec
+        # The records the erasure ledger names: never read, whether or not storage has
+        # let go of them yet (a database role that may not delete, a copy put back).
+        self._erased = erased
 
     def __repr__(self) -> str:
         return "RecordReader()"
@@ -51,7 +60,7 @@ class RecordReader:
     def incoming_links(self, record_id: str, *, kinds: frozenset[str] | None = None) -> list[str]:
         """Every record that names a person (cases, deliveries), opening link fields only;
         with `kinds`, only those whose link field is of one of these kinds."""
-        stored = self._storage.get_records([record_id]).get(record_id)
+        stored = self.fetch([record_id]).get(record_id)
         if stored is None:
             # Without the record its source key is unknown, so the records naming it cannot
             # be found: refuse rather than hand out a report that looks complete and is not.
@@ -85,17 +94,30 @@ class RecordReader:
                 return stored.record_id
         return None
 
+    def fetch(self, record_ids: Sequence[str]) -> dict[str, StoredRecord]:
+        """The stored records among record_ids, less any the erasure ledger names: every
+        read of records by id goes through here."""
+        found = self._storage.get_records(record_ids)
+        erased = self._erased()
+        if erased:
+            found = {rid: r for rid, r in found.items() if rid not in erased}
+        return found
+
     def bucket(self, probe: Probe, limit: int) -> list[StoredRecord]:
         """The stored records carrying a probe's tokens, at most `limit`, by id: every
         search's one way into the index. While index keys rotate a record may carry its
-        tokens under two versions, and is returned once."""
-        if len(probe) == 1:
+        tokens under two versions, and is returned once. None the erasure ledger names."""
+        erased = self._erased()
+        if len(probe) == 1 and not erased:
             (index_id, token), *_ = probe
             return self._storage.find_records(index_id, token, limit)
         found: dict[str, StoredRecord] = {}
         for index_id, token in probe:
-            for stored in self._storage.find_records(index_id, token, limit):
-                found.setdefault(stored.record_id, stored)
+            for stored in self._storage.find_records(
+                index_id, token, limit + min(len(erased), 256)
+            ):
+                if stored.record_id not in erased:
+                    found.setdefault(stored.record_id, stored)
         return [found[rid] for rid in sorted(found)[:limit]]
 
     def find_all(self, probe: Probe) -> list[StoredRecord]:
@@ -174,7 +196,7 @@ class RecordReader:
 
     def person_facts(self, record_id: str, reach: Reach) -> RecordFacts:
         """The district and minority of a stored person, opening only what decides them."""
-        stored = self._storage.get_records([record_id]).get(record_id)
+        stored = self.fetch([record_id]).get(record_id)
         if stored is None:
             return RecordFacts(None)
         rt = self._codec.type_of(stored)
@@ -188,7 +210,7 @@ class RecordReader:
         if record_id in reach.districts:
             return reach.districts[record_id]
         district: str | None = None
-        stored = self._storage.get_records([record_id]).get(record_id)
+        stored = self.fetch([record_id]).get(record_id)
         if stored is not None:
             rt = self._codec.type_of(stored)
             names = [s.name for s in rt.fields.values() if s.kind == "national_id"]
@@ -266,13 +288,13 @@ class RecordReader:
         return parts in index_parts(rt, spec, opened)
 
     def one(self, record_id: str) -> StoredRecord:
-        stored = self._storage.get_records([record_id]).get(record_id)
+        stored = self.fetch([record_id]).get(record_id)
         if stored is None:
             raise RecordNotFound("no such record")
         return stored
 
     def load(self, record_ids: Sequence[str]) -> list[StoredRecord]:
-        found = self._storage.get_records(record_ids)
+        found = self.fetch(record_ids)
         return [found[r] for r in record_ids if r in found]
 
     def view(self, rt: RecordType, record_id: str, values: Values, reach: Reach) -> RecordView:
@@ -304,7 +326,7 @@ class RecordReader:
                     outgoing.append((str(rid), str(spec.ref), str(role)))
             elif spec.kind == "person_ref" and spec.name in values:
                 outgoing.append((str(values[spec.name]), str(spec.ref), spec.name))
-        found = self._storage.get_records([rid for rid, _, _ in outgoing])
+        found = self.fetch([rid for rid, _, _ in outgoing])
         for rid, ref_type, role in outgoing:
             target = found.get(rid)
             if target is None or self._codec.type_of(target).name != ref_type:
