@@ -605,7 +605,12 @@ def _time(value: str | None) -> str | None:
     help="Find the person by the resident ID number they bring, instead of RECORD_ID "
     "(the lookup is logged too, and returns nothing but the record id).",
 )
-@click.option("--purpose", default="subject access request", show_default=True)
+@click.option(
+    "--purpose",
+    required=True,
+    help="Why you are reading this person's accesses (e.g. 'their request of 3 March'); "
+    "recorded on the access log. Nothing is assumed: state it.",
+)
 @click.option("--case", "case_ref", help="The request or inquiry this report answers.")
 @click.option(
     "--bundle",
