@@ -401,9 +401,20 @@ def search(
         return
     if not results:
         out.print("no match")
+        if name:
+            out.print(NAME_HINT)
         return
     for record in results:
         print_record(record)
+
+
+# What a clerk can do about a name that finds nobody (see README, "Names").
+NAME_HINT = (
+    "  a name matches as registered, with its birth date: in Han characters, type a rare "
+    "character as itself (𠮷, not 吉: paste it if your input method lacks it); in pinyin, "
+    "either order works, but a name holding a character with no known reading is found "
+    "only by its characters"
+)
 
 
 def _choose_index(
