@@ -142,3 +142,63 @@ def test_ctrl_c_on_the_demos_server_stops_it_with_exit_0_not_an_abort(tmp_path: 
     assert process.returncode == 0, stderr
     assert "the demo's server stopped" in stdout
     assert "aborted" not in stderr + stdout and "interrupted" not in stderr + stdout
+
+
+def _demo_at_a_terminal(cwd: Path, env: dict[str, str], answer: str) -> tuple[int, str]:
+    """The demo run in a terminal (a pseudo-terminal), answering its question."""
+    import pty
+    import select
+
+    main, side = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "custodes", "demo", "--count", "10", "--no-serve"],
+        cwd=cwd,
+        env=env,
+        stdin=side,
+        stdout=side,
+        stderr=side,
+    )
+    os.close(side)
+    shown = b""
+    answered = False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the terminal closed: the demo has ended
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not answered and b"Replace it?" in shown:
+                os.write(main, answer.encode() + b"\n")
+                answered = True
+            if process.poll() is not None and not ready:
+                break
+        code = process.wait(timeout=30)
+    finally:
+        os.close(main)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert answered, shown.decode(errors="replace")
+    return code, shown.decode(errors="replace")
+
+
+def test_a_second_demo_at_a_terminal_asks_before_replacing_the_first(tmp_path: Path) -> None:
+    env = fresh_env(tmp_path)
+    first = demo(tmp_path, env)
+    assert first.returncode == 0, first.stderr
+    keyring = tmp_path / "custodes-demo" / "keys" / "demo.keyring"
+    kept = keyring.read_bytes()
+
+    code, shown = _demo_at_a_terminal(tmp_path, env, "n")
+    assert code == 0 and "already holds a demo" in shown and "kept as it was" in shown
+    assert keyring.read_bytes() == kept
+
+    code, shown = _demo_at_a_terminal(tmp_path, env, "y")
+    assert code == 0, shown
+    assert keyring.read_bytes() != kept
