@@ -116,13 +116,15 @@ class Tour:
 
     # -- placeholders, each from what an earlier command printed ---------------------
 
-    def _last(self, pattern: str, of: Callable[[Command], bool] = lambda c: True) -> str:
+    def _last(self, pattern: str, of: Callable[[Command], bool]) -> str:
+        """What the most recent command of a kind printed, as a reader copies it: from
+        that command only, never an older one."""
         for command, output in reversed(self.printed):
             if of(command):
                 found = re.findall(pattern, output)
-                if found:
-                    return str(found[0])
-        raise AssertionError(f"nothing printed so far matches {pattern!r}")
+                assert found, f"{command}\nprinted nothing matching {pattern!r}:\n{output}"
+                return str(found[0])
+        raise AssertionError(f"no command so far prints what {pattern!r} matches")
 
     def app_code(self, account: str) -> str:
         """The code the account's app shows now: a code is taken once, so if this time
@@ -141,7 +143,9 @@ class Tour:
     def fill(self, command: Command) -> str:
         text = command.text
         if "<enrolment code>" in text:
-            code = self._last(r"enrolment code \(one use, valid 24 h\): (\S+)")
+            code = self._last(
+                r"enrolment code \(one use, valid 24 h\): (\S+)", lambda c: "account add" in c.text
+            )
             text = text.replace("<enrolment code>", code)
         if "<code from the app>" in text:
             text = text.replace("<code from the app>", self.app_code(self.env["CUSTODES_USER"]))
