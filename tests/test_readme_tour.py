@@ -351,6 +351,7 @@ def tour(tmp_path: Path) -> Iterator[Tour]:
         reader.kill_all()
 
 
+@pytest.mark.slow  # about a minute and a half: the demo's 100,000 people, each keyring unlock
 def test_every_command_of_the_readme_runs_as_written_in_an_empty_folder(tour: Tour) -> None:
     tour_commands = commands(README.read_text("utf-8"))
     texts = [c.text for c in tour_commands]
