@@ -17,7 +17,7 @@ from custodes.policy import Role
 from custodes.records import query_orders, query_parts
 from custodes.records.idnumber import check_char
 from custodes.schema import load_schema
-from custodes.vault import Vault
+from custodes.vault import Session, Vault
 from tests.conftest import PURPOSE, login, write_jsonl
 from tests.test_cli_client import (  # noqa: F401 - served is a fixture, used by name
     Served,
@@ -33,16 +33,19 @@ def national_id(region: str, born: str, serial: str) -> str:
     return body + check_char(body)
 
 
-LI_NA = {
+LI_NA: dict[str, object] = {
     "type": "person",
     "name": "李娜",
     "national_id": national_id("310101", "1985-03-12", "123"),
     "birth_date": "1985-03-12",
 }
 # Another 李娜, born another day: a name search needs the birth date to tell them apart.
-OTHER_LI_NA = {**LI_NA, "national_id": national_id("310101", "1990-07-01", "456")}
+OTHER_LI_NA: dict[str, object] = {
+    **LI_NA,
+    "national_id": national_id("310101", "1990-07-01", "456"),
+}
 OTHER_LI_NA["birth_date"] = "1990-07-01"
-RARE = [
+RARE: list[dict[str, object]] = [
     {  # 𠮷 (U+20BB7): a variant of 吉 that no pinyin table reads
         "type": "person",
         "name": "王𠮷",
@@ -66,9 +69,9 @@ def loaded(vault: Vault, tmp_path: Path) -> Vault:
     return vault
 
 
-def by_name(vault: Vault, session: object, name: str, born: str) -> set[str]:
+def by_name(vault: Vault, session: Session, name: str, born: str) -> set[str]:
     found = vault.search(
-        session,  # type: ignore[arg-type]
+        session,
         PURPOSE,
         record_type="person",
         index="name_birth",
@@ -88,7 +91,7 @@ def test_a_clerk_typing_the_given_name_first_in_pinyin_finds_the_person(
     session = login(loaded, Role.OFFICER, district="3101")
     before = searches_logged(loaded)
     found = by_name(loaded, session, typed, "1985-03-12")
-    assert found == {"3101**********" + LI_NA["national_id"][-4:]}
+    assert found == {"3101**********" + str(LI_NA["national_id"])[-4:]}
     # Both orders are tried inside one search: one entry on the log, one charge.
     assert searches_logged(loaded) == before + 1
 

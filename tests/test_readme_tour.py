@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pyotp
 import pytest
@@ -304,8 +305,8 @@ class Tour:
             pytest.fail(f"{command}\ncollecting the suite failed:\n{done.stdout[-3000:]}")
 
 
-def _drain(stream: object, chunks: list[bytes]) -> None:
-    fd = stream.fileno()  # type: ignore[attr-defined]
+def _drain(stream: IO[bytes], chunks: list[bytes]) -> None:
+    fd = stream.fileno()
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
 
