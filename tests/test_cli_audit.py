@@ -64,7 +64,15 @@ def test_subject_report_lists_the_officials_who_looked_and_verifies_offline(
     auditor = officials["auditor"]
     bundle = tmp_path / "report.bundle"
     done = run(
-        "audit", "subject", found["record_id"], "--bundle", str(bundle), "--json", env=auditor
+        "audit",
+        "subject",
+        found["record_id"],
+        "--purpose",
+        "their request",
+        "--bundle",
+        str(bundle),
+        "--json",
+        env=auditor,
     )
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
@@ -82,7 +90,7 @@ def test_subject_report_lists_the_officials_who_looked_and_verifies_offline(
     bundle.write_bytes(bytes(data))
     assert run("audit", "verify-bundle", str(bundle), "--log-key", log_key).returncode != 0
 
-    done = run("audit", "subject", found["record_id"], env={**auditor, "COLUMNS": "200"})
+    done = run("audit", "subject", found["record_id"], "--purpose", "their request", env=auditor)
     assert done.returncode == 0, done.stderr
     assert f"Subject access report for record {found['record_id']}" in done.stdout
     assert "call the witness" in done.stdout
@@ -98,7 +106,15 @@ def test_the_client_rebuilds_the_servers_report_exactly_and_refuses_a_broken_pro
     )[0]["record_id"]
     bundle = tmp_path / "report.bundle"
     done = run(
-        "audit", "subject", record_id, "--bundle", str(bundle), "--json", env=officials["auditor"]
+        "audit",
+        "subject",
+        record_id,
+        "--purpose",
+        "their request",
+        "--bundle",
+        str(bundle),
+        "--json",
+        env=officials["auditor"],
     )
     assert done.returncode == 0, done.stderr
     doc = orjson.loads(done.stdout)
@@ -213,15 +229,14 @@ def test_an_auditor_starts_a_subject_access_request_from_the_id_number_a_citizen
     person = served.people[0]
     number = str(person["national_id"])
     auditor = officials["auditor"]
-    done = run(
-        "audit", "subject", "--national-id", number, "--case", "SAR-9", "--json", env=auditor
-    )
+    sar = ["--purpose", "their request at the counter", "--case", "SAR-9"]
+    done = run("audit", "subject", "--national-id", number, *sar, "--json", env=auditor)
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
     # The lookup itself is in the person's report: they see who looked them up, and why.
     lookups = [a for a in report["accesses"] if a["action"] == "audit:subject:lookup"]
     assert [(a["actor"], a["purpose"]) for a in lookups] == [
-        ("zhao.audit", "subject access request")
+        ("zhao.audit", "their request at the counter")
     ]
     assert number not in done.stdout.replace(report["subject"], "")
     # Only the id comes back: no field of the record.
@@ -231,12 +246,47 @@ def test_an_auditor_starts_a_subject_access_request_from_the_id_number_a_citizen
     # A number nobody holds: not found, and logged all the same.
     body = "11010519800101001"
     nobody = body + check_char(body)
-    absent = run("audit", "subject", "--national-id", nobody, env=auditor)
+    absent = run("audit", "subject", "--national-id", nobody, *sar, env=auditor)
     assert absent.returncode != 0 and "no person" in absent.stderr
     assert nobody not in absent.stderr
     # Officials who read records cannot use it as a back door to search: auditors only.
     officer = officials["officer"]
-    refused = run("audit", "subject", "--national-id", number, env=officer)
+    refused = run("audit", "subject", "--national-id", number, *sar, env=officer)
     assert refused.returncode != 0
-    both = run("audit", "subject", "RECORD", "--national-id", number, env=auditor)
+    both = run("audit", "subject", "RECORD", "--national-id", number, *sar, env=auditor)
     assert both.returncode == 2
+
+
+def test_a_subject_report_whose_auditor_stated_no_purpose_is_refused_not_given_one(
+    served: Served,  # noqa: F811
+    officials: dict[str, dict[str, str]],
+) -> None:
+    import httpx
+
+    person = served.people[0]
+    record_id = orjson.loads(run(*search_args(person, "--json"), env=officials["officer"]).stdout)[
+        0
+    ]["record_id"]
+    entries = served.vault._log.size
+    auditor = officials["auditor"]
+    by_id = run("audit", "subject", record_id, env=auditor)
+    by_number = run("audit", "subject", "--national-id", str(person["national_id"]), env=auditor)
+    for done in (by_id, by_number):
+        assert done.returncode == 2 and "--purpose" in done.stderr, done.stderr
+    token = login(served.vault, Role.AUDITOR, "api.audit").token
+    with httpx.Client(base_url=f"{served.url}/api/v1") as api:
+        headers = {"Authorization": f"Bearer {token}"}
+        for answer in (
+            api.get(f"/audit/subject/{record_id}", headers=headers),
+            api.get(f"/audit/subject/{record_id}/bundle", headers=headers),
+            api.post(
+                "/audit/subject/lookup",
+                json={"national_id": person["national_id"]},
+                headers=headers,
+            ),
+        ):
+            assert answer.status_code == 422, answer.text
+            assert "purpose" in answer.text and "subject access request" not in answer.text
+    # Nothing was read, so nothing but the API login is on the log.
+    later = served.vault._log.entries(entries)
+    assert not [e for _, e in later if e.action.startswith("audit:subject")]

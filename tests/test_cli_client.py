@@ -188,7 +188,7 @@ def test_client_commands_refuse_at_once_without_a_login(tmp_path: Path) -> None:
         ["show", "some-record", "--purpose", "a look"],
         ["reveal", "some-record", "phone", "--purpose", "a look"],
         ["audit", "log", "--purpose", "a review"],
-        ["audit", "subject", "some-record"],
+        ["audit", "subject", "some-record", "--purpose", "their request"],
         ["logout"],
     ):
         done = run(*args, env=env)

@@ -47,7 +47,7 @@ def deployment(tmp_path: Path) -> Path:
     )
     try:
         vault.admin.add_account(
-            vault.operator, "d.officer", PASSWORD, Role.OFFICER, {"district": "test"}
+            vault.operator, "d.officer", PASSWORD, Role.OFFICER, {"district": "3101"}
         )
         enrol(vault, "d.officer")
     finally:
@@ -139,6 +139,32 @@ def test_an_official_without_a_second_factor_is_high(deployment: Path, tmp_path:
     assert no_mfa == {"d.investigator": Severity.HIGH, "d.auditor": Severity.MEDIUM}
     code, output = run_cli(deployment, "--port", "1")
     assert code == 1 and "d.investigator" in output and "custodes account enrol" in output
+
+
+def test_an_official_added_without_a_district_who_can_read_nothing_is_told_how_to_fix_it(
+    deployment: Path,
+) -> None:
+    from custodes.bootstrap import open_vault
+
+    vault = open_vault(deployment, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+    try:
+        vault.admin.add_account(vault.operator, "d.nowhere", PASSWORD, Role.INVESTIGATOR)
+        vault.admin.add_account(vault.operator, "d.cased", PASSWORD, Role.OFFICER)
+        vault._accounts.assign_case("d.cased", "A2023-17")  # no case stored here to check
+        vault.admin.add_account(vault.operator, "d.auditor", PASSWORD, Role.AUDITOR)
+    finally:
+        vault.close()
+    found = {
+        f.message.split("'")[1]: f for f in check(deployment) if f.check == "accounts:no-district"
+    }
+    assert set(found) == {"d.nowhere", "d.cased"}  # not the auditor, not d.officer (3101)
+    assert found["d.nowhere"].severity is Severity.MEDIUM
+    assert "can read no records" in found["d.nowhere"].message
+    assert found["d.nowhere"].fix.startswith("'custodes account district d.nowhere CODE'")
+    assert found["d.cased"].severity is Severity.LOW
+    assert "1 assigned case" in found["d.cased"].message
+    _, output = run_cli(deployment, "--port", "1")
+    assert "custodes account district d.nowhere CODE" in output
 
 
 def test_locked_and_disabled_accounts_are_reported(deployment: Path) -> None:

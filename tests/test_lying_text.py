@@ -133,8 +133,8 @@ def test_a_logged_escape_sequence_cannot_erase_a_line_in_the_auditors_terminal(
     for args in (
         ["audit", "log", *asked],
         ["audit", "log", *asked, "--json"],
-        ["audit", "subject", found["record_id"]],
-        ["audit", "subject", found["record_id"], "--json"],
+        ["audit", "subject", found["record_id"], *asked],
+        ["audit", "subject", found["record_id"], *asked, "--json"],
     ):
         done = run(*args, env={**auditor, "COLUMNS": "250"})
         assert done.returncode == 0, done.stderr

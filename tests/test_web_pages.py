@@ -188,6 +188,26 @@ def test_search_by_name_in_pinyin_phone_and_case_number(site: Site) -> None:
     assert str(case.get("narrative", "-")) not in by_case.text
 
 
+def test_a_clerk_typing_the_given_name_first_finds_the_person_and_nobody_gets_a_hint(
+    site: Site,
+) -> None:
+    from pypinyin import lazy_pinyin
+
+    person = site.people[4]
+    family, *given = lazy_pinyin(str(person["name"]))
+    turned = f"{''.join(given)} {family}".title()
+    purpose = {"reason": REASON, "case_ref": CASE}
+    born = str(person["birth_date"])
+    found = search(site, Role.OFFICER, by="name_birth", name=turned, birth_date=born, **purpose)
+    rid = record_id_of(site, str(person["national_id"]))
+    assert found.status_code == 200 and f"/records/{rid}?" in found.text
+    nobody = search(
+        site, Role.OFFICER, by="name_birth", name="王𠮷", birth_date="1900-01-01", **purpose
+    )
+    assert nobody.status_code == 200 and "Nothing matches" in nobody.text
+    assert "𠮷, not 吉" in nobody.text and "“Na Li”" in nobody.text
+
+
 def test_search_by_htmx_returns_only_the_results_fragment(site: Site) -> None:
     nid = str(site.people[3]["national_id"])
     form = {

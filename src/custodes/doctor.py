@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from custodes.errors import ConfigurationError, CustodesError, StorageError
-from custodes.policy import reads_records
+from custodes.policy import assigned_cases, district_prefix, reads_records
 from custodes.sessions import IDLE_TIMEOUT
 from custodes.settings import VaultLayout, is_within
 from custodes.storage.base import SessionRow
@@ -655,6 +655,23 @@ def check_accounts(d: Deployment) -> Iterator[Finding]:
                 "be guessing its password",
                 f"check the log ('custodes audit log --actor {name}'), then "
                 f"'custodes account unlock {name}'",
+            )
+        if (
+            reads_records(account.role)
+            and district_prefix(account.attributes.get("district")) is None
+        ):
+            cases = assigned_cases(account.attributes.get("cases"))
+            yield Finding(
+                "accounts:no-district",
+                Severity.LOW if cases else Severity.MEDIUM,
+                f"account {name!r} ({account.role.value}) has no usable district, so it "
+                + (
+                    f"reads only the records its {len(cases)} assigned case(s) name"
+                    if cases
+                    else "can read no records at all"
+                ),
+                f"'custodes account district {name} CODE' (a division code of 2, 4 or 6 "
+                "digits, or '*' for a national unit)",
             )
         if not account.mfa_enrolled:
             reads = reads_records(account.role)

@@ -401,9 +401,20 @@ def search(
         return
     if not results:
         out.print("no match")
+        if name:
+            out.print(NAME_HINT)
         return
     for record in results:
         print_record(record)
+
+
+# What a clerk can do about a name that finds nobody (see README, "Names").
+NAME_HINT = (
+    "  a name matches as registered, with its birth date: in Han characters, type a rare "
+    "character as itself (𠮷, not 吉: paste it if your input method lacks it); in pinyin, "
+    "either order works, but a name holding a character with no known reading is found "
+    "only by its characters"
+)
 
 
 def _choose_index(
@@ -605,7 +616,12 @@ def _time(value: str | None) -> str | None:
     help="Find the person by the resident ID number they bring, instead of RECORD_ID "
     "(the lookup is logged too, and returns nothing but the record id).",
 )
-@click.option("--purpose", default="subject access request", show_default=True)
+@click.option(
+    "--purpose",
+    required=True,
+    help="Why you are reading this person's accesses (e.g. 'their request of 3 March'); "
+    "recorded on the access log. Nothing is assumed: state it.",
+)
 @click.option("--case", "case_ref", help="The request or inquiry this report answers.")
 @click.option(
     "--bundle",

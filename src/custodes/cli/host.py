@@ -5,13 +5,14 @@ They run where the vault lives and need the keyring passphrase (synth needs noth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -47,6 +48,9 @@ from custodes.ingest import FORMATS, IngestReport
 from custodes.ingest import Progress as IngestProgress
 from custodes.policy import AccessPurpose, Role
 from custodes.vault import Vault
+
+if TYPE_CHECKING:
+    from custodes.accounts import Enrolment
 
 
 @click.command()
@@ -507,24 +511,33 @@ def _print_report(report: IngestReport) -> None:
     help="Then serve the dashboard on 127.0.0.1 until interrupted.",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: int) -> None:
+@click.option(
+    "--force", is_flag=True, help="Replace a demo already in DIR without asking (its secrets too)."
+)
+def demo(
+    demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: int, force: bool
+) -> None:
     """Build a demo vault of synthetic people, run a sample search, serve the dashboard.
 
-    Creates DIR/vault and DIR/keys (apart, as in production), a random keyring
-    passphrase and a random account password, both printed for you to try things with.
+    Everything it makes stays in DIR: the vault in DIR/vault and its keys in DIR/keys
+    (apart, as in production), nothing in your configuration directory. A random keyring
+    passphrase and random passwords for an investigator and an auditor are printed for
+    you to try things with. A demo already in DIR is replaced only once you confirm it
+    (or with --force).
     """
     from custodes.synth import write_jsonl
 
     root = Path(demo_dir)
-    marker = root / "CUSTODES-DEMO"
-    if root.exists():
-        if not marker.exists():
-            raise ConfigurationError(f"{demo_dir} exists and is not a custodes demo; choose --dir")
-        shutil.rmtree(root)
+    if root.exists() and not _replace_demo(root, demo_dir, force):
+        out.print(Text(f"the demo in {demo_dir} is kept as it was"))
+        return
     root.mkdir(mode=0o700, parents=True)
-    marker.write_text("Made by 'custodes demo'. Synthetic people only. Safe to delete.\n")
+    (root / DEMO_MARKER).write_text(
+        "Made by 'custodes demo'. Synthetic people only. Safe to delete.\n"
+    )
     passphrase = secrets.token_urlsafe(24)
     password = secrets.token_urlsafe(18)
+    auditor_password = secrets.token_urlsafe(18)
     population = root / "population.jsonl"
 
     out.print(f"[bold]1.[/] generating {count:,} synthetic people (seed {seed}) ...")
@@ -535,23 +548,27 @@ def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: 
     out.print("[bold]2.[/] creating an encrypted vault; the keyring lives apart from it ...")
     vault_path = root / "vault"
     keyring_path = root / "keys" / "demo.keyring"
-    vault = create_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
+    vault = create_vault(
+        vault_path,
+        passphrase=passphrase,
+        keyring_path=keyring_path,
+        log_key_path=root / "keys" / "demo-log.key",
+    )
     log_to(vault)
     try:
         out.print(f"[bold]3.[/] ingesting with {workers} worker(s) ...")
         report = _ingest_with_progress(vault, str(population), workers=workers)
         _print_report(report)
-        out.print("[bold]4.[/] adding an investigator account ...")
+        out.print("[bold]4.[/] adding an investigator and an auditor account ...")
         operator = vault.operator
-        attributes = {"district": "*"}
         vault.admin.add_account(
-            operator, "demo.investigator", password, Role.INVESTIGATOR, attributes
+            operator, "demo.investigator", password, Role.INVESTIGATOR, {"district": "*"}
         )
-        # The demo enrols the second factor itself; a real official scans the QR code.
-        code = vault.admin.issue_enrolment(operator, "demo.investigator")
-        enrolment = vault.enrolment(code)
+        vault.admin.add_account(operator, "demo.auditor", auditor_password, Role.AUDITOR)
+        # The demo enrols the second factors itself; a real official scans the QR code.
+        enrolment = _enrol_demo_account(vault, "demo.investigator")
+        auditor_enrolment = _enrol_demo_account(vault, "demo.auditor")
         totp = pyotp.TOTP(enrolment.secret)
-        vault.complete_enrolment(code, totp.now())
         first = orjson.loads(population.open("rb").readline())
         # The next time step's code: the one that confirmed the enrolment is used up.
         session = vault.login("demo.investigator", password, totp=totp.at(time.time() + 30))
@@ -604,17 +621,61 @@ def demo(demo_dir: str, count: int, seed: int, workers: int, serve: bool, port: 
     out.print(f"  {me} show {record_id} {asked}")
     out.print(f"  {me} reveal {record_id} address {asked}")
     out.print(f"  {me} logout")
+    out.print("As the auditor, who reads the access log and no record:")
+    out.print("  export CUSTODES_USER=demo.auditor")
+    out.print(f"  export CUSTODES_PASSWORD={auditor_password}")
+    out.print(f"  # add to an authenticator app: {auditor_enrolment.uri}")
+    out.print(f"  {me} login --server {server}")
+    out.print(f"  {me} audit log --purpose 'demo: who looked'")
+    out.print(f"  {me} audit subject {record_id} --purpose 'demo: a subject access request'")
     if not serve:
         return
     from custodes.web.serve import serve as serve_dashboard
 
     code_command = f"{sys.executable} -c \"import pyotp; print(pyotp.TOTP('{totp.secret}').now())\""
     out.print(f"\n[bold]7.[/] the dashboard: {server}/  (Ctrl-C stops it)")
+    auditor_code = code_command.replace(totp.secret, auditor_enrolment.secret)
     out.print(
-        "   log in (here or with 'custodes login') as demo.investigator with the password "
-        "above and the current code (each code works once; if one is refused, wait half a "
-        "minute for the next):"
+        "   log in (here or with 'custodes login') as demo.investigator or demo.auditor with "
+        "the password above and the current code (each code works once; if one is refused, "
+        "wait half a minute for the next):"
     )
-    out.print(f"   {code_command}")
+    out.print(f"   {code_command}   # demo.investigator")
+    out.print(f"   {auditor_code}   # demo.auditor")
     unlocked = unlock_vault(vault_path, passphrase=passphrase, keyring_path=keyring_path)
-    serve_dashboard(unlocked, host="127.0.0.1", port=port)
+    # Ctrl-C is how the demo's server is meant to end: not an abort.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_dashboard(unlocked, host="127.0.0.1", port=port)
+    out.print(
+        Text(
+            f"the demo's server stopped; the demo stays in {demo_dir} (run it again to replace it)"
+        )
+    )
+
+
+DEMO_MARKER = "CUSTODES-DEMO"
+
+
+def _replace_demo(root: Path, demo_dir: str, force: bool) -> bool:
+    """Whether to replace the demo in `root`: yes with --force, else only when a person at a
+    terminal says so. A folder that is not a demo is never touched."""
+    if not (root / DEMO_MARKER).exists():
+        raise ConfigurationError(f"{demo_dir} exists and is not a custodes demo; choose --dir")
+    why = (
+        f"{demo_dir} already holds a demo: replacing it deletes its vault, keys and accounts "
+        "(their passwords stop working)"
+    )
+    if not force:
+        if not sys.stdin.isatty():
+            raise ConfigurationError(f"{why}; rerun with --force to replace it, or choose --dir")
+        if not click.confirm(f"{why}. Replace it?", default=False):
+            return False
+    shutil.rmtree(root)
+    return True
+
+
+def _enrol_demo_account(vault: Vault, username: str) -> Enrolment:
+    code = vault.admin.issue_enrolment(vault.operator, username)
+    enrolment = vault.enrolment(code)
+    vault.complete_enrolment(code, pyotp.TOTP(enrolment.secret).now())
+    return enrolment

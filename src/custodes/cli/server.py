@@ -5,7 +5,9 @@ Runs on the host and unlocks the vault once with the keyring passphrase.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -166,23 +168,24 @@ def serve(
                 "FILE'; 'custodes seal' seals it again"
             )
 
-        web.serve_sealed(
-            directory,
-            vault_id=recorded.vault_id,
-            mode=mode,
-            keyring_path=Path(keyring) if keyring else None,
-            database=database_override(),
-            host=host,
-            port=port,
-            tls=tls,
-            workers=workers,
-            trusted_proxies=trusted_proxies,
-            witnesses=witnesses,
-            alerts=routes,
-            guard_every=guard_every,
-            retention_every=retention_every,
-            ready=ready_sealed,
-        )
+        with _until_ctrl_c():
+            web.serve_sealed(
+                directory,
+                vault_id=recorded.vault_id,
+                mode=mode,
+                keyring_path=Path(keyring) if keyring else None,
+                database=database_override(),
+                host=host,
+                port=port,
+                tls=tls,
+                workers=workers,
+                trusted_proxies=trusted_proxies,
+                witnesses=witnesses,
+                alerts=routes,
+                guard_every=guard_every,
+                retention_every=retention_every,
+                ready=ready_sealed,
+            )
         return
     unlocked = unlock_host_vault(vault_dir, keyring)
     plural = "es" if workers > 1 else ""
@@ -193,19 +196,29 @@ def serve(
         for url in witnesses:
             out.print(f"each signed checkpoint goes to the witness at {url}")
 
-    web.serve(
-        unlocked,
-        host=host,
-        port=port,
-        tls=tls,
-        workers=workers,
-        trusted_proxies=trusted_proxies,
-        witnesses=witnesses,
-        alerts=routes,
-        guard_every=guard_every,
-        retention_every=retention_every,
-        ready=ready,
-    )
+    with _until_ctrl_c():
+        web.serve(
+            unlocked,
+            host=host,
+            port=port,
+            tls=tls,
+            workers=workers,
+            trusted_proxies=trusted_proxies,
+            witnesses=witnesses,
+            alerts=routes,
+            guard_every=guard_every,
+            retention_every=retention_every,
+            ready=ready,
+        )
+
+
+@contextlib.contextmanager
+def _until_ctrl_c() -> Iterator[None]:
+    """Serve until Ctrl-C, which is how a server is meant to end: a message and exit 0,
+    not an abort."""
+    with contextlib.suppress(KeyboardInterrupt):
+        yield
+    out.print("server stopped")
 
 
 def _share_mode(vault_dir: str | None, keyring: str | None) -> ShareMode | None:

@@ -10,6 +10,7 @@ from custodes.records.validate import (
     RecordValidator,
     canonical_query,
     index_parts,
+    query_orders,
     query_parts,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "mask_value",
     "name_key",
     "name_pinyin",
+    "query_orders",
     "query_parts",
 ]

@@ -17,6 +17,7 @@ from custodes.records.normalise import (
     Refusal,
     canonicaliser,
     enum_lookup,
+    is_han,
     name_key,
     name_pinyin,
     national_id,
@@ -316,3 +317,31 @@ def query_parts(
             )
         parts.append(_transform(field, component.transform, canonical_query(field, raw)))
     return tuple(parts)
+
+
+def query_orders(
+    record_type: RecordType, index: IndexSpec, raw_values: Mapping[str, str]
+) -> list[tuple[str, ...]]:
+    """The blind-index inputs a search tries: `query_parts`, then, for a name typed in
+    Latin letters as two or more words, the same with the last word moved to the front.
+
+    A clerk types a name in pinyin given name first as often as family name first ("Na Li"
+    for 李娜); names are stored, and their tokens made, family name first, so the query
+    side tries both and the stored tokens never change. Han characters are written family
+    name first, and are taken as typed.
+    """
+    first = query_parts(record_type, index, raw_values)
+    orders = [first]
+    for at, component in enumerate(index.components):
+        field = record_type.fields[component.field]
+        raw = raw_values[component.field]
+        if field.kind != "name" or component.transform != "pinyin" or is_han(raw):
+            continue
+        words = canonical_query(field, raw).split(" ")
+        if len(words) < 2:
+            continue
+        turned = canonical_query(field, " ".join([words[-1], *words[:-1]]))
+        other = (*first[:at], _transform(field, component.transform, turned), *first[at + 1 :])
+        if other not in orders:
+            orders.append(other)
+    return orders

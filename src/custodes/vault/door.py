@@ -62,7 +62,7 @@ from custodes.policy import (
 )
 from custodes.policy.anomaly import GuardSettings, Score, Verdict
 from custodes.policy.budgets import budget_for
-from custodes.records import query_parts
+from custodes.records import query_orders, query_parts
 from custodes.schema import Schema
 from custodes.sessions import (
     Clock,
@@ -495,16 +495,25 @@ class Vault:
         def run(grant: Grant) -> Done[list[RecordView]]:
             reach = grant.reach
             try:
-                parts = query_parts(rt, spec, values)
+                # A name in pinyin is tried in both orders, within this one logged search.
+                orders = query_orders(rt, spec, values)
             except SchemaError as exc:
                 raise InvalidQuery(str(exc)) from None
             # Tokens are truncated on purpose, so a bucket may hold other records: read a
             # few more than asked and keep only true matches, decided after decryption.
-            candidates = self._reader.bucket(self._codec.probe(spec, parts), wanted * 4 + 16)
+            candidates = [
+                (parts, stored)
+                for parts in orders
+                for stored in self._reader.bucket(self._codec.probe(spec, parts), wanted * 4 + 16)
+            ]
             views: list[RecordView] = []
             touched: list[str] = []
             probe = {c.field for c in spec.components}
-            for stored in candidates:
+            seen: set[str] = set()
+            for parts, stored in candidates:
+                if stored.record_id in seen:
+                    continue  # in the buckets of both orders
+                seen.add(stored.record_id)
                 # Only the indexed fields decide a match: a bucket's other records are
                 # dropped after decrypting those alone, and only a match is opened whole
                 # (every field authenticated, as any record shown must be).

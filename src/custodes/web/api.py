@@ -635,7 +635,7 @@ class SubjectLookupIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     national_id: str = Field(min_length=1, max_length=32, description="The resident ID number.")
-    purpose: Reason = "subject access request"
+    purpose: Reason  # stated by the auditor, never assumed
     case_ref: CaseRef = None
 
 
@@ -672,7 +672,7 @@ def audit_subject(
     record_id: RecordId,
     session: Authenticated,
     request: Request,
-    purpose: ReasonQuery = "subject access request",
+    purpose: ReasonQuery,
     case_ref: OptionalCaseQuery = None,
 ) -> SubjectReportOut:
     report = _subject_report(request, session, record_id, purpose, case_ref)
@@ -696,7 +696,7 @@ def audit_subject_bundle(
     record_id: RecordId,
     session: Authenticated,
     request: Request,
-    purpose: ReasonQuery = "subject access request",
+    purpose: ReasonQuery,
     case_ref: OptionalCaseQuery = None,
 ) -> PlainTextResponse:
     report = _subject_report(request, session, record_id, purpose, case_ref)
