@@ -39,7 +39,13 @@ SET_UP = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'"
 # The suite's line is collected (every test found, the configuration read), not run.
 SUITE = "python -m pytest -q"
 # What each placeholder becomes (see Tour.fill).
-PLACEHOLDERS = ("<enrolment code>", "<code from the app>", "<record id>", "<export id>")
+PLACEHOLDERS = (
+    "<enrolment code>",
+    "<code from the app>",
+    "<record id>",
+    "<export id>",
+    "<erasure id>",
+)
 # The prompt a reader answers at the terminal, answered with the app's code for the key the
 # same command printed.
 APP_CODE_PROMPT = "Code the app shows now"
@@ -156,6 +162,9 @@ class Tour:
         if "<export id>" in text:
             export = self._last(r"\b[0-9a-f]{32}\b", lambda c: "export request" in c.text)
             text = text.replace("<export id>", export)
+        if "<erasure id>" in text:
+            erasure = self._last(r"erasure ([0-9a-f]{32}):", lambda c: "erase request" in c.text)
+            text = text.replace("<erasure id>", erasure)
         leftover = re.findall(r"<[a-z][a-z ]+>", text)
         assert not leftover, f"{command}: no rule fills {leftover}"
         return text
