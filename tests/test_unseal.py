@@ -436,3 +436,73 @@ def test_a_shares_mode_vault_is_not_served_sealed_by_several_workers(
         check=False,
     )
     assert done.returncode != 0 and "one worker for now" in done.stderr
+
+
+def test_rekeying_with_three_old_shares_leaves_the_old_shares_opening_nothing(
+    shared: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from custodes.bootstrap import reshare_vault
+
+    directory, paths = shared
+    before = unlock_vault(directory, shares=_shares(paths[:3])).material
+    # Two old shares are not enough to rekey.
+    with pytest.raises(KeyringError, match="3 shares are needed"):
+        reshare_vault(
+            directory,
+            old_shares=_shares(paths[:2]),
+            mode=ShareMode(4, 2),
+            officers=["fa", "gu", "ha", "io"],
+            share_paths=[tmp_path / "new" / f"{o}.share" for o in ("fa", "gu", "ha", "io")],
+            kdf=FAST_KDF,
+        )
+    assert not (tmp_path / "new").exists()
+    written = reshare_vault(
+        directory,
+        old_shares=_shares(paths[2:]),
+        mode=ShareMode(4, 2),
+        officers=["fa", "gu", "ha", "io"],
+        share_paths=[tmp_path / "new" / f"{o}.share" for o in ("fa", "gu", "ha", "io")],
+        kdf=FAST_KDF,
+    )
+    keyring = VaultLayout(directory).read().keyring
+    assert read_share_mode(keyring) == ShareMode(4, 2)
+    # Any two new shares open the same keys; no three old ones open anything now.
+    for pair in itertools.combinations(written, 2):
+        assert unlock_vault(directory, shares=_shares(list(pair))).material == before
+    for trio in itertools.combinations(paths, 3):
+        with pytest.raises(KeyringError):
+            unlock_vault(directory, shares=_shares(list(trio)))
+    vault = assemble_vault(unlock_vault(directory, shares=_shares(written[:2])), host=True)
+    try:
+        assert vault.verify_log(vault.operator).entries > 0
+        steps = [e.detail for _, e in vault._log.entries() if e.action == "vault:keys:rotate"]
+        assert {k: steps[-1][k] for k in ("step", "parts", "threshold", "given")} == {
+            "step": "reshare",
+            "parts": 4,
+            "threshold": 2,
+            "given": 3,
+        }
+    finally:
+        vault.close()
+
+
+def test_keys_reshare_on_the_command_line_takes_the_old_shares_and_writes_new_ones(
+    shared: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from custodes.cli import cli
+
+    directory, paths = shared
+    runner = CliRunner()
+    new_dir = tmp_path / "handover"
+    args = ["keys", "reshare", "--vault", str(directory), "--shares", "3", "--threshold", "2"]
+    args += ["--share-dir", str(new_dir)]
+    refused = runner.invoke(cli, args)
+    assert refused.exit_code != 0 and "--share" in str(refused.exception)
+    done = runner.invoke(cli, [*args, *(x for p in paths[:3] for x in ("--share", str(p)))])
+    assert done.exit_code == 0, done.output
+    assert "the old shares open nothing now" in done.output
+    written = sorted(new_dir.glob("*.share"))
+    assert [p.name for p in written] == [f"officer-{n}.share" for n in (1, 2, 3)]
+    assert unlock_vault(directory, shares=_shares(written[1:])).material is not None

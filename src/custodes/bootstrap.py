@@ -19,7 +19,14 @@ import orjson
 
 from custodes.accounts import Account, AccountBook, HashCost, SecretBox, check_password_strength
 from custodes.audit import AccessLog, AuditKeys
-from custodes.audit.checkpoint import Checkpoint, LogLoss, LogSigner, create_log_key, open_log_key
+from custodes.audit.checkpoint import (
+    Checkpoint,
+    LogLoss,
+    LogSigner,
+    create_log_key,
+    open_log_key,
+    reseal_signing_key,
+)
 from custodes.audit.erasures import ErasureLedger
 from custodes.audit.log import stored_root
 from custodes.audit.verify import OutsideCheckpoint, VerifyReport, verify_log
@@ -271,6 +278,76 @@ def create_shared_vault(
         vault.close()
         raise
     return vault, paths
+
+
+def reshare_vault(
+    directory: Path,
+    *,
+    old_shares: Sequence[KeyShare],
+    mode: ShareMode,
+    officers: Sequence[str],
+    share_paths: Sequence[Path],
+    share_passphrases: Sequence[str | None] | None = None,
+    kdf: KdfParams | None = None,
+) -> list[Path]:
+    """Rekey a shares-mode vault: the same keyring and log key sealed under a new random
+    key split M-of-N among `officers`, opened first with `old_shares` (its threshold of the
+    current ones). The data and its keys do not change; every old share opens nothing
+    after. Logged before anything changes. Returns the new share files."""
+    directory = Path(directory)
+    layout = VaultLayout(directory)
+    recorded = layout.read()
+    if read_share_mode(recorded.keyring) is None:
+        raise ConfigurationError("this vault's keyring is sealed under a passphrase, not shares")
+    old_passphrase = passphrase_from_shares(old_shares, vault_id=recorded.vault_id)
+    unlocked = unlock_vault(directory, passphrase=old_passphrase)
+    new_passphrase, shares = new_shares(recorded.vault_id, mode, officers)
+    paths = [Path(p) for p in share_paths]
+    secrets_for = list(share_passphrases) if share_passphrases else [None] * len(shares)
+    if len(paths) != len(shares) or len(secrets_for) != len(shares):
+        raise ConfigurationError("one share file and one passphrase (or none) per officer")
+    for path in paths:
+        if is_within(path, directory):
+            raise ConfigurationError(
+                "share files must live outside the vault directory: keys are never kept "
+                "beside the data they protect"
+            )
+        if path.exists():
+            raise ConfigurationError(f"a share file already exists there: {path}")
+    for officer_secret in secrets_for:
+        if officer_secret is not None:
+            check_password_strength(officer_secret, what="share passphrase")
+    vault = assemble_vault(unlocked, host=True)
+    try:
+        vault.note_key_step(
+            vault.operator,
+            "reshare",
+            parts=mode.parts,
+            threshold=mode.threshold,
+            given=len(old_shares),
+        )
+    finally:
+        vault.close()
+    kdf = kdf or KdfParams()
+    # The new shares first: until the files below are resealed they open nothing, and
+    # the old ones still open everything.
+    for path, share, officer_secret in zip(paths, shares, secrets_for, strict=True):
+        write_share_file(path, share, passphrase=officer_secret, kdf=kdf)
+    keyring = Keyring.open(
+        recorded.keyring,
+        passphrase=old_passphrase,
+        vault_id=recorded.vault_id,
+        token_pin=env(ENV_PKCS11_PIN),
+    )
+    keyring.reseal(old_passphrase, new_passphrase, mode)
+    reseal_signing_key(
+        recorded.log_key,
+        purpose="log",
+        passphrase=old_passphrase,
+        new_passphrase=new_passphrase,
+        kdf=kdf,
+    )
+    return paths
 
 
 def keyring_passphrase_from_shares(directory: Path, shares: Sequence[KeyShare]) -> str:

@@ -449,6 +449,18 @@ def write_signing_key(
     sealed_file.write_new_file(path, document, what=_WRITE_AS)
 
 
+def reseal_signing_key(
+    path: Path, *, purpose: str, passphrase: str, new_passphrase: str, kdf: KdfParams
+) -> None:
+    """Seal a signing key file's seed again under a new passphrase, in place: a crash
+    leaves the old file or the new one, never neither."""
+    sealed_file.check_passphrase(new_passphrase)
+    vkey, private_key = _read_sealed_key(path, purpose=purpose, passphrase=passphrase)
+    seed = private_key.private_bytes_raw()
+    document = sealed_file.seal_document(_key_header(purpose, vkey), seed, new_passphrase, kdf)
+    sealed_file.replace_sealed_file(path, document, what=_WRITE_AS)
+
+
 def read_signing_key(
     path: Path, *, purpose: str, sig_type: int, passphrase: str
 ) -> tuple[str, str, Ed25519PrivateKey]:

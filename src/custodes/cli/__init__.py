@@ -146,10 +146,14 @@ def export() -> None:
 
 @click.group(
     cls=_LazyGroup,
-    lazy={"status": "custodes.cli.keys:keys_status", "rotate": "custodes.cli.keys:keys_rotate"},
+    lazy={
+        "status": "custodes.cli.keys:keys_status",
+        "rotate": "custodes.cli.keys:keys_rotate",
+        "reshare": "custodes.cli.keys:keys_reshare",
+    },
 )
 def keys() -> None:
-    """The vault's keys: their versions, and rotating them online."""
+    """The vault's keys: their versions, rotating them online, new unseal shares."""
 
 
 @click.group(

@@ -88,3 +88,89 @@ def keys_rotate(
     if not as_json:
         out.print("rotation finished: the old keys are destroyed")
     _show(state, as_json)
+
+
+@click.command("reshare")
+@vault_options
+@click.option(
+    "--shares",
+    "parts",
+    type=click.IntRange(min=2, max=255),
+    required=True,
+    help="How many officers get a new share (N).",
+)
+@click.option(
+    "--threshold",
+    type=click.IntRange(min=2, max=255),
+    required=True,
+    help="How many new shares open the keyring (M).",
+)
+@click.option(
+    "--officer",
+    "officers",
+    multiple=True,
+    metavar="NAME",
+    help="An officer's name, once per new share (default officer-1..N).",
+)
+@click.option(
+    "--share-dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Where to write the new share files (outside the vault).",
+)
+@click.option(
+    "--seal-shares",
+    is_flag=True,
+    help="Seal each new share file under its officer's passphrase (asked for each "
+    "officer, or CUSTODES_SHARE_PASSPHRASE).",
+)
+def keys_reshare(
+    vault_dir: str | None,
+    keyring: str | None,
+    parts: int,
+    threshold: int,
+    officers: tuple[str, ...],
+    share_dir: str,
+    seal_shares: bool,
+) -> None:
+    """Rekey a vault sealed M-of-N: its officers give the threshold of their current
+    shares (--share FILE, M times), and the same keys are sealed under a new key split
+    among the officers named here; every old share opens nothing after. No record
+    changes. On the access log before anything changes."""
+    from pathlib import Path
+
+    from custodes import settings
+    from custodes.bootstrap import reshare_vault
+    from custodes.cli.common import read_shares, secret, vault_directory
+    from custodes.crypto.keyring import ShareMode
+
+    if keyring is not None:
+        raise click.UsageError("reshare works on the keyring the vault recorded")
+    if threshold > parts:
+        raise click.UsageError("--threshold cannot exceed --shares")
+    names = list(officers) or [f"officer-{n}" for n in range(1, parts + 1)]
+    if len(names) != parts:
+        raise click.UsageError(f"--shares {parts} needs {parts} --officer names (or none)")
+    directory = vault_directory(vault_dir)
+    old = read_shares()
+    passphrases: list[str | None] = [
+        secret(settings.ENV_SHARE_PASSPHRASE, f"New passphrase for {name}'s share", confirm=True)
+        if seal_shares
+        else None
+        for name in names
+    ]
+    written = reshare_vault(
+        directory,
+        old_shares=old,
+        mode=ShareMode(parts, threshold),
+        officers=names,
+        share_paths=[Path(share_dir) / f"{name}.share" for name in names],
+        share_passphrases=passphrases,
+    )
+    out.print(
+        f"Keyring and log key sealed {threshold} of {parts} under a new key: the old shares "
+        "open nothing now"
+    )
+    for name, path in zip(names, written, strict=True):
+        out.print(f"Share of {name}: {path}")
+    out.print("Hand each share file to its officer and delete it from this host.")

@@ -320,11 +320,26 @@ class Keyring:
                 destroy_token_kek(before, before.key_labels[version])
         return material
 
+    def reseal(self, passphrase: str, new_passphrase: str, shares: ShareMode | None) -> None:
+        """Seal the same keys under a new passphrase (for shares, the text of a new key
+        split into new shares: `custodes keys reshare`); the old one opens nothing after."""
+        sealed_file.check_passphrase(new_passphrase)
+        if shares is not None:
+            shares = ShareMode(*shares).check()
+        self._rewrite(passphrase, lambda m: m, new_passphrase=new_passphrase, shares=shares)
+        self._shares = shares
+
     def _rewrite(
-        self, passphrase: str, change: Callable[[KeyMaterial], KeyMaterial]
+        self,
+        passphrase: str,
+        change: Callable[[KeyMaterial], KeyMaterial],
+        *,
+        new_passphrase: str | None = None,
+        shares: ShareMode | bool | None = False,
     ) -> KeyMaterial:
         """Reseal the keyring file with `change` applied to what it holds, under a lock,
-        refusing a file that changed since this keyring read it."""
+        refusing a file that changed since this keyring read it; under `new_passphrase`
+        and `shares` when given (False: the shares it has)."""
         sealed_file.check_passphrase(passphrase)
         try:
             fd = os.open(self._path, os.O_RDONLY)
@@ -345,7 +360,12 @@ class Keyring:
             if not _same_material(on_disk, self._material):
                 raise KeyringError("keyring file changed on disk; open it again before rotating")
             material = change(on_disk)
-            document = _seal(material, passphrase, self._kdf, self._shares)
+            document = _seal(
+                material,
+                passphrase if new_passphrase is None else new_passphrase,
+                self._kdf,
+                self._shares if shares is False else shares,  # type: ignore[arg-type]
+            )
             sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:
             os.close(fd)

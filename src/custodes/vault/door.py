@@ -815,6 +815,14 @@ class Vault:
         self._material = material
         self._codec.rekey(material)
 
+    def note_key_step(self, operator: Principal, step: str, **counts: int) -> None:
+        """Put a step taken on the vault's keys outside this object (the keyring resealed
+        under new shares) on the access log, durably, before it is taken. Host operator
+        only."""
+        self._gate.access_write(
+            operator, Action.KEYS_ROTATE, (), lambda _: Done(None), detail={"step": step, **counts}
+        )
+
     def key_state(self, operator: Principal) -> RotationState:
         """Where the vault's keys stand: current versions, old ones still live, and the
         rows under them (a count by the database). Host operator only; logged."""
