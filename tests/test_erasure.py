@@ -261,6 +261,26 @@ def test_a_tampered_erasure_ledger_stops_the_vault_from_serving(tmp_path: Path) 
         open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
 
 
+def test_a_ledger_put_back_from_an_older_copy_of_itself_fails_audit_verify(
+    tmp_path: Path,
+) -> None:
+    vault = make_vault(tmp_path, "sqlite")
+    supervisor = login(vault, Role.SUPERVISOR, "li.jing")
+    admin = login(vault, Role.ADMIN, "zhao.lei")
+    first = populated_one(vault, supervisor)
+    vault.erasures.approve(admin, vault.erasures.request(supervisor, ERASURE, first))
+    ledger = ledger_of(vault)
+    older = ledger.read_bytes()
+    second = populated_one(vault, supervisor, index=1)
+    vault.erasures.approve(admin, vault.erasures.request(supervisor, ERASURE, second))
+    assert vault.verify_log(vault.operator).entries > 0
+    # A valid chain, one statement short: the ledger alone cannot tell; the log can.
+    ledger.write_bytes(older)
+    with pytest.raises(ErasureLedgerBroken, match="lacks 1 records"):
+        vault.verify_log(vault.operator)
+    vault.close()
+
+
 def test_retention_purges_an_expired_delivery_and_keeps_a_fresh_one(tmp_path: Path) -> None:
     vault = make_vault(tmp_path, "sqlite")
     today = dt.date.today()

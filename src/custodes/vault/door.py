@@ -25,7 +25,7 @@ from custodes.accounts import BUDGET, AccountBook, Enrolment, Passkey
 from custodes.administration import Administration
 from custodes.alert_book import AlertBook, AlertState, RecordedAlert
 from custodes.alerts import Dispatcher
-from custodes.audit import AccessEntry, AccessLog, sequencer
+from custodes.audit import AccessEntry, AccessLog, Outcome, sequencer
 from custodes.audit.checkpoint import LogLoss
 from custodes.audit.erasures import ErasureLedger
 from custodes.audit.report import (
@@ -47,6 +47,7 @@ from custodes.errors import (
     AccessDenied,
     AuthenticationFailed,
     ConfigurationError,
+    ErasureLedgerBroken,
     InvalidQuery,
     RecordNotFound,
     SchemaError,
@@ -703,9 +704,28 @@ class Vault:
             report = verify_log(
                 self._storage, self._log.verifier_key, origin=self._log.origin, outside=outside
             )
-            return Done(report, detail={"entries": report.entries})
+            erased = self._erasures_on_the_log()
+            return Done(report, detail={"entries": report.entries, "erased": erased})
 
         return self._gate.access(session, Action.LOG_VERIFY, run, purpose=purpose)
+
+    def _erasures_on_the_log(self) -> int:
+        """Hold the erasure ledger against the log: every record an erasure entry names
+        (sealed beside it; the ledger is written first) must be on the ledger, or the
+        ledger was cut or put back from an older copy of itself, which its own chain
+        cannot show. How many records the log says were erased."""
+        named: set[str] = set()
+        for index, entry in self._log.entries():
+            if entry.action == Action.ERASE.value and entry.outcome == Outcome.GRANTED:
+                details = self._log.private_details(index) or {}
+                named.update(str(r) for r in details.get("records", ()))
+        missing = named - self.erasures.ledgered()
+        if missing:
+            raise ErasureLedgerBroken(
+                f"the erasure ledger lacks {len(missing)} records the access log says were "
+                "erased: it was cut, or put back from an older copy of itself"
+            )
+        return len(named)
 
     def subject_report(
         self, session: Principal, purpose: AccessPurpose, record_id: str

@@ -22,7 +22,13 @@ from custodes.alert_book import AlertState, RecordedAlert
 from custodes.audit import AccessEntry, Outcome
 from custodes.audit.report import BundleInvalid, verify_bundle
 from custodes.audit.verify import LogTampered
-from custodes.errors import AccessDenied, InvalidAssignment, InvalidQuery, PurposeRequired
+from custodes.errors import (
+    AccessDenied,
+    ErasureLedgerBroken,
+    InvalidAssignment,
+    InvalidQuery,
+    PurposeRequired,
+)
 from custodes.freetext import escape_hidden
 from custodes.policy import (
     ACCOUNT_ROLES,
@@ -527,7 +533,7 @@ def audit_verify(
     try:
         result = vault.verify_log(me, purpose)
         error = None
-    except LogTampered as exc:
+    except (LogTampered, ErasureLedgerBroken) as exc:
         result, error = None, str(exc)
     template = "_verified.html" if is_htmx(request) else "verified.html"
     return render(request, template, result=result, error=error)
