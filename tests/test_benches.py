@@ -215,7 +215,8 @@ def test_the_keys_bench_measures_rotation_and_lookups_beside_it_and_leaves_nothi
         tmp_path,
         private_home,
         *bench_server,
-        *("--people", "1200", "--threads", "2", "--seconds", "0.5", "--warmup", "0.2"),
+        *("--people", "3000", "--threads", "2", "--seconds", "0.5", "--warmup", "0.2"),
+        *("--window", "0.1", "--grace", "1.5"),
     )
     assert any(line.split() == [backend] for line in output.splitlines()), output
     for name in (
