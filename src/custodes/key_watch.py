@@ -111,12 +111,7 @@ class KeyWatch:
 
     def _reload(self, seen: tuple[int, int, int, int] | None) -> None:
         try:
-            keyring = Keyring.open(
-                self._path,
-                passphrase=self._secret,
-                vault_id=self._material.vault_id,
-                token_pin=self._pin,
-            )
+            keyring = self.keyring()
         except KeyringError as exc:
             # A half-written file cannot be seen (it is renamed into place whole), so
             # this is a keyring resealed under another secret: keep serving with the

@@ -281,7 +281,7 @@ class Keyring:
                 material = material._replace(token_roots=roots, token_version=token_version)
             return material
 
-        return self._rewrite(passphrase, start)
+        return self._rewrite(passphrase, start, shares=self._shares)
 
     def retire(
         self, passphrase: str, *, keks: Collection[int] = (), token_versions: Collection[int] = ()
@@ -310,7 +310,7 @@ class Keyring:
             )
 
         before = self._material.token
-        material = self._rewrite(passphrase, drop)
+        material = self._rewrite(passphrase, drop, shares=self._shares)
         if before is not None:
             # Only once the keyring no longer names them: a crash in between leaves a key
             # nothing uses in the token, never a keyring naming a key that is gone.
@@ -334,12 +334,12 @@ class Keyring:
         passphrase: str,
         change: Callable[[KeyMaterial], KeyMaterial],
         *,
+        shares: ShareMode | None,
         new_passphrase: str | None = None,
-        shares: ShareMode | bool | None = False,
     ) -> KeyMaterial:
         """Reseal the keyring file with `change` applied to what it holds, under a lock,
-        refusing a file that changed since this keyring read it; under `new_passphrase`
-        and `shares` when given (False: the shares it has)."""
+        refusing a file that changed since this keyring read it: with `shares` in its
+        header, under `new_passphrase` when given."""
         sealed_file.check_passphrase(passphrase)
         try:
             fd = os.open(self._path, os.O_RDONLY)
@@ -364,7 +364,7 @@ class Keyring:
                 material,
                 passphrase if new_passphrase is None else new_passphrase,
                 self._kdf,
-                self._shares if shares is False else shares,  # type: ignore[arg-type]
+                shares,
             )
             sealed_file.replace_sealed_file(self._path, document, what=_FILE)
         finally:

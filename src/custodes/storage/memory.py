@@ -584,7 +584,7 @@ def checked_session(session: SessionRow) -> SessionRow:
 
 
 def checked_record(
-    position: int, record: SealedRecord
+    position: int, record: SealedRecord, refused: str = "batch refused: record"
 ) -> tuple[StoredRecord, frozenset[tuple[int, int]]]:
     """The record as stored and its token pairs, or StorageError naming what is wrong.
 
@@ -592,7 +592,7 @@ def checked_record(
     """
 
     def refuse(what: str) -> StorageError:
-        return StorageError(f"batch refused: record {position}: {what}")
+        return StorageError(f"{refused} {position}: {what}")
 
     try:
         record_id, record_type, payload, kek_version, wrapped_key, tokens = record
@@ -626,20 +626,19 @@ def checked_rekeyed(changes: Sequence[Rekeyed]) -> list[Rekeyed]:
     """A page of rotated keys as every backend accepts it, or StorageError naming the
     position and field, never a value."""
     checked: list[Rekeyed] = []
+    refused = "rekey refused: change"
     for position, change in enumerate(changes):
         try:
             rid, expected, version, wrapped, payload, tokens = change
         except (TypeError, ValueError):
-            raise StorageError(f"rekey refused: change {position}: not a Rekeyed") from None
-        record = SealedRecord(rid, "-", payload or b"-", version, wrapped, tokens)
-        try:
-            checked_record(position, record)
-        except StorageError as exc:
-            raise StorageError(
-                str(exc).replace("batch refused: record", "rekey refused: change")
-            ) from None
-        if type(expected) is not bytes or (payload is not None and type(payload) is not bytes):
-            raise StorageError(f"rekey refused: change {position}: a key or payload is not bytes")
+            raise StorageError(f"{refused} {position}: not a Rekeyed") from None
+        # The fields a record has, checked as a batch's are ("-": no type, no new payload).
+        record = SealedRecord(
+            rid, "-", b"-" if payload is None else payload, version, wrapped, tokens
+        )
+        checked_record(position, record, refused)
+        if type(expected) is not bytes:
+            raise StorageError(f"{refused} {position}: expected_wrapped is not bytes")
         checked.append(Rekeyed(rid, expected, version, wrapped, payload, tuple(tokens)))
     return checked
 

@@ -187,7 +187,8 @@ class Erasures:
         record_id = _checked_record(record_id)
 
         def run(grant: Grant) -> Done[str]:
-            if not self._storage.get_records([record_id]):
+            # Already on the ledger is gone, whatever storage still holds.
+            if record_id in self._ledger.current() or not self._storage.get_records([record_id]):
                 raise RecordNotFound("no such record")
             request_id = self._random(16).hex()
             self._requests.put(
