@@ -229,3 +229,25 @@ def test_the_keys_bench_measures_rotation_and_lookups_beside_it_and_leaves_nothi
         assert float(rate.replace(",", "")) > 0, f"{name}: nothing was measured"
     (ratio,) = row(output, "lookups during / alone")
     assert float(ratio) > 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_the_scale_bench_measures_each_size_beside_its_baseline_and_leaves_nothing(
+    backend: str, bench_server: list[str], tmp_path: Path, private_home: Path
+) -> None:
+    database = bench_server[bench_server.index("--database") + 1]
+    output = run_bench(
+        "scale.py",
+        tmp_path,
+        private_home,
+        *("--database", database, "--people", "300", "--workers", "1"),
+        *("--server-workers", "1", "--concurrency", "2", "--seconds", "0.5"),
+        *("--warmup", "0.3", "--settle", "0.1"),
+    )
+    last = output[output.rindex("PostgreSQL; ingest workers") :]
+    assert row(last, "people") == ["300"]
+    for name in ("bytes per person on disk", "2 conn: lookups/s", "baseline lookups/s"):
+        (cell,) = row(last, name)
+        assert float(cell.replace(",", "")) > 0, last
+    assert row(last, "errors") == ["0/0"]
+    assert "bytes per person by table at 300: " in last
