@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pyotp
 import pytest
+from hypothesis import settings
 
 from custodes.accounts import HashCost
 from custodes.audit.checkpoint import LogSigner, create_log_key
@@ -25,6 +26,11 @@ from custodes.crypto import KdfParams, KeyMaterial, Keyring
 from custodes.policy import AccessPurpose, Role
 from custodes.vault import Session, Vault
 from custodes.web.serve import TlsFiles
+
+# Tests never assert on time: a Hypothesis deadline would measure the machine (two cores
+# shared by the suite's workers and the servers they start), not the code.
+settings.register_profile("custodes", deadline=None)
+settings.load_profile("custodes")
 
 FAST_KDF = KdfParams(time_cost=2, memory_kib=19_456, parallelism=1)
 FAST_HASH = HashCost(time_cost=2, memory_kib=19_456, parallelism=1)
