@@ -16,7 +16,10 @@ __all__ = [
     "InvalidProof",
     "NodeSource",
     "consistency_proof",
+    "fold",
     "inclusion_proof",
+    "inclusion_proof_plan",
+    "inclusion_proof_positions",
     "leaf_hash",
     "node_hash",
     "peak_positions",
@@ -191,22 +194,28 @@ def subtree_root(start: int, end: int, get_node: NodeSource) -> bytes:
     n = end - start
     if n == 0:
         return EMPTY_ROOT
+    return fold([get_node(level, index) for level, index in _subtree_positions(start, end)])
+
+
+def _subtree_positions(start: int, end: int) -> list[tuple[int, int]]:
+    """The stored nodes, left to right, that subtree_root folds for leaves [start, end)."""
+    n = end - start
     if start % (1 << (n.bit_length() - 1)):
         raise ValueError(f"leaf range [{start}, {end}) is not aligned to stored subtrees")
-    pieces = []
+    positions = []
     pos = start
     for level in range(n.bit_length() - 1, -1, -1):
         if n >> level & 1:
-            pieces.append(get_node(level, pos >> level))
+            positions.append((level, pos >> level))
             pos += 1 << level
-    node = pieces[-1]
-    for piece in reversed(pieces[:-1]):
-        node = node_hash(piece, node)
-    return node
+    return positions
 
 
-def inclusion_proof(index: int, size: int, get_node: NodeSource) -> list[bytes]:
-    """The audit path of leaf ``index`` in the tree of ``size`` leaves (RFC 9162 §2.1.3.1)."""
+def inclusion_proof_plan(index: int, size: int) -> list[list[tuple[int, int]]]:
+    """What inclusion_proof reads for leaf ``index`` of ``size``, hash by hash of the proof
+    (bottom up): each hash is one stored node (level, index), or the fold of a few, left
+    to right, where the proof passes the tree's right edge. It depends on the two numbers
+    alone, so a caller can fetch every node of many proofs in one read first."""
     if not 0 <= index < size:
         raise ValueError(f"leaf {index} is not in a tree of size {size}")
     # Walk down from the root while the subtree holding the leaf is imperfect; each
@@ -217,16 +226,38 @@ def inclusion_proof(index: int, size: int, get_node: NodeSource) -> list[bytes]:
         k = _split(end - start)
         mid = start + k
         if index < mid:
-            upper.append(subtree_root(mid, end, get_node))
+            upper.append(_subtree_positions(mid, end))
             end = mid
         else:
-            upper.append(get_node(k.bit_length() - 1, start // k))
+            upper.append([(k.bit_length() - 1, start // k)])
             start = mid
     # Inside a perfect subtree every sibling is a stored node; the proof runs bottom up.
     height = (end - start).bit_length() - 1
-    path = [get_node(level, (index >> level) ^ 1) for level in range(height)]
-    path.extend(reversed(upper))
-    return path
+    plan = [[(level, (index >> level) ^ 1)] for level in range(height)]
+    plan.extend(reversed(upper))
+    return plan
+
+
+def inclusion_proof_positions(index: int, size: int) -> list[tuple[int, int]]:
+    """Every stored node (level, index) that inclusion_proof reads for leaf ``index``."""
+    return [position for hash_ in inclusion_proof_plan(index, size) for position in hash_]
+
+
+def fold(pieces: Sequence[bytes]) -> bytes:
+    """The root of adjacent perfect subtrees, largest (leftmost) first, as subtree_root
+    folds them."""
+    node = pieces[-1]
+    for piece in reversed(pieces[:-1]):
+        node = node_hash(piece, node)
+    return node
+
+
+def inclusion_proof(index: int, size: int, get_node: NodeSource) -> list[bytes]:
+    """The audit path of leaf ``index`` in the tree of ``size`` leaves (RFC 9162 §2.1.3.1)."""
+    return [
+        get_node(*hash_[0]) if len(hash_) == 1 else fold([get_node(*p) for p in hash_])
+        for hash_ in inclusion_proof_plan(index, size)
+    ]
 
 
 def consistency_proof(size1: int, size2: int, get_node: NodeSource) -> list[bytes]:

@@ -1025,19 +1025,28 @@ class SQLiteStorage:
         return None if row is None else bytes(row[0])
 
     def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        wanted = sorted({(lv, i) for lv, i in positions if _fits_int64(lv, i)})
+        by_level: dict[int, list[int]] = {}
+        for level, index in sorted(
+            {(lv, i) for lv, i in positions if 0 <= lv <= 62 and 0 <= i <= _INT64_MAX}
+        ):
+            by_level.setdefault(level, []).append(index)
 
-        # A point read each, on one connection under one lock: in this process a query
-        # costs no round trip, and each is one seek of the primary key (a row-value IN
-        # list is not planned as seeks: it scanned the whole table).
+        # One query a level (and a few hundred indexes), each planned as seeks of the
+        # primary key: `level = ? AND idx IN (...)`. A row-value IN list of (level, idx)
+        # pairs is not planned as seeks (it scanned the whole table), and a query a node
+        # costs a statement's run in Python for each: the proofs for a page of entries
+        # want thousands.
         def fetch(conn: sqlite3.Connection) -> dict[tuple[int, int], bytes]:
             found: dict[tuple[int, int], bytes] = {}
-            for position in wanted:
-                row = conn.execute(
-                    "SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", position
-                ).fetchone()
-                if row is not None:
-                    found[position] = bytes(row[0])
+            for level, indexes in by_level.items():
+                for start in range(0, len(indexes), _IN_CHUNK):
+                    chunk = indexes[start : start + _IN_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    for index, digest in conn.execute(
+                        f"SELECT idx, hash FROM log_nodes WHERE level = ? AND idx IN ({marks})",  # noqa: S608
+                        (level, *chunk),
+                    ):
+                        found[level, int(index)] = bytes(digest)
             return found
 
         return self._run(fetch)
