@@ -244,7 +244,7 @@ class Vault:
         self._stop_signing.append(stop)
         threading.Thread(
             target=sequencer.serve,
-            args=(listener, secret, self._log.append_encoded, stop),
+            args=(listener, secret, self._log.append_encoded_many, stop),
             name="custodes-log-sequencer",
             daemon=True,
         ).start()
