@@ -9,6 +9,7 @@ stored tree alone, and a node missing from it refuses the proof.
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ import pytest
 import custodes.audit.log as log_module
 from custodes.audit import AccessEntry, AccessLog, AuditKeys, Outcome
 from custodes.audit.checkpoint import Checkpoint, LogSigner, create_log_key
+from custodes.audit.log import KeyedSha256
 from custodes.audit.merkle import (
     inclusion_proof,
     inclusion_proof_plan,
@@ -340,3 +342,39 @@ def test_a_proof_plan_names_exactly_the_stored_nodes_the_proof_reads() -> None:
             proof = inclusion_proof(index, size, recording)
             assert inclusion_proof_positions(index, size) == read
             assert len(inclusion_proof_plan(index, size)) == len(proof)
+
+
+def test_the_subject_key_makes_the_same_hmac_as_the_standard_library() -> None:
+    # RFC 4231 test case 2 (a key shorter than a block), then keys of every awkward length.
+    assert KeyedSha256(b"Jefe").digest(b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    )
+    for length in (0, 1, 32, 63, 64, 65, 200):
+        key = os.urandom(length)
+        for message in (b"", b"rec-1", os.urandom(3000)):
+            assert KeyedSha256(key).digest(message) == hmac.digest(key, message, "sha256")
+
+
+def test_sealed_details_never_share_a_nonce(keys: AuditKeys) -> None:
+    nonces = {keys.seal_private({"n": n})[:12] for n in range(3000)}
+    assert len(nonces) == 3000
+    assert keys.open_private(keys.seal_private({"q": "x"})) == {"q": "x"}
+
+
+def test_a_forked_worker_never_seals_with_a_nonce_its_parent_drew(keys: AuditKeys) -> None:
+    keys.seal_private({"n": 0})  # the parent has nonces drawn and waiting
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, keys.seal_private({"n": 1})[:12])
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        childs = os.read(read, 12)
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    parents = {keys.seal_private({"n": n})[:12] for n in range(2000)}
+    assert len(childs) == 12 and childs not in parents

@@ -19,10 +19,10 @@ completeness.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
-import hmac
 import logging
 import os
 import random
@@ -57,6 +57,7 @@ from custodes.storage.base import LogAppend, LogStore
 SUBJECT_INFO = b"custodes/audit-subject/v1"
 PRIVATE_INFO = b"custodes/audit-private/v1"
 COMMITMENT_BYTES = 16
+_NONCES_PER_DRAW = 1024
 
 
 class AuditKeys:
@@ -66,17 +67,34 @@ class AuditKeys:
     log saying who they are); the private key seals side blobs.
     """
 
-    __slots__ = ("_private", "_subject")
+    __slots__ = ("_nonces", "_nonces_pid", "_private", "_subject")
 
     def __init__(self, material: KeyMaterial) -> None:
-        self._subject = _derive(material, SUBJECT_INFO)
+        self._subject = KeyedSha256(_derive(material, SUBJECT_INFO))
         self._private = AESGCM(_derive(material, PRIVATE_INFO))
+        # Random nonces drawn a thousand at a time: each draw is a system call that lets
+        # go of the interpreter's lock. A deque's popleft is atomic, so no two appenders
+        # ever take the same one; the draws are this process's own (see _nonce).
+        self._nonces: collections.deque[bytes] = collections.deque()
+        self._nonces_pid = os.getpid()
+
+    def _nonce(self) -> bytes:
+        if self._nonces_pid != os.getpid():
+            # A forked server worker holds a copy of its parent's draws under the same
+            # key: taking one would seal two blobs with one nonce. It draws its own.
+            self._nonces, self._nonces_pid = collections.deque(), os.getpid()
+        try:
+            return self._nonces.popleft()
+        except IndexError:
+            drawn = os.urandom(12 * _NONCES_PER_DRAW)
+            self._nonces.extend(drawn[i : i + 12] for i in range(12, len(drawn), 12))
+            return drawn[:12]
 
     def commitment(self, record_id: str) -> bytes:
-        return hmac.digest(self._subject, record_id.encode(), "sha256")[:COMMITMENT_BYTES]
+        return self._subject.digest(record_id.encode())[:COMMITMENT_BYTES]
 
     def seal_private(self, details: dict[str, Any]) -> bytes:
-        nonce = os.urandom(12)
+        nonce = self._nonce()
         return nonce + self._private.encrypt(nonce, orjson.dumps(details), PRIVATE_INFO)
 
     def open_private(self, blob: bytes) -> dict[str, Any]:
@@ -87,6 +105,29 @@ class AuditKeys:
         if not isinstance(doc, dict):
             raise TamperDetected()
         return doc
+
+
+class KeyedSha256:
+    """HMAC-SHA256 (RFC 2104) under one key: the hash states of the padded key made once,
+    copied for each message. The same digest as hmac.digest, which hands the
+    interpreter's lock away on every call (OpenSSL's one-shot HMAC), so that each of a
+    busy log's appenders queued to take it back behind the others, for every entry."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        padded = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def _derive(material: KeyMaterial, info: bytes) -> bytes:
