@@ -42,6 +42,7 @@ from custodes.audit.checkpoint import Checkpoint, LogSigner
 from custodes.audit.entry import AccessEntry
 from custodes.audit.merkle import (
     CompactRange,
+    Fold,
     consistency_proof,
     fold,
     inclusion_proof_plan,
@@ -687,30 +688,33 @@ class AccessLog:
         stored), in order: the nodes they need that are not kept in memory are read in
         one go (a page of a few thousand at a time), never one query a node."""
         plans = [inclusion_proof_plan(index, size) for index in indexes]
-        nodes = self._stored_nodes({p for plan in plans for hash_ in plan for p in hash_}, size)
-        # The right edge's folds are the same for every proof in a tree of this size.
-        folds: dict[tuple[tuple[int, int], ...], bytes] = {}
-
-        def folded(positions: list[tuple[int, int]]) -> bytes:
-            key = tuple(positions)
-            if (known := folds.get(key)) is None:
-                known = folds[key] = fold([nodes[p] for p in positions])
-            return known
-
-        return [
-            [nodes[hash_[0]] if len(hash_) == 1 else folded(hash_) for hash_ in plan]
-            for plan in plans
-        ]
+        wanted: set[tuple[int, int]] = set()
+        folds: set[Fold] = set()
+        for hash_ in {hash_ for plan in plans for hash_ in plan}:
+            if isinstance(hash_, Fold):
+                # The right edge's folds: the same for every proof in a tree of this size.
+                folds.add(hash_)
+                wanted.update(hash_)
+            else:
+                wanted.add(hash_)
+        hashes = self._stored_nodes(wanted, size)
+        for folded in folds:
+            hashes[folded] = fold([hashes[p] for p in folded])
+        return [[hashes[hash_] for hash_ in plan] for plan in plans]
 
     def _stored_nodes(
         self, wanted: set[tuple[int, int]], size: int
-    ) -> dict[tuple[int, int], bytes]:
+    ) -> dict[tuple[int, int] | Fold, bytes]:
+        """The stored nodes asked for (keyed so that a proof's folds may join them)."""
         kept = self._upper
         # get, not `in` then a subscript: another thread's proofs may clear it meanwhile.
-        found = {p: node for p in wanted if (node := kept.get(p)) is not None}
+        found: dict[tuple[int, int] | Fold, bytes] = {
+            p: node for p in wanted if (node := kept.get(p)) is not None
+        }
         unread = sorted(wanted.difference(found))
         for start in range(0, len(unread), _NODES_PER_READ):
-            found.update(self._storage.log_nodes(unread[start : start + _NODES_PER_READ]))
+            read = self._storage.log_nodes(unread[start : start + _NODES_PER_READ])
+            found.update(read.items())
         if missing := [p for p in unread if p not in found]:
             level, index = min(missing)
             raise TamperDetected(f"the access log lacks tree node {level}/{index}")

@@ -13,6 +13,7 @@ __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
     "CompactRange",
+    "Fold",
     "InvalidProof",
     "NodeSource",
     "consistency_proof",
@@ -211,36 +212,50 @@ def _subtree_positions(start: int, end: int) -> list[tuple[int, int]]:
     return positions
 
 
-def inclusion_proof_plan(index: int, size: int) -> list[list[tuple[int, int]]]:
+class Fold(tuple[tuple[int, int], ...]):
+    """Adjacent stored nodes (level, index), left to right, whose fold is one hash of a
+    proof: where the proof passes the tree's right edge."""
+
+    __slots__ = ()
+
+
+def inclusion_proof_plan(index: int, size: int) -> list[tuple[int, int] | Fold]:
     """What inclusion_proof reads for leaf ``index`` of ``size``, hash by hash of the proof
-    (bottom up): each hash is one stored node (level, index), or the fold of a few, left
-    to right, where the proof passes the tree's right edge. It depends on the two numbers
-    alone, so a caller can fetch every node of many proofs in one read first."""
+    (bottom up): each hash is one stored node (level, index), or a Fold of a few. It
+    depends on the two numbers alone, so a caller can fetch every node of many proofs in
+    one read first."""
     if not 0 <= index < size:
         raise ValueError(f"leaf {index} is not in a tree of size {size}")
     # Walk down from the root while the subtree holding the leaf is imperfect; each
     # sibling met on the way is a stored node or a fold of a few (the right edge).
-    upper = []
+    upper: list[tuple[int, int] | Fold] = []
     start, end = 0, size
     while (end - start) & (end - start - 1):
         k = _split(end - start)
         mid = start + k
         if index < mid:
-            upper.append(_subtree_positions(mid, end))
+            pieces = _subtree_positions(mid, end)
+            upper.append(pieces[0] if len(pieces) == 1 else Fold(pieces))
             end = mid
         else:
-            upper.append([(k.bit_length() - 1, start // k)])
+            upper.append((k.bit_length() - 1, start // k))
             start = mid
     # Inside a perfect subtree every sibling is a stored node; the proof runs bottom up.
     height = (end - start).bit_length() - 1
-    plan = [[(level, (index >> level) ^ 1)] for level in range(height)]
+    plan: list[tuple[int, int] | Fold] = [(level, (index >> level) ^ 1) for level in range(height)]
     plan.extend(reversed(upper))
     return plan
 
 
 def inclusion_proof_positions(index: int, size: int) -> list[tuple[int, int]]:
     """Every stored node (level, index) that inclusion_proof reads for leaf ``index``."""
-    return [position for hash_ in inclusion_proof_plan(index, size) for position in hash_]
+    positions: list[tuple[int, int]] = []
+    for hash_ in inclusion_proof_plan(index, size):
+        if isinstance(hash_, Fold):
+            positions.extend(hash_)
+        else:
+            positions.append(hash_)
+    return positions
 
 
 def fold(pieces: Sequence[bytes]) -> bytes:
@@ -255,7 +270,7 @@ def fold(pieces: Sequence[bytes]) -> bytes:
 def inclusion_proof(index: int, size: int, get_node: NodeSource) -> list[bytes]:
     """The audit path of leaf ``index`` in the tree of ``size`` leaves (RFC 9162 §2.1.3.1)."""
     return [
-        get_node(*hash_[0]) if len(hash_) == 1 else fold([get_node(*p) for p in hash_])
+        fold([get_node(*p) for p in hash_]) if isinstance(hash_, Fold) else get_node(*hash_)
         for hash_ in inclusion_proof_plan(index, size)
     ]
 
