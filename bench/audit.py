@@ -7,8 +7,10 @@ to the log sequencer, (c) the time `verify_log` takes over a log of N entries (b
 big batches, not by synced single appends), and (d) inclusion proofs generated and
 verified per second: node by node through a cache (how they were made before), one read
 a proof, and one read for a batch of proofs. Each figure stands beside the target and the
-previous figures; every append is acknowledged only after its batch's COMMIT, synced
-(SQLite: WAL with synchronous=FULL; PostgreSQL: synchronous_commit on). Asserts nothing.
+previous figures, and beside what this process did per second of its own CPU time (on a
+machine shared with other work, wall-clock rates are mostly waits for a core); every
+append is acknowledged only after its batch's COMMIT, synced (SQLite: WAL with
+synchronous=FULL; PostgreSQL: synchronous_commit on). Asserts nothing.
 With --profile, (b) also prints the appender threads' merged cProfile.
 
     python bench/audit.py [--backend sqlite postgresql] [--database URL] [--entries N]
