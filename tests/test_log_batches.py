@@ -156,6 +156,43 @@ def test_entries_handed_over_at_once_land_in_order_in_commits_of_the_cap(
     assert storage.log_subject_entries(subject) == list(range(40))
 
 
+def test_entries_handed_over_in_batches_and_by_single_appenders_at_once_all_land_once(
+    tmp_path: Path, keys: AuditKeys, signer: LogSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sequencer's batches and the appenders of its own process share one queue.
+    storage = SQLiteStorage(tmp_path / "log.db")
+    monkeypatch.setattr(log_module, "MAX_BATCH", 8)
+    log = AccessLog(storage, keys, signer, origin=ORIGIN, checkpoint_every=50)
+    returned: dict[int, int] = {}
+
+    def work(t: int) -> None:
+        if t < 2:  # handed over, 20 at a time
+            for round_ in range(5):
+                ns = [10_000 * (t + 1) + 100 * round_ + j for j in range(20)]
+                got = log.append_encoded_many([(entry(n).encode(), [], None) for n in ns])
+                assert None not in got
+                returned.update(zip(ns, [i for i in got if i is not None], strict=True))
+        else:
+            for j in range(15):
+                returned[t * 100 + j] = log.append(entry(t * 100 + j))
+
+    try:
+        assert run_threads(8, work) == []
+        total = 2 * 100 + 6 * 15
+        assert sorted(returned.values()) == list(range(total))
+        stored = {e.purpose: i for i, e in log.entries()}
+        assert all(stored[f"batch test {n}"] == index for n, index in returned.items())
+        # A batch handed over keeps its order in the log.
+        for t in range(2):
+            for round_ in range(5):
+                ns = [10_000 * (t + 1) + 100 * round_ + j for j in range(20)]
+                indexes = [returned[n] for n in ns]
+                assert indexes == sorted(indexes)
+        assert verify_log(storage, signer.verifier_key, origin=ORIGIN).entries == total
+    finally:
+        storage.close()
+
+
 def test_a_failed_commit_of_entries_handed_over_refuses_each_of_them_and_stores_none(
     tmp_path: Path, keys: AuditKeys, signer: LogSigner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
