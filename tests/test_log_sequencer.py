@@ -102,7 +102,7 @@ def _running(log: AccessLog, address: SequencerAddress) -> Iterator[threading.Ev
     listener = address.listen()
     stop = threading.Event()
     thread = threading.Thread(
-        target=serve, args=(listener, address.secret, log.append_encoded, stop), daemon=True
+        target=serve, args=(listener, address.secret, log.append_encoded_many, stop), daemon=True
     )
     thread.start()
     try:

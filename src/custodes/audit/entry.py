@@ -7,6 +7,7 @@ by hash, so erasing it later leaves the tree intact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -41,6 +42,12 @@ class AccessEntry:
 
     def encode(self) -> bytes:
         """Canonical, versioned bytes (sorted keys, no whitespace): the Merkle leaf's data."""
+        return self.encode_referencing(self.subjects, self.private_hash)
+
+    def encode_referencing(self, subjects: Sequence[str], private_hash: str | None) -> bytes:
+        """The bytes of this entry carrying these subject commitments and details hash in
+        place of its own: what the log appends, without building a second entry (a
+        frozen dataclass's copy costs more than the encoding, on every audited read)."""
         doc = {
             "v": ENTRY_VERSION,
             "actor": self.actor,
@@ -55,8 +62,8 @@ class AccessEntry:
             "count": self.result_count,
             "client": self.client,
             "detail": self.detail,
-            "subjects": list(self.subjects),
-            "private": self.private_hash,
+            "subjects": list(subjects),
+            "private": private_hash,
         }
         return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
 

@@ -19,10 +19,10 @@ completeness.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
-import hmac
 import logging
 import os
 import random
@@ -42,8 +42,10 @@ from custodes.audit.checkpoint import Checkpoint, LogSigner
 from custodes.audit.entry import AccessEntry
 from custodes.audit.merkle import (
     CompactRange,
+    Fold,
     consistency_proof,
-    inclusion_proof,
+    fold,
+    inclusion_proof_plan,
     leaf_hash,
     peak_positions,
 )
@@ -56,6 +58,7 @@ from custodes.storage.base import LogAppend, LogStore
 SUBJECT_INFO = b"custodes/audit-subject/v1"
 PRIVATE_INFO = b"custodes/audit-private/v1"
 COMMITMENT_BYTES = 16
+_NONCES_PER_DRAW = 1024
 
 
 class AuditKeys:
@@ -65,17 +68,34 @@ class AuditKeys:
     log saying who they are); the private key seals side blobs.
     """
 
-    __slots__ = ("_private", "_subject")
+    __slots__ = ("_nonces", "_nonces_pid", "_private", "_subject")
 
     def __init__(self, material: KeyMaterial) -> None:
-        self._subject = _derive(material, SUBJECT_INFO)
+        self._subject = KeyedSha256(_derive(material, SUBJECT_INFO))
         self._private = AESGCM(_derive(material, PRIVATE_INFO))
+        # Random nonces drawn a thousand at a time: each draw is a system call that lets
+        # go of the interpreter's lock. A deque's popleft is atomic, so no two appenders
+        # ever take the same one; the draws are this process's own (see _nonce).
+        self._nonces: collections.deque[bytes] = collections.deque()
+        self._nonces_pid = os.getpid()
+
+    def _nonce(self) -> bytes:
+        if self._nonces_pid != os.getpid():
+            # A forked server worker holds a copy of its parent's draws under the same
+            # key: taking one would seal two blobs with one nonce. It draws its own.
+            self._nonces, self._nonces_pid = collections.deque(), os.getpid()
+        try:
+            return self._nonces.popleft()
+        except IndexError:
+            drawn = os.urandom(12 * _NONCES_PER_DRAW)
+            self._nonces.extend(drawn[i : i + 12] for i in range(12, len(drawn), 12))
+            return drawn[:12]
 
     def commitment(self, record_id: str) -> bytes:
-        return hmac.digest(self._subject, record_id.encode(), "sha256")[:COMMITMENT_BYTES]
+        return self._subject.digest(record_id.encode())[:COMMITMENT_BYTES]
 
     def seal_private(self, details: dict[str, Any]) -> bytes:
-        nonce = os.urandom(12)
+        nonce = self._nonce()
         return nonce + self._private.encrypt(nonce, orjson.dumps(details), PRIVATE_INFO)
 
     def open_private(self, blob: bytes) -> dict[str, Any]:
@@ -88,9 +108,42 @@ class AuditKeys:
         return doc
 
 
+class KeyedSha256:
+    """HMAC-SHA256 (RFC 2104) under one key: the hash states of the padded key made once,
+    copied for each message. The same digest as hmac.digest, which hands the
+    interpreter's lock away on every call (OpenSSL's one-shot HMAC), so that each of a
+    busy log's appenders queued to take it back behind the others, for every entry."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        padded = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 def _derive(material: KeyMaterial, info: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=material.vault_id, info=info).derive(material.index_root)
 
+
+# The most entries one commit carries: enough that a busy log commits hundreds at a time,
+# bounded so that one transaction (and the appenders it holds) stays a few milliseconds long.
+MAX_BATCH = 1024
+
+# Proofs keep the tree's upper levels in memory: the levels at and above this many below
+# the top, at most about 2^17 nodes (some 20 MB) whatever the log's size. Stored nodes
+# never change, so what is kept never goes stale.
+_KEPT_LEVELS = 16
+_NODES_PER_READ = 4096
 
 # How often a commit is rebuilt when other processes keep appending first; each attempt
 # follows a fresh read of the log, so more than a few means something is wrong.
@@ -150,6 +203,11 @@ class AccessLog:
         self._interval = checkpoint_interval
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
+        # Held while a checkpoint is made, taken before the commit lock when both are: a
+        # checkpoint holds the commit lock only to read the frontier, never while it
+        # signs and stores, so that the appenders' commits go on meanwhile.
+        self._sign_lock = threading.Lock()
+        self._upper: dict[tuple[int, int], bytes] = {}
         self._pending: list[_Pending] = []
         # Where entries go when a sequencer appends for this process (see
         # sequence_through), and the size its last answer proves the log has reached.
@@ -241,7 +299,10 @@ class AccessLog:
             raise self._halt(self._halted)
         subjects = [self._keys.commitment(r) for r in dict.fromkeys(entry.records)]
         blob = self._keys.seal_private(private) if private else None
-        encoded = _with_references(entry, subjects, blob).encode()
+        encoded = entry.encode_referencing(
+            [c.hex() for c in subjects],
+            hashlib.sha256(blob).hexdigest() if blob is not None else None,
+        )
         if self._sequencer is not None:
             try:
                 index = self._sequencer.append(encoded, subjects, blob)
@@ -279,6 +340,34 @@ class AccessLog:
         self._maybe_checkpoint()
         return pending.index
 
+    def append_encoded_many(
+        self, items: Sequence[tuple[bytes, Sequence[bytes], bytes | None]]
+    ) -> list[int | None]:
+        """Append entries built as `append_encoded` takes them, in order, in as few
+        commits as the batch cap allows; each one's index once durable, or None where its
+        commit failed (a commit's entries are stored all or none). What the log sequencer
+        runs for every request that has reached it, from every worker, at once."""
+        if self._halted is not None:
+            raise self._halt(self._halted)
+        mine = [_Pending(entry, list(subjects), private) for entry, subjects, private in items]
+        if not mine:
+            return []
+        with self._queue_lock:
+            self._pending.extend(mine)
+            leads = not self._committing
+            self._committing = True
+        # In queue order: while one of these waits, those before it are settled, so the
+        # commit that wakes it either stored it or hands it the lead.
+        for position, pending in enumerate(mine):
+            if pending.settled:
+                continue
+            if position or not leads:
+                pending.wake.acquire()
+            if not pending.settled:
+                self._lead(pending)
+        self._maybe_checkpoint()
+        return [p.index if p.error is None and p.index >= 0 else None for p in mine]
+
     def _lead(self, pending: _Pending) -> None:
         try:
             with self._commit_lock:
@@ -296,7 +385,8 @@ class AccessLog:
 
     def _commit_queued(self) -> None:
         with self._queue_lock:
-            batch, self._pending = self._pending, []
+            # Those beyond the cap stay queued, the first of them to lead the next commit.
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         if not batch:
             return
         try:
@@ -398,17 +488,24 @@ class AccessLog:
         if not self._due():
             return
         # The entry is durable; a checkpoint that failed is retried on the next append,
-        # and the verifier reports entries that no signature covers.
-        with contextlib.suppress(CustodesError), self._commit_lock:
+        # and the verifier reports entries that no signature covers. One being signed
+        # already is left to its signer: this appender's read is not held up behind a
+        # signature, and the next append after it finds the rest due.
+        if not self._sign_lock.acquire(blocking=False):
+            return
+        try:
             # Asked again under the lock: every appender of the batch that crossed the
             # mark finds a checkpoint due, and one checkpoint is enough.
             if self._due():
-                self._checkpoint_locked()
+                with contextlib.suppress(CustodesError):
+                    self._checkpoint_signing()
+        finally:
+            self._sign_lock.release()
 
     def checkpoint(self) -> bytes:
         """Sign and store a checkpoint of the tree as it is now; return the signed note."""
-        with self._commit_lock:
-            return self._checkpoint_locked()
+        with self._sign_lock:
+            return self._checkpoint_signing()
 
     def keep_signing(
         self, every: float, on_signed: Callable[[bytes], None] | None = None
@@ -429,20 +526,23 @@ class AccessLog:
             while not stop.wait(every):
                 note = None
                 try:
-                    with self._commit_lock:
-                        if self._halted is not None:
-                            raise self._halt(self._halted)  # said again, every round
-                        # Every round holds the whole log against its signer (read first,
-                        # as at opening): a cut or a swap made while the server is idle
-                        # halts it here, loudly, instead of leaving it to stop signing.
-                        size, root = self._signer.current()
-                        self._catch_up()
-                        try:
-                            self._check_against_signer((size, root))
-                        except TamperDetected as exc:
-                            raise self._halt(str(exc)) from None
-                        if self._range.size > size:
-                            note, size = self._checkpoint_locked(), self._checkpointed
+                    with self._sign_lock:
+                        with self._commit_lock:
+                            if self._halted is not None:
+                                raise self._halt(self._halted)  # said again, every round
+                            # Every round holds the whole log against its signer (read
+                            # first, as at opening): a cut or a swap made while the server
+                            # is idle halts it here, loudly, instead of leaving it to stop
+                            # signing.
+                            size, root = self._signer.current()
+                            self._catch_up()
+                            try:
+                                self._check_against_signer((size, root))
+                            except TamperDetected as exc:
+                                raise self._halt(str(exc)) from None
+                            grown = self._range.size > size
+                        if grown:
+                            note, size = self._checkpoint_signing(), self._checkpointed
                         elif on_signed is not None and size > handed:
                             # Signed elsewhere: the same note once more (Ed25519 signatures
                             # are deterministic). Should yet another be signed meanwhile,
@@ -460,13 +560,17 @@ class AccessLog:
         threading.Thread(target=run, name="custodes-log-signer", daemon=True).start()
         return stop
 
-    def _checkpoint_locked(self) -> bytes:
-        if self._halted is not None:
-            raise self._halt(self._halted)  # and said again, on every round that tries
-        # Other processes may share this log and its key: start from the tree and the
-        # last signature as they stand now, not as this process last saw them.
-        self._catch_up()
-        frontier = self._range.copy()
+    def _checkpoint_signing(self) -> bytes:
+        """Sign and store a checkpoint of the tree as it stands; only under the sign lock.
+        The frontier is read under the commit lock, and signed and stored after it is let
+        go: its entries and nodes are durable, and appends may go on beyond it."""
+        with self._commit_lock:
+            if self._halted is not None:
+                raise self._halt(self._halted)  # and said again, on every round that tries
+            # Other processes may share this log and its key: start from the tree and the
+            # last signature as they stand now, not as this process last saw them.
+            self._catch_up()
+            frontier = self._range.copy()
         last_size, _ = self._signer.current()
         proof: list[bytes] = []
         if 0 < last_size < frontier.size:
@@ -577,7 +681,48 @@ class AccessLog:
         return self._keys.open_private(sealed)
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return inclusion_proof(index, size, self._proof_node)
+        return self.inclusion_proofs([index], size)[0]
+
+    def inclusion_proofs(self, indexes: Sequence[int], size: int) -> list[list[bytes]]:
+        """The audit paths of these leaves in the tree of `size` leaves (at most the size
+        stored), in order: the nodes they need that are not kept in memory are read in
+        one go (a page of a few thousand at a time), never one query a node."""
+        plans = [inclusion_proof_plan(index, size) for index in indexes]
+        wanted: set[tuple[int, int]] = set()
+        folds: set[Fold] = set()
+        for hash_ in {hash_ for plan in plans for hash_ in plan}:
+            if isinstance(hash_, Fold):
+                # The right edge's folds: the same for every proof in a tree of this size.
+                folds.add(hash_)
+                wanted.update(hash_)
+            else:
+                wanted.add(hash_)
+        hashes = self._stored_nodes(wanted, size)
+        for folded in folds:
+            hashes[folded] = fold([hashes[p] for p in folded])
+        return [[hashes[hash_] for hash_ in plan] for plan in plans]
+
+    def _stored_nodes(
+        self, wanted: set[tuple[int, int]], size: int
+    ) -> dict[tuple[int, int] | Fold, bytes]:
+        """The stored nodes asked for (keyed so that a proof's folds may join them)."""
+        kept = self._upper
+        # get, not `in` then a subscript: another thread's proofs may clear it meanwhile.
+        found: dict[tuple[int, int] | Fold, bytes] = {
+            p: node for p in wanted if (node := kept.get(p)) is not None
+        }
+        unread = sorted(wanted.difference(found))
+        for start in range(0, len(unread), _NODES_PER_READ):
+            read = self._storage.log_nodes(unread[start : start + _NODES_PER_READ])
+            found.update(read.items())
+        if missing := [p for p in unread if p not in found]:
+            level, index = min(missing)
+            raise TamperDetected(f"the access log lacks tree node {level}/{index}")
+        floor = max(0, size.bit_length() - _KEPT_LEVELS)
+        if len(kept) > 4 << _KEPT_LEVELS:
+            kept.clear()  # a log grown by many levels since: the low ones kept are spent
+        kept.update((p, found[p]) for p in unread if p[0] >= floor)
+        return found
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         return consistency_proof(size1, size2, self._proof_node)
@@ -615,13 +760,3 @@ def _range_of(
         level, index = missing[0]
         raise TamperDetected(f"the access log lacks tree node {level}/{index}")
     return CompactRange(size, [nodes[position] for position in positions])
-
-
-def _with_references(entry: AccessEntry, subjects: list[bytes], blob: bytes | None) -> AccessEntry:
-    from dataclasses import replace
-
-    return replace(
-        entry,
-        subjects=tuple(c.hex() for c in subjects),
-        private_hash=hashlib.sha256(blob).hexdigest() if blob is not None else None,
-    )

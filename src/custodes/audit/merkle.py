@@ -13,10 +13,14 @@ __all__ = [
     "EMPTY_ROOT",
     "HASH_SIZE",
     "CompactRange",
+    "Fold",
     "InvalidProof",
     "NodeSource",
     "consistency_proof",
+    "fold",
     "inclusion_proof",
+    "inclusion_proof_plan",
+    "inclusion_proof_positions",
     "leaf_hash",
     "node_hash",
     "peak_positions",
@@ -191,14 +195,72 @@ def subtree_root(start: int, end: int, get_node: NodeSource) -> bytes:
     n = end - start
     if n == 0:
         return EMPTY_ROOT
+    return fold([get_node(level, index) for level, index in _subtree_positions(start, end)])
+
+
+def _subtree_positions(start: int, end: int) -> list[tuple[int, int]]:
+    """The stored nodes, left to right, that subtree_root folds for leaves [start, end)."""
+    n = end - start
     if start % (1 << (n.bit_length() - 1)):
         raise ValueError(f"leaf range [{start}, {end}) is not aligned to stored subtrees")
-    pieces = []
+    positions = []
     pos = start
     for level in range(n.bit_length() - 1, -1, -1):
         if n >> level & 1:
-            pieces.append(get_node(level, pos >> level))
+            positions.append((level, pos >> level))
             pos += 1 << level
+    return positions
+
+
+class Fold(tuple[tuple[int, int], ...]):
+    """Adjacent stored nodes (level, index), left to right, whose fold is one hash of a
+    proof: where the proof passes the tree's right edge."""
+
+    __slots__ = ()
+
+
+def inclusion_proof_plan(index: int, size: int) -> list[tuple[int, int] | Fold]:
+    """What inclusion_proof reads for leaf ``index`` of ``size``, hash by hash of the proof
+    (bottom up): each hash is one stored node (level, index), or a Fold of a few. It
+    depends on the two numbers alone, so a caller can fetch every node of many proofs in
+    one read first."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf {index} is not in a tree of size {size}")
+    # Walk down from the root while the subtree holding the leaf is imperfect; each
+    # sibling met on the way is a stored node or a fold of a few (the right edge).
+    upper: list[tuple[int, int] | Fold] = []
+    start, end = 0, size
+    while (end - start) & (end - start - 1):
+        k = _split(end - start)
+        mid = start + k
+        if index < mid:
+            pieces = _subtree_positions(mid, end)
+            upper.append(pieces[0] if len(pieces) == 1 else Fold(pieces))
+            end = mid
+        else:
+            upper.append((k.bit_length() - 1, start // k))
+            start = mid
+    # Inside a perfect subtree every sibling is a stored node; the proof runs bottom up.
+    height = (end - start).bit_length() - 1
+    plan: list[tuple[int, int] | Fold] = [(level, (index >> level) ^ 1) for level in range(height)]
+    plan.extend(reversed(upper))
+    return plan
+
+
+def inclusion_proof_positions(index: int, size: int) -> list[tuple[int, int]]:
+    """Every stored node (level, index) that inclusion_proof reads for leaf ``index``."""
+    positions: list[tuple[int, int]] = []
+    for hash_ in inclusion_proof_plan(index, size):
+        if isinstance(hash_, Fold):
+            positions.extend(hash_)
+        else:
+            positions.append(hash_)
+    return positions
+
+
+def fold(pieces: Sequence[bytes]) -> bytes:
+    """The root of adjacent perfect subtrees, largest (leftmost) first, as subtree_root
+    folds them."""
     node = pieces[-1]
     for piece in reversed(pieces[:-1]):
         node = node_hash(piece, node)
@@ -207,26 +269,10 @@ def subtree_root(start: int, end: int, get_node: NodeSource) -> bytes:
 
 def inclusion_proof(index: int, size: int, get_node: NodeSource) -> list[bytes]:
     """The audit path of leaf ``index`` in the tree of ``size`` leaves (RFC 9162 §2.1.3.1)."""
-    if not 0 <= index < size:
-        raise ValueError(f"leaf {index} is not in a tree of size {size}")
-    # Walk down from the root while the subtree holding the leaf is imperfect; each
-    # sibling met on the way is a stored node or a fold of a few (the right edge).
-    upper = []
-    start, end = 0, size
-    while (end - start) & (end - start - 1):
-        k = _split(end - start)
-        mid = start + k
-        if index < mid:
-            upper.append(subtree_root(mid, end, get_node))
-            end = mid
-        else:
-            upper.append(get_node(k.bit_length() - 1, start // k))
-            start = mid
-    # Inside a perfect subtree every sibling is a stored node; the proof runs bottom up.
-    height = (end - start).bit_length() - 1
-    path = [get_node(level, (index >> level) ^ 1) for level in range(height)]
-    path.extend(reversed(upper))
-    return path
+    return [
+        fold([get_node(*p) for p in hash_]) if isinstance(hash_, Fold) else get_node(*hash_)
+        for hash_ in inclusion_proof_plan(index, size)
+    ]
 
 
 def consistency_proof(size1: int, size2: int, get_node: NodeSource) -> list[bytes]:

@@ -7,7 +7,10 @@ beside the workers, that appends for all of them: a worker hands it an entry it 
 already built and sealed (the bytes that become the leaf, the subject commitments, the
 sealed details) and waits for the index, which comes back only once the entry is durable.
 Entries from every worker then share one transaction, and no two processes contend for
-the lock.
+the lock. One thread serves every connection: it takes every request that has arrived,
+from all of them, appends them as one batch, answers each, and looks again; the requests
+that arrive while a batch commits make the next one. No thread per connection, so no
+hundreds of threads taking turns at the interpreter for each commit.
 
 The sequencer is a shortcut, never the only way: a worker that cannot reach it (not yet
 started, restarting after a crash) appends by itself as before, through the same lock, so
@@ -28,15 +31,17 @@ Frames, all integers big-endian:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import secrets
+import selectors
 import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from custodes.errors import AuditUnavailable, CustodesError
 
@@ -53,8 +58,12 @@ MAX_ENTRY_BYTES = 1 << 20
 MAX_DETAILS_BYTES = 4 << 20
 REFUSED = -1
 
-# The sequencer's side: entry bytes, subject commitments, sealed details -> index, durable.
-Append = Callable[[bytes, Sequence[bytes], "bytes | None"], int]
+# One request: entry bytes, subject commitments, sealed details.
+Request = tuple[bytes, list[bytes], "bytes | None"]
+# The sequencer's side: requests -> each one's index once durable, or None if refused.
+AppendMany = Callable[[Sequence[Request]], Sequence["int | None"]]
+# Bytes read from a connection at a time.
+_RECEIVE = 1 << 16
 
 
 class SequencerUnreachable(AuditUnavailable):
@@ -88,67 +97,155 @@ class SequencerAddress:
 # -- the sequencer's side -------------------------------------------------------------------
 
 
-def serve(listener: socket.socket, secret: bytes, append: Append, stop: threading.Event) -> None:
-    """Accept workers until `stop` is set, each on a thread of its own: one thread per
-    waiting request is what lets the log's group commit put them in one transaction."""
-    listener.settimeout(0.5)
-    while not stop.is_set():
+def serve(
+    listener: socket.socket, secret: bytes, append: AppendMany, stop: threading.Event
+) -> None:
+    """Serve workers until `stop` is set: every request that has arrived, from every
+    connection, appended as one batch, then each answered with its index."""
+    listener.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    try:
+        while not stop.is_set():
+            arrived: list[tuple[_Worker, Request]] = []
+            for key, _ in selector.select(timeout=0.5):
+                if key.data is None:
+                    _accept(listener, selector)
+                    continue
+                worker: _Worker = key.data
+                if not worker.receive(secret):
+                    _drop(selector, worker)
+                    continue
+                arrived.extend((worker, request) for request in worker.take_requests())
+            if arrived:
+                _append_and_answer(selector, arrived, append)
+    finally:
+        for key in list(selector.get_map().values()):
+            if key.data is not None:
+                key.data.conn.close()
+        selector.close()
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One connection from a worker, with what it has sent that is not yet a request."""
+
+    conn: socket.socket
+    admitted: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+    requests: list[Request] = field(default_factory=list)
+
+    def receive(self, secret: bytes) -> bool:
+        """Read what has arrived; False when the connection is to go (closed by the
+        worker, no secret of ours first, a frame that is no entry of ours)."""
         try:
-            conn, _ = listener.accept()
-        except TimeoutError:
-            continue
-        except OSError as exc:
-            if stop.is_set():
-                return
-            log.error("the log sequencer could not accept a worker (%s)", exc.strerror)
-            stop.wait(0.1)
-            continue
-        threading.Thread(
-            target=_serve_worker,
-            args=(conn, secret, append),
-            name="custodes-log-sequencer",
-            daemon=True,
-        ).start()
+            data = self.conn.recv(_RECEIVE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.buffer += data
+        if not self.admitted:
+            if len(self.buffer) < SECRET_BYTES:
+                return True
+            offered = bytes(self.buffer[:SECRET_BYTES])
+            del self.buffer[:SECRET_BYTES]
+            if not hmac.compare_digest(offered, secret):
+                log.warning(
+                    "the log sequencer refused a connection that is not a worker of its own"
+                )
+                return False
+            self.admitted = True
+        try:
+            while (request := _take_frame(self.buffer)) is not None:
+                self.requests.append(request)
+        except ValueError:
+            return False
+        return True
+
+    def take_requests(self) -> list[Request]:
+        taken, self.requests = self.requests, []
+        return taken
 
 
-def _serve_worker(conn: socket.socket, secret: bytes, append: Append) -> None:
-    with conn:
-        conn.settimeout(None)
-        if not _admitted(conn, secret):
-            log.warning("the log sequencer refused a connection that is not a worker of its own")
-            return
-        while True:
-            try:
-                request = _read_request(conn)
-            except (OSError, ValueError):
-                return
-            if request is None:
-                return  # the worker closed it
-            entry, subjects, details = request
-            try:
-                index = append(entry, subjects, details)
-            except CustodesError:
-                index = REFUSED  # the append said why, in its own log
-            try:
-                conn.sendall(_ANSWER.pack(index))
-            except OSError:
-                return
-
-
-def _admitted(conn: socket.socket, secret: bytes) -> bool:
+def _accept(listener: socket.socket, selector: selectors.BaseSelector) -> None:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return
+    except OSError as exc:
+        log.error("the log sequencer could not accept a worker (%s)", exc.strerror)
+        return
     try:
         _pid, uid, _gid = _UCRED.unpack(
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         )
-        if uid != os.geteuid():
-            return False
-        offered = _read_exactly(conn, SECRET_BYTES)
     except OSError:
-        return False
-    return offered is not None and hmac.compare_digest(offered, secret)
+        conn.close()
+        return
+    if uid != os.geteuid():
+        log.warning("the log sequencer refused a connection that is not a worker of its own")
+        conn.close()
+        return
+    conn.setblocking(False)
+    selector.register(conn, selectors.EVENT_READ, _Worker(conn))
 
 
-def _read_request(conn: socket.socket) -> tuple[bytes, list[bytes], bytes | None] | None:
+def _drop(selector: selectors.BaseSelector, worker: _Worker) -> None:
+    with contextlib.suppress(KeyError, ValueError):
+        selector.unregister(worker.conn)
+    worker.conn.close()
+
+
+def _append_and_answer(
+    selector: selectors.BaseSelector,
+    arrived: list[tuple[_Worker, Request]],
+    append: AppendMany,
+) -> None:
+    try:
+        indexes = list(append([request for _, request in arrived]))
+    except CustodesError:
+        indexes = [None] * len(arrived)  # the append said why, in its own log
+    except Exception as exc:
+        # Whatever went wrong, every entry of the batch is refused, and the sequencer
+        # serves on: a worker must never wait for an answer that will not come.
+        log.error("the log sequencer could not append a batch (%s)", type(exc).__name__)
+        indexes = [None] * len(arrived)
+    for (worker, _), index in zip(arrived, indexes, strict=True):
+        try:
+            # Eight bytes, and each connection has one request in flight: the socket's
+            # buffer always has room, so the send does not block.
+            worker.conn.sendall(_ANSWER.pack(REFUSED if index is None else index))
+        except OSError:
+            _drop(selector, worker)
+
+
+def _take_frame(buffer: bytearray) -> Request | None:
+    """The first whole request at the start of `buffer`, removed from it; None if it has
+    not all arrived; ValueError for a frame that is no entry of ours."""
+    if len(buffer) < _REQUEST.size:
+        return None
+    entry_length, subject_count, details_field = _REQUEST.unpack_from(buffer)
+    details_length = details_field - 1 if details_field else 0
+    if entry_length > MAX_ENTRY_BYTES or details_length > MAX_DETAILS_BYTES:
+        raise ValueError("frame too large")
+    body = entry_length + subject_count * SUBJECT_BYTES + details_length
+    if len(buffer) < _REQUEST.size + body:
+        return None
+    request = _parse_body(
+        bytes(buffer[_REQUEST.size : _REQUEST.size + body]),
+        entry_length,
+        subject_count,
+        details_field,
+    )
+    del buffer[: _REQUEST.size + body]
+    return request
+
+
+def _read_request(conn: socket.socket) -> Request | None:
+    """One request read whole from a blocking connection, or None at a clean end."""
     head = _read_exactly(conn, _REQUEST.size)
     if head is None:
         return None
@@ -159,6 +256,10 @@ def _read_request(conn: socket.socket) -> tuple[bytes, list[bytes], bytes | None
     body = _read_exactly(conn, entry_length + subject_count * SUBJECT_BYTES + details_length)
     if body is None:
         raise ValueError("frame cut short")
+    return _parse_body(body, entry_length, subject_count, details_field)
+
+
+def _parse_body(body: bytes, entry_length: int, subject_count: int, details_field: int) -> Request:
     view = memoryview(body)
     entry = bytes(view[:entry_length])
     at = entry_length

@@ -1025,19 +1025,28 @@ class SQLiteStorage:
         return None if row is None else bytes(row[0])
 
     def log_nodes(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        wanted = sorted({(lv, i) for lv, i in positions if _fits_int64(lv, i)})
+        by_level: dict[int, list[int]] = {}
+        for level, index in sorted(
+            {(lv, i) for lv, i in positions if 0 <= lv <= 62 and 0 <= i <= _INT64_MAX}
+        ):
+            by_level.setdefault(level, []).append(index)
 
-        # A point read each, on one connection under one lock: in this process a query
-        # costs no round trip, and each is one seek of the primary key (a row-value IN
-        # list is not planned as seeks: it scanned the whole table).
+        # One query a level (and a few hundred indexes), each planned as seeks of the
+        # primary key: `level = ? AND idx IN (...)`. A row-value IN list of (level, idx)
+        # pairs is not planned as seeks (it scanned the whole table), and a query a node
+        # costs a statement's run in Python for each: the proofs for a page of entries
+        # want thousands.
         def fetch(conn: sqlite3.Connection) -> dict[tuple[int, int], bytes]:
             found: dict[tuple[int, int], bytes] = {}
-            for position in wanted:
-                row = conn.execute(
-                    "SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", position
-                ).fetchone()
-                if row is not None:
-                    found[position] = bytes(row[0])
+            for level, indexes in by_level.items():
+                for start in range(0, len(indexes), _IN_CHUNK):
+                    chunk = indexes[start : start + _IN_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    for index, digest in conn.execute(
+                        f"SELECT idx, hash FROM log_nodes WHERE level = ? AND idx IN ({marks})",  # noqa: S608
+                        (level, *chunk),
+                    ):
+                        found[level, int(index)] = bytes(digest)
             return found
 
         return self._run(fetch)
@@ -1673,10 +1682,28 @@ def _insert_log_batch(conn: sqlite3.Connection, checked: CheckedLogAppend) -> No
     # Sorted so that each b-tree page is filled in one visit; subjects most of all, since
     # commitments are random and each would otherwise dirty a page of its own.
     nodes = sorted((level, index, digest) for (level, index), digest in checked.nodes.items())
-    conn.executemany("INSERT INTO log_entries(idx, entry) VALUES (?, ?)", entries)
+    _insert_rows(conn, "INSERT INTO log_entries(idx, entry)", 2, entries)
     # Not OR IGNORE: a node stored twice means the caller's tree is wrong.
-    conn.executemany("INSERT INTO log_nodes(level, idx, hash) VALUES (?, ?, ?)", nodes)
-    conn.executemany(
-        "INSERT INTO log_subjects(commitment, idx) VALUES (?, ?)", sorted(checked.subjects)
-    )
-    conn.executemany("INSERT INTO log_details(idx, blob) VALUES (?, ?)", sorted(checked.details))
+    _insert_rows(conn, "INSERT INTO log_nodes(level, idx, hash)", 3, nodes)
+    _insert_rows(conn, "INSERT INTO log_subjects(commitment, idx)", 2, sorted(checked.subjects))
+    _insert_rows(conn, "INSERT INTO log_details(idx, blob)", 2, sorted(checked.details))
+
+
+# Rows an INSERT of the log's: 3,000 parameters at most, far below SQLite's bound.
+_ROWS_PER_INSERT = 1000
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, insert: str, width: int, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert rows a statement of many VALUES at a time, not a statement run a row: each
+    run lets go of the interpreter's lock and waits to take it back, and the appenders of
+    a busy log hold it meanwhile, so that a batch's thousands of rows cost as many waits
+    (executemany runs the statement once a row). Half the time of executemany alone."""
+    row = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        conn.execute(
+            f"{insert} VALUES {','.join([row] * len(chunk))}",
+            [value for values in chunk for value in values],
+        )
