@@ -88,7 +88,7 @@ class PatroniCluster:
         """Patroni's view of the cluster (its REST API, from any node that answers)."""
         for node in self.nodes:
             try:
-                with urllib.request.urlopen(  # noqa: S310 - a loopback URL of the test's own
+                with urllib.request.urlopen(
                     f"http://127.0.0.1:{node.rest_port}/cluster", timeout=2
                 ) as answer:
                     members: list[dict[str, Any]] = json.load(answer)["members"]
@@ -119,14 +119,14 @@ class PatroniCluster:
                 return leader
             time.sleep(0.2)
         logs = "\n".join(
-            n.log_file.read_text(errors="replace")[-3000:] for n in self.nodes if n.log_file.exists()
+            n.log_file.read_text(errors="replace")[-3000:]
+            for n in self.nodes
+            if n.log_file.exists()
         )
         raise RuntimeError(f"the Patroni cluster was not ready in time\n{logs}")
 
 
-def _node_config(
-    node: PatroniNode, etcd_port: int, unix_socket_dir: Path
-) -> dict[str, Any]:
+def _node_config(node: PatroniNode, etcd_port: int, unix_socket_dir: Path) -> dict[str, Any]:
     return {
         "scope": SCOPE,
         "name": node.name,
@@ -298,7 +298,7 @@ def _wait_for_etcd(client: str, process: subprocess.Popen[bytes]) -> None:
         if process.poll() is not None:
             raise RuntimeError("etcd exited at its start")
         try:
-            with urllib.request.urlopen(f"{client}/health", timeout=1):  # noqa: S310 - loopback
+            with urllib.request.urlopen(f"{client}/health", timeout=1):
                 return
         except OSError:
             time.sleep(0.1)

@@ -48,9 +48,7 @@ def replica_of(primary: PgCluster) -> Iterator[PgCluster]:
             "--no-sync",
         )
         # The copy carries the primary's settings; these lines, appended, win.
-        replica.configure(
-            {"unix_socket_directories": str(replica.socket_dir), "hot_standby": "on"}
-        )
+        replica.configure({"unix_socket_directories": str(replica.socket_dir), "hot_standby": "on"})
         replica.start()
         yield replica
     finally:

@@ -74,7 +74,7 @@ def test_killing_the_primary_loses_no_logged_search(tmp_path: Path) -> None:
                             index="national_id",
                             values={"national_id": ids[n % len(ids)]},
                         )
-                    except Exception as exc:  # noqa: BLE001 - a refused search is counted
+                    except Exception as exc:  # a refused search is counted, whatever refused it
                         with lock:
                             failures.append(type(exc).__name__)
                         time.sleep(0.05)

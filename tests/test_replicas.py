@@ -102,6 +102,14 @@ def search(vault: Vault, session: object, national_id: str) -> int:
     )
 
 
+def served_after_a_search(
+    vault: Vault, session: object, national_id: str, replica: PgCluster
+) -> int:
+    """Search once; how many token reads the replica has served by then."""
+    search(vault, session, national_id)
+    return token_reads(replica)
+
+
 def until(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + PATIENCE
     while not condition():
@@ -121,7 +129,7 @@ def test_searches_read_from_the_replica_and_nothing_is_written_there(
         session = login(vault, budget=NO_LIMITS)
         # The ingest fenced this process's reads to the primary until the replica has
         # replayed past it; then searches go to the replica.
-        until(lambda: (search(vault, session, ids[0]), token_reads(replica))[1] > 0, "a read")
+        until(lambda: served_after_a_search(vault, session, ids[0], replica) > 0, "a replica read")
         before = token_reads(replica)
         for national_id in ids[:20]:
             assert search(vault, session, national_id) == 1
@@ -146,7 +154,10 @@ def test_a_replica_lagging_beyond_the_bound_serves_no_read_until_it_catches_up(
     try:
         assert reader.ingest(reader.operator, first, workers=1).rejected == 0
         session = login(reader, budget=NO_LIMITS)
-        until(lambda: (search(reader, session, first_ids[0]), token_reads(replica))[1] > 0, "a read")
+        until(
+            lambda: served_after_a_search(reader, session, first_ids[0], replica) > 0,
+            "a replica read",
+        )
 
         with psycopg.connect(replica.dsn(), autocommit=True) as admin:
             admin.execute("SELECT pg_wal_replay_pause()")
@@ -173,7 +184,7 @@ def test_a_replica_lagging_beyond_the_bound_serves_no_read_until_it_catches_up(
 
             admin.execute("SELECT pg_wal_replay_resume()")
         until(
-            lambda: (search(reader, session, later_ids[0]), token_reads(replica))[1] > held,
+            lambda: served_after_a_search(reader, session, later_ids[0], replica) > held,
             "the replica serving again once caught up",
         )
     finally:
@@ -203,9 +214,7 @@ def test_a_read_right_after_a_write_is_the_primarys_and_the_storage_counts_both(
             # This process wrote it a moment ago: the replica may not hold it yet, so the
             # read goes to the primary, and finds it.
             before = storage.read_routing()
-            assert [r.record_id for r in storage.find_records(1, 1000 + n, 5)] == [
-                f"rec-{n:06d}"
-            ]
+            assert [r.record_id for r in storage.find_records(1, 1000 + n, 5)] == [f"rec-{n:06d}"]
             after = storage.read_routing()
             assert (after.primary, after.replica) == (before.primary + 1, before.replica)
     finally:
