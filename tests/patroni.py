@@ -158,7 +158,7 @@ def _node_config(node: PatroniNode, etcd_port: int, unix_socket_dir: Path) -> di
             },
             # initdb's own fsync of the new files: a throw-away cluster has no use for it.
             # The server's own fsyncs of commits, which the tests rely on, are unchanged.
-            "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "nosync"],
+            "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "no-sync"],
         },
         "postgresql": {
             "listen": f"127.0.0.1:{node.pg_port}",
@@ -313,5 +313,6 @@ def _wait_for_leader(cluster: PatroniCluster) -> None:
     deadline = time.monotonic() + READY_SECONDS
     while cluster.leader() is None:
         if time.monotonic() > deadline:
-            raise RuntimeError("the first Patroni node did not become the leader in time")
+            log = cluster.nodes[0].log_file.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the first Patroni node did not become the leader in time\n{log}")
         time.sleep(0.2)
