@@ -84,6 +84,12 @@ class PatroniCluster:
             connect_timeout=2,
         )
 
+    def standby_dsn(self, dbname: str = "postgres") -> str:
+        """The same nodes, and only one that is a standby: where reads may go."""
+        return psycopg.conninfo.make_conninfo(
+            self.dsn(dbname), target_session_attrs="standby", connect_timeout=2
+        )
+
     def members(self) -> list[dict[str, Any]]:
         """Patroni's view of the cluster (its REST API, from any node that answers)."""
         for node in self.nodes:

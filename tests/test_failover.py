@@ -52,12 +52,20 @@ def test_killing_the_primary_loses_no_logged_search(tmp_path: Path) -> None:
             hash_cost=FAST_HASH,
             checkpoint_every=50,
             database=cluster.dsn(),
+            # Reads of records and tokens from the standby while it keeps up: the drill
+            # also kills the node those reads would otherwise fall back on.
+            replicas=[cluster.standby_dsn()],
         )
-        answered: dict[int, float] = {}
-        failures: list[str] = []
         try:
             assert vault.ingest(vault.operator, source, workers=1).rejected == 0
             session = login(vault, username="t.drill", budget=NO_LIMITS)
+        finally:
+            vault.close()
+        # Opened again as a server would be: with the replicas its settings record.
+        vault = open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
+        answered: dict[int, float] = {}
+        failures: list[str] = []
+        try:
             counter = itertools.count()
             lock = threading.Lock()
             stop = threading.Event()
@@ -111,6 +119,7 @@ def test_killing_the_primary_loses_no_logged_search(tmp_path: Path) -> None:
                 for thread in threads:
                     thread.join(timeout=PATIENCE)
             assert promoted.name != first.name
+            routing = vault._storage.read_routing()  # type: ignore[attr-defined]
         finally:
             vault.close()
         with lock:
@@ -118,7 +127,9 @@ def test_killing_the_primary_loses_no_logged_search(tmp_path: Path) -> None:
             print(
                 f"\nfailover drill: {len(answered)} searches answered, {len(failures)} refused "
                 f"while the primary was away; unavailable for {resumed - killed_at:.2f} s "
-                "(from the SIGKILL to the first search answered after it)"
+                "(from the SIGKILL to the first search answered after it); reads of records "
+                f"and tokens: {routing.replica} from the standby, {routing.primary} from the "
+                "primary"
             )
 
         # On the new primary, through the same multi-host string: every answered
