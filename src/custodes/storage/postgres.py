@@ -341,6 +341,12 @@ class PostgresStorage:
     PostgresStorage after forking, and this one refuses to be used from any other
     process. Reads never wait for writes, log appends included: PostgreSQL's snapshots
     let a read see the last committed state while a commit is being flushed.
+
+    The DSN may name several hosts with target_session_attrs=read-write (a Patroni
+    cluster): a connection the failover killed is dropped at its first use and the pool's
+    new ones find the new primary. With `replicas`, reads of records and tokens (get,
+    find, find_records, records_page) go to a replica within `replica_max_lag` seconds of
+    the primary (pg_replicas.ReplicaRouter); every other read and every write stays here.
     """
 
     def __init__(
@@ -389,14 +395,18 @@ class PostgresStorage:
         # else, and every write, to the primary (see ReplicaRouter).
         self._replicas: ReplicaRouter | None = None
         if replicas:
-            self._replicas = ReplicaRouter(
-                dsn,
-                tuple(replicas),
-                max_lag=replica_max_lag,
-                max_size=max_size,
-                connect_timeout=connect_timeout,
-                configure=self._configure,
-            )
+            try:
+                self._replicas = ReplicaRouter(
+                    dsn,
+                    tuple(replicas),
+                    max_lag=replica_max_lag,
+                    max_size=max_size,
+                    connect_timeout=connect_timeout,
+                    configure=self._configure,
+                )
+            except BaseException:
+                self._pool.close()
+                raise
 
     def _configure(self, conn: _Connection) -> None:
         # Bound values, not SQL text: the schema's name is quoted by the server. pg_temp
