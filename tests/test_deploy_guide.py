@@ -134,5 +134,6 @@ def test_the_deployment_guide_runs_as_written() -> None:
                 logs += f"\n--- {log.name}\n{log.read_text(errors='replace')[-2000:]}"
         assert ran.returncode == 0, f"{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}{logs}"
         # Both answers over HTTPS, before and after the switchover, were the login page.
+        # (Each wait in the guide fails it when what it waits for never comes: node2
+        # leading after the switchover, for one.)
         assert re.findall(r"^(\d{3})$", ran.stdout, re.M) == ["200", "200"], ran.stdout
-        assert "node2" in ran.stdout
