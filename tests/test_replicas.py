@@ -14,14 +14,19 @@ import psycopg
 import pytest
 
 from custodes.bootstrap import create_vault, open_vault
+from custodes.doctor import Deployment, examine
 from custodes.policy.budgets import NO_LIMITS
 from custodes.settings import VaultLayout
 from custodes.storage import PostgresStorage, SealedRecord
 from custodes.synth import write_jsonl
 from custodes.vault import Vault
 from tests.conftest import FAST_HASH, FAST_KDF, PASSPHRASE, PURPOSE, login
-from tests.postgres import PgCluster, pg_cluster_fixture  # noqa: F401 - a fixture, by name
-from tests.replication import replica_of
+from tests.postgres import (  # noqa: F401 - a fixture, by name
+    PgCluster,
+    _free_port,
+    pg_cluster_fixture,
+)
+from tests.replication import replay_lsn, replica_of
 
 STATEMENTS = {"shared_preload_libraries": "pg_stat_statements"}
 # How long a test waits for replication or the watch to move before it fails: never a
@@ -239,3 +244,66 @@ def test_a_replica_that_is_down_leaves_every_read_to_the_primary(
         assert storage.read_routing().replica == routed.replica
     finally:
         storage.close()
+
+
+def test_a_standby_of_another_cluster_is_never_read_from(
+    primary: PgCluster, replica: PgCluster, pg_cluster: Callable[..., PgCluster]
+) -> None:
+    # Another vault's cluster, its standby holding another record under the same token:
+    # a wrong replica URL must not answer this vault's reads with it.
+    other = pg_cluster()
+    elsewhere = PostgresStorage(other.dsn())
+    try:
+        elsewhere.write_batch([sealed(1)._replace(record_id="rec-elsewhere")])
+    finally:
+        elsewhere.close()
+    # Its WAL well ahead of this vault's: by positions alone, it would look caught up.
+    with psycopg.connect(other.dsn(), autocommit=True) as conn:
+        for n in range(4):
+            conn.execute(f"CREATE TABLE wal_{n}()")
+            conn.execute("SELECT pg_switch_wal()")
+    with replica_of(other) as foreign:
+        until(lambda: replay_lsn(foreign) > 0, "the foreign standby replaying")
+        storage = PostgresStorage(
+            primary.dsn(), replicas=[foreign.dsn(), replica.dsn()], replica_max_lag=5.0
+        )
+        try:
+            storage.write_batch([sealed(1)])
+            # The watch has looked at both once the right replica serves.
+            until(lambda: bool(storage.find(1, 1001, 5)) and storage.read_routing().replica > 0, "")
+            for _ in range(40):
+                assert storage.find(1, 1001, 5) == ["rec-000001"]
+        finally:
+            storage.close()
+
+
+def test_doctor_names_a_replica_that_is_down_a_primary_or_of_another_cluster(
+    tmp_path: Path,
+    primary: PgCluster,
+    replica: PgCluster,
+    pg_cluster: Callable[..., PgCluster],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    directory = made_vault(tmp_path, primary, replica, max_lag=1.0)
+    assert not [f for f in examine(Deployment(vault_dir=directory)) if "replica" in f.check]
+    other = pg_cluster()
+    with replica_of(other) as foreign:
+        down = psycopg.conninfo.make_conninfo(replica.dsn(), port=_free_port())
+        monkeypatch.setenv(
+            "CUSTODES_REPLICAS", "; ".join([replica.dsn(), primary.dsn(), foreign.dsn(), down])
+        )
+        found = {
+            f.check: f.message
+            for f in examine(Deployment(vault_dir=directory))
+            if "replica" in f.check
+        }
+    assert found.keys() == {
+        "database:replica-not-standby",
+        "database:replica-foreign",
+        "database:replica-unreachable",
+    }
+    assert found["database:replica-not-standby"].startswith("replica 2 ")
+    assert found["database:replica-foreign"].startswith("replica 3 ")
+    assert found["database:replica-unreachable"].startswith("replica 4 ")
+    # A finding names the replica by its place, never its connection string.
+    assert not any("127.0.0.1" in message for message in found.values())

@@ -75,6 +75,7 @@ from custodes.vault import Vault
 from custodes.vault.rotation import STARTED_KEY as ROTATION_STARTED
 
 if TYPE_CHECKING:
+    from custodes.storage.pg_replicas import ReplicaStanding
     from custodes.storage.postgres import RoleStanding
 
 Clock = Callable[[], float]
@@ -1102,6 +1103,20 @@ def grant_database_role(directory: Path, *, owner_database: str, app_role: str) 
     if recorded.app_role != app_role:
         layout.record_database(recorded.database, app_role)
     return RoleGrant(app_role, recorded.database, rerecorded=False)
+
+
+def replica_standings(directory: Path) -> list[ReplicaStanding]:
+    """What each replica a vault would read from is (reachable, a standby, of the
+    primary's cluster), in the order configured (for doctor; no key, nothing changed)."""
+    layout = VaultLayout(Path(directory))
+    recorded = layout.read()
+    database, _ = _database_choice(recorded)
+    topology = database_topology(recorded, database)
+    if topology is None:
+        return []
+    from custodes.storage.pg_replicas import replica_standing
+
+    return [replica_standing(topology.primary, replica) for replica in topology.replicas]
 
 
 def database_standing(directory: Path) -> RoleStanding | None:

@@ -36,9 +36,15 @@ _SLOWEST_WATCH = 0.5
 # A replica read waits at most this long for a pooled connection before the primary
 # takes the read instead.
 _REPLICA_CHECKOUT = 0.5
-_PRIMARY_POSITION = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8"
+# With the cluster's system identifier: a replica of another cluster has WAL positions
+# that mean nothing here, and is never read from.
+_PRIMARY_POSITION = (
+    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8,"
+    " (SELECT system_identifier FROM pg_control_system())"
+)
 _REPLAY_POSITION = (
-    "SELECT pg_is_in_recovery(), pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8"
+    "SELECT pg_is_in_recovery(), pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::int8,"
+    " (SELECT system_identifier FROM pg_control_system())"
 )
 
 
@@ -61,6 +67,7 @@ class _Replica:
     caught_up_at: float | None = None
     # Set by a failed read: no read goes there again until the watch reaches it afresh.
     failed: bool = False
+    foreign: bool = False  # a standby of another cluster, last the watch looked
 
 
 class ReplicaRouter:
@@ -84,6 +91,7 @@ class ReplicaRouter:
         self._stop = threading.Event()
         self._fence = time.monotonic()
         self._primary_watch: _Connection | None = None
+        self._system: int | None = None  # the primary cluster's system identifier
         # (monotonic time, primary WAL position) of each round of the watch, oldest first.
         self._samples: deque[tuple[float, int]] = deque()
         self._served_replica = 0
@@ -189,6 +197,7 @@ class ReplicaRouter:
             return
         if row is None or row[0] is None:
             return
+        self._system = int(row[1])
         self._samples.append((started, int(row[0])))
         horizon = started - self._max_lag - 2 * self._interval
         while len(self._samples) > 1 and self._samples[1][0] < horizon:
@@ -209,6 +218,15 @@ class ReplicaRouter:
             # Not in recovery: promoted, or never a replica. It is not read from as one.
             replica.caught_up_at = None
             return
+        if int(row[2]) != self._system:
+            if not replica.foreign:
+                log.error(
+                    "replica %d replicates another cluster: no read goes there", replica.number
+                )
+            replica.foreign = True
+            replica.caught_up_at = None
+            return
+        replica.foreign = False
         replayed = int(row[1])
         caught_up = [t for t, position in self._samples if position <= replayed]
         replica.caught_up_at = max(caught_up) if caught_up else None
@@ -234,3 +252,33 @@ def _close(conn: _Connection | None) -> None:
     if conn is not None:
         with contextlib.suppress(psycopg.Error):
             conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStanding:
+    """What a configured replica is, asked of it and of the primary (for doctor)."""
+
+    reachable: bool
+    standby: bool = False  # in recovery: a standby, not a primary
+    same_cluster: bool = False  # a standby of the primary's own cluster
+
+
+def replica_standing(
+    primary_dsn: str, replica_dsn: str, *, connect_timeout: int = 3
+) -> ReplicaStanding:
+    """Whether a replica answers, is a standby, and replicates the primary's cluster. A
+    primary that does not answer leaves the last unknown (False)."""
+    try:
+        with psycopg.connect(replica_dsn, autocommit=True, connect_timeout=connect_timeout) as conn:
+            row = conn.execute(_REPLAY_POSITION).fetchone()
+    except psycopg.Error:
+        return ReplicaStanding(reachable=False)
+    if row is None or not row[0]:
+        return ReplicaStanding(reachable=True)
+    try:
+        with psycopg.connect(primary_dsn, autocommit=True, connect_timeout=connect_timeout) as conn:
+            primary = conn.execute(_PRIMARY_POSITION).fetchone()
+    except psycopg.Error:
+        primary = None
+    same = primary is not None and int(primary[1]) == int(row[2])
+    return ReplicaStanding(reachable=True, standby=True, same_cluster=same)
