@@ -4,8 +4,8 @@ ReplicaRouter owns a pool per replica and one watch thread that, every few hundr
 milliseconds, samples the primary's WAL position and each replica's replay position. A
 replica serves a read only while it has replayed everything the primary had written at
 some moment less than the bound ago, and after this process's last write of records:
-a replica that lags, is down, or was promoted is passed over, and the read goes to the
-primary. The choice never rests on a clock of the database's: the positions are compared,
+a replica that lags, is down, was promoted or belongs to another cluster is passed over,
+and the read goes to the primary. The choice never rests on a clock of the database's: the positions are compared,
 and the times are this process's own monotonic clock.
 """
 
