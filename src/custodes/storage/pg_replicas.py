@@ -5,8 +5,8 @@ milliseconds, samples the primary's WAL position and each replica's replay posit
 replica serves a read only while it has replayed everything the primary had written at
 some moment less than the bound ago, and after this process's last write of records:
 a replica that lags, is down, was promoted or belongs to another cluster is passed over,
-and the read goes to the primary. The choice never rests on a clock of the database's: the positions are compared,
-and the times are this process's own monotonic clock.
+and the read goes to the primary. The choice never rests on a clock of the database's:
+the positions are compared, and the times are this process's own monotonic clock.
 """
 
 from __future__ import annotations
