@@ -34,6 +34,9 @@ NEEDED = (
     Path("/usr/bin/etcd"),
     Path("/usr/bin/etcdctl"),
     Path("/sbin/start-stop-daemon"),
+    Path("/usr/bin/curl"),
+    Path("/usr/bin/openssl"),
+    Path("/usr/bin/psql"),
     BINARIES / "initdb",
 )
 GUIDE_TIMEOUT = 240.0
