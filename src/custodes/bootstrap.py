@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -53,12 +53,16 @@ from custodes.key_watch import KeyWatch
 from custodes.schema import Schema, load_schema, parse_schema
 from custodes.sessions import Operator
 from custodes.settings import (
+    DEFAULT_REPLICA_MAX_LAG,
     ENV_DATABASE,
     ENV_PKCS11_PIN,
     VaultFile,
     VaultLayout,
     check_database_url,
+    check_replica_max_lag,
+    check_replicas,
     check_role_name,
+    database_topology,
     database_url_as,
     default_keyring_path,
     default_log_key_path,
@@ -71,6 +75,7 @@ from custodes.vault import Vault
 from custodes.vault.rotation import STARTED_KEY as ROTATION_STARTED
 
 if TYPE_CHECKING:
+    from custodes.storage.pg_replicas import ReplicaStanding
     from custodes.storage.postgres import RoleStanding
 
 Clock = Callable[[], float]
@@ -113,6 +118,9 @@ def create_vault(
     random: Random = SYSTEM_RANDOM,
     database: str | None = None,
     app_role: str | None = None,
+    replicas: Sequence[str] = (),
+    log_database: str | None = None,
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG,
     pkcs11_module: str | None = None,
     pkcs11_token: str | None = None,
 ) -> Vault:
@@ -131,16 +139,27 @@ def create_vault(
     With `pkcs11_module` and `pkcs11_token` (a token's label), the key-encryption key is
     made inside that PKCS#11 token, non-extractable, and the keyring file holds only the
     blind-index root and where the KEK is; the token's user PIN comes from
-    CUSTODES_PKCS11_PIN, never an argument."""
+    CUSTODES_PKCS11_PIN, never an argument.
+
+    `replicas` (streaming replicas of `database`) may serve reads of records and tokens
+    while within `replica_max_lag` seconds of it; with `app_role` they are recorded with
+    that role as their user too. `log_database` names the access log's database."""
     directory = Path(directory)
     token = _token_settings(pkcs11_module, pkcs11_token)
     recorded_database = database
+    recorded_replicas = check_replicas(list(replicas))
+    replica_max_lag = check_replica_max_lag(replica_max_lag)
     if database is not None:
         database = check_database_url(database)
         if app_role is not None:
             recorded_database = database_url_as(database, app_role)
+            recorded_replicas = tuple(database_url_as(r, app_role) for r in recorded_replicas)
+        if log_database is not None:
+            log_database = check_database_url(log_database)
     elif app_role is not None:
         raise ConfigurationError("an application role needs a PostgreSQL database")
+    elif replicas or log_database is not None:
+        raise ConfigurationError("replicas and a log database need a PostgreSQL database")
     if directory.exists() and any(directory.iterdir()):
         raise ConfigurationError("the vault directory exists and is not empty")
     # Whoever holds this passphrase and the files reads everything: no weaker than a
@@ -189,7 +208,7 @@ def create_vault(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
     )
     layout = VaultLayout(directory)
-    storage = _storage_at(directory, database)
+    storage = _storage_at(directory, database, log_database=log_database)
     try:
         if storage.get_meta("vault_id") is not None:
             raise ConfigurationError("that database already holds a custodes vault")
@@ -198,7 +217,16 @@ def create_vault(
         storage.set_meta("log_verifier_key", signer.verifier_key.encode())
         # The settings first, then the grant: should the grant fail now, the vault is whole
         # and 'custodes database grant' finishes it.
-        layout.write(vault_id, keyring_path, log_key_path, recorded_database, app_role)
+        layout.write(
+            vault_id,
+            keyring_path,
+            log_key_path,
+            recorded_database,
+            app_role,
+            replicas=recorded_replicas,
+            log_database=log_database,
+            replica_max_lag=replica_max_lag,
+        )
         if database is not None and app_role is not None:
             _grant(database, app_role, finish=f"--vault {directory}")
     except BaseException:
@@ -380,6 +408,11 @@ class UnlockedVault:
     # the host while it runs (custodes.key_watch); None for keys handed in whole.
     keyring_file: Path | None = None
     keyring_secret: str | None = None
+    # Where reads may go besides `database`, and the access log's database (see
+    # settings.database_topology): recorded, or named for this run.
+    replicas: tuple[str, ...] = ()
+    log_database: str | None = None
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG
 
     def __repr__(self) -> str:
         return f"UnlockedVault(origin={self.signer.origin!r})"
@@ -411,6 +444,7 @@ def unlock_vault(
     database, least_privilege = _database_choice(recorded, database)
     if database is None and not layout.database.exists():
         raise ConfigurationError("the vault database is missing")
+    topology = database_topology(recorded, database)
     keyring_file = Path(keyring_path) if keyring_path else recorded.keyring
     mode = read_share_mode(keyring_file)
     if mode is not None:
@@ -453,6 +487,9 @@ def unlock_vault(
         least_privilege=least_privilege,
         keyring_file=keyring_file,
         keyring_secret=passphrase,
+        replicas=() if topology is None else topology.replicas,
+        log_database=None if topology is None else topology.log_database,
+        replica_max_lag=DEFAULT_REPLICA_MAX_LAG if topology is None else topology.replica_max_lag,
     )
 
 
@@ -637,6 +674,9 @@ def _storage_at(
     least_privilege: bool = False,
     app_role: str | None = None,
     migrate: bool = True,
+    replicas: tuple[str, ...] = (),
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG,
+    log_database: str | None = None,
 ) -> Storage:
     """The vault's storage: its PostgreSQL database when it has one, else the SQLite file
     in its directory. The one place a backend is chosen; each process opens its own.
@@ -650,16 +690,26 @@ def _storage_at(
     is neither owner nor least-privileged is refused by the application's open. An owner's
     open that migrates a vault with a recorded app_role grants that role again in the same
     step, so that a new table is never left out of the server's grants; with migrate
-    False (key-less checks) a schema behind this software is refused, never migrated."""
+    False (key-less checks) a schema behind this software is refused, never migrated.
+    Replicas, when given, serve reads of records and tokens within replica_max_lag."""
     if database is None:
         return SQLiteStorage(VaultLayout(directory).database)
     from custodes.storage.postgres import SCHEMA_VERSION, PostgresStorage, role_standing
 
+    def opened(privileges: Literal["owner", "app"]) -> Storage:
+        return PostgresStorage(
+            database,
+            privileges=privileges,
+            replicas=replicas,
+            replica_max_lag=replica_max_lag,
+            log_dsn=log_database,
+        )
+
     if least_privilege:
-        return PostgresStorage(database, privileges="app")
+        return opened("app")
     standing = role_standing(database)
     if not standing.migrates:
-        return PostgresStorage(database, privileges="app")
+        return opened("app")
     if standing.version is not None and standing.version < SCHEMA_VERSION:
         if not migrate and standing.version == 0:
             raise ConfigurationError("the vault's database schema holds no vault")
@@ -670,7 +720,7 @@ def _storage_at(
             )
         if app_role is not None and standing.version > 0:
             _grant(database, app_role)
-    return PostgresStorage(database, privileges="owner")
+    return opened("owner")
 
 
 def _unlocked_storage(unlocked: UnlockedVault) -> Storage:
@@ -679,6 +729,9 @@ def _unlocked_storage(unlocked: UnlockedVault) -> Storage:
         unlocked.database,
         least_privilege=unlocked.least_privilege,
         app_role=unlocked.app_role,
+        replicas=unlocked.replicas,
+        replica_max_lag=unlocked.replica_max_lag,
+        log_database=unlocked.log_database,
     )
 
 
@@ -1050,6 +1103,20 @@ def grant_database_role(directory: Path, *, owner_database: str, app_role: str) 
     if recorded.app_role != app_role:
         layout.record_database(recorded.database, app_role)
     return RoleGrant(app_role, recorded.database, rerecorded=False)
+
+
+def replica_standings(directory: Path) -> list[ReplicaStanding]:
+    """What each replica a vault would read from is (reachable, a standby, of the
+    primary's cluster), in the order configured (for doctor; no key, nothing changed)."""
+    layout = VaultLayout(Path(directory))
+    recorded = layout.read()
+    database, _ = _database_choice(recorded)
+    topology = database_topology(recorded, database)
+    if topology is None:
+        return []
+    from custodes.storage.pg_replicas import replica_standing
+
+    return [replica_standing(topology.primary, replica) for replica in topology.replicas]
 
 
 def database_standing(directory: Path) -> RoleStanding | None:

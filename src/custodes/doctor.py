@@ -90,6 +90,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_keys,
         check_shares_held_here,
         check_database,
+        check_replicas,
         check_listeners,
         check_url,
         check_certificate,
@@ -422,6 +423,44 @@ def check_database(d: Deployment) -> Iterator[Finding]:
 
 
 # -- the network -------------------------------------------------------------------------
+
+
+def check_replicas(d: Deployment) -> Iterator[Finding]:
+    """Each replica the vault would read records and tokens from, as it answers: one that
+    is down or no standby serves nothing (reads go to the primary); one of another
+    cluster is a wrong URL, and is never read from. Named by its place in the list, never
+    its connection string."""
+    from custodes.bootstrap import replica_standings
+
+    try:
+        standings = replica_standings(d.vault_dir)
+    except ConfigurationError:
+        return  # check_keys reports an unreadable vault.toml
+    for number, standing in enumerate(standings, 1):
+        if not standing.reachable:
+            yield Finding(
+                "database:replica-unreachable",
+                Severity.MEDIUM,
+                f"replica {number} cannot be reached: every read goes to the primary",
+                "check that the replica runs and streams, and its URL in vault.toml",
+            )
+        elif not standing.standby:
+            yield Finding(
+                "database:replica-not-standby",
+                Severity.MEDIUM,
+                f"replica {number} is not a standby (a promoted node, or a primary's URL): "
+                "no read goes there",
+                "name a standby (target_session_attrs=standby finds one among several hosts)",
+            )
+        elif not standing.same_cluster:
+            yield Finding(
+                "database:replica-foreign",
+                Severity.HIGH,
+                f"replica {number} is a standby of another cluster than the vault's primary "
+                "(or the primary did not answer): no read goes there",
+                "correct the replica's URL in vault.toml (custodes init --replica) or "
+                "CUSTODES_REPLICAS",
+            )
 
 
 def listening_sockets(paths: Iterable[Path] = PROC_NET) -> list[Listener]:

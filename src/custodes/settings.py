@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import platformdirs
@@ -21,6 +21,13 @@ ENV_LOG_KEY = "CUSTODES_LOG_KEY"
 ENV_VAULT = "CUSTODES_VAULT"
 # A PostgreSQL URL that overrides the one a vault recorded (another role, another host).
 ENV_DATABASE = "CUSTODES_DATABASE"
+# Read-only replicas of that database (streaming standbys), separated by semicolons; they
+# override the ones a vault recorded. "none" names no replica at all.
+ENV_REPLICAS = "CUSTODES_REPLICAS"
+# The database of the access log, when it is not the records' own.
+ENV_LOG_DATABASE = "CUSTODES_LOG_DATABASE"
+# How far behind the primary a replica may be, in seconds, and still serve reads.
+ENV_REPLICA_MAX_LAG = "CUSTODES_REPLICA_MAX_LAG"
 ENV_USER = "CUSTODES_USER"
 ENV_PASSWORD = "CUSTODES_PASSWORD"  # noqa: S105 - a variable name
 ENV_NEW_PASSWORD = "CUSTODES_NEW_PASSWORD"  # noqa: S105 - a variable name
@@ -37,6 +44,7 @@ DATABASE_FILE = "vault.db"
 REJECTS_DIR = "rejects"
 LOGS_DIR = "logs"
 VAULT_FORMAT = "custodes-vault"
+DEFAULT_REPLICA_MAX_LAG = 1.0
 
 
 def env(name: str) -> str | None:
@@ -84,6 +92,24 @@ class VaultFile:
     # server opens the database only with that role's rights. None: the URL's role is
     # whatever the operator made it, and the server may run as the schema's owner.
     app_role: str | None = None
+    # Streaming replicas of `database` that may serve reads of records and tokens while
+    # they are no further behind than replica_max_lag seconds; never written to.
+    replicas: tuple[str, ...] = ()
+    # The access log's database, when not `database` itself.
+    log_database: str | None = None
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseTopology:
+    """Where a vault on PostgreSQL reads and writes: the primary (a libpq multi-host
+    string with target_session_attrs=read-write follows a failover to whichever node is
+    primary), the replicas reads may go to, the access log's database, and the lag bound."""
+
+    primary: str
+    replicas: tuple[str, ...] = ()
+    log_database: str | None = None
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +148,9 @@ class VaultLayout:
             raise ConfigurationError(f"{VAULT_FILE} does not describe a custodes vault")
         database = doc.get("database")
         app_role = doc.get("app_role")
+        replicas = doc.get("replicas", [])
+        log_database = doc.get("log_database")
+        max_lag = doc.get("replica_max_lag", DEFAULT_REPLICA_MAX_LAG)
         try:
             if database is not None:
                 if not isinstance(database, str):
@@ -131,12 +160,21 @@ class VaultLayout:
                 if not isinstance(app_role, str) or database is None:
                     raise TypeError
                 app_role = check_role_name(app_role)
+            if not isinstance(replicas, list) or (replicas and database is None):
+                raise TypeError
+            if log_database is not None and (not isinstance(log_database, str) or not database):
+                raise TypeError
+            if isinstance(max_lag, bool) or not isinstance(max_lag, int | float):
+                raise TypeError
             return VaultFile(
                 bytes.fromhex(doc["vault_id"]),
                 Path(doc["keyring"]),
                 Path(doc["log_key"]),
                 database,
                 app_role,
+                check_replicas(replicas),
+                None if log_database is None else check_database_url(log_database),
+                check_replica_max_lag(float(max_lag)),
             )
         except (KeyError, ValueError, TypeError):
             raise ConfigurationError(f"{VAULT_FILE} is damaged") from None
@@ -148,8 +186,23 @@ class VaultLayout:
         log_key: Path,
         database: str | None = None,
         app_role: str | None = None,
+        *,
+        replicas: tuple[str, ...] = (),
+        log_database: str | None = None,
+        replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG,
     ) -> None:
-        text = _vault_text(VaultFile(vault_id, keyring, log_key, database, app_role))
+        text = _vault_text(
+            VaultFile(
+                vault_id,
+                keyring,
+                log_key,
+                database,
+                app_role,
+                replicas,
+                log_database,
+                replica_max_lag,
+            )
+        )
         fd = os.open(self.vault_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -159,9 +212,10 @@ class VaultLayout:
         file is written beside the old one and renamed over it, so a reader finds the old
         settings or the new, never half of them."""
         recorded = self.read()
-        updated = VaultFile(
-            recorded.vault_id, recorded.keyring, recorded.log_key, database, app_role
-        )
+        replicas = recorded.replicas
+        if app_role is not None:
+            replicas = tuple(database_url_as(r, app_role) for r in replicas)
+        updated = replace(recorded, database=database, app_role=app_role, replicas=replicas)
         text = _vault_text(updated)
         staged = self.vault_file.with_name(f".{VAULT_FILE}.new")
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -192,7 +246,67 @@ def _vault_text(vault: VaultFile) -> str:
         text += f"database = {json.dumps(check_database_url(vault.database))}\n"
         if vault.app_role is not None:
             text += f"app_role = {json.dumps(check_role_name(vault.app_role))}\n"
+        if vault.replicas:
+            listed = ", ".join(json.dumps(r) for r in check_replicas(vault.replicas))
+            text += f"replicas = [{listed}]\n"
+        if vault.log_database is not None:
+            text += f"log_database = {json.dumps(check_database_url(vault.log_database))}\n"
+        if vault.replica_max_lag != DEFAULT_REPLICA_MAX_LAG:
+            text += f"replica_max_lag = {check_replica_max_lag(vault.replica_max_lag)!r}\n"
     return text
+
+
+def check_replicas(replicas: object) -> tuple[str, ...]:
+    """Replica connection strings a vault may record: each as check_database_url has it,
+    none twice. The message names a replica by its place in the list, never its text."""
+    if not isinstance(replicas, list | tuple):
+        raise ConfigurationError("the replicas must be a list of PostgreSQL URLs")
+    checked: list[str] = []
+    for number, replica in enumerate(replicas, 1):
+        if not isinstance(replica, str):
+            raise ConfigurationError(f"replica {number} is not a PostgreSQL URL")
+        try:
+            checked.append(check_database_url(replica))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"replica {number}: {exc}") from None
+    if len(set(checked)) != len(checked):
+        raise ConfigurationError("a replica is named twice")
+    return tuple(checked)
+
+
+def check_replica_max_lag(seconds: float) -> float:
+    """The lag bound: a replica further behind than this serves no read. Between 10 ms and
+    an hour; a bound beyond that would let a replica serve a day-old index."""
+    if not 0.01 <= seconds <= 3600.0:
+        raise ConfigurationError("the replica lag bound is between 0.01 and 3600 seconds")
+    return seconds
+
+
+def database_topology(recorded: VaultFile, database: str | None) -> DatabaseTopology | None:
+    """Where a vault's PostgreSQL reads and writes go for this run: the primary chosen
+    (the recorded one or an override), the replicas and log database recorded unless
+    CUSTODES_REPLICAS / CUSTODES_LOG_DATABASE name others, the lag bound unless
+    CUSTODES_REPLICA_MAX_LAG names another. None for a vault in SQLite."""
+    if database is None:
+        return None
+    replicas = recorded.replicas
+    named = env(ENV_REPLICAS)
+    if named is not None:
+        parts = [] if named.strip() == "none" else [p.strip() for p in named.split(";")]
+        replicas = check_replicas([p for p in parts if p])
+    log_database = recorded.log_database
+    named_log = env(ENV_LOG_DATABASE)
+    if named_log is not None:
+        log_database = check_database_url(named_log)
+    max_lag = recorded.replica_max_lag
+    named_lag = env(ENV_REPLICA_MAX_LAG)
+    if named_lag is not None:
+        try:
+            max_lag = float(named_lag)
+        except ValueError:
+            raise ConfigurationError(f"{ENV_REPLICA_MAX_LAG} must be a number of seconds") from None
+        max_lag = check_replica_max_lag(max_lag)
+    return DatabaseTopology(database, replicas, log_database, max_lag)
 
 
 def check_database_url(url: str) -> str:

@@ -79,6 +79,29 @@ if TYPE_CHECKING:
     "drop history) and record the URL with NAME as its user, never the owner's.",
 )
 @click.option(
+    "--replica",
+    "replicas",
+    multiple=True,
+    metavar="URL",
+    help="With --database: a streaming replica of it (repeatable) that serves reads of "
+    "records and tokens while within --replica-max-lag of the primary; never written to. "
+    "CUSTODES_REPLICAS (URLs separated by ';', or 'none') overrides.",
+)
+@click.option(
+    "--replica-max-lag",
+    type=click.FloatRange(min=0.01, max=3600.0),
+    default=settings.DEFAULT_REPLICA_MAX_LAG,
+    show_default=True,
+    metavar="SECONDS",
+    help="How far behind the primary a replica may be and still serve reads.",
+)
+@click.option(
+    "--log-database",
+    metavar="URL",
+    help="With --database: the access log's own database (default: the primary). "
+    "CUSTODES_LOG_DATABASE overrides.",
+)
+@click.option(
     "--shares",
     type=click.IntRange(min=2, max=255),
     help="Seal the keyring under a random key split among N officers (M-of-N unseal) "
@@ -126,6 +149,9 @@ def init(
     population: int,
     database: str | None,
     app_role: str | None,
+    replicas: tuple[str, ...],
+    replica_max_lag: float,
+    log_database: str | None,
     shares: int | None,
     threshold: int | None,
     officers: tuple[str, ...],
@@ -135,6 +161,16 @@ def init(
     pkcs11_token: str | None,
 ) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
+    if (replicas or log_database is not None) and database is None:
+        raise click.UsageError("--replica and --log-database go with --database")
+    settings.check_replicas(list(replicas))
+    if log_database is not None:
+        settings.check_database_url(log_database)
+    topology = {
+        "replicas": replicas,
+        "replica_max_lag": replica_max_lag,
+        "log_database": log_database,
+    }
     if shares is not None or threshold is not None:
         if pkcs11_module is not None or pkcs11_token is not None:
             raise click.UsageError("--shares and --pkcs11-module: one or the other, for now")
@@ -150,6 +186,7 @@ def init(
             officers,
             share_dir,
             seal_shares,
+            topology,
         )
         return
     if officers or share_dir or seal_shares:
@@ -172,6 +209,9 @@ def init(
         expected_population=population,
         database=database,
         app_role=app_role,
+        replicas=replicas,
+        replica_max_lag=replica_max_lag,
+        log_database=log_database,
         pkcs11_module=pkcs11_module,
         pkcs11_token=pkcs11_token,
     )
@@ -180,6 +220,11 @@ def init(
     out.print(f"Vault created in {directory}")
     if recorded.database is not None:
         out.print("Records and access log: in the PostgreSQL database named by --database")
+    if recorded.replicas:
+        out.print(
+            f"Reads of records and tokens: also from {len(recorded.replicas)} replica(s) while "
+            f"within {recorded.replica_max_lag:g} s of the primary"
+        )
     if recorded.app_role is not None:
         out.print(
             Text(
@@ -213,6 +258,7 @@ def _init_shared(
     officers: tuple[str, ...],
     share_dir: str | None,
     seal_shares: bool,
+    topology: dict[str, Any],
 ) -> None:
     from custodes.bootstrap import create_shared_vault
     from custodes.crypto.keyring import ShareMode
@@ -246,6 +292,7 @@ def _init_shared(
         expected_population=population,
         database=database,
         app_role=app_role,
+        **topology,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()

@@ -8,12 +8,13 @@ tokens and non-personal metadata.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -59,6 +60,7 @@ from custodes.storage.memory import (
     checked_spend,
     stored_record_from_row,
 )
+from custodes.storage.pg_replicas import ReadRouting, ReplicaRouter
 
 _T = TypeVar("_T")
 _Connection = psycopg.Connection[tuple[Any, ...]]
@@ -303,6 +305,25 @@ _SESSION_ACCOUNT = (
 )
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _fences_replicas(method: _Method) -> _Method:
+    """A write of records or tokens: once it is over (committed or not), no replica
+    serves this process a read until it has replayed the primary past it, so that a read
+    right after a write sees it."""
+
+    @functools.wraps(method)
+    def fenced(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._replicas is not None:
+                self._replicas.fence()
+
+    return cast("_Method", fenced)
+
+
 class PostgresStorage:
     """A vault in one PostgreSQL schema, reached through a pool of connections.
 
@@ -320,6 +341,12 @@ class PostgresStorage:
     PostgresStorage after forking, and this one refuses to be used from any other
     process. Reads never wait for writes, log appends included: PostgreSQL's snapshots
     let a read see the last committed state while a commit is being flushed.
+
+    The DSN may name several hosts with target_session_attrs=read-write (a Patroni
+    cluster): a connection the failover killed is dropped at its first use and the pool's
+    new ones find the new primary. With `replicas`, reads of records and tokens (get,
+    find, find_records, records_page) go to a replica within `replica_max_lag` seconds of
+    the primary (pg_replicas.ReplicaRouter); every other read and every write stays here.
     """
 
     def __init__(
@@ -330,7 +357,16 @@ class PostgresStorage:
         max_size: int = 10,
         connect_timeout: float = 10.0,
         privileges: Privileges = "owner",
+        replicas: Sequence[str] = (),
+        replica_max_lag: float = 1.0,
+        log_dsn: str | None = None,
     ) -> None:
+        if log_dsn is not None and log_dsn != dsn:
+            # The seam is in the settings; the log's tables still live beside the records.
+            raise ConfigurationError(
+                "an access log in a database of its own is not supported yet: leave "
+                "log_database unset (the log then lives in the primary)"
+            )
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError("the pool needs 0 <= min_size <= max_size and max_size >= 1")
         if privileges not in ("owner", "app"):
@@ -355,6 +391,22 @@ class PostgresStorage:
         except psycopg.Error as exc:
             self._pool.close()
             raise StorageError(f"cannot open the database pool: {_cause(exc)}") from None
+        # Reads of records and tokens may go to a replica within the lag bound; everything
+        # else, and every write, to the primary (see ReplicaRouter).
+        self._replicas: ReplicaRouter | None = None
+        if replicas:
+            try:
+                self._replicas = ReplicaRouter(
+                    dsn,
+                    tuple(replicas),
+                    max_lag=replica_max_lag,
+                    max_size=max_size,
+                    connect_timeout=connect_timeout,
+                    configure=self._configure,
+                )
+            except BaseException:
+                self._pool.close()
+                raise
 
     def _configure(self, conn: _Connection) -> None:
         # Bound values, not SQL text: the schema's name is quoted by the server. pg_temp
@@ -462,6 +514,7 @@ class PostgresStorage:
 
     # -- records ------------------------------------------------------------------
 
+    @_fences_replicas
     def write_batch(self, records: Sequence[SealedRecord]) -> BatchOutcome:
         # Validated whole before anything is sent, so that a bad record late in the
         # batch leaves nothing behind; repeated ids are dropped (the first wins).
@@ -533,12 +586,18 @@ class PostgresStorage:
         )
         return BatchOutcome(inserted=inserted, already_present=len(records) - inserted)
 
+    def read_routing(self) -> ReadRouting:
+        """How many reads of records and tokens a replica served, and the primary."""
+        if self._replicas is None:
+            return ReadRouting(replica=0, primary=0)
+        return self._replicas.routing()
+
     def get_records(self, record_ids: Sequence[str]) -> dict[str, StoredRecord]:
         ids = list(dict.fromkeys(record_ids))
         if not ids:
             self._check_usable()
             return {}
-        rows = self._rows(
+        rows = self._replica_rows(
             "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
             " FROM records AS r JOIN data_keys AS k ON k.record_id = r.record_id"
             " WHERE r.record_id = ANY(%s)",
@@ -550,7 +609,7 @@ class PostgresStorage:
         self._check_usable()
         if limit <= 0 or not fits_int64(index_id, token):
             return []
-        rows = self._rows(
+        rows = self._replica_rows(
             "SELECT record_id FROM tokens WHERE token = %s AND index_id = %s"
             " ORDER BY record_id LIMIT %s",
             (token, index_id, min(limit, _INT64_MAX)),
@@ -561,7 +620,7 @@ class PostgresStorage:
         self._check_usable()
         if limit <= 0 or not fits_int64(index_id, token):
             return []
-        rows = self._rows(
+        rows = self._replica_rows(
             "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
             " FROM tokens AS t JOIN records AS r ON r.record_id = t.record_id"
             " JOIN data_keys AS k ON k.record_id = t.record_id"
@@ -610,7 +669,7 @@ class PostgresStorage:
         self._check_usable()
         if limit <= 0 or after >= _INT64_MAX:
             return []
-        rows = self._rows(
+        rows = self._replica_rows(
             "SELECT r.seq, r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
             " FROM records AS r JOIN data_keys AS k ON k.record_id = r.record_id"
             " WHERE r.seq > %s ORDER BY r.seq LIMIT %s",
@@ -618,6 +677,7 @@ class PostgresStorage:
         )
         return [(int(row[0]), stored_record_from_row(row[1:])) for row in rows]
 
+    @_fences_replicas
     def rekey_records(self, changes: Sequence[Rekeyed]) -> int:
         checked = checked_rekeyed(changes)
         if not checked:
@@ -674,6 +734,7 @@ class PostgresStorage:
 
         return self._write(apply, "the rotated keys were not stored")
 
+    @_fences_replicas
     def drop_tokens(self, index_ids: Collection[int]) -> int:
         ids = sorted({i for i in index_ids if fits_int64(i)})
         if not ids:
@@ -704,6 +765,7 @@ class PostgresStorage:
                 "owner's database URL (CUSTODES_DATABASE)"
             )
 
+    @_fences_replicas
     def erase_records(self, record_ids: Sequence[str]) -> int:
         ids = [rid for rid in dict.fromkeys(record_ids) if isinstance(rid, str)]
         self._check_usable()
@@ -1122,6 +1184,8 @@ class PostgresStorage:
         # A forked child holds a copy of the parent's pool: closing it there would close
         # the parent's connections under it.
         if self._pid == os.getpid():
+            if self._replicas is not None:
+                self._replicas.close()
             self._pool.close()
 
     # -- internals ----------------------------------------------------------------
@@ -1143,6 +1207,16 @@ class PostgresStorage:
 
     def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         return self._read(lambda c: c.execute(sql, params).fetchall())
+
+    def _replica_rows(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read of records or tokens: from a replica within the lag bound when there is
+        one, else the primary's, as _rows reads."""
+        if self._replicas is None:
+            return self._rows(sql, params)
+        self._check_usable("database read failed")
+        return self._replicas.read(
+            lambda c: c.execute(sql, params).fetchall(), lambda: self._rows(sql, params)
+        )
 
     def _write(
         self,
