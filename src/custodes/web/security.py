@@ -5,6 +5,7 @@ headers on every response. It never authorises; that is the vault's, through `de
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -149,7 +150,7 @@ class SecurityHeaders:
         # Behind the proxy, TLS here too (a proxy on another host re-encrypting) does not
         # stand in for the proxy: a peer that is not a trusted proxy is refused either way.
         if self._behind_proxy and not proxied_https:
-            await _refuse_plain(send)
+            await _refuse_plain(scope, send)
             return
         https = self._tls or proxied_https
         state["https"] = https
@@ -186,13 +187,21 @@ class SecurityHeaders:
             )
 
 
-async def _refuse_plain(send: Send) -> None:
-    """421 Misdirected Request: this connection is not one the server answers on."""
+async def _refuse_plain(scope: Scope, send: Send) -> None:
+    """421 Misdirected Request: this connection is not one the server answers on. JSON
+    under /api/, shaped as every API refusal is; plain text elsewhere."""
+    if str(scope.get("path", "")).startswith("/api/"):
+        body = json.dumps(
+            {"error": {"code": "not_through_proxy", "message": NOT_THROUGH_PROXY.decode()}}
+        ).encode()
+        kind = b"application/json"
+    else:
+        body, kind = NOT_THROUGH_PROXY, b"text/plain; charset=utf-8"
     await send(
         {
             "type": "http.response.start",
             "status": 421,
-            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *HEADERS],
+            "headers": [(b"content-type", kind), *HEADERS],
         }
     )
-    await send({"type": "http.response.body", "body": NOT_THROUGH_PROXY})
+    await send({"type": "http.response.body", "body": body})

@@ -294,7 +294,7 @@ def serve_sealed(
     )
     claim = _claim_port(directory, host, port, reserve=False)
     try:
-        server = _Server(_config(gate, listen), ready)
+        server = _Server(_config(guarded(gate, listen), listen), ready)
         _stop.server = server
         if _stop.asked:
             return
@@ -568,6 +568,20 @@ def _app_for(vault: Vault, listen: _Listen) -> Any:
         vault,
         tls=listen.tls is not None,
         trusted_proxies=listen.trusted_proxies,
+        behind_tls_proxy=listen.behind_tls_proxy,
+    )
+
+
+def guarded(app: Any, listen: _Listen) -> Any:
+    """An app that answers before the vault's own (a sealed server's gate), behind the
+    same security middleware: headers, the client's address, and behind a TLS proxy no
+    officer's share taken over a connection the proxy did not relay over https."""
+    from custodes.web.security import SecurityHeaders
+
+    return SecurityHeaders(
+        app,
+        tls=listen.tls is not None,
+        trusted_proxies=trusted_networks(listen.trusted_proxies),
         behind_tls_proxy=listen.behind_tls_proxy,
     )
 
