@@ -37,6 +37,7 @@ NEEDED = (
     Path("/usr/bin/curl"),
     Path("/usr/bin/openssl"),
     Path("/usr/bin/psql"),
+    Path("/usr/sbin/nginx"),
     BINARIES / "initdb",
 )
 GUIDE_TIMEOUT = 240.0
@@ -108,10 +109,11 @@ def test_the_deployment_guide_runs_as_written() -> None:
                 "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                 "PYTHONPATH": str(REPO / "src"),
                 "DEPLOY": str(root / "deploy"),
-                "HTTPS_PORT": str(_free_port()),
                 **{
                     name: str(_free_port())
                     for name in (
+                        "HTTPS_PORT",
+                        "APP_PORT",
                         "ETCD_PORT",
                         "ETCD_PEER_PORT",
                         "PG1_PORT",
@@ -136,7 +138,10 @@ def test_the_deployment_guide_runs_as_written() -> None:
             for log in sorted((root / "deploy").glob("*.log")):
                 logs += f"\n--- {log.name}\n{log.read_text(errors='replace')[-2000:]}"
         assert ran.returncode == 0, f"{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}{logs}"
-        # Both answers over HTTPS, before and after the switchover, were the login page.
-        # (Each wait in the guide fails it when what it waits for never comes: node2
-        # leading after the switchover, for one.)
-        assert re.findall(r"^(\d{3})$", ran.stdout, re.M) == ["200", "200"], ran.stdout
+        # custodes reached around the proxy refused (421); through nginx over HTTPS the
+        # login page, the API refusing without a session and answering a token, and the
+        # login page again after the switchover. (Each wait in the guide fails it when
+        # what it waits for never comes: node2 leading after the switchover, for one.)
+        codes = re.findall(r"^(\d{3})$", ran.stdout, re.M)
+        assert codes == ["421", "200", "401", "200", "200"], ran.stdout
+        assert re.search(r"^strict-transport-security: max-age=", ran.stdout, re.M | re.I)

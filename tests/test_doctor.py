@@ -515,3 +515,47 @@ def test_a_world_readable_access_log_file_is_high(deployment: Path) -> None:
     found = [f for f in check(deployment) if f.check == "files:database:mode"]
     assert found and all(f.severity is Severity.HIGH for f in found)
     assert any(log_file.name in f.message for f in found)
+
+
+def test_a_server_behind_its_tls_proxy_on_loopback_is_not_reported_as_without_tls(
+    deployment: Path,
+) -> None:
+    # custodes on 127.0.0.1 in plain HTTP, nginx terminating TLS on this host.
+    found = check(
+        deployment,
+        port=8000,
+        listeners=lambda: [Listener("127.0.0.1", 8000)],
+        url="http://127.0.0.1:8000/",
+        trusted_proxies=("127.0.0.1",),
+        behind_tls_proxy=True,
+    )
+    assert not [f for f in found if f.check.startswith("network:")]
+
+
+@pytest.mark.parametrize("proxy", ["1.2.3.4", "0.0.0.0/0", "2a00:1450::/32"])
+def test_a_trusted_proxy_on_the_internet_is_high(deployment: Path, proxy: str) -> None:
+    # Whoever holds a trusted address names the client and claims https.
+    found = check(deployment, trusted_proxies=(proxy,), behind_tls_proxy=True)
+    public = [f for f in found if f.check == "network:proxy:public"]
+    assert public and public[0].severity is Severity.HIGH
+
+
+@pytest.mark.parametrize("proxy", ["127.0.0.1", "10.0.0.5", "192.168.0.0/24", "::1"])
+def test_a_trusted_proxy_on_this_host_or_the_private_network_is_fine(
+    deployment: Path, proxy: str
+) -> None:
+    found = check(deployment, trusted_proxies=(proxy,), behind_tls_proxy=True)
+    assert not [f for f in found if f.check.startswith("network:")]
+
+
+def test_a_proxy_that_may_relay_plain_http_is_reported(deployment: Path) -> None:
+    assert tags(check(deployment, trusted_proxies=("127.0.0.1",)))["network:proxy:plain"] is (
+        Severity.LOW
+    )
+    found = tags(check(deployment, behind_tls_proxy=True))
+    assert found["network:proxy:unnamed"] is Severity.HIGH
+
+
+def test_doctor_takes_the_servers_proxy_settings(deployment: Path) -> None:
+    code, output = run_cli(deployment, "--trusted-proxy", "1.2.3.4", "--behind-tls-proxy")
+    assert code == 1 and "1.2.3.4" in output

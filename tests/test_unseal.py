@@ -506,3 +506,40 @@ def test_keys_reshare_on_the_command_line_takes_the_old_shares_and_writes_new_on
     written = sorted(new_dir.glob("*.share"))
     assert [p.name for p in written] == [f"officer-{n}.share" for n in (1, 2, 3)]
     assert unlock_vault(directory, shares=_shares(written[1:])).material is not None
+
+
+def test_behind_a_tls_proxy_a_sealed_server_takes_shares_only_through_the_proxy(
+    shared: tuple[Path, list[Path]],
+) -> None:
+    import warnings
+
+    from custodes.web import serve
+    from custodes.web.unseal import SealedServer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*httpx2")
+        from fastapi.testclient import TestClient
+
+    directory, paths = shared
+    gate = SealedServer(
+        directory,
+        vault_id=VaultLayout(directory).read().vault_id,
+        mode=ShareMode(5, 3),
+        open_app=lambda unlocked, officers: pytest.fail("one share opens nothing"),
+    )
+    listen = serve._Listen("127.0.0.1", free_port(), None, ("127.0.0.1",), behind_tls_proxy=True)
+    app = serve.guarded(gate, listen)
+    share = {"share": paths[0].read_text()}
+    # No lifespan (outside a context manager): it would take SIGUSR1, from a thread.
+    # Around the proxy, even claiming https: refused, and the share never read.
+    around = TestClient(app, client=("198.51.100.4", 41000)).post(
+        "/api/v1/sys/unseal", json=share, headers={"X-Forwarded-Proto": "https"}
+    )
+    assert around.status_code == 421 and around.json()["error"]["code"] == "not_through_proxy"
+    assert gate.status()["progress"] == 0
+    # Through the proxy over https: taken, with the security headers.
+    through = TestClient(app, client=("127.0.0.1", 41000)).post(
+        "/api/v1/sys/unseal", json=share, headers={"X-Forwarded-Proto": "https"}
+    )
+    assert through.status_code == 200 and through.json()["progress"] == 1
+    assert "max-age" in through.headers["strict-transport-security"]

@@ -303,3 +303,101 @@ def test_enrolment_page_shows_a_qr_code_without_inline_script(
         )
         assert done.status_code == 200 and "is set up" in done.text
         assert client.get("/enrol", params={"code": code}).status_code == 404
+
+
+# -- behind a TLS-terminating proxy ------------------------------------------------------
+
+PROXY = ("127.0.0.1", 41000)  # nginx on this host, relaying to custodes on loopback
+STRANGER = ("198.51.100.4", 41000)
+# What the browser speaks to (the proxy), so that the client returns Secure cookies.
+BROWSER = "https://vault.example"
+
+
+def _login_through(
+    app: FastAPI, vault: Vault, peer: tuple[str, int], headers: dict[str, str]
+) -> tuple[str, str | None, int]:
+    """Log in from `peer` with `headers` on every request, as a browser speaking https to
+    the proxy: the session cookie set, the login page's HSTS header, the login's status."""
+    secret = add_enrolled(vault, "t.officer", Role.OFFICER)
+    with TestClient(app, base_url=BROWSER, client=peer, headers=headers) as client:
+        page = client.get("/login")
+        response = client.post(
+            "/login",
+            data={
+                "username": "t.officer",
+                "password": PASSWORD,
+                "totp": totp_now(vault, secret),
+                "form_token": form_token(page.text),
+            },
+            follow_redirects=False,
+        )
+    cookie = next(
+        (
+            v
+            for k, v in response.headers.multi_items()
+            if k == "set-cookie" and v.startswith((deps.SESSION_COOKIE, deps.TLS_SESSION_COOKIE))
+        ),
+        "",
+    )
+    return cookie, page.headers.get("strict-transport-security"), response.status_code
+
+
+def test_a_trusted_proxys_https_gives_secure_cookies_and_hsts(web_vault: Vault) -> None:
+    app = create_app(web_vault, trusted_proxies=["127.0.0.1"], behind_tls_proxy=True)
+    cookie, hsts, status = _login_through(
+        app, web_vault, PROXY, {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    )
+    assert status == 303
+    assert cookie.startswith("__Host-custodes=") and "Secure" in cookie
+    assert hsts is not None and "max-age" in hsts
+
+
+def test_a_forged_forwarded_proto_from_an_untrusted_peer_changes_nothing(
+    web_vault: Vault,
+) -> None:
+    # Without --behind-tls-proxy, a peer that is not the trusted proxy is answered as
+    # what it is: plain HTTP, whatever it says about itself.
+    app = create_app(web_vault, trusted_proxies=["127.0.0.1"])
+    cookie, hsts, status = _login_through(app, web_vault, STRANGER, {"X-Forwarded-Proto": "https"})
+    assert status == 303
+    assert cookie.startswith(f"{deps.SESSION_COOKIE}=") and "Secure" not in cookie
+    assert hsts is None
+
+
+def test_a_trusted_proxy_saying_http_gets_no_secure_cookie_and_no_hsts(web_vault: Vault) -> None:
+    app = create_app(web_vault, trusted_proxies=["127.0.0.1"])
+    cookie, hsts, _ = _login_through(app, web_vault, PROXY, {"X-Forwarded-Proto": "http"})
+    assert cookie.startswith(f"{deps.SESSION_COOKIE}=") and "Secure" not in cookie and hsts is None
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers"),
+    [
+        (STRANGER, {"X-Forwarded-Proto": "https"}),  # around the proxy, claiming https
+        (PROXY, {"X-Forwarded-Proto": "http"}),  # through the proxy, over plain http
+        (PROXY, {}),  # through something on this host that says nothing
+        (STRANGER, {}),
+    ],
+)
+def test_behind_a_tls_proxy_what_it_did_not_relay_over_https_is_refused(
+    web_vault: Vault, peer: tuple[str, int], headers: dict[str, str]
+) -> None:
+    app = create_app(web_vault, trusted_proxies=["127.0.0.1"], behind_tls_proxy=True)
+    secret = add_enrolled(web_vault, "t.officer", Role.OFFICER)
+    with TestClient(app, base_url=BROWSER, client=peer, headers=headers) as client:
+        page = client.get("/login")
+        login = client.post(
+            "/login",
+            data={
+                "username": "t.officer",
+                "password": PASSWORD,
+                "totp": totp_now(web_vault, secret),
+            },
+            follow_redirects=False,
+        )
+        api = client.get("/api/v1/me")
+    for response in (page, login, api):
+        assert response.status_code == 421
+        assert "through its TLS proxy" in response.text
+        assert "set-cookie" not in response.headers
+        assert "form_token" not in response.text

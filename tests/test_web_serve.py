@@ -126,3 +126,38 @@ def test_serve_refuses_a_trusted_proxy_that_is_not_an_address(
 ) -> None:
     done = run("serve", "--trusted-proxy", "proxy.example", env=vault_env)
     assert done.returncode == 2 and "--trusted-proxy" in done.stderr
+
+
+# -- whether the client spoke https, behind a proxy -------------------------------------
+
+
+def test_only_a_trusted_proxys_forwarded_proto_counts() -> None:
+    from custodes.web.security import forwarded_https, trusted_networks
+
+    proxy = trusted_networks(["127.0.0.1"])
+    assert forwarded_https("127.0.0.1", ["https"], proxy)
+    assert not forwarded_https("127.0.0.1", ["http"], proxy)
+    assert not forwarded_https("127.0.0.1", [], proxy)
+    # A client's own header, passed on by a proxy that appends: the proxy's word is last.
+    assert not forwarded_https("127.0.0.1", ["https, http"], proxy)
+    assert forwarded_https("127.0.0.1", ["http", "HTTPS"], proxy)
+    # Anyone else saying https is the client's own words.
+    assert not forwarded_https("198.51.100.4", ["https"], proxy)
+    assert not forwarded_https("198.51.100.4", ["https"], ())
+    assert not forwarded_https(None, ["https"], proxy)
+
+
+def test_behind_a_tls_proxy_the_proxy_must_be_named() -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        serve.check_proxy_mode((), behind_tls_proxy=True)
+    assert "--trusted-proxy" in str(refused.value)
+    serve.check_proxy_mode(("127.0.0.1",), behind_tls_proxy=True)
+    serve.check_proxy_mode((), behind_tls_proxy=False)
+
+
+def test_serve_behind_a_tls_proxy_without_a_trusted_proxy_is_refused_before_anything(
+    vault_env: dict[str, str],  # noqa: F811 - the fixture
+) -> None:
+    done = run("serve", "--behind-tls-proxy", env=vault_env)
+    assert done.returncode == 2 and "--trusted-proxy" in done.stderr
+    assert done.stdout == ""

@@ -79,6 +79,9 @@ class Deployment:
     schema_path: Path | None = None
     listeners: Callable[[], list[Listener]] | None = None  # default: this host's, from /proc
     probe: TlsProbe | None = None  # default: a real handshake with a short timeout
+    # The server's own proxy settings (serve --trusted-proxy, --behind-tls-proxy).
+    trusted_proxies: tuple[str, ...] = ()
+    behind_tls_proxy: bool = False
     now: float = field(default_factory=time.time)
 
 
@@ -92,6 +95,7 @@ def examine(deployment: Deployment) -> list[Finding]:
         check_database,
         check_replicas,
         check_listeners,
+        check_proxies,
         check_url,
         check_certificate,
         check_accounts,
@@ -534,6 +538,49 @@ def check_listeners(d: Deployment) -> Iterator[Finding]:
                 "answer a TLS handshake from here",
                 "check that this listener is custodes behind TLS, or bind it to 127.0.0.1",
             )
+
+
+def check_proxies(d: Deployment) -> Iterator[Finding]:
+    """A trusted proxy's X-Forwarded-For names the client (logins are throttled by it) and
+    its X-Forwarded-Proto decides Secure cookies and HSTS: whoever holds a trusted address
+    can say both. That is sound for a proxy on this host or the private network, not for
+    an address on the internet."""
+    if d.behind_tls_proxy and not d.trusted_proxies:
+        yield Finding(
+            "network:proxy:unnamed",
+            Severity.HIGH,
+            "the server is meant to be reached through a TLS proxy, but no proxy is trusted",
+            "name the proxy with 'serve --trusted-proxy 127.0.0.1' (its address)",
+        )
+    for entry in d.trusted_proxies:
+        try:
+            network = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            yield Finding(
+                "network:proxy:malformed",
+                Severity.HIGH,
+                f"the trusted proxy {entry!r} is neither an address nor a network",
+                "name the proxy by its address, e.g. 127.0.0.1",
+            )
+            continue
+        if not (network.is_loopback or network.is_private):
+            yield Finding(
+                "network:proxy:public",
+                Severity.HIGH,
+                f"the trusted proxy {network} lies beyond this host and the private network: "
+                "anyone there can name any client address and claim https",
+                "run the TLS proxy on this host (trust 127.0.0.1) or on the private network, "
+                "and trust its address alone",
+            )
+    if d.trusted_proxies and not d.behind_tls_proxy:
+        yield Finding(
+            "network:proxy:plain",
+            Severity.LOW,
+            "requests the trusted proxy relays over plain http are answered, with session "
+            "cookies that are not Secure",
+            "serve with --behind-tls-proxy, so that only what the proxy relays over https "
+            "is answered",
+        )
 
 
 def check_url(d: Deployment) -> Iterator[Finding]:

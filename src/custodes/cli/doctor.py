@@ -37,6 +37,17 @@ _STYLE = {Severity.HIGH: "bold red", Severity.MEDIUM: "yellow", Severity.LOW: "d
     type=click.Path(exists=True, dir_okay=False),
     help="The schema file this deployment expects; compared with the vault's.",
 )
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    help="A proxy the server trusts, as given to 'serve --trusted-proxy' (repeatable).",
+)
+@click.option(
+    "--behind-tls-proxy",
+    is_flag=True,
+    help="The server runs with 'serve --behind-tls-proxy': TLS is the proxy's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
 def doctor(
     vault_dir: str | None,
@@ -45,6 +56,8 @@ def doctor(
     tls_cert: str | None,
     tls_key: str | None,
     schema_path: str | None,
+    trusted_proxies: tuple[str, ...],
+    behind_tls_proxy: bool,
     as_json: bool,
 ) -> None:
     """Check file modes, where the keys are, the database role's grants, listening
@@ -64,6 +77,8 @@ def doctor(
             tls_cert=Path(tls_cert) if tls_cert else None,
             tls_key=Path(tls_key) if tls_key else None,
             schema_path=Path(schema_path) if schema_path else None,
+            trusted_proxies=trusted_proxies,
+            behind_tls_proxy=behind_tls_proxy,
         )
     )
     for finding in findings:

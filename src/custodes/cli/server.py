@@ -59,6 +59,13 @@ from custodes.errors import AccessDenied, ConfigurationError
     "every official shares the proxy's.",
 )
 @click.option(
+    "--behind-tls-proxy",
+    is_flag=True,
+    help="Served only through a TLS-terminating reverse proxy named by --trusted-proxy: "
+    "requests it relays with X-Forwarded-Proto: https get Secure cookies and HSTS; any "
+    "other request is refused (421).",
+)
+@click.option(
     "--witness",
     "witnesses",
     multiple=True,
@@ -105,6 +112,7 @@ def serve(
     tls_self_signed: bool,
     tls_dir: str | None,
     trusted_proxies: tuple[str, ...],
+    behind_tls_proxy: bool,
     witnesses: tuple[str, ...],
     alert_webhook: str | None,
     alert_syslog: str | None,
@@ -123,8 +131,11 @@ def serve(
         trusted_networks(trusted_proxies)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--trusted-proxy") from None
+    try:
+        web.check_proxy_mode(trusted_proxies, behind_tls_proxy)
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
     from custodes.audit.witness import check_witness_url
-    from custodes.errors import ConfigurationError
 
     for url in witnesses:
         try:
@@ -154,6 +165,7 @@ def serve(
         out.print(f"SHA-256 fingerprint: {web.fingerprint(tls.cert.read_bytes())}")
         out.print("  check this fingerprint in the browser before logging in")
     scheme = "https" if tls else "http"
+    proxied = " (reached through its TLS proxy only)" if behind_tls_proxy else ""
     if _serves_sealed(vault_dir, keyring):
         directory = vault_directory(vault_dir)
         recorded = settings.VaultLayout(directory).read()
@@ -185,6 +197,7 @@ def serve(
                 guard_every=guard_every,
                 retention_every=retention_every,
                 ready=ready_sealed,
+                behind_tls_proxy=behind_tls_proxy,
             )
         return
     unlocked = unlock_host_vault(vault_dir, keyring)
@@ -192,7 +205,9 @@ def serve(
 
     def ready() -> None:
         # Only once the port is this server's: a refused second server says nothing else.
-        out.print(f"serving on {scheme}://{host}:{port}/  ({workers} worker process{plural})")
+        out.print(
+            f"serving on {scheme}://{host}:{port}/{proxied}  ({workers} worker process{plural})"
+        )
         for url in witnesses:
             out.print(f"each signed checkpoint goes to the witness at {url}")
 
@@ -209,6 +224,7 @@ def serve(
             guard_every=guard_every,
             retention_every=retention_every,
             ready=ready,
+            behind_tls_proxy=behind_tls_proxy,
         )
 
 

@@ -22,7 +22,13 @@ from custodes.web.templating import STATIC, render
 API_PREFIX = "/api/"
 
 
-def create_app(vault: Vault, *, tls: bool = False, trusted_proxies: Sequence[str] = ()) -> FastAPI:
+def create_app(
+    vault: Vault,
+    *,
+    tls: bool = False,
+    trusted_proxies: Sequence[str] = (),
+    behind_tls_proxy: bool = False,
+) -> FastAPI:
     """The web app around one opened vault. There is no setting that serves anything
     personal without a session: every page and API route asks the vault."""
     # No interactive docs: they load scripts from a CDN, which the CSP forbids anyway.
@@ -39,7 +45,12 @@ def create_app(vault: Vault, *, tls: bool = False, trusted_proxies: Sequence[str
     app.state.vault = vault
     app.state.tls = tls
     app.state.vault_threads = deps.vault_threads()
-    app.add_middleware(SecurityHeaders, tls=tls, trusted_proxies=trusted_networks(trusted_proxies))
+    app.add_middleware(
+        SecurityHeaders,
+        tls=tls,
+        trusted_proxies=trusted_networks(trusted_proxies),
+        behind_tls_proxy=behind_tls_proxy,
+    )
     # The API first: its routes are the busiest, and Starlette tries routes in order.
     app.include_router(api.router)
     app.include_router(pages.router)

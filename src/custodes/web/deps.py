@@ -58,7 +58,12 @@ async def in_vault_thread(request: Request, call: Callable[[], _T]) -> _T:
 
 
 def is_tls(request: Request) -> bool:
-    return bool(getattr(request.app.state, "tls", False))
+    """Whether this request came over HTTPS: TLS here, or a trusted proxy said so (the
+    security middleware's answer); without the middleware, whether the app serves TLS."""
+    https = request.scope.get("state", {}).get("https")
+    if https is None:
+        return bool(getattr(request.app.state, "tls", False))
+    return bool(https)
 
 
 def cookie_name(request: Request) -> str:

@@ -5,6 +5,7 @@ headers on every response. It never authorises; that is the vault's, through `de
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -61,6 +62,22 @@ def real_client(
     return peer
 
 
+def forwarded_https(
+    peer: str | None, forwarded_proto: Sequence[str], trusted: Sequence[Network]
+) -> bool:
+    """Whether a trusted proxy says the client's connection to it was HTTPS.
+
+    X-Forwarded-Proto counts only from a trusted proxy's address, exactly as
+    X-Forwarded-For does: from anyone else it is the client's own words. The last value
+    is the nearest proxy's (a proxy that appends rather than sets puts its own last), so
+    that is the one taken. RFC 7239's Forwarded is not read: one header, set by the
+    proxy, leaves no question of which of two disagreeing headers wins."""
+    if peer is None or not trusted or not _within(peer, trusted):
+        return False
+    values = [value.strip().lower() for header in forwarded_proto for value in header.split(",")]
+    return bool(values) and values[-1] == "https"
+
+
 def _is_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -77,15 +94,38 @@ def _within(address: str, networks: Sequence[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
+NOT_THROUGH_PROXY = (
+    b"this server answers only through its TLS proxy, over https: connect to the "
+    b"address officials are given"
+)
+
+
 class SecurityHeaders:
-    """Pure ASGI middleware, outermost in the app: it sees every response, errors too."""
+    """Pure ASGI middleware, outermost in the app: it sees every response, errors too.
+
+    It also decides whether a request arrived over HTTPS (scope state "https", read by
+    `deps.is_tls`): TLS here, or a trusted proxy saying so in X-Forwarded-Proto. That one
+    answer makes cookies Secure (and __Host-), sends HSTS and makes the request's own URL
+    https. With `behind_tls_proxy` the server is meant to be reached only through a
+    TLS-terminating proxy on this host or network: a request from anyone but a trusted
+    proxy, or one the proxy says came in plain http, is refused (421) before the app sees
+    it. Redirecting instead would first hand a login form, or a session cookie without
+    Secure, to a connection no one protects."""
 
     def __init__(
-        self, app: ASGIApp, *, tls: bool = False, trusted_proxies: Sequence[Network] = ()
+        self,
+        app: ASGIApp,
+        *,
+        tls: bool = False,
+        trusted_proxies: Sequence[Network] = (),
+        behind_tls_proxy: bool = False,
     ) -> None:
+        if behind_tls_proxy and not trusted_proxies:
+            raise ValueError("behind a TLS proxy needs the proxy named as a trusted proxy")
         self.app = app
-        self.headers = (*HEADERS, HSTS) if tls else HEADERS
-        self._names = {name for name, _ in self.headers}
+        self._tls = tls
+        self._behind_proxy = behind_tls_proxy
+        self._names = {name for name, _ in (*HEADERS, HSTS)}
         self._trusted = tuple(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,12 +137,27 @@ class SecurityHeaders:
         # The transport's peer address, or behind a trusted proxy the address it saw: a
         # forwarded header from anyone else is the client's own words. Logins are
         # throttled by this address, so officials behind one proxy must not share one.
+        headers = scope.get("headers", [])
         forwarded = [
-            value.decode("latin-1")
-            for name, value in scope.get("headers", [])
-            if name == b"x-forwarded-for"
+            value.decode("latin-1") for name, value in headers if name == b"x-forwarded-for"
         ]
-        scope.setdefault("state", {})["client"] = real_client(peer, forwarded, self._trusted)
+        protos = [
+            value.decode("latin-1") for name, value in headers if name == b"x-forwarded-proto"
+        ]
+        state = scope.setdefault("state", {})
+        state["client"] = real_client(peer, forwarded, self._trusted)
+        proxied_https = forwarded_https(peer, protos, self._trusted)
+        # Behind the proxy, TLS here too (a proxy on another host re-encrypting) does not
+        # stand in for the proxy: a peer that is not a trusted proxy is refused either way.
+        if self._behind_proxy and not proxied_https:
+            await _refuse_plain(scope, send)
+            return
+        https = self._tls or proxied_https
+        state["https"] = https
+        if https:
+            # Absolute URLs the app builds (request.url, url_for) then say https too.
+            scope["scheme"] = "https"
+        extra = (*HEADERS, HSTS) if https else HEADERS
         started = False
 
         async def send_with_headers(message: Message) -> None:
@@ -110,7 +165,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 started = True
                 kept = [(k, v) for k, v in message.get("headers", []) if k not in self._names]
-                message["headers"] = [*kept, *self.headers]
+                message["headers"] = [*kept, *extra]
             await send(message)
 
         try:
@@ -130,3 +185,23 @@ class SecurityHeaders:
             await send_with_headers(
                 {"type": "http.response.body", "body": b"the server failed; nothing was returned"}
             )
+
+
+async def _refuse_plain(scope: Scope, send: Send) -> None:
+    """421 Misdirected Request: this connection is not one the server answers on. JSON
+    under /api/, shaped as every API refusal is; plain text elsewhere."""
+    if str(scope.get("path", "")).startswith("/api/"):
+        body = json.dumps(
+            {"error": {"code": "not_through_proxy", "message": NOT_THROUGH_PROXY.decode()}}
+        ).encode()
+        kind = b"application/json"
+    else:
+        body, kind = NOT_THROUGH_PROXY, b"text/plain; charset=utf-8"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 421,
+            "headers": [(b"content-type", kind), *HEADERS],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -81,6 +81,16 @@ def check_bind(host: str, tls: TlsFiles | None) -> None:
         )
 
 
+def check_proxy_mode(trusted_proxies: Sequence[str], behind_tls_proxy: bool) -> None:
+    """Behind a TLS proxy, the proxy must be named: only a trusted proxy's word that the
+    client spoke https is taken, and without one no request could be answered."""
+    if behind_tls_proxy and not trusted_proxies:
+        raise ConfigurationError(
+            "--behind-tls-proxy needs the proxy's address in --trusted-proxy (127.0.0.1 "
+            "for a proxy on this host): only requests it relays over https are answered"
+        )
+
+
 def fingerprint(cert_pem: bytes) -> str:
     """The certificate's SHA-256 fingerprint, as browsers show it."""
     digest = x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256())
@@ -141,6 +151,7 @@ def serve(
     guard_every: float = 10.0,
     ready: Callable[[], None] | None = None,
     retention_every: float = 3600.0,
+    behind_tls_proxy: bool = False,
 ) -> None:
     """Serve the dashboard and API until interrupted, from `workers` processes.
 
@@ -161,6 +172,7 @@ def serve(
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigurationError(f"--workers is 1 to {MAX_WORKERS}")
     trusted_networks(trusted_proxies)  # refuse a malformed entry before anything starts
+    check_proxy_mode(trusted_proxies, behind_tls_proxy)
     for url in witnesses:
         check_witness_url(url)
     if tls is not None:
@@ -185,6 +197,7 @@ def serve(
         routes,
         guard_every,
         retention_every,
+        behind_tls_proxy,
     )
     claim = _claim_port(unlocked.directory, host, port, reserve=workers > 1)
     try:
@@ -219,6 +232,7 @@ def serve_sealed(
     guard_every: float = 10.0,
     ready: Callable[[], None] | None = None,
     retention_every: float = 3600.0,
+    behind_tls_proxy: bool = False,
 ) -> None:
     """Serve a vault whose keyring is sealed M-of-N, starting sealed (web.unseal): only
     the seal status and officers' shares are answered until the threshold of shares opens
@@ -235,6 +249,7 @@ def serve_sealed(
             "the officers' shares with --share to unseal before the workers fork)"
         )
     trusted_networks(trusted_proxies)
+    check_proxy_mode(trusted_proxies, behind_tls_proxy)
     for url in witnesses:
         check_witness_url(url)
     if tls is not None:
@@ -250,6 +265,7 @@ def serve_sealed(
         routes,
         guard_every,
         retention_every,
+        behind_tls_proxy,
     )
 
     def open_app(unlocked: UnlockedVault, officers: list[str]) -> tuple[Any, Callable[[], None]]:
@@ -278,7 +294,7 @@ def serve_sealed(
     )
     claim = _claim_port(directory, host, port, reserve=False)
     try:
-        server = _Server(_config(gate, listen), ready)
+        server = _Server(_config(guarded(gate, listen), listen), ready)
         _stop.server = server
         if _stop.asked:
             return
@@ -298,6 +314,7 @@ class _Listen:
     alerts: AlertRoutes = field(default_factory=AlertRoutes)  # where each worker alerts
     guard_every: float = 10.0  # seconds between the anomaly guard's rounds
     retention_every: float = 3600.0  # seconds between the retention rules' passes
+    behind_tls_proxy: bool = False  # answer only what a trusted proxy relays over https
 
 
 def _check_tls(tls: TlsFiles) -> None:
@@ -547,7 +564,26 @@ def _serving_vault(
 def _app_for(vault: Vault, listen: _Listen) -> Any:
     from custodes.web.app import create_app
 
-    return create_app(vault, tls=listen.tls is not None, trusted_proxies=listen.trusted_proxies)
+    return create_app(
+        vault,
+        tls=listen.tls is not None,
+        trusted_proxies=listen.trusted_proxies,
+        behind_tls_proxy=listen.behind_tls_proxy,
+    )
+
+
+def guarded(app: Any, listen: _Listen) -> Any:
+    """An app that answers before the vault's own (a sealed server's gate), behind the
+    same security middleware: headers, the client's address, and behind a TLS proxy no
+    officer's share taken over a connection the proxy did not relay over https."""
+    from custodes.web.security import SecurityHeaders
+
+    return SecurityHeaders(
+        app,
+        tls=listen.tls is not None,
+        trusted_proxies=trusted_networks(listen.trusted_proxies),
+        behind_tls_proxy=listen.behind_tls_proxy,
+    )
 
 
 class _Server(uvicorn.Server):
