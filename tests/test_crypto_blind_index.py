@@ -200,6 +200,12 @@ def test_table_base32_equals_the_standard_library(data: bytes) -> None:
     assert base32_lower(data) == base64.b32encode(data).decode("ascii").lower()
 
 
+@settings(max_examples=300)
+@given(data=st.binary(min_size=15, max_size=15))
+def test_table_base32_of_a_record_ids_bytes_equals_the_standard_library(data: bytes) -> None:
+    assert base32_lower(data) == base64.b32encode(data).decode("ascii").lower()
+
+
 @given(data=st.binary(min_size=1, max_size=64).filter(lambda b: len(b) % 5))
 def test_table_base32_refuses_what_would_need_padding(data: bytes) -> None:
     with pytest.raises(ValueError, match="multiple of 5"):

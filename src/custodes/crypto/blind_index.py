@@ -22,6 +22,7 @@ DEFAULT_POPULATION = 10**9
 INDEX_INFO_PREFIX = b"custodes/blind-index/v1/"
 RECORD_ID_INFO = b"custodes/record-id/v1"
 _SHA256_BLOCK = 64
+_TYPE_HEADS_LIMIT = 256  # record types come from the schema; the bound guards the rest
 RECORD_ID_BYTES = 15  # 120 bits: collisions are negligible even at 10**10 records
 
 
@@ -63,20 +64,39 @@ def _encode_parts(parts: Sequence[str]) -> bytes:
 # of an ingest goes through this, one to a dozen per record.
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 _BASE32_PAIRS = tuple(a + b for a in _BASE32 for b in _BASE32)
-_RECORD_ID_SHIFTS = tuple(range(RECORD_ID_BYTES * 8 - 10, -1, -10))
 
 
 def base32_lower(data: bytes) -> str:
     """`base64.b32encode(data).decode().lower()` for data of a multiple of 5 bytes (no
     padding then), by table."""
+    if len(data) == RECORD_ID_BYTES:
+        return _base32_120(int.from_bytes(data, "big"))
     if len(data) % 5:
         raise ValueError("base32 without padding needs a multiple of 5 bytes")
-    shifts = (
-        _RECORD_ID_SHIFTS if len(data) == RECORD_ID_BYTES else range(len(data) * 8 - 10, -1, -10)
-    )
     number = int.from_bytes(data, "big")
     pairs = _BASE32_PAIRS
-    return "".join([pairs[number >> shift & 0x3FF] for shift in shifts])
+    return "".join([pairs[number >> shift & 0x3FF] for shift in range(len(data) * 8 - 10, -1, -10)])
+
+
+def _base32_120(n: int) -> str:
+    # A record id's 120 bits written out, twelve lookups: half the time of the loop.
+    p = _BASE32_PAIRS
+    return "".join(
+        [
+            p[n >> 110],
+            p[n >> 100 & 0x3FF],
+            p[n >> 90 & 0x3FF],
+            p[n >> 80 & 0x3FF],
+            p[n >> 70 & 0x3FF],
+            p[n >> 60 & 0x3FF],
+            p[n >> 50 & 0x3FF],
+            p[n >> 40 & 0x3FF],
+            p[n >> 30 & 0x3FF],
+            p[n >> 20 & 0x3FF],
+            p[n >> 10 & 0x3FF],
+            p[n & 0x3FF],
+        ]
+    )
 
 
 class _HmacSha256:
@@ -146,6 +166,7 @@ class BlindIndexer:
         "_index_keys",
         "_record_id_mac",
         "_roots",
+        "_type_heads",
         "_vault_id",
         "_versions",
     )
@@ -170,6 +191,8 @@ class BlindIndexer:
         self._index_keys: dict[tuple[int, int], tuple[_HmacSha256, int]] = {}
         # Record ids are keyed by the index root itself, which never rotates: they name
         # records on the access log for good.
+        # Each record type's encoded part, the first of every id's message.
+        self._type_heads: dict[str, bytes] = {}
         self._record_id_mac = _HmacSha256(
             _derive(material.index_root, self._vault_id, RECORD_ID_INFO)
         )
@@ -242,7 +265,13 @@ class BlindIndexer:
 
     def record_id(self, record_type: str, source_key: Sequence[str]) -> str:
         """A deterministic, keyed id for a source record: 24 lower-case base32 characters."""
-        message = _encode_parts((record_type, *source_key))
+        # The parts' encodings concatenated are the encoding of all the parts.
+        head = self._type_heads.get(record_type)
+        if head is None:
+            head = _encode_parts((record_type,))
+            if len(self._type_heads) < _TYPE_HEADS_LIMIT:
+                self._type_heads[record_type] = head
+        message = head + _encode_parts(source_key)
         return base32_lower(self._record_id_mac.digest(message)[:RECORD_ID_BYTES])
 
     def _index_key(self, index_id: int, version: int) -> tuple[_HmacSha256, int]:
