@@ -191,7 +191,15 @@ class RecordSealer:
         nonces = self._random(NONCE_BYTES * 2)
         if len(data_key) != DATA_KEY_BYTES or len(nonces) != NONCE_BYTES * 2:
             raise ValueError("the random source returned the wrong number of bytes")
-        wrapped_key = self._wrap(rid, self._kek_version, data_key, nonces[:NONCE_BYTES])
+        # What _wrap does, with the record id's length-prefixed form made once for both
+        # associated data.
+        lp_rid = _U32(len(rid)) + rid
+        wrap_nonce = nonces[:NONCE_BYTES]
+        kek_version = self._kek_version
+        wrap_aad = self._wrap_prefix + lp_rid + kek_version.to_bytes(4, "big")
+        wrapped_key = (
+            _WRAP_HEAD + wrap_nonce + self._keks.wrap(kek_version, wrap_nonce, data_key, wrap_aad)
+        )
 
         heads = self._name_heads
         parts = [count.to_bytes(2, "big")]
@@ -212,9 +220,9 @@ class RecordSealer:
             type_prefix = self._record_prefix + _lp(record_type.encode("utf-8"))
             if len(self._type_prefixes) < _NAME_CACHE_LIMIT:
                 self._type_prefixes[record_type] = type_prefix
-        aad = type_prefix + _U32(len(rid)) + rid + head[1:]
+        aad = type_prefix + lp_rid + head[1:]
         sealed = AESGCM(data_key).encrypt(nonce, body, aad)
-        return self._kek_version, wrapped_key, head + nonce + sealed
+        return kek_version, wrapped_key, head + nonce + sealed
 
     def _remember_name(self, name: str) -> bytes:
         """The body bytes before a field's value length: its name, length-prefixed."""
