@@ -15,7 +15,7 @@ from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
 from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.errors import ConfigurationError, TamperDetected
 from custodes.records import CanonicalRecord, index_inputs
-from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
+from custodes.schema import REFERENCE_KINDS, FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import SealedRecord, StoredRecord
 
 Values = dict[str, object]
@@ -49,11 +49,14 @@ class RecordCodec:
         self._token_bits = dict(token_bits)
         self._sealer = RecordSealer(material)
         self._indexer = BlindIndexer(material, token_bits)
-        # Per type: (field name, kind, referenced type) and (index, multi-valued) pairs,
-        # looked up once.
+        # Per type: (field name, kind, referenced type, None for a kind that refers to no
+        # record) and (index, multi-valued) pairs, looked up once.
         self._plan = {
             rt.name: (
-                [(f.name, f.kind, f.ref) for f in rt.fields.values()],
+                [
+                    (f.name, f.kind, f.ref if f.kind in REFERENCE_KINDS else None)
+                    for f in rt.fields.values()
+                ],
                 [
                     (
                         ix,
@@ -160,19 +163,17 @@ class RecordCodec:
             value = values.get(name)
             if value is None:
                 continue
-            if kind == "person_ref":
-                assert ref is not None
+            if ref is None:
+                # Canonical values are str already; str() only for a caller's other types.
+                encoded[name] = (value if isinstance(value, str) else str(value)).encode()
+            elif kind == "person_ref":
                 encoded[name] = record_id_of(ref, (str(value),)).encode()
-            elif kind == "person_links":
-                assert ref is not None
+            else:  # person_links, the other kind that refers to records
                 links = [
                     (record_id_of(ref, (nid,)), role)
                     for nid, role in value  # type: ignore[attr-defined]
                 ]
                 encoded[name] = orjson.dumps(links)
-            else:
-                # Canonical values are str already; str() only for a caller's other types.
-                encoded[name] = (value if isinstance(value, str) else str(value)).encode()
         tokens = self._current_tokens(rtype, record_id, values)
         kek_version, wrapped, payload = self._sealer.seal(rtype, record_id, encoded)
         return SealedRecord(record_id, self._tags[rtype], payload, kek_version, wrapped, tokens)
