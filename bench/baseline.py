@@ -32,13 +32,18 @@ class PlaintextBatches:
     def __iter__(self) -> Iterator[tuple[list[PlainRow], list[IndexRow]]]:
         import orjson
 
-        from custodes.records import RecordValidator, index_parts
+        from custodes.records import RecordValidator, index_inputs
         from custodes.schema import load_schema
 
         schema = load_schema()
         validator = RecordValidator(schema)
+        # The index inputs compiled once per index, as custodes's codec does.
         plan = {
-            rt.name: (rt, list(rt.indexes.values()), rt.source_key) for rt in schema.types.values()
+            rt.name: (
+                [(ix.index_id, index_inputs(rt, ix)) for ix in rt.indexes.values()],
+                rt.source_key,
+            )
+            for rt in schema.types.values()
         }
         rows: dict[str, PlainRow] = {}
         idx_rows: set[IndexRow] = set()
@@ -50,12 +55,12 @@ class PlaintextBatches:
                 except Exception:
                     self.rejected += 1
                     continue
-                rt, indexes, source_key = plan[record.record_type]
+                indexes, source_key = plan[record.record_type]
                 rid = record.record_type + ":" + "|".join(str(record.values[k]) for k in source_key)
                 rows.setdefault(rid, (rid, record.record_type, orjson.dumps(record.values)))
-                for ix in indexes:
-                    for parts in index_parts(rt, ix, record.values):
-                        idx_rows.add((ix.index_id, "\x1f".join(parts), rid))
+                for index_id, inputs in indexes:
+                    for parts in inputs(record.values):
+                        idx_rows.add((index_id, "\x1f".join(parts), rid))
                 if len(rows) >= 2000:
                     yield list(rows.values()), sorted(idx_rows)
                     rows, idx_rows = {}, set()

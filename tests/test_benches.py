@@ -122,6 +122,8 @@ def test_the_ingest_bench_measures_custodes_beside_its_baseline_and_leaves_nothi
     )
     assert re.search(rf"{backend} plaintext baseline : +[\d,]+ records/s", output), output
     assert re.search(rf"{backend} custodes, 1 worker\(s\): +[\d,]+ records/s", output), output
+    stages = r"per record: parse [\d.]+ \+ validate [\d.]+ \+ seal [\d.]+ = [\d.]+ µs CPU"
+    assert re.search(stages + r".*; write [\d.]+ µs wall", output), output
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

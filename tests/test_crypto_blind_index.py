@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from custodes.crypto import BlindIndexer, KeyMaterial, plan_token_bits
-from custodes.crypto.blind_index import _HmacSha256
+from custodes.crypto.blind_index import _HmacSha256, base32_lower
 from custodes.errors import ConfigurationError
 
 VAULT = bytes(range(16))
@@ -160,6 +160,16 @@ def test_precomputed_hmac_equals_the_standard_library(key: bytes, message: bytes
     assert _HmacSha256(key).digest(message) == hmac.digest(key, message, "sha256")
 
 
+@settings(max_examples=200)
+@given(parts=parts_lists, version=st.sampled_from([None, 1]))
+def test_an_index_tokenizer_gives_the_tokens_of_token(
+    parts: list[str], version: int | None
+) -> None:
+    indexer = BlindIndexer(MATERIAL, PLAN)
+    for index_id in PLAN:
+        assert indexer.tokenizer(index_id, version)(parts) == indexer.token(index_id, parts)
+
+
 def test_repr_of_indexer_shows_no_key(indexer: BlindIndexer) -> None:
     assert ROOT.hex() not in repr(indexer)
 
@@ -182,6 +192,24 @@ def test_record_id_known_answer_matches_the_documented_derivation(
     expected = base64.b32encode(hmac.digest(key, message, "sha256")[:15]).decode().lower()
     assert indexer.record_id("person", [NATIONAL_ID]) == expected
     assert expected == "y5n2gcd3y6xh65su4iiric72"  # pinned
+
+
+@settings(max_examples=300)
+@given(data=st.integers(0, 12).flatmap(lambda n: st.binary(min_size=5 * n, max_size=5 * n)))
+def test_table_base32_equals_the_standard_library(data: bytes) -> None:
+    assert base32_lower(data) == base64.b32encode(data).decode("ascii").lower()
+
+
+@settings(max_examples=300)
+@given(data=st.binary(min_size=15, max_size=15))
+def test_table_base32_of_a_record_ids_bytes_equals_the_standard_library(data: bytes) -> None:
+    assert base32_lower(data) == base64.b32encode(data).decode("ascii").lower()
+
+
+@given(data=st.binary(min_size=1, max_size=64).filter(lambda b: len(b) % 5))
+def test_table_base32_refuses_what_would_need_padding(data: bytes) -> None:
+    with pytest.raises(ValueError, match="multiple of 5"):
+        base32_lower(data)
 
 
 @given(key=st.lists(st.text(max_size=20), min_size=1, max_size=3))

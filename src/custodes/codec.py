@@ -14,8 +14,8 @@ import orjson
 from custodes.crypto import BlindIndexer, KeyMaterial, RecordSealer
 from custodes.crypto.blind_index import stored_index_id, token_version_of
 from custodes.errors import ConfigurationError, TamperDetected
-from custodes.records import CanonicalRecord, index_parts
-from custodes.schema import FieldSpec, IndexSpec, RecordType, Schema
+from custodes.records import CanonicalRecord, index_inputs
+from custodes.schema import REFERENCE_KINDS, FieldSpec, IndexSpec, RecordType, Schema
 from custodes.storage.base import SealedRecord, StoredRecord
 
 Values = dict[str, object]
@@ -49,11 +49,14 @@ class RecordCodec:
         self._token_bits = dict(token_bits)
         self._sealer = RecordSealer(material)
         self._indexer = BlindIndexer(material, token_bits)
-        # Per type: (field name, kind, referenced type) and (index, multi-valued) pairs,
-        # looked up once.
+        # Per type: (field name, kind, referenced type, None for a kind that refers to no
+        # record) and (index, multi-valued) pairs, looked up once.
         self._plan = {
             rt.name: (
-                [(f.name, f.kind, f.ref) for f in rt.fields.values()],
+                [
+                    (f.name, f.kind, f.ref if f.kind in REFERENCE_KINDS else None)
+                    for f in rt.fields.values()
+                ],
                 [
                     (
                         ix,
@@ -65,6 +68,12 @@ class RecordCodec:
             )
             for rt in schema.types.values()
         }
+        self._inputs = {
+            ix.index_id: index_inputs(rt, ix)
+            for rt in schema.types.values()
+            for ix in rt.indexes.values()
+        }
+        self._compile_tokens()
         # Storage holds a keyed tag in place of each type's name; this maps it back.
         self._tags = {name: self._sealer.type_tag(name) for name in schema.types}
         self._types_by_tag = {tag: schema.types[name] for name, tag in self._tags.items()}
@@ -81,7 +90,26 @@ class RecordCodec:
         sealer = RecordSealer(material)
         indexer = BlindIndexer(material, self._token_bits)
         old, self._sealer, self._indexer = self._sealer, sealer, indexer
+        self._compile_tokens()
         old.close()
+
+    def _compile_tokens(self) -> None:
+        """Per type, what `tokens_of` does under the current index key version, each index's
+        token function fetched once: (stored index id, multi-valued, inputs, tokenize)."""
+        indexer = self._indexer
+        version = indexer.version
+        self._token_plan = {
+            name: [
+                (
+                    stored_index_id(index.index_id, version),
+                    multi,
+                    self._inputs[index.index_id],
+                    indexer.tokenizer(index.index_id, version),
+                )
+                for index, multi in plan[1]
+            ]
+            for name, plan in self._plan.items()
+        }
 
     def current_enough(self, records: Sequence[SealedRecord]) -> bool:
         """Whether records sealed elsewhere (by ingest workers, with the key material they
@@ -89,10 +117,10 @@ class RecordCodec:
         tokens of a live index key version. A rotation destroys the rest."""
         keks = self._sealer.kek_versions
         versions = set(self._indexer.versions)
-        return all(
-            r.kek_version in keks and all(token_version_of(i) in versions for i, _ in r.tokens)
-            for r in records
-        )
+        # The distinct versions and index ids of the whole batch, each checked once.
+        used_keks = {r.kek_version for r in records}
+        stored_ids = {i for r in records for i, _ in r.tokens}
+        return used_keks <= keks and all(token_version_of(i) in versions for i in stored_ids)
 
     @property
     def key_versions(self) -> tuple[int, int, int]:
@@ -129,26 +157,42 @@ class RecordCodec:
         fields, _ = self._plan[rtype]
         values = record.values
         record_id = self.id_of(record)
+        record_id_of = self._indexer.record_id
         encoded: dict[str, bytes] = {}
         for name, kind, ref in fields:
             value = values.get(name)
             if value is None:
                 continue
-            if kind == "person_ref":
-                assert ref is not None
-                encoded[name] = self._indexer.record_id(ref, (str(value),)).encode()
-            elif kind == "person_links":
-                assert ref is not None
+            if ref is None:
+                # Canonical values are str already; str() only for a caller's other types.
+                encoded[name] = (value if isinstance(value, str) else str(value)).encode()
+            elif kind == "person_ref":
+                encoded[name] = record_id_of(ref, (str(value),)).encode()
+            else:  # person_links, the other kind that refers to records
                 links = [
-                    (self._indexer.record_id(ref, (nid,)), role)
+                    (record_id_of(ref, (nid,)), role)
                     for nid, role in value  # type: ignore[attr-defined]
                 ]
                 encoded[name] = orjson.dumps(links)
-            else:
-                encoded[name] = str(value).encode()
-        tokens = self.tokens_of(rtype, record_id, values)
+        tokens = self._current_tokens(rtype, record_id, values)
         kek_version, wrapped, payload = self._sealer.seal(rtype, record_id, encoded)
         return SealedRecord(record_id, self._tags[rtype], payload, kek_version, wrapped, tokens)
+
+    def _current_tokens(
+        self, record_type: str, record_id: str, values: Mapping[str, object]
+    ) -> tuple[tuple[int, int], ...]:
+        """`tokens_of` under the current version, by the compiled plan."""
+        tokens: list[tuple[int, int]] = []
+        append = tokens.append
+        for stored_id, multi, inputs, tokenize in self._token_plan[record_type]:
+            real = inputs(values)
+            for parts in real:
+                append((stored_id, tokenize(parts)))
+            count = len(real)
+            slots = token_slots(count, multi) if multi else 1
+            for slot in range(count, slots):
+                append((stored_id, tokenize((_DECOY, record_id, str(slot)))))
+        return tuple(tokens)
 
     def tokens_of(
         self,
@@ -162,15 +206,15 @@ class RecordCodec:
         decoys. A check that re-derives stored tokens must count the decoys too, or it
         will take them for planted rows.
         """
-        rt = self.schema.types[record_type]
         indexer = self._indexer
-        version = indexer.version if version is None else version
+        if version is None or version == indexer.version:
+            return self._current_tokens(record_type, record_id, values)
         token = indexer.token
         tokens: list[tuple[int, int]] = []
         for index, multi in self._plan[record_type][1]:
             index_id = index.index_id
             stored_id = stored_index_id(index_id, version)
-            real = index_parts(rt, index, values)
+            real = self._inputs[index_id](values)
             for parts in real:
                 tokens.append((stored_id, token(index_id, parts, version)))
             for slot in range(len(real), token_slots(len(real), multi)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import struct
 from collections.abc import Callable, Collection, Mapping
 
 from cryptography.exceptions import InvalidTag
@@ -83,6 +84,7 @@ WRAP_LABEL = b"custodes/data-key/v1"
 TYPE_TAG_INFO = b"custodes/record-type/v1"
 
 _WRAP_HEAD = bytes((WRAP_FORMAT,))
+_U32 = struct.Struct(">I").pack
 _NAME_CACHE_LIMIT = 4096
 
 
@@ -114,6 +116,7 @@ class RecordSealer:
         "_random",
         "_record_prefix",
         "_type_key",
+        "_type_prefixes",
         "_wrap_prefix",
     )
 
@@ -140,6 +143,8 @@ class RecordSealer:
         self._record_prefix = _lp(RECORD_LABEL) + _lp(material.vault_id)
         self._wrap_prefix = _lp(WRAP_LABEL) + _lp(material.vault_id)
         self._name_heads: dict[str, bytes] = {}
+        # AAD up to the record id, per record type (the schema's few).
+        self._type_prefixes: dict[str, bytes] = {}
         # From the index root, not a KEK: a tag must survive KEK rotation, as record ids do.
         self._type_key = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=material.vault_id, info=TYPE_TAG_INFO
@@ -186,26 +191,38 @@ class RecordSealer:
         nonces = self._random(NONCE_BYTES * 2)
         if len(data_key) != DATA_KEY_BYTES or len(nonces) != NONCE_BYTES * 2:
             raise ValueError("the random source returned the wrong number of bytes")
-        wrapped_key = self._wrap(rid, self._kek_version, data_key, nonces[:NONCE_BYTES])
+        # What _wrap does, with the record id's length-prefixed form made once for both
+        # associated data.
+        lp_rid = _U32(len(rid)) + rid
+        wrap_nonce = nonces[:NONCE_BYTES]
+        kek_version = self._kek_version
+        wrap_aad = self._wrap_prefix + lp_rid + kek_version.to_bytes(4, "big")
+        wrapped_key = (
+            _WRAP_HEAD + wrap_nonce + self._keks.wrap(kek_version, wrap_nonce, data_key, wrap_aad)
+        )
 
         heads = self._name_heads
         parts = [count.to_bytes(2, "big")]
+        extend = parts.extend
         for name, value in fields.items():
             head = heads.get(name)
             if head is None:
                 head = self._remember_name(name)
             if len(value) > MAX_VALUE_BYTES:
                 raise ValueError("a field value is too long to seal")
-            parts.append(head)
-            parts.append(len(value).to_bytes(4, "big"))
-            parts.append(value)
+            extend((head, _U32(len(value)), value))
         body = b"".join(parts)
-        body += bytes(bucket(len(body)) - len(body))
+        body = body.ljust(bucket(len(body)), b"\0")
         nonce = nonces[NONCE_BYTES:]
         head = self._head
-        aad = self._record_prefix + _lp(record_type.encode("utf-8")) + _lp(rid) + head[1:]
+        type_prefix = self._type_prefixes.get(record_type)
+        if type_prefix is None:
+            type_prefix = self._record_prefix + _lp(record_type.encode("utf-8"))
+            if len(self._type_prefixes) < _NAME_CACHE_LIMIT:
+                self._type_prefixes[record_type] = type_prefix
+        aad = type_prefix + lp_rid + head[1:]
         sealed = AESGCM(data_key).encrypt(nonce, body, aad)
-        return self._kek_version, wrapped_key, head + nonce + sealed
+        return kek_version, wrapped_key, head + nonce + sealed
 
     def _remember_name(self, name: str) -> bytes:
         """The body bytes before a field's value length: its name, length-prefixed."""

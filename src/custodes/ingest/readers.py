@@ -82,14 +82,16 @@ def read_jsonl(stream: BinaryIO) -> Iterator[tuple[int, Item]]:
 def parse_json_line(raw: bytes, line_no: int) -> dict[str, object]:
     """Parse one JSON Lines record; InvalidRecord that never quotes the input."""
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRecord(
-            f"not valid UTF-8 (byte {exc.start + 1} of the line)", line=line_no
-        ) from None
-    try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        # orjson refuses bytes that are not UTF-8 too; decoding them (only then, as
+        # valid lines need no second pass) says where.
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidRecord(
+                f"not valid UTF-8 (byte {bad.start + 1} of the line)", line=line_no
+            ) from None
         raise InvalidRecord(f"malformed JSON at column {exc.colno}", line=line_no) from None
     if not isinstance(doc, dict):
         raise InvalidRecord("a record must be a JSON object", line=line_no)

@@ -37,6 +37,11 @@ def birth_date_of(number: str) -> dt.date:
     return dt.date(int(number[6:10]), int(number[10:12]), int(number[12:14]))
 
 
+def birth_date_text(number: str) -> str:
+    """The birth date of a valid 18-character number, written YYYY-MM-DD."""
+    return f"{number[6:10]}-{number[10:12]}-{number[12:14]}"
+
+
 def sex_of(number: str) -> str:
     """'male' or 'female', from the parity of the sequence code."""
     return "male" if int(number[16]) % 2 else "female"

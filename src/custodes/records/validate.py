@@ -6,7 +6,6 @@ refusal names the line and field, never the value.
 
 from __future__ import annotations
 
-import datetime as dt
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -232,10 +231,12 @@ def _check_birth_date(values: Mapping[str, object], fields: tuple[str, str], lin
     id_field, birth_field = fields
     number = values.get(id_field)
     born = values.get(birth_field)
+    # Both are canonical by now (a valid number, a date written YYYY-MM-DD), so the
+    # digits compare as the dates would, without building either date.
     if (
         isinstance(number, str)
         and isinstance(born, str)
-        and idnumber.birth_date_of(number) != dt.date.fromisoformat(born)
+        and idnumber.birth_date_text(number) != born
     ):
         raise InvalidRecord(
             f"{birth_field} does not match the date encoded in {id_field}",
@@ -256,12 +257,64 @@ def canonical_query(field: FieldSpec, raw: str) -> str:
         raise InvalidQuery(f"field {field.name!r}: {_reason(exc)}") from None
 
 
-def _transform(field: FieldSpec, transform: str, canonical: str) -> str:
+def _transformer(field: FieldSpec, transform: str) -> Callable[[str], str] | None:
+    """What an index component does to a canonical value before it is tokenised (None:
+    nothing); the one rule for ingest and search alike."""
     if transform == "pinyin":
-        return name_pinyin(canonical)
+        return name_pinyin
     if field.kind == "name":
-        return name_key(canonical)
-    return canonical
+        return name_key
+    return None
+
+
+def _transform(field: FieldSpec, transform: str, canonical: str) -> str:
+    step = _transformer(field, transform)
+    return canonical if step is None else step(canonical)
+
+
+IndexInputs = Callable[[Mapping[str, object]], list[tuple[str, ...]]]
+
+
+def index_inputs(record_type: RecordType, index: IndexSpec) -> IndexInputs:
+    """`index_parts` for one index, with the schema looked up once: ingest calls it for
+    every record."""
+    if index.record_type != record_type.name:
+        raise ValueError(f"index {index.qualified_name!r} is not on type {record_type.name!r}")
+    components = index.components
+    if len(components) == 1:
+        field = record_type.fields[components[0].field]
+        name = field.name
+        if field.kind == "person_links":
+
+            def linked(values: Mapping[str, object]) -> list[tuple[str, ...]]:
+                links = cast(Links | None, values.get(name))
+                if links is None:
+                    return []
+                # One token per person, whatever roles they hold in the record.
+                return [(number,) for number in dict.fromkeys(number for number, _ in links)]
+
+            return linked
+        step = _transformer(field, components[0].transform)
+
+        def single(values: Mapping[str, object]) -> list[tuple[str, ...]]:
+            value = cast(str | None, values.get(name))
+            if value is None:
+                return []
+            return [(value,) if step is None else (step(value),)]
+
+        return single
+    steps = [(c.field, _transformer(record_type.fields[c.field], c.transform)) for c in components]
+
+    def joined(values: Mapping[str, object]) -> list[tuple[str, ...]]:
+        parts = []
+        for name, step in steps:
+            value = cast(str | None, values.get(name))
+            if value is None:
+                return []
+            parts.append(value if step is None else step(value))
+        return [tuple(parts)]
+
+    return joined
 
 
 def index_parts(
@@ -272,27 +325,7 @@ def index_parts(
     `[]` when the record lacks a component; one tuple per linked person for a
     multi-valued field.
     """
-    if index.record_type != record_type.name:
-        raise ValueError(f"index {index.qualified_name!r} is not on type {record_type.name!r}")
-    components = index.components
-    if len(components) == 1:
-        field = record_type.fields[components[0].field]
-        value = values.get(field.name)
-        if value is None:
-            return []
-        if field.kind == "person_links":
-            # One token per person, whatever roles they hold in the record.
-            links = cast(Links, value)
-            return [(number,) for number in dict.fromkeys(number for number, _ in links)]
-        return [(_transform(field, components[0].transform, cast(str, value)),)]
-    parts = []
-    for component in components:
-        value = values.get(component.field)
-        if value is None:
-            return []
-        field = record_type.fields[component.field]
-        parts.append(_transform(field, component.transform, cast(str, value)))
-    return [tuple(parts)]
+    return index_inputs(record_type, index)(values)
 
 
 def query_parts(

@@ -381,7 +381,7 @@ _Row = tuple[int, str, str, bytes]
 _KeyRow = tuple[int, int, bytes]
 _TokenRow = tuple[int, int, int, int]
 # A validated record awaiting its seq: type, payload, KEK version, wrapped key, tokens.
-_Prepared = tuple[str, bytes, int, bytes, list[tuple[int, int]]]
+_Prepared = tuple[str, bytes, int, bytes, frozenset[tuple[int, int]]]
 
 
 class SQLiteStorage:
@@ -482,7 +482,7 @@ class SQLiteStorage:
                 rows.append((seq, rid, record_type, payload))
                 keys.append((seq, kek_version, wrapped))
                 generation = seq >> _GENERATION_BITS
-                tokens.extend((generation, index_id, token, seq) for index_id, token in pairs)
+                tokens.extend([(generation, index_id, token, seq) for index_id, token in pairs])
             tokens.sort()
             conn.executemany(
                 "INSERT INTO records(seq, record_id, record_type, payload) VALUES (?, ?, ?, ?)",
@@ -1648,7 +1648,7 @@ def _prepare_batch(records: Sequence[SealedRecord]) -> dict[str, _Prepared]:
                 stored.payload,
                 stored.kek_version,
                 stored.wrapped_key,
-                sorted(pairs),
+                pairs,  # in any order: the batch's tokens are sorted together
             )
     return prepared
 
