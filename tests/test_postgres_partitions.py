@@ -30,6 +30,7 @@ from tests.postgres import (  # noqa: F401 - fixtures, asked for by name
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
+from tests.test_cli_client import run
 
 pytestmark = pytest.mark.postgres
 
@@ -253,3 +254,38 @@ def test_doctor_says_nothing_of_partitions_for_a_vault_made_now(tmp_path: Path, 
     ).close()
     checks = {f.check for f in examine(Deployment(tmp_path / "vault", listeners=list))}
     assert "database:unpartitioned" not in checks
+
+
+def test_a_vault_is_made_with_the_partition_count_it_is_given(tmp_path: Path, dsn: str) -> None:
+    create_vault(
+        tmp_path / "vault",
+        passphrase=PASSPHRASE,
+        keyring_path=tmp_path / "keys" / "vault.keyring",
+        log_key_path=tmp_path / "keys" / "log.key",
+        kdf=FAST_KDF,
+        hash_cost=FAST_HASH,
+        database=dsn,
+        partitions=4,
+    ).close()
+    assert partitions_of(dsn) == {"records": 4, "data_keys": 4, "tokens": 4}
+
+
+def test_partitions_without_a_database_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="PostgreSQL"):
+        create_vault(
+            tmp_path / "vault",
+            passphrase=PASSPHRASE,
+            keyring_path=tmp_path / "keys" / "vault.keyring",
+            log_key_path=tmp_path / "keys" / "log.key",
+            kdf=FAST_KDF,
+            hash_cost=FAST_HASH,
+            partitions=4,
+        )
+    done = run(
+        "init",
+        str(tmp_path / "other"),
+        "--partitions",
+        "4",
+        env={"CUSTODES_KEYRING_PASSPHRASE": PASSPHRASE},
+    )
+    assert done.returncode == 2 and "--partitions goes with --database" in done.stderr

@@ -115,6 +115,7 @@ def create_vault(
     app_role: str | None = None,
     pkcs11_module: str | None = None,
     pkcs11_token: str | None = None,
+    partitions: int | None = None,
 ) -> Vault:
     """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
     comes with its host operator: whoever creates it holds the passphrase. With
@@ -189,7 +190,7 @@ def create_vault(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
     )
     layout = VaultLayout(directory)
-    storage = _storage_at(directory, database)
+    storage = _storage_at(directory, database, partitions=partitions)
     try:
         if storage.get_meta("vault_id") is not None:
             raise ConfigurationError("that database already holds a custodes vault")
@@ -637,6 +638,7 @@ def _storage_at(
     least_privilege: bool = False,
     app_role: str | None = None,
     migrate: bool = True,
+    partitions: int | None = None,
 ) -> Storage:
     """The vault's storage: its PostgreSQL database when it has one, else the SQLite file
     in its directory. The one place a backend is chosen; each process opens its own.
@@ -650,10 +652,19 @@ def _storage_at(
     is neither owner nor least-privileged is refused by the application's open. An owner's
     open that migrates a vault with a recorded app_role grants that role again in the same
     step, so that a new table is never left out of the server's grants; with migrate
-    False (key-less checks) a schema behind this software is refused, never migrated."""
+    False (key-less checks) a schema behind this software is refused, never migrated.
+    `partitions` is how many partitions a new schema's big tables get (PostgreSQL's
+    default when None); a schema made already keeps its own."""
     if database is None:
+        if partitions is not None:
+            raise ConfigurationError("partitions are PostgreSQL's: give --database as well")
         return SQLiteStorage(VaultLayout(directory).database)
-    from custodes.storage.postgres import SCHEMA_VERSION, PostgresStorage, role_standing
+    from custodes.storage.postgres import (
+        DEFAULT_PARTITIONS,
+        SCHEMA_VERSION,
+        PostgresStorage,
+        role_standing,
+    )
 
     if least_privilege:
         return PostgresStorage(database, privileges="app")
@@ -670,7 +681,9 @@ def _storage_at(
             )
         if app_role is not None and standing.version > 0:
             _grant(database, app_role)
-    return PostgresStorage(database, privileges="owner")
+    return PostgresStorage(
+        database, privileges="owner", partitions=partitions or DEFAULT_PARTITIONS
+    )
 
 
 def _unlocked_storage(unlocked: UnlockedVault) -> Storage:

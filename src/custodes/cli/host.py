@@ -79,6 +79,12 @@ if TYPE_CHECKING:
     "drop history) and record the URL with NAME as its user, never the owner's.",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(min=1, max=1024),
+    help="With --database: how many hash partitions the records, data keys and tokens "
+    "get (default 16; 256 for a population of 10^9). Fixed once the schema is made.",
+)
+@click.option(
     "--shares",
     type=click.IntRange(min=2, max=255),
     help="Seal the keyring under a random key split among N officers (M-of-N unseal) "
@@ -126,6 +132,7 @@ def init(
     population: int,
     database: str | None,
     app_role: str | None,
+    partitions: int | None,
     shares: int | None,
     threshold: int | None,
     officers: tuple[str, ...],
@@ -135,6 +142,8 @@ def init(
     pkcs11_token: str | None,
 ) -> None:
     """Create a vault in DIRECTORY and its keyring outside it."""
+    if partitions is not None and database is None:
+        raise click.UsageError("--partitions goes with --database")
     if shares is not None or threshold is not None:
         if pkcs11_module is not None or pkcs11_token is not None:
             raise click.UsageError("--shares and --pkcs11-module: one or the other, for now")
@@ -145,6 +154,7 @@ def init(
             population,
             database,
             app_role,
+            partitions,
             shares,
             threshold,
             officers,
@@ -174,6 +184,7 @@ def init(
         app_role=app_role,
         pkcs11_module=pkcs11_module,
         pkcs11_token=pkcs11_token,
+        partitions=partitions,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
@@ -208,6 +219,7 @@ def _init_shared(
     population: int,
     database: str | None,
     app_role: str | None,
+    partitions: int | None,
     shares: int | None,
     threshold: int | None,
     officers: tuple[str, ...],
@@ -246,6 +258,7 @@ def _init_shared(
         expected_population=population,
         database=database,
         app_role=app_role,
+        partitions=partitions,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
