@@ -400,6 +400,39 @@ def test_search_spans_the_folded_and_the_fresh_token_trees_in_id_order(
         backend.close()
 
 
+def test_a_fold_spread_over_many_writes_never_hides_or_repeats_a_record(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fold starts at 20 fresh rows and moves 7 rows a write, so that it takes several
+    # writes while new rows arrive before and behind its cursor.
+    monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 20)
+    monkeypatch.setattr(sqlite_backend, "_FOLD_STEP", 7)
+    backend = SQLiteStorage(db_path)
+    folding_seen = False
+    try:
+        written: list[int] = []
+        for start in range(0, 120, 6):
+            ns = list(range(start, start + 6))
+            backend.write_batch([sealed(n, tokens=((1, 77), (2, n), (3, n % 5))) for n in ns])
+            written.extend(ns)
+            conn = raw_connection(db_path)
+            try:
+                folding_seen |= conn.execute("SELECT count(*) FROM token_fold").fetchone()[0] > 0
+            finally:
+                conn.close()
+            # Every record found exactly once, wherever its rows are at this moment.
+            assert backend.find(1, 77, 1000) == [f"rec-{n:06d}" for n in sorted(written)]
+            for n in (written[0], written[len(written) // 2], written[-1]):
+                assert backend.find(2, n, 10) == [f"rec-{n:06d}"]
+            assert len(backend.find(3, 2, 1000)) == len([n for n in written if n % 5 == 2])
+        assert folding_seen
+        rows = tree_rows(db_path)
+        assert rows["tokens"] > 0 and rows["tokens"] + rows["tokens_fresh"] == 3 * 120
+        assert backend.key_census().token_index_ids == {1: 120, 2: 120, 3: 120}
+    finally:
+        backend.close()
+
+
 def lookup_steps(path: Path, index_id: int, token: int) -> tuple[list[str], int]:
     """A search as the storage runs it, and the virtual machine instructions it took."""
     conn = raw_connection(path)
@@ -487,7 +520,7 @@ def test_a_file_of_the_generation_token_layout_is_migrated_and_searched(db_path:
             "SELECT index_id, token, seq FROM tokens UNION ALL"
             " SELECT index_id, token, seq FROM tokens_fresh"
         ).fetchall()
-        for name in ("tokens", "tokens_fresh", "token_trees"):
+        for name in ("tokens", "tokens_fresh", "token_trees", "token_fold"):
             conn.execute(f"DROP TABLE {name}")
         conn.execute(
             "CREATE TABLE tokens(generation INTEGER, index_id INTEGER, token INTEGER,"
