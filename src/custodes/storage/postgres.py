@@ -252,7 +252,7 @@ SCHEMA_VERSION = _PARTITIONED_VERSION
 # modulus, so a record's key lies in the partition of the same number), tokens by token,
 # so that a search's equality on the token prunes to a single partition. 16 keeps a
 # small vault's schema small (each partition is a table and its indexes: 48 tables here)
-# while a vault of 10^7 people still has partitions of a few hundred megabytes. A
+# while a vault of 10^7 people (10-20 GB) still has partitions of about a gigabyte. A
 # population of 10^9 (about 2 TB with its tokens) wants 256, partitions of about 8 GB,
 # each vacuumed or reindexed in minutes; past about a thousand, planning and the catalog
 # grow for every statement that cannot prune (a page by seq visits every partition).
