@@ -16,6 +16,7 @@ from custodes.bootstrap import create_vault
 from custodes.doctor import Deployment, examine
 from custodes.errors import ConfigurationError
 from custodes.storage import PostgresStorage
+from custodes.storage.base import Rekeyed
 from custodes.storage.postgres import (
     _MIGRATIONS,
     DEFAULT_PARTITIONS,
@@ -215,6 +216,21 @@ def test_a_vault_of_the_previous_unpartitioned_layout_opens_and_works(dsn: str) 
         assert storage.find(NAME_INDEX, 1004, 5) == []
         census = storage.key_census()
         assert sum(census.kek_versions.values()) == 14
+        # A rotation: a record rewrapped and given a token under a new index version,
+        # then the old version's tokens retired.
+        record = sealed(5)
+        assert (
+            storage.rekey_records(
+                [Rekeyed(record.record_id, record.wrapped_key, 2, b"rewrapped", None, ((9, 5005),))]
+            )
+            == 1
+        )
+        assert storage.find_records(9, 5005, 5) == [
+            stored(record)._replace(kek_version=2, wrapped_key=b"rewrapped")
+        ]
+        assert storage.drop_tokens([NAME_INDEX]) == 14
+        assert storage.find(NAME_INDEX, 1012, 5) == []
+        assert storage.key_census().token_index_ids[9] == 1
     finally:
         storage.close()
 
