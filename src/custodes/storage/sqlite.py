@@ -1710,35 +1710,44 @@ def _fold_step(conn: sqlite3.Connection) -> None:
             return
         conn.execute("INSERT INTO token_fold(one) VALUES (1)")
         cursor = (None, None, None)
-    # In the trees' key order, never by a seq index: each stretch of the folded tree is
-    # visited once per fold.
-    if cursor[0] is None:
-        moving = conn.execute(
-            "SELECT index_id, token, seq FROM tokens_fresh ORDER BY index_id, token, seq LIMIT ?",
-            (_FOLD_STEP,),
-        ).fetchall()
-    else:
-        moving = conn.execute(
-            "SELECT index_id, token, seq FROM tokens_fresh WHERE (index_id, token, seq) > (?, ?, ?)"
-            " ORDER BY index_id, token, seq LIMIT ?",
-            (*cursor, _FOLD_STEP),
-        ).fetchall()
-    if moving:
-        moved = conn.executemany(
-            "INSERT OR IGNORE INTO tokens(index_id, token, seq) VALUES (?, ?, ?)", moving
-        ).rowcount
-        # The moved rows are exactly the fresh tree's rows from the first to the last.
+    # The step's last row: the _FOLD_STEP-th past the cursor in the trees' key order (never
+    # by a seq index: each stretch of the folded tree is visited once per fold), or the
+    # fresh tree's last row. Rows are moved by SQLite alone, never through Python.
+    after = "" if cursor[0] is None else "WHERE (index_id, token, seq) > (?1, ?2, ?3)"
+    start = () if cursor[0] is None else tuple(cursor)
+    last = conn.execute(
+        f"SELECT index_id, token, seq FROM tokens_fresh {after}"  # noqa: S608 - fixed text
+        f" ORDER BY index_id, token, seq LIMIT 1 OFFSET {_FOLD_STEP - 1}",
+        start,
+    ).fetchone()
+    done = last is None
+    if done:
+        last = conn.execute(
+            "SELECT index_id, token, seq FROM tokens_fresh"
+            " ORDER BY index_id DESC, token DESC, seq DESC LIMIT 1"
+        ).fetchone()
+    if last is not None and (cursor[0] is None or tuple(last) > tuple(cursor)):
+        span = (
+            "(index_id, token, seq) <= (?4, ?5, ?6)"
+            if cursor[0] is None
+            else "(index_id, token, seq) > (?1, ?2, ?3) AND (index_id, token, seq) <= (?4, ?5, ?6)"
+        )
+        bounds = (*(start or (0, 0, 0)), *last)
+        move = (
+            "INSERT OR IGNORE INTO tokens(index_id, token, seq) SELECT index_id, token, seq"  # noqa: S608 - fixed text
+            f" FROM tokens_fresh WHERE {span} ORDER BY index_id, token, seq"
+        )
+        moved = conn.execute(move, bounds).rowcount
         gone = conn.execute(
-            "DELETE FROM tokens_fresh WHERE (index_id, token, seq) >= (?, ?, ?)"
-            " AND (index_id, token, seq) <= (?, ?, ?)",
-            (*moving[0], *moving[-1]),
+            f"DELETE FROM tokens_fresh WHERE {span}",  # noqa: S608 - fixed text
+            bounds,
         ).rowcount
         _count_rows(conn, "tokens", moved)
         _count_rows(conn, "tokens_fresh", -gone)
-    if len(moving) < _FOLD_STEP:
+    if done:
         conn.execute("DELETE FROM token_fold")
     else:
-        conn.execute("UPDATE token_fold SET index_id = ?, token = ?, seq = ?", moving[-1])
+        conn.execute("UPDATE token_fold SET index_id = ?, token = ?, seq = ?", tuple(last))
 
 
 def _count_rows(conn: sqlite3.Connection, tree: str, change: int) -> None:
