@@ -360,7 +360,7 @@ def repoint_a_token(directory: Path) -> None:
     """Point one search-index row at another record: a person hidden from search."""
     with closing(sqlite3.connect(directory / "vault.db", isolation_level=None)) as conn:
         # A small vault's tokens are all in the fresh tree (the storage's folds start
-        # at a quarter of a million rows).
+        # at 65,536 rows).
         index_id, token, seq = conn.execute(
             "SELECT index_id, token, seq FROM tokens_fresh ORDER BY seq LIMIT 1"
         ).fetchone()

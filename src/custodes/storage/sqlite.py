@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import math
 import os
 import sqlite3
 import threading
@@ -61,23 +62,26 @@ SCHEMA_VERSION_KEY = "storage.schema_version"
 # Tokens live in two b-trees of one key, (index, token, seq): a fresh one that takes
 # every write, and a folded one that holds the rest. Blind tokens are random, so once a
 # tree outgrows a batch every token inserted dirties a page of its own, and each commit
-# writes all of them: the fresh tree is kept small enough for a batch to cover most of
-# its pages, and when it reaches a quarter of the folded tree (_FOLD_FLOOR rows at
-# least) it is merged into it in key order, _FOLD_STEP rows with each later write
-# (token_fold keeps how far it got), so that each page of the folded tree is written
-# about once per fold, for many new rows, and no write holds the writer's lock for a
+# writes all of them. The fresh tree's pages are written by every batch (about half its
+# size, on average, per batch of b rows), and each fold writes the folded tree's M rows
+# once for the F rows it moves: per row, F / 2b against M / F, least when the fresh tree
+# folds at F = sqrt(2 b M) rows (_FOLD_FLOOR at least). At 10^6 records of 4.7 tokens
+# in batches of 2,000 that is about 300,000 rows, a sixteenth of the folded tree; the
+# cost per record then grows as the square root of the population, where the
+# generations of version 8 wrote a constant amount but probed once per 2**16 records.
+# A fold merges in key order, _FOLD_STEP rows with each later write (token_fold keeps
+# how far it got), so that each page of the folded tree is written about once per fold
+# and no write holds the writer's lock (which the access log's appends wait on) for a
 # whole fold. A row is moved in one transaction, so it is always in exactly one tree, and
 # a search probes each tree once: two probes whatever the population. Part of the file
-# format (version 9; version 8 keyed tokens by generation of 2**16 records first, and
-# a search sought once per generation).
+# format (version 9; version 8 keyed tokens by generation first).
 #
-# Measured at 10^6 records of 4.7 tokens, batches of 2,000 (raw SQLite, a loaded 2-core
-# machine): generations wrote 8.7 KiB a record, 16 probes a lookup; one tree keyed
-# (index, token, seq) 40 KiB a record and 4x the time, once the tree outgrew the batch;
-# these two trees 10.2 KiB a record at a fold fraction of 1/4 (9.6 at 1/8, twice the
-# folds), and a lookup (find_records) 69 us against 361 us for the generations.
-_FOLD_FRACTION = 4  # fold when fresh rows >= folded rows / this
-_FOLD_FLOOR = 1 << 18  # rows: a small vault's tokens stay in the fresh tree alone
+# Measured at 10^6 records of 4.7 tokens, batches of 2,000, bench/storage.py, one run
+# after the other on a loaded 2-core machine: generations 47 us and 9.4 KB written a
+# record, lookup (find_records) 83 us; two trees folding at a quarter, 73 us and 13.1 KB,
+# lookup 31 us; one tree keyed (index, token, seq) (raw SQLite) about 40 KiB a record and
+# four times the time, once the tree outgrew the batch.
+_FOLD_FLOOR = 1 << 16  # rows: a small vault's tokens stay in the fresh tree alone
 _FOLD_STEP = 1 << 16  # rows moved by each write while a fold runs (about 0.4 s)
 _TOKEN_TREES = ("tokens", "tokens_fresh")
 
@@ -127,7 +131,7 @@ _MIGRATIONS: tuple[str, ...] = (
     # Version 2: keys and tokens name their record by its integer seq instead of its
     # text id, and tokens are grouped by generation (2**16 records: the 16 below), so
     # that an ingest batch dirties a bounded set of pages instead of one page per token.
-    # Version 9 replaced the generations (see _FOLD_FRACTION).
+    # Version 9 replaced the generations (see _FOLD_FLOOR).
     """
     CREATE TABLE data_keys_2(
         seq INTEGER PRIMARY KEY,
@@ -258,7 +262,7 @@ _ALERTS_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts(raised_at, alert_id)",
 )
 
-# 9: tokens in a folded and a fresh tree of one key (see _FOLD_FRACTION), each with an
+# 9: tokens in a folded and a fresh tree of one key (see _FOLD_FLOOR), each with an
 # index by seq (a page of records, an erasure, find their tokens by it; seqs only grow,
 # so it is appended to). The generation-keyed rows of version 8 are copied into the
 # folded tree in key order, all in one transaction.
@@ -1691,14 +1695,14 @@ _ADD_TOKENS = (
 def _add_tokens(conn: sqlite3.Connection, rows: list[_TokenRow], statement: str) -> None:
     """Insert token rows into the fresh tree (in key order, so each page is filled in one
     visit; OR IGNORE: a record may carry the same pair twice), then take the fold a step
-    further (see _FOLD_FRACTION), in this transaction."""
+    further (see _FOLD_FLOOR), in this transaction."""
     rows.sort()
     added = conn.executemany(statement, rows).rowcount
     _count_rows(conn, "tokens_fresh", added)
-    _fold_step(conn)
+    _fold_step(conn, len(rows))
 
 
-def _fold_step(conn: sqlite3.Connection) -> None:
+def _fold_step(conn: sqlite3.Connection, batch: int) -> None:
     """Move the next _FOLD_STEP rows of the fresh tree past the fold's cursor into the
     folded tree, starting a fold if the fresh tree has grown to its share. Rows written
     behind the cursor meanwhile wait for the next fold."""
@@ -1706,7 +1710,7 @@ def _fold_step(conn: sqlite3.Connection) -> None:
     if cursor is None:
         counts = dict(conn.execute("SELECT tree, rows FROM token_trees").fetchall())
         fresh, folded = int(counts.get("tokens_fresh", 0)), int(counts.get("tokens", 0))
-        if fresh < max(_FOLD_FLOOR, folded // _FOLD_FRACTION):
+        if fresh < max(_FOLD_FLOOR, math.isqrt(2 * max(batch, 1) * folded)):
             return
         conn.execute("INSERT INTO token_fold(one) VALUES (1)")
         cursor = (None, None, None)
