@@ -77,10 +77,11 @@ SCHEMA_VERSION_KEY = "storage.schema_version"
 # format (version 9; version 8 keyed tokens by generation first).
 #
 # Measured at 10^6 records of 4.7 tokens, batches of 2,000, bench/storage.py, one run
-# after the other on a loaded 2-core machine: generations 47 us and 9.4 KB written a
-# record, lookup (find_records) 83 us; two trees folding at a quarter, 73 us and 13.1 KB,
-# lookup 31 us; one tree keyed (index, token, seq) (raw SQLite) about 40 KiB a record and
-# four times the time, once the tree outgrew the batch.
+# after the other on a loaded 2-core machine: generations 47.3 us and 9,423 bytes written
+# a record (last 100,000: 55.1 us), lookup (find_records) 63.9 us; these two trees 59.8
+# us and 11,408 bytes (last 100,000: 76.1 us), lookup 30.5 us, the file 9% larger
+# (folding at a quarter instead: 13,140 bytes). One tree keyed (index, token, seq), raw
+# SQLite: about 40 KiB a record and four times the time, once the tree outgrew the batch.
 _FOLD_FLOOR = 1 << 16  # rows: a small vault's tokens stay in the fresh tree alone
 _FOLD_STEP = 1 << 16  # rows moved by each write while a fold runs (about 0.4 s)
 _TOKEN_TREES = ("tokens", "tokens_fresh")
