@@ -1,11 +1,14 @@
-"""Throughput of Storage.write_batch alone, on synthetic sealed records.
+"""Throughput of Storage.write_batch alone, on synthetic sealed records, then the cost
+of a token lookup (find_records) in what was written.
 
 Random payloads stand in for ciphertext and random integers for blind tokens; no
 encryption is timed. Prints, per backend, microseconds per record overall and over
-the last stretch of the run, bytes written, file size and peak RSS; asserts nothing.
+the last stretch of the run, bytes written, file size and peak RSS, and microseconds per
+lookup of a stored token (reopened, so its first reads are cold); asserts nothing.
 Each backend runs in its own process so that its peak RSS is its own.
 
     python bench/storage.py [--records N] [--batch N] [--payload BYTES] [--tokens MEAN]
+                            [--lookups N]
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def bytes_written() -> int | None:
 def run(name: str, args: argparse.Namespace) -> dict[str, float | int | None]:
     rng = random.Random(7)
     timings: list[float] = []
+    stored_tokens: list[tuple[int, int]] = []
+    lookup_us: float | None = None
     with tempfile.TemporaryDirectory(dir=args.directory) as directory:
         storage = FACTORIES[name](Path(directory))
         written_before = bytes_written()
@@ -79,9 +84,20 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float | int | None]:
                 started = time.perf_counter()
                 storage.write_batch(batch)
                 timings.append(time.perf_counter() - started)
+                # Tokens of records from every part of the run, old and recent.
+                stored_tokens.extend(rng.choice(batch).tokens[0] for _ in range(20))
+            written_after = bytes_written()
+            if args.lookups and name != "memory":
+                storage.close()
+                storage = FACTORIES[name](Path(directory))
+            if args.lookups and stored_tokens:
+                probes = [rng.choice(stored_tokens) for _ in range(args.lookups)]
+                started = time.perf_counter()
+                for index_id, token in probes:
+                    storage.find_records(index_id, token, 10)
+                lookup_us = (time.perf_counter() - started) / len(probes) * 1e6
         finally:
             storage.close()
-        written_after = bytes_written()
         file_bytes = sum(p.stat().st_size for p in Path(directory).iterdir())
     done = len(timings) * args.batch
     tail_batches = max(1, min(len(timings), args.tail // args.batch))
@@ -99,6 +115,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, float | int | None]:
         "bytes_written": written,
         "file_bytes": file_bytes,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "lookup_us": lookup_us,
     }
 
 
@@ -113,6 +130,7 @@ def report(name: str, r: dict[str, float | int | None]) -> None:
         f" median batch {r['median_batch_ms']:.1f} ms, slowest {r['slowest_batch_ms']:.1f} ms;"
         f" written {per_record}, file {float(r['file_bytes'] or 0) / 2**20:,.0f} MiB,"
         f" peak RSS {r['peak_rss_mib']:.0f} MiB"
+        + ("" if r["lookup_us"] is None else f"; lookup {r['lookup_us']:.1f} us")
     )
 
 
@@ -127,6 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--backend", choices=sorted(FACTORIES), action="append", help="default: every backend"
     )
+    parser.add_argument("--lookups", type=int, default=5_000, help="token lookups timed")
     parser.add_argument("--directory", type=Path, default=None, help="where the database goes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,6 +163,7 @@ def main() -> None:
         cmd += ["--records", str(args.records), "--batch", str(args.batch)]
         cmd += ["--payload", str(args.payload), "--wrapped", str(args.wrapped)]
         cmd += ["--tokens", str(args.tokens), "--tail", str(args.tail)]
+        cmd += ["--lookups", str(args.lookups)]
         if args.directory is not None:
             cmd += ["--directory", str(args.directory)]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)

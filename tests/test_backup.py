@@ -359,13 +359,15 @@ def forge(backup: Path, log_key_file: Path, edit: Callable[[Path], None]) -> Pat
 def repoint_a_token(directory: Path) -> None:
     """Point one search-index row at another record: a person hidden from search."""
     with closing(sqlite3.connect(directory / "vault.db", isolation_level=None)) as conn:
-        generation, index_id, token, seq = conn.execute(
-            "SELECT generation, index_id, token, seq FROM tokens ORDER BY seq LIMIT 1"
+        # A small vault's tokens are all in the fresh tree (the storage's folds start
+        # at 65,536 rows).
+        index_id, token, seq = conn.execute(
+            "SELECT index_id, token, seq FROM tokens_fresh ORDER BY seq LIMIT 1"
         ).fetchone()
         conn.execute(
-            "UPDATE tokens SET seq = (SELECT max(seq) FROM records)"
-            " WHERE generation = ? AND index_id = ? AND token = ? AND seq = ?",
-            (generation, index_id, token, seq),
+            "UPDATE tokens_fresh SET seq = (SELECT max(seq) FROM records)"
+            " WHERE index_id = ? AND token = ? AND seq = ?",
+            (index_id, token, seq),
         )
 
 

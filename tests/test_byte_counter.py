@@ -83,7 +83,9 @@ def _steal(tmp: Path, source: Path, records: list[dict[str, Any]]) -> list[Row]:
     db = sqlite3.connect(tmp / "vault" / "vault.db")
     try:
         per_index: dict[int, Counter[int]] = defaultdict(Counter)
-        for index_id, seq in db.execute("SELECT index_id, seq FROM tokens"):
+        for index_id, seq in db.execute(
+            "SELECT index_id, seq FROM tokens UNION ALL SELECT index_id, seq FROM tokens_fresh"
+        ):
             per_index[seq][index_id] += 1
         rows = [
             Row(kind, payload, wrapped, tuple(sorted(per_index[seq].items())), truth[record_id])

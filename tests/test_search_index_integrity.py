@@ -49,13 +49,15 @@ def _move_token_row(vault: Vault, pair: tuple[int, int], source: str, target: st
     try:
         seq = "(SELECT seq FROM records WHERE record_id = ?)"
         where = f"index_id = ? AND token = ? AND seq = {seq}"
-        if target is None:
-            db.execute(f"DELETE FROM tokens WHERE {where}", (*pair, source))
-        else:
-            db.execute(
-                f"UPDATE tokens SET seq = {seq} WHERE {where}",
-                (target, *pair, source),
-            )
+        # The row lies in one of the two token trees; the writer changes it in both.
+        for tree in ("tokens", "tokens_fresh"):
+            if target is None:
+                db.execute(f"DELETE FROM {tree} WHERE {where}", (*pair, source))
+            else:
+                db.execute(
+                    f"UPDATE {tree} SET seq = {seq} WHERE {where}",
+                    (target, *pair, source),
+                )
         db.commit()
     finally:
         db.close()

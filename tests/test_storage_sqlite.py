@@ -353,11 +353,22 @@ def test_acknowledged_batches_survive_a_killed_process(db_path: Path) -> None:
         backend.close()
 
 
-def test_search_spans_generations_in_id_order(
+def tree_rows(path: Path) -> dict[str, int]:
+    conn = raw_connection(path)
+    try:
+        return {
+            tree: conn.execute(f"SELECT count(*) FROM {tree}").fetchone()[0]
+            for tree in ("tokens", "tokens_fresh")
+        }
+    finally:
+        conn.close()
+
+
+def test_search_spans_the_folded_and_the_fresh_token_trees_in_id_order(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Four records per generation, so that a shared token lands in several subtrees.
-    monkeypatch.setattr(sqlite_backend, "_GENERATION_BITS", 2)
+    # A fold at every few rows, so that a shared token lies in both trees.
+    monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 11)
     backend = SQLiteStorage(db_path)
     try:
         ns = [42, 7, 99, 3, 58, 21, 11, 64, 5, 30, 77]
@@ -365,11 +376,173 @@ def test_search_spans_generations_in_id_order(
             backend.write_batch(
                 [sealed(n, tokens=((1, 77), (2, n))) for n in ns[start : start + 3]]
             )
+        rows = tree_rows(db_path)
+        assert rows["tokens"] > 0 and rows["tokens_fresh"] > 0
+        assert rows["tokens"] + rows["tokens_fresh"] == 2 * len(ns)
         expected = [f"rec-{n:06d}" for n in sorted(ns)]
         assert backend.find(1, 77, 100) == expected
         assert backend.find(1, 77, 4) == expected[:4]
         assert backend.find(2, 99, 10) == ["rec-000099"]
         assert backend.find(2, 1000, 10) == []
+        # A page of records finds its tokens in both trees; an erasure and a retired index
+        # remove rows from both.
+        assert {rid: pairs for _, rid, pairs in backend.record_tokens(0, 100)} == {
+            f"rec-{n:06d}": ((1, 77), (2, n)) for n in ns
+        }
+        assert backend.erase_records(["rec-000042", "rec-000077"]) == 2
+        assert backend.find(1, 77, 100) == [
+            r for r in expected if r not in ("rec-000042", "rec-000077")
+        ]
+        assert backend.drop_tokens([1]) == len(ns) - 2
+        assert backend.find(1, 77, 100) == []
+        assert backend.key_census().token_index_ids == {2: len(ns) - 2}
+    finally:
+        backend.close()
+
+
+def test_a_fold_spread_over_many_writes_never_hides_or_repeats_a_record(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fold starts at 20 fresh rows and moves 7 rows a write, so that it takes several
+    # writes while new rows arrive before and behind its cursor.
+    monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 20)
+    monkeypatch.setattr(sqlite_backend, "_FOLD_STEP", 7)
+    backend = SQLiteStorage(db_path)
+    folding_seen = False
+    try:
+        written: list[int] = []
+        for start in range(0, 120, 6):
+            ns = list(range(start, start + 6))
+            backend.write_batch([sealed(n, tokens=((1, 77), (2, n), (3, n % 5))) for n in ns])
+            written.extend(ns)
+            conn = raw_connection(db_path)
+            try:
+                folding_seen |= conn.execute("SELECT count(*) FROM token_fold").fetchone()[0] > 0
+            finally:
+                conn.close()
+            # Every record found exactly once, wherever its rows are at this moment.
+            assert backend.find(1, 77, 1000) == [f"rec-{n:06d}" for n in sorted(written)]
+            for n in (written[0], written[len(written) // 2], written[-1]):
+                assert backend.find(2, n, 10) == [f"rec-{n:06d}"]
+            assert len(backend.find(3, 2, 1000)) == len([n for n in written if n % 5 == 2])
+        assert folding_seen
+        rows = tree_rows(db_path)
+        assert rows["tokens"] > 0 and rows["tokens"] + rows["tokens_fresh"] == 3 * 120
+        assert backend.key_census().token_index_ids == {1: 120, 2: 120, 3: 120}
+    finally:
+        backend.close()
+
+
+def lookup_steps(path: Path, index_id: int, token: int) -> tuple[list[str], int]:
+    """A search as the storage runs it, and the virtual machine instructions it took."""
+    conn = raw_connection(path)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        conn.set_progress_handler(count, 1)
+        rows = sqlite_backend._find_rows(conn, "r.record_id", "", index_id, token, 100)
+        return [rid for (rid,) in rows], steps
+    finally:
+        conn.close()
+
+
+def test_a_token_lookup_takes_the_same_work_at_any_population(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Folds at a small size, so that both vaults have both trees; the larger holds forty
+    # times the records of the smaller, and the searched token carries three in each.
+    monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 64)
+    costs = []
+    for size in (500, 20_000):
+        path = tmp_path / f"vault-{size}.db"
+        backend = SQLiteStorage(path)
+        try:
+            for start in range(0, size, 2_000):
+                backend.write_batch(
+                    [
+                        sealed(
+                            n,
+                            tokens=(
+                                (1, 10**6 + n),
+                                (2, -1 if n in (1, size // 2, size - 1) else n),
+                            ),
+                        )
+                        for n in range(start, min(size, start + 2_000))
+                    ]
+                )
+            # The last records stay in the fresh tree.
+            monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 10**9)
+            backend.write_batch([sealed(n) for n in range(size, size + 5)])
+            monkeypatch.setattr(sqlite_backend, "_FOLD_FLOOR", 64)
+        finally:
+            backend.close()
+        assert min(tree_rows(path).values()) > 0
+        found, steps = lookup_steps(path, 2, -1)
+        assert len(found) == 3
+        costs.append(steps)
+    # Each tree is probed once: the same instructions however many records there are
+    # (the generation layout before took a seek per 2**16 records).
+    assert costs[0] == costs[1]
+    conn = raw_connection(tmp_path / "vault-20000.db")
+    try:
+        plan = [
+            str(row[3])
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN {sqlite_backend._BUCKET_SEQS}",
+                (2, -1),
+            )
+        ]
+    finally:
+        conn.close()
+    searches = [step for step in plan if step.startswith("SEARCH")]
+    assert searches == [
+        "SEARCH tokens USING PRIMARY KEY (index_id=? AND token=?)",
+        "SEARCH tokens_fresh USING PRIMARY KEY (index_id=? AND token=?)",
+    ]
+
+
+def test_a_file_of_the_generation_token_layout_is_migrated_and_searched(db_path: Path) -> None:
+    backend = SQLiteStorage(db_path)
+    try:
+        backend.write_batch([sealed(n, tokens=((1, 77), (2, n))) for n in range(40)])
+    finally:
+        backend.close()
+    # The file as version 8 left it: tokens keyed by generation (migration 2's table).
+    conn = raw_connection(db_path)
+    try:
+        conn.execute("BEGIN")
+        rows = conn.execute(
+            "SELECT index_id, token, seq FROM tokens UNION ALL"
+            " SELECT index_id, token, seq FROM tokens_fresh"
+        ).fetchall()
+        for name in ("tokens", "tokens_fresh", "token_trees", "token_fold"):
+            conn.execute(f"DROP TABLE {name}")
+        conn.execute(
+            "CREATE TABLE tokens(generation INTEGER, index_id INTEGER, token INTEGER,"
+            " seq INTEGER, PRIMARY KEY(generation, index_id, token, seq)) WITHOUT ROWID"
+        )
+        conn.executemany(
+            "INSERT INTO tokens VALUES (?, ?, ?, ?)", [(s >> 16, i, t, s) for i, t, s in rows]
+        )
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (b"8", SCHEMA_VERSION_KEY))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+    backend = SQLiteStorage(db_path)
+    try:
+        assert backend.get_meta(SCHEMA_VERSION_KEY) == str(SCHEMA_VERSION).encode()
+        assert tree_rows(db_path) == {"tokens": 80, "tokens_fresh": 0}
+        assert backend.find(1, 77, 3) == ["rec-000000", "rec-000001", "rec-000002"]
+        assert backend.find_records(2, 17, 5) == [stored(sealed(17))]
+        assert backend.write_batch([sealed(n, tokens=((1, 77),)) for n in (40, 41)]).inserted == 2
+        assert len(backend.find(1, 77, 100)) == 42
+        assert backend.key_census().token_index_ids == {1: 42, 2: 40}
     finally:
         backend.close()
 

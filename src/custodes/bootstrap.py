@@ -123,6 +123,7 @@ def create_vault(
     replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG,
     pkcs11_module: str | None = None,
     pkcs11_token: str | None = None,
+    partitions: int | None = None,
 ) -> Vault:
     """Create a new vault in an empty or new directory, and its keys elsewhere. The vault
     comes with its host operator: whoever creates it holds the passphrase. With
@@ -208,7 +209,7 @@ def create_vault(
         log_key_path, origin=log_origin(vault_id), passphrase=passphrase, kdf=kdf or KdfParams()
     )
     layout = VaultLayout(directory)
-    storage = _storage_at(directory, database, log_database=log_database)
+    storage = _storage_at(directory, database, log_database=log_database, partitions=partitions)
     try:
         if storage.get_meta("vault_id") is not None:
             raise ConfigurationError("that database already holds a custodes vault")
@@ -677,6 +678,7 @@ def _storage_at(
     replicas: tuple[str, ...] = (),
     replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG,
     log_database: str | None = None,
+    partitions: int | None = None,
 ) -> Storage:
     """The vault's storage: its PostgreSQL database when it has one, else the SQLite file
     in its directory. The one place a backend is chosen; each process opens its own.
@@ -691,10 +693,19 @@ def _storage_at(
     open that migrates a vault with a recorded app_role grants that role again in the same
     step, so that a new table is never left out of the server's grants; with migrate
     False (key-less checks) a schema behind this software is refused, never migrated.
-    Replicas, when given, serve reads of records and tokens within replica_max_lag."""
+    Replicas, when given, serve reads of records and tokens within replica_max_lag.
+    `partitions` is how many partitions a new schema's big tables get (PostgreSQL's
+    default when None); a schema made already keeps its own."""
     if database is None:
+        if partitions is not None:
+            raise ConfigurationError("partitions are PostgreSQL's: give --database as well")
         return SQLiteStorage(VaultLayout(directory).database)
-    from custodes.storage.postgres import SCHEMA_VERSION, PostgresStorage, role_standing
+    from custodes.storage.postgres import (
+        DEFAULT_PARTITIONS,
+        SCHEMA_VERSION,
+        PostgresStorage,
+        role_standing,
+    )
 
     def opened(privileges: Literal["owner", "app"]) -> Storage:
         return PostgresStorage(
@@ -703,6 +714,8 @@ def _storage_at(
             replicas=replicas,
             replica_max_lag=replica_max_lag,
             log_dsn=log_database,
+            # A schema made already keeps its own count; this one is for a new schema.
+            partitions=partitions or DEFAULT_PARTITIONS,
         )
 
     if least_privilege:

@@ -424,6 +424,17 @@ def check_database(d: Deployment) -> Iterator[Finding]:
             f"knows ({expected}): a newer custodes migrated it",
             "run the custodes version that migrated it",
         )
+    if standing.unpartitioned:
+        yield Finding(
+            "database:unpartitioned",
+            Severity.LOW,
+            "the vault's records, data keys and tokens are plain tables, made before "
+            "custodes partitioned them: everything works, but VACUUM, index builds and "
+            "dumps each take a whole table, which at tens of millions of people means hours",
+            "a vault made now has them hash-partitioned; to move this one, ingest its "
+            "source data into a new vault (custodes does not repartition stored records "
+            "in place)",
+        )
 
 
 # -- the network -------------------------------------------------------------------------

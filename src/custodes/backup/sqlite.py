@@ -263,13 +263,24 @@ class SQLiteCopy:
                 digest.record(rid, rtype, payload, kek_version, wrapped)
                 counts[rtype] = counts.get(rtype, 0) + 1
             digest.section("tokens")
+            # Both token trees of the storage's layout (its folded and fresh ones), or the
+            # one table of a copy made before it: the same rows, in the same order.
+            fresh = self._query(
+                self._db, "SELECT 1 FROM sqlite_master WHERE name = 'tokens_fresh'"
+            ).fetchone()
+            rows = (
+                "(SELECT index_id, token, seq FROM tokens"
+                " UNION ALL SELECT index_id, token, seq FROM tokens_fresh)"
+                if fresh is not None
+                else "tokens"
+            )
             for index_id, token, rid in self._query(
                 self._db,
-                "SELECT t.index_id, t.token, r.record_id FROM tokens AS t"
+                f"SELECT t.index_id, t.token, r.record_id FROM {rows} AS t"  # noqa: S608 - fixed names
                 " JOIN records AS r ON r.seq = t.seq ORDER BY 1, 2, 3",
             ):
                 digest.token(index_id, token, rid)
-            (tokens,) = self._query(self._db, "SELECT count(*) FROM tokens").fetchone()
+            (tokens,) = self._query(self._db, f"SELECT count(*) FROM {rows}").fetchone()  # noqa: S608 - fixed names
             digest.section("meta")
             for key, value in self._query(self._db, "SELECT key, value FROM meta ORDER BY key"):
                 digest.meta(key, value)

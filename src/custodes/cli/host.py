@@ -102,6 +102,12 @@ if TYPE_CHECKING:
     "CUSTODES_LOG_DATABASE overrides.",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(min=1, max=1024),
+    help="With --database: how many hash partitions the records, data keys and tokens "
+    "get (default 16; 256 for a population of 10^9). Fixed once the schema is made.",
+)
+@click.option(
     "--shares",
     type=click.IntRange(min=2, max=255),
     help="Seal the keyring under a random key split among N officers (M-of-N unseal) "
@@ -152,6 +158,7 @@ def init(
     replicas: tuple[str, ...],
     replica_max_lag: float,
     log_database: str | None,
+    partitions: int | None,
     shares: int | None,
     threshold: int | None,
     officers: tuple[str, ...],
@@ -171,6 +178,8 @@ def init(
         "replica_max_lag": replica_max_lag,
         "log_database": log_database,
     }
+    if partitions is not None and database is None:
+        raise click.UsageError("--partitions goes with --database")
     if shares is not None or threshold is not None:
         if pkcs11_module is not None or pkcs11_token is not None:
             raise click.UsageError("--shares and --pkcs11-module: one or the other, for now")
@@ -181,6 +190,7 @@ def init(
             population,
             database,
             app_role,
+            partitions,
             shares,
             threshold,
             officers,
@@ -214,6 +224,7 @@ def init(
         log_database=log_database,
         pkcs11_module=pkcs11_module,
         pkcs11_token=pkcs11_token,
+        partitions=partitions,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()
@@ -253,6 +264,7 @@ def _init_shared(
     population: int,
     database: str | None,
     app_role: str | None,
+    partitions: int | None,
     shares: int | None,
     threshold: int | None,
     officers: tuple[str, ...],
@@ -293,6 +305,7 @@ def _init_shared(
         database=database,
         app_role=app_role,
         **topology,
+        partitions=partitions,
     )
     recorded = settings.VaultLayout(Path(directory)).read()
     vault.close()

@@ -241,7 +241,28 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_subjects_by_window ON usage_subjects(account, counter, window_start);
     """,
 )
-SCHEMA_VERSION = len(_MIGRATIONS)
+# 5: records, data_keys and tokens hash-partitioned (see _partition_tables), written in
+# Python because the partition count is the schema's own, chosen at its creation. Only a
+# schema whose three tables are still empty is partitioned; one that holds records (made
+# by an earlier version) keeps its plain tables, which every statement here reads and
+# writes alike, and `custodes doctor` reports it (database:unpartitioned).
+_PARTITIONED_VERSION = len(_MIGRATIONS) + 1
+SCHEMA_VERSION = _PARTITIONED_VERSION
+
+# The big tables are hash-partitioned so that VACUUM, an index build, a REINDEX or a
+# dump works on one partition at a time: records and data_keys by record id (the same
+# modulus, so a record's key lies in the partition of the same number), tokens by token,
+# so that a search's equality on the token prunes to a single partition. 16 keeps a
+# small vault's schema small (each partition is a table and its indexes: 48 tables here)
+# while a vault of 10^7 people (10-20 GB) still has partitions of about a gigabyte. A
+# population of 10^9 (about 2 TB with its tokens) wants 256, partitions of about 8 GB,
+# each vacuumed or reindexed in minutes; past about a thousand, planning and the catalog
+# grow for every statement that cannot prune (a page by seq visits every partition).
+DEFAULT_PARTITIONS = 16
+MAX_PARTITIONS = 1024
+_PARTITIONED_TABLES = ("records", "data_keys", "tokens")
+# A partition's name: its table's and its remainder, e.g. tokens_p007.
+_PARTITION_NAME = re.compile(r"(records|data_keys|tokens)_p[0-9]{3,4}\Z")
 
 # Taken (with the schema's name) by every open, so that two processes opening one
 # schema at once migrate it once, the second after the first has committed.
@@ -295,6 +316,18 @@ _NOTE_SUBJECTS = (
     " THEN u.total + excluded.total ELSE excluded.total END,"
     " window_start = GREATEST(u.window_start, excluded.window_start)"
     " RETURNING total"
+)
+# A search: one equality on (token, index_id), which prunes tokens to the one partition
+# that token hashes to (at planning, or at execution under a generic plan), then one probe
+# of its primary key; each record and data key found is one probe of its own partition.
+FIND_SQL = (
+    "SELECT record_id FROM tokens WHERE token = %s AND index_id = %s ORDER BY record_id LIMIT %s"
+)
+FIND_RECORDS_SQL = (
+    "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
+    " FROM tokens AS t JOIN records AS r ON r.record_id = t.record_id"
+    " JOIN data_keys AS k ON k.record_id = t.record_id"
+    " WHERE t.token = %s AND t.index_id = %s ORDER BY t.record_id LIMIT %s"
 )
 _ACCOUNT_COLUMNS = "username, role, password_hash, attributes, created_at, disabled"
 _SESSION_COLUMNS = "key, username, role, issued_at, expires, last_seen, client"
@@ -360,6 +393,7 @@ class PostgresStorage:
         replicas: Sequence[str] = (),
         replica_max_lag: float = 1.0,
         log_dsn: str | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
         if log_dsn is not None and log_dsn != dsn:
             # The seam is in the settings; the log's tables still live beside the records.
@@ -375,7 +409,8 @@ class PostgresStorage:
         self._closed = False
         self._max_size = max_size
         self.privileges: Privileges = privileges
-        self._schema = _open_schema(dsn, connect_timeout, privileges)
+        _check_partitions(partitions)
+        self._schema = _open_schema(dsn, connect_timeout, privileges, partitions)
         self._pool: ConnectionPool[_Connection] = ConnectionPool(
             dsn,
             min_size=min_size,
@@ -609,24 +644,14 @@ class PostgresStorage:
         self._check_usable()
         if limit <= 0 or not fits_int64(index_id, token):
             return []
-        rows = self._replica_rows(
-            "SELECT record_id FROM tokens WHERE token = %s AND index_id = %s"
-            " ORDER BY record_id LIMIT %s",
-            (token, index_id, min(limit, _INT64_MAX)),
-        )
+        rows = self._replica_rows(FIND_SQL, (token, index_id, min(limit, _INT64_MAX)))
         return [str(rid) for (rid,) in rows]
 
     def find_records(self, index_id: int, token: int, limit: int) -> list[StoredRecord]:
         self._check_usable()
         if limit <= 0 or not fits_int64(index_id, token):
             return []
-        rows = self._replica_rows(
-            "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
-            " FROM tokens AS t JOIN records AS r ON r.record_id = t.record_id"
-            " JOIN data_keys AS k ON k.record_id = t.record_id"
-            " WHERE t.token = %s AND t.index_id = %s ORDER BY t.record_id LIMIT %s",
-            (token, index_id, min(limit, _INT64_MAX)),
-        )
+        rows = self._replica_rows(FIND_RECORDS_SQL, (token, index_id, min(limit, _INT64_MAX)))
         return [stored_record_from_row(row) for row in rows]
 
     def count_records(self, record_type: str | None = None) -> int:
@@ -1298,9 +1323,15 @@ class _Refused(Exception):
     """admit() said no: the transaction rolls back, taking its placeholder rows."""
 
 
-def _open_schema(dsn: str, connect_timeout: float, privileges: Privileges = "owner") -> str:
-    """Connect once, bring the schema up to SCHEMA_VERSION (as its owner) or check that it
-    is there already (as the application), and return its name."""
+def _open_schema(
+    dsn: str,
+    connect_timeout: float,
+    privileges: Privileges = "owner",
+    partitions: int = DEFAULT_PARTITIONS,
+) -> str:
+    """Connect once, bring the schema up to SCHEMA_VERSION (as its owner; a new schema's
+    big tables in `partitions` partitions) or check that it is there already (as the
+    application), and return its name."""
     conn = _connect(dsn, connect_timeout)
     try:
         with conn:
@@ -1308,7 +1339,7 @@ def _open_schema(dsn: str, connect_timeout: float, privileges: Privileges = "own
             with conn.transaction():
                 _lock_migrations(conn, schema)
                 if privileges == "owner":
-                    _migrate(conn, schema)
+                    _migrate(conn, schema, partitions)
                 else:
                     _check_app_schema(conn, schema)
             return schema
@@ -1316,7 +1347,13 @@ def _open_schema(dsn: str, connect_timeout: float, privileges: Privileges = "own
         raise StorageError(f"cannot open the database: {_cause(exc)}") from None
 
 
-def grant_app_role(owner_dsn: str, app_role: str, *, connect_timeout: float = 10.0) -> None:
+def grant_app_role(
+    owner_dsn: str,
+    app_role: str,
+    *,
+    connect_timeout: float = 10.0,
+    partitions: int = DEFAULT_PARTITIONS,
+) -> None:
     """As the schema's owner: migrate the schema to SCHEMA_VERSION, then grant app_role
     exactly what a server needs to run the storage Protocol, and nothing else.
 
@@ -1324,14 +1361,19 @@ def grant_app_role(owner_dsn: str, app_role: str, *, connect_timeout: float = 10
     (after an upgrade's migration) leaves the same grants. app_role must be a role of its
     own: a superuser, a role that may create roles (it could make itself a member of the
     owner) or a member of the owner's role is refused, since it would hold the owner's
-    powers whatever is granted here."""
+    powers whatever is granted here.
+
+    Grants are on the partitioned tables only: PostgreSQL checks a statement's privileges
+    on the table it names, so the role reads and writes every partition through its
+    parent and holds nothing on a partition itself."""
+    _check_partitions(partitions)
     conn = _connect(owner_dsn, connect_timeout)
     try:
         with conn:
             schema = _pin_schema(conn)
             with conn.transaction():
                 _lock_migrations(conn, schema)
-                _migrate(conn, schema)
+                _migrate(conn, schema, partitions)
                 _check_app_role(conn, app_role)
                 names = {"schema": sql.Identifier(schema), "app": sql.Identifier(app_role)}
                 for statement in _APP_GRANTS:
@@ -1444,7 +1486,9 @@ def _refusal(exc: psycopg.Error) -> str | None:
     if isinstance(exc, pg_errors.InsufficientPrivilege):
         # Matched in the server's English; under another lc_messages the object goes unnamed.
         named = _PERMISSION_DENIED.match(message)
-        if named is not None and named.group(2) in _OBJECTS:
+        if named is not None and (
+            named.group(2) in _OBJECTS or _PARTITION_NAME.match(named.group(2))
+        ):
             return f"a privilege on {named.group(1)} {named.group(2)}"
         return "a privilege"
     if isinstance(exc, pg_errors.RaiseException) and message in _TRIGGER_REFUSALS:
@@ -1503,6 +1547,9 @@ class RoleStanding:
     creates_in_schema: bool  # CREATE on the schema: could plant a table or a function
     rewrites: tuple[str, ...]  # history tables it may UPDATE, DELETE or TRUNCATE, table-wide
     version: int | None  # the schema's version; None: this role may not read it
+    # The partitions of each of records, data_keys and tokens; None where any of them is
+    # a plain table (a schema that held records before migration 5).
+    partitions: int | None = None
 
     @property
     def holds_owner_powers(self) -> bool:
@@ -1518,6 +1565,12 @@ class RoleStanding:
     def migrates(self) -> bool:
         """Whether the role can create and migrate the schema: the owner's open."""
         return self.owner or self.superuser
+
+    @property
+    def unpartitioned(self) -> bool:
+        """Whether the big tables are plain tables, made before they were partitioned:
+        every statement works on them, but VACUUM, index builds and dumps take each whole."""
+        return self.version is not None and self.version > 0 and self.partitions is None
 
     @property
     def expected_version(self) -> int:
@@ -1544,14 +1597,19 @@ def _standing(conn: _Connection, schema: str) -> RoleStanding:
         " pg_has_role(n.nspowner, 'MEMBER') OR EXISTS (SELECT 1 FROM pg_catalog.pg_class AS c"
         "  WHERE c.relnamespace = n.oid AND pg_has_role(c.relowner, 'MEMBER')),"
         " has_schema_privilege(n.oid, 'CREATE'),"
+        # A partition counts as its table: a grant on one partition of tokens rewrites
+        # tokens there.
         " ARRAY(SELECT c.relname::text FROM pg_catalog.pg_class AS c"
-        "  WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p') AND c.relname = ANY(%s)"
+        "  WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p')"
+        "  AND (c.relname = ANY(%s) OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits AS i"
+        "   JOIN pg_catalog.pg_class AS p ON p.oid = i.inhparent"
+        "   WHERE i.inhrelid = c.oid AND p.relnamespace = n.oid AND p.relname = ANY(%s)))"
         "  AND has_table_privilege(c.oid, 'UPDATE, DELETE, TRUNCATE') ORDER BY c.relname),"
         " (SELECT has_table_privilege(c.oid, 'SELECT') FROM pg_catalog.pg_class AS c"
         "  WHERE c.relnamespace = n.oid AND c.relname = 'meta' AND c.relkind IN ('r', 'p'))"
         " FROM pg_catalog.pg_roles AS r, pg_catalog.pg_namespace AS n"
         " WHERE r.rolname = current_user AND n.nspname = %s",
-        (list(_HISTORY_TABLES), schema),
+        (list(_HISTORY_TABLES), list(_HISTORY_TABLES), schema),
     ).fetchone()
     if row is None:
         raise ConfigurationError("the database role or its schema is not in the catalog")
@@ -1559,6 +1617,8 @@ def _standing(conn: _Connection, schema: str) -> RoleStanding:
     # No meta table yet reads as version 0; one this role may not read, as None (asking
     # would fail the transaction with InsufficientPrivilege).
     version = _schema_version(conn, schema) if reads_meta is not False else None
+    counts = _partition_counts(conn, schema)
+    partitioned = [counts.get(table) for table in _PARTITIONED_TABLES]
     return RoleStanding(
         schema=schema,
         role=str(role),
@@ -1568,6 +1628,7 @@ def _standing(conn: _Connection, schema: str) -> RoleStanding:
         creates_in_schema=bool(creates),
         rewrites=tuple(str(name) for name in rewrites),
         version=version,
+        partitions=None if None in partitioned else min(n for n in partitioned if n is not None),
     )
 
 
@@ -1628,7 +1689,7 @@ def _check_app_role(conn: _Connection, app_role: str) -> None:
         )
 
 
-def _migrate(conn: _Connection, schema: str) -> None:
+def _migrate(conn: _Connection, schema: str, partitions: int = DEFAULT_PARTITIONS) -> None:
     version = _schema_version(conn, schema)
     if version > SCHEMA_VERSION:
         raise ConfigurationError(
@@ -1639,11 +1700,92 @@ def _migrate(conn: _Connection, schema: str) -> None:
         return
     for script in _MIGRATIONS[version:]:
         conn.execute(script.encode())  # no parameters: one simple query, many statements
+    if version < _PARTITIONED_VERSION:
+        _partition_tables(conn, partitions)
     conn.execute(
         "INSERT INTO meta(key, value) VALUES (%s, %s)"
         " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION).encode("ascii")),
     )
+
+
+def _check_partitions(partitions: int) -> None:
+    if isinstance(partitions, bool) or not isinstance(partitions, int):
+        raise ConfigurationError("the partition count must be a whole number")
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise ConfigurationError(f"the partition count must be from 1 to {MAX_PARTITIONS}")
+
+
+def _partition_tables(conn: _Connection, partitions: int) -> None:
+    """Migration 5: make records, data_keys and tokens again as hash-partitioned tables,
+    if all three are empty; a schema holding records keeps its plain tables (see
+    _PARTITIONED_VERSION). Columns, keys and indexes are those of migration 1, declared
+    on the parent, so that each partition gets its own and a search reads one."""
+    held = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM records) OR EXISTS (SELECT 1 FROM data_keys)"
+        " OR EXISTS (SELECT 1 FROM tokens)"
+    ).fetchone()
+    if held is None or held[0]:
+        return
+    conn.execute(_PARTITIONED_SCHEMA.encode())
+    width = max(3, len(str(partitions - 1)))
+    for table in _PARTITIONED_TABLES:
+        for remainder in range(partitions):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {part} PARTITION OF {table}"
+                    " FOR VALUES WITH (MODULUS {modulus}, REMAINDER {remainder})"
+                ).format(
+                    part=sql.Identifier(f"{table}_p{remainder:0{width}d}"),
+                    table=sql.Identifier(table),
+                    modulus=sql.Literal(partitions),
+                    remainder=sql.Literal(remainder),
+                )
+            )
+
+
+# Migration 1's three big tables, as partitioned parents (their partitions are made by
+# _partition_tables). A partitioned table's primary key must hold its partition key,
+# which each does already. SET STORAGE on the parent is copied to every partition made.
+_PARTITIONED_SCHEMA = """
+    DROP TABLE records, data_keys, tokens;
+    CREATE TABLE records(
+        record_id text COLLATE "C" PRIMARY KEY,
+        seq bigint NOT NULL,
+        record_type text NOT NULL,
+        payload bytea NOT NULL
+    ) PARTITION BY HASH (record_id);
+    ALTER TABLE records ALTER COLUMN payload SET STORAGE EXTERNAL;
+    CREATE INDEX records_by_seq ON records(seq);
+    CREATE TABLE data_keys(
+        record_id text COLLATE "C" PRIMARY KEY,
+        kek_version bigint NOT NULL,
+        wrapped bytea NOT NULL
+    ) PARTITION BY HASH (record_id);
+    CREATE TABLE tokens(
+        token bigint,
+        index_id bigint,
+        record_id text COLLATE "C",
+        seq bigint NOT NULL,
+        PRIMARY KEY(token, index_id, record_id)
+    ) PARTITION BY HASH (token);
+    CREATE INDEX tokens_by_seq ON tokens USING brin(seq)
+        WITH (pages_per_range = 32, autosummarize = on);
+"""
+
+
+def _partition_counts(conn: _Connection, schema: str) -> dict[str, int]:
+    """How many partitions each of the big tables has; a table that is not partitioned
+    is left out (a schema made before migration 5 that held records then)."""
+    rows = conn.execute(
+        "SELECT c.relname::text, (SELECT count(*) FROM pg_catalog.pg_inherits AS i"
+        "  WHERE i.inhparent = c.oid)"
+        " FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n"
+        "  ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind = 'p' AND c.relname = ANY(%s)",
+        (schema, list(_PARTITIONED_TABLES)),
+    ).fetchall()
+    return {str(name): int(count) for name, count in rows}
 
 
 def _schema_version(conn: _Connection, schema: str) -> int:

@@ -18,8 +18,8 @@ from custodes.records import CanonicalRecord
 from custodes.schema import RecordType, Schema
 from custodes.storage.base import Storage, StoredRecord
 
-# Records per page of the check: a durable backend reads tokens by generation, so a
-# larger page reads each generation's tokens fewer times.
+# Records per page of the check: a durable backend reads a page's tokens as one range of
+# seqs in each token tree or partition, so a larger page takes fewer of those reads.
 _CHECK_PAGE = 4096
 
 
