@@ -1378,8 +1378,15 @@ class SQLiteStorage:
         if version < len(_MIGRATIONS) + 5:
 
             def fold_tokens() -> None:
-                for statement in _split_script(_SCHEMA_9_FOLDED):
-                    conn.execute(statement)
+                # Only the generation-keyed layout is converted: a file whose tokens are
+                # in two trees already (its version set back by hand) keeps them.
+                folded = conn.execute(
+                    "SELECT 1 FROM main.sqlite_schema WHERE type = 'table'"
+                    " AND name = 'tokens_fresh'"
+                ).fetchone()
+                if folded is None:
+                    for statement in _split_script(_SCHEMA_9_FOLDED):
+                        conn.execute(statement)
                 _set_version(conn, len(_MIGRATIONS) + 5)
 
             _in_transaction(conn, fold_tokens)
