@@ -233,7 +233,8 @@ def test_a_tampered_erasure_ledger_stops_the_vault_from_serving(tmp_path: Path) 
 
     # A statement's record id changed (to bring the person back under another name).
     doc = json.loads(original)
-    doc["statements"][0] = doc["statements"][0].replace(record_id, record_id[:-1] + "x")
+    other = record_id[:-1] + ("y" if record_id[-1] != "y" else "z")  # never the same id
+    doc["statements"][0] = doc["statements"][0].replace(record_id, other)
     ledger.write_text(json.dumps(doc))
     with pytest.raises(ErasureLedgerBroken):
         open_vault(directory, passphrase=PASSPHRASE, hash_cost=FAST_HASH)
