@@ -22,6 +22,7 @@ from custodes.storage.postgres import (
     DEFAULT_PARTITIONS,
     FIND_RECORDS_SQL,
     FIND_SQL,
+    GET_RECORDS_SQL,
     SCHEMA_VERSION_KEY,
     role_standing,
 )
@@ -124,6 +125,39 @@ def test_a_token_lookup_scans_exactly_one_partition_of_the_tokens(
     assert relation.startswith("tokens_p")
     # One probe of that partition's primary key, not a scan of its rows.
     assert node in ("Index Scan", "Index Only Scan"), node
+
+
+def probes(plan: dict[str, Any], prefix: str) -> int:
+    """How many times the executor ran a scan of a partition named `prefix`..."""
+    own = 0
+    if str(plan.get("Relation Name", "")).startswith(prefix):
+        own = int(plan.get("Actual Loops", 0))
+    return own + sum(probes(child, prefix) for child in plan.get("Plans", []))
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+def test_reading_a_batch_of_ids_probes_each_id_in_its_own_partition_only(
+    storage: PostgresStorage, dsn: str, plan_mode: str
+) -> None:
+    # An ingest holds each batch of thousands of ids against what is stored. Asked as
+    # `record_id = ANY(ids)`, every partition was probed with every id: 16 probes an id.
+    assert storage.write_batch([sealed(n) for n in range(60)]).inserted == 60
+    ids = [f"rec-{n:06d}" for n in range(0, 60, 2)] + [f"absent-{n}" for n in range(10)]
+    assert set(storage.get_records(ids)) == {f"rec-{n:06d}" for n in range(0, 60, 2)}
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT set_config('plan_cache_mode', %s, false)", (plan_mode,))
+        conn.execute("PREPARE batch(text[]) AS " + GET_RECORDS_SQL.replace("%s", "$1"))
+        # The ids are letters, digits and dashes: an array literal needs no quoting.
+        literal = "{" + ",".join(ids) + "}"
+        (raw,) = conn.execute(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE batch('{literal}')"
+        ).fetchone() or (None,)
+    plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+    # One probe of one records partition an id asked, one of a data_keys partition an id
+    # found: not one of every partition.
+    assert probes(plan, "records_p") == len(ids)
+    assert probes(plan, "data_keys_p") == 30
 
 
 def test_the_servers_role_cannot_reach_a_partition_around_its_parent(
