@@ -6,6 +6,7 @@ so the same code proves from SQLite, from memory, or from a verifier's own recom
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 
@@ -226,6 +227,20 @@ def inclusion_proof_plan(index: int, size: int) -> list[tuple[int, int] | Fold]:
     one read first."""
     if not 0 <= index < size:
         raise ValueError(f"leaf {index} is not in a tree of size {size}")
+    # The tree is perfect subtrees side by side, one for each bit set in the size; the
+    # leaf's is the one of the highest bit in which its index and the size differ. Inside
+    # it every sibling is a stored node; above it, the path is the same for all its leaves.
+    height = (size ^ index).bit_length() - 1
+    plan: list[tuple[int, int] | Fold] = [(level, (index >> level) ^ 1) for level in range(height)]
+    plan.extend(_plan_above(size, height))
+    return plan
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _plan_above(size: int, height: int) -> tuple[tuple[int, int] | Fold, ...]:
+    """The hashes of a proof above the perfect subtree of ``height`` that holds its leaf
+    in a tree of ``size``, bottom up: computed once for all that subtree's leaves."""
+    index = (size >> (height + 1)) << (height + 1)  # the subtree's first leaf
     # Walk down from the root while the subtree holding the leaf is imperfect; each
     # sibling met on the way is a stored node or a fold of a few (the right edge).
     upper: list[tuple[int, int] | Fold] = []
@@ -240,11 +255,7 @@ def inclusion_proof_plan(index: int, size: int) -> list[tuple[int, int] | Fold]:
         else:
             upper.append((k.bit_length() - 1, start // k))
             start = mid
-    # Inside a perfect subtree every sibling is a stored node; the proof runs bottom up.
-    height = (end - start).bit_length() - 1
-    plan: list[tuple[int, int] | Fold] = [(level, (index >> level) ^ 1) for level in range(height)]
-    plan.extend(reversed(upper))
-    return plan
+    return tuple(reversed(upper))
 
 
 def inclusion_proof_positions(index: int, size: int) -> list[tuple[int, int]]:
