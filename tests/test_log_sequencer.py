@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,10 @@ from custodes.audit import AccessEntry, AccessLog, AuditKeys, Outcome
 from custodes.audit.checkpoint import LogSigner, create_log_key
 from custodes.audit.sequencer import (
     SECRET_BYTES,
+    Request,
     SequencerAddress,
     SequencerClient,
+    SequencerUnreachable,
     _read_exactly,
     _read_request,
     serve,
@@ -231,3 +233,109 @@ def test_a_frame_too_large_for_an_entry_ends_the_connection_and_stores_nothing(
         raw.sendall(address.secret + (1 << 30).to_bytes(4, "big") + b"\0\0\0\0\0\0")
         assert _closed_without_answer(raw)
     assert sequencer.size == 0
+
+
+def test_a_workers_threads_share_one_connection_and_each_gets_its_own_entrys_index(
+    processes: _Processes, address: SequencerAddress
+) -> None:
+    # Answers come back in batches over one connection, matched to their frames by
+    # order: a thread handed another's index would answer a read logged under another
+    # access. Each entry names its own thread, so the index proves the match.
+    sequencer = processes.log()
+    worker = processes.worker(address)
+    batch_sizes: list[int] = []
+    connections: list[int] = []
+
+    def append_many(items: Sequence[Request]) -> Sequence[int | None]:
+        batch_sizes.append(len(items))
+        return sequencer.append_encoded_many(items)
+
+    got: dict[tuple[int, int], int] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(32)
+
+    def appender(t: int) -> None:
+        start.wait()
+        for n in range(10):
+            index = worker.append(_entry(n, f"rec-{t}-{n}"))
+            with lock:
+                got[(t, n)] = index
+
+    listener = address.listen()
+    stop = threading.Event()
+    serving = threading.Thread(
+        target=serve, args=(_Counting(listener, connections), address.secret, append_many, stop)
+    )
+    serving.start()
+    try:
+        threads = [threading.Thread(target=appender, args=(t,)) for t in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()
+        serving.join(timeout=10)
+        listener.close()
+    assert sorted(got.values()) == list(range(320))
+    for (t, n), index in got.items():
+        assert [i for i, _ in sequencer.entries_for([f"rec-{t}-{n}"])] == [index]
+    assert len(connections) == 1  # one connection for all 32 threads
+    assert max(batch_sizes) > 1  # and their entries went over it together
+
+
+class _Counting:
+    """A listening socket that counts the connections it accepts."""
+
+    def __init__(self, listener: socket.socket, accepted: list[int]) -> None:
+        self._listener, self._accepted = listener, accepted
+
+    def accept(self) -> tuple[socket.socket, object]:
+        conn, peer = self._listener.accept()
+        self._accepted.append(conn.fileno())
+        return conn, peer
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._listener, name)
+
+
+def test_a_batch_cut_short_answers_what_was_answered_and_refuses_the_rest(
+    processes: _Processes, address: SequencerAddress
+) -> None:
+    # A sequencer that answers the first two frames it reads and dies holding the third:
+    # that one may have been stored, so it is refused, and appended neither there nor here
+    # (however the three threads' frames were batched).
+    listener = address.listen()
+
+    def answers_two_of_three() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            assert _read_exactly(conn, SECRET_BYTES) == address.secret
+            for answer in (41, 42):
+                assert _read_request(conn) is not None
+                conn.sendall(answer.to_bytes(8, "big"))
+            assert _read_request(conn) is not None
+
+    worker = processes.worker(address)
+    client = processes._clients[-1]
+    threading.Thread(target=answers_two_of_three, daemon=True).start()
+    outcomes: list[object] = [None, None, None]
+
+    def appender(i: int) -> None:
+        try:
+            outcomes[i] = client.append(_entry(i, "rec-cut").encode(), [], None)
+        except AuditUnavailable as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=appender, args=(i,)) for i in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        listener.close()
+    assert sorted(o for o in outcomes if isinstance(o, int)) == [41, 42]
+    refused = [o for o in outcomes if isinstance(o, AuditUnavailable)]
+    assert len(refused) == 1 and not isinstance(refused[0], SequencerUnreachable)
+    assert worker.size == 0

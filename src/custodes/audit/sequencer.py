@@ -10,7 +10,9 @@ Entries from every worker then share one transaction, and no two processes conte
 the lock. One thread serves every connection: it takes every request that has arrived,
 from all of them, appends them as one batch, answers each, and looks again; the requests
 that arrive while a batch commits make the next one. No thread per connection, so no
-hundreds of threads taking turns at the interpreter for each commit.
+hundreds of threads taking turns at the interpreter for each commit. A worker, likewise,
+sends its threads' entries over one connection, as many as are waiting in one write
+(SequencerClient), so that a batch, not an entry, costs the system calls on either side.
 
 The sequencer is a shortcut, never the only way: a worker that cannot reach it (not yet
 started, restarting after a crash) appends by itself as before, through the same lock, so
@@ -26,7 +28,8 @@ only its forked children hold: another local program cannot put entries on the l
 Frames, all integers big-endian:
     request: entry length (4 bytes), subject count (2), sealed-details length + 1 (4;
              0: none), then the entry, the subjects (16 bytes each), the details
-    answer:  the entry's index (8, signed; -1: refused)
+    answer:  the entry's index (8, signed; -1: refused), a connection's answers in the
+             order of its requests
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ Request = tuple[bytes, list[bytes], "bytes | None"]
 # The sequencer's side: requests -> each one's index once durable, or None if refused.
 AppendMany = Callable[[Sequence[Request]], Sequence["int | None"]]
 # Bytes read from a connection at a time.
-_RECEIVE = 1 << 16
+_RECEIVE = 1 << 18
 
 
 class SequencerUnreachable(AuditUnavailable):
@@ -159,8 +162,7 @@ class _Worker:
                 return False
             self.admitted = True
         try:
-            while (request := _take_frame(self.buffer)) is not None:
-                self.requests.append(request)
+            self.requests.extend(_take_frames(self.buffer))
         except ValueError:
             return False
         return True
@@ -213,35 +215,41 @@ def _append_and_answer(
         # serves on: a worker must never wait for an answer that will not come.
         log.error("the log sequencer could not append a batch (%s)", type(exc).__name__)
         indexes = [None] * len(arrived)
+    # Each connection's answers in one send, in the order its requests came. A worker
+    # has at most one batch of MAX_BATCH frames in flight and reads their answers before
+    # it sends again, so the socket's buffer always has room and the send never blocks.
+    answers: dict[_Worker, list[bytes]] = {}
     for (worker, _), index in zip(arrived, indexes, strict=True):
+        answers.setdefault(worker, []).append(_ANSWER.pack(REFUSED if index is None else index))
+    for worker, packed in answers.items():
         try:
-            # Eight bytes, and each connection has one request in flight: the socket's
-            # buffer always has room, so the send does not block.
-            worker.conn.sendall(_ANSWER.pack(REFUSED if index is None else index))
+            worker.conn.sendall(b"".join(packed))
         except OSError:
             _drop(selector, worker)
 
 
-def _take_frame(buffer: bytearray) -> Request | None:
-    """The first whole request at the start of `buffer`, removed from it; None if it has
-    not all arrived; ValueError for a frame that is no entry of ours."""
-    if len(buffer) < _REQUEST.size:
-        return None
-    entry_length, subject_count, details_field = _REQUEST.unpack_from(buffer)
-    details_length = details_field - 1 if details_field else 0
-    if entry_length > MAX_ENTRY_BYTES or details_length > MAX_DETAILS_BYTES:
-        raise ValueError("frame too large")
-    body = entry_length + subject_count * SUBJECT_BYTES + details_length
-    if len(buffer) < _REQUEST.size + body:
-        return None
-    request = _parse_body(
-        bytes(buffer[_REQUEST.size : _REQUEST.size + body]),
-        entry_length,
-        subject_count,
-        details_field,
-    )
-    del buffer[: _REQUEST.size + body]
-    return request
+def _take_frames(buffer: bytearray) -> list[Request]:
+    """The whole requests at the start of `buffer`, removed from it (what follows them
+    has not all arrived); ValueError for a frame that is no entry of ours."""
+    taken: list[Request] = []
+    at = 0
+    while len(buffer) - at >= _REQUEST.size:
+        entry_length, subject_count, details_field = _REQUEST.unpack_from(buffer, at)
+        details_length = details_field - 1 if details_field else 0
+        if entry_length > MAX_ENTRY_BYTES or details_length > MAX_DETAILS_BYTES:
+            raise ValueError("frame too large")
+        body = entry_length + subject_count * SUBJECT_BYTES + details_length
+        start = at + _REQUEST.size
+        if len(buffer) < start + body:
+            break
+        taken.append(
+            _parse_body(
+                bytes(buffer[start : start + body]), entry_length, subject_count, details_field
+            )
+        )
+        at = start + body
+    del buffer[:at]
+    return taken
 
 
 def _read_request(conn: socket.socket) -> Request | None:
@@ -289,17 +297,54 @@ def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
 
 # -- a worker's side ------------------------------------------------------------------------
 
+# The most frames a worker sends in one write. Their answers (8 bytes each) then always
+# fit the socket's buffer, so the sequencer's send of them never blocks; and a write
+# holds a few MiB at most however large the entries (an ingest batch's seals its ids).
+MAX_BATCH = 1024
+MAX_BATCH_BYTES = 4 << 20
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """One append waiting in a worker: its frame, and how it ended once it has."""
+
+    frame: bytes
+    wake: threading.Lock = field(default_factory=threading.Lock)
+    settled: bool = False
+    index: int = REFUSED
+    # Why it ended without an index: SequencerUnreachable (its frame never reached the
+    # sequencer whole) or AuditUnavailable (it did, and its answer was lost).
+    failure: type[AuditUnavailable] | None = None
+
+    def result(self) -> int:
+        if self.failure is SequencerUnreachable:
+            raise SequencerUnreachable("the log sequencer is not answering")
+        if self.failure is not None:
+            raise AuditUnavailable("the log sequencer did not say whether it stored the entry")
+        if self.index < 0:
+            raise AuditUnavailable("the access log could not record this access")
+        return self.index
+
 
 class SequencerClient:
-    """A worker's way to the sequencer: a connection per append in flight (each waits for
-    its own answer, so none needs matching to its request), kept for the next append and
-    closed on any fault."""
+    """A worker's way to the sequencer: one connection for the whole process, shared by
+    its threads.
+
+    The first thread to find no batch in flight leads: it sends every frame queued so far
+    in one write, reads their answers in order (the sequencer answers a connection's
+    requests in the order they came), settles each waiting thread, and hands the lead to
+    the first that queued meanwhile. A batch costs a write and a read here and in the
+    sequencer, where a connection per entry cost a pair of system calls and a turn of the
+    sequencer's loop for each. The connection is closed on any fault and made again for
+    the next batch."""
 
     def __init__(self, address: SequencerAddress, *, timeout: float = 30.0) -> None:
         self._address = address
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()  # guards the queue, the lead and the connection
+        self._queue: list[_Waiter] = []
+        self._leading = False
+        self._conn: socket.socket | None = None
         self._closed = False
 
     def append(self, entry: bytes, subjects: Sequence[bytes], details: bytes | None) -> int:
@@ -310,44 +355,100 @@ class SequencerClient:
         if any(len(s) != SUBJECT_BYTES for s in subjects) or len(subjects) > 0xFFFF:
             raise ValueError("a subject commitment is 16 bytes, at most 65,535 of them")
         details_field = 0 if details is None else len(details) + 1
-        frame = b"".join(
-            (
-                _REQUEST.pack(len(entry), len(subjects), details_field),
-                entry,
-                *subjects,
-                details or b"",
+        waiter = _Waiter(
+            b"".join(
+                (
+                    _REQUEST.pack(len(entry), len(subjects), details_field),
+                    entry,
+                    *subjects,
+                    details or b"",
+                )
             )
         )
-        conn = self._connection()
+        waiter.wake.acquire()
+        with self._lock:
+            self._queue.append(waiter)
+            leads = not self._leading
+            self._leading = True
+        if not leads:
+            # Released once it is settled, or handed the lead with its frame not yet sent.
+            waiter.wake.acquire()
+        if not waiter.settled:
+            self._lead()
+        return waiter.result()
+
+    def _lead(self) -> None:
+        # The leader is the first queued (a lead is only ever taken by, or handed to, the
+        # head of the queue), so its own frame is in the batch it sends.
+        with self._lock:
+            count = size = 0
+            for waiter in self._queue[:MAX_BATCH]:
+                size += len(waiter.frame)
+                if count and size > MAX_BATCH_BYTES:
+                    break
+                count += 1
+            batch = self._queue[:count]
+            del self._queue[:count]
         try:
-            conn.sendall(frame)
+            self._exchange(batch)
+        finally:
+            for waiter in batch:
+                if not waiter.settled:  # only on an unexpected error: the answer is lost
+                    waiter.failure, waiter.settled = AuditUnavailable, True
+            with self._lock:
+                following = self._queue[0] if self._queue else None
+                if following is None:
+                    self._leading = False
+            for waiter in batch[1:]:
+                waiter.wake.release()
+            if following is not None:
+                following.wake.release()  # not settled: it leads the next batch
+
+    def _exchange(self, batch: list[_Waiter]) -> None:
+        """Send the batch's frames in one write and settle each with its answer."""
+        try:
+            conn = self._connection()
+        except SequencerUnreachable:
+            for waiter in batch:
+                waiter.failure, waiter.settled = SequencerUnreachable, True
+            return
+        data = b"".join(waiter.frame for waiter in batch)
+        sent = 0
+        try:
+            view = memoryview(data)
+            while sent < len(data):
+                sent += conn.send(view[sent:])
         except OSError:
-            conn.close()
-            raise SequencerUnreachable("the log sequencer is not answering") from None
-        try:
-            answer = _read_exactly(conn, _ANSWER.size)
-        except (OSError, ValueError):
-            answer = None
-        if answer is None:
-            conn.close()
-            raise AuditUnavailable("the log sequencer did not say whether it stored the entry")
-        self._put_back(conn)
-        (index,) = _ANSWER.unpack(answer)
-        if index < 0:
-            raise AuditUnavailable("the access log could not record this access")
-        return int(index)
+            self._drop(conn)
+            # A frame sent whole may have been stored; one cut short or never begun was
+            # not (the sequencer drops what a closed connection left unfinished).
+            end = 0
+            for waiter in batch:
+                end += len(waiter.frame)
+                waiter.failure = AuditUnavailable if end <= sent else SequencerUnreachable
+                waiter.settled = True
+            return
+        answers = _read_answers(conn, len(batch))
+        for waiter, index in zip(batch, answers, strict=False):
+            waiter.index, waiter.settled = index, True
+        if len(answers) < len(batch):
+            self._drop(conn)
+            for waiter in batch[len(answers) :]:
+                waiter.failure, waiter.settled = AuditUnavailable, True
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
+            conn, self._conn = self._conn, None
+        if conn is not None:
             conn.close()
 
     def _connection(self) -> socket.socket:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            if self._closed:
+                raise SequencerUnreachable("this worker's way to the log sequencer is closed")
+            if self._conn is not None:
+                return self._conn
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(self._timeout)
@@ -356,11 +457,33 @@ class SequencerClient:
         except OSError:
             conn.close()
             raise SequencerUnreachable("the log sequencer is not running") from None
-        return conn
-
-    def _put_back(self, conn: socket.socket) -> None:
         with self._lock:
             if not self._closed:
-                self._idle.append(conn)
-                return
+                self._conn = conn
+                return conn
         conn.close()
+        raise SequencerUnreachable("this worker's way to the log sequencer is closed")
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        conn.close()
+
+
+def _read_answers(conn: socket.socket, count: int) -> list[int]:
+    """Up to `count` answers, in order: fewer if the connection ended or failed first."""
+    wanted = count * _ANSWER.size
+    buffer = bytearray(wanted)
+    view = memoryview(buffer)
+    got = 0
+    try:
+        while got < wanted:
+            n = conn.recv_into(view[got:])
+            if n == 0:
+                break
+            got += n
+    except OSError:
+        pass
+    whole = got // _ANSWER.size
+    return [index for (index,) in _ANSWER.iter_unpack(view[: whole * _ANSWER.size])]
