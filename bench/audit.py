@@ -310,7 +310,10 @@ def sequenced_appends(
     per_thread = count // (processes * threads)
     context = multiprocessing.get_context("fork")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
-    # Forked before this process opens the log or starts a thread, as the supervisor forks.
+    # The store made first, as `custodes init` makes a vault before a server opens it, and
+    # closed again: the children are forked before this process holds the log open or
+    # runs a thread, as the supervisor forks.
+    close(backend.open(location))
     children = [
         context.Process(
             target=_worker_process,

@@ -398,6 +398,9 @@ _CHARGE_USAGE = (
 )
 
 _PRAGMAS = (
+    # First, so that a process opening the file while another is switching it to WAL
+    # (several server workers opening a new vault at once) waits rather than fails.
+    "PRAGMA busy_timeout=10000",
     # Only takes effect on a new, empty file, so it comes before WAL mode is set. Pages
     # of 8 KiB measured fastest for ingest: fewer, shallower pages for the appended
     # records and fewer commits' worth of page headers than 4 KiB; 16 KiB was no better.
@@ -412,7 +415,6 @@ _PRAGMAS = (
     # Freed pages are zeroed, so a deleted wrapped key does not linger in the file and
     # crypto-shredding really destroys it.
     "PRAGMA secure_delete=ON",
-    "PRAGMA busy_timeout=10000",
     # Up to 256 MiB of page cache, allocated as used: the record-id index takes random
     # inserts during ingest (about 60 MiB per million records) and must stay cached.
     "PRAGMA cache_size=-262144",
