@@ -125,6 +125,11 @@ def test_a_token_lookup_scans_exactly_one_partition_of_the_tokens(
     assert relation.startswith("tokens_p")
     # One probe of that partition's primary key, not a scan of its rows.
     assert node in ("Index Scan", "Index Only Scan"), node
+    if query == FIND_RECORDS_SQL:
+        # Each record found and its data key: one probe of its own partition, never a
+        # join over every partition (which tables of any size may get, their statistics
+        # not yet gathered).
+        assert probes(plan, "records_p") == 3 and probes(plan, "data_keys_p") == 3
 
 
 def probes(plan: dict[str, Any], prefix: str) -> int:

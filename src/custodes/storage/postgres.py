@@ -326,15 +326,17 @@ FIND_SQL = (
 # The token's ids first, then each id's record and data key by its primary key, LATERAL:
 # written as a plain three-way join, the planner (with no statistics yet on partitions
 # just filled by COPY) scanned every data_keys partition for each id, 129 ms a lookup at
-# 170,000 records against 1.1 ms in this form (bench/scale.py found it at 10^6).
+# 170,000 records against 1.1 ms in this form (bench/scale.py found it at 10^6). The
+# LIMIT (a primary key: it changes no answer) keeps each subquery from being flattened
+# into a join, so that no estimate can turn a probe an id into a scan of partitions.
 FIND_RECORDS_SQL = (
     "SELECT r.record_id, r.record_type, r.payload, k.kek_version, k.wrapped"
     " FROM (SELECT record_id FROM tokens WHERE token = %s AND index_id = %s"
     "  ORDER BY record_id LIMIT %s) AS t"
     " CROSS JOIN LATERAL (SELECT record_id, record_type, payload FROM records"
-    "  WHERE records.record_id = t.record_id) AS r"
+    "  WHERE records.record_id = t.record_id LIMIT 1) AS r"
     " CROSS JOIN LATERAL (SELECT kek_version, wrapped FROM data_keys"
-    "  WHERE data_keys.record_id = t.record_id) AS k"
+    "  WHERE data_keys.record_id = t.record_id LIMIT 1) AS k"
     " ORDER BY t.record_id"
 )
 # Records by id, each id one probe of its own partition (pruned at execution, per id).
