@@ -18,7 +18,6 @@ from custodes.settings import (
     VaultLayout,
     database_topology,
 )
-from custodes.storage import PostgresStorage
 
 PRIMARY = "host=n1,n2 port=5432,5432 dbname=custodes user=app target_session_attrs=read-write"
 STANDBY = "host=n1,n2 port=5432,5432 dbname=custodes user=app target_session_attrs=standby"
@@ -105,9 +104,3 @@ def test_init_refuses_replicas_without_a_database(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "--replica and --log-database go with --database" in result.output
     assert not (tmp_path / "vault").exists()
-
-
-def test_a_log_database_apart_from_the_primary_is_refused_not_ignored() -> None:
-    # Refused before any connection is tried: the hosts here need not exist.
-    with pytest.raises(ConfigurationError, match="not supported yet"):
-        PostgresStorage(PRIMARY, log_dsn="postgresql://app@log:5432/log")

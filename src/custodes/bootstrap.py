@@ -9,6 +9,7 @@ on the host, comes with its host operator; a server process's vault has none.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -71,6 +72,7 @@ from custodes.settings import (
 )
 from custodes.storage import MemoryStorage, SQLiteStorage, Storage
 from custodes.storage.base import SessionRow
+from custodes.storage.log_apart import LOG_APART_KEY, LOG_OF_KEY
 from custodes.vault import Vault
 from custodes.vault.rotation import STARTED_KEY as ROTATION_STARTED
 
@@ -148,15 +150,21 @@ def create_vault(
     directory = Path(directory)
     token = _token_settings(pkcs11_module, pkcs11_token)
     recorded_database = database
+    recorded_log_database: str | None = None
     recorded_replicas = check_replicas(list(replicas))
     replica_max_lag = check_replica_max_lag(replica_max_lag)
     if database is not None:
         database = check_database_url(database)
+        if log_database is not None:
+            log_database = check_database_url(log_database)
+            if log_database == database:
+                log_database = None  # the log in the records' database, as without it
+        recorded_log_database = log_database
         if app_role is not None:
             recorded_database = database_url_as(database, app_role)
             recorded_replicas = tuple(database_url_as(r, app_role) for r in recorded_replicas)
-        if log_database is not None:
-            log_database = check_database_url(log_database)
+            if log_database is not None:
+                recorded_log_database = database_url_as(log_database, app_role)
     elif app_role is not None:
         raise ConfigurationError("an application role needs a PostgreSQL database")
     elif replicas or log_database is not None:
@@ -186,6 +194,8 @@ def create_vault(
         from custodes.storage.postgres import check_app_role
 
         check_app_role(database, app_role)
+        if log_database is not None:
+            check_app_role(log_database, app_role)
     if token is not None:
         from custodes.crypto.pkcs11 import generate_token_kek
 
@@ -225,11 +235,13 @@ def create_vault(
             recorded_database,
             app_role,
             replicas=recorded_replicas,
-            log_database=log_database,
+            log_database=recorded_log_database,
             replica_max_lag=replica_max_lag,
         )
         if database is not None and app_role is not None:
             _grant(database, app_role, finish=f"--vault {directory}")
+            if log_database is not None:
+                _grant(log_database, app_role, finish=f"--vault {directory}")
     except BaseException:
         storage.close()
         raise
@@ -695,11 +707,15 @@ def _storage_at(
     False (key-less checks) a schema behind this software is refused, never migrated.
     Replicas, when given, serve reads of records and tokens within replica_max_lag.
     `partitions` is how many partitions a new schema's big tables get (PostgreSQL's
-    default when None); a schema made already keeps its own."""
+    default when None); a schema made already keeps its own. A `log_database` other than
+    `database` holds the access log (storage.log_apart), opened by the same rules, and
+    the two must be bound to each other; a vault whose log is apart never opens on its
+    records' database alone."""
     if database is None:
         if partitions is not None:
             raise ConfigurationError("partitions are PostgreSQL's: give --database as well")
         return SQLiteStorage(VaultLayout(directory).database)
+    from custodes.storage.log_apart import check_log_in_place, open_log_apart
     from custodes.storage.postgres import (
         DEFAULT_PARTITIONS,
         SCHEMA_VERSION,
@@ -707,33 +723,50 @@ def _storage_at(
         role_standing,
     )
 
-    def opened(privileges: Literal["owner", "app"]) -> Storage:
-        return PostgresStorage(
-            database,
-            privileges=privileges,
-            replicas=replicas,
-            replica_max_lag=replica_max_lag,
-            log_dsn=log_database,
-            # A schema made already keeps its own count; this one is for a new schema.
-            partitions=partitions or DEFAULT_PARTITIONS,
-        )
-
-    if least_privilege:
-        return opened("app")
-    standing = role_standing(database)
-    if not standing.migrates:
-        return opened("app")
-    if standing.version is not None and standing.version < SCHEMA_VERSION:
-        if not migrate and standing.version == 0:
-            raise ConfigurationError("the vault's database schema holds no vault")
-        if not migrate:
-            raise ConfigurationError(
-                f"the database schema is version {standing.version}, this software needs "
-                f"{SCHEMA_VERSION}: run 'custodes database grant' as the schema's owner"
+    def opened(url: str, *, log_only: bool = False) -> PostgresStorage:
+        def as_(privileges: Literal["owner", "app"]) -> PostgresStorage:
+            return PostgresStorage(
+                url,
+                privileges=privileges,
+                # The log is read from and written to its own primary only.
+                replicas=() if log_only else replicas,
+                replica_max_lag=replica_max_lag,
+                # A schema made already keeps its own count; this one is for a new
+                # schema (the log side's record tables stay empty: one partition each).
+                partitions=1 if log_only else partitions or DEFAULT_PARTITIONS,
             )
-        if app_role is not None and standing.version > 0:
-            _grant(database, app_role)
-    return opened("owner")
+
+        if least_privilege:
+            return as_("app")
+        standing = role_standing(url)
+        if not standing.migrates:
+            return as_("app")
+        if standing.version is not None and standing.version < SCHEMA_VERSION:
+            if not migrate and standing.version == 0:
+                raise ConfigurationError("the vault's database schema holds no vault")
+            if not migrate:
+                raise ConfigurationError(
+                    f"the database schema is version {standing.version}, this software needs "
+                    f"{SCHEMA_VERSION}: run 'custodes database grant' as the schema's owner"
+                )
+            if app_role is not None and standing.version > 0:
+                _grant(url, app_role)
+        return as_("owner")
+
+    records = opened(database)
+    if log_database is None or log_database == database:
+        try:
+            check_log_in_place(records)
+        except BaseException:
+            records.close()
+            raise
+        return records
+    try:
+        log = opened(log_database, log_only=True)
+    except BaseException:
+        records.close()
+        raise
+    return open_log_apart(records, log)
 
 
 def _unlocked_storage(unlocked: UnlockedVault) -> Storage:
@@ -781,12 +814,14 @@ def _recorded_storage(directory: Path) -> Storage | None:
     database, least_privilege = _database_choice(recorded)
     if database is None and not layout.database.exists():
         return None
+    topology = database_topology(recorded, database)
     return _storage_at(
         layout.directory,
         database,
         least_privilege=least_privilege,
         app_role=recorded.app_role,
         migrate=False,
+        log_database=None if topology is None else topology.log_database,
     )
 
 
@@ -1067,6 +1102,7 @@ class RoleGrant:
     database: str  # the URL the vault records for its server, after the grant
     rerecorded: bool  # the recorded URL was the owner's and now names app_role
     other_role: str | None = None  # the recorded URL names this other plain role: left as is
+    log: bool = False  # the schema granted holds the vault's access log (storage.log_apart)
 
 
 def grant_database_role(directory: Path, *, owner_database: str, app_role: str) -> RoleGrant:
@@ -1097,12 +1133,17 @@ def grant_database_role(directory: Path, *, owner_database: str, app_role: str) 
             "the schema --owner-database names holds no vault: check its search_path"
         )
     check_app_role(owner_database, app_role)
-    # The schema must hold this directory's vault before anyone is granted anything in it.
+    # The schema must hold this directory's vault, or its access log, before anyone is
+    # granted anything in it.
     storage = PostgresStorage(owner_database, max_size=1)
     try:
         held = storage.get_meta("vault_id")
+        log_of = storage.get_meta(LOG_OF_KEY)
     finally:
         storage.close()
+    if held is None and log_of is not None and _is_log_of(recorded, log_of):
+        _grant(owner_database, app_role)
+        return RoleGrant(app_role, recorded.log_database or "", rerecorded=False, log=True)
     if held != recorded.vault_id:
         raise ConfigurationError("the schema --owner-database names holds another vault")
     _grant(owner_database, app_role)
@@ -1116,6 +1157,19 @@ def grant_database_role(directory: Path, *, owner_database: str, app_role: str) 
     if recorded.app_role != app_role:
         layout.record_database(recorded.database, app_role)
     return RoleGrant(app_role, recorded.database, rerecorded=False)
+
+
+def _is_log_of(recorded: VaultFile, log_of: bytes) -> bool:
+    """Whether a schema bound as a log database (`log_of`) is this vault's own: the
+    binding its records' database holds, read with the URL the vault recorded."""
+    if recorded.database is None or recorded.log_database is None:
+        return False
+    from custodes.storage.postgres import connect_pinned
+
+    conn, _ = connect_pinned(recorded.database)
+    with conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = %s", (LOG_APART_KEY,)).fetchone()
+    return row is not None and secrets.compare_digest(bytes(row[0]), log_of)
 
 
 def replica_standings(directory: Path) -> list[ReplicaStanding]:

@@ -213,9 +213,18 @@ class VaultLayout:
         settings or the new, never half of them."""
         recorded = self.read()
         replicas = recorded.replicas
+        log_database = recorded.log_database
         if app_role is not None:
             replicas = tuple(database_url_as(r, app_role) for r in replicas)
-        updated = replace(recorded, database=database, app_role=app_role, replicas=replicas)
+            if log_database is not None:
+                log_database = database_url_as(log_database, app_role)
+        updated = replace(
+            recorded,
+            database=database,
+            app_role=app_role,
+            replicas=replicas,
+            log_database=log_database,
+        )
         text = _vault_text(updated)
         staged = self.vault_file.with_name(f".{VAULT_FILE}.new")
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

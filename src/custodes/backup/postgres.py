@@ -320,6 +320,13 @@ def backup_postgres(
     recorded = VaultLayout(vault.directory).read()
     if recorded.database is None:
         raise ConfigurationError("this vault's records are in SQLite: back it up as such")
+    if recorded.log_database is not None:
+        # A backup is one cluster's, read in one snapshot that holds every read's entry
+        # beside the records it read; a log in another cluster is in neither.
+        raise ConfigurationError(
+            "this vault's access log lives in a database of its own, which a backup of the "
+            "records' cluster would not hold: back up each cluster with pgBackRest itself"
+        )
     database = check_database_url(database)
     keyring_path = Path(keyring) if keyring else recorded.keyring
     log_key_path = Path(log_key) if log_key else recorded.log_key

@@ -41,7 +41,9 @@ def database_grant(owner_database: str, app_role: str, vault_dir: str | None) ->
 
     Run it after an upgrade, and to move a vault to a least-privileged role: if the vault's
     settings name the owner, they are changed to name NAME. Granting again revokes
-    whatever the role held beyond that.
+    whatever the role held beyond that. A vault whose access log has a database of its
+    own (init --log-database) is granted in each: run it again with the log schema
+    owner's URL.
     """
     from custodes.bootstrap import grant_database_role
 
@@ -50,7 +52,10 @@ def database_grant(owner_database: str, app_role: str, vault_dir: str | None) ->
     granted = grant_database_role(
         vault_directory(vault_dir), owner_database=owner_database, app_role=app_role
     )
-    out.print(Text(f"the database role {granted.app_role!r} holds what the server needs, no more"))
+    where = " in the vault's access log database" if granted.log else ""
+    out.print(
+        Text(f"the database role {granted.app_role!r} holds what the server needs{where}, no more")
+    )
     if granted.rerecorded:
         out.print(
             Text(

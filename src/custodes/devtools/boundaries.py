@@ -11,7 +11,7 @@ from pathlib import Path
 
 from custodes.devtools.imports import absolute_name, import_graph, module_files, package_of
 
-BACKEND_MODULES = ("storage.sqlite", "storage.memory", "storage.postgres")
+BACKEND_MODULES = ("storage.sqlite", "storage.memory", "storage.postgres", "storage.log_apart")
 BACKEND_NAMES = frozenset({"SQLiteStorage", "MemoryStorage", "PostgresStorage"})
 # A backup adapter copies one backend's tables as stored (ciphertext, tokens, the log) and
 # checks a restored copy: it may reach that backend, and no other, and never the codec.

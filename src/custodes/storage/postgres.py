@@ -422,15 +422,8 @@ class PostgresStorage:
         privileges: Privileges = "owner",
         replicas: Sequence[str] = (),
         replica_max_lag: float = 1.0,
-        log_dsn: str | None = None,
         partitions: int = DEFAULT_PARTITIONS,
     ) -> None:
-        if log_dsn is not None and log_dsn != dsn:
-            # The seam is in the settings; the log's tables still live beside the records.
-            raise ConfigurationError(
-                "an access log in a database of its own is not supported yet: leave "
-                "log_database unset (the log then lives in the primary)"
-            )
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ConfigurationError("the pool needs 0 <= min_size <= max_size and max_size >= 1")
         if privileges not in ("owner", "app"):
