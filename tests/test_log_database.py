@@ -55,9 +55,12 @@ def rows(dsn: str, table: str) -> int:
     return int(count)
 
 
-def made_vault(tmp_path: Path, records: str, log: str) -> Path:
+def made_vault(
+    tmp_path: Path, records: str, log: str | None, *, app_role: str | None = None
+) -> Path:
+    """A vault on `records` with its log in `log` (None: beside the records), closed."""
     directory = tmp_path / "vault"
-    vault = create_vault(
+    create_vault(
         directory,
         passphrase=PASSPHRASE,
         keyring_path=tmp_path / "keys" / "vault.keyring",
@@ -66,9 +69,8 @@ def made_vault(tmp_path: Path, records: str, log: str) -> Path:
         hash_cost=FAST_HASH,
         database=records,
         log_database=log,
-    )
-    vault.close()
-    assert VaultLayout(directory).read().log_database == log
+        app_role=app_role,
+    ).close()
     return directory
 
 
@@ -93,6 +95,7 @@ def test_every_search_is_logged_in_the_log_database_and_none_in_the_records(
 ) -> None:
     records, log = postgres_dsn(), postgres_dsn()
     directory = made_vault(tmp_path, records, log)
+    assert VaultLayout(directory).read().log_database == log
     source = tmp_path / "people.jsonl"
     with source.open("wb") as f:
         write_jsonl(f, 40, seed=3)
@@ -155,16 +158,8 @@ def test_a_log_is_not_moved_out_of_the_records_database_once_it_holds_entries(
     tmp_path: Path, postgres_dsn: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records = postgres_dsn()
-    directory = tmp_path / "vault"
-    vault = create_vault(
-        directory,
-        passphrase=PASSPHRASE,
-        keyring_path=tmp_path / "keys" / "vault.keyring",
-        log_key_path=tmp_path / "keys" / "log.key",
-        kdf=FAST_KDF,
-        hash_cost=FAST_HASH,
-        database=records,
-    )
+    directory = made_vault(tmp_path, records, None)
+    vault = opened(directory)
     try:
         login(vault)  # an account added: an entry on the log, in the records' database
     finally:
@@ -216,18 +211,7 @@ def test_the_servers_role_is_granted_in_both_databases_and_runs_a_search_there(
         admin.execute("CREATE SCHEMA vault_log AUTHORIZATION vault_owner")
     records = with_schema(cluster.dsn(user="vault_owner"), "vault")
     log = with_schema(cluster.dsn(user="vault_owner"), "vault_log")
-    directory = tmp_path / "vault"
-    create_vault(
-        directory,
-        passphrase=PASSPHRASE,
-        keyring_path=tmp_path / "keys" / "vault.keyring",
-        log_key_path=tmp_path / "keys" / "log.key",
-        kdf=FAST_KDF,
-        hash_cost=FAST_HASH,
-        database=records,
-        log_database=log,
-        app_role="vault_app",
-    ).close()
+    directory = made_vault(tmp_path, records, log, app_role="vault_app")
     recorded = VaultLayout(directory).read()
     # Neither URL the vault keeps is the owner's.
     assert recorded.database == database_url_as(records, "vault_app")
