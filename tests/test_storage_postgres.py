@@ -5,6 +5,7 @@ processes that lose no entry, and errors that never repeat a stored value."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
@@ -22,7 +23,12 @@ from custodes.audit.verify import verify_log
 from custodes.crypto import KeyMaterial
 from custodes.errors import AuditUnavailable, ConfigurationError, StorageError
 from custodes.storage import PostgresStorage, Storage
-from custodes.storage.postgres import SCHEMA_VERSION, SCHEMA_VERSION_KEY
+from custodes.storage.postgres import (
+    LOG_FRONTIER_SQL,
+    LOG_NODES_SQL,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+)
 from tests.conftest import FAST_KDF, PASSPHRASE
 from tests.contract.accounts_contract import account
 from tests.contract.log_contract import SUBJECT_A, entry, log_batch, node_hash
@@ -424,3 +430,59 @@ def test_an_error_message_never_carries_a_stored_value(storage: PostgresStorage,
     told = _told(failed.value)
     assert SECRET not in told and commitment.hex() not in told
     assert storage.log_size() == 0
+
+
+def _node_probes(plan: dict[str, Any]) -> tuple[int, list[str]]:
+    """How many times the executor probed log_nodes, and every other way it read it."""
+    probes, other = 0, []
+    if plan.get("Relation Name") == "log_nodes" and plan.get("Actual Loops", 0) > 0:
+        if plan["Node Type"] in ("Index Scan", "Index Only Scan"):
+            probes += int(plan["Actual Loops"])
+        else:
+            other.append(str(plan["Node Type"]))
+    for child in plan.get("Plans", []):
+        more, others = _node_probes(child)
+        probes, other = probes + more, other + others
+    return probes, other
+
+
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+def test_an_append_and_a_proof_probe_the_logs_nodes_and_never_scan_them_all(
+    storage: PostgresStorage, dsn: str, plan_mode: str
+) -> None:
+    # Statistics gathered on a small tree led the planner to hash-join the positions
+    # against a scan of every node: on every append, while the log's lock was held, of a
+    # table that grows with every access. Whatever the statistics, an append's frontier
+    # and a proof's nodes are one probe of the primary key per position asked.
+    storage.log_append(log_batch(0, 600))
+    execute(dsn, "ANALYZE log_nodes")
+    positions = [(0, 5), (0, 599), (3, 17), (9, 0), (60, 1)]  # the last one absent
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT set_config('plan_cache_mode', %s, false)", (plan_mode,))
+        conn.execute("PREPARE frontier(bigint) AS " + LOG_FRONTIER_SQL.replace("%(known)s", "$1"))
+        conn.execute(
+            "PREPARE nodes(bigint[], bigint[]) AS "
+            + LOG_NODES_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
+        )
+        plans = [
+            conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {call}").fetchone()
+            for call in (
+                "frontier(590)",
+                "nodes('{"
+                + ",".join(str(lv) for lv, _ in positions)
+                + "}', '{"
+                + ",".join(str(i) for _, i in positions)
+                + "}')",
+            )
+        ]
+    frontier, nodes = (
+        (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+        for (raw,) in (p or (None,) for p in plans)
+    )
+    # A probe for each distinct peak of the two trees (the stored one and the caller's).
+    peaks = {(lv, (n >> lv) - 1) for n in (600, 590) for lv in range(63) if n >> lv & 1}
+    assert _node_probes(frontier) == (len(peaks), [])
+    assert _node_probes(nodes) == (len(positions), [])
+    assert storage.log_nodes(positions) == {
+        (lv, i): node_hash(lv, i) for lv, i in positions if (lv, i) != (60, 1)
+    }

@@ -339,6 +339,16 @@ FIND_RECORDS_SQL = (
     "  WHERE data_keys.record_id = t.record_id LIMIT 1) AS k"
     " ORDER BY t.record_id"
 )
+# Stored nodes of the log's tree by (level, idx), each one probe of the primary key. As a
+# plain join, once the table's statistics are gathered the planner may hash-join the
+# positions against a sequential scan of every node: measured at one scan an append, of
+# a table that grows with every access. The LIMIT (a primary key: it changes no answer)
+# keeps the subquery a probe. So too the frontier below.
+LOG_NODES_SQL = (
+    "SELECT w.level, w.idx, n.hash FROM unnest(%s::bigint[], %s::bigint[]) AS w(level, idx)"
+    " CROSS JOIN LATERAL (SELECT hash FROM log_nodes"
+    "  WHERE log_nodes.level = w.level AND log_nodes.idx = w.idx LIMIT 1) AS n"
+)
 # Records by id, each id one probe of its own partition (pruned at execution, per id).
 # Written `record_id = ANY(ids)`, every partition holding any of the ids is probed with
 # all of them: an ingest's check of a batch of 5,000 ids cost 16 times the probes on 16
@@ -1079,7 +1089,7 @@ class PostgresStorage:
             # unchanged. Both statements go out in one round trip, and the batch with the
             # COMMIT in another: a writer holding the lock waits on no answer but these.
             head = conn.execute("SELECT one FROM log_head FOR UPDATE")
-            frontier = conn.execute(_FRONTIER, {"known": checked.first_index})
+            frontier = conn.execute(LOG_FRONTIER_SQL, {"known": checked.first_index})
             if head.fetchone() is None:
                 raise AuditUnavailable("the access log's head row is missing")
             rows = frontier.fetchall()
@@ -1153,12 +1163,7 @@ class PostgresStorage:
             return {}
         levels = "{" + ",".join([str(lv) for lv, _ in wanted]) + "}"
         indexes = "{" + ",".join([str(i) for _, i in wanted]) + "}"
-        rows = self._rows(
-            "SELECT n.level, n.idx, n.hash FROM log_nodes AS n"
-            " JOIN unnest(%s::bigint[], %s::bigint[]) AS w(level, idx)"
-            " ON n.level = w.level AND n.idx = w.idx",
-            (levels, indexes),
-        )
+        rows = self._rows(LOG_NODES_SQL, (levels, indexes))
         return {(lv, i): bytes(h) for lv, i, h in rows}
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
@@ -1936,7 +1941,7 @@ _INSERT_LOG_BATCH = """
 # bit is set in n, the perfect subtree (L, (n >> L) - 1) (audit.merkle.peak_positions).
 # One row at least, every row carrying the size; a row's hash is null where no node is
 # stored (and level and idx too where neither tree has a peak).
-_FRONTIER = """
+LOG_FRONTIER_SQL = """
     WITH stored AS (SELECT coalesce(max(idx) + 1, 0) AS n FROM log_entries),
     sizes AS (SELECT n FROM stored UNION SELECT %(known)s::bigint),
     peaks AS (
@@ -1944,8 +1949,10 @@ _FRONTIER = """
         FROM sizes, generate_series(0, 62) AS g
         WHERE (sizes.n >> g) & 1 = 1
     )
-    SELECT stored.n, peaks.level, peaks.idx, log_nodes.hash
+    SELECT stored.n, peaks.level, peaks.idx, node.hash
     FROM stored
     LEFT JOIN peaks ON true
-    LEFT JOIN log_nodes ON log_nodes.level = peaks.level AND log_nodes.idx = peaks.idx
+    LEFT JOIN LATERAL (SELECT hash FROM log_nodes
+        WHERE log_nodes.level = peaks.level AND log_nodes.idx = peaks.idx LIMIT 1) AS node
+        ON true
 """
