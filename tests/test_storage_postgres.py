@@ -446,43 +446,41 @@ def _node_probes(plan: dict[str, Any]) -> tuple[int, list[str]]:
     return probes, other
 
 
-@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 def test_an_append_and_a_proof_probe_the_logs_nodes_and_never_scan_them_all(
-    storage: PostgresStorage, dsn: str, plan_mode: str
+    storage: PostgresStorage, dsn: str
 ) -> None:
-    # Statistics gathered on a small tree led the planner to hash-join the positions
-    # against a scan of every node: on every append, while the log's lock was held, of a
-    # table that grows with every access. Whatever the statistics, an append's frontier
-    # and a proof's nodes are one probe of the primary key per position asked.
-    storage.log_append(log_batch(0, 600))
+    # Statistics gathered on a tree of a page, then the tree grown far past them: what
+    # the log does with every access. Planned as the storage plans them (unprepared, for
+    # the table as it is), an append's frontier and a proof's nodes are one probe of the
+    # primary key per position asked, never a scan of every node. A plan prepared while
+    # the tree was small is kept, and scans them all (the last assertion).
+    storage.log_append(log_batch(0, 40))
     execute(dsn, "ANALYZE log_nodes")
-    positions = [(0, 5), (0, 599), (3, 17), (9, 0), (60, 1)]  # the last one absent
+    prepared = psycopg.connect(dsn, autocommit=True)
+    prepared.execute("SET plan_cache_mode = force_generic_plan")
+    prepared.execute("PREPARE frontier(bigint) AS " + LOG_FRONTIER_SQL.replace("%(known)s", "$1"))
+    prepared.execute("EXECUTE frontier(30)")  # its plan made now, and kept
+    storage.log_append(log_batch(40, 4000))
+    positions = [(0, 5), (0, 4039), (3, 17), (11, 0), (60, 1)]  # the last one absent
+    levels = "{" + ",".join(str(lv) for lv, _ in positions) + "}"
+    indexes = "{" + ",".join(str(i) for _, i in positions) + "}"
+
+    def plan(conn: psycopg.Connection[Any], statement: str, params: Any) -> dict[str, Any]:
+        (raw,) = conn.execute(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params, prepare=False
+        ).fetchone() or (None,)
+        return dict((raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"])
+
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT set_config('plan_cache_mode', %s, false)", (plan_mode,))
-        conn.execute("PREPARE frontier(bigint) AS " + LOG_FRONTIER_SQL.replace("%(known)s", "$1"))
-        conn.execute(
-            "PREPARE nodes(bigint[], bigint[]) AS "
-            + LOG_NODES_SQL.replace("%s", "$1", 1).replace("%s", "$2", 1)
-        )
-        plans = [
-            conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {call}").fetchone()
-            for call in (
-                "frontier(590)",
-                "nodes('{"
-                + ",".join(str(lv) for lv, _ in positions)
-                + "}', '{"
-                + ",".join(str(i) for _, i in positions)
-                + "}')",
-            )
-        ]
-    frontier, nodes = (
-        (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
-        for (raw,) in (p or (None,) for p in plans)
-    )
+        frontier = plan(conn, LOG_FRONTIER_SQL, {"known": 4030})
+        nodes = plan(conn, LOG_NODES_SQL, (levels, indexes))
+    with prepared:
+        generic = plan(prepared, "EXECUTE frontier(4030)", ())
     # A probe for each distinct peak of the two trees (the stored one and the caller's).
-    peaks = {(lv, (n >> lv) - 1) for n in (600, 590) for lv in range(63) if n >> lv & 1}
+    peaks = {(lv, (n >> lv) - 1) for n in (4040, 4030) for lv in range(63) if n >> lv & 1}
     assert _node_probes(frontier) == (len(peaks), [])
     assert _node_probes(nodes) == (len(positions), [])
     assert storage.log_nodes(positions) == {
         (lv, i): node_hash(lv, i) for lv, i in positions if (lv, i) != (60, 1)
     }
+    assert _node_probes(generic)[1] == ["Seq Scan"]

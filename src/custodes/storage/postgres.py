@@ -340,10 +340,12 @@ FIND_RECORDS_SQL = (
     " ORDER BY t.record_id"
 )
 # Stored nodes of the log's tree by (level, idx), each one probe of the primary key. As a
-# plain join, once the table's statistics are gathered the planner may hash-join the
-# positions against a sequential scan of every node: measured at one scan an append, of
-# a table that grows with every access. The LIMIT (a primary key: it changes no answer)
-# keeps the subquery a probe. So too the frontier below.
+# plain join the planner may hash-join the positions against a sequential scan of every
+# node; the LIMIT (a primary key: it changes no answer) keeps the subquery a probe. Both
+# this and the frontier below are run unprepared, planned at each call for the table as
+# it is: a plan prepared while the tree was a page or two (and its statistics were
+# gathered) scanned every node, on every append under the log's lock, long after the
+# table had grown (measured: thousands of rows read an access).
 LOG_NODES_SQL = (
     "SELECT w.level, w.idx, n.hash FROM unnest(%s::bigint[], %s::bigint[]) AS w(level, idx)"
     " CROSS JOIN LATERAL (SELECT hash FROM log_nodes"
@@ -1089,7 +1091,7 @@ class PostgresStorage:
             # unchanged. Both statements go out in one round trip, and the batch with the
             # COMMIT in another: a writer holding the lock waits on no answer but these.
             head = conn.execute("SELECT one FROM log_head FOR UPDATE")
-            frontier = conn.execute(LOG_FRONTIER_SQL, {"known": checked.first_index})
+            frontier = conn.execute(LOG_FRONTIER_SQL, {"known": checked.first_index}, prepare=False)
             if head.fetchone() is None:
                 raise AuditUnavailable("the access log's head row is missing")
             rows = frontier.fetchall()
@@ -1163,7 +1165,9 @@ class PostgresStorage:
             return {}
         levels = "{" + ",".join([str(lv) for lv, _ in wanted]) + "}"
         indexes = "{" + ",".join([str(i) for _, i in wanted]) + "}"
-        rows = self._rows(LOG_NODES_SQL, (levels, indexes))
+        rows = self._read(
+            lambda c: c.execute(LOG_NODES_SQL, (levels, indexes), prepare=False).fetchall()
+        )
         return {(lv, i): bytes(h) for lv, i, h in rows}
 
     def log_subject_entries(self, commitment: bytes) -> list[int]:
