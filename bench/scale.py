@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from baseline import LOCAL_SERVER, drop_schema, fresh_schema
 from serve import (
@@ -64,11 +65,18 @@ class Size:
     records: int
     ingest_seconds: float
     baseline_ingest_seconds: float
+    vacuum_seconds: float
+    baseline_vacuum_seconds: float
     bytes: int
     baseline_bytes: int
     largest: list[tuple[str, int]]
     custodes: dict[int, Figures]
     baseline: dict[int, Figures]
+
+
+def table_of(relation: str) -> str:
+    """A partition's parent table's name (records_p3 → records_p), a table's own."""
+    return relation.rstrip("0123456789").rstrip("_")
 
 
 def schema_bytes(server: str, schema: str) -> tuple[int, list[tuple[str, int]]]:
@@ -78,10 +86,99 @@ def schema_bytes(server: str, schema: str) -> tuple[int, list[tuple[str, int]]]:
     with psycopg.connect(server, autocommit=True) as db:
         db.execute("CHECKPOINT")  # so that sizes are what is on disk, not in flight
         for name, size in db.execute(SCHEMA_BYTES, (schema,)):
-            table = str(name).rstrip("0123456789").rstrip("_")
+            table = table_of(str(name))
             by_table[table] = by_table.get(table, 0) + int(size)
     largest = sorted(by_table.items(), key=lambda item: -item[1])[:4]
     return sum(by_table.values()), largest
+
+
+# What the server did for a schema's tables, by the statistics PostgreSQL keeps: pages it
+# asked the OS for (read) or found in its own buffers (hit), and what it scanned.
+SCHEMA_IO = """
+    SELECT coalesce(sum(heap_blks_read + idx_blks_read
+                        + coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0)), 0),
+           coalesce(sum(heap_blks_hit + idx_blks_hit
+                        + coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0)), 0)
+    FROM pg_statio_user_tables WHERE schemaname = %s
+"""
+TABLE_PAGES = """
+    SELECT relname, heap_blks_read + idx_blks_read
+                    + coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0),
+           heap_blks_hit + idx_blks_hit
+                    + coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0)
+    FROM pg_statio_user_tables WHERE schemaname = %s
+"""
+SCHEMA_SCANS = """
+    SELECT coalesce(sum(seq_scan), 0), coalesce(sum(seq_tup_read), 0),
+           coalesce(sum(idx_scan), 0)
+    FROM pg_stat_user_tables WHERE schemaname = %s
+"""
+# A backend reports its statistics when idle, at most 10 s after its last transaction
+# (PGSTAT_IDLE_INTERVAL); counters are read that long after the load stops.
+STATS_DELAY = 11.0
+
+
+def disk_reads() -> tuple[int, int]:
+    """Read requests and 512-byte sectors read by every whole disk since boot
+    (/proc/diskstats; partitions and virtual devices left out)."""
+    requests = sectors = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            name = fields[2]
+            if Path(f"/sys/block/{name}/device").exists():
+                requests += int(fields[3])
+                sectors += int(fields[5])
+    return requests, sectors
+
+
+def counting(server: str, schema: str) -> Callable[[], dict[str, int]]:
+    """What the server and the machine's disks have done for a schema so far: the
+    counters measure() takes the growth of, over each level."""
+
+    def counters() -> dict[str, int]:
+        time.sleep(STATS_DELAY)
+        with psycopg.connect(server, autocommit=True) as db:
+            read, hit = db.execute(SCHEMA_IO, (schema,)).fetchone() or (0, 0)
+            seq, seq_rows, idx = db.execute(SCHEMA_SCANS, (schema,)).fetchone() or (0, 0, 0)
+            by_table: dict[str, int] = {}
+            for name, table_read, table_hit in db.execute(TABLE_PAGES, (schema,)):
+                table = "pages " + table_of(str(name))
+                by_table[table] = by_table.get(table, 0) + int(table_read) + int(table_hit)
+                table = "os_reads " + table_of(str(name))
+                by_table[table] = by_table.get(table, 0) + int(table_read)
+        requests, sectors = disk_reads()
+        return by_table | {
+            "pages": int(read) + int(hit),
+            "os_reads": int(read),
+            "seq_scans": int(seq),
+            "seq_rows": int(seq_rows),
+            "index_scans": int(idx),
+            "disk_reads": requests,
+            "disk_kib": sectors // 2,
+        }
+
+    return counters
+
+
+# The schema's tables, partitioned parents standing for their partitions.
+SCHEMA_TABLES = """
+    SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+    WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+"""
+
+
+def vacuum(server: str, schema: str) -> float:
+    """VACUUM (ANALYZE) every table of the schema, as the PostgreSQL manual advises after
+    a bulk load: the statistics the planner needs, the visibility map index-only scans
+    need, and hint bits set now rather than by the first reads (which would write every
+    page they touch). Both stores get it before they are measured; it is timed apart
+    from their loads. Seconds taken."""
+    started = time.perf_counter()
+    with psycopg.connect(server, autocommit=True) as db:
+        for (name,) in db.execute(SCHEMA_TABLES, (schema,)).fetchall():
+            db.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(schema, str(name))))
+    return time.perf_counter() - started
 
 
 def count_lines(source: Path) -> int:
@@ -99,33 +196,41 @@ def run_size(people: int, args: argparse.Namespace, levels: list[int]) -> Size:
         env = server_env(workdir, own_vault=True)
         workers = str(args.server_workers)
 
-        plain_name, plain_dsn = fresh_schema(args.database)
-        made.callback(drop_schema, args.database, plain_name)
         area = workdir / f"{people}"
         area.mkdir()
-        started = time.perf_counter()
-        store, token = build_baseline(area, source, plain_dsn)
-        baseline_seconds = time.perf_counter() - started
-        baseline_bytes, _ = schema_bytes(args.database, plain_name)
-        with running(["--serve-baseline", "postgresql", store, workers], env, area / "b.log") as p:
-            print(f"{people:,} people: measuring the baseline", flush=True)
-            baseline = measure(p, token, ids, levels, args)
+        # Each store is measured with only itself on the server, and dropped before
+        # the next is made: neither is served from a page cache the other has filled.
+        with contextlib.ExitStack() as plain:
+            plain_name, plain_dsn = fresh_schema(args.database)
+            plain.callback(drop_schema, args.database, plain_name)
+            started = time.perf_counter()
+            store, token = build_baseline(area, source, plain_dsn)
+            baseline_seconds = time.perf_counter() - started
+            baseline_vacuum = vacuum(args.database, plain_name)
+            baseline_bytes, _ = schema_bytes(args.database, plain_name)
+            command = ["--serve-baseline", "postgresql", store, workers]
+            with running(command, env, area / "b.log") as p:
+                print(f"{people:,} people: measuring the baseline", flush=True)
+                baseline = measure(p, token, ids, levels, args, counting(args.database, plain_name))
 
         vault_name, vault_dsn = fresh_schema(args.database)
         made.callback(drop_schema, args.database, vault_name)
         directory, secret, ingest_seconds = build_vault(
             area, source, people, args.workers, vault_dsn
         )
+        vault_vacuum = vacuum(args.database, vault_name)
         total, largest = schema_bytes(args.database, vault_name)
         with running(["--serve", str(directory), workers], env, area / "v.log") as port:
             bearer = login(f"http://127.0.0.1:{port}", USER, PASSWORD, secret)
             print(f"{people:,} people: measuring custodes", flush=True)
-            custodes = measure(port, bearer, ids, levels, args)
+            custodes = measure(port, bearer, ids, levels, args, counting(args.database, vault_name))
     return Size(
         people,
         records,
         ingest_seconds,
         baseline_seconds,
+        vault_vacuum,
+        baseline_vacuum,
         total,
         baseline_bytes,
         largest,
@@ -151,7 +256,27 @@ def level_rows(level: int) -> list[Row]:
         ("  baseline p99 ms", lambda s: f"{s.baseline[level].p99_ms:.1f}"),
         ("  ratio", ratio),
         ("  errors", lambda s: f"{s.custodes[level].errors}/{s.baseline[level].errors}"),
+        *((f"  {label} a lookup", per_lookup(level, counter)) for label, counter in COUNTED_ROWS),
     ]
+
+
+# The counters shown a lookup, each as custodes/baseline: what tells a plan that scans
+# apart from pages the page cache no longer holds.
+COUNTED_ROWS = [
+    ("pages touched", "pages"),
+    ("pages from the OS", "os_reads"),
+    ("disk reads", "disk_reads"),
+    ("KiB from disk", "disk_kib"),
+    ("rows seq-scanned", "seq_rows"),
+]
+
+
+def per_lookup(level: int, counter: str) -> Callable[[Size], str]:
+    def cell(s: Size) -> str:
+        mine, theirs = s.custodes[level], s.baseline[level]
+        return f"{mine.per_lookup(counter):.1f}/{theirs.per_lookup(counter):.1f}"
+
+    return cell
 
 
 def table(sizes: list[Size], levels: list[int], args: argparse.Namespace) -> str:
@@ -161,6 +286,10 @@ def table(sizes: list[Size], levels: list[int], args: argparse.Namespace) -> str
         ("ingest s", lambda s: f"{s.ingest_seconds:,.0f}"),
         ("  records/s", lambda s: f"{s.records / s.ingest_seconds:,.0f}"),
         ("  baseline s", lambda s: f"{s.baseline_ingest_seconds:,.0f}"),
+        (
+            "vacuum (analyze) s, custodes/baseline",
+            lambda s: f"{s.vacuum_seconds:,.0f}/{s.baseline_vacuum_seconds:,.0f}",
+        ),
         ("bytes per person on disk", lambda s: f"{s.bytes / s.people:,.0f}"),
         ("  baseline", lambda s: f"{s.baseline_bytes / s.people:,.0f}"),
     ]
@@ -177,7 +306,29 @@ def table(sizes: list[Size], levels: list[int], args: argparse.Namespace) -> str
     for s in sizes:
         parts = ", ".join(f"{name} {size / s.people:,.0f}" for name, size in s.largest)
         lines.append(f"bytes per person by table at {s.people:,}: {parts}")
+    for s in sizes:
+        for level in levels:
+            for system, figures in (("custodes", s.custodes), ("baseline", s.baseline)):
+                lines.append(
+                    f"pages a lookup by table at {s.people:,}, {level} conn, {system}: "
+                    + busiest(figures[level])
+                )
     return "\n".join(lines)
+
+
+def busiest(figures: Figures) -> str:
+    """The tables whose pages a lookup touched most, each as touched (from the OS)."""
+    tables = sorted(
+        (name.removeprefix("pages "), count)
+        for name, count in figures.counted.items()
+        if name.startswith("pages ") and count
+    )
+    tables.sort(key=lambda item: -item[1])
+    return ", ".join(
+        f"{table} {figures.per_lookup('pages ' + table):.1f}"
+        f" ({figures.per_lookup('os_reads ' + table):.1f})"
+        for table, _ in tables[:8]
+    )
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -608,16 +608,18 @@ class Connection:
 
 async def drive(
     port: int, token: str, ids: list[str], concurrency: int, seconds: float, warmup: float
-) -> tuple[list[float], int, float]:
-    """Latencies (s) of successful lookups after the warm-up, errors, measured seconds."""
+) -> tuple[list[float], int, float, int]:
+    """Latencies (s) of successful lookups after the warm-up, errors, measured seconds,
+    and every lookup answered (the warm-up's too)."""
     latencies: list[float] = []
     errors = 0
+    answered = 0
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
 
     async def worker(n: int) -> None:
-        nonlocal errors
+        nonlocal errors, answered
         rng = random.Random(n)
         connection = await Connection.open(port)
         try:
@@ -631,6 +633,7 @@ async def drive(
                 }
                 status, answer = await connection.post("/api/v1/search", token, orjson.dumps(body))
                 done = time.perf_counter()
+                answered += 1
                 ok = status == 200 and len(orjson.loads(answer)["results"]) == 1
                 if now >= measure_from:
                     if ok:
@@ -641,7 +644,7 @@ async def drive(
             connection.close()
 
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
-    return latencies, errors, time.perf_counter() - measure_from
+    return latencies, errors, time.perf_counter() - measure_from, answered
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -658,30 +661,47 @@ class Figures:
     seconds: float
     p50_ms: float
     p99_ms: float
+    answered: int = 0  # lookups answered over the whole level, its warm-up included
+    # What a counting function saw change over the level (reads, scans...), by name.
+    counted: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
         return self.lookups / self.seconds
 
+    def per_lookup(self, name: str) -> float:
+        # The counters ran over the whole level, so they are divided by all it answered.
+        return self.counted.get(name, 0) / self.answered if self.answered else float("nan")
+
 
 def measure(
-    port: int, token: str, ids: list[str], levels: list[int], args: argparse.Namespace
+    port: int,
+    token: str,
+    ids: list[str],
+    levels: list[int],
+    args: argparse.Namespace,
+    counting: Callable[[], dict[str, int]] | None = None,
 ) -> dict[int, Figures]:
-    """The server's figures at each level, after a warm-up at the highest."""
+    """The server's figures at each level, after a warm-up at the highest; with
+    `counting`, how much each of its counters grew over each level."""
     # A server that has just started reads every page from the OS at first; what is
     # measured is the server as it runs, after that.
     asyncio.run(drive(port, token, ids, max(levels), 0.001, args.warmup))
     figures = {}
     for level in levels:
-        latencies, errors, seconds = asyncio.run(
+        before = counting() if counting else {}
+        latencies, errors, seconds, answered = asyncio.run(
             drive(port, token, ids, level, args.seconds, args.settle)
         )
+        after = counting() if counting else {}
         figures[level] = Figures(
             len(latencies),
             errors,
             seconds,
             percentile(latencies, 0.50) * 1000,
             percentile(latencies, 0.99) * 1000,
+            answered,
+            {name: after[name] - before.get(name, 0) for name in after},
         )
     return figures
 
