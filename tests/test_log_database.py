@@ -22,6 +22,7 @@ import pytest
 
 from custodes.backup.postgres import PgBackRest, backup_postgres
 from custodes.bootstrap import create_vault, grant_database_role, open_vault
+from custodes.doctor import Deployment, Finding, Severity, examine
 from custodes.errors import ConfigurationError
 from custodes.settings import ENV_LOG_DATABASE, VaultLayout, database_url_as
 from custodes.storage import PostgresStorage, Storage
@@ -200,17 +201,25 @@ def test_a_backup_of_a_vault_whose_log_is_apart_is_refused_not_made_half(
     assert not (tmp_path / "backup").exists()
 
 
-def test_the_servers_role_is_granted_in_both_databases_and_runs_a_search_there(
-    tmp_path: Path, pg_cluster: Callable[..., PgCluster]
-) -> None:
-    cluster = pg_cluster()
+def owned_schemas(cluster: PgCluster) -> tuple[str, str]:
+    """The owner's URLs of two schemas of a cluster, the records' and the log's, owned by
+    a plain role; the server's role `vault_app` exists and holds nothing yet."""
     with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
         admin.execute("CREATE ROLE vault_owner LOGIN NOSUPERUSER")
         admin.execute("CREATE ROLE vault_app LOGIN NOSUPERUSER")
         admin.execute("CREATE SCHEMA vault AUTHORIZATION vault_owner")
         admin.execute("CREATE SCHEMA vault_log AUTHORIZATION vault_owner")
-    records = with_schema(cluster.dsn(user="vault_owner"), "vault")
-    log = with_schema(cluster.dsn(user="vault_owner"), "vault_log")
+    return (
+        with_schema(cluster.dsn(user="vault_owner"), "vault"),
+        with_schema(cluster.dsn(user="vault_owner"), "vault_log"),
+    )
+
+
+def test_the_servers_role_is_granted_in_both_databases_and_runs_a_search_there(
+    tmp_path: Path, pg_cluster: Callable[..., PgCluster]
+) -> None:
+    cluster = pg_cluster()
+    records, log = owned_schemas(cluster)
     directory = made_vault(tmp_path, records, log, app_role="vault_app")
     recorded = VaultLayout(directory).read()
     # Neither URL the vault keeps is the owner's.
@@ -234,3 +243,36 @@ def test_the_servers_role_is_granted_in_both_databases_and_runs_a_search_there(
     # Granting again after an upgrade: the log's schema too, named by its owner's URL.
     granted = grant_database_role(directory, owner_database=log, app_role="vault_app")
     assert granted.log
+
+
+def test_doctor_finds_the_servers_role_granted_too_much_in_the_log_database(
+    tmp_path: Path, pg_cluster: Callable[..., PgCluster]
+) -> None:
+    # The log's database is where a server role able to rewrite history does harm: the
+    # same checks as the records' database, each finding naming which database it is.
+    cluster = pg_cluster()
+    records, log = owned_schemas(cluster)
+    directory = made_vault(tmp_path, records, log, app_role="vault_app")
+
+    def database_findings() -> list[Finding]:
+        return [
+            f
+            for f in examine(Deployment(directory, listeners=list))
+            if f.check.startswith("database:")
+        ]
+
+    assert database_findings() == []
+    with psycopg.connect(log, autocommit=True) as owner:
+        owner.execute("GRANT DELETE ON log_entries TO vault_app")
+    (found,) = database_findings()
+    assert (found.check, found.severity) == ("database:grants-too-wide", Severity.HIGH)
+    assert "access log database" in found.message and "on log_entries" in found.message
+    assert "LOG_OWNER_URL" in found.fix
+    # Granting again with the log schema owner's URL takes back what it should not hold.
+    grant_database_role(directory, owner_database=log, app_role="vault_app")
+    assert database_findings() == []
+    # A log database that cannot be reached is a finding of its own, not a crash.
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute("ALTER ROLE vault_app NOLOGIN")
+    found_now = {(f.check, "access log" in f.message) for f in database_findings()}
+    assert ("database:unreachable", True) in found_now

@@ -1186,13 +1186,16 @@ def replica_standings(directory: Path) -> list[ReplicaStanding]:
     return [replica_standing(topology.primary, replica) for replica in topology.replicas]
 
 
-def database_standing(directory: Path) -> RoleStanding | None:
+def database_standing(directory: Path, *, log: bool = False) -> RoleStanding | None:
     """What the role of the URL a vault recorded for its server may do to the vault's
-    schema, as the server answers (for doctor; no key, nothing changed); None for a vault
-    in SQLite. StorageError if the database cannot be reached."""
+    schema, as the server answers (for doctor; no key, nothing changed); with `log`, to
+    the schema of its access log's own database. None for a vault in SQLite, or (`log`)
+    one whose log shares the records' database. StorageError if the database cannot be
+    reached."""
     recorded = VaultLayout(Path(directory)).read()
-    if recorded.database is None:
+    url = recorded.log_database if log else recorded.database
+    if url is None:
         return None
     from custodes.storage.postgres import role_standing
 
-    return role_standing(recorded.database)
+    return role_standing(url)

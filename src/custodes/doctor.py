@@ -324,31 +324,42 @@ def check_shares_held_here(d: Deployment) -> Iterator[Finding]:
 
 # -- the database's roles ------------------------------------------------------------------
 
-_GRANT = "'custodes database grant --owner-database OWNER_URL --app-role {role}'"
+_GRANT = "'custodes database grant --owner-database {owner} --app-role {role}'"
 
 
 def check_database(d: Deployment) -> Iterator[Finding]:
     """A vault in PostgreSQL, as its server connects: the role of the URL the vault
-    recorded, asked of the database itself (no key needed). It must not hold the schema
+    recorded, asked of the database itself (no key needed), and so too for the access
+    log's own database where the vault has one. The role must not hold the schema
     owner's powers, must hold nothing beyond what grant_app_role gives, and the schema
     must be at this software's version."""
-    from custodes.bootstrap import database_standing
-
     try:
         recorded = VaultLayout(d.vault_dir).read()
     except ConfigurationError:
         return  # check_keys reports an unreadable vault.toml
     if recorded.database is None:
         return
-    app_role = recorded.app_role
-    grant = _GRANT.format(role=app_role or "NAME")
+    yield from _check_database_role(d, recorded.app_role, log=False)
+    if recorded.log_database is not None:
+        yield from _check_database_role(d, recorded.app_role, log=True)
+
+
+def _check_database_role(d: Deployment, app_role: str | None, *, log: bool) -> Iterator[Finding]:
+    """check_database's findings for one of the vault's databases: the records' (and
+    everything else's), or with `log` its access log's own."""
+    from custodes.bootstrap import database_standing
+
+    # `database grant` grants in the log's database when given its schema owner's URL.
+    owner = "LOG_OWNER_URL" if log else "OWNER_URL"
+    grant = _GRANT.format(owner=owner, role=app_role or "NAME")
+    which = "the vault's access log database" if log else "the vault's PostgreSQL database"
     try:
-        standing = database_standing(d.vault_dir)
+        standing = database_standing(d.vault_dir, log=log)
     except StorageError as exc:
         yield Finding(
             "database:unreachable",
             Severity.HIGH,
-            f"the vault's PostgreSQL database cannot be reached as recorded: {exc}",
+            f"{which} cannot be reached as recorded: {exc}",
             "check that the database server runs and that vault.toml's URL and the "
             "password file (~/.pgpass or PGPASSFILE) are right for the server's role",
         )
@@ -357,7 +368,7 @@ def check_database(d: Deployment) -> Iterator[Finding]:
         yield Finding(
             "database:unusable",
             Severity.HIGH,
-            f"the vault's server cannot use its PostgreSQL database as recorded: {exc}",
+            f"the vault's server cannot use {which} as recorded: {exc}",
             f"as the schema's owner, run {grant}",
         )
         return
@@ -379,12 +390,13 @@ def check_database(d: Deployment) -> Iterator[Finding]:
             if app_role is not None and app_role != role
             else ""
         )
+        harm = "the access log" if log else "the records and the access log"
         yield Finding(
             "database:owner-role",
             Severity.HIGH,
-            f"the vault's server connects to PostgreSQL as {role!r}, which "
+            f"the vault's server connects to {which} as {role!r}, which "
             f"{' and '.join(powers)}: whoever takes over the server could rewrite, delete or "
-            f"drop the records and the access log{recorded_other}",
+            f"drop {harm}{recorded_other}",
             f"give the server a plain role of its own (CREATE ROLE NAME LOGIN) and run {grant} "
             "as the schema's owner; keep the owner's credentials off the server's host",
         )
@@ -395,9 +407,9 @@ def check_database(d: Deployment) -> Iterator[Finding]:
         yield Finding(
             "database:grants-too-wide",
             Severity.HIGH,
-            f"the vault's database role {role!r} holds more than the server needs: "
+            f"the role {role!r} of {which} holds more than the server needs: "
             f"{'; '.join(held)}; whoever takes over the server could change or remove history",
-            f"as the schema's owner, run {_GRANT.format(role=role)} again: it revokes "
+            f"as the schema's owner, run {_GRANT.format(owner=owner, role=role)} again: it revokes "
             "everything and grants back only what the server needs",
         )
     version, expected = standing.version, standing.expected_version
@@ -405,14 +417,14 @@ def check_database(d: Deployment) -> Iterator[Finding]:
         yield Finding(
             "database:unusable",
             Severity.HIGH,
-            f"the vault's database role {role!r} has not been granted the vault's tables",
-            f"as the schema's owner, run {_GRANT.format(role=role)}",
+            f"the role {role!r} of {which} has not been granted the vault's tables",
+            f"as the schema's owner, run {_GRANT.format(owner=owner, role=role)}",
         )
     elif version < expected:
         yield Finding(
             "database:schema-version",
             Severity.HIGH,
-            f"the vault's database schema is version {version}; this software needs "
+            f"the schema of {which} is version {version}; this software needs "
             f"{expected}: the server's role may not migrate it, and will not start",
             f"as the schema's owner, run {grant}: it migrates, then grants",
         )
@@ -420,11 +432,12 @@ def check_database(d: Deployment) -> Iterator[Finding]:
         yield Finding(
             "database:schema-version",
             Severity.HIGH,
-            f"the vault's database schema is version {version}, newer than this software "
+            f"the schema of {which} is version {version}, newer than this software "
             f"knows ({expected}): a newer custodes migrated it",
             "run the custodes version that migrated it",
         )
-    if standing.unpartitioned:
+    # The log's database holds no records: it is made with one partition of each table.
+    if standing.unpartitioned and not log:
         yield Finding(
             "database:unpartitioned",
             Severity.LOW,
