@@ -114,8 +114,8 @@ SCHEMA_SCANS = """
     FROM pg_stat_user_tables WHERE schemaname = %s
 """
 # A backend reports its statistics when idle, at most 10 s after its last transaction
-# (PGSTAT_IDLE_INTERVAL); counters are read that long after the load stops.
-STATS_DELAY = 11.0
+# (PGSTAT_IDLE_INTERVAL); counters are read that long after the load stops (--stats-wait).
+STATS_WAIT = 11.0
 
 
 def disk_reads() -> tuple[int, int]:
@@ -132,12 +132,13 @@ def disk_reads() -> tuple[int, int]:
     return requests, sectors
 
 
-def counting(server: str, schema: str) -> Callable[[], dict[str, int]]:
-    """What the server and the machine's disks have done for a schema so far: the
-    counters measure() takes the growth of, over each level."""
+def counting(server: str, schema: str, wait: float) -> Callable[[], dict[str, int]]:
+    """What the server and the machine's disks have done for a schema so far, read `wait`
+    seconds after the load stops: the counters measure() takes the growth of, over each
+    level."""
 
     def counters() -> dict[str, int]:
-        time.sleep(STATS_DELAY)
+        time.sleep(wait)
         with psycopg.connect(server, autocommit=True) as db:
             read, hit = db.execute(SCHEMA_IO, (schema,)).fetchone() or (0, 0)
             seq, seq_rows, idx = db.execute(SCHEMA_SCANS, (schema,)).fetchone() or (0, 0, 0)
@@ -211,7 +212,14 @@ def run_size(people: int, args: argparse.Namespace, levels: list[int]) -> Size:
             command = ["--serve-baseline", "postgresql", store, workers]
             with running(command, env, area / "b.log") as p:
                 print(f"{people:,} people: measuring the baseline", flush=True)
-                baseline = measure(p, token, ids, levels, args, counting(args.database, plain_name))
+                baseline = measure(
+                    p,
+                    token,
+                    ids,
+                    levels,
+                    args,
+                    counting(args.database, plain_name, args.stats_wait),
+                )
 
         vault_name, vault_dsn = fresh_schema(args.database)
         made.callback(drop_schema, args.database, vault_name)
@@ -223,7 +231,14 @@ def run_size(people: int, args: argparse.Namespace, levels: list[int]) -> Size:
         with running(["--serve", str(directory), workers], env, area / "v.log") as port:
             bearer = login(f"http://127.0.0.1:{port}", USER, PASSWORD, secret)
             print(f"{people:,} people: measuring custodes", flush=True)
-            custodes = measure(port, bearer, ids, levels, args, counting(args.database, vault_name))
+            custodes = measure(
+                port,
+                bearer,
+                ids,
+                levels,
+                args,
+                counting(args.database, vault_name, args.stats_wait),
+            )
     return Size(
         people,
         records,
@@ -344,6 +359,12 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--concurrency", default="16,64")
     parser.add_argument("--server-workers", type=int, default=2)
+    parser.add_argument(
+        "--stats-wait",
+        type=float,
+        default=STATS_WAIT,
+        help="seconds to let the server's statistics settle before each count",
+    )
     args = parser.parse_args()
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
