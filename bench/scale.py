@@ -92,26 +92,18 @@ def schema_bytes(server: str, schema: str) -> tuple[int, list[tuple[str, int]]]:
     return sum(by_table.values()), largest
 
 
-# What the server did for a schema's tables, by the statistics PostgreSQL keeps: pages it
-# asked the OS for (read) or found in its own buffers (hit), and what it scanned.
-SCHEMA_IO = """
-    SELECT coalesce(sum(heap_blks_read + idx_blks_read
-                        + coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0)), 0),
-           coalesce(sum(heap_blks_hit + idx_blks_hit
-                        + coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0)), 0)
-    FROM pg_statio_user_tables WHERE schemaname = %s
-"""
-TABLE_PAGES = """
-    SELECT relname, heap_blks_read + idx_blks_read
-                    + coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0),
-           heap_blks_hit + idx_blks_hit
-                    + coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0)
-    FROM pg_statio_user_tables WHERE schemaname = %s
-"""
-SCHEMA_SCANS = """
-    SELECT coalesce(sum(seq_scan), 0), coalesce(sum(seq_tup_read), 0),
-           coalesce(sum(idx_scan), 0)
-    FROM pg_stat_user_tables WHERE schemaname = %s
+# What the server did for each table of a schema, by the statistics PostgreSQL keeps:
+# pages it asked the OS for (read) or found in its own buffers (hit), and rows it read
+# by sequential scans.
+TABLE_COUNTS = """
+    SELECT s.relname,
+           s.heap_blks_read + s.idx_blks_read
+               + coalesce(s.toast_blks_read, 0) + coalesce(s.tidx_blks_read, 0),
+           s.heap_blks_hit + s.idx_blks_hit
+               + coalesce(s.toast_blks_hit, 0) + coalesce(s.tidx_blks_hit, 0),
+           coalesce(t.seq_tup_read, 0)
+    FROM pg_statio_user_tables AS s JOIN pg_stat_user_tables AS t USING (relid)
+    WHERE s.schemaname = %s
 """
 # A backend reports its statistics when idle, at most 10 s after its last transaction
 # (PGSTAT_IDLE_INTERVAL); counters are read that long after the load stops (--stats-wait).
@@ -139,25 +131,21 @@ def counting(server: str, schema: str, wait: float) -> Callable[[], dict[str, in
 
     def counters() -> dict[str, int]:
         time.sleep(wait)
+        counted: dict[str, int] = {}
+
+        def add(name: str, count: int) -> None:
+            counted[name] = counted.get(name, 0) + count
+
         with psycopg.connect(server, autocommit=True) as db:
-            read, hit = db.execute(SCHEMA_IO, (schema,)).fetchone() or (0, 0)
-            seq, seq_rows, idx = db.execute(SCHEMA_SCANS, (schema,)).fetchone() or (0, 0, 0)
-            by_table: dict[str, int] = {}
-            for name, table_read, table_hit in db.execute(TABLE_PAGES, (schema,)):
-                table = "pages " + table_of(str(name))
-                by_table[table] = by_table.get(table, 0) + int(table_read) + int(table_hit)
-                table = "os_reads " + table_of(str(name))
-                by_table[table] = by_table.get(table, 0) + int(table_read)
+            for name, read, hit, seq_rows in db.execute(TABLE_COUNTS, (schema,)):
+                table = table_of(str(name))
+                add("pages " + table, int(read) + int(hit))
+                add("os_reads " + table, int(read))
+                add("pages", int(read) + int(hit))
+                add("os_reads", int(read))
+                add("seq_rows", int(seq_rows))
         requests, sectors = disk_reads()
-        return by_table | {
-            "pages": int(read) + int(hit),
-            "os_reads": int(read),
-            "seq_scans": int(seq),
-            "seq_rows": int(seq_rows),
-            "index_scans": int(idx),
-            "disk_reads": requests,
-            "disk_kib": sectors // 2,
-        }
+        return counted | {"disk_reads": requests, "disk_kib": sectors // 2}
 
     return counters
 
@@ -334,11 +322,13 @@ def table(sizes: list[Size], levels: list[int], args: argparse.Namespace) -> str
 def busiest(figures: Figures) -> str:
     """The tables whose pages a lookup touched most, each as touched (from the OS)."""
     tables = sorted(
-        (name.removeprefix("pages "), count)
-        for name, count in figures.counted.items()
-        if name.startswith("pages ") and count
+        (
+            (name.removeprefix("pages "), count)
+            for name, count in figures.counted.items()
+            if name.startswith("pages ") and count
+        ),
+        key=lambda item: (-item[1], item[0]),
     )
-    tables.sort(key=lambda item: -item[1])
     return ", ".join(
         f"{table} {figures.per_lookup('pages ' + table):.1f}"
         f" ({figures.per_lookup('os_reads ' + table):.1f})"
